@@ -1,0 +1,52 @@
+//! Fused softmax + cross-entropy over the vocabulary, with ignored positions
+//! ([`crate::IGNORE_INDEX`]) for masked targets.
+
+use crate::par::ROWS_PER_TASK;
+use crate::IGNORE_INDEX;
+use rayon::prelude::*;
+
+/// Per-row `losses (N)` and `lse (N)` (log-sum-exp, kept for the backward pass) of
+/// `logits (N,V)`. Returns (sum of losses, number of counted rows); ignored rows get loss 0.
+pub fn cross_entropy_forward(losses: &mut [f32], lse: &mut [f32], logits: &[f32], targets: &[u32], v: usize) -> (f64, usize) {
+    losses
+        .par_chunks_mut(ROWS_PER_TASK)
+        .zip(lse.par_chunks_mut(ROWS_PER_TASK))
+        .zip(logits.par_chunks(v * ROWS_PER_TASK))
+        .zip(targets.par_chunks(ROWS_PER_TASK))
+        .for_each(|(((ls, lse), lg), tg)| {
+            for (((l, z), row), &t) in ls.iter_mut().zip(lse.iter_mut()).zip(lg.chunks(v)).zip(tg) {
+                let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let s: f32 = row.iter().map(|x| (x - mx).exp()).sum();
+                *z = mx + s.ln();
+                *l = if t == IGNORE_INDEX {
+                    0.0
+                } else {
+                    assert!((t as usize) < v, "target {t} out of range for vocab {v}");
+                    *z - row[t as usize]
+                };
+            }
+        });
+    let count = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
+    (losses.iter().map(|&x| x as f64).sum(), count)
+}
+
+/// In place: `logits (N,V)` becomes `dlogits = (softmax - onehot) * scale` (zero on ignored
+/// rows). `scale` is d(loss)/d(row loss), e.g. 1 / counted rows for a mean.
+pub fn cross_entropy_backward(logits: &mut [f32], lse: &[f32], targets: &[u32], v: usize, scale: f32) {
+    logits
+        .par_chunks_mut(v * ROWS_PER_TASK)
+        .zip(lse.par_chunks(ROWS_PER_TASK))
+        .zip(targets.par_chunks(ROWS_PER_TASK))
+        .for_each(|((lg, lse), tg)| {
+            for ((row, &z), &t) in lg.chunks_mut(v).zip(lse).zip(tg) {
+                if t == IGNORE_INDEX {
+                    row.fill(0.0);
+                    continue;
+                }
+                for x in row.iter_mut() {
+                    *x = (*x - z).exp() * scale;
+                }
+                row[t as usize] -= scale;
+            }
+        });
+}

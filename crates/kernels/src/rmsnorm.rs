@@ -1,0 +1,60 @@
+//! RMSNorm: `y = x / sqrt(mean(x^2) + eps) * w` (Zhang & Sennrich 2019), as in Llama.
+
+use crate::par::{column_reduce, ROWS_PER_TASK};
+use rayon::prelude::*;
+
+/// `out (N,C) = rmsnorm(x (N,C)) * w (C)`; saves `rstd (N)` for the backward pass.
+pub fn rmsnorm_forward(out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+    let c = w.len();
+    out.par_chunks_mut(c * ROWS_PER_TASK)
+        .zip(rstd.par_chunks_mut(ROWS_PER_TASK))
+        .zip(x.par_chunks(c * ROWS_PER_TASK))
+        .for_each(|((o, r), x)| {
+            for ((o, r), x) in o.chunks_mut(c).zip(r.iter_mut()).zip(x.chunks(c)) {
+                let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / c as f32;
+                let s = 1.0 / (ss + eps).sqrt();
+                *r = s;
+                for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
+                    *o = x * s * w;
+                }
+            }
+        });
+}
+
+/// Backward of [`rmsnorm_forward`]. ACCUMULATES into `dx` (the residual stream's gradient)
+/// and into `dw`.
+pub fn rmsnorm_backward(
+    dx: &mut [f32],
+    dw: &mut [f32],
+    dout: &[f32],
+    x: &[f32],
+    w: &[f32],
+    rstd: &[f32],
+) {
+    let c = w.len();
+    let n = rstd.len();
+    // dw[c] += sum_n dout[n,c] * x[n,c] * rstd[n], summed over n in order.
+    column_reduce(dw, n, |r, c0, acc| {
+        let s = rstd[r];
+        let base = r * c + c0;
+        for (j, a) in acc.iter_mut().enumerate() {
+            *a += dout[base + j] * x[base + j] * s;
+        }
+    });
+    dx.par_chunks_mut(c * ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(blk, dxs)| {
+            for (i, dx) in dxs.chunks_mut(c).enumerate() {
+                let r = blk * ROWS_PER_TASK + i;
+                let s = rstd[r];
+                let xr = &x[r * c..(r + 1) * c];
+                let dy = &dout[r * c..(r + 1) * c];
+                // dot = mean_c(dy * w * xhat)
+                let dot: f32 = dy.iter().zip(w).zip(xr).map(|((d, w), x)| d * w * x * s).sum::<f32>()
+                    / c as f32;
+                for j in 0..c {
+                    dx[j] += s * (dy[j] * w[j] - xr[j] * s * dot);
+                }
+            }
+        });
+}

@@ -1,0 +1,333 @@
+//! Model and training configuration: plain serde structs read from TOML, with presets in
+//! `configs/`. Unknown fields are refused; [`Config::validate`] names the field at fault.
+
+use crate::error::{cfg_err, Error, Result};
+use kernels::router::ScoreFn;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// A whole config file: `[model]` and `[train]` tables.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+}
+
+/// The transformer's shape. Head dim D = d_model / n_heads.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Vocabulary size V (must match the tokenizer).
+    pub vocab_size: usize,
+    /// Model width C.
+    pub d_model: usize,
+    /// Number of transformer blocks L.
+    pub n_layers: usize,
+    /// Query heads H; must divide d_model, head dim D = d_model / n_heads must be even (RoPE).
+    pub n_heads: usize,
+    /// Key/value heads G (grouped-query attention); must divide n_heads. Equal to n_heads
+    /// gives standard multi-head attention.
+    pub n_kv_heads: usize,
+    /// Longest sequence T the model is built for (RoPE table size, KV cache length).
+    pub max_seq_len: usize,
+    /// RoPE base frequency.
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f32,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f32,
+    /// Share the token embedding with the LM head.
+    #[serde(default)]
+    pub tie_embeddings: bool,
+    /// Hidden width F of the dense SwiGLU FFN (dense blocks only).
+    pub ffn_hidden: usize,
+    /// Routed experts E per MoE block; 0 makes every block dense.
+    #[serde(default)]
+    pub n_experts: usize,
+    /// Experts chosen per token K.
+    #[serde(default = "default_top_k")]
+    pub top_k: usize,
+    /// Hidden width of each routed (and shared) expert.
+    #[serde(default)]
+    pub expert_hidden: usize,
+    /// Always-on shared experts per MoE block (DeepSeekMoE), each of width expert_hidden.
+    #[serde(default)]
+    pub n_shared_experts: usize,
+    /// Router score function: "softmax" or "sigmoid".
+    #[serde(default = "default_router_score")]
+    pub router_score: String,
+    /// Divide the chosen experts' scores by their sum.
+    #[serde(default = "default_true")]
+    pub renormalize: bool,
+    /// Load balancing: "aux_loss" (Switch/GShard loss), "bias" (DeepSeek-V3 selection bias,
+    /// auxiliary-loss-free) or "none".
+    #[serde(default = "default_balance")]
+    pub balance: String,
+    /// Coefficient of the load-balancing loss (balance = "aux_loss").
+    #[serde(default = "default_aux_coef")]
+    pub aux_loss_coef: f32,
+    /// Coefficient of the router z-loss (0 disables it).
+    #[serde(default)]
+    pub z_loss_coef: f32,
+    /// Per-step change of the selection bias (balance = "bias").
+    #[serde(default = "default_bias_rate")]
+    pub bias_update_rate: f32,
+    /// The first k blocks use a dense FFN even in an MoE model.
+    #[serde(default)]
+    pub first_dense_layers: usize,
+    /// Standard deviation of the normal initialisation (residual projections are scaled by
+    /// 1/sqrt(2 * n_layers), as in GPT-2).
+    #[serde(default = "default_init_std")]
+    pub init_std: f32,
+}
+
+/// Optimisation settings. Later stages (training loop, schedules) extend this table.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Sequences per micro-batch B.
+    pub batch_size: usize,
+    /// Tokens per sequence T (at most model.max_seq_len).
+    pub seq_len: usize,
+    /// Peak learning rate.
+    pub lr: f32,
+    /// AdamW betas.
+    pub beta1: f32,
+    pub beta2: f32,
+    /// AdamW epsilon.
+    pub eps: f32,
+    /// Decoupled weight decay (not applied to norms and biases).
+    pub weight_decay: f32,
+    /// Global-norm gradient clipping threshold (0 disables).
+    pub grad_clip: f32,
+    /// Seed for initialisation and data order.
+    pub seed: u64,
+}
+
+fn default_rope_theta() -> f32 {
+    10000.0
+}
+fn default_norm_eps() -> f32 {
+    1e-5
+}
+fn default_top_k() -> usize {
+    2
+}
+fn default_router_score() -> String {
+    "softmax".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_balance() -> String {
+    "aux_loss".into()
+}
+fn default_aux_coef() -> f32 {
+    0.01
+}
+fn default_bias_rate() -> f32 {
+    0.001
+}
+fn default_init_std() -> f32 {
+    0.02
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            batch_size: 16,
+            seq_len: 128,
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            seed: 1337,
+        }
+    }
+}
+
+/// Load-balancing strategy, resolved from [`ModelConfig::balance`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Balance {
+    AuxLoss,
+    Bias,
+    None,
+}
+
+impl Config {
+    /// Reads and validates a TOML config file.
+    pub fn from_file(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.into(), source })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            Error::ConfigParse { msg, .. } => Error::ConfigParse { path: path.into(), msg },
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Config> {
+        let cfg: Config = toml::from_str(text).map_err(|e| Error::ConfigParse { path: "<toml>".into(), msg: e.to_string() })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("config serialises")
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        let t = &self.train;
+        if t.batch_size == 0 {
+            return Err(cfg_err("train.batch_size", "must be at least 1"));
+        }
+        if t.seq_len == 0 || t.seq_len > self.model.max_seq_len {
+            return Err(cfg_err("train.seq_len", format!("{} must be in 1..=model.max_seq_len ({})", t.seq_len, self.model.max_seq_len)));
+        }
+        if !(t.lr.is_finite() && t.lr >= 0.0) {
+            return Err(cfg_err("train.lr", format!("{} must be a finite number >= 0", t.lr)));
+        }
+        for (name, b) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return Err(cfg_err(name, format!("{b} must be in [0, 1)")));
+            }
+        }
+        if !(t.eps > 0.0) {
+            return Err(cfg_err("train.eps", "must be > 0"));
+        }
+        if !(t.weight_decay >= 0.0) || !(t.grad_clip >= 0.0) {
+            return Err(cfg_err(if t.weight_decay >= 0.0 { "train.grad_clip" } else { "train.weight_decay" }, "must be >= 0"));
+        }
+        Ok(())
+    }
+}
+
+impl ModelConfig {
+    pub fn validate(&self) -> Result<()> {
+        let nonzero = [
+            ("model.vocab_size", self.vocab_size),
+            ("model.d_model", self.d_model),
+            ("model.n_layers", self.n_layers),
+            ("model.n_heads", self.n_heads),
+            ("model.n_kv_heads", self.n_kv_heads),
+            ("model.max_seq_len", self.max_seq_len),
+        ];
+        for (name, v) in nonzero {
+            if v == 0 {
+                return Err(cfg_err(name, "must be at least 1"));
+            }
+        }
+        if self.d_model % self.n_heads != 0 {
+            return Err(cfg_err("model.n_heads", format!("{} does not divide d_model {}", self.n_heads, self.d_model)));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(cfg_err("model.n_heads", format!("head dim d_model/n_heads = {} must be even for RoPE", self.head_dim())));
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return Err(cfg_err("model.n_kv_heads", format!("{} does not divide n_heads {}", self.n_kv_heads, self.n_heads)));
+        }
+        if self.vocab_size > u32::MAX as usize - 1 {
+            return Err(cfg_err("model.vocab_size", "too large"));
+        }
+        if !(self.rope_theta > 0.0) {
+            return Err(cfg_err("model.rope_theta", "must be > 0"));
+        }
+        if !(self.norm_eps > 0.0) {
+            return Err(cfg_err("model.norm_eps", "must be > 0"));
+        }
+        if !(self.init_std > 0.0) {
+            return Err(cfg_err("model.init_std", "must be > 0"));
+        }
+        let any_dense = self.n_experts == 0 || self.first_dense_layers > 0;
+        if any_dense && self.ffn_hidden == 0 {
+            return Err(cfg_err("model.ffn_hidden", "must be at least 1 (the model has dense blocks)"));
+        }
+        if self.n_experts > 0 {
+            if self.n_experts > 64 {
+                return Err(cfg_err("model.n_experts", format!("{} exceeds the supported maximum of 64", self.n_experts)));
+            }
+            if self.top_k == 0 || self.top_k > self.n_experts {
+                return Err(cfg_err("model.top_k", format!("{} must be in 1..=n_experts ({})", self.top_k, self.n_experts)));
+            }
+            if self.expert_hidden == 0 {
+                return Err(cfg_err("model.expert_hidden", "must be at least 1 in an MoE model"));
+            }
+            if self.first_dense_layers > self.n_layers {
+                return Err(cfg_err("model.first_dense_layers", format!("{} exceeds n_layers {}", self.first_dense_layers, self.n_layers)));
+            }
+            self.score_fn()?;
+            self.balance()?;
+            if !(self.aux_loss_coef >= 0.0) {
+                return Err(cfg_err("model.aux_loss_coef", "must be >= 0"));
+            }
+            if !(self.z_loss_coef >= 0.0) {
+                return Err(cfg_err("model.z_loss_coef", "must be >= 0"));
+            }
+            if !(self.bias_update_rate >= 0.0) {
+                return Err(cfg_err("model.bias_update_rate", "must be >= 0"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Head dim D.
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.n_heads
+    }
+
+    /// Whether block `l` has an MoE FFN.
+    pub fn is_moe_layer(&self, l: usize) -> bool {
+        self.n_experts > 0 && l >= self.first_dense_layers
+    }
+
+    pub fn score_fn(&self) -> Result<ScoreFn> {
+        match self.router_score.as_str() {
+            "softmax" => Ok(ScoreFn::Softmax),
+            "sigmoid" => Ok(ScoreFn::Sigmoid),
+            other => Err(cfg_err("model.router_score", format!("\"{other}\" is not one of \"softmax\", \"sigmoid\""))),
+        }
+    }
+
+    pub fn balance(&self) -> Result<Balance> {
+        match self.balance.as_str() {
+            "aux_loss" => Ok(Balance::AuxLoss),
+            "bias" => Ok(Balance::Bias),
+            "none" => Ok(Balance::None),
+            other => Err(cfg_err("model.balance", format!("\"{other}\" is not one of \"aux_loss\", \"bias\", \"none\""))),
+        }
+    }
+
+    /// Width of the fused shared-expert FFN (the shared experts summed are one SwiGLU of
+    /// n_shared_experts * expert_hidden units).
+    pub fn shared_hidden(&self) -> usize {
+        self.n_shared_experts * self.expert_hidden
+    }
+
+    /// Weights touched by matmuls for one token: all attention and dense weights, the router,
+    /// shared experts, top_k routed experts and the LM head (embedding lookups excluded).
+    pub fn active_matmul_params(&self) -> usize {
+        let (c, d) = (self.d_model, self.head_dim());
+        let attn = (self.n_heads + 2 * self.n_kv_heads) * d * c + c * self.n_heads * d;
+        let mut n = self.vocab_size * c;
+        for l in 0..self.n_layers {
+            n += attn;
+            if self.is_moe_layer(l) {
+                n += self.n_experts * c + 3 * c * (self.top_k * self.expert_hidden + self.shared_hidden());
+            } else {
+                n += 3 * c * self.ffn_hidden;
+            }
+        }
+        n
+    }
+
+    /// Training FLOPs per token at sequence length `t`: 6 per active matmul weight (forward +
+    /// backward) plus attention scores and mixing, 12 * L * H * D * T (PaLM appendix B,
+    /// counting the full T x T product as most implementations compute it).
+    pub fn train_flops_per_token(&self, t: usize) -> f64 {
+        6.0 * self.active_matmul_params() as f64 + 12.0 * (self.n_layers * self.n_heads * self.head_dim() * t) as f64
+    }
+}

@@ -1,0 +1,22 @@
+//! The moelab model: a Mixture-of-Experts decoder-only transformer on CPU.
+//!
+//! - [`config`]: `Config` (TOML, validated, presets in `configs/`)
+//! - [`params`]: the parameter layout, one contiguous buffer with named views, seeded init
+//! - [`model`]: forward / backward over a micro-batch, expert-load statistics
+//! - [`optim`]: AdamW state and global-norm clipping over the layout
+//! - [`io`]: safetensors weights files and the weights hash
+//!
+//! Not here: data loading, training loops, sampling, terminals (see the crates above this).
+
+pub mod config;
+pub mod error;
+pub mod io;
+pub mod model;
+pub mod optim;
+pub mod params;
+
+pub use config::{Config, ModelConfig, TrainConfig};
+pub use error::{Error, Result};
+pub use model::{Losses, Model};
+pub use optim::Optimizer;
+pub use params::Layout;
