@@ -80,9 +80,10 @@ pub struct Losses {
     pub total: f32,
     /// Mean cross-entropy over counted targets (nats/token).
     pub ce: f32,
-    /// Load-balancing loss summed over MoE blocks (before its coefficient).
+    /// Load-balancing loss summed over MoE blocks, before its coefficient (a diagnostic when
+    /// balance is not "aux_loss"; 1.0 per block is perfect balance).
     pub aux: f32,
-    /// Router z-loss summed over MoE blocks (before its coefficient).
+    /// Router z-loss summed over MoE blocks, before its coefficient.
     pub z: f32,
     /// Targets counted in `ce`.
     pub n_targets: usize,
@@ -305,12 +306,10 @@ impl Model {
                         matmul(x_next, &m.sa, false, p(*sd_w, c * fs), true, n, c, fs, true);
                     }
                     combine_forward(x_next, &m.ye, &m.w, &m.disp, k, c);
-                    if self.balance == Balance::AuxLoss {
-                        aux_sum += router::aux_loss_forward(&m.scores, &m.counts, e, k, self.score_fn);
-                    }
-                    if cfg.z_loss_coef > 0.0 {
-                        z_sum += router::z_loss_forward(&m.logits, e);
-                    }
+                    // Both are computed for every MoE block as balance diagnostics; they enter
+                    // the objective only with their coefficients.
+                    aux_sum += router::aux_loss_forward(&m.scores, &m.counts, e, k, self.score_fn);
+                    z_sum += router::z_loss_forward(&m.logits, e);
                 }
                 _ => unreachable!("layout and activations agree on block kinds"),
             }
