@@ -1,1 +1,37 @@
-fn main() {}
+//! `moelab`: the command line. One subcommand per pipeline stage; logic lives in the library
+//! crates, this file parses flags, draws progress and prints human errors.
+
+mod bench;
+mod demo;
+mod presets;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "moelab", version, about = "A frontier AI lab in one Rust binary: MoE pretraining, reasoning distillation and serving on CPU")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Measure training speed (tokens/s, GFLOP/s, MFU, peak memory).
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+    /// Run the built-in demo on defaults: a tiny MoE learns a synthetic language in seconds.
+    #[command(after_help = "Example:\n  moelab demo\n  moelab demo --steps 300")]
+    Demo(demo::DemoArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Bench(b) => bench::run(b),
+        Cmd::Demo(d) => demo::run(d),
+    };
+    if let Err(e) = res {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

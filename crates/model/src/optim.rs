@@ -35,3 +35,21 @@ impl Optimizer {
         norm
     }
 }
+
+/// One optimisation step on one micro-batch: zero gradients, forward, backward, clip +
+/// AdamW, bias balancing. Returns the losses and the gradient norm before clipping.
+pub fn train_step(
+    model: &mut Model,
+    opt: &mut Optimizer,
+    tokens: &[u32],
+    targets: &[u32],
+    tc: &TrainConfig,
+    lr: f32,
+) -> (crate::model::Losses, f32) {
+    model.zero_grad();
+    let losses = model.forward(tokens, targets);
+    model.backward(1.0);
+    let norm = opt.step(model, tc, lr);
+    model.update_balance_bias();
+    (losses, norm)
+}

@@ -1,0 +1,125 @@
+//! `moelab bench train`: training throughput of one config on random tokens.
+//!
+//! MFU = achieved FLOP/s / peak FLOP/s, with training FLOPs per token from
+//! `ModelConfig::train_flops_per_token` (6 per active matmul weight + attention) and the fp32
+//! peak taken as threads x 64 FLOP/cycle (two 512-bit FMA pipes: 2 x 16 lanes x 2 FLOPs) x the
+//! clock from /proc/cpuinfo, unless `--peak-gflops` says otherwise.
+
+use crate::presets::load_config;
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use model::optim::train_step;
+use model::{Model, Optimizer};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::time::Instant;
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Time full training steps (forward, backward, AdamW) on random tokens.
+    #[command(after_help = "Examples:\n  moelab bench train --config small-moe\n  RAYON_NUM_THREADS=2 moelab bench train --config configs/small-dense.toml --steps 20 --json")]
+    Train(TrainBench),
+}
+
+#[derive(Args)]
+pub struct TrainBench {
+    /// Config file or preset name (tiny, small-dense, small-moe).
+    #[arg(long)]
+    config: String,
+    /// Timed steps.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Peak fp32 GFLOP/s for MFU (default: threads x 64 FLOP/cycle x CPU clock).
+    #[arg(long)]
+    peak_gflops: Option<f64>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(cmd: BenchCmd) -> Result<()> {
+    match cmd {
+        BenchCmd::Train(a) => train(a),
+    }
+}
+
+fn cpu_ghz() -> Option<f64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("cpu MHz"))?;
+    Some(line.split(':').nth(1)?.trim().parse::<f64>().ok()? / 1000.0)
+}
+
+/// Peak resident memory of this process in MiB (VmHWM).
+pub fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn train(a: TrainBench) -> Result<()> {
+    let cfg = load_config(&a.config)?;
+    let (b, t) = (cfg.train.batch_size, cfg.train.seq_len);
+    let threads = rayon::current_num_threads();
+    let mut model = Model::new(&cfg.model, b, t, cfg.train.seed);
+    let mut opt = Optimizer::new(&model);
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.train.seed);
+    let v = cfg.model.vocab_size as u32;
+    let tokens: Vec<u32> = (0..b * t).map(|_| rng.gen_range(0..v)).collect();
+    let targets: Vec<u32> = (0..b * t).map(|_| rng.gen_range(0..v)).collect();
+    for _ in 0..a.warmup {
+        train_step(&mut model, &mut opt, &tokens, &targets, &cfg.train, cfg.train.lr);
+    }
+    let (mut tf, mut tb, mut to) = (0.0, 0.0, 0.0);
+    let start = Instant::now();
+    let mut loss = 0.0;
+    for _ in 0..a.steps {
+        // the same work as train_step, timed by phase
+        let t0 = Instant::now();
+        model.zero_grad();
+        loss = model.forward(&tokens, &targets).total;
+        let t1 = Instant::now();
+        model.backward(1.0);
+        let t2 = Instant::now();
+        opt.step(&mut model, &cfg.train, cfg.train.lr);
+        model.update_balance_bias();
+        let t3 = Instant::now();
+        tf += (t1 - t0).as_secs_f64();
+        tb += (t2 - t1).as_secs_f64();
+        to += (t3 - t2).as_secs_f64();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let tok_s = (a.steps * b * t) as f64 / secs;
+    let flops_tok = cfg.model.train_flops_per_token(t);
+    let gflops = tok_s * flops_tok / 1e9;
+    let peak = a.peak_gflops.or_else(|| cpu_ghz().map(|g| threads as f64 * 64.0 * g));
+    let mfu = peak.map(|p| gflops / p);
+    let mem = peak_rss_mib();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "config": a.config, "threads": threads, "batch": b, "seq_len": t, "steps": a.steps,
+                "tokens_per_s": tok_s, "gflops": gflops, "mfu": mfu, "peak_gflops": peak,
+                "peak_rss_mib": mem, "loss": loss, "forward_s": tf, "backward_s": tb, "optimizer_s": to,
+                "active_matmul_params": cfg.model.active_matmul_params(), "params": model.layout.n_params(),
+            })
+        );
+    } else {
+        println!("config {}  threads {threads}  B={b} T={t}  params {:.2}M  active/token {:.2}M", a.config, model.layout.n_params() as f64 / 1e6, cfg.model.active_matmul_params() as f64 / 1e6);
+        println!("tokens/s      {tok_s:.0}");
+        println!("GFLOP/s       {gflops:.1}  ({:.1} MFLOP/token)", flops_tok / 1e6);
+        match (mfu, peak) {
+            (Some(m), Some(p)) => println!("MFU           {:.1}%  of {p:.0} GFLOP/s fp32 peak (threads x 64 FLOP/cycle x clock)", m * 100.0),
+            _ => println!("MFU           unknown (no CPU clock; pass --peak-gflops)"),
+        }
+        println!("time split    forward {:.0}%  backward {:.0}%  optimizer {:.0}%", 100.0 * tf / secs, 100.0 * tb / secs, 100.0 * to / secs);
+        if let Some(m) = mem {
+            println!("peak memory   {m:.0} MiB");
+        }
+    }
+    Ok(())
+}
