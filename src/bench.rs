@@ -17,7 +17,9 @@ use std::time::Instant;
 #[derive(Subcommand)]
 pub enum BenchCmd {
     /// Time full training steps (forward, backward, AdamW) on random tokens.
-    #[command(after_help = "Examples:\n  moelab bench train --config small-moe\n  RAYON_NUM_THREADS=2 moelab bench train --config configs/small-dense.toml --steps 20 --json")]
+    #[command(
+        after_help = "Examples:\n  moelab bench train --config small-moe\n  RAYON_NUM_THREADS=2 moelab bench train --config configs/small-dense.toml --steps 20 --json"
+    )]
     Train(TrainBench),
 }
 
@@ -71,7 +73,14 @@ fn train(a: TrainBench) -> Result<()> {
     let tokens: Vec<u32> = (0..b * t).map(|_| rng.gen_range(0..v)).collect();
     let targets: Vec<u32> = (0..b * t).map(|_| rng.gen_range(0..v)).collect();
     for _ in 0..a.warmup {
-        train_step(&mut model, &mut opt, &tokens, &targets, &cfg.train, cfg.train.lr);
+        train_step(
+            &mut model,
+            &mut opt,
+            &tokens,
+            &targets,
+            &cfg.train,
+            cfg.train.lr,
+        );
     }
     let (mut tf, mut tb, mut to) = (0.0, 0.0, 0.0);
     let start = Instant::now();
@@ -95,7 +104,9 @@ fn train(a: TrainBench) -> Result<()> {
     let tok_s = (a.steps * b * t) as f64 / secs;
     let flops_tok = cfg.model.train_flops_per_token(t);
     let gflops = tok_s * flops_tok / 1e9;
-    let peak = a.peak_gflops.or_else(|| cpu_ghz().map(|g| threads as f64 * 64.0 * g));
+    let peak = a
+        .peak_gflops
+        .or_else(|| cpu_ghz().map(|g| threads as f64 * 64.0 * g));
     let mfu = peak.map(|p| gflops / p);
     let mem = peak_rss_mib();
     if a.json {
@@ -109,14 +120,27 @@ fn train(a: TrainBench) -> Result<()> {
             })
         );
     } else {
-        println!("config {}  threads {threads}  B={b} T={t}  params {:.2}M  active/token {:.2}M", a.config, model.layout.n_params() as f64 / 1e6, cfg.model.active_matmul_params() as f64 / 1e6);
+        println!(
+            "config {}  threads {threads}  B={b} T={t}  params {:.2}M  active/token {:.2}M",
+            a.config,
+            model.layout.n_params() as f64 / 1e6,
+            cfg.model.active_matmul_params() as f64 / 1e6
+        );
         println!("tokens/s      {tok_s:.0}");
-        println!("GFLOP/s       {gflops:.1}  ({:.1} MFLOP/token)", flops_tok / 1e6);
+        println!(
+            "GFLOP/s       {gflops:.1}  ({:.1} MFLOP/token)",
+            flops_tok / 1e6
+        );
         match (mfu, peak) {
             (Some(m), Some(p)) => println!("MFU           {:.1}%  of {p:.0} GFLOP/s fp32 peak (threads x 64 FLOP/cycle x clock)", m * 100.0),
             _ => println!("MFU           unknown (no CPU clock; pass --peak-gflops)"),
         }
-        println!("time split    forward {:.0}%  backward {:.0}%  optimizer {:.0}%", 100.0 * tf / secs, 100.0 * tb / secs, 100.0 * to / secs);
+        println!(
+            "time split    forward {:.0}%  backward {:.0}%  optimizer {:.0}%",
+            100.0 * tf / secs,
+            100.0 * tb / secs,
+            100.0 * to / secs
+        );
         if let Some(m) = mem {
             println!("peak memory   {m:.0} MiB");
         }

@@ -1,2 +1,5 @@
-pub fn run(_: DemoArgs) -> anyhow::Result<()> { Ok(()) }
-#[derive(clap::Args)] pub struct DemoArgs {}
+pub fn run(_: DemoArgs) -> anyhow::Result<()> {
+    Ok(())
+}
+#[derive(clap::Args)]
+pub struct DemoArgs {}

@@ -8,7 +8,11 @@ mod presets;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "moelab", version, about = "A frontier AI lab in one Rust binary: MoE pretraining, reasoning distillation and serving on CPU")]
+#[command(
+    name = "moelab",
+    version,
+    about = "A frontier AI lab in one Rust binary: MoE pretraining, reasoning distillation and serving on CPU"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

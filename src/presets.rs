@@ -21,7 +21,10 @@ pub fn load_config(spec: &str) -> Result<Config> {
         Some((_, text)) => Ok(Config::from_toml(text)?),
         None => {
             let names: Vec<_> = PRESETS.iter().map(|(n, _)| *n).collect();
-            anyhow::bail!("no config file {spec:?} and no preset of that name (presets: {})", names.join(", "))
+            anyhow::bail!(
+                "no config file {spec:?} and no preset of that name (presets: {})",
+                names.join(", ")
+            )
         }
     }
 }

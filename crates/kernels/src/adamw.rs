@@ -19,12 +19,24 @@ const CHUNK: usize = 4096;
 impl AdamW {
     /// Updates `param` in place. `step` counts from 1. `decay` turns weight decay on for this
     /// tensor (off for norms and biases).
-    pub fn update(&self, param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], step: u64, decay: bool) {
+    pub fn update(
+        &self,
+        param: &mut [f32],
+        grad: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        step: u64,
+        decay: bool,
+    ) {
         let bc1 = 1.0 - (self.beta1 as f64).powi(step as i32);
         let bc2 = 1.0 - (self.beta2 as f64).powi(step as i32);
         let step_size = (self.lr as f64 / bc1) as f32;
         let bc2_sqrt = bc2.sqrt() as f32;
-        let shrink = if decay { 1.0 - self.lr * self.weight_decay } else { 1.0 };
+        let shrink = if decay {
+            1.0 - self.lr * self.weight_decay
+        } else {
+            1.0
+        };
         let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
         param
             .par_chunks_mut(CHUNK)
@@ -60,5 +72,6 @@ pub fn clip_scale(norm: f32, max_norm: f32) -> f32 {
 
 /// `x *= s` in parallel.
 pub fn scale(x: &mut [f32], s: f32) {
-    x.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v *= s));
+    x.par_chunks_mut(CHUNK)
+        .for_each(|c| c.iter_mut().for_each(|v| *v *= s));
 }

@@ -56,46 +56,66 @@ pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], s: AttnS
     assert_eq!(out.len(), s.b * t * od);
     let scale = 1.0 / (d as f32).sqrt();
     let out_ptr = SendPtr(out.as_mut_ptr());
-    att.par_chunks_mut(hpg * t * t).enumerate().for_each(|(task, att_g)| {
-        let (bi, gi) = (task / g, task % g);
-        let rows = &qkv[bi * t * rl..(bi + 1) * t * rl];
-        let kt = View { data: &rows[s.k_col(gi)..], rs: 1, cs: rl }; // K^T (D, T)
-        let vv = View { data: &rows[s.v_col(gi)..], rs: rl, cs: 1 }; // V (T, D)
-        for j in 0..hpg {
-            let hi = gi * hpg + j;
-            let p = &mut att_g[j * t * t..(j + 1) * t * t];
-            for (r0, r1) in blocks(t) {
-                let q = View { data: &rows[r0 * rl + hi * d..], rs: rl, cs: 1 };
-                // SAFETY: p is this task's own (T,T) slice.
-                unsafe { matmul_raw(p[r0 * t..].as_mut_ptr(), t, q, kt, r1 - r0, r1, d, false) };
-                for r in r0..r1 {
-                    let row = &mut p[r * t..(r + 1) * t];
-                    let live = &mut row[..=r];
-                    let mut mx = f32::NEG_INFINITY;
-                    for x in live.iter_mut() {
-                        *x *= scale;
-                        mx = mx.max(*x);
+    att.par_chunks_mut(hpg * t * t)
+        .enumerate()
+        .for_each(|(task, att_g)| {
+            let (bi, gi) = (task / g, task % g);
+            let rows = &qkv[bi * t * rl..(bi + 1) * t * rl];
+            let kt = View {
+                data: &rows[s.k_col(gi)..],
+                rs: 1,
+                cs: rl,
+            }; // K^T (D, T)
+            let vv = View {
+                data: &rows[s.v_col(gi)..],
+                rs: rl,
+                cs: 1,
+            }; // V (T, D)
+            for j in 0..hpg {
+                let hi = gi * hpg + j;
+                let p = &mut att_g[j * t * t..(j + 1) * t * t];
+                for (r0, r1) in blocks(t) {
+                    let q = View {
+                        data: &rows[r0 * rl + hi * d..],
+                        rs: rl,
+                        cs: 1,
+                    };
+                    // SAFETY: p is this task's own (T,T) slice.
+                    unsafe {
+                        matmul_raw(p[r0 * t..].as_mut_ptr(), t, q, kt, r1 - r0, r1, d, false)
+                    };
+                    for r in r0..r1 {
+                        let row = &mut p[r * t..(r + 1) * t];
+                        let live = &mut row[..=r];
+                        let mut mx = f32::NEG_INFINITY;
+                        for x in live.iter_mut() {
+                            *x *= scale;
+                            mx = mx.max(*x);
+                        }
+                        let mut sum = 0.0;
+                        for x in live.iter_mut() {
+                            *x = (*x - mx).exp();
+                            sum += *x;
+                        }
+                        let inv = 1.0 / sum;
+                        for x in live.iter_mut() {
+                            *x *= inv;
+                        }
+                        row[r + 1..].fill(0.0);
                     }
-                    let mut sum = 0.0;
-                    for x in live.iter_mut() {
-                        *x = (*x - mx).exp();
-                        sum += *x;
+                    let pv = View {
+                        data: &p[r0 * t..],
+                        rs: t,
+                        cs: 1,
+                    };
+                    // SAFETY: rows r0..r1 of batch bi, columns of head hi: written by this task only.
+                    unsafe {
+                        let dst = out_ptr.get().add((bi * t + r0) * od + hi * d);
+                        matmul_raw(dst, od, pv, vv, r1 - r0, d, r1, false);
                     }
-                    let inv = 1.0 / sum;
-                    for x in live.iter_mut() {
-                        *x *= inv;
-                    }
-                    row[r + 1..].fill(0.0);
-                }
-                let pv = View { data: &p[r0 * t..], rs: t, cs: 1 };
-                // SAFETY: rows r0..r1 of batch bi, columns of head hi: written by this task only.
-                unsafe {
-                    let dst = out_ptr.get().add((bi * t + r0) * od + hi * d);
-                    matmul_raw(dst, od, pv, vv, r1 - r0, d, r1, false);
                 }
             }
-        }
-    });
+        });
 }
 
 /// Backward of [`attention_forward`]. `dqkv (N, (H+2G)*D)` is overwritten; `datt` is
@@ -114,56 +134,88 @@ pub fn attention_backward(
     let od = h * d;
     let scale = 1.0 / (d as f32).sqrt();
     let dptr = SendPtr(dqkv.as_mut_ptr());
-    datt.par_chunks_mut(hpg * t * t).enumerate().for_each(|(task, datt_g)| {
-        let (bi, gi) = (task / g, task % g);
-        let rows = &qkv[bi * t * rl..(bi + 1) * t * rl];
-        let drow0 = bi * t * rl;
-        // SAFETY (all raw writes below): this task owns, within batch bi's rows, the q columns
-        // of its heads and the k/v columns of group gi; no other task touches them.
-        unsafe {
-            for r in 0..t {
-                let base = dptr.get().add(drow0 + r * rl);
-                std::slice::from_raw_parts_mut(base.add(s.k_col(gi)), d).fill(0.0);
-                std::slice::from_raw_parts_mut(base.add(s.v_col(gi)), d).fill(0.0);
+    datt.par_chunks_mut(hpg * t * t)
+        .enumerate()
+        .for_each(|(task, datt_g)| {
+            let (bi, gi) = (task / g, task % g);
+            let rows = &qkv[bi * t * rl..(bi + 1) * t * rl];
+            let drow0 = bi * t * rl;
+            // SAFETY (all raw writes below): this task owns, within batch bi's rows, the q columns
+            // of its heads and the k/v columns of group gi; no other task touches them.
+            unsafe {
+                for r in 0..t {
+                    let base = dptr.get().add(drow0 + r * rl);
+                    std::slice::from_raw_parts_mut(base.add(s.k_col(gi)), d).fill(0.0);
+                    std::slice::from_raw_parts_mut(base.add(s.v_col(gi)), d).fill(0.0);
+                }
             }
-        }
-        let k = View { data: &rows[s.k_col(gi)..], rs: rl, cs: 1 };
-        let vt = View { data: &rows[s.v_col(gi)..], rs: 1, cs: rl };
-        for j in 0..hpg {
-            let hi = gi * hpg + j;
-            let p = &att[((bi * h) + hi) * t * t..((bi * h) + hi + 1) * t * t];
-            let dp = &mut datt_g[j * t * t..(j + 1) * t * t];
-            let dob = &dout[bi * t * od + hi * d..];
-            for (r0, r1) in blocks(t) {
-                let dov = View { data: &dob[r0 * od..], rs: od, cs: 1 };
-                // dP = dO V^T (rows r0..r1, keys 0..r1)
-                unsafe { matmul_raw(dp[r0 * t..].as_mut_ptr(), t, dov, vt, r1 - r0, r1, d, false) };
-                // dS = P * (dP - sum(P * dP)) * scale
-                for r in r0..r1 {
-                    let pr = &p[r * t..r * t + r + 1];
-                    let dr = &mut dp[r * t..(r + 1) * t];
-                    let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                    for (x, pv) in dr[..=r].iter_mut().zip(pr) {
-                        *x = pv * (*x - dot) * scale;
+            let k = View {
+                data: &rows[s.k_col(gi)..],
+                rs: rl,
+                cs: 1,
+            };
+            let vt = View {
+                data: &rows[s.v_col(gi)..],
+                rs: 1,
+                cs: rl,
+            };
+            for j in 0..hpg {
+                let hi = gi * hpg + j;
+                let p = &att[((bi * h) + hi) * t * t..((bi * h) + hi + 1) * t * t];
+                let dp = &mut datt_g[j * t * t..(j + 1) * t * t];
+                let dob = &dout[bi * t * od + hi * d..];
+                for (r0, r1) in blocks(t) {
+                    let dov = View {
+                        data: &dob[r0 * od..],
+                        rs: od,
+                        cs: 1,
+                    };
+                    // dP = dO V^T (rows r0..r1, keys 0..r1)
+                    unsafe {
+                        matmul_raw(dp[r0 * t..].as_mut_ptr(), t, dov, vt, r1 - r0, r1, d, false)
+                    };
+                    // dS = P * (dP - sum(P * dP)) * scale
+                    for r in r0..r1 {
+                        let pr = &p[r * t..r * t + r + 1];
+                        let dr = &mut dp[r * t..(r + 1) * t];
+                        let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                        for (x, pv) in dr[..=r].iter_mut().zip(pr) {
+                            *x = pv * (*x - dot) * scale;
+                        }
+                        dr[r + 1..r1].fill(0.0);
                     }
-                    dr[r + 1..r1].fill(0.0);
-                }
-                let ds = View { data: &dp[r0 * t..], rs: t, cs: 1 };
-                let dst_t = View { data: &dp[r0 * t..], rs: 1, cs: t };
-                let pt = View { data: &p[r0 * t..], rs: 1, cs: t };
-                let q = View { data: &rows[r0 * rl + hi * d..], rs: rl, cs: 1 };
-                unsafe {
-                    // dQ[r0..r1] = dS K[0..r1]
-                    let dq = dptr.get().add(drow0 + r0 * rl + hi * d);
-                    matmul_raw(dq, rl, ds, k, r1 - r0, d, r1, false);
-                    // dK[0..r1] += dS^T Q[r0..r1]
-                    let dk = dptr.get().add(drow0 + s.k_col(gi));
-                    matmul_raw(dk, rl, dst_t, q, r1, d, r1 - r0, true);
-                    // dV[0..r1] += P^T dO[r0..r1]
-                    let dv = dptr.get().add(drow0 + s.v_col(gi));
-                    matmul_raw(dv, rl, pt, dov, r1, d, r1 - r0, true);
+                    let ds = View {
+                        data: &dp[r0 * t..],
+                        rs: t,
+                        cs: 1,
+                    };
+                    let dst_t = View {
+                        data: &dp[r0 * t..],
+                        rs: 1,
+                        cs: t,
+                    };
+                    let pt = View {
+                        data: &p[r0 * t..],
+                        rs: 1,
+                        cs: t,
+                    };
+                    let q = View {
+                        data: &rows[r0 * rl + hi * d..],
+                        rs: rl,
+                        cs: 1,
+                    };
+                    unsafe {
+                        // dQ[r0..r1] = dS K[0..r1]
+                        let dq = dptr.get().add(drow0 + r0 * rl + hi * d);
+                        matmul_raw(dq, rl, ds, k, r1 - r0, d, r1, false);
+                        // dK[0..r1] += dS^T Q[r0..r1]
+                        let dk = dptr.get().add(drow0 + s.k_col(gi));
+                        matmul_raw(dk, rl, dst_t, q, r1, d, r1 - r0, true);
+                        // dV[0..r1] += P^T dO[r0..r1]
+                        let dv = dptr.get().add(drow0 + s.v_col(gi));
+                        matmul_raw(dv, rl, pt, dov, r1, d, r1 - r0, true);
+                    }
                 }
             }
-        }
-    });
+        });
 }

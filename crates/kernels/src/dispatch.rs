@@ -19,7 +19,11 @@ pub struct Dispatch {
 
 impl Dispatch {
     pub fn new(n: usize, k: usize, e: usize) -> Self {
-        Dispatch { offsets: vec![0; e + 1], src: vec![0; n * k], pos: vec![0; n * k] }
+        Dispatch {
+            offsets: vec![0; e + 1],
+            src: vec![0; n * k],
+            pos: vec![0; n * k],
+        }
     }
 
     /// Stable counting sort of `idx (N,K)` by expert id.
@@ -49,63 +53,86 @@ impl Dispatch {
 
 /// `xe (N*K, C)[row] = x (N,C)[token of row]`.
 pub fn gather_forward(xe: &mut [f32], x: &[f32], d: &Dispatch, k: usize, c: usize) {
-    xe.par_chunks_mut(c * ROWS_PER_TASK).enumerate().for_each(|(blk, rows)| {
-        for (i, row) in rows.chunks_mut(c).enumerate() {
-            let tok = d.src[blk * ROWS_PER_TASK + i] as usize / k;
-            row.copy_from_slice(&x[tok * c..(tok + 1) * c]);
-        }
-    });
+    xe.par_chunks_mut(c * ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(blk, rows)| {
+            for (i, row) in rows.chunks_mut(c).enumerate() {
+                let tok = d.src[blk * ROWS_PER_TASK + i] as usize / k;
+                row.copy_from_slice(&x[tok * c..(tok + 1) * c]);
+            }
+        });
 }
 
 /// Backward of [`gather_forward`]: `dx[t] += sum_slot dxe[pos(t, slot)]`, slots in order.
 pub fn gather_backward(dx: &mut [f32], dxe: &[f32], d: &Dispatch, k: usize, c: usize) {
-    dx.par_chunks_mut(c * ROWS_PER_TASK).enumerate().for_each(|(blk, rows)| {
-        for (i, row) in rows.chunks_mut(c).enumerate() {
-            let t = blk * ROWS_PER_TASK + i;
-            for slot in 0..k {
-                let r = d.pos[t * k + slot] as usize;
-                for (a, b) in row.iter_mut().zip(&dxe[r * c..(r + 1) * c]) {
-                    *a += b;
+    dx.par_chunks_mut(c * ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(blk, rows)| {
+            for (i, row) in rows.chunks_mut(c).enumerate() {
+                let t = blk * ROWS_PER_TASK + i;
+                for slot in 0..k {
+                    let r = d.pos[t * k + slot] as usize;
+                    for (a, b) in row.iter_mut().zip(&dxe[r * c..(r + 1) * c]) {
+                        *a += b;
+                    }
                 }
             }
-        }
-    });
+        });
 }
 
 /// `y[t] += sum_slot w[t,slot] * ye[pos(t,slot)]`, slots in order.
 pub fn combine_forward(y: &mut [f32], ye: &[f32], w: &[f32], d: &Dispatch, k: usize, c: usize) {
-    y.par_chunks_mut(c * ROWS_PER_TASK).enumerate().for_each(|(blk, rows)| {
-        for (i, row) in rows.chunks_mut(c).enumerate() {
-            let t = blk * ROWS_PER_TASK + i;
-            for slot in 0..k {
-                let r = d.pos[t * k + slot] as usize;
-                let wt = w[t * k + slot];
-                for (a, b) in row.iter_mut().zip(&ye[r * c..(r + 1) * c]) {
-                    *a += wt * b;
+    y.par_chunks_mut(c * ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(blk, rows)| {
+            for (i, row) in rows.chunks_mut(c).enumerate() {
+                let t = blk * ROWS_PER_TASK + i;
+                for slot in 0..k {
+                    let r = d.pos[t * k + slot] as usize;
+                    let wt = w[t * k + slot];
+                    for (a, b) in row.iter_mut().zip(&ye[r * c..(r + 1) * c]) {
+                        *a += wt * b;
+                    }
                 }
             }
-        }
-    });
+        });
 }
 
 /// Backward of [`combine_forward`]: `dye (N*K, C)` and `dw (N,K)` are overwritten.
-pub fn combine_backward(dye: &mut [f32], dw: &mut [f32], dy: &[f32], ye: &[f32], w: &[f32], d: &Dispatch, k: usize, c: usize) {
-    dye.par_chunks_mut(c * ROWS_PER_TASK).enumerate().for_each(|(blk, rows)| {
-        for (i, row) in rows.chunks_mut(c).enumerate() {
-            let pair = d.src[blk * ROWS_PER_TASK + i] as usize;
-            let (t, wt) = (pair / k, w[pair]);
-            for (a, b) in row.iter_mut().zip(&dy[t * c..(t + 1) * c]) {
-                *a = wt * b;
+pub fn combine_backward(
+    dye: &mut [f32],
+    dw: &mut [f32],
+    dy: &[f32],
+    ye: &[f32],
+    w: &[f32],
+    d: &Dispatch,
+    k: usize,
+    c: usize,
+) {
+    dye.par_chunks_mut(c * ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(blk, rows)| {
+            for (i, row) in rows.chunks_mut(c).enumerate() {
+                let pair = d.src[blk * ROWS_PER_TASK + i] as usize;
+                let (t, wt) = (pair / k, w[pair]);
+                for (a, b) in row.iter_mut().zip(&dy[t * c..(t + 1) * c]) {
+                    *a = wt * b;
+                }
             }
-        }
-    });
-    dw.par_chunks_mut(k * ROWS_PER_TASK).enumerate().for_each(|(blk, dws)| {
-        for (i, dw) in dws.chunks_mut(k).enumerate() {
-            let t = blk * ROWS_PER_TASK + i;
-            for (slot, g) in dw.iter_mut().enumerate() {
-                let r = d.pos[t * k + slot] as usize;
-                *g = dy[t * c..(t + 1) * c].iter().zip(&ye[r * c..(r + 1) * c]).map(|(a, b)| a * b).sum();
+        });
+    dw.par_chunks_mut(k * ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(blk, dws)| {
+            for (i, dw) in dws.chunks_mut(k).enumerate() {
+                let t = blk * ROWS_PER_TASK + i;
+                for (slot, g) in dw.iter_mut().enumerate() {
+                    let r = d.pos[t * k + slot] as usize;
+                    *g = dy[t * c..(t + 1) * c]
+                        .iter()
+                        .zip(&ye[r * c..(r + 1) * c])
+                        .map(|(a, b)| a * b)
+                        .sum();
+                }
             }
-        }
-    });
+        });
 }

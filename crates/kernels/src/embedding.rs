@@ -33,7 +33,8 @@ pub fn embedding_backward(dwte: &mut [f32], tokens: &[u32], dout: &[f32], c: usi
             let src = &dout[n * c + c0..n * c + c1];
             // SAFETY: task `blk` writes only columns [c0, c1) of each row, disjoint from
             // every other task; the index is in bounds by the assert above.
-            let dst = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(tok * c + c0), c1 - c0) };
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut(ptr.get().add(tok * c + c0), c1 - c0) };
             for (d, s) in dst.iter_mut().zip(src) {
                 *d += s;
             }

@@ -7,7 +7,13 @@ use rayon::prelude::*;
 
 /// Per-row `losses (N)` and `lse (N)` (log-sum-exp, kept for the backward pass) of
 /// `logits (N,V)`. Returns (sum of losses, number of counted rows); ignored rows get loss 0.
-pub fn cross_entropy_forward(losses: &mut [f32], lse: &mut [f32], logits: &[f32], targets: &[u32], v: usize) -> (f64, usize) {
+pub fn cross_entropy_forward(
+    losses: &mut [f32],
+    lse: &mut [f32],
+    logits: &[f32],
+    targets: &[u32],
+    v: usize,
+) -> (f64, usize) {
     losses
         .par_chunks_mut(ROWS_PER_TASK)
         .zip(lse.par_chunks_mut(ROWS_PER_TASK))
@@ -32,7 +38,13 @@ pub fn cross_entropy_forward(losses: &mut [f32], lse: &mut [f32], logits: &[f32]
 
 /// In place: `logits (N,V)` becomes `dlogits = (softmax - onehot) * scale` (zero on ignored
 /// rows). `scale` is d(loss)/d(row loss), e.g. 1 / counted rows for a mean.
-pub fn cross_entropy_backward(logits: &mut [f32], lse: &[f32], targets: &[u32], v: usize, scale: f32) {
+pub fn cross_entropy_backward(
+    logits: &mut [f32],
+    lse: &[f32],
+    targets: &[u32],
+    v: usize,
+    scale: f32,
+) {
     logits
         .par_chunks_mut(v * ROWS_PER_TASK)
         .zip(lse.par_chunks(ROWS_PER_TASK))

@@ -19,9 +19,17 @@ impl<'a> View<'a> {
     /// A contiguous row-major (rows, cols) matrix, optionally transposed.
     pub fn new(data: &'a [f32], cols: usize, trans: bool) -> Self {
         if trans {
-            View { data, rs: 1, cs: cols }
+            View {
+                data,
+                rs: 1,
+                cs: cols,
+            }
         } else {
-            View { data, rs: cols, cs: 1 }
+            View {
+                data,
+                rs: cols,
+                cs: 1,
+            }
         }
     }
 }
@@ -110,8 +118,14 @@ pub unsafe fn matmul_raw(
         }
         return;
     }
-    assert!((m - 1) * a.rs + (k - 1) * a.cs < a.data.len(), "matmul a too small");
-    assert!((k - 1) * b.rs + (n - 1) * b.cs < b.data.len(), "matmul b too small");
+    assert!(
+        (m - 1) * a.rs + (k - 1) * a.cs < a.data.len(),
+        "matmul a too small"
+    );
+    assert!(
+        (k - 1) * b.rs + (n - 1) * b.cs < b.data.len(),
+        "matmul b too small"
+    );
     // SAFETY: the asserts above bound every index gemm reads; the caller guarantees `out`.
     unsafe {
         gemm::gemm(
@@ -184,8 +198,12 @@ mod tests {
     #[test]
     fn matches_naive_in_all_layouts() {
         let (m, n, k) = (37, 29, 53);
-        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
-        let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0).collect();
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0)
+            .collect();
         let want = naive(&a, &b, m, n, k);
         let at: Vec<f32> = (0..k * m).map(|idx| a[(idx % m) * k + idx / m]).collect();
         let bt: Vec<f32> = (0..n * k).map(|idx| b[(idx % k) * n + idx / k]).collect();
@@ -194,11 +212,22 @@ mod tests {
             let aa = if ta { &at } else { &a };
             let bb = if tb { &bt } else { &b };
             matmul(&mut c, aa, ta, bb, tb, m, n, k, false);
-            let worst = c.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+            let worst = c
+                .iter()
+                .zip(&want)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max);
             assert!(worst < 1e-4, "ta={ta} tb={tb} worst abs diff {worst}");
             matmul(&mut c, aa, ta, bb, tb, m, n, k, true);
-            let worst = c.iter().zip(&want).map(|(x, y)| (x - 2.0 * y).abs()).fold(0.0, f32::max);
-            assert!(worst < 2e-4, "accumulate ta={ta} tb={tb} worst abs diff {worst}");
+            let worst = c
+                .iter()
+                .zip(&want)
+                .map(|(x, y)| (x - 2.0 * y).abs())
+                .fold(0.0, f32::max);
+            assert!(
+                worst < 2e-4,
+                "accumulate ta={ta} tb={tb} worst abs diff {worst}"
+            );
         }
     }
 }

@@ -50,7 +50,12 @@ pub fn rmsnorm_backward(
                 let xr = &x[r * c..(r + 1) * c];
                 let dy = &dout[r * c..(r + 1) * c];
                 // dot = mean_c(dy * w * xhat)
-                let dot: f32 = dy.iter().zip(w).zip(xr).map(|((d, w), x)| d * w * x * s).sum::<f32>()
+                let dot: f32 = dy
+                    .iter()
+                    .zip(w)
+                    .zip(xr)
+                    .map(|((d, w), x)| d * w * x * s)
+                    .sum::<f32>()
                     / c as f32;
                 for j in 0..c {
                     dx[j] += s * (dy[j] * w[j] - xr[j] * s * dot);

@@ -41,7 +41,12 @@ pub fn router_forward(
         .zip(w.par_chunks_mut(k * ROWS_PER_TASK))
         .zip(logits.par_chunks(e * ROWS_PER_TASK))
         .for_each(|(((s, idx), w), l)| {
-            for (((s, idx), w), l) in s.chunks_mut(e).zip(idx.chunks_mut(k)).zip(w.chunks_mut(k)).zip(l.chunks(e)) {
+            for (((s, idx), w), l) in s
+                .chunks_mut(e)
+                .zip(idx.chunks_mut(k))
+                .zip(w.chunks_mut(k))
+                .zip(l.chunks(e))
+            {
                 match score_fn {
                     ScoreFn::Softmax => {
                         let mx = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -106,7 +111,11 @@ pub fn topk_weights_backward(
             for (i, ds) in ds.chunks_mut(e).enumerate() {
                 let r = blk * ROWS_PER_TASK + i;
                 ds.fill(0.0);
-                let (dw, w, idx) = (&dw[r * k..(r + 1) * k], &w[r * k..(r + 1) * k], &idx[r * k..(r + 1) * k]);
+                let (dw, w, idx) = (
+                    &dw[r * k..(r + 1) * k],
+                    &w[r * k..(r + 1) * k],
+                    &idx[r * k..(r + 1) * k],
+                );
                 if renorm {
                     // w_j = s_j / S, S = sum of chosen scores
                     let ssum: f32 = idx.iter().map(|&x| scores[r * e + x as usize]).sum();
@@ -124,7 +133,13 @@ pub fn topk_weights_backward(
 }
 
 /// Backward through the score function: `dlogits (N,E)` is overwritten from `dscores`.
-pub fn scores_backward(dlogits: &mut [f32], dscores: &[f32], scores: &[f32], e: usize, score_fn: ScoreFn) {
+pub fn scores_backward(
+    dlogits: &mut [f32],
+    dscores: &[f32],
+    scores: &[f32],
+    e: usize,
+    score_fn: ScoreFn,
+) {
     dlogits
         .par_chunks_mut(e * ROWS_PER_TASK)
         .zip(dscores.par_chunks(e * ROWS_PER_TASK))
@@ -159,7 +174,13 @@ pub fn expert_counts(counts: &mut [u32], idx: &[u32]) {
 /// Switch-style load-balancing loss `E * sum_e f_e * P_e`, with `f_e` the fraction of routed
 /// slots that chose expert e (no gradient) and `P_e` the mean over tokens of the scores
 /// normalised to sum to one per token (for softmax scores: the scores themselves).
-pub fn aux_loss_forward(scores: &[f32], counts: &[u32], e: usize, k: usize, score_fn: ScoreFn) -> f32 {
+pub fn aux_loss_forward(
+    scores: &[f32],
+    counts: &[u32],
+    e: usize,
+    k: usize,
+    score_fn: ScoreFn,
+) -> f32 {
     let n = scores.len() / e;
     let mut p = vec![0.0f64; e];
     for s in scores.chunks(e) {

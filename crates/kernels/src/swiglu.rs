@@ -28,7 +28,11 @@ pub fn swiglu_backward(dgu: &mut [f32], dout: &[f32], gu: &[f32], f: usize) {
         .zip(dout.par_chunks(f * ROWS_PER_TASK))
         .zip(gu.par_chunks(2 * f * ROWS_PER_TASK))
         .for_each(|((dgu, dout), gu)| {
-            for ((dgu, d), gu) in dgu.chunks_mut(2 * f).zip(dout.chunks(f)).zip(gu.chunks(2 * f)) {
+            for ((dgu, d), gu) in dgu
+                .chunks_mut(2 * f)
+                .zip(dout.chunks(f))
+                .zip(gu.chunks(2 * f))
+            {
                 let (g, u) = gu.split_at(f);
                 let (dg, du) = dgu.split_at_mut(f);
                 for j in 0..f {

@@ -161,16 +161,25 @@ pub enum Balance {
 impl Config {
     /// Reads and validates a TOML config file.
     pub fn from_file(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.into(),
+            source,
+        })?;
         Self::from_toml(&text).map_err(|e| match e {
-            Error::ConfigParse { msg, .. } => Error::ConfigParse { path: path.into(), msg },
+            Error::ConfigParse { msg, .. } => Error::ConfigParse {
+                path: path.into(),
+                msg,
+            },
             other => other,
         })
     }
 
     /// Parses and validates TOML text.
     pub fn from_toml(text: &str) -> Result<Config> {
-        let cfg: Config = toml::from_str(text).map_err(|e| Error::ConfigParse { path: "<toml>".into(), msg: e.to_string() })?;
+        let cfg: Config = toml::from_str(text).map_err(|e| Error::ConfigParse {
+            path: "<toml>".into(),
+            msg: one_line(text, &e),
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -186,10 +195,19 @@ impl Config {
             return Err(cfg_err("train.batch_size", "must be at least 1"));
         }
         if t.seq_len == 0 || t.seq_len > self.model.max_seq_len {
-            return Err(cfg_err("train.seq_len", format!("{} must be in 1..=model.max_seq_len ({})", t.seq_len, self.model.max_seq_len)));
+            return Err(cfg_err(
+                "train.seq_len",
+                format!(
+                    "{} must be in 1..=model.max_seq_len ({})",
+                    t.seq_len, self.model.max_seq_len
+                ),
+            ));
         }
         if !(t.lr.is_finite() && t.lr >= 0.0) {
-            return Err(cfg_err("train.lr", format!("{} must be a finite number >= 0", t.lr)));
+            return Err(cfg_err(
+                "train.lr",
+                format!("{} must be a finite number >= 0", t.lr),
+            ));
         }
         for (name, b) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
             if !(0.0..1.0).contains(&b) {
@@ -200,9 +218,29 @@ impl Config {
             return Err(cfg_err("train.eps", "must be > 0"));
         }
         if !(t.weight_decay >= 0.0) || !(t.grad_clip >= 0.0) {
-            return Err(cfg_err(if t.weight_decay >= 0.0 { "train.grad_clip" } else { "train.weight_decay" }, "must be >= 0"));
+            return Err(cfg_err(
+                if t.weight_decay >= 0.0 {
+                    "train.grad_clip"
+                } else {
+                    "train.weight_decay"
+                },
+                "must be >= 0",
+            ));
         }
         Ok(())
+    }
+}
+
+/// A TOML error on one line: "line N: message (at `source line`)".
+fn one_line(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let line_no = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+            format!("line {line_no}: {msg} (at `{line}`)")
+        }
+        None => msg,
     }
 }
 
@@ -222,13 +260,28 @@ impl ModelConfig {
             }
         }
         if self.d_model % self.n_heads != 0 {
-            return Err(cfg_err("model.n_heads", format!("{} does not divide d_model {}", self.n_heads, self.d_model)));
+            return Err(cfg_err(
+                "model.n_heads",
+                format!("{} does not divide d_model {}", self.n_heads, self.d_model),
+            ));
         }
         if self.head_dim() % 2 != 0 {
-            return Err(cfg_err("model.n_heads", format!("head dim d_model/n_heads = {} must be even for RoPE", self.head_dim())));
+            return Err(cfg_err(
+                "model.n_heads",
+                format!(
+                    "head dim d_model/n_heads = {} must be even for RoPE",
+                    self.head_dim()
+                ),
+            ));
         }
         if self.n_heads % self.n_kv_heads != 0 {
-            return Err(cfg_err("model.n_kv_heads", format!("{} does not divide n_heads {}", self.n_kv_heads, self.n_heads)));
+            return Err(cfg_err(
+                "model.n_kv_heads",
+                format!(
+                    "{} does not divide n_heads {}",
+                    self.n_kv_heads, self.n_heads
+                ),
+            ));
         }
         if self.vocab_size > u32::MAX as usize - 1 {
             return Err(cfg_err("model.vocab_size", "too large"));
@@ -244,20 +297,41 @@ impl ModelConfig {
         }
         let any_dense = self.n_experts == 0 || self.first_dense_layers > 0;
         if any_dense && self.ffn_hidden == 0 {
-            return Err(cfg_err("model.ffn_hidden", "must be at least 1 (the model has dense blocks)"));
+            return Err(cfg_err(
+                "model.ffn_hidden",
+                "must be at least 1 (the model has dense blocks)",
+            ));
         }
         if self.n_experts > 0 {
             if self.n_experts > 64 {
-                return Err(cfg_err("model.n_experts", format!("{} exceeds the supported maximum of 64", self.n_experts)));
+                return Err(cfg_err(
+                    "model.n_experts",
+                    format!("{} exceeds the supported maximum of 64", self.n_experts),
+                ));
             }
             if self.top_k == 0 || self.top_k > self.n_experts {
-                return Err(cfg_err("model.top_k", format!("{} must be in 1..=n_experts ({})", self.top_k, self.n_experts)));
+                return Err(cfg_err(
+                    "model.top_k",
+                    format!(
+                        "{} must be in 1..=n_experts ({})",
+                        self.top_k, self.n_experts
+                    ),
+                ));
             }
             if self.expert_hidden == 0 {
-                return Err(cfg_err("model.expert_hidden", "must be at least 1 in an MoE model"));
+                return Err(cfg_err(
+                    "model.expert_hidden",
+                    "must be at least 1 in an MoE model",
+                ));
             }
             if self.first_dense_layers > self.n_layers {
-                return Err(cfg_err("model.first_dense_layers", format!("{} exceeds n_layers {}", self.first_dense_layers, self.n_layers)));
+                return Err(cfg_err(
+                    "model.first_dense_layers",
+                    format!(
+                        "{} exceeds n_layers {}",
+                        self.first_dense_layers, self.n_layers
+                    ),
+                ));
             }
             self.score_fn()?;
             self.balance()?;
@@ -288,7 +362,10 @@ impl ModelConfig {
         match self.router_score.as_str() {
             "softmax" => Ok(ScoreFn::Softmax),
             "sigmoid" => Ok(ScoreFn::Sigmoid),
-            other => Err(cfg_err("model.router_score", format!("\"{other}\" is not one of \"softmax\", \"sigmoid\""))),
+            other => Err(cfg_err(
+                "model.router_score",
+                format!("\"{other}\" is not one of \"softmax\", \"sigmoid\""),
+            )),
         }
     }
 
@@ -297,7 +374,10 @@ impl ModelConfig {
             "aux_loss" => Ok(Balance::AuxLoss),
             "bias" => Ok(Balance::Bias),
             "none" => Ok(Balance::None),
-            other => Err(cfg_err("model.balance", format!("\"{other}\" is not one of \"aux_loss\", \"bias\", \"none\""))),
+            other => Err(cfg_err(
+                "model.balance",
+                format!("\"{other}\" is not one of \"aux_loss\", \"bias\", \"none\""),
+            )),
         }
     }
 
@@ -316,7 +396,8 @@ impl ModelConfig {
         for l in 0..self.n_layers {
             n += attn;
             if self.is_moe_layer(l) {
-                n += self.n_experts * c + 3 * c * (self.top_k * self.expert_hidden + self.shared_hidden());
+                n += self.n_experts * c
+                    + 3 * c * (self.top_k * self.expert_hidden + self.shared_hidden());
             } else {
                 n += 3 * c * self.ffn_hidden;
             }
@@ -328,6 +409,7 @@ impl ModelConfig {
     /// backward) plus attention scores and mixing, 12 * L * H * D * T (PaLM appendix B,
     /// counting the full T x T product as most implementations compute it).
     pub fn train_flops_per_token(&self, t: usize) -> f64 {
-        6.0 * self.active_matmul_params() as f64 + 12.0 * (self.n_layers * self.n_heads * self.head_dim() * t) as f64
+        6.0 * self.active_matmul_params() as f64
+            + 12.0 * (self.n_layers * self.n_heads * self.head_dim() * t) as f64
     }
 }

@@ -9,7 +9,10 @@ pub enum Error {
     #[error("could not parse config {path}: {msg}")]
     ConfigParse { path: PathBuf, msg: String },
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("weights file {path}: {msg}")]
     Weights { path: PathBuf, msg: String },
 }
@@ -17,5 +20,8 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 pub(crate) fn cfg_err(field: &str, msg: impl Into<String>) -> Error {
-    Error::Config { field: field.to_string(), msg: msg.into() }
+    Error::Config {
+        field: field.to_string(),
+        msg: msg.into(),
+    }
 }

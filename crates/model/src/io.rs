@@ -32,22 +32,45 @@ pub fn weights_hash(layout: &Layout, buf: &[f32]) -> String {
 
 /// Writes `buf` as safetensors at `path`, atomically (temp file + rename).
 pub fn save(layout: &Layout, buf: &[f32], path: &Path) -> Result<()> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
-        layout.tensors.iter().map(|t| (t.name.clone(), t.shape.clone(), le_bytes(&buf[t.offset..t.offset + t.len]))).collect();
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = layout
+        .tensors
+        .iter()
+        .map(|t| {
+            (
+                t.name.clone(),
+                t.shape.clone(),
+                le_bytes(&buf[t.offset..t.offset + t.len]),
+            )
+        })
+        .collect();
     let views: Vec<(String, TensorView)> = bytes
         .iter()
-        .map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).expect("shape matches bytes")))
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::F32, s.clone(), b).expect("shape matches bytes"),
+            )
+        })
         .collect();
-    let meta: HashMap<String, String> =
-        [("format".to_string(), FORMAT.to_string()), ("version".to_string(), FORMAT_VERSION.to_string())].into();
-    let data = safetensors::serialize(views, &Some(meta)).map_err(|e| Error::Weights { path: path.into(), msg: e.to_string() })?;
+    let meta: HashMap<String, String> = [
+        ("format".to_string(), FORMAT.to_string()),
+        ("version".to_string(), FORMAT_VERSION.to_string()),
+    ]
+    .into();
+    let data = safetensors::serialize(views, &Some(meta)).map_err(|e| Error::Weights {
+        path: path.into(),
+        msg: e.to_string(),
+    })?;
     write_atomic(path, &data)
 }
 
 /// Writes `data` to `path` via a temp file in the same directory, fsync, rename.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     use std::io::Write;
-    let io = |source| Error::Io { path: path.into(), source };
+    let io = |source| Error::Io {
+        path: path.into(),
+        source,
+    };
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let mut f = std::fs::File::create(&tmp).map_err(io)?;
     f.write_all(data).map_err(io)?;
@@ -61,31 +84,74 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 /// `require_version` checks moelab's format metadata (off for files written by the PyTorch
 /// reference, which have no such metadata).
 pub fn load(layout: &Layout, path: &Path, require_version: bool) -> Result<Vec<f32>> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.into(), source })?;
-    let werr = |msg: String| Error::Weights { path: path.into(), msg };
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| werr(format!("not a valid safetensors file ({e}); was it truncated?")))?;
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.into(),
+        source,
+    })?;
+    let werr = |msg: String| Error::Weights {
+        path: path.into(),
+        msg,
+    };
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+        werr(format!(
+            "not a valid safetensors file ({e}); was it truncated?"
+        ))
+    })?;
     if require_version {
         let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| werr(e.to_string()))?;
         let meta = meta.metadata().clone().unwrap_or_default();
-        match (meta.get("format").map(String::as_str), meta.get("version").map(String::as_str)) {
+        match (
+            meta.get("format").map(String::as_str),
+            meta.get("version").map(String::as_str),
+        ) {
             (Some(FORMAT), Some(FORMAT_VERSION)) => {}
-            (Some(FORMAT), Some(v)) => return Err(werr(format!("format version {v}, this moelab reads version {FORMAT_VERSION}"))),
-            _ => return Err(werr("not a moelab weights file (no format metadata)".into())),
+            (Some(FORMAT), Some(v)) => {
+                return Err(werr(format!(
+                    "format version {v}, this moelab reads version {FORMAT_VERSION}"
+                )))
+            }
+            _ => {
+                return Err(werr(
+                    "not a moelab weights file (no format metadata)".into(),
+                ))
+            }
         }
     }
     let mut buf = vec![0.0f32; layout.total];
     for t in &layout.tensors {
-        let view = st.tensor(&t.name).map_err(|_| werr(format!("missing tensor {} (was it written for another config?)", t.name)))?;
+        let view = st.tensor(&t.name).map_err(|_| {
+            werr(format!(
+                "missing tensor {} (was it written for another config?)",
+                t.name
+            ))
+        })?;
         if view.dtype() != Dtype::F32 || view.shape() != t.shape.as_slice() {
-            return Err(werr(format!("tensor {} is {:?} {:?}, this config expects F32 {:?}", t.name, view.dtype(), view.shape(), t.shape)));
+            return Err(werr(format!(
+                "tensor {} is {:?} {:?}, this config expects F32 {:?}",
+                t.name,
+                view.dtype(),
+                view.shape(),
+                t.shape
+            )));
         }
-        for (dst, src) in buf[t.offset..t.offset + t.len].iter_mut().zip(view.data().chunks_exact(4)) {
+        for (dst, src) in buf[t.offset..t.offset + t.len]
+            .iter_mut()
+            .zip(view.data().chunks_exact(4))
+        {
             *dst = f32::from_le_bytes([src[0], src[1], src[2], src[3]]);
         }
     }
     if st.len() != layout.tensors.len() {
-        let extra: Vec<_> = st.names().into_iter().filter(|n| layout.get(n).is_none()).take(3).cloned().collect();
-        return Err(werr(format!("has tensors this config does not, e.g. {extra:?} (was it written for another config?)")));
+        let extra: Vec<_> = st
+            .names()
+            .into_iter()
+            .filter(|n| layout.get(n).is_none())
+            .take(3)
+            .cloned()
+            .collect();
+        return Err(werr(format!(
+            "has tensors this config does not, e.g. {extra:?} (was it written for another config?)"
+        )));
     }
     Ok(buf)
 }

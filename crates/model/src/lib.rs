@@ -3,6 +3,7 @@
 //! - [`config`]: `Config` (TOML, validated, presets in `configs/`)
 //! - [`params`]: the parameter layout, one contiguous buffer with named views, seeded init
 //! - [`model`]: forward / backward over a micro-batch, expert-load statistics
+//! - [`moe`]: routed experts: dropless dispatch, per-expert SwiGLU, combine
 //! - [`optim`]: AdamW state and global-norm clipping over the layout
 //! - [`io`]: safetensors weights files and the weights hash
 //!
@@ -12,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod io;
 pub mod model;
+pub mod moe;
 pub mod optim;
 pub mod params;
 

@@ -9,9 +9,9 @@
 //! llm.c `train_gpt2.c` (structure).
 
 use crate::config::{Balance, ModelConfig};
+use crate::moe::{experts_backward, experts_forward, ExpertActs, ExpertScratch, ExpertShape};
 use crate::params::{FfnIdx, Layout};
 use kernels::attention::{attention_backward, attention_forward, AttnShape};
-use kernels::dispatch::{combine_backward, combine_forward, gather_backward, gather_forward, Dispatch};
 use kernels::embedding::{embedding_backward, embedding_forward};
 use kernels::loss::{cross_entropy_backward, cross_entropy_forward};
 use kernels::matmul::{linear_backward, linear_forward, matmul};
@@ -47,30 +47,26 @@ struct MoeActs {
     idx: Vec<u32>,    // (N,K)
     w: Vec<f32>,      // (N,K)
     counts: Vec<u32>, // (E) this micro-batch
-    disp: Dispatch,
-    xe: Vec<f32>,  // (NK,C) tokens grouped by expert
-    gue: Vec<f32>, // (NK,2F)
-    ae: Vec<f32>,  // (NK,F)
-    ye: Vec<f32>,  // (NK,C)
+    ex: ExpertActs,
     sgu: Vec<f32>, // (N,2Fs) shared experts
     sa: Vec<f32>,  // (N,Fs)
 }
 
 /// Gradient scratch shared by all blocks (the backward pass visits one block at a time).
 struct Grads {
-    dres: Vec<f32>,  // (N,C) gradient of the residual stream
-    dh: Vec<f32>,    // (N,C)
-    dqkv: Vec<f32>,  // (N,(H+2G)D)
-    datt: Vec<f32>,  // (B,H,T,T)
-    do_: Vec<f32>,   // (N,HD)
-    dgu: Vec<f32>,   // (max(N*2F, NK*2Fe, N*2Fs))
-    da: Vec<f32>,    // (max(N*F, NK*Fe, N*Fs))
-    dxe: Vec<f32>,   // (NK,C)
-    dye: Vec<f32>,   // (NK,C)
-    dlog_r: Vec<f32>, // (N,E)
+    dres: Vec<f32>,    // (N,C) gradient of the residual stream
+    dh: Vec<f32>,      // (N,C)
+    dqkv: Vec<f32>,    // (N,(H+2G)D)
+    datt: Vec<f32>,    // (B,H,T,T)
+    do_: Vec<f32>,     // (N,HD)
+    dgu: Vec<f32>,     // (max(N*2F, NK*2Fe, N*2Fs))
+    da: Vec<f32>,      // (max(N*F, NK*Fe, N*Fs))
+    dxe: Vec<f32>,     // (NK,C)
+    dye: Vec<f32>,     // (NK,C)
+    dlog_r: Vec<f32>,  // (N,E)
     dscores: Vec<f32>, // (N,E)
-    dw: Vec<f32>,    // (N,K)
-    dxf: Vec<f32>,   // (N,C)
+    dw: Vec<f32>,      // (N,K)
+    dxf: Vec<f32>,     // (N,C)
 }
 
 /// Losses of the last forward pass.
@@ -127,15 +123,37 @@ impl Model {
     }
 
     /// Builds a model around existing parameters (e.g. loaded from a file).
-    pub fn with_params(cfg: &ModelConfig, layout: Layout, params: Vec<f32>, b: usize, t: usize) -> Model {
-        cfg.validate().expect("config must be validated before building a model");
-        assert!(t >= 1 && t <= cfg.max_seq_len, "seq len {t} must be in 1..={}", cfg.max_seq_len);
+    pub fn with_params(
+        cfg: &ModelConfig,
+        layout: Layout,
+        params: Vec<f32>,
+        b: usize,
+        t: usize,
+    ) -> Model {
+        cfg.validate()
+            .expect("config must be validated before building a model");
+        assert!(
+            t >= 1 && t <= cfg.max_seq_len,
+            "seq len {t} must be in 1..={}",
+            cfg.max_seq_len
+        );
         assert_eq!(params.len(), layout.total, "parameter buffer size");
         let n = b * t;
-        let (c, v, d, h, g) = (cfg.d_model, cfg.vocab_size, cfg.head_dim(), cfg.n_heads, cfg.n_kv_heads);
+        let (c, v, d, h, g) = (
+            cfg.d_model,
+            cfg.vocab_size,
+            cfg.head_dim(),
+            cfg.n_heads,
+            cfg.n_kv_heads,
+        );
         let r = (h + 2 * g) * d;
         let z = |len: usize| vec![0.0f32; len];
-        let (e, k, fe, fs) = (cfg.n_experts, cfg.top_k, cfg.expert_hidden, cfg.shared_hidden());
+        let (e, k, fe, fs) = (
+            cfg.n_experts,
+            cfg.top_k,
+            cfg.expert_hidden,
+            cfg.shared_hidden(),
+        );
         let mut max_gu = 0;
         let mut acts = vec![];
         let mut load = vec![];
@@ -149,18 +167,17 @@ impl Model {
                     idx: vec![0; n * k],
                     w: z(n * k),
                     counts: vec![0; e],
-                    disp: Dispatch::new(n, k, e),
-                    xe: z(n * k * c),
-                    gue: z(n * k * 2 * fe),
-                    ae: z(n * k * fe),
-                    ye: z(n * k * c),
+                    ex: ExpertActs::new(ExpertShape { n, e, k, c, f: fe }),
                     sgu: z(n * 2 * fs),
                     sa: z(n * fs),
                 }))
             } else {
                 max_gu = max_gu.max(n * cfg.ffn_hidden);
                 load.push(vec![]);
-                FfnActs::Dense { gu: z(n * 2 * cfg.ffn_hidden), a: z(n * cfg.ffn_hidden) }
+                FfnActs::Dense {
+                    gu: z(n * 2 * cfg.ffn_hidden),
+                    a: z(n * cfg.ffn_hidden),
+                }
             };
             acts.push(LayerActs {
                 rstd1: z(n),
@@ -245,11 +262,22 @@ impl Model {
         assert_eq!(targets.len(), n, "targets must be B*T = {n}");
         self.tokens.copy_from_slice(tokens);
         self.targets.copy_from_slice(targets);
-        let (c, v, d, h, g) = (cfg.d_model, cfg.vocab_size, cfg.head_dim(), cfg.n_heads, cfg.n_kv_heads);
+        let (c, v, d, h, g) = (
+            cfg.d_model,
+            cfg.vocab_size,
+            cfg.head_dim(),
+            cfg.n_heads,
+            cfg.n_kv_heads,
+        );
         let r = (h + 2 * g) * d;
         let lay = self.layout.clone();
         let ashape = AttnShape { b, t, h, g, d };
-        embedding_forward(&mut self.res[0], tokens, &self.params[lay.embed..lay.embed + v * c], c);
+        embedding_forward(
+            &mut self.res[0],
+            tokens,
+            &self.params[lay.embed..lay.embed + v * c],
+            c,
+        );
         let (mut aux_sum, mut z_sum) = (0.0f32, 0.0f32);
         for l in 0..cfg.n_layers {
             let li = &lay.layers[l];
@@ -265,9 +293,25 @@ impl Model {
             rope_apply(&mut a.qkv, r, 0, h + g, t, &self.rope, false);
             attention_forward(&mut a.o, &mut a.att, &a.qkv, ashape);
             a.x_mid.copy_from_slice(x);
-            matmul(&mut a.x_mid, &a.o, false, p(li.wo, c * h * d), true, n, c, h * d, true);
+            matmul(
+                &mut a.x_mid,
+                &a.o,
+                false,
+                p(li.wo, c * h * d),
+                true,
+                n,
+                c,
+                h * d,
+                true,
+            );
             // FFN
-            rmsnorm_forward(&mut a.h2, &mut a.rstd2, &a.x_mid, p(li.ffn_norm, c), cfg.norm_eps);
+            rmsnorm_forward(
+                &mut a.h2,
+                &mut a.rstd2,
+                &a.x_mid,
+                p(li.ffn_norm, c),
+                cfg.norm_eps,
+            );
             x_next.copy_from_slice(&a.x_mid);
             match (&li.ffn, &mut a.ffn) {
                 (FfnIdx::Dense { w_gu, w_down }, FfnActs::Dense { gu, a: act }) => {
@@ -276,28 +320,33 @@ impl Model {
                     swiglu_forward(act, gu, f);
                     matmul(x_next, act, false, p(*w_down, c * f), true, n, c, f, true);
                 }
-                (FfnIdx::Moe { router, bias, w_gu, w_down, shared }, FfnActs::Moe(m)) => {
+                (
+                    FfnIdx::Moe {
+                        router,
+                        bias,
+                        w_gu,
+                        w_down,
+                        shared,
+                    },
+                    FfnActs::Moe(m),
+                ) => {
                     let (e, k, f) = (cfg.n_experts, cfg.top_k, cfg.expert_hidden);
                     linear_forward(&mut m.logits, &a.h2, p(*router, e * c), n, c, e);
                     let bias = bias.map(|o| p(o, e));
-                    router::router_forward(&mut m.scores, &mut m.idx, &mut m.w, &m.logits, bias, e, k, self.score_fn, cfg.renormalize);
+                    router::router_forward(
+                        &mut m.scores,
+                        &mut m.idx,
+                        &mut m.w,
+                        &m.logits,
+                        bias,
+                        e,
+                        k,
+                        self.score_fn,
+                        cfg.renormalize,
+                    );
                     router::expert_counts(&mut m.counts, &m.idx);
                     for (acc, &cnt) in self.load[l].iter_mut().zip(&m.counts) {
                         *acc += cnt as u64;
-                    }
-                    m.disp.build(&m.idx, e);
-                    gather_forward(&mut m.xe, &a.h2, &m.disp, k, c);
-                    for j in 0..e {
-                        let rg = m.disp.range(j);
-                        let ne = rg.len();
-                        let wg = p(w_gu + j * 2 * f * c, 2 * f * c);
-                        linear_forward(&mut m.gue[rg.start * 2 * f..rg.end * 2 * f], &m.xe[rg.start * c..rg.end * c], wg, ne, c, 2 * f);
-                    }
-                    swiglu_forward(&mut m.ae, &m.gue, f);
-                    for j in 0..e {
-                        let rg = m.disp.range(j);
-                        let wd = p(w_down + j * c * f, c * f);
-                        linear_forward(&mut m.ye[rg.start * c..rg.end * c], &m.ae[rg.start * f..rg.end * f], wd, rg.len(), f, c);
                     }
                     if let Some((sgu_w, sd_w)) = shared {
                         let fs = cfg.shared_hidden();
@@ -305,7 +354,17 @@ impl Model {
                         swiglu_forward(&mut m.sa, &m.sgu, fs);
                         matmul(x_next, &m.sa, false, p(*sd_w, c * fs), true, n, c, fs, true);
                     }
-                    combine_forward(x_next, &m.ye, &m.w, &m.disp, k, c);
+                    let es = ExpertShape { n, e, k, c, f };
+                    experts_forward(
+                        x_next,
+                        &a.h2,
+                        &m.idx,
+                        &m.w,
+                        p(*w_gu, e * 2 * f * c),
+                        p(*w_down, e * c * f),
+                        es,
+                        &mut m.ex,
+                    );
                     // Both are computed for every MoE block as balance diagnostics; they enter
                     // the objective only with their coefficients.
                     aux_sum += router::aux_loss_forward(&m.scores, &m.counts, e, k, self.score_fn);
@@ -315,12 +374,40 @@ impl Model {
             }
         }
         let lay_norm = lay.norm;
-        rmsnorm_forward(&mut self.xf, &mut self.rstdf, &self.res[cfg.n_layers], &self.params[lay_norm..lay_norm + c], cfg.norm_eps);
-        linear_forward(&mut self.logits, &self.xf, &self.params[lay.lm_head..lay.lm_head + v * c], n, c, v);
-        let (sum, count) = cross_entropy_forward(&mut self.losses, &mut self.lse, &self.logits, targets, v);
-        let ce = if count > 0 { (sum / count as f64) as f32 } else { 0.0 };
-        let aux_coef = if self.balance == Balance::AuxLoss { cfg.aux_loss_coef } else { 0.0 };
-        self.last = Losses { total: ce + aux_coef * aux_sum + cfg.z_loss_coef * z_sum, ce, aux: aux_sum, z: z_sum, n_targets: count };
+        rmsnorm_forward(
+            &mut self.xf,
+            &mut self.rstdf,
+            &self.res[cfg.n_layers],
+            &self.params[lay_norm..lay_norm + c],
+            cfg.norm_eps,
+        );
+        linear_forward(
+            &mut self.logits,
+            &self.xf,
+            &self.params[lay.lm_head..lay.lm_head + v * c],
+            n,
+            c,
+            v,
+        );
+        let (sum, count) =
+            cross_entropy_forward(&mut self.losses, &mut self.lse, &self.logits, targets, v);
+        let ce = if count > 0 {
+            (sum / count as f64) as f32
+        } else {
+            0.0
+        };
+        let aux_coef = if self.balance == Balance::AuxLoss {
+            cfg.aux_loss_coef
+        } else {
+            0.0
+        };
+        self.last = Losses {
+            total: ce + aux_coef * aux_sum + cfg.z_loss_coef * z_sum,
+            ce,
+            aux: aux_sum,
+            z: z_sum,
+            n_targets: count,
+        };
         self.last
     }
 
@@ -331,12 +418,22 @@ impl Model {
         let cfg = self.cfg.clone();
         let (b, t) = (self.b, self.t);
         let n = b * t;
-        let (c, v, d, h, g) = (cfg.d_model, cfg.vocab_size, cfg.head_dim(), cfg.n_heads, cfg.n_kv_heads);
+        let (c, v, d, h, g) = (
+            cfg.d_model,
+            cfg.vocab_size,
+            cfg.head_dim(),
+            cfg.n_heads,
+            cfg.n_kv_heads,
+        );
         let r = (h + 2 * g) * d;
         let lay = self.layout.clone();
         let ashape = AttnShape { b, t, h, g, d };
         let count = self.last.n_targets.max(1);
-        let aux_coef = if self.balance == Balance::AuxLoss { cfg.aux_loss_coef * loss_scale } else { 0.0 };
+        let aux_coef = if self.balance == Balance::AuxLoss {
+            cfg.aux_loss_coef * loss_scale
+        } else {
+            0.0
+        };
         let z_coef = cfg.z_loss_coef * loss_scale;
         let gr = &mut self.g;
         let params = &self.params;
@@ -348,10 +445,33 @@ impl Model {
             };
         }
 
-        cross_entropy_backward(&mut self.logits, &self.lse, &self.targets, v, loss_scale / count as f32);
-        linear_backward(Some(&mut gr.dxf), dp!(lay.lm_head, v * c), &self.logits, &self.xf, p(lay.lm_head, v * c), n, c, v, false);
+        cross_entropy_backward(
+            &mut self.logits,
+            &self.lse,
+            &self.targets,
+            v,
+            loss_scale / count as f32,
+        );
+        linear_backward(
+            Some(&mut gr.dxf),
+            dp!(lay.lm_head, v * c),
+            &self.logits,
+            &self.xf,
+            p(lay.lm_head, v * c),
+            n,
+            c,
+            v,
+            false,
+        );
         gr.dres.fill(0.0);
-        rmsnorm_backward(&mut gr.dres, dp!(lay.norm, c), &gr.dxf, &self.res[cfg.n_layers], p(lay.norm, c), &self.rstdf);
+        rmsnorm_backward(
+            &mut gr.dres,
+            dp!(lay.norm, c),
+            &gr.dxf,
+            &self.res[cfg.n_layers],
+            p(lay.norm, c),
+            &self.rstdf,
+        );
 
         for l in (0..cfg.n_layers).rev() {
             let li = &lay.layers[l];
@@ -362,74 +482,182 @@ impl Model {
                     let f = cfg.ffn_hidden;
                     let da = &mut gr.da[..n * f];
                     let dgu = &mut gr.dgu[..n * 2 * f];
-                    linear_backward(Some(da), dp!(*w_down, c * f), &gr.dres, act, p(*w_down, c * f), n, f, c, false);
+                    linear_backward(
+                        Some(da),
+                        dp!(*w_down, c * f),
+                        &gr.dres,
+                        act,
+                        p(*w_down, c * f),
+                        n,
+                        f,
+                        c,
+                        false,
+                    );
                     swiglu_backward(dgu, &gr.da[..n * f], gu, f);
-                    linear_backward(Some(&mut gr.dh), dp!(*w_gu, 2 * f * c), &gr.dgu[..n * 2 * f], &a.h2, p(*w_gu, 2 * f * c), n, c, 2 * f, false);
+                    linear_backward(
+                        Some(&mut gr.dh),
+                        dp!(*w_gu, 2 * f * c),
+                        &gr.dgu[..n * 2 * f],
+                        &a.h2,
+                        p(*w_gu, 2 * f * c),
+                        n,
+                        c,
+                        2 * f,
+                        false,
+                    );
                 }
-                (FfnIdx::Moe { router, bias: _, w_gu, w_down, shared }, FfnActs::Moe(m)) => {
+                (
+                    FfnIdx::Moe {
+                        router,
+                        bias: _,
+                        w_gu,
+                        w_down,
+                        shared,
+                    },
+                    FfnActs::Moe(m),
+                ) => {
                     let (e, k, f) = (cfg.n_experts, cfg.top_k, cfg.expert_hidden);
-                    let nk = n * k;
-                    combine_backward(&mut gr.dye, &mut gr.dw, &gr.dres, &m.ye, &m.w, &m.disp, k, c);
-                    for j in 0..e {
-                        let rg = m.disp.range(j);
-                        let ne = rg.len();
-                        linear_backward(
-                            Some(&mut gr.da[rg.start * f..rg.end * f]),
-                            dp!(w_down + j * c * f, c * f),
-                            &gr.dye[rg.start * c..rg.end * c],
-                            &m.ae[rg.start * f..rg.end * f],
-                            p(w_down + j * c * f, c * f),
-                            ne,
-                            f,
-                            c,
-                            false,
-                        );
-                    }
-                    swiglu_backward(&mut gr.dgu[..nk * 2 * f], &gr.da[..nk * f], &m.gue, f);
-                    for j in 0..e {
-                        let rg = m.disp.range(j);
-                        let ne = rg.len();
-                        linear_backward(
-                            Some(&mut gr.dxe[rg.start * c..rg.end * c]),
-                            dp!(w_gu + j * 2 * f * c, 2 * f * c),
-                            &gr.dgu[rg.start * 2 * f..rg.end * 2 * f],
-                            &m.xe[rg.start * c..rg.end * c],
-                            p(w_gu + j * 2 * f * c, 2 * f * c),
-                            ne,
-                            c,
-                            2 * f,
-                            false,
-                        );
-                    }
                     if let Some((sgu_w, sd_w)) = shared {
                         let fs = cfg.shared_hidden();
-                        linear_backward(Some(&mut gr.da[..n * fs]), dp!(*sd_w, c * fs), &gr.dres, &m.sa, p(*sd_w, c * fs), n, fs, c, false);
+                        linear_backward(
+                            Some(&mut gr.da[..n * fs]),
+                            dp!(*sd_w, c * fs),
+                            &gr.dres,
+                            &m.sa,
+                            p(*sd_w, c * fs),
+                            n,
+                            fs,
+                            c,
+                            false,
+                        );
                         swiglu_backward(&mut gr.dgu[..n * 2 * fs], &gr.da[..n * fs], &m.sgu, fs);
-                        linear_backward(Some(&mut gr.dh), dp!(*sgu_w, 2 * fs * c), &gr.dgu[..n * 2 * fs], &a.h2, p(*sgu_w, 2 * fs * c), n, c, 2 * fs, false);
+                        linear_backward(
+                            Some(&mut gr.dh),
+                            dp!(*sgu_w, 2 * fs * c),
+                            &gr.dgu[..n * 2 * fs],
+                            &a.h2,
+                            p(*sgu_w, 2 * fs * c),
+                            n,
+                            c,
+                            2 * fs,
+                            false,
+                        );
                     } else {
                         gr.dh.fill(0.0);
                     }
-                    gather_backward(&mut gr.dh, &gr.dxe, &m.disp, k, c);
+                    let nk = n * k;
+                    let es = ExpertShape { n, e, k, c, f };
+                    let scratch = ExpertScratch {
+                        dye: &mut gr.dye,
+                        da: &mut gr.da[..nk * f],
+                        dgu: &mut gr.dgu[..nk * 2 * f],
+                        dxe: &mut gr.dxe,
+                    };
+                    let (dw_gu, dw_down) = {
+                        // w_gu and w_down are adjacent, w_gu first (see params::Layout)
+                        let (lo, hi) = grads.split_at_mut(*w_down);
+                        (&mut lo[*w_gu..*w_gu + e * 2 * f * c], &mut hi[..e * c * f])
+                    };
+                    experts_backward(
+                        &mut gr.dh,
+                        &mut gr.dw,
+                        dw_gu,
+                        dw_down,
+                        &gr.dres,
+                        &m.w,
+                        p(*w_gu, e * 2 * f * c),
+                        p(*w_down, e * c * f),
+                        es,
+                        &m.ex,
+                        scratch,
+                    );
                     // router
-                    router::topk_weights_backward(&mut gr.dscores, &gr.dw, &m.w, &m.idx, &m.scores, e, k, cfg.renormalize);
+                    router::topk_weights_backward(
+                        &mut gr.dscores,
+                        &gr.dw,
+                        &m.w,
+                        &m.idx,
+                        &m.scores,
+                        e,
+                        k,
+                        cfg.renormalize,
+                    );
                     if aux_coef > 0.0 {
-                        router::aux_loss_backward(&mut gr.dscores, &m.scores, &m.counts, e, k, self.score_fn, aux_coef);
+                        router::aux_loss_backward(
+                            &mut gr.dscores,
+                            &m.scores,
+                            &m.counts,
+                            e,
+                            k,
+                            self.score_fn,
+                            aux_coef,
+                        );
                     }
-                    router::scores_backward(&mut gr.dlog_r, &gr.dscores, &m.scores, e, self.score_fn);
+                    router::scores_backward(
+                        &mut gr.dlog_r,
+                        &gr.dscores,
+                        &m.scores,
+                        e,
+                        self.score_fn,
+                    );
                     if z_coef > 0.0 {
                         router::z_loss_backward(&mut gr.dlog_r, &m.logits, e, z_coef);
                     }
-                    linear_backward(Some(&mut gr.dh), dp!(*router, e * c), &gr.dlog_r, &a.h2, p(*router, e * c), n, c, e, true);
+                    linear_backward(
+                        Some(&mut gr.dh),
+                        dp!(*router, e * c),
+                        &gr.dlog_r,
+                        &a.h2,
+                        p(*router, e * c),
+                        n,
+                        c,
+                        e,
+                        true,
+                    );
                 }
                 _ => unreachable!("layout and activations agree on block kinds"),
             }
-            rmsnorm_backward(&mut gr.dres, dp!(li.ffn_norm, c), &gr.dh, &a.x_mid, p(li.ffn_norm, c), &a.rstd2);
+            rmsnorm_backward(
+                &mut gr.dres,
+                dp!(li.ffn_norm, c),
+                &gr.dh,
+                &a.x_mid,
+                p(li.ffn_norm, c),
+                &a.rstd2,
+            );
             // attention: x_mid = x + o Wo^T; gr.dres holds d(x_mid)
-            linear_backward(Some(&mut gr.do_), dp!(li.wo, c * h * d), &gr.dres, &a.o, p(li.wo, c * h * d), n, h * d, c, false);
+            linear_backward(
+                Some(&mut gr.do_),
+                dp!(li.wo, c * h * d),
+                &gr.dres,
+                &a.o,
+                p(li.wo, c * h * d),
+                n,
+                h * d,
+                c,
+                false,
+            );
             attention_backward(&mut gr.dqkv, &mut gr.datt, &gr.do_, &a.qkv, &a.att, ashape);
             rope_apply(&mut gr.dqkv, r, 0, h + g, t, &self.rope, true);
-            linear_backward(Some(&mut gr.dh), dp!(li.wqkv, r * c), &gr.dqkv, &a.h1, p(li.wqkv, r * c), n, c, r, false);
-            rmsnorm_backward(&mut gr.dres, dp!(li.attn_norm, c), &gr.dh, &self.res[l], p(li.attn_norm, c), &a.rstd1);
+            linear_backward(
+                Some(&mut gr.dh),
+                dp!(li.wqkv, r * c),
+                &gr.dqkv,
+                &a.h1,
+                p(li.wqkv, r * c),
+                n,
+                c,
+                r,
+                false,
+            );
+            rmsnorm_backward(
+                &mut gr.dres,
+                dp!(li.attn_norm, c),
+                &gr.dh,
+                &self.res[l],
+                p(li.attn_norm, c),
+                &a.rstd1,
+            );
         }
         embedding_backward(dp!(lay.embed, v * c), &self.tokens, &gr.dres, c);
     }
@@ -454,10 +682,20 @@ impl Model {
             return;
         }
         for (l, li) in self.layout.layers.iter().enumerate() {
-            if let FfnIdx::Moe { bias: Some(off), .. } = li.ffn {
+            if let FfnIdx::Moe {
+                bias: Some(off), ..
+            } = li.ffn
+            {
                 let e = self.cfg.n_experts;
-                let counts: Vec<u32> = load[l].iter().map(|&x| x.min(u32::MAX as u64) as u32).collect();
-                router::bias_update(&mut self.params[off..off + e], &counts, self.cfg.bias_update_rate);
+                let counts: Vec<u32> = load[l]
+                    .iter()
+                    .map(|&x| x.min(u32::MAX as u64) as u32)
+                    .collect();
+                router::bias_update(
+                    &mut self.params[off..off + e],
+                    &counts,
+                    self.cfg.bias_update_rate,
+                );
             }
         }
     }

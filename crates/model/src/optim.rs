@@ -14,23 +14,45 @@ pub struct Optimizer {
 
 impl Optimizer {
     pub fn new(model: &Model) -> Optimizer {
-        Optimizer { m: vec![0.0; model.layout.total], v: vec![0.0; model.layout.total], step: 0 }
+        Optimizer {
+            m: vec![0.0; model.layout.total],
+            v: vec![0.0; model.layout.total],
+            step: 0,
+        }
     }
 
     /// Clips the accumulated gradients to `tc.grad_clip` and applies one AdamW step at `lr`.
     /// Returns the gradient norm before clipping.
     pub fn step(&mut self, model: &mut Model, tc: &TrainConfig, lr: f32) -> f32 {
         let lay = &model.layout;
-        let norm = global_norm(lay.tensors.iter().filter(|t| t.trainable).map(|t| &model.grads[t.offset..t.offset + t.len]));
+        let norm = global_norm(
+            lay.tensors
+                .iter()
+                .filter(|t| t.trainable)
+                .map(|t| &model.grads[t.offset..t.offset + t.len]),
+        );
         let s = clip_scale(norm, tc.grad_clip);
         if s != 1.0 {
             scale(&mut model.grads, s);
         }
         self.step += 1;
-        let opt = AdamW { lr, beta1: tc.beta1, beta2: tc.beta2, eps: tc.eps, weight_decay: tc.weight_decay };
+        let opt = AdamW {
+            lr,
+            beta1: tc.beta1,
+            beta2: tc.beta2,
+            eps: tc.eps,
+            weight_decay: tc.weight_decay,
+        };
         for t in lay.tensors.iter().filter(|t| t.trainable) {
             let r = t.offset..t.offset + t.len;
-            opt.update(&mut model.params[r.clone()], &model.grads[r.clone()], &mut self.m[r.clone()], &mut self.v[r], self.step, t.decay);
+            opt.update(
+                &mut model.params[r.clone()],
+                &model.grads[r.clone()],
+                &mut self.m[r.clone()],
+                &mut self.v[r],
+                self.step,
+                t.decay,
+            );
         }
         norm
     }

@@ -42,8 +42,17 @@ pub struct LayerIdx {
 
 #[derive(Clone, Debug)]
 pub enum FfnIdx {
-    Dense { w_gu: usize, w_down: usize },
-    Moe { router: usize, bias: Option<usize>, w_gu: usize, w_down: usize, shared: Option<(usize, usize)> },
+    Dense {
+        w_gu: usize,
+        w_down: usize,
+    },
+    Moe {
+        router: usize,
+        bias: Option<usize>,
+        w_gu: usize,
+        w_down: usize,
+        shared: Option<(usize, usize)>,
+    },
 }
 
 /// The whole layout.
@@ -63,10 +72,25 @@ struct Builder {
 }
 
 impl Builder {
-    fn add(&mut self, name: String, shape: &[usize], init: Init, trainable: bool, decay: bool) -> usize {
+    fn add(
+        &mut self,
+        name: String,
+        shape: &[usize],
+        init: Init,
+        trainable: bool,
+        decay: bool,
+    ) -> usize {
         let len = shape.iter().product();
         let offset = self.total;
-        self.tensors.push(TensorSpec { name, shape: shape.to_vec(), offset, len, trainable, decay, init });
+        self.tensors.push(TensorSpec {
+            name,
+            shape: shape.to_vec(),
+            offset,
+            len,
+            trainable,
+            decay,
+            init,
+        });
         self.total += len;
         offset
     }
@@ -84,7 +108,10 @@ impl Layout {
         let (h, g) = (cfg.n_heads, cfg.n_kv_heads);
         let std = cfg.init_std;
         let resid_std = std / (2.0 * cfg.n_layers as f32).sqrt();
-        let mut b = Builder { tensors: vec![], total: 0 };
+        let mut b = Builder {
+            tensors: vec![],
+            total: 0,
+        };
         let embed = b.matrix("embed.weight".into(), &[v, c], std);
         let mut layers = vec![];
         for l in 0..cfg.n_layers {
@@ -96,18 +123,35 @@ impl Layout {
             let ffn = if cfg.is_moe_layer(l) {
                 let (e, f) = (cfg.n_experts, cfg.expert_hidden);
                 let router = b.matrix(format!("{p}.moe.router.weight"), &[e, c], std);
-                let bias = (cfg.balance().ok() == Some(Balance::Bias))
-                    .then(|| b.add(format!("{p}.moe.router.bias"), &[e], Init::Zeros, false, false));
+                let bias = (cfg.balance().ok() == Some(Balance::Bias)).then(|| {
+                    b.add(
+                        format!("{p}.moe.router.bias"),
+                        &[e],
+                        Init::Zeros,
+                        false,
+                        false,
+                    )
+                });
                 let w_gu = b.matrix(format!("{p}.moe.experts.w_gate_up"), &[e, 2 * f, c], std);
                 let w_down = b.matrix(format!("{p}.moe.experts.w_down"), &[e, c, f], resid_std);
                 let shared = (cfg.n_shared_experts > 0).then(|| {
                     let fs = cfg.shared_hidden();
                     (
-                        b.matrix(format!("{p}.moe.shared.w_gate_up.weight"), &[2 * fs, c], std),
+                        b.matrix(
+                            format!("{p}.moe.shared.w_gate_up.weight"),
+                            &[2 * fs, c],
+                            std,
+                        ),
                         b.matrix(format!("{p}.moe.shared.w_down.weight"), &[c, fs], resid_std),
                     )
                 });
-                FfnIdx::Moe { router, bias, w_gu, w_down, shared }
+                FfnIdx::Moe {
+                    router,
+                    bias,
+                    w_gu,
+                    w_down,
+                    shared,
+                }
             } else {
                 let f = cfg.ffn_hidden;
                 FfnIdx::Dense {
@@ -115,11 +159,28 @@ impl Layout {
                     w_down: b.matrix(format!("{p}.mlp.w_down.weight"), &[c, f], resid_std),
                 }
             };
-            layers.push(LayerIdx { attn_norm, wqkv, wo, ffn_norm, ffn });
+            layers.push(LayerIdx {
+                attn_norm,
+                wqkv,
+                wo,
+                ffn_norm,
+                ffn,
+            });
         }
         let norm = b.norm("norm.weight".into(), c);
-        let lm_head = if cfg.tie_embeddings { embed } else { b.matrix("lm_head.weight".into(), &[v, c], std) };
-        Layout { tensors: b.tensors, total: b.total, embed, layers, norm, lm_head }
+        let lm_head = if cfg.tie_embeddings {
+            embed
+        } else {
+            b.matrix("lm_head.weight".into(), &[v, c], std)
+        };
+        Layout {
+            tensors: b.tensors,
+            total: b.total,
+            embed,
+            layers,
+            norm,
+            lm_head,
+        }
     }
 
     /// Fills `buf` with the seeded initialisation: tensor i draws from a ChaCha8 stream
@@ -147,6 +208,10 @@ impl Layout {
 
     /// Number of stored parameters (excluding non-trainable state).
     pub fn n_params(&self) -> usize {
-        self.tensors.iter().filter(|t| t.trainable).map(|t| t.len).sum()
+        self.tensors
+            .iter()
+            .filter(|t| t.trainable)
+            .map(|t| t.len)
+            .sum()
     }
 }

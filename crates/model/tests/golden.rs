@@ -12,7 +12,9 @@ use safetensors::{Dtype, SafeTensors};
 use std::path::PathBuf;
 
 fn dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/golden")
+        .join(name)
 }
 
 struct Expected {
@@ -22,15 +24,25 @@ struct Expected {
 impl Expected {
     fn f64s(&self, name: &str) -> Vec<f64> {
         let st = SafeTensors::deserialize(&self.bytes).unwrap();
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("fixture lacks {name}"));
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("fixture lacks {name}"));
         assert_eq!(t.dtype(), Dtype::F64, "{name}");
-        t.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect()
+        t.data()
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+            .collect()
     }
     fn i32s(&self, name: &str) -> Vec<i32> {
         let st = SafeTensors::deserialize(&self.bytes).unwrap();
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("fixture lacks {name}"));
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("fixture lacks {name}"));
         assert_eq!(t.dtype(), Dtype::I32, "{name}");
-        t.data().chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap())).collect()
+        t.data()
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
     }
 }
 
@@ -53,7 +65,9 @@ fn run(name: &str) {
     let cfg = Config::from_file(&d.join("config.toml")).unwrap();
     let layout = Layout::new(&cfg.model);
     let init = io::load(&layout, &d.join("init.safetensors"), false).unwrap();
-    let exp = Expected { bytes: std::fs::read(d.join("expected.safetensors")).unwrap() };
+    let exp = Expected {
+        bytes: std::fs::read(d.join("expected.safetensors")).unwrap(),
+    };
     let tokens: Vec<u32> = exp.i32s("tokens").iter().map(|&x| x as u32).collect();
     let targets: Vec<u32> = exp.i32s("targets").iter().map(|&x| x as u32).collect(); // -1 -> IGNORE_INDEX
     let (b, t) = (cfg.train.batch_size, cfg.train.seq_len);
@@ -67,14 +81,24 @@ fn run(name: &str) {
     let got = [losses.total, losses.ce, losses.aux, losses.z];
     for (i, label) in ["total", "ce", "aux", "z"].iter().enumerate() {
         let rel = (got[i] as f64 - want[i]).abs() / want[i].abs().max(1e-12);
-        println!("[{name}] loss {label}: moelab {:.7} pytorch {:.7} rel err {rel:.2e}", got[i], want[i]);
+        println!(
+            "[{name}] loss {label}: moelab {:.7} pytorch {:.7} rel err {rel:.2e}",
+            got[i], want[i]
+        );
         if want[i] != 0.0 || *label == "total" || *label == "ce" {
-            assert!(rel <= 1e-5, "[{name}] loss {label} rel err {rel:.2e} > 1e-5");
+            assert!(
+                rel <= 1e-5,
+                "[{name}] loss {label} rel err {rel:.2e} > 1e-5"
+            );
         }
     }
     for l in 0..cfg.model.n_layers {
         if let Some(idx) = m.router_choices(l) {
-            let want: Vec<u32> = exp.i32s(&format!("router_idx.{l}")).iter().map(|&x| x as u32).collect();
+            let want: Vec<u32> = exp
+                .i32s(&format!("router_idx.{l}"))
+                .iter()
+                .map(|&x| x as u32)
+                .collect();
             // PyTorch's topk orders by score; compare as per-token sets in the same order.
             assert_eq!(idx, want.as_slice(), "[{name}] router choices of layer {l}");
         }
@@ -86,7 +110,13 @@ fn run(name: &str) {
         let want = exp.f64s(&format!("grad.{}", ts.name));
         let (e, i) = norm_err(&m.grads[ts.offset..ts.offset + ts.len], &want);
         worst_all = worst_all.max(e);
-        assert!(e <= 1e-4, "[{name}] grad {} error {e:.2e} > 1e-4 at {i}: moelab {} pytorch {}", ts.name, m.grads[ts.offset + i], want[i]);
+        assert!(
+            e <= 1e-4,
+            "[{name}] grad {} error {e:.2e} > 1e-4 at {i}: moelab {} pytorch {}",
+            ts.name,
+            m.grads[ts.offset + i],
+            want[i]
+        );
     }
     println!("[{name}] gradients: worst normalised error over all tensors {worst_all:.2e}");
 
@@ -101,8 +131,14 @@ fn run(name: &str) {
         opt.step(&mut m, &cfg.train, cfg.train.lr);
         m.update_balance_bias();
         let rel = (l.total as f64 - w).abs() / w.abs();
-        println!("[{name}] step {step}: moelab {:.6} pytorch {:.6} rel {rel:.1e}", l.total, w);
-        assert!(rel <= 1e-5, "[{name}] training loss at step {step}: rel err {rel:.2e} > 1e-5");
+        println!(
+            "[{name}] step {step}: moelab {:.6} pytorch {:.6} rel {rel:.1e}",
+            l.total, w
+        );
+        assert!(
+            rel <= 1e-5,
+            "[{name}] training loss at step {step}: rel err {rel:.2e} > 1e-5"
+        );
     }
 }
 

@@ -1,0 +1,97 @@
+//! Determinism: 20 training steps give the same weights hash with 1, 2 and 4 threads and on
+//! repeated runs. Each run uses its own rayon pool of the given size (the CLI-level test in
+//! `tests/cli.rs` does the same through RAYON_NUM_THREADS).
+
+use model::optim::train_step;
+use model::{io, Config, Model, Optimizer};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const TINY: &str = include_str!("../../../configs/tiny.toml");
+
+/// Big enough that gemm splits its matmuls across threads (N = 512 rows, C = 128).
+const MID: &str = r#"
+[model]
+vocab_size = 512
+d_model = 128
+n_layers = 2
+n_heads = 4
+n_kv_heads = 2
+max_seq_len = 64
+ffn_hidden = 256
+n_experts = 6
+top_k = 2
+expert_hidden = 96
+n_shared_experts = 1
+router_score = "sigmoid"
+balance = "bias"
+bias_update_rate = 0.01
+z_loss_coef = 0.001
+[train]
+batch_size = 8
+seq_len = 64
+lr = 0.003
+seed = 5
+"#;
+
+fn run(cfg: &Config, threads: usize, steps: usize) -> (String, Vec<f32>) {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let (b, t) = (cfg.train.batch_size, cfg.train.seq_len);
+        let mut m = Model::new(&cfg.model, b, t, cfg.train.seed);
+        let mut opt = Optimizer::new(&m);
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.train.seed);
+        let v = cfg.model.vocab_size as u32;
+        let mut losses = vec![];
+        for _ in 0..steps {
+            // a skewed token distribution so routing is uneven and biases move
+            let tokens: Vec<u32> = (0..b * t).map(|_| rng.gen_range(0..v / 4)).collect();
+            let targets: Vec<u32> = tokens.iter().map(|&x| (x * 7 + 3) % v).collect();
+            let (l, _) = train_step(
+                &mut m,
+                &mut opt,
+                &tokens,
+                &targets,
+                &cfg.train,
+                cfg.train.lr,
+            );
+            losses.push(l.total);
+        }
+        (io::weights_hash(&m.layout, &m.params), losses)
+    })
+}
+
+fn check(name: &str, text: &str) {
+    let cfg = Config::from_toml(text).unwrap();
+    let (h1, l1) = run(&cfg, 1, 20);
+    println!(
+        "[{name}] 1 thread: {h1} (loss {:.4} -> {:.4})",
+        l1[0], l1[19]
+    );
+    assert!(
+        l1[19] < l1[0],
+        "[{name}] training should reduce the loss: {l1:?}"
+    );
+    for threads in [2, 4, 2] {
+        let (h, l) = run(&cfg, threads, 20);
+        println!("[{name}] {threads} threads: {h}");
+        assert_eq!(l, l1, "[{name}] losses differ with {threads} threads");
+        assert_eq!(
+            h, h1,
+            "[{name}] weights hash differs with {threads} threads"
+        );
+    }
+}
+
+#[test]
+fn same_hash_any_thread_count_tiny() {
+    check("tiny", TINY);
+}
+
+#[test]
+fn same_hash_any_thread_count_mid_moe_bias() {
+    check("mid", MID);
+}
