@@ -2,7 +2,21 @@
 //! `torch.optim.AdamW` operation for operation, and global-norm gradient clipping.
 
 use crate::par::sum_squares;
+use crate::simd;
 use rayon::prelude::*;
+
+simd! {
+    #[allow(clippy::too_many_arguments)]
+    fn update_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], shrink: f32, b1: f32, b2: f32, eps: f32, step_size: f32, bc2_sqrt: f32) {
+        for i in 0..p.len() {
+            p[i] *= shrink;
+            m[i] += (g[i] - m[i]) * (1.0 - b1);
+            v[i] = v[i] * b2 + (1.0 - b2) * g[i] * g[i];
+            let denom = v[i].sqrt() / bc2_sqrt + eps;
+            p[i] -= step_size * m[i] / denom;
+        }
+    }
+}
 
 /// AdamW hyper-parameters for one step.
 #[derive(Clone, Copy, Debug)]
@@ -44,13 +58,7 @@ impl AdamW {
             .zip(m.par_chunks_mut(CHUNK))
             .zip(v.par_chunks_mut(CHUNK))
             .for_each(|(((p, g), m), v)| {
-                for i in 0..p.len() {
-                    p[i] *= shrink;
-                    m[i] += (g[i] - m[i]) * (1.0 - b1);
-                    v[i] = v[i] * b2 + (1.0 - b2) * g[i] * g[i];
-                    let denom = v[i].sqrt() / bc2_sqrt + eps;
-                    p[i] -= step_size * m[i] / denom;
-                }
+                update_chunk(p, g, m, v, shrink, b1, b2, eps, step_size, bc2_sqrt)
             });
     }
 }

@@ -15,7 +15,40 @@
 
 use crate::embedding::SendPtr;
 use crate::matmul::{matmul_raw, View};
+use crate::simd;
+use crate::vmath::{dot, exp, max, sum};
 use rayon::prelude::*;
+
+simd! {
+    /// In place: the first `live` entries of `row` become softmax(row * scale), the rest 0.
+    fn softmax_row(row: &mut [f32], live: usize, scale: f32) {
+        let (l, dead) = row.split_at_mut(live);
+        for x in l.iter_mut() {
+            *x *= scale;
+        }
+        let mx = max(l);
+        for x in l.iter_mut() {
+            *x = exp(*x - mx);
+        }
+        let inv = 1.0 / sum(l);
+        for x in l.iter_mut() {
+            *x *= inv;
+        }
+        dead.fill(0.0);
+    }
+}
+
+simd! {
+    /// In place: `dp[..live]` becomes `p * (dp - sum(p * dp)) * scale`; `dp[live..]` zero.
+    fn softmax_backward_row(dp: &mut [f32], p: &[f32], live: usize, scale: f32) {
+        let (l, dead) = dp.split_at_mut(live);
+        let d = dot(&p[..live], l);
+        for (x, pv) in l.iter_mut().zip(&p[..live]) {
+            *x = pv * (*x - d) * scale;
+        }
+        dead.fill(0.0);
+    }
+}
 
 /// Query rows per causal block.
 pub const ROW_BLOCK: usize = 32;

@@ -29,6 +29,7 @@ pub mod rmsnorm;
 pub mod rope;
 pub mod router;
 pub mod swiglu;
+pub mod vmath;
 
 /// Target id that contributes nothing to the loss (masked position).
 pub const IGNORE_INDEX: u32 = u32::MAX;

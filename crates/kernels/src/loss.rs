@@ -2,8 +2,39 @@
 //! ([`crate::IGNORE_INDEX`]) for masked targets.
 
 use crate::par::ROWS_PER_TASK;
+use crate::simd;
+use crate::vmath::{exp, max};
 use crate::IGNORE_INDEX;
 use rayon::prelude::*;
+
+simd! {
+    /// log-sum-exp of one row, summing exp in LANES fixed-order partial sums.
+    fn row_lse(row: &[f32]) -> f32 {
+        let mx = max(row);
+        let mut acc = [0.0f32; crate::vmath::LANES];
+        let it = row.chunks_exact(crate::vmath::LANES);
+        let rem = it.remainder();
+        for c in it {
+            for j in 0..crate::vmath::LANES {
+                acc[j] += exp(c[j] - mx);
+            }
+        }
+        let mut tail = [0.0f32; crate::vmath::LANES];
+        for (j, r) in rem.iter().enumerate() {
+            tail[j] = exp(r - mx);
+        }
+        let s = crate::vmath::sum(&acc) + crate::vmath::sum(&tail[..rem.len()]);
+        mx + s.ln()
+    }
+}
+
+simd! {
+    fn row_grad(row: &mut [f32], lse: f32, scale: f32) {
+        for x in row.iter_mut() {
+            *x = exp(*x - lse) * scale;
+        }
+    }
+}
 
 /// Per-row `losses (N)` and `lse (N)` (log-sum-exp, kept for the backward pass) of
 /// `logits (N,V)`. Returns (sum of losses, number of counted rows); ignored rows get loss 0.
@@ -21,9 +52,7 @@ pub fn cross_entropy_forward(
         .zip(targets.par_chunks(ROWS_PER_TASK))
         .for_each(|(((ls, lse), lg), tg)| {
             for (((l, z), row), &t) in ls.iter_mut().zip(lse.iter_mut()).zip(lg.chunks(v)).zip(tg) {
-                let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let s: f32 = row.iter().map(|x| (x - mx).exp()).sum();
-                *z = mx + s.ln();
+                *z = row_lse(row);
                 *l = if t == IGNORE_INDEX {
                     0.0
                 } else {
@@ -55,9 +84,7 @@ pub fn cross_entropy_backward(
                     row.fill(0.0);
                     continue;
                 }
-                for x in row.iter_mut() {
-                    *x = (*x - z).exp() * scale;
-                }
+                row_grad(row, z, scale);
                 row[t as usize] -= scale;
             }
         });

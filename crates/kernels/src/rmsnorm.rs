@@ -1,7 +1,33 @@
 //! RMSNorm: `y = x / sqrt(mean(x^2) + eps) * w` (Zhang & Sennrich 2019), as in Llama.
 
 use crate::par::{column_reduce, ROWS_PER_TASK};
+use crate::simd;
+use crate::vmath::dot;
 use rayon::prelude::*;
+
+simd! {
+    fn forward_row(o: &mut [f32], x: &[f32], w: &[f32], eps: f32) -> f32 {
+        let s = 1.0 / (dot(x, x) / x.len() as f32 + eps).sqrt();
+        for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
+            *o = x * s * w;
+        }
+        s
+    }
+}
+
+simd! {
+    fn backward_row(dx: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], s: f32, tmp: &mut [f32]) {
+        let c = x.len();
+        for j in 0..c {
+            tmp[j] = dy[j] * w[j];
+        }
+        // mean_c(dy * w * xhat), xhat = x * s
+        let m = dot(&tmp[..c], x) * s / c as f32;
+        for j in 0..c {
+            dx[j] += s * (tmp[j] - x[j] * s * m);
+        }
+    }
+}
 
 /// `out (N,C) = rmsnorm(x (N,C)) * w (C)`; saves `rstd (N)` for the backward pass.
 pub fn rmsnorm_forward(out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
@@ -11,12 +37,7 @@ pub fn rmsnorm_forward(out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], 
         .zip(x.par_chunks(c * ROWS_PER_TASK))
         .for_each(|((o, r), x)| {
             for ((o, r), x) in o.chunks_mut(c).zip(r.iter_mut()).zip(x.chunks(c)) {
-                let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / c as f32;
-                let s = 1.0 / (ss + eps).sqrt();
-                *r = s;
-                for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
-                    *o = x * s * w;
-                }
+                *r = forward_row(o, x, w, eps);
             }
         });
 }

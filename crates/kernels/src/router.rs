@@ -8,6 +8,7 @@
 //! Shapes: logits, scores (N,E); top-k indices and weights (N,K).
 
 use crate::par::ROWS_PER_TASK;
+use crate::vmath::exp;
 use rayon::prelude::*;
 
 /// How router logits become scores.
@@ -52,7 +53,7 @@ pub fn router_forward(
                         let mx = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                         let mut sum = 0.0;
                         for (s, l) in s.iter_mut().zip(l) {
-                            *s = (l - mx).exp();
+                            *s = exp(l - mx);
                             sum += *s;
                         }
                         let inv = 1.0 / sum;
@@ -60,7 +61,7 @@ pub fn router_forward(
                     }
                     ScoreFn::Sigmoid => {
                         for (s, l) in s.iter_mut().zip(l) {
-                            *s = 1.0 / (1.0 + (-l).exp());
+                            *s = 1.0 / (1.0 + exp(-l));
                         }
                     }
                 }
@@ -261,7 +262,7 @@ pub fn z_loss_backward(dlogits: &mut [f32], logits: &[f32], e: usize, coef: f32)
                 let lse = logsumexp(l);
                 let g = coef * 2.0 * lse / n as f32;
                 for j in 0..e {
-                    dl[j] += g * (l[j] - lse).exp();
+                    dl[j] += g * exp(l[j] - lse);
                 }
             }
         });
@@ -269,7 +270,7 @@ pub fn z_loss_backward(dlogits: &mut [f32], logits: &[f32], e: usize, coef: f32)
 
 fn logsumexp(l: &[f32]) -> f32 {
     let mx = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    mx + l.iter().map(|x| (x - mx).exp()).sum::<f32>().ln()
+    mx + l.iter().map(|x| exp(x - mx)).sum::<f32>().ln()
 }
 
 /// DeepSeek-V3 bias balancing: move each expert's selection bias by `rate` toward balance
