@@ -9,6 +9,7 @@ use kernels::dispatch::{
 };
 use kernels::matmul::{linear_backward, linear_forward};
 use kernels::swiglu::{swiglu_backward, swiglu_forward};
+use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug)]
 pub struct ExpertShape {
@@ -44,12 +45,32 @@ impl ExpertActs {
 /// Backward scratch, shared by all blocks.
 pub struct ExpertScratch<'a> {
     pub dye: &'a mut [f32], // (NK,C)
-    pub da: &'a mut [f32],  // (NK,F)
-    pub dgu: &'a mut [f32], // (NK,2F)
+    pub da: &'a mut [f32],  // (NK,F) exactly
+    pub dgu: &'a mut [f32], // (NK,2F) exactly
     pub dxe: &'a mut [f32], // (NK,C)
 }
 
+/// Splits `buf` (rows of `width`) into one mutable slice per expert group.
+fn groups<'a>(mut buf: &'a mut [f32], d: &Dispatch, e: usize, width: usize) -> Vec<&'a mut [f32]> {
+    let mut out = Vec::with_capacity(e);
+    for j in 0..e {
+        let (head, tail) = buf.split_at_mut(d.range(j).len() * width);
+        out.push(head);
+        buf = tail;
+    }
+    out
+}
+
+fn rows<'a>(buf: &'a [f32], d: &Dispatch, j: usize, width: usize) -> &'a [f32] {
+    let r = d.range(j);
+    &buf[r.start * width..r.end * width]
+}
+
 /// `y (N,C) += sum_slot w[t,slot] * expert_{idx[t,slot]}(h[t])`.
+///
+/// NOTE: experts run in parallel, one task per expert doing its whole SwiGLU (its rows stay in
+/// cache between the two matmuls); each expert's arithmetic is the same whichever thread
+/// runs it, so the result does not depend on the thread count.
 #[allow(clippy::too_many_arguments)]
 pub fn experts_forward(
     y: &mut [f32],
@@ -64,36 +85,32 @@ pub fn experts_forward(
     let ExpertShape { e, k, c, f, .. } = s;
     a.disp.build(idx, e);
     gather_forward(&mut a.xe, h, &a.disp, k, c);
-    for j in 0..e {
-        let rg = a.disp.range(j);
-        let wg = &w_gu[j * 2 * f * c..(j + 1) * 2 * f * c];
+    let d = &a.disp;
+    let xe = &a.xe;
+    let tasks: Vec<_> = groups(&mut a.gue, d, e, 2 * f)
+        .into_iter()
+        .zip(groups(&mut a.ae, d, e, f))
+        .zip(groups(&mut a.ye, d, e, c))
+        .enumerate()
+        .collect();
+    tasks.into_par_iter().for_each(|(j, ((gue, ae), ye))| {
+        let ne = d.range(j).len();
         linear_forward(
-            &mut a.gue[rg.start * 2 * f..rg.end * 2 * f],
-            &a.xe[rg.start * c..rg.end * c],
-            wg,
-            rg.len(),
+            gue,
+            rows(xe, d, j, c),
+            &w_gu[j * 2 * f * c..(j + 1) * 2 * f * c],
+            ne,
             c,
             2 * f,
         );
-    }
-    swiglu_forward(&mut a.ae, &a.gue, f);
-    for j in 0..e {
-        let rg = a.disp.range(j);
-        let wd = &w_down[j * c * f..(j + 1) * c * f];
-        linear_forward(
-            &mut a.ye[rg.start * c..rg.end * c],
-            &a.ae[rg.start * f..rg.end * f],
-            wd,
-            rg.len(),
-            f,
-            c,
-        );
-    }
+        swiglu_forward(ae, gue, f);
+        linear_forward(ye, ae, &w_down[j * c * f..(j + 1) * c * f], ne, f, c);
+    });
     combine_forward(y, &a.ye, w, &a.disp, k, c);
 }
 
 /// Backward of [`experts_forward`]: ACCUMULATES into `dh` and the weight gradients; `dw (N,K)`
-/// (gradient of the combine weights) is overwritten.
+/// (gradient of the combine weights) is overwritten. Parallel over experts, as the forward.
 #[allow(clippy::too_many_arguments)]
 pub fn experts_backward(
     dh: &mut [f32],
@@ -108,37 +125,45 @@ pub fn experts_backward(
     a: &ExpertActs,
     g: ExpertScratch,
 ) {
-    let ExpertShape { n, e, k, c, f } = s;
-    let nk = n * k;
-    combine_backward(g.dye, dw, dy, &a.ye, w, &a.disp, k, c);
-    for j in 0..e {
-        let rg = a.disp.range(j);
-        linear_backward(
-            Some(&mut g.da[rg.start * f..rg.end * f]),
-            &mut dw_down[j * c * f..(j + 1) * c * f],
-            &g.dye[rg.start * c..rg.end * c],
-            &a.ae[rg.start * f..rg.end * f],
-            &w_down[j * c * f..(j + 1) * c * f],
-            rg.len(),
-            f,
-            c,
-            false,
-        );
-    }
-    swiglu_backward(&mut g.dgu[..nk * 2 * f], &g.da[..nk * f], &a.gue, f);
-    for j in 0..e {
-        let rg = a.disp.range(j);
-        linear_backward(
-            Some(&mut g.dxe[rg.start * c..rg.end * c]),
-            &mut dw_gu[j * 2 * f * c..(j + 1) * 2 * f * c],
-            &g.dgu[rg.start * 2 * f..rg.end * 2 * f],
-            &a.xe[rg.start * c..rg.end * c],
-            &w_gu[j * 2 * f * c..(j + 1) * 2 * f * c],
-            rg.len(),
-            c,
-            2 * f,
-            false,
-        );
-    }
-    gather_backward(dh, g.dxe, &a.disp, k, c);
+    let ExpertShape { e, k, c, f, .. } = s;
+    let d = &a.disp;
+    combine_backward(g.dye, dw, dy, &a.ye, w, d, k, c);
+    let dye: &[f32] = g.dye;
+    let tasks: Vec<_> = groups(g.da, d, e, f)
+        .into_iter()
+        .zip(groups(g.dgu, d, e, 2 * f))
+        .zip(groups(g.dxe, d, e, c))
+        .zip(dw_gu.chunks_mut(2 * f * c))
+        .zip(dw_down.chunks_mut(c * f))
+        .enumerate()
+        .collect();
+    tasks
+        .into_par_iter()
+        .for_each(|(j, ((((da, dgu), dxe), dwg), dwd))| {
+            let ne = d.range(j).len();
+            linear_backward(
+                Some(da),
+                dwd,
+                rows(dye, d, j, c),
+                rows(&a.ae, d, j, f),
+                &w_down[j * c * f..(j + 1) * c * f],
+                ne,
+                f,
+                c,
+                false,
+            );
+            swiglu_backward(dgu, da, rows(&a.gue, d, j, 2 * f), f);
+            linear_backward(
+                Some(dxe),
+                dwg,
+                dgu,
+                rows(&a.xe, d, j, c),
+                &w_gu[j * 2 * f * c..(j + 1) * 2 * f * c],
+                ne,
+                c,
+                2 * f,
+                false,
+            );
+        });
+    gather_backward(dh, g.dxe, d, k, c);
 }
