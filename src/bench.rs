@@ -117,6 +117,7 @@ fn train(a: TrainBench) -> Result<()> {
                 "tokens_per_s": tok_s, "gflops": gflops, "mfu": mfu, "peak_gflops": peak,
                 "peak_rss_mib": mem, "loss": loss, "forward_s": tf, "backward_s": tb, "optimizer_s": to,
                 "active_matmul_params": cfg.model.active_matmul_params(), "params": model.layout.n_params(),
+                "weights_hash": model::io::weights_hash(&model.layout, &model.params),
             })
         );
     } else {
@@ -144,6 +145,11 @@ fn train(a: TrainBench) -> Result<()> {
         if let Some(m) = mem {
             println!("peak memory   {m:.0} MiB");
         }
+        println!(
+            "weights hash  {}  (after {} steps)",
+            model::io::weights_hash(&model.layout, &model.params),
+            a.warmup + a.steps
+        );
     }
     Ok(())
 }

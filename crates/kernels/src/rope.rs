@@ -13,7 +13,7 @@ pub struct RopeTable {
 
 impl RopeTable {
     pub fn new(max_t: usize, d: usize, theta: f32) -> Self {
-        assert!(d % 2 == 0, "head dim {d} must be even for RoPE");
+        assert!(d.is_multiple_of(2), "head dim {d} must be even for RoPE");
         let half = d / 2;
         let mut cos = vec![0.0; max_t * half];
         let mut sin = vec![0.0; max_t * half];

@@ -214,12 +214,12 @@ impl Config {
                 return Err(cfg_err(name, format!("{b} must be in [0, 1)")));
             }
         }
-        if !(t.eps > 0.0) {
+        if !positive(t.eps) {
             return Err(cfg_err("train.eps", "must be > 0"));
         }
-        if !(t.weight_decay >= 0.0) || !(t.grad_clip >= 0.0) {
+        if !non_negative(t.weight_decay) || !non_negative(t.grad_clip) {
             return Err(cfg_err(
-                if t.weight_decay >= 0.0 {
+                if non_negative(t.weight_decay) {
                     "train.grad_clip"
                 } else {
                     "train.weight_decay"
@@ -229,6 +229,16 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// True for x > 0 (false for NaN).
+fn positive(x: f32) -> bool {
+    x > 0.0
+}
+
+/// True for x >= 0 (false for NaN).
+fn non_negative(x: f32) -> bool {
+    x >= 0.0
 }
 
 /// A TOML error on one line: "line N: message (at `source line`)".
@@ -259,13 +269,13 @@ impl ModelConfig {
                 return Err(cfg_err(name, "must be at least 1"));
             }
         }
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(cfg_err(
                 "model.n_heads",
                 format!("{} does not divide d_model {}", self.n_heads, self.d_model),
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(cfg_err(
                 "model.n_heads",
                 format!(
@@ -274,7 +284,7 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(cfg_err(
                 "model.n_kv_heads",
                 format!(
@@ -286,13 +296,13 @@ impl ModelConfig {
         if self.vocab_size > u32::MAX as usize - 1 {
             return Err(cfg_err("model.vocab_size", "too large"));
         }
-        if !(self.rope_theta > 0.0) {
+        if !positive(self.rope_theta) {
             return Err(cfg_err("model.rope_theta", "must be > 0"));
         }
-        if !(self.norm_eps > 0.0) {
+        if !positive(self.norm_eps) {
             return Err(cfg_err("model.norm_eps", "must be > 0"));
         }
-        if !(self.init_std > 0.0) {
+        if !positive(self.init_std) {
             return Err(cfg_err("model.init_std", "must be > 0"));
         }
         let any_dense = self.n_experts == 0 || self.first_dense_layers > 0;
@@ -335,13 +345,13 @@ impl ModelConfig {
             }
             self.score_fn()?;
             self.balance()?;
-            if !(self.aux_loss_coef >= 0.0) {
+            if !non_negative(self.aux_loss_coef) {
                 return Err(cfg_err("model.aux_loss_coef", "must be >= 0"));
             }
-            if !(self.z_loss_coef >= 0.0) {
+            if !non_negative(self.z_loss_coef) {
                 return Err(cfg_err("model.z_loss_coef", "must be >= 0"));
             }
-            if !(self.bias_update_rate >= 0.0) {
+            if !non_negative(self.bias_update_rate) {
                 return Err(cfg_err("model.bias_update_rate", "must be >= 0"));
             }
         }

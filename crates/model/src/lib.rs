@@ -1,6 +1,6 @@
 //! The moelab model: a Mixture-of-Experts decoder-only transformer on CPU.
 //!
-//! - [`config`]: `Config` (TOML, validated, presets in `configs/`)
+//! - [`config`](mod@config): `Config` (TOML, validated, presets in `configs/`)
 //! - [`params`]: the parameter layout, one contiguous buffer with named views, seeded init
 //! - [`model`]: forward / backward over a micro-batch, expert-load statistics
 //! - [`moe`]: routed experts: dropless dispatch, per-expert SwiGLU, combine

@@ -94,6 +94,8 @@ pub struct Model {
     /// Tokens routed to each expert since the last [`Model::take_load`], per MoE block (E each;
     /// empty for dense blocks).
     pub load: Vec<Vec<u64>>,
+    /// The loads of the last optimizer step (set by [`Model::update_balance_bias`]).
+    pub last_load: Vec<Vec<u64>>,
     b: usize,
     t: usize,
     score_fn: ScoreFn,
@@ -217,6 +219,7 @@ impl Model {
             cfg: cfg.clone(),
             layout,
             params,
+            last_load: load.clone(),
             load,
             b,
             t,
@@ -674,10 +677,12 @@ impl Model {
         out
     }
 
-    /// DeepSeek-V3 bias balancing after an optimizer step: moves each MoE block's selection
-    /// bias toward balance using the loads counted since the last call, then resets them.
+    /// Ends an optimizer step: moves the loads counted since the last call into
+    /// [`Model::last_load`] and, with DeepSeek-V3 bias balancing, moves each MoE block's
+    /// selection bias toward balance.
     pub fn update_balance_bias(&mut self) {
         let load = self.take_load();
+        self.last_load.clone_from(&load);
         if self.balance != Balance::Bias {
             return;
         }

@@ -1,0 +1,149 @@
+//! End-to-end tests of the `moelab` binary in a temp dir.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn moelab() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_moelab"))
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("moelab-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn bench_json(threads: usize, config: &str) -> serde_json::Value {
+    let out = moelab()
+        .args([
+            "bench", "train", "--config", config, "--steps", "20", "--warmup", "0", "--json",
+        ])
+        .env("RAYON_NUM_THREADS", threads.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Determinism through the real binary: 20 training steps, RAYON_NUM_THREADS = 1, 2, 4 and a
+/// repeated run give the same weights hash.
+#[test]
+fn weights_hash_independent_of_rayon_num_threads() {
+    let one = bench_json(1, "tiny");
+    let hash = one["weights_hash"].as_str().unwrap().to_string();
+    assert_eq!(hash.len(), 64);
+    for threads in [2, 4, 1] {
+        let other = bench_json(threads, "tiny");
+        assert_eq!(other["threads"], threads);
+        assert_eq!(
+            other["weights_hash"].as_str().unwrap(),
+            hash,
+            "hash differs with {threads} threads"
+        );
+    }
+}
+
+#[test]
+fn bench_reports_throughput_and_mfu() {
+    let v = bench_json(2, "tiny");
+    assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["gflops"].as_f64().unwrap() > 0.0);
+    assert!(v["peak_rss_mib"].as_f64().unwrap() > 0.0);
+    assert!(v["loss"].as_f64().unwrap().is_finite());
+}
+
+#[test]
+fn demo_learns() {
+    let out = moelab()
+        .args(["demo", "--steps", "300", "--eval", "10"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // "loss  5.503 -> 1.356 nats/token": the loss must fall
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("loss"))
+        .expect("loss line");
+    let nums: Vec<f64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert!(
+        nums.len() == 2 && nums[1] < nums[0] - 1.0,
+        "loss did not fall: {line}"
+    );
+    assert!(text.contains("weights hash"));
+}
+
+#[test]
+fn bad_config_is_one_line_error_naming_field() {
+    let d = tmpdir("badcfg");
+    let tiny = include_str!("../configs/tiny.toml");
+    let cases = [
+        (
+            "heads.toml",
+            tiny.replace("n_heads = 4 ", "n_heads = 3 "),
+            "n_heads",
+        ),
+        (
+            "topk.toml",
+            tiny.replace("top_k = 2 ", "top_k = 9 "),
+            "top_k",
+        ),
+        (
+            "unknown.toml",
+            tiny.replace("[train]", "dropout = 0.1\n[train]"),
+            "dropout",
+        ),
+        (
+            "zero.toml",
+            tiny.replace("d_model = 64 ", "d_model = 0 "),
+            "d_model",
+        ),
+    ];
+    for (name, text, field) in cases {
+        assert_ne!(text, tiny, "test edit for {name} did not apply");
+        let p = d.join(name);
+        std::fs::write(&p, text).unwrap();
+        let out = moelab()
+            .args([
+                "bench",
+                "train",
+                "--config",
+                p.to_str().unwrap(),
+                "--steps",
+                "1",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{name}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{name}: error is not one line: {err}"
+        );
+        assert!(
+            err.contains(field),
+            "{name}: error does not name {field}: {err}"
+        );
+    }
+    let out = moelab()
+        .args(["bench", "train", "--config", "no-such-preset"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("presets: tiny, small-dense, small-moe"));
+    let out = moelab().args(["bench", "train"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "usage errors exit with 2");
+}
