@@ -40,6 +40,9 @@ pub struct TrainBench {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Also print where the time goes: wall-clock per kernel group over the timed steps.
+    #[arg(long)]
+    profile: bool,
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
@@ -81,6 +84,9 @@ fn train(a: TrainBench) -> Result<()> {
             &cfg.train,
             cfg.train.lr,
         );
+    }
+    if a.profile {
+        model.prof.enable();
     }
     let (mut tf, mut tb, mut to) = (0.0, 0.0, 0.0);
     let start = Instant::now();
@@ -150,6 +156,19 @@ fn train(a: TrainBench) -> Result<()> {
             model::io::weights_hash(&model.layout, &model.params),
             a.warmup + a.steps
         );
+        if a.profile {
+            let mut rows = model.prof.totals.clone();
+            rows.push(("optimizer: clip + AdamW", to));
+            rows.sort_by(|x, y| y.1.total_cmp(&x.1));
+            println!("\nwhere the time goes ({} steps, wall clock):", a.steps);
+            for (name, t) in rows {
+                println!(
+                    "  {:>5.1}%  {:>7.1} ms/step  {name}",
+                    100.0 * t / secs,
+                    1000.0 * t / a.steps as f64
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -7,11 +7,12 @@ use rayon::prelude::*;
 
 simd! {
     #[allow(clippy::too_many_arguments)]
-    fn update_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], shrink: f32, b1: f32, b2: f32, eps: f32, step_size: f32, bc2_sqrt: f32) {
+    fn update_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], gscale: f32, shrink: f32, b1: f32, b2: f32, eps: f32, step_size: f32, bc2_sqrt: f32) {
         for i in 0..p.len() {
+            let g = g[i] * gscale;
             p[i] *= shrink;
-            m[i] += (g[i] - m[i]) * (1.0 - b1);
-            v[i] = v[i] * b2 + (1.0 - b2) * g[i] * g[i];
+            m[i] += (g - m[i]) * (1.0 - b1);
+            v[i] = v[i] * b2 + (1.0 - b2) * g * g;
             let denom = v[i].sqrt() / bc2_sqrt + eps;
             p[i] -= step_size * m[i] / denom;
         }
@@ -31,8 +32,10 @@ pub struct AdamW {
 const CHUNK: usize = 4096;
 
 impl AdamW {
-    /// Updates `param` in place. `step` counts from 1. `decay` turns weight decay on for this
-    /// tensor (off for norms and biases).
+    /// Updates `param` in place with the gradient `grad * gscale` (`gscale` is the clipping
+    /// factor, fused here to save a pass over the gradients). `step` counts from 1. `decay`
+    /// turns weight decay on for this tensor (off for norms and biases).
+    #[allow(clippy::too_many_arguments)]
     pub fn update(
         &self,
         param: &mut [f32],
@@ -41,6 +44,7 @@ impl AdamW {
         v: &mut [f32],
         step: u64,
         decay: bool,
+        gscale: f32,
     ) {
         let bc1 = 1.0 - (self.beta1 as f64).powi(step as i32);
         let bc2 = 1.0 - (self.beta2 as f64).powi(step as i32);
@@ -58,7 +62,7 @@ impl AdamW {
             .zip(m.par_chunks_mut(CHUNK))
             .zip(v.par_chunks_mut(CHUNK))
             .for_each(|(((p, g), m), v)| {
-                update_chunk(p, g, m, v, shrink, b1, b2, eps, step_size, bc2_sqrt)
+                update_chunk(p, g, m, v, gscale, shrink, b1, b2, eps, step_size, bc2_sqrt)
             });
     }
 }
@@ -76,10 +80,4 @@ pub fn clip_scale(norm: f32, max_norm: f32) -> f32 {
     } else {
         1.0
     }
-}
-
-/// `x *= s` in parallel.
-pub fn scale(x: &mut [f32], s: f32) {
-    x.par_chunks_mut(CHUNK)
-        .for_each(|c| c.iter_mut().for_each(|v| *v *= s));
 }

@@ -1,6 +1,9 @@
 //! Token embedding lookup and its backward (a deterministic scatter-add).
 
 use crate::par::ROWS_PER_TASK;
+
+/// Columns per task of the embedding backward: each task owns a block of every row.
+const COLS_PER_TASK: usize = 64;
 use rayon::prelude::*;
 
 /// `out (N,C) = wte (V,C)[tokens (N)]`.
@@ -22,11 +25,11 @@ pub fn embedding_forward(out: &mut [f32], tokens: &[u32], wte: &[f32], c: usize)
 /// columns [c0, c0+64) of every vocab row.
 pub fn embedding_backward(dwte: &mut [f32], tokens: &[u32], dout: &[f32], c: usize) {
     let v = dwte.len() / c;
-    let blocks = c.div_ceil(crate::par::COLS_PER_TASK);
+    let blocks = c.div_ceil(COLS_PER_TASK);
     let ptr = SendPtr(dwte.as_mut_ptr());
     (0..blocks).into_par_iter().for_each(|blk| {
-        let c0 = blk * crate::par::COLS_PER_TASK;
-        let c1 = (c0 + crate::par::COLS_PER_TASK).min(c);
+        let c0 = blk * COLS_PER_TASK;
+        let c1 = (c0 + COLS_PER_TASK).min(c);
         for (n, &tok) in tokens.iter().enumerate() {
             let tok = tok as usize;
             assert!(tok < v, "token id {tok} out of range for vocab {v}");

@@ -1,6 +1,6 @@
 //! RMSNorm: `y = x / sqrt(mean(x^2) + eps) * w` (Zhang & Sennrich 2019), as in Llama.
 
-use crate::par::{column_reduce, ROWS_PER_TASK};
+use crate::par::{REDUCE_ROWS, ROWS_PER_TASK};
 use crate::simd;
 use crate::vmath::dot;
 use rayon::prelude::*;
@@ -16,10 +16,12 @@ simd! {
 }
 
 simd! {
-    fn backward_row(dx: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], s: f32, tmp: &mut [f32]) {
+    /// One row of dx (accumulated) and its contribution to dw (accumulated into `dw`).
+    fn backward_row(dx: &mut [f32], dw: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], s: f32, tmp: &mut [f32]) {
         let c = x.len();
         for j in 0..c {
             tmp[j] = dy[j] * w[j];
+            dw[j] += dy[j] * x[j] * s;
         }
         // mean_c(dy * w * xhat), xhat = x * s
         let m = dot(&tmp[..c], x) * s / c as f32;
@@ -53,34 +55,33 @@ pub fn rmsnorm_backward(
     rstd: &[f32],
 ) {
     let c = w.len();
-    let n = rstd.len();
-    // dw[c] += sum_n dout[n,c] * x[n,c] * rstd[n], summed over n in order.
-    column_reduce(dw, n, |r, c0, acc| {
-        let s = rstd[r];
-        let base = r * c + c0;
-        for (j, a) in acc.iter_mut().enumerate() {
-            *a += dout[base + j] * x[base + j] * s;
-        }
-    });
-    dx.par_chunks_mut(c * ROWS_PER_TASK)
+    // One pass over row blocks: dx rows, and a dw partial per block; the partials are then
+    // added in block order (fixed, so dw does not depend on the thread count).
+    let partials: Vec<Vec<f32>> = dx
+        .par_chunks_mut(c * REDUCE_ROWS)
         .enumerate()
-        .for_each(|(blk, dxs)| {
+        .map(|(blk, dxs)| {
+            let mut part = vec![0.0f32; c];
+            let mut tmp = vec![0.0f32; c];
             for (i, dx) in dxs.chunks_mut(c).enumerate() {
-                let r = blk * ROWS_PER_TASK + i;
-                let s = rstd[r];
-                let xr = &x[r * c..(r + 1) * c];
-                let dy = &dout[r * c..(r + 1) * c];
-                // dot = mean_c(dy * w * xhat)
-                let dot: f32 = dy
-                    .iter()
-                    .zip(w)
-                    .zip(xr)
-                    .map(|((d, w), x)| d * w * x * s)
-                    .sum::<f32>()
-                    / c as f32;
-                for j in 0..c {
-                    dx[j] += s * (dy[j] * w[j] - xr[j] * s * dot);
-                }
+                let r = blk * REDUCE_ROWS + i;
+                let rows = r * c..(r + 1) * c;
+                backward_row(
+                    dx,
+                    &mut part,
+                    &dout[rows.clone()],
+                    &x[rows],
+                    w,
+                    rstd[r],
+                    &mut tmp,
+                );
             }
-        });
+            part
+        })
+        .collect();
+    for part in &partials {
+        for (a, p) in dw.iter_mut().zip(part) {
+            *a += p;
+        }
+    }
 }

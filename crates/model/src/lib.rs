@@ -16,6 +16,7 @@ pub mod model;
 pub mod moe;
 pub mod optim;
 pub mod params;
+pub mod profile;
 
 pub use config::{Config, ModelConfig, TrainConfig};
 pub use error::{Error, Result};

@@ -11,6 +11,7 @@
 use crate::config::{Balance, ModelConfig};
 use crate::moe::{experts_backward, experts_forward, ExpertActs, ExpertScratch, ExpertShape};
 use crate::params::{FfnIdx, Layout};
+use crate::profile::Profiler;
 use kernels::attention::{attention_backward, attention_forward, AttnShape};
 use kernels::embedding::{embedding_backward, embedding_forward};
 use kernels::loss::{cross_entropy_backward, cross_entropy_forward};
@@ -94,6 +95,8 @@ pub struct Model {
     /// Tokens routed to each expert since the last [`Model::take_load`], per MoE block (E each;
     /// empty for dense blocks).
     pub load: Vec<Vec<u64>>,
+    /// Time per kernel group when enabled (`prof.enable()`).
+    pub prof: Profiler,
     /// The loads of the last optimizer step (set by [`Model::update_balance_bias`]).
     pub last_load: Vec<Vec<u64>>,
     b: usize,
@@ -220,6 +223,7 @@ impl Model {
             layout,
             params,
             last_load: load.clone(),
+            prof: Profiler::default(),
             load,
             b,
             t,
@@ -275,12 +279,14 @@ impl Model {
         let r = (h + 2 * g) * d;
         let lay = self.layout.clone();
         let ashape = AttnShape { b, t, h, g, d };
+        self.prof.start();
         embedding_forward(
             &mut self.res[0],
             tokens,
             &self.params[lay.embed..lay.embed + v * c],
             c,
         );
+        self.prof.lap("embedding");
         let (mut aux_sum, mut z_sum) = (0.0f32, 0.0f32);
         for l in 0..cfg.n_layers {
             let li = &lay.layers[l];
@@ -292,9 +298,13 @@ impl Model {
             let p = |off: usize, len: usize| &params[off..off + len];
             // attention
             rmsnorm_forward(&mut a.h1, &mut a.rstd1, x, p(li.attn_norm, c), cfg.norm_eps);
+            self.prof.lap("rmsnorm");
             linear_forward(&mut a.qkv, &a.h1, p(li.wqkv, r * c), n, c, r);
+            self.prof.lap("matmul: attention");
             rope_apply(&mut a.qkv, r, 0, h + g, t, &self.rope, false);
+            self.prof.lap("rope");
             attention_forward(&mut a.o, &mut a.att, &a.qkv, ashape);
+            self.prof.lap("attention: softmax, QK^T, PV");
             a.x_mid.copy_from_slice(x);
             matmul(
                 &mut a.x_mid,
@@ -307,6 +317,7 @@ impl Model {
                 h * d,
                 true,
             );
+            self.prof.lap("matmul: attention");
             // FFN
             rmsnorm_forward(
                 &mut a.h2,
@@ -315,13 +326,17 @@ impl Model {
                 p(li.ffn_norm, c),
                 cfg.norm_eps,
             );
+            self.prof.lap("rmsnorm");
             x_next.copy_from_slice(&a.x_mid);
             match (&li.ffn, &mut a.ffn) {
                 (FfnIdx::Dense { w_gu, w_down }, FfnActs::Dense { gu, a: act }) => {
                     let f = cfg.ffn_hidden;
                     linear_forward(gu, &a.h2, p(*w_gu, 2 * f * c), n, c, 2 * f);
+                    self.prof.lap("matmul: ffn");
                     swiglu_forward(act, gu, f);
+                    self.prof.lap("swiglu");
                     matmul(x_next, act, false, p(*w_down, c * f), true, n, c, f, true);
+                    self.prof.lap("matmul: ffn");
                 }
                 (
                     FfnIdx::Moe {
@@ -335,6 +350,7 @@ impl Model {
                 ) => {
                     let (e, k, f) = (cfg.n_experts, cfg.top_k, cfg.expert_hidden);
                     linear_forward(&mut m.logits, &a.h2, p(*router, e * c), n, c, e);
+                    self.prof.lap("router");
                     let bias = bias.map(|o| p(o, e));
                     router::router_forward(
                         &mut m.scores,
@@ -348,14 +364,18 @@ impl Model {
                         cfg.renormalize,
                     );
                     router::expert_counts(&mut m.counts, &m.idx);
+                    self.prof.lap("router");
                     for (acc, &cnt) in self.load[l].iter_mut().zip(&m.counts) {
                         *acc += cnt as u64;
                     }
                     if let Some((sgu_w, sd_w)) = shared {
                         let fs = cfg.shared_hidden();
                         linear_forward(&mut m.sgu, &a.h2, p(*sgu_w, 2 * fs * c), n, c, 2 * fs);
+                        self.prof.lap("matmul: ffn");
                         swiglu_forward(&mut m.sa, &m.sgu, fs);
+                        self.prof.lap("swiglu");
                         matmul(x_next, &m.sa, false, p(*sd_w, c * fs), true, n, c, fs, true);
+                        self.prof.lap("matmul: ffn");
                     }
                     let es = ExpertShape { n, e, k, c, f };
                     experts_forward(
@@ -368,10 +388,12 @@ impl Model {
                         es,
                         &mut m.ex,
                     );
+                    self.prof.lap("experts: dispatch, matmuls, swiglu");
                     // Both are computed for every MoE block as balance diagnostics; they enter
                     // the objective only with their coefficients.
                     aux_sum += router::aux_loss_forward(&m.scores, &m.counts, e, k, self.score_fn);
                     z_sum += router::z_loss_forward(&m.logits, e);
+                    self.prof.lap("router");
                 }
                 _ => unreachable!("layout and activations agree on block kinds"),
             }
@@ -384,6 +406,7 @@ impl Model {
             &self.params[lay_norm..lay_norm + c],
             cfg.norm_eps,
         );
+        self.prof.lap("rmsnorm");
         linear_forward(
             &mut self.logits,
             &self.xf,
@@ -392,8 +415,10 @@ impl Model {
             c,
             v,
         );
+        self.prof.lap("matmul: lm head");
         let (sum, count) =
             cross_entropy_forward(&mut self.losses, &mut self.lse, &self.logits, targets, v);
+        self.prof.lap("cross-entropy");
         let ce = if count > 0 {
             (sum / count as f64) as f32
         } else {
@@ -448,6 +473,7 @@ impl Model {
             };
         }
 
+        self.prof.start();
         cross_entropy_backward(
             &mut self.logits,
             &self.lse,
@@ -455,6 +481,7 @@ impl Model {
             v,
             loss_scale / count as f32,
         );
+        self.prof.lap("cross-entropy bwd");
         linear_backward(
             Some(&mut gr.dxf),
             dp!(lay.lm_head, v * c),
@@ -466,6 +493,7 @@ impl Model {
             v,
             false,
         );
+        self.prof.lap("matmul: lm head bwd");
         gr.dres.fill(0.0);
         rmsnorm_backward(
             &mut gr.dres,
@@ -475,6 +503,7 @@ impl Model {
             p(lay.norm, c),
             &self.rstdf,
         );
+        self.prof.lap("rmsnorm bwd");
 
         for l in (0..cfg.n_layers).rev() {
             let li = &lay.layers[l];
@@ -496,7 +525,9 @@ impl Model {
                         c,
                         false,
                     );
+                    self.prof.lap("matmul: ffn bwd");
                     swiglu_backward(dgu, &gr.da[..n * f], gu, f);
+                    self.prof.lap("swiglu bwd");
                     linear_backward(
                         Some(&mut gr.dh),
                         dp!(*w_gu, 2 * f * c),
@@ -508,6 +539,7 @@ impl Model {
                         2 * f,
                         false,
                     );
+                    self.prof.lap("matmul: ffn bwd");
                 }
                 (
                     FfnIdx::Moe {
@@ -533,7 +565,9 @@ impl Model {
                             c,
                             false,
                         );
+                        self.prof.lap("matmul: ffn bwd");
                         swiglu_backward(&mut gr.dgu[..n * 2 * fs], &gr.da[..n * fs], &m.sgu, fs);
+                        self.prof.lap("swiglu bwd");
                         linear_backward(
                             Some(&mut gr.dh),
                             dp!(*sgu_w, 2 * fs * c),
@@ -545,6 +579,7 @@ impl Model {
                             2 * fs,
                             false,
                         );
+                        self.prof.lap("matmul: ffn bwd");
                     } else {
                         gr.dh.fill(0.0);
                     }
@@ -574,6 +609,7 @@ impl Model {
                         &m.ex,
                         scratch,
                     );
+                    self.prof.lap("experts: dispatch, matmuls, swiglu bwd");
                     // router
                     router::topk_weights_backward(
                         &mut gr.dscores,
@@ -617,6 +653,7 @@ impl Model {
                         e,
                         true,
                     );
+                    self.prof.lap("router bwd");
                 }
                 _ => unreachable!("layout and activations agree on block kinds"),
             }
@@ -628,6 +665,7 @@ impl Model {
                 p(li.ffn_norm, c),
                 &a.rstd2,
             );
+            self.prof.lap("rmsnorm bwd");
             // attention: x_mid = x + o Wo^T; gr.dres holds d(x_mid)
             linear_backward(
                 Some(&mut gr.do_),
@@ -640,8 +678,11 @@ impl Model {
                 c,
                 false,
             );
+            self.prof.lap("matmul: attention bwd");
             attention_backward(&mut gr.dqkv, &mut gr.datt, &gr.do_, &a.qkv, &a.att, ashape);
+            self.prof.lap("attention: softmax, QK^T, PV bwd");
             rope_apply(&mut gr.dqkv, r, 0, h + g, t, &self.rope, true);
+            self.prof.lap("rope bwd");
             linear_backward(
                 Some(&mut gr.dh),
                 dp!(li.wqkv, r * c),
@@ -653,6 +694,7 @@ impl Model {
                 r,
                 false,
             );
+            self.prof.lap("matmul: attention bwd");
             rmsnorm_backward(
                 &mut gr.dres,
                 dp!(li.attn_norm, c),
@@ -661,8 +703,10 @@ impl Model {
                 p(li.attn_norm, c),
                 &a.rstd1,
             );
+            self.prof.lap("rmsnorm bwd");
         }
         embedding_backward(dp!(lay.embed, v * c), &self.tokens, &gr.dres, c);
+        self.prof.lap("embedding bwd");
     }
 
     /// Zeroes the gradient buffer.

@@ -3,7 +3,7 @@
 
 use crate::config::TrainConfig;
 use crate::model::Model;
-use kernels::adamw::{clip_scale, global_norm, scale, AdamW};
+use kernels::adamw::{clip_scale, global_norm, AdamW};
 
 /// AdamW state for every trainable tensor of a [`Model`].
 pub struct Optimizer {
@@ -32,9 +32,6 @@ impl Optimizer {
                 .map(|t| &model.grads[t.offset..t.offset + t.len]),
         );
         let s = clip_scale(norm, tc.grad_clip);
-        if s != 1.0 {
-            scale(&mut model.grads, s);
-        }
         self.step += 1;
         let opt = AdamW {
             lr,
@@ -52,6 +49,7 @@ impl Optimizer {
                 &mut self.v[r],
                 self.step,
                 t.decay,
+                s,
             );
         }
         norm
