@@ -3,7 +3,8 @@
 //! MFU = achieved FLOP/s / peak FLOP/s, with training FLOPs per token from
 //! `ModelConfig::train_flops_per_token` (6 per active matmul weight + attention) and the fp32
 //! peak taken as threads x 64 FLOP/cycle (two 512-bit FMA pipes: 2 x 16 lanes x 2 FLOPs) x the
-//! clock from /proc/cpuinfo, unless `--peak-gflops` says otherwise.
+//! clock from /proc/cpuinfo, unless `--peak-gflops` says otherwise. MFU is also quoted
+//! against the measured FMA peak of the cores in use (`moelab bench peak`).
 
 use crate::presets::load_config;
 use anyhow::Result;
@@ -16,6 +17,9 @@ use std::time::Instant;
 
 #[derive(Subcommand)]
 pub enum BenchCmd {
+    /// Measure this CPU's fp32 FMA peak per core (what MFU is also quoted against).
+    #[command(after_help = "Example:\n  moelab bench peak")]
+    Peak,
     /// Time full training steps (forward, backward, AdamW) on random tokens.
     #[command(
         after_help = "Examples:\n  moelab bench train --config small-moe\n  RAYON_NUM_THREADS=2 moelab bench train --config configs/small-dense.toml --steps 20 --json"
@@ -48,6 +52,18 @@ pub struct TrainBench {
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Train(a) => train(a),
+        BenchCmd::Peak => {
+            let ghz = cpu_ghz();
+            let per_core = measured_peak_per_core();
+            println!("measured fp32 FMA peak  {per_core:.1} GFLOP/s per core ({:.1} FLOP/cycle at the nominal clock)", per_core / ghz.unwrap_or(f64::NAN));
+            if let Some(g) = ghz {
+                println!(
+                    "nominal peak            {:.1} GFLOP/s per core (64 FLOP/cycle x {g:.2} GHz)",
+                    64.0 * g
+                );
+            }
+            Ok(())
+        }
     }
 }
 
@@ -63,6 +79,13 @@ pub fn peak_rss_mib() -> Option<f64> {
     let line = s.lines().find(|l| l.starts_with("VmHWM"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// Best of three runs of the FMA loop on one thread.
+fn measured_peak_per_core() -> f64 {
+    (0..3)
+        .filter_map(|_| kernels::peak::fma_gflops())
+        .fold(f64::NAN, f64::max)
 }
 
 fn train(a: TrainBench) -> Result<()> {
@@ -114,6 +137,8 @@ fn train(a: TrainBench) -> Result<()> {
         .peak_gflops
         .or_else(|| cpu_ghz().map(|g| threads as f64 * 64.0 * g));
     let mfu = peak.map(|p| gflops / p);
+    let cores = threads.min(std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let measured_peak = cores as f64 * measured_peak_per_core();
     let mem = peak_rss_mib();
     if a.json {
         println!(
@@ -121,6 +146,7 @@ fn train(a: TrainBench) -> Result<()> {
             serde_json::json!({
                 "config": a.config, "threads": threads, "batch": b, "seq_len": t, "steps": a.steps,
                 "tokens_per_s": tok_s, "gflops": gflops, "mfu": mfu, "peak_gflops": peak,
+                "mfu_measured_peak": gflops / measured_peak, "measured_peak_gflops": measured_peak,
                 "peak_rss_mib": mem, "loss": loss, "forward_s": tf, "backward_s": tb, "optimizer_s": to,
                 "active_matmul_params": cfg.model.active_matmul_params(), "params": model.layout.n_params(),
                 "weights_hash": model::io::weights_hash(&model.layout, &model.params),
@@ -142,6 +168,7 @@ fn train(a: TrainBench) -> Result<()> {
             (Some(m), Some(p)) => println!("MFU           {:.1}%  of {p:.0} GFLOP/s fp32 peak (threads x 64 FLOP/cycle x clock)", m * 100.0),
             _ => println!("MFU           unknown (no CPU clock; pass --peak-gflops)"),
         }
+        println!("              {:.1}%  of {measured_peak:.0} GFLOP/s measured FMA peak ({cores} cores, `moelab bench peak`)", 100.0 * gflops / measured_peak);
         println!(
             "time split    forward {:.0}%  backward {:.0}%  optimizer {:.0}%",
             100.0 * tf / secs,

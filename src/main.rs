@@ -7,6 +7,8 @@ mod presets;
 
 use clap::{Parser, Subcommand};
 
+/// Process-wide settings. Also restores the default SIGPIPE action.
+///
 /// NOTE: gemm allocates its packing buffers (up to a few MiB) on every call. With glibc's
 /// defaults those come from fresh mmaps or trimmed arenas, so every matmul page-faults its
 /// buffers back in (6% of training time in the kernel's `clear_page` under perf). Keeping
@@ -16,6 +18,8 @@ fn keep_freed_memory() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        // `moelab ... | head` should end quietly, as other Unix tools do.
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

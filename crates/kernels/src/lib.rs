@@ -25,6 +25,7 @@ pub mod embedding;
 pub mod loss;
 pub mod matmul;
 pub mod par;
+pub mod peak;
 pub mod rmsnorm;
 pub mod rope;
 pub mod router;
