@@ -1,0 +1,127 @@
+//! moelab's tokenizer: byte-level BPE (GPT-2 style) trained and run with Hugging Face's
+//! `tokenizers` crate, with the special tokens of moelab's chat format.
+//!
+//! What it is: train / encode / decode / save / load. What it is not: anything about tensors
+//! or the chat template's rendering (that is `infer`'s job).
+//!
+//! Determinism: training the same corpus to the same vocab size must give a byte-identical
+//! `tokenizer.json`. `tokenizers` counts words in hash maps with per-process random keys, the
+//! source of the nondeterminism older versions had; in the pinned 0.22.2 the trainer sorts
+//! the alphabet and breaks count ties by pair id. `tests/tokenizer.rs` checks byte identity
+//! in-process and across processes (each with its own hash keys) with 1, 2 and 4 threads, so
+//! a version bump that regresses is caught.
+//!
+//! The full 256-symbol byte alphabet is always in the vocabulary (not only the bytes the
+//! corpus happens to contain), so any UTF-8 text encodes and round-trips.
+
+use std::path::{Path, PathBuf};
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::TrainerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
+
+/// The chat format's special tokens, in id order (ids 0..6 of every moelab tokenizer).
+pub const SPECIAL_TOKENS: [&str; 6] = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<think>", "</think>"];
+
+/// Smallest vocabulary: the special tokens plus the 256 byte symbols.
+pub const MIN_VOCAB: usize = SPECIAL_TOKENS.len() + 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("vocab size {0} is too small: it must be at least {MIN_VOCAB} (6 special tokens + 256 bytes)")]
+    VocabTooSmall(usize),
+    #[error("tokenizer {path}: {msg}")]
+    File { path: PathBuf, msg: String },
+    #[error("tokenizer: {0}")]
+    Hf(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn hf(e: impl std::fmt::Display) -> Error {
+    Error::Hf(e.to_string())
+}
+
+/// A trained byte-level BPE tokenizer.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: HfTokenizer,
+}
+
+impl Tokenizer {
+    /// Trains on `texts` to `vocab_size` entries (special tokens and byte symbols included).
+    pub fn train<I, S>(texts: I, vocab_size: usize) -> Result<Tokenizer>
+    where
+        I: Iterator<Item = S> + Send,
+        S: AsRef<str> + Send,
+    {
+        if vocab_size < MIN_VOCAB {
+            return Err(Error::VocabTooSmall(vocab_size));
+        }
+        let specials: Vec<AddedToken> = SPECIAL_TOKENS.iter().map(|s| AddedToken::from(*s, true)).collect();
+        let trainer = BpeTrainerBuilder::new()
+            .vocab_size(vocab_size)
+            .min_frequency(2)
+            .show_progress(false)
+            .special_tokens(specials.clone())
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .build();
+        let mut trainer = TrainerWrapper::BpeTrainer(trainer);
+        let mut tok = HfTokenizer::new(BPE::default());
+        tok.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
+        tok.with_decoder(Some(ByteLevel::default()));
+        tok.train(&mut trainer, texts).map_err(hf)?;
+        tok.add_special_tokens(&specials);
+        Ok(Tokenizer { inner: tok })
+    }
+
+    /// Loads a `tokenizer.json`.
+    pub fn from_file(path: &Path) -> Result<Tokenizer> {
+        let ferr = |msg: String| Error::File { path: path.into(), msg };
+        if !path.exists() {
+            return Err(ferr("not found".into()));
+        }
+        let inner = HfTokenizer::from_file(path).map_err(|e| ferr(format!("cannot read ({e}); is it a tokenizer.json?")))?;
+        let t = Tokenizer { inner };
+        for (i, s) in SPECIAL_TOKENS.iter().enumerate() {
+            if t.inner.token_to_id(s) != Some(i as u32) {
+                return Err(ferr(format!("special token {s} is not id {i}: not a moelab tokenizer")));
+            }
+        }
+        Ok(t)
+    }
+
+    /// The canonical JSON (pretty-printed; the same bytes for the same tokenizer).
+    pub fn to_json(&self) -> Result<String> {
+        self.inner.to_string(true).map_err(hf)
+    }
+
+    /// Writes `tokenizer.json` atomically (temp file + rename).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let json = self.to_json()?;
+        let tmp = path.with_extension(format!("json.tmp.{}", std::process::id()));
+        let ferr = |e: std::io::Error| Error::File { path: path.into(), msg: e.to_string() };
+        std::fs::write(&tmp, json).map_err(ferr)?;
+        std::fs::rename(&tmp, path).map_err(ferr)
+    }
+
+    /// Token ids of `text`; special-token strings in the text become their ids.
+    pub fn encode(&self, text: &str) -> Vec<u32> {
+        self.inner.encode_fast(text, false).expect("byte-level BPE encodes any UTF-8").get_ids().to_vec()
+    }
+
+    /// Text of `ids`, special tokens included as their strings.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        self.inner.decode(ids, false).expect("every id of this tokenizer decodes")
+    }
+
+    /// Number of ids (special tokens included).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Id of a special token such as `"<|end|>"`.
+    pub fn special(&self, s: &str) -> Option<u32> {
+        SPECIAL_TOKENS.iter().position(|x| *x == s).map(|i| i as u32)
+    }
+}

@@ -1,0 +1,98 @@
+//! Tokenizer determinism and round-trip tests.
+
+use proptest::prelude::*;
+use std::process::Command;
+use tokenizer::{Tokenizer, SPECIAL_TOKENS};
+
+/// Pseudo-random words over a small alphabet (plus some multi-byte characters): many
+/// distinct words with tied pair counts, enough for a few hundred merges.
+fn corpus() -> Vec<String> {
+    let letters: Vec<char> = "etaoinshrdlucmfwypvbgkqjxz".chars().chain("éü日本🙂".chars()).collect();
+    let mut x: u64 = 12345;
+    let mut next = |n: usize| {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((x >> 33) as usize) % n
+    };
+    (0..300)
+        .map(|_| {
+            let mut line = String::new();
+            for j in 0..15 {
+                let len = 1 + next(7);
+                for _ in 0..len {
+                    // skewed towards the first letters, like English
+                    let bound = next(letters.len()) + 1;
+                    line.push(letters[next(bound)]);
+                }
+                line.push(if j % 5 == 4 { '\n' } else { ' ' });
+            }
+            line
+        })
+        .collect()
+}
+
+#[test]
+fn training_is_byte_identical_in_process() {
+    let a = Tokenizer::train(corpus().iter(), 400).unwrap().to_json().unwrap();
+    let b = Tokenizer::train(corpus().iter(), 400).unwrap().to_json().unwrap();
+    assert_eq!(a, b);
+}
+
+/// Each process has its own hash keys (and here its own thread count), so this is where
+/// hash-order nondeterminism would show.
+#[test]
+fn training_is_byte_identical_across_processes() {
+    if let Ok(out) = std::env::var("MOELAB_TOKENIZER_CHILD") {
+        let t = Tokenizer::train(corpus().iter(), 400).unwrap();
+        t.save(std::path::Path::new(&out)).unwrap();
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("moelab-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut files = vec![];
+    for (i, threads) in ["1", "2", "4", "2"].iter().enumerate() {
+        let out = dir.join(format!("tok{i}.json"));
+        let child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "training_is_byte_identical_across_processes"])
+            .env("MOELAB_TOKENIZER_CHILD", &out)
+            .env("RAYON_NUM_THREADS", threads)
+            .output()
+            .unwrap();
+        assert!(child.status.success(), "{}", String::from_utf8_lossy(&child.stderr));
+        files.push(std::fs::read(&out).unwrap());
+    }
+    for f in &files[1..] {
+        assert!(f == &files[0], "tokenizer.json differs between processes");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn special_tokens_have_fixed_ids_and_encode_atomically() {
+    let t = Tokenizer::train(corpus().iter(), 400).unwrap();
+    assert_eq!(t.vocab_size(), 400);
+    for (i, s) in SPECIAL_TOKENS.iter().enumerate() {
+        assert_eq!(t.special(s), Some(i as u32));
+        assert_eq!(t.encode(s), vec![i as u32], "{s}");
+    }
+    let text = "<|user|>2+2?<|end|><|assistant|><think>add</think>4<|end|>";
+    let ids = t.encode(text);
+    assert_eq!(ids[0], 1);
+    assert_eq!(t.decode(&ids), text);
+}
+
+#[test]
+fn too_small_vocab_is_refused() {
+    let err = Tokenizer::train(corpus().iter(), 100).err().unwrap().to_string();
+    assert!(err.contains("at least 262"), "{err}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+    /// Any UTF-8 string round-trips through encode/decode.
+    #[test]
+    fn round_trips_any_utf8(s in "\\PC*|[\\u{0}-\\u{10FFFF}]{0,40}") {
+        static TOK: std::sync::OnceLock<Tokenizer> = std::sync::OnceLock::new();
+        let t = TOK.get_or_init(|| Tokenizer::train(corpus().iter(), 400).unwrap());
+        prop_assert_eq!(t.decode(&t.encode(&s)), s);
+    }
+}
