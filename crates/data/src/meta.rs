@@ -1,0 +1,48 @@
+//! `meta.json` of a data dir: what went in (sha256 of every input), what came out (sha256 of
+//! every output), and the numbers eval needs (bytes per split, for bits per byte).
+
+use crate::corpus::InputRecord;
+use crate::{io_err, write_atomic, Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Meta {
+    pub format_version: u32,
+    pub vocab_size: usize,
+    pub inputs: Vec<InputRecord>,
+    /// File name -> sha256 of `tokenizer.json`, `train.bin`, `val.bin`.
+    pub outputs: BTreeMap<String, String>,
+    pub train_tokens: usize,
+    pub val_tokens: usize,
+    /// UTF-8 bytes of the text behind each split (bits per byte = nats / ln 2 / bytes).
+    pub train_bytes: usize,
+    pub val_bytes: usize,
+    pub val_fraction: f64,
+}
+
+impl Meta {
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let json = serde_json::to_string_pretty(self).expect("meta serialises");
+        write_atomic(&dir.join("meta.json"), json.as_bytes())
+    }
+
+    pub fn load(dir: &Path) -> Result<Meta> {
+        let path = dir.join("meta.json");
+        if !dir.exists() {
+            return Err(Error::Input { path: dir.into(), msg: "data dir does not exist; run `moelab prepare --corpus PATH --out DIR` first".into() });
+        }
+        if !path.exists() {
+            return Err(Error::Input { path: dir.into(), msg: "is not a prepared data dir (no meta.json); run `moelab prepare` first".into() });
+        }
+        let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+        let meta: Meta = serde_json::from_str(&text).map_err(|e| Error::Input { path: path.clone(), msg: format!("malformed ({e}); re-run `moelab prepare`") })?;
+        if meta.format_version != FORMAT_VERSION {
+            return Err(Error::Input { path, msg: format!("format version {}, this moelab reads {FORMAT_VERSION}; re-run `moelab prepare`", meta.format_version) });
+        }
+        Ok(meta)
+    }
+}

@@ -1,0 +1,123 @@
+//! `moelab prepare --corpus`: corpus -> tokenizer + token shards + meta.json.
+//!
+//! The split is deterministic: documents in input order (folders sorted), the last
+//! `val_fraction` of the bytes (cut at a line break) is validation, as nanoGPT does. The
+//! tokenizer is trained on the training split only. Every document ends with `<|end|>`.
+
+use crate::corpus::{self, InputRecord};
+use crate::meta::{Meta, FORMAT_VERSION};
+use crate::{io_err, sha256_hex, shard, Error, Result};
+use rayon::prelude::*;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tokenizer::Tokenizer;
+
+#[derive(Debug, Clone)]
+pub struct PrepareOpts {
+    pub vocab_size: usize,
+    pub val_fraction: f64,
+    /// Replace an existing data dir.
+    pub force: bool,
+}
+
+/// Splits documents so the last `frac` of the bytes are validation, cutting at a line break.
+fn split(docs: Vec<String>, frac: f64) -> (Vec<String>, Vec<String>) {
+    let total: usize = docs.iter().map(|d| d.len()).sum();
+    let mut budget = ((1.0 - frac) * total as f64) as usize;
+    let (mut train, mut val) = (vec![], vec![]);
+    for d in docs {
+        if budget == 0 {
+            val.push(d);
+        } else if d.len() <= budget {
+            budget -= d.len();
+            train.push(d);
+        } else {
+            // cut after the last line break within the budget (else the first one after it)
+            let mut b = budget;
+            while !d.is_char_boundary(b) {
+                b -= 1;
+            }
+            let cut = match d[..b].rfind('\n') {
+                Some(i) => i + 1,
+                None => d[b..].find('\n').map_or(d.len(), |i| b + i + 1),
+            };
+            let (a, b) = d.split_at(cut);
+            train.push(a.to_string());
+            if !b.trim().is_empty() {
+                val.push(b.to_string());
+            }
+            budget = 0;
+        }
+    }
+    (train, val)
+}
+
+/// Prepares `out` from the corpus at `paths`. `progress` receives one-line status updates.
+pub fn prepare_corpus(paths: &[PathBuf], out: &Path, opts: &PrepareOpts, progress: &dyn Fn(&str)) -> Result<Meta> {
+    if !(opts.val_fraction > 0.0 && opts.val_fraction < 1.0) {
+        return Err(Error::Other(format!("--val-fraction {} must be between 0 and 1", opts.val_fraction)));
+    }
+    if out.join("meta.json").exists() && !opts.force {
+        return Err(Error::Input { path: out.into(), msg: "already holds prepared data; pass --force to replace it or choose another --out".into() });
+    }
+    progress("reading corpus");
+    let sources = corpus::read(paths)?;
+    let inputs: Vec<InputRecord> =
+        sources.iter().map(|s| InputRecord { path: s.path.display().to_string(), sha256: s.sha256.clone(), bytes: s.bytes }).collect();
+    let docs: Vec<String> = sources.into_iter().flat_map(|s| s.docs).collect();
+    let (train_docs, val_docs) = split(docs, opts.val_fraction);
+    if val_docs.is_empty() || train_docs.is_empty() {
+        return Err(Error::Other("corpus too small to split into train and validation".into()));
+    }
+    progress(&format!("training a {}-token BPE tokenizer", opts.vocab_size));
+    let tok = Tokenizer::train(train_docs.iter(), opts.vocab_size)?;
+    let end = tok.special("<|end|>").expect("moelab tokenizers have <|end|>");
+    progress("encoding");
+    let encode = |docs: &[String]| -> Vec<u32> {
+        let parts: Vec<Vec<u32>> = docs.par_iter().map(|d| tok.encode(d)).collect();
+        let mut out = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+        for p in parts {
+            out.extend_from_slice(&p);
+            out.push(end);
+        }
+        out
+    };
+    let train = encode(&train_docs);
+    let val = encode(&val_docs);
+    progress("writing");
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    tok.save(&out.join("tokenizer.json"))?;
+    shard::write(&out.join("train.bin"), &train, tok.vocab_size())?;
+    shard::write(&out.join("val.bin"), &val, tok.vocab_size())?;
+    let mut outputs = BTreeMap::new();
+    for f in ["tokenizer.json", "train.bin", "val.bin"] {
+        let p = out.join(f);
+        outputs.insert(f.to_string(), sha256_hex(&std::fs::read(&p).map_err(io_err(&p))?));
+    }
+    let meta = Meta {
+        format_version: FORMAT_VERSION,
+        vocab_size: tok.vocab_size(),
+        inputs,
+        outputs,
+        train_tokens: train.len(),
+        val_tokens: val.len(),
+        train_bytes: train_docs.iter().map(|d| d.len()).sum(),
+        val_bytes: val_docs.iter().map(|d| d.len()).sum(),
+        val_fraction: opts.val_fraction,
+    };
+    meta.save(out)?;
+    Ok(meta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split;
+
+    #[test]
+    fn split_cuts_at_a_line_break_near_the_fraction() {
+        let docs = vec!["aaaa\nbbbb\n".to_string(), "cccc\ndddd\n".to_string()];
+        let (t, v) = split(docs, 0.25);
+        assert_eq!(t, vec!["aaaa\nbbbb\n".to_string(), "cccc\n".to_string()]);
+        assert_eq!(v, vec!["dddd\n".to_string()]);
+    }
+}

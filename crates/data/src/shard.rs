@@ -1,0 +1,54 @@
+//! Token shards: `train.bin` / `val.bin`. A 32-byte header, then u32 little-endian ids.
+//!
+//! Header: magic `MOELABTK` (8 bytes), format version u32, vocab size u32, token count u64,
+//! 8 reserved zero bytes. Reading checks all of it against the file's length.
+
+use crate::{io_err, write_atomic, Error, Result};
+use std::path::Path;
+
+pub const MAGIC: &[u8; 8] = b"MOELABTK";
+pub const VERSION: u32 = 1;
+pub const HEADER: usize = 32;
+
+/// Writes `tokens` as a shard, atomically.
+pub fn write(path: &Path, tokens: &[u32], vocab_size: usize) -> Result<()> {
+    let mut buf = Vec::with_capacity(HEADER + 4 * tokens.len());
+    buf.extend_from_slice(MAGIC);
+    buf.extend_from_slice(&VERSION.to_le_bytes());
+    buf.extend_from_slice(&(vocab_size as u32).to_le_bytes());
+    buf.extend_from_slice(&(tokens.len() as u64).to_le_bytes());
+    buf.extend_from_slice(&[0u8; 8]);
+    for t in tokens {
+        buf.extend_from_slice(&t.to_le_bytes());
+    }
+    write_atomic(path, &buf)
+}
+
+/// A shard's tokens and vocab size.
+pub struct Shard {
+    pub vocab_size: usize,
+    pub tokens: Vec<u32>,
+}
+
+/// Reads and validates a shard.
+pub fn read(path: &Path) -> Result<Shard> {
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    let bad = |msg: String| Error::Shard { path: path.into(), msg: format!("{msg}; re-run `moelab prepare` to rebuild the data dir") };
+    if bytes.len() < HEADER || &bytes[..8] != MAGIC {
+        return Err(bad("not a moelab token shard (bad header)".into()));
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
+    if version != VERSION {
+        return Err(bad(format!("shard format version {version}, this moelab reads version {VERSION}")));
+    }
+    let vocab_size = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
+    let n = u64::from_le_bytes(bytes[16..24].try_into().unwrap()) as usize;
+    if bytes.len() != HEADER + 4 * n {
+        return Err(bad(format!("header says {n} tokens but the file holds {} bytes of tokens (truncated?)", bytes.len() - HEADER)));
+    }
+    let tokens: Vec<u32> = bytes[HEADER..].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
+    if let Some(bad_tok) = tokens.iter().find(|&&t| t as usize >= vocab_size) {
+        return Err(bad(format!("token id {bad_tok} is outside the vocab of {vocab_size}")));
+    }
+    Ok(Shard { vocab_size, tokens })
+}
