@@ -81,6 +81,11 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// Nominal fp32 peak for `threads` threads: threads x 64 FLOP/cycle x clock.
+pub fn nominal_peak_gflops(threads: usize) -> Option<f64> {
+    cpu_ghz().map(|g| threads as f64 * 64.0 * g)
+}
+
 /// Best of three runs of the FMA loop on one thread.
 fn measured_peak_per_core() -> f64 {
     (0..3)
@@ -133,9 +138,7 @@ fn train(a: TrainBench) -> Result<()> {
     let tok_s = (a.steps * b * t) as f64 / secs;
     let flops_tok = cfg.model.train_flops_per_token(t);
     let gflops = tok_s * flops_tok / 1e9;
-    let peak = a
-        .peak_gflops
-        .or_else(|| cpu_ghz().map(|g| threads as f64 * 64.0 * g));
+    let peak = a.peak_gflops.or_else(|| nominal_peak_gflops(threads));
     let mfu = peak.map(|p| gflops / p);
     let cores = threads.min(std::thread::available_parallelism().map_or(1, |n| n.get()));
     let measured_peak = cores as f64 * measured_peak_per_core();

@@ -3,7 +3,10 @@
 
 mod bench;
 mod demo;
+mod prepare_cmd;
 mod presets;
+mod run_cmds;
+mod train_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -39,6 +42,29 @@ enum Cmd {
     /// Measure training speed (tokens/s, GFLOP/s, MFU, peak memory).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Turn a text corpus into a tokenizer and token shards.
+    #[command(
+        after_help = "Examples:\n  moelab prepare --corpus plays/ --out data/shk\n  moelab prepare --corpus a.txt b.jsonl --out data/mix --vocab-size 8192"
+    )]
+    Prepare(prepare_cmd::PrepareArgs),
+    /// Pretrain a model on a prepared data dir (Ctrl-C saves a checkpoint and exits).
+    #[command(
+        after_help = "Examples:\n  moelab train --config small-moe --data data/shk --out runs/shk\n  moelab train --config small-moe --data data/shk --out runs/shk --resume"
+    )]
+    Train(train_cmd::TrainArgs),
+    /// Generate text from a trained run (KV-cache decoding, streamed).
+    #[command(
+        after_help = "Examples:\n  moelab sample --run runs/shk --prompt 'ROMEO:'\n  moelab sample --run runs/shk --prompt 'ROMEO:' --temperature 0 --max-tokens 50"
+    )]
+    Sample(run_cmds::SampleArgs),
+    /// Validation loss, perplexity and bits per byte of a run on a data dir.
+    #[command(after_help = "Example:\n  moelab eval --run runs/shk --data data/shk")]
+    Eval(run_cmds::EvalArgs),
+    /// Weights hash (sha256 of the tensors in name order) of a run's latest checkpoint.
+    #[command(
+        after_help = "Examples:\n  moelab hash runs/shk\n  moelab hash runs/shk/checkpoints/step-0000500"
+    )]
+    Hash(run_cmds::HashArgs),
     /// Run the built-in demo on defaults: a tiny MoE learns a synthetic language in seconds.
     #[command(after_help = "Example:\n  moelab demo\n  moelab demo --steps 300")]
     Demo(demo::DemoArgs),
@@ -50,6 +76,11 @@ fn main() {
     let res = match cli.cmd {
         Cmd::Bench(b) => bench::run(b),
         Cmd::Demo(d) => demo::run(d),
+        Cmd::Prepare(a) => prepare_cmd::run(a),
+        Cmd::Train(a) => train_cmd::run(a),
+        Cmd::Sample(a) => run_cmds::sample(a),
+        Cmd::Eval(a) => run_cmds::eval(a),
+        Cmd::Hash(a) => run_cmds::hash(a),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");

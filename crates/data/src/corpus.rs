@@ -32,7 +32,10 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     for p in entries {
         if p.is_dir() {
             walk(&p, out)?;
-        } else if matches!(p.extension().and_then(|e| e.to_str()), Some("txt" | "jsonl")) {
+        } else if matches!(
+            p.extension().and_then(|e| e.to_str()),
+            Some("txt" | "jsonl")
+        ) {
             out.push(p);
         }
     }
@@ -43,18 +46,26 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 /// sorted). Errors name the file and what to do.
 pub fn read(paths: &[PathBuf]) -> Result<Vec<Source>> {
     if paths.is_empty() {
-        return Err(Error::Other("no corpus given: pass --corpus PATH (a .txt/.jsonl file or a folder)".into()));
+        return Err(Error::Other(
+            "no corpus given: pass --corpus PATH (a .txt/.jsonl file or a folder)".into(),
+        ));
     }
     let mut files = vec![];
     for p in paths {
         if !p.exists() {
-            return Err(Error::Input { path: p.clone(), msg: "does not exist".into() });
+            return Err(Error::Input {
+                path: p.clone(),
+                msg: "does not exist".into(),
+            });
         }
         if p.is_dir() {
             let before = files.len();
             walk(p, &mut files)?;
             if files.len() == before {
-                return Err(Error::Input { path: p.clone(), msg: "has no .txt or .jsonl files".into() });
+                return Err(Error::Input {
+                    path: p.clone(),
+                    msg: "has no .txt or .jsonl files".into(),
+                });
             }
         } else {
             files.push(p.clone());
@@ -65,19 +76,29 @@ pub fn read(paths: &[PathBuf]) -> Result<Vec<Source>> {
 
 fn read_file(path: &Path) -> Result<Source> {
     let bytes = std::fs::read(path).map_err(io_err(path))?;
-    let bad = |msg: String| Error::Input { path: path.into(), msg };
+    let bad = |msg: String| Error::Input {
+        path: path.into(),
+        msg,
+    };
     if bytes.contains(&0) {
-        return Err(bad("looks binary (contains NUL bytes); pass text files only".into()));
+        return Err(bad(
+            "looks binary (contains NUL bytes); pass text files only".into(),
+        ));
     }
-    let text = String::from_utf8(bytes.clone())
-        .map_err(|e| bad(format!("is not valid UTF-8 (first bad byte at offset {}); convert it to UTF-8 first", e.utf8_error().valid_up_to())))?;
+    let text = String::from_utf8(bytes.clone()).map_err(|e| {
+        bad(format!(
+            "is not valid UTF-8 (first bad byte at offset {}); convert it to UTF-8 first",
+            e.utf8_error().valid_up_to()
+        ))
+    })?;
     let docs = if path.extension().and_then(|e| e.to_str()) == Some("jsonl") {
         let mut docs = vec![];
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
-            let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(format!("line {}: not JSON ({e})", i + 1)))?;
+            let v: serde_json::Value = serde_json::from_str(line)
+                .map_err(|e| bad(format!("line {}: not JSON ({e})", i + 1)))?;
             match v.get("text").and_then(|t| t.as_str()) {
                 Some(t) => docs.push(t.to_string()),
                 None => return Err(bad(format!("line {}: no string field \"text\"", i + 1))),
@@ -91,5 +112,10 @@ fn read_file(path: &Path) -> Result<Source> {
     if docs.is_empty() {
         return Err(bad("is empty".into()));
     }
-    Ok(Source { path: path.into(), sha256: sha256_hex(&bytes), bytes: bytes.len() as u64, docs })
+    Ok(Source {
+        path: path.into(),
+        sha256: sha256_hex(&bytes),
+        bytes: bytes.len() as u64,
+        docs,
+    })
 }

@@ -19,7 +19,10 @@ pub enum Error {
     #[error("{path}: {msg}")]
     Input { path: PathBuf, msg: String },
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {msg}")]
     Shard { path: PathBuf, msg: String },
     #[error("{0}")]

@@ -33,13 +33,23 @@ impl Meta {
     pub fn load(dir: &Path) -> Result<Meta> {
         let path = dir.join("meta.json");
         if !dir.exists() {
-            return Err(Error::Input { path: dir.into(), msg: "data dir does not exist; run `moelab prepare --corpus PATH --out DIR` first".into() });
+            return Err(Error::Input {
+                path: dir.into(),
+                msg: "data dir does not exist; run `moelab prepare --corpus PATH --out DIR` first"
+                    .into(),
+            });
         }
         if !path.exists() {
-            return Err(Error::Input { path: dir.into(), msg: "is not a prepared data dir (no meta.json); run `moelab prepare` first".into() });
+            return Err(Error::Input {
+                path: dir.into(),
+                msg: "is not a prepared data dir (no meta.json); run `moelab prepare` first".into(),
+            });
         }
         let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-        let meta: Meta = serde_json::from_str(&text).map_err(|e| Error::Input { path: path.clone(), msg: format!("malformed ({e}); re-run `moelab prepare`") })?;
+        let meta: Meta = serde_json::from_str(&text).map_err(|e| Error::Input {
+            path: path.clone(),
+            msg: format!("malformed ({e}); re-run `moelab prepare`"),
+        })?;
         if meta.format_version != FORMAT_VERSION {
             return Err(Error::Input { path, msg: format!("format version {}, this moelab reads {FORMAT_VERSION}; re-run `moelab prepare`", meta.format_version) });
         }

@@ -53,25 +53,50 @@ fn split(docs: Vec<String>, frac: f64) -> (Vec<String>, Vec<String>) {
 }
 
 /// Prepares `out` from the corpus at `paths`. `progress` receives one-line status updates.
-pub fn prepare_corpus(paths: &[PathBuf], out: &Path, opts: &PrepareOpts, progress: &dyn Fn(&str)) -> Result<Meta> {
+pub fn prepare_corpus(
+    paths: &[PathBuf],
+    out: &Path,
+    opts: &PrepareOpts,
+    progress: &dyn Fn(&str),
+) -> Result<Meta> {
     if !(opts.val_fraction > 0.0 && opts.val_fraction < 1.0) {
-        return Err(Error::Other(format!("--val-fraction {} must be between 0 and 1", opts.val_fraction)));
+        return Err(Error::Other(format!(
+            "--val-fraction {} must be between 0 and 1",
+            opts.val_fraction
+        )));
     }
     if out.join("meta.json").exists() && !opts.force {
-        return Err(Error::Input { path: out.into(), msg: "already holds prepared data; pass --force to replace it or choose another --out".into() });
+        return Err(Error::Input {
+            path: out.into(),
+            msg: "already holds prepared data; pass --force to replace it or choose another --out"
+                .into(),
+        });
     }
     progress("reading corpus");
     let sources = corpus::read(paths)?;
-    let inputs: Vec<InputRecord> =
-        sources.iter().map(|s| InputRecord { path: s.path.display().to_string(), sha256: s.sha256.clone(), bytes: s.bytes }).collect();
+    let inputs: Vec<InputRecord> = sources
+        .iter()
+        .map(|s| InputRecord {
+            path: s.path.display().to_string(),
+            sha256: s.sha256.clone(),
+            bytes: s.bytes,
+        })
+        .collect();
     let docs: Vec<String> = sources.into_iter().flat_map(|s| s.docs).collect();
     let (train_docs, val_docs) = split(docs, opts.val_fraction);
     if val_docs.is_empty() || train_docs.is_empty() {
-        return Err(Error::Other("corpus too small to split into train and validation".into()));
+        return Err(Error::Other(
+            "corpus too small to split into train and validation".into(),
+        ));
     }
-    progress(&format!("training a {}-token BPE tokenizer", opts.vocab_size));
+    progress(&format!(
+        "training a {}-token BPE tokenizer",
+        opts.vocab_size
+    ));
     let tok = Tokenizer::train(train_docs.iter(), opts.vocab_size)?;
-    let end = tok.special("<|end|>").expect("moelab tokenizers have <|end|>");
+    let end = tok
+        .special("<|end|>")
+        .expect("moelab tokenizers have <|end|>");
     progress("encoding");
     let encode = |docs: &[String]| -> Vec<u32> {
         let parts: Vec<Vec<u32>> = docs.par_iter().map(|d| tok.encode(d)).collect();
@@ -92,7 +117,10 @@ pub fn prepare_corpus(paths: &[PathBuf], out: &Path, opts: &PrepareOpts, progres
     let mut outputs = BTreeMap::new();
     for f in ["tokenizer.json", "train.bin", "val.bin"] {
         let p = out.join(f);
-        outputs.insert(f.to_string(), sha256_hex(&std::fs::read(&p).map_err(io_err(&p))?));
+        outputs.insert(
+            f.to_string(),
+            sha256_hex(&std::fs::read(&p).map_err(io_err(&p))?),
+        );
     }
     let meta = Meta {
         format_version: FORMAT_VERSION,

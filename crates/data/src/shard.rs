@@ -33,22 +33,35 @@ pub struct Shard {
 /// Reads and validates a shard.
 pub fn read(path: &Path) -> Result<Shard> {
     let bytes = std::fs::read(path).map_err(io_err(path))?;
-    let bad = |msg: String| Error::Shard { path: path.into(), msg: format!("{msg}; re-run `moelab prepare` to rebuild the data dir") };
+    let bad = |msg: String| Error::Shard {
+        path: path.into(),
+        msg: format!("{msg}; re-run `moelab prepare` to rebuild the data dir"),
+    };
     if bytes.len() < HEADER || &bytes[..8] != MAGIC {
         return Err(bad("not a moelab token shard (bad header)".into()));
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
     if version != VERSION {
-        return Err(bad(format!("shard format version {version}, this moelab reads version {VERSION}")));
+        return Err(bad(format!(
+            "shard format version {version}, this moelab reads version {VERSION}"
+        )));
     }
     let vocab_size = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
     let n = u64::from_le_bytes(bytes[16..24].try_into().unwrap()) as usize;
     if bytes.len() != HEADER + 4 * n {
-        return Err(bad(format!("header says {n} tokens but the file holds {} bytes of tokens (truncated?)", bytes.len() - HEADER)));
+        return Err(bad(format!(
+            "header says {n} tokens but the file holds {} bytes of tokens (truncated?)",
+            bytes.len() - HEADER
+        )));
     }
-    let tokens: Vec<u32> = bytes[HEADER..].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
+    let tokens: Vec<u32> = bytes[HEADER..]
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     if let Some(bad_tok) = tokens.iter().find(|&&t| t as usize >= vocab_size) {
-        return Err(bad(format!("token id {bad_tok} is outside the vocab of {vocab_size}")));
+        return Err(bad(format!(
+            "token id {bad_tok} is outside the vocab of {vocab_size}"
+        )));
     }
     Ok(Shard { vocab_size, tokens })
 }

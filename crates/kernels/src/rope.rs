@@ -42,26 +42,46 @@ pub fn rope_apply(
     table: &RopeTable,
     inverse: bool,
 ) {
-    let half = table.half;
-    let d = 2 * half;
     let sign = if inverse { -1.0 } else { 1.0 };
     x.par_chunks_mut(row_len * ROWS_PER_TASK)
         .enumerate()
         .for_each(|(blk, rows)| {
             for (i, row) in rows.chunks_mut(row_len).enumerate() {
                 let pos = (blk * ROWS_PER_TASK + i) % t;
-                let cos = &table.cos[pos * half..(pos + 1) * half];
-                let sin = &table.sin[pos * half..(pos + 1) * half];
-                for h in 0..n_heads {
-                    let head = &mut row[col0 + h * d..col0 + (h + 1) * d];
-                    let (a, b) = head.split_at_mut(half);
-                    for j in 0..half {
-                        let (x1, x2) = (a[j], b[j]);
-                        let s = sign * sin[j];
-                        a[j] = x1 * cos[j] - x2 * s;
-                        b[j] = x2 * cos[j] + x1 * s;
-                    }
-                }
+                rotate_row(row, col0, n_heads, pos, table, sign);
             }
         });
+}
+
+fn rotate_row(
+    row: &mut [f32],
+    col0: usize,
+    n_heads: usize,
+    pos: usize,
+    table: &RopeTable,
+    sign: f32,
+) {
+    let half = table.half;
+    let d = 2 * half;
+    let cos = &table.cos[pos * half..(pos + 1) * half];
+    let sin = &table.sin[pos * half..(pos + 1) * half];
+    for h in 0..n_heads {
+        let head = &mut row[col0 + h * d..col0 + (h + 1) * d];
+        let (a, b) = head.split_at_mut(half);
+        for j in 0..half {
+            let (x1, x2) = (a[j], b[j]);
+            let s = sign * sin[j];
+            a[j] = x1 * cos[j] - x2 * s;
+            b[j] = x2 * cos[j] + x1 * s;
+        }
+    }
+}
+
+/// Rotates one row (a single token at position `pos`) in place: the decode-time form.
+pub fn rope_apply_at(row: &mut [f32], col0: usize, n_heads: usize, pos: usize, table: &RopeTable) {
+    assert!(
+        pos < table.cos.len() / table.half,
+        "position {pos} beyond the RoPE table"
+    );
+    rotate_row(row, col0, n_heads, pos, table, 1.0);
 }

@@ -104,6 +104,22 @@ pub struct TrainConfig {
     pub grad_clip: f32,
     /// Seed for initialisation and data order.
     pub seed: u64,
+    /// Optimizer steps of a training run.
+    pub steps: u64,
+    /// Linear warm-up steps, then cosine decay to `min_lr_ratio * lr` at `steps`.
+    pub warmup_steps: u64,
+    /// Final learning rate as a fraction of `lr`.
+    pub min_lr_ratio: f32,
+    /// Micro-batches per optimizer step (gradient accumulation).
+    pub grad_accum: u64,
+    /// Evaluate on the validation split every N steps (0: only at the end).
+    pub eval_every: u64,
+    /// Validation batches per periodic evaluation (0: the whole split).
+    pub eval_batches: u64,
+    /// Write a checkpoint every N steps (0: only at the end and on Ctrl-C).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept on disk (the newest K).
+    pub keep_checkpoints: usize,
 }
 
 fn default_rope_theta() -> f32 {
@@ -146,6 +162,14 @@ impl Default for TrainConfig {
             weight_decay: 0.1,
             grad_clip: 1.0,
             seed: 1337,
+            steps: 1000,
+            warmup_steps: 100,
+            min_lr_ratio: 0.1,
+            grad_accum: 1,
+            eval_every: 200,
+            eval_batches: 20,
+            checkpoint_every: 500,
+            keep_checkpoints: 3,
         }
     }
 }
@@ -216,6 +240,18 @@ impl Config {
         }
         if !positive(t.eps) {
             return Err(cfg_err("train.eps", "must be > 0"));
+        }
+        if t.grad_accum == 0 {
+            return Err(cfg_err("train.grad_accum", "must be at least 1"));
+        }
+        if t.keep_checkpoints == 0 {
+            return Err(cfg_err("train.keep_checkpoints", "must be at least 1"));
+        }
+        if !(0.0..=1.0).contains(&t.min_lr_ratio) {
+            return Err(cfg_err(
+                "train.min_lr_ratio",
+                format!("{} must be in [0, 1]", t.min_lr_ratio),
+            ));
         }
         if !non_negative(t.weight_decay) || !non_negative(t.grad_clip) {
             return Err(cfg_err(

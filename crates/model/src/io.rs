@@ -32,17 +32,27 @@ pub fn weights_hash(layout: &Layout, buf: &[f32]) -> String {
 
 /// Writes `buf` as safetensors at `path`, atomically (temp file + rename).
 pub fn save(layout: &Layout, buf: &[f32], path: &Path) -> Result<()> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = layout
-        .tensors
-        .iter()
-        .map(|t| {
-            (
-                t.name.clone(),
+    save_prefixed(layout, &[("", buf)], path)
+}
+
+/// Writes several buffers laid out by `layout` into one file, buffer i's tensors named
+/// `prefix_i + name` (e.g. the optimizer's `m.` and `v.` moments), atomically.
+pub fn save_prefixed(layout: &Layout, bufs: &[(&str, &[f32])], path: &Path) -> Result<()> {
+    let mut bytes: Vec<(String, Vec<usize>, Vec<u8>)> = vec![];
+    for (prefix, buf) in bufs {
+        assert_eq!(
+            buf.len(),
+            layout.total,
+            "buffer {prefix} does not match the layout"
+        );
+        for t in &layout.tensors {
+            bytes.push((
+                format!("{prefix}{}", t.name),
                 t.shape.clone(),
                 le_bytes(&buf[t.offset..t.offset + t.len]),
-            )
-        })
-        .collect();
+            ));
+        }
+    }
     let views: Vec<(String, TensorView)> = bytes
         .iter()
         .map(|(n, s, b)| {
@@ -84,6 +94,16 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 /// `require_version` checks moelab's format metadata (off for files written by the PyTorch
 /// reference, which have no such metadata).
 pub fn load(layout: &Layout, path: &Path, require_version: bool) -> Result<Vec<f32>> {
+    Ok(load_prefixed(layout, path, &[""], require_version)?.remove(0))
+}
+
+/// Loads the buffers written by [`save_prefixed`] with the given prefixes.
+pub fn load_prefixed(
+    layout: &Layout,
+    path: &Path,
+    prefixes: &[&str],
+    require_version: bool,
+) -> Result<Vec<Vec<f32>>> {
     let bytes = std::fs::read(path).map_err(|source| Error::Io {
         path: path.into(),
         source,
@@ -117,35 +137,44 @@ pub fn load(layout: &Layout, path: &Path, require_version: bool) -> Result<Vec<f
             }
         }
     }
-    let mut buf = vec![0.0f32; layout.total];
-    for t in &layout.tensors {
-        let view = st.tensor(&t.name).map_err(|_| {
-            werr(format!(
-                "missing tensor {} (was it written for another config?)",
-                t.name
-            ))
-        })?;
-        if view.dtype() != Dtype::F32 || view.shape() != t.shape.as_slice() {
-            return Err(werr(format!(
-                "tensor {} is {:?} {:?}, this config expects F32 {:?}",
-                t.name,
-                view.dtype(),
-                view.shape(),
-                t.shape
-            )));
+    let mut out = vec![];
+    for prefix in prefixes {
+        let mut buf = vec![0.0f32; layout.total];
+        for t in &layout.tensors {
+            let name = format!("{prefix}{}", t.name);
+            let view = st.tensor(&name).map_err(|_| {
+                werr(format!(
+                    "missing tensor {name} (was it written for another config?)"
+                ))
+            })?;
+            if view.dtype() != Dtype::F32 || view.shape() != t.shape.as_slice() {
+                return Err(werr(format!(
+                    "tensor {name} is {:?} {:?}, this config expects F32 {:?}",
+                    view.dtype(),
+                    view.shape(),
+                    t.shape
+                )));
+            }
+            for (dst, src) in buf[t.offset..t.offset + t.len]
+                .iter_mut()
+                .zip(view.data().chunks_exact(4))
+            {
+                *dst = f32::from_le_bytes([src[0], src[1], src[2], src[3]]);
+            }
         }
-        for (dst, src) in buf[t.offset..t.offset + t.len]
-            .iter_mut()
-            .zip(view.data().chunks_exact(4))
-        {
-            *dst = f32::from_le_bytes([src[0], src[1], src[2], src[3]]);
-        }
+        out.push(buf);
     }
-    if st.len() != layout.tensors.len() {
+    if st.len() != layout.tensors.len() * prefixes.len() {
+        let known = |n: &str| {
+            prefixes.iter().any(|p| {
+                n.strip_prefix(p)
+                    .is_some_and(|rest| layout.get(rest).is_some())
+            })
+        };
         let extra: Vec<_> = st
             .names()
             .into_iter()
-            .filter(|n| layout.get(n).is_none())
+            .filter(|n| !known(n))
             .take(3)
             .cloned()
             .collect();
@@ -153,5 +182,5 @@ pub fn load(layout: &Layout, path: &Path, require_version: bool) -> Result<Vec<f
             "has tensors this config does not, e.g. {extra:?} (was it written for another config?)"
         )));
     }
-    Ok(buf)
+    Ok(out)
 }

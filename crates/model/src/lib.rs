@@ -10,6 +10,7 @@
 //! Not here: data loading, training loops, sampling, terminals (see the crates above this).
 
 pub mod config;
+pub mod decode;
 pub mod error;
 pub mod io;
 pub mod model;

@@ -21,7 +21,14 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
 
 /// The chat format's special tokens, in id order (ids 0..6 of every moelab tokenizer).
-pub const SPECIAL_TOKENS: [&str; 6] = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<think>", "</think>"];
+pub const SPECIAL_TOKENS: [&str; 6] = [
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",
+    "<think>",
+    "</think>",
+];
 
 /// Smallest vocabulary: the special tokens plus the 256 byte symbols.
 pub const MIN_VOCAB: usize = SPECIAL_TOKENS.len() + 256;
@@ -58,7 +65,10 @@ impl Tokenizer {
         if vocab_size < MIN_VOCAB {
             return Err(Error::VocabTooSmall(vocab_size));
         }
-        let specials: Vec<AddedToken> = SPECIAL_TOKENS.iter().map(|s| AddedToken::from(*s, true)).collect();
+        let specials: Vec<AddedToken> = SPECIAL_TOKENS
+            .iter()
+            .map(|s| AddedToken::from(*s, true))
+            .collect();
         let trainer = BpeTrainerBuilder::new()
             .vocab_size(vocab_size)
             .min_frequency(2)
@@ -77,15 +87,21 @@ impl Tokenizer {
 
     /// Loads a `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Tokenizer> {
-        let ferr = |msg: String| Error::File { path: path.into(), msg };
+        let ferr = |msg: String| Error::File {
+            path: path.into(),
+            msg,
+        };
         if !path.exists() {
             return Err(ferr("not found".into()));
         }
-        let inner = HfTokenizer::from_file(path).map_err(|e| ferr(format!("cannot read ({e}); is it a tokenizer.json?")))?;
+        let inner = HfTokenizer::from_file(path)
+            .map_err(|e| ferr(format!("cannot read ({e}); is it a tokenizer.json?")))?;
         let t = Tokenizer { inner };
         for (i, s) in SPECIAL_TOKENS.iter().enumerate() {
             if t.inner.token_to_id(s) != Some(i as u32) {
-                return Err(ferr(format!("special token {s} is not id {i}: not a moelab tokenizer")));
+                return Err(ferr(format!(
+                    "special token {s} is not id {i}: not a moelab tokenizer"
+                )));
             }
         }
         Ok(t)
@@ -100,19 +116,28 @@ impl Tokenizer {
     pub fn save(&self, path: &Path) -> Result<()> {
         let json = self.to_json()?;
         let tmp = path.with_extension(format!("json.tmp.{}", std::process::id()));
-        let ferr = |e: std::io::Error| Error::File { path: path.into(), msg: e.to_string() };
+        let ferr = |e: std::io::Error| Error::File {
+            path: path.into(),
+            msg: e.to_string(),
+        };
         std::fs::write(&tmp, json).map_err(ferr)?;
         std::fs::rename(&tmp, path).map_err(ferr)
     }
 
     /// Token ids of `text`; special-token strings in the text become their ids.
     pub fn encode(&self, text: &str) -> Vec<u32> {
-        self.inner.encode_fast(text, false).expect("byte-level BPE encodes any UTF-8").get_ids().to_vec()
+        self.inner
+            .encode_fast(text, false)
+            .expect("byte-level BPE encodes any UTF-8")
+            .get_ids()
+            .to_vec()
     }
 
     /// Text of `ids`, special tokens included as their strings.
     pub fn decode(&self, ids: &[u32]) -> String {
-        self.inner.decode(ids, false).expect("every id of this tokenizer decodes")
+        self.inner
+            .decode(ids, false)
+            .expect("every id of this tokenizer decodes")
     }
 
     /// Number of ids (special tokens included).
@@ -122,6 +147,9 @@ impl Tokenizer {
 
     /// Id of a special token such as `"<|end|>"`.
     pub fn special(&self, s: &str) -> Option<u32> {
-        SPECIAL_TOKENS.iter().position(|x| *x == s).map(|i| i as u32)
+        SPECIAL_TOKENS
+            .iter()
+            .position(|x| *x == s)
+            .map(|i| i as u32)
     }
 }

@@ -7,10 +7,15 @@ use tokenizer::{Tokenizer, SPECIAL_TOKENS};
 /// Pseudo-random words over a small alphabet (plus some multi-byte characters): many
 /// distinct words with tied pair counts, enough for a few hundred merges.
 fn corpus() -> Vec<String> {
-    let letters: Vec<char> = "etaoinshrdlucmfwypvbgkqjxz".chars().chain("éü日本🙂".chars()).collect();
+    let letters: Vec<char> = "etaoinshrdlucmfwypvbgkqjxz"
+        .chars()
+        .chain("éü日本🙂".chars())
+        .collect();
     let mut x: u64 = 12345;
     let mut next = |n: usize| {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((x >> 33) as usize) % n
     };
     (0..300)
@@ -32,8 +37,14 @@ fn corpus() -> Vec<String> {
 
 #[test]
 fn training_is_byte_identical_in_process() {
-    let a = Tokenizer::train(corpus().iter(), 400).unwrap().to_json().unwrap();
-    let b = Tokenizer::train(corpus().iter(), 400).unwrap().to_json().unwrap();
+    let a = Tokenizer::train(corpus().iter(), 400)
+        .unwrap()
+        .to_json()
+        .unwrap();
+    let b = Tokenizer::train(corpus().iter(), 400)
+        .unwrap()
+        .to_json()
+        .unwrap();
     assert_eq!(a, b);
 }
 
@@ -57,7 +68,11 @@ fn training_is_byte_identical_across_processes() {
             .env("RAYON_NUM_THREADS", threads)
             .output()
             .unwrap();
-        assert!(child.status.success(), "{}", String::from_utf8_lossy(&child.stderr));
+        assert!(
+            child.status.success(),
+            "{}",
+            String::from_utf8_lossy(&child.stderr)
+        );
         files.push(std::fs::read(&out).unwrap());
     }
     for f in &files[1..] {
@@ -82,7 +97,10 @@ fn special_tokens_have_fixed_ids_and_encode_atomically() {
 
 #[test]
 fn too_small_vocab_is_refused() {
-    let err = Tokenizer::train(corpus().iter(), 100).err().unwrap().to_string();
+    let err = Tokenizer::train(corpus().iter(), 100)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("at least 262"), "{err}");
 }
 

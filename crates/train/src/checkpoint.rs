@@ -1,0 +1,184 @@
+//! Checkpoints: `RUN_DIR/checkpoints/step-NNNNNNN/{model.safetensors, optim.safetensors,
+//! state.json}` and `RUN_DIR/latest` naming the newest complete one.
+//!
+//! Crash safety: a checkpoint is written into a temp dir, every file fsync'd, the dir renamed
+//! into place, and only then is `latest` replaced (temp file + rename). A crash at any point
+//! leaves the previous checkpoint and `latest` intact. `state.json` carries the sha256 of
+//! both weight files, checked on load.
+
+use crate::{io_err, Error, Result};
+use model::{io, Model, ModelConfig, Optimizer};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Everything besides tensors that resuming needs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct State {
+    pub format_version: u32,
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Index of the next training micro-batch (the loader's whole state).
+    pub next_batch: u64,
+    pub tokens_seen: u64,
+    pub seed: u64,
+    pub weights_hash: String,
+    /// sha256 of `model.safetensors` and `optim.safetensors`.
+    pub files: BTreeMap<String, String>,
+    /// The model shape these weights belong to.
+    pub model: ModelConfig,
+}
+
+fn ckpt_name(step: u64) -> String {
+    format!("step-{step:07}")
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// Writes a checkpoint for `state.step` and points `latest` at it; keeps the newest `keep`.
+pub fn save(
+    run: &Path,
+    model: &Model,
+    opt: &Optimizer,
+    state: &State,
+    keep: usize,
+) -> Result<PathBuf> {
+    let root = run.join("checkpoints");
+    std::fs::create_dir_all(&root).map_err(io_err(&root))?;
+    let name = ckpt_name(state.step);
+    let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    io::save(&model.layout, &model.params, &tmp.join("model.safetensors"))?;
+    io::save_prefixed(
+        &model.layout,
+        &[("m.", &opt.m), ("v.", &opt.v)],
+        &tmp.join("optim.safetensors"),
+    )?;
+    let mut st = state.clone();
+    for f in ["model.safetensors", "optim.safetensors"] {
+        let p = tmp.join(f);
+        st.files.insert(
+            f.into(),
+            data::sha256_hex(&std::fs::read(&p).map_err(io_err(&p))?),
+        );
+    }
+    let json = serde_json::to_string_pretty(&st).expect("state serialises");
+    data::write_atomic(&tmp.join("state.json"), json.as_bytes())?;
+    fsync_dir(&tmp)?;
+    let dst = root.join(&name);
+    if dst.exists() {
+        std::fs::remove_dir_all(&dst).map_err(io_err(&dst))?;
+    }
+    std::fs::rename(&tmp, &dst).map_err(io_err(&dst))?;
+    fsync_dir(&root)?;
+    data::write_atomic(&run.join("latest"), format!("{name}\n").as_bytes())?;
+    prune(&root, keep, &name)?;
+    Ok(dst)
+}
+
+/// Removes all but the newest `keep` checkpoints (never `current`).
+fn prune(root: &Path, keep: usize, current: &str) -> Result<()> {
+    let mut names: Vec<String> = std::fs::read_dir(root)
+        .map_err(io_err(root))?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    names.sort();
+    let n = names.len();
+    for old in names.into_iter().take(n.saturating_sub(keep)) {
+        if old != current {
+            let p = root.join(&old);
+            std::fs::remove_dir_all(&p).map_err(io_err(&p))?;
+        }
+    }
+    Ok(())
+}
+
+/// The newest complete checkpoint of a run, from `RUN_DIR/latest`.
+pub fn latest(run: &Path) -> Result<Option<PathBuf>> {
+    let p = run.join("latest");
+    if !p.exists() {
+        return Ok(None);
+    }
+    let name = std::fs::read_to_string(&p).map_err(io_err(&p))?;
+    let dir = run.join("checkpoints").join(name.trim());
+    if !dir.is_dir() {
+        return Err(Error::Checkpoint {
+            path: dir,
+            msg: "named by `latest` but missing".into(),
+        });
+    }
+    Ok(Some(dir))
+}
+
+/// Reads and verifies `state.json` of a checkpoint dir.
+pub fn read_state(dir: &Path) -> Result<State> {
+    let p = dir.join("state.json");
+    let bad = |msg: String| Error::Checkpoint {
+        path: dir.into(),
+        msg,
+    };
+    let text =
+        std::fs::read_to_string(&p).map_err(|e| bad(format!("cannot read state.json ({e})")))?;
+    let st: State =
+        serde_json::from_str(&text).map_err(|e| bad(format!("malformed state.json ({e})")))?;
+    if st.format_version != FORMAT_VERSION {
+        return Err(bad(format!(
+            "format version {}, this moelab reads {FORMAT_VERSION}",
+            st.format_version
+        )));
+    }
+    Ok(st)
+}
+
+/// Loads a checkpoint into `model` and `opt` after checking that it belongs to this model
+/// shape and that its files are intact.
+pub fn load(dir: &Path, model: &mut Model, opt: &mut Optimizer) -> Result<State> {
+    let st = read_state(dir)?;
+    let bad = |msg: String| Error::Checkpoint {
+        path: dir.into(),
+        msg,
+    };
+    if st.model != model.cfg {
+        return Err(bad(format!("was written for a different model shape ({}); use the run's own config.toml or a new --out", describe_diff(&st.model, &model.cfg))));
+    }
+    for (f, want) in &st.files {
+        let p = dir.join(f);
+        let got = data::sha256_hex(&std::fs::read(&p).map_err(|e| bad(format!("{f}: {e}")))?);
+        if &got != want {
+            return Err(bad(format!("{f} is corrupted (sha256 mismatch)")));
+        }
+    }
+    model.params = io::load(&model.layout, &dir.join("model.safetensors"), true)?;
+    let mut mv = io::load_prefixed(
+        &model.layout,
+        &dir.join("optim.safetensors"),
+        &["m.", "v."],
+        true,
+    )?;
+    opt.v = mv.pop().expect("two buffers");
+    opt.m = mv.pop().expect("two buffers");
+    opt.step = st.step;
+    Ok(st)
+}
+
+/// "model.d_model: 256 in the checkpoint, 128 in the config" for the first differing field.
+pub fn describe_diff(a: &ModelConfig, b: &ModelConfig) -> String {
+    let (ta, tb) = (toml::Value::try_from(a).ok(), toml::Value::try_from(b).ok());
+    if let (Some(toml::Value::Table(ta)), Some(toml::Value::Table(tb))) = (ta, tb) {
+        for (k, va) in &ta {
+            if tb.get(k) != Some(va) {
+                let vb = tb.get(k).map_or("missing".to_string(), |v| v.to_string());
+                return format!("model.{k}: {va} in the checkpoint, {vb} in the config");
+            }
+        }
+    }
+    "model sections differ".into()
+}

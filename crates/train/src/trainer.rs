@@ -1,0 +1,274 @@
+//! The training loop. Reads top to bottom: open data and run dir, build or resume the model,
+//! then per step: micro-batches (gradient accumulation) -> clip + AdamW -> bias balancing ->
+//! metrics -> periodic eval -> periodic checkpoint -> stop check.
+//!
+//! Exact resume: everything a step depends on is either in the checkpoint (weights, AdamW
+//! moments and step count, selection biases) or a pure function of (config, seed, step):
+//! the learning rate and the training batches (batch k is drawn from RNG stream k).
+
+use crate::checkpoint::{self, describe_diff, State, FORMAT_VERSION};
+use crate::eval::evaluate;
+use crate::schedule::lr_at;
+use crate::{io_err, Error, Result};
+use data::loader::Loader;
+use data::meta::Meta;
+use data::shard;
+use model::{io, Config, Model, Optimizer};
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// One optimizer step, for progress bars and metrics.jsonl.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepReport {
+    pub step: u64,
+    pub steps: u64,
+    /// Mean cross-entropy over the step's micro-batches (nats/token).
+    pub loss: f32,
+    pub lr: f32,
+    pub grad_norm: f32,
+    pub tokens_seen: u64,
+    /// Training tokens per second over this run's steps so far.
+    pub tokens_per_s: f64,
+    /// max/mean expert load over MoE blocks (1.0 = perfectly balanced; 0 for dense models).
+    pub imbalance: f64,
+}
+
+/// A validation pass.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub step: u64,
+    pub val_loss: f64,
+    pub val_tokens: usize,
+}
+
+/// Where progress goes. The CLI draws it; tests collect it.
+pub trait Reporter {
+    fn step(&mut self, r: &StepReport);
+    fn eval(&mut self, r: &EvalReport);
+    fn checkpoint(&mut self, step: u64, dir: &Path);
+    fn message(&mut self, msg: &str);
+}
+
+/// What to train.
+pub struct RunSpec<'a> {
+    pub cfg: Config,
+    pub data_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub resume: bool,
+    /// Set (e.g. by Ctrl-C) to checkpoint after the current step and return.
+    pub stop: &'a AtomicBool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Finished,
+    Stopped,
+}
+
+/// Training data of a data dir, checked against the model config.
+pub struct Dataset {
+    pub meta: Meta,
+    pub train: Vec<u32>,
+    pub val: Vec<u32>,
+}
+
+impl Dataset {
+    pub fn open(dir: &Path, vocab_size: usize) -> Result<Dataset> {
+        let meta = Meta::load(dir)?;
+        // NOTE: a tokenizer may come out smaller than asked (a small corpus runs out of
+        // merges); a model with room for every id is fine.
+        if meta.vocab_size > vocab_size {
+            return Err(Error::Usage(format!(
+                "the config has model.vocab_size = {vocab_size} but {} was prepared with a {}-token tokenizer; set model.vocab_size = {} or re-run `moelab prepare --vocab-size {vocab_size}`",
+                dir.display(),
+                meta.vocab_size,
+                meta.vocab_size
+            )));
+        }
+        let train = shard::read(&dir.join("train.bin"))?.tokens;
+        let val = shard::read(&dir.join("val.bin"))?.tokens;
+        Ok(Dataset { meta, train, val })
+    }
+}
+
+fn imbalance(load: &[Vec<u64>]) -> f64 {
+    load.iter()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let mean = l.iter().sum::<u64>() as f64 / l.len() as f64;
+            *l.iter().max().unwrap_or(&0) as f64 / mean.max(1.0)
+        })
+        .fold(0.0, f64::max)
+}
+
+fn append_metrics(path: &Path, value: &impl Serialize) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    writeln!(
+        f,
+        "{}",
+        serde_json::to_string(value).expect("metrics serialise")
+    )
+    .map_err(io_err(path))
+}
+
+/// Keeps only metrics lines of steps <= `step` (after resuming from a checkpoint, lines of
+/// steps that were not checkpointed are replayed and would otherwise appear twice).
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    data::write_atomic(path, kept.as_bytes()).map_err(Error::from)
+}
+
+/// Prepares the run dir for a new run or checks it for a resume. Nothing is written when the
+/// run cannot go ahead.
+fn open_run_dir(spec: &RunSpec) -> Result<()> {
+    let run = &spec.run_dir;
+    let cfg_path = run.join("config.toml");
+    if spec.resume {
+        if checkpoint::latest(run)?.is_none() {
+            return Err(Error::Usage(format!(
+                "nothing to resume in {}: it has no checkpoint; drop --resume to start a new run",
+                run.display()
+            )));
+        }
+        let text = std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?;
+        let old = Config::from_toml(&text)?;
+        if old.model != spec.cfg.model {
+            return Err(Error::Usage(format!(
+                "cannot resume {}: {}; resume with --config {} or choose another --out",
+                run.display(),
+                describe_diff(&old.model, &spec.cfg.model),
+                cfg_path.display()
+            )));
+        }
+        return Ok(());
+    }
+    if cfg_path.exists() || run.join("latest").exists() {
+        return Err(Error::Usage(format!(
+            "{} already holds a run; pass --resume to continue it or choose another --out",
+            run.display()
+        )));
+    }
+    std::fs::create_dir_all(run).map_err(io_err(run))?;
+    data::write_atomic(&cfg_path, spec.cfg.to_toml().as_bytes())?;
+    let tok = spec.data_dir.join("tokenizer.json");
+    let bytes = std::fs::read(&tok).map_err(io_err(&tok))?;
+    data::write_atomic(&run.join("tokenizer.json"), &bytes)?;
+    Ok(())
+}
+
+/// Runs (or resumes) training to `cfg.train.steps`.
+pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
+    let cfg = &spec.cfg;
+    let tc = &cfg.train;
+    let ds = Dataset::open(&spec.data_dir, cfg.model.vocab_size)?;
+    let (b, t) = (tc.batch_size, tc.seq_len);
+    let loader = Loader::new(&ds.train, b, t, tc.seed).ok_or_else(|| {
+        Error::Usage(format!(
+            "training split has {} tokens, fewer than seq_len + 1 = {}",
+            ds.train.len(),
+            t + 1
+        ))
+    })?;
+    open_run_dir(spec)?;
+    let run = &spec.run_dir;
+    let metrics = run.join("metrics.jsonl");
+
+    let mut model = Model::new(&cfg.model, b, t, tc.seed);
+    let mut opt = Optimizer::new(&model);
+    let mut state = State {
+        format_version: FORMAT_VERSION,
+        step: 0,
+        next_batch: 0,
+        tokens_seen: 0,
+        seed: tc.seed,
+        weights_hash: String::new(),
+        files: Default::default(),
+        model: cfg.model.clone(),
+    };
+    if spec.resume {
+        let dir = checkpoint::latest(run)?.expect("checked by open_run_dir");
+        state = checkpoint::load(&dir, &mut model, &mut opt)?;
+        truncate_metrics(&metrics, state.step)?;
+        rep.message(&format!(
+            "resumed from {} (step {})",
+            dir.display(),
+            state.step
+        ));
+    }
+
+    let (mut x, mut y) = (vec![0u32; b * t], vec![0u32; b * t]);
+    let start = Instant::now();
+    let start_tokens = state.tokens_seen;
+    let mut outcome = Outcome::Finished;
+    while state.step < tc.steps {
+        let lr = lr_at(state.step, tc);
+        model.zero_grad();
+        let mut loss = 0.0f32;
+        for _ in 0..tc.grad_accum {
+            loader.batch(state.next_batch, &mut x, &mut y);
+            state.next_batch += 1;
+            loss += model.forward(&x, &y).ce / tc.grad_accum as f32;
+            model.backward(1.0 / tc.grad_accum as f32);
+        }
+        let grad_norm = opt.step(&mut model, tc, lr);
+        model.update_balance_bias();
+        state.step += 1;
+        state.tokens_seen += (tc.grad_accum as usize * b * t) as u64;
+
+        let report = StepReport {
+            step: state.step,
+            steps: tc.steps,
+            loss,
+            lr,
+            grad_norm,
+            tokens_seen: state.tokens_seen,
+            tokens_per_s: (state.tokens_seen - start_tokens) as f64 / start.elapsed().as_secs_f64(),
+            imbalance: imbalance(&model.last_load),
+        };
+        append_metrics(&metrics, &report)?;
+        rep.step(&report);
+
+        let last = state.step == tc.steps;
+        if (tc.eval_every > 0 && state.step % tc.eval_every == 0) || last {
+            let e = evaluate(&mut model, &ds.val, if last { 0 } else { tc.eval_batches });
+            let r = EvalReport {
+                step: state.step,
+                val_loss: e.loss,
+                val_tokens: e.tokens,
+            };
+            append_metrics(&metrics, &r)?;
+            rep.eval(&r);
+        }
+        let stop = spec.stop.load(Ordering::SeqCst);
+        if (tc.checkpoint_every > 0 && state.step % tc.checkpoint_every == 0) || last || stop {
+            state.weights_hash = io::weights_hash(&model.layout, &model.params);
+            let dir = checkpoint::save(run, &model, &opt, &state, tc.keep_checkpoints)?;
+            rep.checkpoint(state.step, &dir);
+        }
+        if stop && !last {
+            outcome = Outcome::Stopped;
+            break;
+        }
+    }
+    Ok(outcome)
+}

@@ -1,0 +1,151 @@
+//! Commands that use a trained run: `sample`, `eval`, `hash`.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use infer::{Sampler, SamplingParams};
+use model::decode::Decoder;
+use model::{io, Layout, Model};
+use std::io::Write;
+use std::path::PathBuf;
+use tokenizer::Tokenizer;
+use train::eval::evaluate;
+use train::load_run;
+use train::trainer::Dataset;
+
+#[derive(Args)]
+pub struct SampleArgs {
+    /// Run dir (its latest checkpoint) or a checkpoint dir.
+    #[arg(long)]
+    run: PathBuf,
+    /// Text to continue.
+    #[arg(long, default_value = "")]
+    prompt: String,
+    /// Tokens to generate (stops early at <|end|> or the context length).
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Keep the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn run_tokenizer(run: &std::path::Path, ckpt: &std::path::Path) -> Result<Tokenizer> {
+    let candidates = [
+        run.join("tokenizer.json"),
+        ckpt.join("../../tokenizer.json"),
+    ];
+    let path = candidates.iter().find(|p| p.exists()).with_context(|| {
+        format!(
+            "{}: no tokenizer.json next to the checkpoint",
+            run.display()
+        )
+    })?;
+    Ok(Tokenizer::from_file(path)?)
+}
+
+pub fn sample(a: SampleArgs) -> Result<()> {
+    let lr = load_run(&a.run)?;
+    let tok = run_tokenizer(&a.run, &lr.checkpoint)?;
+    let end = tok.special("<|end|>").expect("moelab tokenizer");
+    let mut prompt = tok.encode(&a.prompt);
+    if prompt.is_empty() {
+        prompt.push(end); // start of a new document
+    }
+    let mut dec = Decoder::new(&lr.cfg.model);
+    if prompt.len() >= dec.remaining() {
+        bail!(
+            "the prompt is {} tokens; this model's context is {} tokens",
+            prompt.len(),
+            lr.cfg.model.max_seq_len
+        );
+    }
+    let mut sampler = Sampler::new(SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    });
+    let mut logits = vec![];
+    for &t in &prompt {
+        logits = dec.step(&lr.params, t).to_vec();
+    }
+    let mut out = std::io::stdout().lock();
+    write!(out, "{}", a.prompt)?;
+    let mut generated: Vec<u32> = vec![];
+    let mut printed = 0;
+    for _ in 0..a.max_tokens {
+        let next = sampler.sample(&logits);
+        if next == end || dec.remaining() == 0 {
+            break;
+        }
+        generated.push(next);
+        // print whatever decodes to complete characters so far
+        let text = tok.decode(&generated);
+        if !text.ends_with('\u{FFFD}') && text.len() > printed {
+            write!(out, "{}", &text[printed..])?;
+            out.flush()?;
+            printed = text.len();
+        }
+        logits = dec.step(&lr.params, next).to_vec();
+    }
+    writeln!(out)?;
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Run dir or checkpoint dir.
+    #[arg(long)]
+    run: PathBuf,
+    /// Data dir (its validation split is evaluated).
+    #[arg(long)]
+    data: PathBuf,
+    /// Evaluate at most N batches (default: the whole split).
+    #[arg(long)]
+    n: Option<u64>,
+}
+
+pub fn eval(a: EvalArgs) -> Result<()> {
+    let lr = load_run(&a.run)?;
+    let ds = Dataset::open(&a.data, lr.cfg.model.vocab_size)?;
+    let (b, t) = (lr.cfg.train.batch_size, lr.cfg.train.seq_len);
+    let mut m = Model::with_params(&lr.cfg.model, Layout::new(&lr.cfg.model), lr.params, b, t);
+    let e = evaluate(&mut m, &ds.val, a.n.unwrap_or(0));
+    let bytes_per_token = ds.meta.val_bytes as f64 / ds.meta.val_tokens as f64;
+    let bpb = e.loss / std::f64::consts::LN_2 / bytes_per_token;
+    println!(
+        "checkpoint     {} (step {})",
+        lr.checkpoint.display(),
+        lr.state.step
+    );
+    println!(
+        "val loss       {:.4} nats/token over {} tokens",
+        e.loss, e.tokens
+    );
+    println!("perplexity     {:.2}", e.loss.exp());
+    println!("bits per byte  {bpb:.4}  ({bytes_per_token:.3} bytes/token)");
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct HashArgs {
+    /// Run dir (its latest checkpoint) or a checkpoint dir.
+    path: PathBuf,
+}
+
+pub fn hash(a: HashArgs) -> Result<()> {
+    let lr = load_run(&a.path)?;
+    println!(
+        "{}  {} (step {})",
+        io::weights_hash(&Layout::new(&lr.cfg.model), &lr.params),
+        lr.checkpoint.display(),
+        lr.state.step
+    );
+    Ok(())
+}

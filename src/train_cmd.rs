@@ -1,0 +1,140 @@
+//! `moelab train --config FILE --data DATA_DIR --out RUN_DIR [--steps N] [--seed S] [--resume]`.
+
+use crate::presets::load_config;
+use anyhow::Result;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use train::trainer::{run as train_run, EvalReport, Outcome, Reporter, RunSpec, StepReport};
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Config file or preset name (tiny, small-dense, small-moe).
+    #[arg(long)]
+    config: String,
+    /// Data dir written by `moelab prepare`.
+    #[arg(long)]
+    data: PathBuf,
+    /// Run dir (config, tokenizer, metrics.jsonl, checkpoints).
+    #[arg(long)]
+    out: PathBuf,
+    /// Total optimizer steps (overrides train.steps).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Seed (overrides train.seed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Continue the run in --out from its latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+}
+
+struct Bar {
+    bar: ProgressBar,
+    flops_per_token: f64,
+    peak_gflops: Option<f64>,
+    last_eval: Option<f64>,
+}
+
+impl Bar {
+    /// A line above the bar, or on stderr when there is no terminal to draw the bar on.
+    fn line(&self, msg: String) {
+        if self.bar.is_hidden() {
+            eprintln!("{msg}");
+        } else {
+            self.bar.println(msg);
+        }
+    }
+}
+
+impl Reporter for Bar {
+    fn step(&mut self, r: &StepReport) {
+        self.bar.set_length(r.steps);
+        self.bar.set_position(r.step);
+        let mfu = self.peak_gflops.map_or(String::new(), |p| {
+            format!(
+                "  MFU {:.0}%",
+                100.0 * r.tokens_per_s * self.flops_per_token / 1e9 / p
+            )
+        });
+        let bal = if r.imbalance > 0.0 {
+            format!("  balance {:.2}", r.imbalance)
+        } else {
+            String::new()
+        };
+        let val = self
+            .last_eval
+            .map_or(String::new(), |v| format!("  val {v:.3}"));
+        self.bar.set_message(format!(
+            "loss {:.3}{val}  {:.0} tok/s{mfu}{bal}",
+            r.loss, r.tokens_per_s
+        ));
+    }
+    fn eval(&mut self, r: &EvalReport) {
+        self.last_eval = Some(r.val_loss);
+        self.line(format!(
+            "step {:>6}  val loss {:.4}  ({} tokens)",
+            r.step, r.val_loss, r.val_tokens
+        ));
+    }
+    fn checkpoint(&mut self, step: u64, dir: &Path) {
+        self.line(format!("step {step:>6}  checkpoint {}", dir.display()));
+    }
+    fn message(&mut self, msg: &str) {
+        self.line(msg.to_string());
+    }
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let mut cfg = load_config(&a.config)?;
+    if let Some(s) = a.steps {
+        cfg.train.steps = s;
+    }
+    if let Some(s) = a.seed {
+        cfg.train.seed = s;
+    }
+    cfg.validate()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                // second Ctrl-C: the user insists
+                std::process::exit(130);
+            }
+        })?;
+    }
+    let bar = ProgressBar::new(cfg.train.steps);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
+        )?
+        .progress_chars("=> "),
+    );
+    let threads = rayon::current_num_threads();
+    let mut rep = Bar {
+        bar,
+        flops_per_token: cfg.model.train_flops_per_token(cfg.train.seq_len),
+        peak_gflops: crate::bench::nominal_peak_gflops(threads),
+        last_eval: None,
+    };
+    let spec = RunSpec {
+        cfg,
+        data_dir: a.data,
+        run_dir: a.out.clone(),
+        resume: a.resume,
+        stop: &stop,
+    };
+    let outcome = train_run(&spec, &mut rep)?;
+    rep.bar.finish();
+    match outcome {
+        Outcome::Finished => println!("done: {}", a.out.display()),
+        Outcome::Stopped => println!(
+            "stopped: checkpoint written; continue with `moelab train ... --out {} --resume`",
+            a.out.display()
+        ),
+    }
+    Ok(())
+}
