@@ -5,6 +5,7 @@ mod bench;
 mod demo;
 mod prepare_cmd;
 mod presets;
+mod report;
 mod run_cmds;
 mod train_cmd;
 
@@ -65,6 +66,11 @@ enum Cmd {
         after_help = "Examples:\n  moelab hash runs/shk\n  moelab hash runs/shk/checkpoints/step-0000500"
     )]
     Hash(run_cmds::HashArgs),
+    /// Plot training and validation loss of runs (SVG, or HTML with a summary table).
+    #[command(
+        after_help = "Examples:\n  moelab report --run runs/shk --out docs/loss.svg\n  moelab report --run runs/moe runs/dense --out report.html"
+    )]
+    Report(report::ReportArgs),
     /// Run the built-in demo on defaults: a tiny MoE learns a synthetic language in seconds.
     #[command(after_help = "Example:\n  moelab demo\n  moelab demo --steps 300")]
     Demo(demo::DemoArgs),
@@ -81,6 +87,7 @@ fn main() {
         Cmd::Sample(a) => run_cmds::sample(a),
         Cmd::Eval(a) => run_cmds::eval(a),
         Cmd::Hash(a) => run_cmds::hash(a),
+        Cmd::Report(a) => report::run(a),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");

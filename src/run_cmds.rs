@@ -53,10 +53,9 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     let lr = load_run(&a.run)?;
     let tok = run_tokenizer(&a.run, &lr.checkpoint)?;
     let end = tok.special("<|end|>").expect("moelab tokenizer");
-    let mut prompt = tok.encode(&a.prompt);
-    if prompt.is_empty() {
-        prompt.push(end); // start of a new document
-    }
+    // Documents are separated by <|end|> in training data, so it also marks a document start.
+    let mut prompt = vec![end];
+    prompt.extend(tok.encode(&a.prompt));
     let mut dec = Decoder::new(&lr.cfg.model);
     if prompt.len() >= dec.remaining() {
         bail!(

@@ -102,8 +102,8 @@ fn bad_config_is_one_line_error_naming_field() {
         ),
         (
             "unknown.toml",
-            tiny.replace("[train]", "dropout = 0.1\n[train]"),
-            "dropout",
+            tiny.replace("[train]", "dropuot = 0.1\n[train]"),
+            "dropuot",
         ),
         (
             "zero.toml",

@@ -17,12 +17,20 @@ fn tmpdir(name: &str) -> PathBuf {
 }
 
 fn run(args: &[&str]) -> Output {
-    moelab().args(args).env("RAYON_NUM_THREADS", "2").output().unwrap()
+    moelab()
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap()
 }
 
 fn ok(args: &[&str]) -> String {
     let out = run(args);
-    assert!(out.status.success(), "moelab {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "moelab {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -30,17 +38,33 @@ fn ok(args: &[&str]) -> String {
 fn fails(args: &[&str], want: &str) {
     let out = run(args);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "moelab {args:?} should fail: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "moelab {args:?}: error is not one line: {err}");
-    assert!(err.contains(want), "moelab {args:?}: error {err:?} does not mention {want:?}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "moelab {args:?} should fail: {err}"
+    );
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "moelab {args:?}: error is not one line: {err}"
+    );
+    assert!(
+        err.contains(want),
+        "moelab {args:?}: error {err:?} does not mention {want:?}"
+    );
 }
 
 fn write_corpus(dir: &Path) {
-    let words = ["thou", "art", "the", "king", "of", "night", "and", "day", "my", "lord", "speak", "hence", "ROMEO:", "JULIET:"];
+    let words = [
+        "thou", "art", "the", "king", "of", "night", "and", "day", "my", "lord", "speak", "hence",
+        "ROMEO:", "JULIET:",
+    ];
     let mut x: u64 = 9;
     let mut text = String::new();
     for i in 0..8000 {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         text.push_str(words[(x >> 40) as usize % words.len()]);
         text.push(if i % 9 == 8 { '\n' } else { ' ' });
     }
@@ -48,7 +72,11 @@ fn write_corpus(dir: &Path) {
     let (a, b) = text.split_at(text.len() / 2);
     std::fs::write(dir.join("plays/a.txt"), a).unwrap();
     std::fs::write(dir.join("plays/more/b.txt"), b).unwrap();
-    std::fs::write(dir.join("plays/notes.jsonl"), "{\"text\": \"thou art the king\"}\n{\"text\": \"my lord, speak\"}\n").unwrap();
+    std::fs::write(
+        dir.join("plays/notes.jsonl"),
+        "{\"text\": \"thou art the king\"}\n{\"text\": \"my lord, speak\"}\n",
+    )
+    .unwrap();
 }
 
 fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
@@ -74,23 +102,57 @@ fn prepare_train_sample_eval_hash() {
     write_corpus(&d);
     let (corpus, data, runp) = (d.join("plays"), d.join("data"), d.join("run"));
     let s = |p: &Path| p.to_str().unwrap().to_string();
-    let out = ok(&["prepare", "--corpus", &s(&corpus), "--out", &s(&data), "--vocab-size", "400"]);
+    let out = ok(&[
+        "prepare",
+        "--corpus",
+        &s(&corpus),
+        "--out",
+        &s(&data),
+        "--vocab-size",
+        "400",
+    ]);
     assert!(out.contains("3 input files"), "{out}");
     for f in ["tokenizer.json", "train.bin", "val.bin", "meta.json"] {
         assert!(data.join(f).exists(), "{f}");
     }
-    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(data.join("meta.json")).unwrap()).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("meta.json")).unwrap()).unwrap();
     assert_eq!(meta["inputs"].as_array().unwrap().len(), 3);
     assert_eq!(meta["outputs"]["train.bin"].as_str().unwrap().len(), 64);
     // preparing again is deterministic (byte-identical outputs) and needs --force
-    fails(&["prepare", "--corpus", &s(&corpus), "--out", &s(&data)], "--force");
+    fails(
+        &["prepare", "--corpus", &s(&corpus), "--out", &s(&data)],
+        "--force",
+    );
     let data2 = d.join("data2");
-    ok(&["prepare", "--corpus", &s(&corpus), "--out", &s(&data2), "--vocab-size", "400"]);
+    ok(&[
+        "prepare",
+        "--corpus",
+        &s(&corpus),
+        "--out",
+        &s(&data2),
+        "--vocab-size",
+        "400",
+    ]);
     for f in ["tokenizer.json", "train.bin", "val.bin"] {
-        assert_eq!(std::fs::read(data.join(f)).unwrap(), std::fs::read(data2.join(f)).unwrap(), "{f} differs between runs");
+        assert_eq!(
+            std::fs::read(data.join(f)).unwrap(),
+            std::fs::read(data2.join(f)).unwrap(),
+            "{f} differs between runs"
+        );
     }
 
-    ok(&["train", "--config", "tiny", "--data", &s(&data), "--out", &s(&runp), "--steps", "12"]);
+    ok(&[
+        "train",
+        "--config",
+        "tiny",
+        "--data",
+        &s(&data),
+        "--out",
+        &s(&runp),
+        "--steps",
+        "12",
+    ]);
     for f in ["config.toml", "tokenizer.json", "metrics.jsonl", "latest"] {
         assert!(runp.join(f).exists(), "{f}");
     }
@@ -98,12 +160,35 @@ fn prepare_train_sample_eval_hash() {
     assert!(metrics.lines().filter(|l| l.contains("\"loss\"")).count() == 12);
     assert!(metrics.contains("val_loss"));
 
-    let text = ok(&["sample", "--run", &s(&runp), "--prompt", "thou art", "--max-tokens", "12", "--temperature", "0"]);
+    let text = ok(&[
+        "sample",
+        "--run",
+        &s(&runp),
+        "--prompt",
+        "thou art",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+    ]);
     assert!(text.starts_with("thou art"), "{text}");
-    let again = ok(&["sample", "--run", &s(&runp), "--prompt", "thou art", "--max-tokens", "12", "--temperature", "0"]);
+    let again = ok(&[
+        "sample",
+        "--run",
+        &s(&runp),
+        "--prompt",
+        "thou art",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+    ]);
     assert_eq!(text, again, "greedy sampling must be reproducible");
     let e = ok(&["eval", "--run", &s(&runp), "--data", &s(&data)]);
-    assert!(e.contains("bits per byte") && e.contains("perplexity"), "{e}");
+    assert!(
+        e.contains("bits per byte") && e.contains("perplexity"),
+        "{e}"
+    );
     let h = ok(&["hash", &s(&runp)]);
     assert_eq!(h.split_whitespace().next().unwrap().len(), 64, "{h}");
     let _ = std::fs::remove_dir_all(&d);
@@ -115,9 +200,27 @@ fn ctrl_c_checkpoints_and_resume_continues() {
     write_corpus(&d);
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let (data, runp) = (d.join("data"), d.join("run"));
-    ok(&["prepare", "--corpus", &s(&d.join("plays")), "--out", &s(&data), "--vocab-size", "400"]);
+    ok(&[
+        "prepare",
+        "--corpus",
+        &s(&d.join("plays")),
+        "--out",
+        &s(&data),
+        "--vocab-size",
+        "400",
+    ]);
     let child = moelab()
-        .args(["train", "--config", "tiny", "--data", &s(&data), "--out", &s(&runp), "--steps", "100000"])
+        .args([
+            "train",
+            "--config",
+            "tiny",
+            "--data",
+            &s(&data),
+            "--out",
+            &s(&runp),
+            "--steps",
+            "100000",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -132,14 +235,37 @@ fn ctrl_c_checkpoints_and_resume_continues() {
     // SAFETY: sending SIGINT to our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "Ctrl-C must exit 0: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "Ctrl-C must exit 0: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("--resume"));
     let h = ok(&["hash", &s(&runp)]);
-    let step: u64 = h.trim().trim_end_matches(')').rsplit(' ').next().unwrap().parse().unwrap();
+    let step: u64 = h
+        .trim()
+        .trim_end_matches(')')
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(step >= 3, "{h}");
     // resume to a fixed end
     let end = (step + 2).to_string();
-    ok(&["train", "--config", "tiny", "--data", &s(&data), "--out", &s(&runp), "--steps", &end, "--resume"]);
+    ok(&[
+        "train",
+        "--config",
+        "tiny",
+        "--data",
+        &s(&data),
+        "--out",
+        &s(&runp),
+        "--steps",
+        &end,
+        "--resume",
+    ]);
     assert!(ok(&["hash", &s(&runp)]).contains(&format!("(step {end})")));
     let _ = std::fs::remove_dir_all(&d);
 }
@@ -150,47 +276,190 @@ fn bad_input_gives_one_line_errors_and_damages_nothing() {
     write_corpus(&d);
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let out = d.join("out");
-    fails(&["prepare", "--corpus", &s(&d.join("nope")), "--out", &s(&out)], "does not exist");
+    fails(
+        &[
+            "prepare",
+            "--corpus",
+            &s(&d.join("nope")),
+            "--out",
+            &s(&out),
+        ],
+        "does not exist",
+    );
     std::fs::create_dir_all(d.join("empty")).unwrap();
-    fails(&["prepare", "--corpus", &s(&d.join("empty")), "--out", &s(&out)], "has no .txt or .jsonl files");
+    fails(
+        &[
+            "prepare",
+            "--corpus",
+            &s(&d.join("empty")),
+            "--out",
+            &s(&out),
+        ],
+        "has no .txt or .jsonl files",
+    );
     std::fs::write(d.join("bin.txt"), b"abc\x00\x01\x02def").unwrap();
-    fails(&["prepare", "--corpus", &s(&d.join("bin.txt")), "--out", &s(&out)], "looks binary");
+    fails(
+        &[
+            "prepare",
+            "--corpus",
+            &s(&d.join("bin.txt")),
+            "--out",
+            &s(&out),
+        ],
+        "looks binary",
+    );
     std::fs::write(d.join("latin1.txt"), b"caf\xe9 au lait\n").unwrap();
-    fails(&["prepare", "--corpus", &s(&d.join("latin1.txt")), "--out", &s(&out)], "not valid UTF-8");
+    fails(
+        &[
+            "prepare",
+            "--corpus",
+            &s(&d.join("latin1.txt")),
+            "--out",
+            &s(&out),
+        ],
+        "not valid UTF-8",
+    );
     std::fs::write(d.join("bad.jsonl"), "{\"text\": \"ok\"}\n{oops\n").unwrap();
-    fails(&["prepare", "--corpus", &s(&d.join("bad.jsonl")), "--out", &s(&out)], "line 2");
-    assert!(!out.exists(), "failed prepares must not create the output dir");
+    fails(
+        &[
+            "prepare",
+            "--corpus",
+            &s(&d.join("bad.jsonl")),
+            "--out",
+            &s(&out),
+        ],
+        "line 2",
+    );
+    assert!(
+        !out.exists(),
+        "failed prepares must not create the output dir"
+    );
 
-    fails(&["train", "--config", "tiny", "--data", &s(&d.join("missing")), "--out", &s(&d.join("r0"))], "moelab prepare");
+    fails(
+        &[
+            "train",
+            "--config",
+            "tiny",
+            "--data",
+            &s(&d.join("missing")),
+            "--out",
+            &s(&d.join("r0")),
+        ],
+        "moelab prepare",
+    );
     assert!(!d.join("r0").exists());
 
     let data = d.join("data");
-    ok(&["prepare", "--corpus", &s(&d.join("plays")), "--out", &s(&data), "--vocab-size", "400"]);
+    ok(&[
+        "prepare",
+        "--corpus",
+        &s(&d.join("plays")),
+        "--out",
+        &s(&data),
+        "--vocab-size",
+        "400",
+    ]);
     let runp = d.join("run");
-    ok(&["train", "--config", "tiny", "--data", &s(&data), "--out", &s(&runp), "--steps", "3"]);
+    ok(&[
+        "train",
+        "--config",
+        "tiny",
+        "--data",
+        &s(&data),
+        "--out",
+        &s(&runp),
+        "--steps",
+        "3",
+    ]);
     let before = snapshot(&runp);
     // a checkpoint from another config
     let other = d.join("other.toml");
-    std::fs::write(&other, include_str!("../configs/tiny.toml").replace("d_model = 64 ", "d_model = 32 ")).unwrap();
-    fails(&["train", "--config", &s(&other), "--data", &s(&data), "--out", &s(&runp), "--steps", "6", "--resume"], "model.d_model");
-    fails(&["train", "--config", "tiny", "--data", &s(&data), "--out", &s(&runp), "--steps", "6"], "--resume");
-    assert_eq!(before, snapshot(&runp), "refused commands changed the run dir");
+    std::fs::write(
+        &other,
+        include_str!("../configs/tiny.toml").replace("d_model = 64 ", "d_model = 32 "),
+    )
+    .unwrap();
+    fails(
+        &[
+            "train",
+            "--config",
+            &s(&other),
+            "--data",
+            &s(&data),
+            "--out",
+            &s(&runp),
+            "--steps",
+            "6",
+            "--resume",
+        ],
+        "model.d_model",
+    );
+    fails(
+        &[
+            "train",
+            "--config",
+            "tiny",
+            "--data",
+            &s(&data),
+            "--out",
+            &s(&runp),
+            "--steps",
+            "6",
+        ],
+        "--resume",
+    );
+    assert_eq!(
+        before,
+        snapshot(&runp),
+        "refused commands changed the run dir"
+    );
     // corrupted shard header, truncated shard
     let shard = data.join("train.bin");
     let good = std::fs::read(&shard).unwrap();
     let mut bad = good.clone();
     bad[0] = b'X';
     std::fs::write(&shard, &bad).unwrap();
-    fails(&["train", "--config", "tiny", "--data", &s(&data), "--out", &s(&d.join("r1"))], "not a moelab token shard");
+    fails(
+        &[
+            "train",
+            "--config",
+            "tiny",
+            "--data",
+            &s(&data),
+            "--out",
+            &s(&d.join("r1")),
+        ],
+        "not a moelab token shard",
+    );
     std::fs::write(&shard, &good[..good.len() - 6]).unwrap();
-    fails(&["train", "--config", "tiny", "--data", &s(&data), "--out", &s(&d.join("r2"))], "truncated");
+    fails(
+        &[
+            "train",
+            "--config",
+            "tiny",
+            "--data",
+            &s(&data),
+            "--out",
+            &s(&d.join("r2")),
+        ],
+        "truncated",
+    );
     assert!(!d.join("r1").exists() && !d.join("r2").exists());
     // runs that do not exist
-    fails(&["sample", "--run", &s(&d.join("nope")), "--prompt", "x"], "no such run");
-    fails(&["eval", "--run", &s(&runp), "--data", &s(&d.join("nope"))], "moelab prepare");
+    fails(
+        &["sample", "--run", &s(&d.join("nope")), "--prompt", "x"],
+        "no such run",
+    );
+    fails(
+        &["eval", "--run", &s(&runp), "--data", &s(&d.join("nope"))],
+        "moelab prepare",
+    );
     // a corrupted checkpoint is detected
     let ckpt = std::fs::read_to_string(runp.join("latest")).unwrap();
-    let weights = runp.join("checkpoints").join(ckpt.trim()).join("model.safetensors");
+    let weights = runp
+        .join("checkpoints")
+        .join(ckpt.trim())
+        .join("model.safetensors");
     let mut w = std::fs::read(&weights).unwrap();
     let n = w.len();
     w[n - 1] ^= 0xff;

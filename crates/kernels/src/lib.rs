@@ -21,6 +21,7 @@
 pub mod adamw;
 pub mod attention;
 pub mod dispatch;
+pub mod dropout;
 pub mod embedding;
 pub mod loss;
 pub mod matmul;

@@ -77,6 +77,9 @@ pub struct ModelConfig {
     /// The first k blocks use a dense FFN even in an MoE model.
     #[serde(default)]
     pub first_dense_layers: usize,
+    /// Residual dropout probability on the attention and FFN outputs during training (0: off).
+    #[serde(default)]
+    pub dropout: f32,
     /// Standard deviation of the normal initialisation (residual projections are scaled by
     /// 1/sqrt(2 * n_layers), as in GPT-2).
     #[serde(default = "default_init_std")]
@@ -337,6 +340,12 @@ impl ModelConfig {
         }
         if !positive(self.norm_eps) {
             return Err(cfg_err("model.norm_eps", "must be > 0"));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(cfg_err(
+                "model.dropout",
+                format!("{} must be in [0, 1)", self.dropout),
+            ));
         }
         if !positive(self.init_std) {
             return Err(cfg_err("model.init_std", "must be > 0"));

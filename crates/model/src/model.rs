@@ -13,6 +13,7 @@ use crate::moe::{experts_backward, experts_forward, ExpertActs, ExpertScratch, E
 use crate::params::{FfnIdx, Layout};
 use crate::profile::Profiler;
 use kernels::attention::{attention_backward, attention_forward, AttnShape};
+use kernels::dropout::{apply_mask, dropout_mask};
 use kernels::embedding::{embedding_backward, embedding_forward};
 use kernels::loss::{cross_entropy_backward, cross_entropy_forward};
 use kernels::matmul::{linear_backward, linear_forward, matmul};
@@ -32,6 +33,10 @@ struct LayerActs {
     rstd2: Vec<f32>, // (N)
     h2: Vec<f32>,    // (N,C)
     ffn: FfnActs,
+    // residual dropout (empty when model.dropout = 0)
+    br: Vec<f32>,        // (N,C) branch output
+    mask_attn: Vec<f32>, // (N,C)
+    mask_ffn: Vec<f32>,  // (N,C)
 }
 
 enum FfnActs {
@@ -68,6 +73,7 @@ struct Grads {
     dscores: Vec<f32>, // (N,E)
     dw: Vec<f32>,      // (N,K)
     dxf: Vec<f32>,     // (N,C)
+    dbr: Vec<f32>,     // (N,C) masked branch gradient (dropout only)
 }
 
 /// Losses of the last forward pass.
@@ -97,6 +103,12 @@ pub struct Model {
     pub load: Vec<Vec<u64>>,
     /// Time per kernel group when enabled (`prof.enable()`).
     pub prof: Profiler,
+    /// Training mode: residual dropout is applied (when model.dropout > 0). Off by default;
+    /// the trainer turns it on, evaluation and inference leave it off.
+    pub training: bool,
+    /// Keys the dropout masks of the next forward (the trainer sets it to the micro-batch
+    /// index, so masks are a function of (seed, batch) and resume stays exact).
+    pub dropout_key: u64,
     /// The loads of the last optimizer step (set by [`Model::update_balance_bias`]).
     pub last_load: Vec<Vec<u64>>,
     b: usize,
@@ -160,6 +172,7 @@ impl Model {
             cfg.shared_hidden(),
         );
         let mut max_gu = 0;
+        let nd = if cfg.dropout > 0.0 { n * c } else { 0 };
         let mut acts = vec![];
         let mut load = vec![];
         for l in 0..cfg.n_layers {
@@ -194,6 +207,9 @@ impl Model {
                 rstd2: z(n),
                 h2: z(n * c),
                 ffn,
+                br: z(nd),
+                mask_attn: z(nd),
+                mask_ffn: z(nd),
             });
         }
         let any_moe = (0..cfg.n_layers).any(|l| cfg.is_moe_layer(l));
@@ -213,6 +229,7 @@ impl Model {
             dscores: z(ne),
             dw: z(nk),
             dxf: z(n * c),
+            dbr: z(if cfg.dropout > 0.0 { n * c } else { 0 }),
         };
         Model {
             score_fn: cfg.score_fn().unwrap_or(ScoreFn::Softmax),
@@ -224,6 +241,8 @@ impl Model {
             params,
             last_load: load.clone(),
             prof: Profiler::default(),
+            training: false,
+            dropout_key: 0,
             load,
             b,
             t,
@@ -279,6 +298,7 @@ impl Model {
         let r = (h + 2 * g) * d;
         let lay = self.layout.clone();
         let ashape = AttnShape { b, t, h, g, d };
+        let drop = self.dropping();
         self.prof.start();
         embedding_forward(
             &mut self.res[0],
@@ -305,19 +325,33 @@ impl Model {
             self.prof.lap("rope");
             attention_forward(&mut a.o, &mut a.att, &a.qkv, ashape);
             self.prof.lap("attention: softmax, QK^T, PV");
-            a.x_mid.copy_from_slice(x);
-            matmul(
-                &mut a.x_mid,
-                &a.o,
-                false,
-                p(li.wo, c * h * d),
-                true,
-                n,
-                c,
-                h * d,
-                true,
-            );
-            self.prof.lap("matmul: attention");
+            if drop {
+                linear_forward(&mut a.br, &a.o, p(li.wo, c * h * d), n, h * d, c);
+                self.prof.lap("matmul: attention");
+                dropout_mask(
+                    &mut a.mask_attn,
+                    cfg.dropout,
+                    self.dropout_key,
+                    2 * l as u64,
+                );
+                apply_mask(&mut a.br, &a.mask_attn);
+                add(&mut a.x_mid, x, &a.br);
+                self.prof.lap("dropout");
+            } else {
+                a.x_mid.copy_from_slice(x);
+                matmul(
+                    &mut a.x_mid,
+                    &a.o,
+                    false,
+                    p(li.wo, c * h * d),
+                    true,
+                    n,
+                    c,
+                    h * d,
+                    true,
+                );
+                self.prof.lap("matmul: attention");
+            }
             // FFN
             rmsnorm_forward(
                 &mut a.h2,
@@ -327,7 +361,13 @@ impl Model {
                 cfg.norm_eps,
             );
             self.prof.lap("rmsnorm");
-            x_next.copy_from_slice(&a.x_mid);
+            let ffn_out: &mut [f32] = if drop {
+                a.br.fill(0.0);
+                &mut a.br
+            } else {
+                x_next.copy_from_slice(&a.x_mid);
+                &mut *x_next
+            };
             match (&li.ffn, &mut a.ffn) {
                 (FfnIdx::Dense { w_gu, w_down }, FfnActs::Dense { gu, a: act }) => {
                     let f = cfg.ffn_hidden;
@@ -335,7 +375,7 @@ impl Model {
                     self.prof.lap("matmul: ffn");
                     swiglu_forward(act, gu, f);
                     self.prof.lap("swiglu");
-                    matmul(x_next, act, false, p(*w_down, c * f), true, n, c, f, true);
+                    matmul(ffn_out, act, false, p(*w_down, c * f), true, n, c, f, true);
                     self.prof.lap("matmul: ffn");
                 }
                 (
@@ -374,12 +414,22 @@ impl Model {
                         self.prof.lap("matmul: ffn");
                         swiglu_forward(&mut m.sa, &m.sgu, fs);
                         self.prof.lap("swiglu");
-                        matmul(x_next, &m.sa, false, p(*sd_w, c * fs), true, n, c, fs, true);
+                        matmul(
+                            ffn_out,
+                            &m.sa,
+                            false,
+                            p(*sd_w, c * fs),
+                            true,
+                            n,
+                            c,
+                            fs,
+                            true,
+                        );
                         self.prof.lap("matmul: ffn");
                     }
                     let es = ExpertShape { n, e, k, c, f };
                     experts_forward(
-                        x_next,
+                        ffn_out,
                         &a.h2,
                         &m.idx,
                         &m.w,
@@ -396,6 +446,17 @@ impl Model {
                     self.prof.lap("router");
                 }
                 _ => unreachable!("layout and activations agree on block kinds"),
+            }
+            if drop {
+                dropout_mask(
+                    &mut a.mask_ffn,
+                    cfg.dropout,
+                    self.dropout_key,
+                    2 * l as u64 + 1,
+                );
+                apply_mask(&mut a.br, &a.mask_ffn);
+                add(x_next, &a.x_mid, &a.br);
+                self.prof.lap("dropout");
             }
         }
         let lay_norm = lay.norm;
@@ -463,6 +524,7 @@ impl Model {
             0.0
         };
         let z_coef = cfg.z_loss_coef * loss_scale;
+        let drop = self.dropping();
         let gr = &mut self.g;
         let params = &self.params;
         let grads = &mut self.grads;
@@ -508,7 +570,12 @@ impl Model {
         for l in (0..cfg.n_layers).rev() {
             let li = &lay.layers[l];
             let a = &self.acts[l];
-            // FFN: x_next = x_mid + ffn(h2); gr.dres holds d(x_next)
+            // FFN: x_next = x_mid + dropout(ffn(h2)); gr.dres holds d(x_next)
+            if drop {
+                gr.dbr.copy_from_slice(&gr.dres);
+                apply_mask(&mut gr.dbr, &a.mask_ffn);
+            }
+            let dy: &[f32] = if drop { &gr.dbr } else { &gr.dres };
             match (&li.ffn, &a.ffn) {
                 (FfnIdx::Dense { w_gu, w_down }, FfnActs::Dense { gu, a: act }) => {
                     let f = cfg.ffn_hidden;
@@ -517,7 +584,7 @@ impl Model {
                     linear_backward(
                         Some(da),
                         dp!(*w_down, c * f),
-                        &gr.dres,
+                        dy,
                         act,
                         p(*w_down, c * f),
                         n,
@@ -557,7 +624,7 @@ impl Model {
                         linear_backward(
                             Some(&mut gr.da[..n * fs]),
                             dp!(*sd_w, c * fs),
-                            &gr.dres,
+                            dy,
                             &m.sa,
                             p(*sd_w, c * fs),
                             n,
@@ -601,7 +668,7 @@ impl Model {
                         &mut gr.dw,
                         dw_gu,
                         dw_down,
-                        &gr.dres,
+                        dy,
                         &m.w,
                         p(*w_gu, e * 2 * f * c),
                         p(*w_down, e * c * f),
@@ -666,11 +733,15 @@ impl Model {
                 &a.rstd2,
             );
             self.prof.lap("rmsnorm bwd");
-            // attention: x_mid = x + o Wo^T; gr.dres holds d(x_mid)
+            // attention: x_mid = x + dropout(o Wo^T); gr.dres holds d(x_mid)
+            if drop {
+                gr.dbr.copy_from_slice(&gr.dres);
+                apply_mask(&mut gr.dbr, &a.mask_attn);
+            }
             linear_backward(
                 Some(&mut gr.do_),
                 dp!(li.wo, c * h * d),
-                &gr.dres,
+                if drop { &gr.dbr } else { &gr.dres },
                 &a.o,
                 p(li.wo, c * h * d),
                 n,
@@ -707,6 +778,10 @@ impl Model {
         }
         embedding_backward(dp!(lay.embed, v * c), &self.tokens, &gr.dres, c);
         self.prof.lap("embedding bwd");
+    }
+
+    fn dropping(&self) -> bool {
+        self.training && self.cfg.dropout > 0.0
     }
 
     /// Zeroes the gradient buffer.
@@ -748,4 +823,17 @@ impl Model {
             }
         }
     }
+}
+
+/// `out = a + b`, elementwise.
+fn add(out: &mut [f32], a: &[f32], b: &[f32]) {
+    use rayon::prelude::*;
+    out.par_chunks_mut(4096)
+        .zip(a.par_chunks(4096))
+        .zip(b.par_chunks(4096))
+        .for_each(|((o, a), b)| {
+            for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                *o = a + b;
+            }
+        });
 }

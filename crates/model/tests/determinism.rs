@@ -9,7 +9,8 @@ use rand_chacha::ChaCha8Rng;
 
 const TINY: &str = include_str!("../../../configs/tiny.toml");
 
-/// Big enough that gemm splits its matmuls across threads (N = 512 rows, C = 128).
+/// Big enough that gemm splits its matmuls across threads (N = 512 rows, C = 128); sigmoid
+/// routing with bias balancing, and residual dropout.
 const MID: &str = r#"
 [model]
 vocab_size = 512
@@ -27,6 +28,7 @@ router_score = "sigmoid"
 balance = "bias"
 bias_update_rate = 0.01
 z_loss_coef = 0.001
+dropout = 0.1
 [train]
 batch_size = 8
 seq_len = 64
@@ -46,7 +48,9 @@ fn run(cfg: &Config, threads: usize, steps: usize) -> (String, Vec<f32>) {
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.train.seed);
         let v = cfg.model.vocab_size as u32;
         let mut losses = vec![];
-        for _ in 0..steps {
+        m.training = true;
+        for step in 0..steps {
+            m.dropout_key = step as u64;
             // a skewed token distribution so routing is uneven and biases move
             let tokens: Vec<u32> = (0..b * t).map(|_| rng.gen_range(0..v / 4)).collect();
             let targets: Vec<u32> = tokens.iter().map(|&x| (x * 7 + 3) % v).collect();

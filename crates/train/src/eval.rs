@@ -11,10 +11,12 @@ pub struct EvalResult {
 }
 
 /// Evaluates `model` on `tokens`, at most `max_batches` batches (0: all). Expert-load
-/// counters are left as they were (evaluation must not move the balancing bias).
+/// counters are left as they were (evaluation must not move the balancing bias); dropout is
+/// off during evaluation.
 pub fn evaluate(model: &mut Model, tokens: &[u32], max_batches: u64) -> EvalResult {
     let (b, t) = model.batch_shape();
     let saved = model.take_load();
+    let training = std::mem::replace(&mut model.training, false);
     let mut n = eval_batches(tokens, b, t);
     if max_batches > 0 {
         n = n.min(max_batches as usize);
@@ -28,6 +30,7 @@ pub fn evaluate(model: &mut Model, tokens: &[u32], max_batches: u64) -> EvalResu
         count += l.n_targets;
     }
     model.load = saved;
+    model.training = training;
     EvalResult {
         loss: if count > 0 {
             sum / count as f64

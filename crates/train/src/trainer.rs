@@ -224,8 +224,10 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
         let lr = lr_at(state.step, tc);
         model.zero_grad();
         let mut loss = 0.0f32;
+        model.training = true;
         for _ in 0..tc.grad_accum {
             loader.batch(state.next_batch, &mut x, &mut y);
+            model.dropout_key = state.next_batch;
             state.next_batch += 1;
             loss += model.forward(&x, &y).ce / tc.grad_accum as f32;
             model.backward(1.0 / tc.grad_accum as f32);
@@ -249,7 +251,7 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
         rep.step(&report);
 
         let last = state.step == tc.steps;
-        if (tc.eval_every > 0 && state.step % tc.eval_every == 0) || last {
+        if (tc.eval_every > 0 && state.step.is_multiple_of(tc.eval_every)) || last {
             let e = evaluate(&mut model, &ds.val, if last { 0 } else { tc.eval_batches });
             let r = EvalReport {
                 step: state.step,
@@ -260,7 +262,10 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
             rep.eval(&r);
         }
         let stop = spec.stop.load(Ordering::SeqCst);
-        if (tc.checkpoint_every > 0 && state.step % tc.checkpoint_every == 0) || last || stop {
+        if (tc.checkpoint_every > 0 && state.step.is_multiple_of(tc.checkpoint_every))
+            || last
+            || stop
+        {
             state.weights_hash = io::weights_hash(&model.layout, &model.params);
             let dir = checkpoint::save(run, &model, &opt, &state, tc.keep_checkpoints)?;
             rep.checkpoint(state.step, &dir);
