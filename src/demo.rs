@@ -122,7 +122,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
             "loss {:.3}  {:.0} tok/s  imbalance {:.2}",
             l.ce,
             tok_s,
-            imbalance(&m.last_load)
+            m.load_imbalance()
         ));
         bar.inc(1);
     }
@@ -178,15 +178,4 @@ fn lr_factor(step: usize, total: usize) -> f32 {
     }
     let p = (step - warm) as f32 / (total - warm).max(1) as f32;
     0.1 + 0.9 * 0.5 * (1.0 + (std::f32::consts::PI * p).cos())
-}
-
-/// max load / mean load over the MoE blocks of the last step (1.0 is perfect balance).
-fn imbalance(load: &[Vec<u64>]) -> f64 {
-    load.iter()
-        .filter(|l| !l.is_empty())
-        .map(|l| {
-            let mean = l.iter().sum::<u64>() as f64 / l.len() as f64;
-            *l.iter().max().unwrap_or(&0) as f64 / mean.max(1.0)
-        })
-        .fold(1.0, f64::max)
 }

@@ -796,6 +796,19 @@ impl Model {
         out
     }
 
+    /// max/mean expert load of the last optimizer step over the MoE blocks (1.0 is perfect
+    /// balance; 0.0 for a dense model).
+    pub fn load_imbalance(&self) -> f64 {
+        self.last_load
+            .iter()
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let mean = l.iter().sum::<u64>() as f64 / l.len() as f64;
+                *l.iter().max().unwrap_or(&0) as f64 / mean.max(1.0)
+            })
+            .fold(0.0, f64::max)
+    }
+
     /// Ends an optimizer step: moves the loads counted since the last call into
     /// [`Model::last_load`] and, with DeepSeek-V3 bias balancing, moves each MoE block's
     /// selection bias toward balance.

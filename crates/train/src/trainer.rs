@@ -94,16 +94,6 @@ impl Dataset {
     }
 }
 
-fn imbalance(load: &[Vec<u64>]) -> f64 {
-    load.iter()
-        .filter(|l| !l.is_empty())
-        .map(|l| {
-            let mean = l.iter().sum::<u64>() as f64 / l.len() as f64;
-            *l.iter().max().unwrap_or(&0) as f64 / mean.max(1.0)
-        })
-        .fold(0.0, f64::max)
-}
-
 fn append_metrics(path: &Path, value: &impl Serialize) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
@@ -245,7 +235,7 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
             grad_norm,
             tokens_seen: state.tokens_seen,
             tokens_per_s: (state.tokens_seen - start_tokens) as f64 / start.elapsed().as_secs_f64(),
-            imbalance: imbalance(&model.last_load),
+            imbalance: model.load_imbalance(),
         };
         append_metrics(&metrics, &report)?;
         rep.step(&report);
