@@ -13,8 +13,8 @@
 //! Not here: a KV cache (the model crate owns incremental decoding) or flash-style tiling
 //! (T is small enough that T x T probabilities fit in cache).
 
-use crate::embedding::SendPtr;
 use crate::matmul::{matmul_raw, View};
+use crate::par::SendPtr;
 use crate::simd;
 use crate::vmath::{dot, exp, max, sum};
 use rayon::prelude::*;

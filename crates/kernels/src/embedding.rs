@@ -1,6 +1,6 @@
 //! Token embedding lookup and its backward (a deterministic scatter-add).
 
-use crate::par::ROWS_PER_TASK;
+use crate::par::{SendPtr, ROWS_PER_TASK};
 
 /// Columns per task of the embedding backward: each task owns a block of every row.
 const COLS_PER_TASK: usize = 64;
@@ -43,15 +43,4 @@ pub fn embedding_backward(dwte: &mut [f32], tokens: &[u32], dout: &[f32], c: usi
             }
         }
     });
-}
-
-/// A raw pointer that may cross threads; each user documents why its writes are disjoint.
-#[derive(Clone, Copy)]
-pub(crate) struct SendPtr(pub *mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    pub(crate) fn get(self) -> *mut f32 {
-        self.0
-    }
 }

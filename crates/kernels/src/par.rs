@@ -30,3 +30,14 @@ pub fn sum_squares(x: &[f32]) -> f64 {
 pub fn in_worker() -> bool {
     rayon::current_thread_index().is_some()
 }
+
+/// A raw pointer that may cross threads; each user documents why its writes are disjoint.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub *mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
