@@ -1,8 +1,9 @@
-//! `moelab prepare --corpus PATH... --out DATA_DIR`.
+//! `moelab prepare --corpus PATH... --out DATA_DIR` (pretraining text) and
+//! `moelab prepare --task NAME[,NAME...] --out DATA_DIR` (generated reasoning problems).
 
 use anyhow::Result;
 use clap::Args;
-use data::prepare::{prepare_corpus, PrepareOpts};
+use data::prepare::{prepare_corpus, prepare_tasks, PrepareOpts, TaskOpts};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -10,17 +11,33 @@ use std::time::Duration;
 #[derive(Args)]
 pub struct PrepareArgs {
     /// Text to train on: .txt files, folders of them (recursive), or .jsonl with a "text" field.
-    #[arg(long, num_args = 1.., required = true)]
+    #[arg(long, num_args = 1.., required_unless_present = "task", conflicts_with = "task")]
     corpus: Vec<PathBuf>,
-    /// Data dir to write (tokenizer.json, train.bin, val.bin, meta.json).
+    /// Reasoning tasks to generate chat data for: add, mul, expr, sort (comma-separated, or all).
+    #[arg(long)]
+    task: Option<String>,
+    /// Data dir to write (tokenizer.json, then train.bin/val.bin or train.jsonl/val.jsonl, meta.json).
     #[arg(long)]
     out: PathBuf,
-    /// Tokenizer vocabulary size (must equal the model's vocab_size).
+    /// Tokenizer vocabulary size (at most the model's vocab_size; task data needs far fewer
+    /// and stops early).
     #[arg(long, default_value_t = 4096)]
     vocab_size: usize,
     /// Fraction of the corpus (its last bytes) kept for validation.
     #[arg(long, default_value_t = 0.1)]
     val_fraction: f64,
+    /// --task: number of training problems (validation gets n/20, at least 64).
+    #[arg(long, default_value_t = 20000)]
+    n: usize,
+    /// --task: generator seed (held-out evaluation uses other seeds).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// --task: answers only, with an empty think block (the no-reasoning baseline).
+    #[arg(long)]
+    no_reasoning: bool,
+    /// --task: reuse this tokenizer.json (e.g. a teacher's) instead of training one.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     /// Replace an existing data dir.
     #[arg(long)]
     force: bool,
@@ -30,14 +47,38 @@ pub fn run(a: PrepareArgs) -> Result<()> {
     let bar = ProgressBar::new_spinner();
     bar.set_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")?);
     bar.enable_steady_tick(Duration::from_millis(120));
+    let progress = |m: &str| bar.set_message(m.to_string());
+    if let Some(spec) = &a.task {
+        let tasks = data::tasks::parse_list(spec).map_err(anyhow::Error::msg)?;
+        let opts = TaskOpts {
+            n: a.n,
+            seed: a.seed,
+            vocab_size: a.vocab_size,
+            reasoning: !a.no_reasoning,
+            tokenizer: a.tokenizer.map(|p| crate::run_cmds::tokenizer_path(&p)),
+            force: a.force,
+        };
+        let meta = prepare_tasks(&tasks, &a.out, &opts, &progress);
+        bar.finish_and_clear();
+        let meta = meta?;
+        let td = meta.tasks.as_ref().expect("task data");
+        println!(
+            "{}: {} train / {} val problems ({}), {} train tokens, vocab {}",
+            a.out.display(),
+            td.train_examples,
+            td.val_examples,
+            if td.reasoning { "with reasoning" } else { "answers only" },
+            meta.train_tokens,
+            meta.vocab_size
+        );
+        return Ok(());
+    }
     let opts = PrepareOpts {
         vocab_size: a.vocab_size,
         val_fraction: a.val_fraction,
         force: a.force,
     };
-    let meta = prepare_corpus(&a.corpus, &a.out, &opts, &|m| {
-        bar.set_message(m.to_string())
-    });
+    let meta = prepare_corpus(&a.corpus, &a.out, &opts, &progress);
     bar.finish_and_clear();
     let meta = meta?;
     println!(

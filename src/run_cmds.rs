@@ -6,7 +6,7 @@ use infer::{Sampler, SamplingParams};
 use model::decode::Decoder;
 use model::{io, Layout, Model};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use tokenizer::Tokenizer;
 use train::eval::evaluate;
 use train::load_run;
@@ -112,12 +112,11 @@ pub struct EvalArgs {
 
 pub fn eval(a: EvalArgs) -> Result<()> {
     let lr = load_run(&a.run)?;
-    let ds = Dataset::open(&a.data, lr.cfg.model.vocab_size)?;
     let (b, t) = (lr.cfg.train.batch_size, lr.cfg.train.seq_len);
+    let ds = Dataset::open(&a.data, lr.cfg.model.vocab_size, t)?;
     let mut m = Model::with_params(&lr.cfg.model, Layout::new(&lr.cfg.model), lr.params, b, t);
     let e = evaluate(&mut m, &ds.val, a.n.unwrap_or(0));
-    let bytes_per_token = ds.meta.val_bytes as f64 / ds.meta.val_tokens as f64;
-    let bpb = e.loss / std::f64::consts::LN_2 / bytes_per_token;
+    let meta = ds.meta.as_ref().expect("a data dir has meta.json");
     println!(
         "checkpoint     {} (step {})",
         lr.checkpoint.display(),
@@ -128,7 +127,11 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         e.loss, e.tokens
     );
     println!("perplexity     {:.2}", e.loss.exp());
-    println!("bits per byte  {bpb:.4}  ({bytes_per_token:.3} bytes/token)");
+    if meta.kind == "corpus" {
+        let bytes_per_token = meta.val_bytes as f64 / meta.val_tokens as f64;
+        let bpb = e.loss / std::f64::consts::LN_2 / bytes_per_token;
+        println!("bits per byte  {bpb:.4}  ({bytes_per_token:.3} bytes/token)");
+    }
     Ok(())
 }
 
@@ -147,4 +150,13 @@ pub fn hash(a: HashArgs) -> Result<()> {
         lr.state.step
     );
     Ok(())
+}
+
+/// A tokenizer.json path from a file, or a run or data dir holding one.
+pub fn tokenizer_path(p: &Path) -> PathBuf {
+    if p.is_dir() {
+        p.join("tokenizer.json")
+    } else {
+        p.to_path_buf()
+    }
 }

@@ -7,7 +7,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use train::trainer::{run as train_run, EvalReport, Outcome, Reporter, RunSpec, StepReport};
+use train::trainer::{
+    run as train_run, EvalReport, Outcome, Reporter, RunSpec, Source, StepReport,
+};
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -122,7 +124,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
     };
     let spec = RunSpec {
         cfg,
-        data_dir: a.data,
+        source: Source::Dir(a.data),
+        teacher: None,
         run_dir: a.out.clone(),
         resume: a.resume,
         stop: &stop,

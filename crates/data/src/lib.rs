@@ -6,11 +6,13 @@
 //!
 //! DATA_DIR layout: `tokenizer.json`, `train.bin`, `val.bin`, `meta.json`.
 
+pub mod chat;
 pub mod corpus;
 pub mod loader;
 pub mod meta;
 pub mod prepare;
 pub mod shard;
+pub mod tasks;
 
 use std::path::PathBuf;
 

@@ -22,6 +22,27 @@ pub struct Meta {
     pub train_bytes: usize,
     pub val_bytes: usize,
     pub val_fraction: f64,
+    /// "corpus" (token shards `train.bin`/`val.bin`) or "chat" (`train.jsonl`/`val.jsonl`
+    /// from `moelab prepare --task`).
+    #[serde(default = "corpus_kind")]
+    pub kind: String,
+    /// Chat data: the tasks, generator seed and whether reasoning is included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tasks: Option<TaskData>,
+}
+
+fn corpus_kind() -> String {
+    "corpus".into()
+}
+
+/// How a task data dir was generated.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TaskData {
+    pub tasks: Vec<String>,
+    pub seed: u64,
+    pub reasoning: bool,
+    pub train_examples: usize,
+    pub val_examples: usize,
 }
 
 impl Meta {

@@ -132,6 +132,117 @@ pub fn prepare_corpus(
         train_bytes: train_docs.iter().map(|d| d.len()).sum(),
         val_bytes: val_docs.iter().map(|d| d.len()).sum(),
         val_fraction: opts.val_fraction,
+        kind: "corpus".into(),
+        tasks: None,
+    };
+    meta.save(out)?;
+    Ok(meta)
+}
+
+/// Options of `moelab prepare --task`.
+#[derive(Debug, Clone)]
+pub struct TaskOpts {
+    /// Training examples (validation gets a twentieth of this, at least 64).
+    pub n: usize,
+    pub seed: u64,
+    pub vocab_size: usize,
+    /// Include the step-by-step reasoning (false: answer-only, with an empty think block).
+    pub reasoning: bool,
+    /// Reuse this tokenizer.json instead of training one (to share a teacher's).
+    pub tokenizer: Option<PathBuf>,
+    pub force: bool,
+}
+
+/// The validation problems' seed, derived from the training seed (its own generator streams).
+pub fn val_seed(seed: u64) -> u64 {
+    seed ^ 0x7661_6c5f_7365_6564
+}
+
+/// Prepares a chat data dir of generated reasoning problems: `tokenizer.json`,
+/// `train.jsonl`, `val.jsonl`, `meta.json`. The tokenizer is trained (digits split) on the
+/// full solutions with reasoning, whether or not the data keeps them, so reasoning and
+/// answer-only data of the same seed share one tokenizer.
+pub fn prepare_tasks(
+    tasks: &[crate::tasks::Task],
+    out: &Path,
+    opts: &TaskOpts,
+    progress: &dyn Fn(&str),
+) -> Result<Meta> {
+    use crate::chat::{self, Example};
+    if opts.n == 0 {
+        return Err(Error::Other("--n must be at least 1".into()));
+    }
+    if out.join("meta.json").exists() && !opts.force {
+        return Err(Error::Input {
+            path: out.into(),
+            msg: "already holds prepared data; pass --force to replace it or choose another --out"
+                .into(),
+        });
+    }
+    progress("generating problems");
+    let to_examples = |ps: Vec<crate::tasks::Problem>| -> Vec<Example> {
+        ps.into_iter()
+            .map(|p| Example {
+                task: p.task.name().into(),
+                difficulty: p.difficulty,
+                prompt: p.prompt,
+                reasoning: if opts.reasoning { p.reasoning } else { String::new() },
+                answer: p.answer,
+                verified: true,
+                teacher: "ground-truth".into(),
+            })
+            .collect()
+    };
+    let train_p = crate::tasks::generate_mix(tasks, opts.n, opts.seed);
+    let n_val = (opts.n / 20).max(64);
+    let val_p = crate::tasks::generate_mix(tasks, n_val, val_seed(opts.seed));
+    let tok = match &opts.tokenizer {
+        Some(p) => Tokenizer::from_file(p)?,
+        None => {
+            progress("training the tokenizer");
+            let texts = train_p
+                .iter()
+                .map(|p| format!("{}\n{}\n{}", p.prompt, p.reasoning, p.answer));
+            Tokenizer::train_with(texts, opts.vocab_size, true)?
+        }
+    };
+    let (train, val) = (to_examples(train_p), to_examples(val_p));
+    let count = |ex: &[Example]| -> usize {
+        ex.par_iter()
+            .map(|e| chat::render(&tok, e).0.len())
+            .sum()
+    };
+    progress("writing");
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    tok.save(&out.join("tokenizer.json"))?;
+    chat::write_jsonl(&out.join("train.jsonl"), &train)?;
+    chat::write_jsonl(&out.join("val.jsonl"), &val)?;
+    let mut outputs = BTreeMap::new();
+    for f in ["tokenizer.json", "train.jsonl", "val.jsonl"] {
+        let p = out.join(f);
+        outputs.insert(
+            f.to_string(),
+            sha256_hex(&std::fs::read(&p).map_err(io_err(&p))?),
+        );
+    }
+    let meta = Meta {
+        format_version: FORMAT_VERSION,
+        vocab_size: tok.vocab_size(),
+        inputs: vec![],
+        outputs,
+        train_tokens: count(&train),
+        val_tokens: count(&val),
+        train_bytes: 0,
+        val_bytes: 0,
+        val_fraction: n_val as f64 / (opts.n + n_val) as f64,
+        kind: "chat".into(),
+        tasks: Some(crate::meta::TaskData {
+            tasks: tasks.iter().map(|t| t.name().to_string()).collect(),
+            seed: opts.seed,
+            reasoning: opts.reasoning,
+            train_examples: train.len(),
+            val_examples: val.len(),
+        }),
     };
     meta.save(out)?;
     Ok(meta)

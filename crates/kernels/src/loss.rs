@@ -89,3 +89,82 @@ pub fn cross_entropy_backward(
             }
         });
 }
+
+/// log-sum-exp of `row * inv_t` (a temperature-scaled row), in fixed order.
+fn row_lse_scaled(row: &[f32], inv_t: f32) -> f32 {
+    let mx = max(row);
+    let s: f32 = row.iter().map(|&x| exp((x - mx) * inv_t)).sum();
+    mx * inv_t + s.ln()
+}
+
+/// Logit distillation (Hinton et al.) per counted row: `T^2 KL(p || q)` with
+/// `p = softmax(teacher / T)`, `q = softmax(student / T)`. Rows with an ignored target are
+/// skipped (distillation covers the same tokens as the cross-entropy). Returns (sum over
+/// counted rows, number of counted rows).
+pub fn distill_forward(
+    student: &[f32],
+    teacher: &[f32],
+    targets: &[u32],
+    v: usize,
+    temp: f32,
+) -> (f64, usize) {
+    let inv_t = 1.0 / temp;
+    let per_row: Vec<f32> = student
+        .par_chunks(v)
+        .zip(teacher.par_chunks(v))
+        .zip(targets.par_iter())
+        .map(|((s, t), &tg)| {
+            if tg == IGNORE_INDEX {
+                return 0.0;
+            }
+            let (ls, lt) = (row_lse_scaled(s, inv_t), row_lse_scaled(t, inv_t));
+            let kl: f32 = s
+                .iter()
+                .zip(t)
+                .map(|(&zs, &zt)| {
+                    let log_p = zt * inv_t - lt;
+                    exp(log_p) * (log_p - (zs * inv_t - ls))
+                })
+                .sum();
+            kl * temp * temp
+        })
+        .collect();
+    let count = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
+    (per_row.iter().map(|&x| x as f64).sum(), count)
+}
+
+/// In place: `logits (N,V)` becomes the gradient of `ce_scale * CE + kd_scale * T^2 KL` per
+/// counted row: `ce_scale (softmax(z) - onehot) + kd_scale T (softmax(z/T) - softmax(zt/T))`
+/// (zero on ignored rows). `lse` is the cross-entropy forward's.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_distill_backward(
+    logits: &mut [f32],
+    lse: &[f32],
+    targets: &[u32],
+    teacher: &[f32],
+    v: usize,
+    ce_scale: f32,
+    kd_scale: f32,
+    temp: f32,
+) {
+    let inv_t = 1.0 / temp;
+    logits
+        .par_chunks_mut(v)
+        .zip(lse.par_iter())
+        .zip(targets.par_iter())
+        .zip(teacher.par_chunks(v))
+        .for_each(|(((row, &z), &tg), t)| {
+            if tg == IGNORE_INDEX {
+                row.fill(0.0);
+                return;
+            }
+            let (ls, lt) = (row_lse_scaled(row, inv_t), row_lse_scaled(t, inv_t));
+            let k = kd_scale * temp;
+            for (x, &zt) in row.iter_mut().zip(t) {
+                let q = exp(*x * inv_t - ls);
+                let p = exp(zt * inv_t - lt);
+                *x = ce_scale * exp(*x - z) + k * (q - p);
+            }
+            row[tg as usize] -= ce_scale;
+        });
+}

@@ -11,7 +11,10 @@ use kernels::dispatch::{
     combine_backward, combine_forward, gather_backward, gather_forward, Dispatch,
 };
 use kernels::embedding::{embedding_backward, embedding_forward};
-use kernels::loss::{cross_entropy_backward, cross_entropy_forward};
+use kernels::loss::{
+    cross_entropy_backward, cross_entropy_distill_backward, cross_entropy_forward,
+    distill_forward,
+};
 use kernels::matmul::{linear_backward, linear_forward};
 use kernels::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use kernels::rope::{rope_apply, RopeTable};
@@ -202,6 +205,32 @@ fn cross_entropy() {
     let mut d = logits.clone();
     cross_entropy_backward(&mut d, &lse, &targets, v, 1.0 / cnt as f32);
     check("cross_entropy", &logits, &d, fwd);
+}
+
+#[test]
+fn cross_entropy_with_distillation() {
+    let mut rng = ChaCha8Rng::seed_from_u64(16);
+    let (n, v) = (5, 13);
+    let logits = randv(&mut rng, n * v, 3.0);
+    let teacher = randv(&mut rng, n * v, 3.0);
+    let targets: Vec<u32> = vec![3, IGNORE_INDEX, 0, 12, 7];
+    let (w, temp) = (0.4f32, 2.0f32);
+    let fwd = |l: &[f32]| {
+        let (mut losses, mut lse) = (vec![0.0; n], vec![0.0; n]);
+        let (ce, cnt) = cross_entropy_forward(&mut losses, &mut lse, l, &targets, v);
+        let (kd, _) = distill_forward(l, &teacher, &targets, v, temp);
+        ((1.0 - w as f64) * ce + w as f64 * kd) / cnt as f64
+    };
+    let (mut losses, mut lse) = (vec![0.0; n], vec![0.0; n]);
+    let (_, cnt) = cross_entropy_forward(&mut losses, &mut lse, &logits, &targets, v);
+    let mut d = logits.clone();
+    let s = 1.0 / cnt as f32;
+    cross_entropy_distill_backward(&mut d, &lse, &targets, &teacher, v, (1.0 - w) * s, w * s, temp);
+    check("cross_entropy + distillation", &logits, &d, fwd);
+    // the distillation loss is zero when the student equals the teacher, positive otherwise
+    let (same, _) = distill_forward(&teacher, &teacher, &targets, v, temp);
+    let (diff, _) = distill_forward(&logits, &teacher, &targets, v, temp);
+    assert!(same.abs() < 1e-5 && diff > 0.1, "{same} {diff}");
 }
 
 #[test]

@@ -21,6 +21,6 @@ pub mod profile;
 
 pub use config::{Config, ModelConfig, TrainConfig};
 pub use error::{Error, Result};
-pub use model::{Losses, Model};
+pub use model::{Distill, Losses, Model};
 pub use optim::Optimizer;
 pub use params::Layout;

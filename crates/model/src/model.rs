@@ -15,7 +15,10 @@ use crate::profile::Profiler;
 use kernels::attention::{attention_backward, attention_forward, AttnShape};
 use kernels::dropout::{apply_mask, dropout_mask};
 use kernels::embedding::{embedding_backward, embedding_forward};
-use kernels::loss::{cross_entropy_backward, cross_entropy_forward};
+use kernels::loss::{
+    cross_entropy_backward, cross_entropy_distill_backward, cross_entropy_forward,
+    distill_forward,
+};
 use kernels::matmul::{linear_backward, linear_forward, matmul};
 use kernels::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use kernels::rope::{rope_apply, RopeTable};
@@ -93,6 +96,14 @@ pub struct Losses {
 }
 
 /// A model with its parameters, gradients and activation buffers for a fixed (B, T).
+/// Logit distillation targets for [`Model::backward_distill`]: a teacher's logits for the
+/// same batch (B*T, V), the weight W of the distillation term and the temperature T.
+pub struct Distill<'a> {
+    pub teacher_logits: &'a [f32],
+    pub weight: f32,
+    pub temperature: f32,
+}
+
 pub struct Model {
     pub cfg: ModelConfig,
     pub layout: Layout,
@@ -504,6 +515,25 @@ impl Model {
     /// `loss_scale * total`. Use `loss_scale = 1 / micro_steps` for gradient accumulation.
     /// Overwrites the logits buffer.
     pub fn backward(&mut self, loss_scale: f32) {
+        self.backward_distill(loss_scale, None);
+    }
+
+    /// Mean distillation loss `T^2 KL(teacher || student)` at temperature T over the last
+    /// forward's counted targets (the logits must not have been overwritten by a backward).
+    pub fn distill_loss(&self, kd: &Distill) -> f32 {
+        let (sum, count) = distill_forward(
+            &self.logits,
+            kd.teacher_logits,
+            &self.targets,
+            self.cfg.vocab_size,
+            kd.temperature,
+        );
+        (sum / count.max(1) as f64) as f32
+    }
+
+    /// As [`Model::backward`], with logit distillation: the cross-entropy part of the loss
+    /// becomes `(1 - W) CE + W T^2 KL(teacher || student)`.
+    pub fn backward_distill(&mut self, loss_scale: f32, kd: Option<&Distill>) {
         let cfg = self.cfg.clone();
         let (b, t) = (self.b, self.t);
         let n = b * t;
@@ -536,13 +566,20 @@ impl Model {
         }
 
         self.prof.start();
-        cross_entropy_backward(
-            &mut self.logits,
-            &self.lse,
-            &self.targets,
-            v,
-            loss_scale / count as f32,
-        );
+        let scale = loss_scale / count as f32;
+        match kd {
+            None => cross_entropy_backward(&mut self.logits, &self.lse, &self.targets, v, scale),
+            Some(kd) => cross_entropy_distill_backward(
+                &mut self.logits,
+                &self.lse,
+                &self.targets,
+                kd.teacher_logits,
+                v,
+                (1.0 - kd.weight) * scale,
+                kd.weight * scale,
+                kd.temperature,
+            ),
+        }
         self.prof.lap("cross-entropy bwd");
         linear_backward(
             Some(&mut gr.dxf),

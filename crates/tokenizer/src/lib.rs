@@ -18,6 +18,9 @@ use std::path::{Path, PathBuf};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
 
 /// The chat format's special tokens, in id order (ids 0..6 of every moelab tokenizer).
@@ -62,6 +65,17 @@ impl Tokenizer {
         I: Iterator<Item = S> + Send,
         S: AsRef<str> + Send,
     {
+        Tokenizer::train_with(texts, vocab_size, false)
+    }
+
+    /// As [`Tokenizer::train`]; with `split_digits` every digit is its own token (as in
+    /// Llama and DeepSeek tokenizers), which arithmetic needs: a number's digits line up
+    /// with positions instead of being merged into arbitrary chunks.
+    pub fn train_with<I, S>(texts: I, vocab_size: usize, split_digits: bool) -> Result<Tokenizer>
+    where
+        I: Iterator<Item = S> + Send,
+        S: AsRef<str> + Send,
+    {
         if vocab_size < MIN_VOCAB {
             return Err(Error::VocabTooSmall(vocab_size));
         }
@@ -78,7 +92,15 @@ impl Tokenizer {
             .build();
         let mut trainer = TrainerWrapper::BpeTrainer(trainer);
         let mut tok = HfTokenizer::new(BPE::default());
-        tok.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
+        let byte_level = ByteLevel::default().add_prefix_space(false);
+        if split_digits {
+            tok.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(vec![
+                PreTokenizerWrapper::Digits(Digits::new(true)),
+                PreTokenizerWrapper::ByteLevel(byte_level),
+            ]))));
+        } else {
+            tok.with_pre_tokenizer(Some(byte_level));
+        }
         tok.with_decoder(Some(ByteLevel::default()));
         tok.train(&mut trainer, texts).map_err(hf)?;
         tok.add_special_tokens(&specials);

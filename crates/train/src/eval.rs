@@ -1,5 +1,8 @@
-//! Validation loss over a token stream: non-overlapping windows, every token a target once.
+//! Validation loss: over a token stream in non-overlapping windows (every token a target
+//! once), or over packed chat rows (every assistant token once).
 
+use crate::trainer::Split;
+use data::chat::ChatLoader;
 use data::loader::{eval_batch, eval_batches};
 use model::Model;
 
@@ -13,18 +16,30 @@ pub struct EvalResult {
 /// Evaluates `model` on `tokens`, at most `max_batches` batches (0: all). Expert-load
 /// counters are left as they were (evaluation must not move the balancing bias); dropout is
 /// off during evaluation.
-pub fn evaluate(model: &mut Model, tokens: &[u32], max_batches: u64) -> EvalResult {
+pub fn evaluate(model: &mut Model, split: &Split, max_batches: u64) -> EvalResult {
     let (b, t) = model.batch_shape();
     let saved = model.take_load();
     let training = std::mem::replace(&mut model.training, false);
-    let mut n = eval_batches(tokens, b, t);
+    let chat = match split {
+        Split::Chat(p) => ChatLoader::new(p, b, 0).ok(),
+        Split::Tokens(_) => None,
+    };
+    let mut n = match (split, &chat) {
+        (Split::Tokens(tokens), _) => eval_batches(tokens, b, t),
+        (_, Some(l)) => l.eval_batches(),
+        _ => 0,
+    };
     if max_batches > 0 {
         n = n.min(max_batches as usize);
     }
     let (mut x, mut y) = (vec![0u32; b * t], vec![0u32; b * t]);
     let (mut sum, mut count) = (0.0f64, 0usize);
     for i in 0..n {
-        eval_batch(tokens, b, t, i, &mut x, &mut y);
+        match (split, &chat) {
+            (Split::Tokens(tokens), _) => eval_batch(tokens, b, t, i, &mut x, &mut y),
+            (_, Some(l)) => l.eval_batch(i, &mut x, &mut y),
+            _ => unreachable!("no batches"),
+        }
         let l = model.forward(&x, &y);
         sum += l.ce as f64 * l.n_targets as f64;
         count += l.n_targets;

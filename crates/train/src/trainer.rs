@@ -10,10 +10,12 @@ use crate::checkpoint::{self, describe_diff, State, FORMAT_VERSION};
 use crate::eval::evaluate;
 use crate::schedule::lr_at;
 use crate::{io_err, Error, Result};
+use data::chat::{self, ChatLoader, Example, Packed};
 use data::loader::Loader;
 use data::meta::Meta;
 use data::shard;
-use model::{io, Config, Model, Optimizer};
+use model::{io, Config, Distill, Model, Optimizer};
+use tokenizer::Tokenizer;
 use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -34,6 +36,9 @@ pub struct StepReport {
     pub tokens_per_s: f64,
     /// max/mean expert load over MoE blocks (1.0 = perfectly balanced; 0 for dense models).
     pub imbalance: f64,
+    /// Distillation loss T^2 KL(teacher || student) when distilling.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kd_loss: Option<f32>,
 }
 
 /// A validation pass.
@@ -52,10 +57,24 @@ pub trait Reporter {
     fn message(&mut self, msg: &str);
 }
 
+/// Where training data comes from.
+pub enum Source {
+    /// A data dir written by `moelab prepare`.
+    Dir(PathBuf),
+    /// Chat examples held in memory (verified traces), with the tokenizer to encode them.
+    Examples {
+        train: Vec<Example>,
+        val: Vec<Example>,
+        tokenizer: PathBuf,
+    },
+}
+
 /// What to train.
 pub struct RunSpec<'a> {
     pub cfg: Config,
-    pub data_dir: PathBuf,
+    pub source: Source,
+    /// Logit distillation (None: plain cross-entropy).
+    pub teacher: Option<TeacherSpec>,
     pub run_dir: PathBuf,
     pub resume: bool,
     /// Set (e.g. by Ctrl-C) to checkpoint after the current step and return.
@@ -68,30 +87,141 @@ pub enum Outcome {
     Stopped,
 }
 
-/// Training data of a data dir, checked against the model config.
+/// One split of a dataset: a token stream (pretraining) or packed, loss-masked chat rows.
+pub enum Split {
+    Tokens(Vec<u32>),
+    Chat(Packed),
+}
+
+impl Split {
+    /// Tokens that count toward the loss.
+    pub fn targets(&self) -> usize {
+        match self {
+            Split::Tokens(t) => t.len().saturating_sub(1),
+            Split::Chat(p) => p.targets,
+        }
+    }
+}
+
+/// Training data, checked against the model config.
 pub struct Dataset {
-    pub meta: Meta,
-    pub train: Vec<u32>,
-    pub val: Vec<u32>,
+    /// meta.json of a data dir (None for traces).
+    pub meta: Option<Meta>,
+    pub train: Split,
+    pub val: Split,
+    /// The tokenizer.json the data is encoded with (copied into the run dir).
+    pub tokenizer_json: Vec<u8>,
+}
+
+fn check_vocab(what: &str, tok_vocab: usize, vocab_size: usize, fix: &str) -> Result<()> {
+    // NOTE: a tokenizer may come out smaller than asked (a small corpus runs out of
+    // merges); a model with room for every id is fine.
+    if tok_vocab > vocab_size {
+        return Err(Error::Usage(format!(
+            "the config has model.vocab_size = {vocab_size} but {what} uses a {tok_vocab}-token tokenizer; set model.vocab_size = {tok_vocab}{fix}"
+        )));
+    }
+    Ok(())
 }
 
 impl Dataset {
-    pub fn open(dir: &Path, vocab_size: usize) -> Result<Dataset> {
+    /// Opens a data dir written by `moelab prepare` (`--corpus` or `--task`); chat rows are
+    /// packed to `seq_len`.
+    pub fn open(dir: &Path, vocab_size: usize, seq_len: usize) -> Result<Dataset> {
         let meta = Meta::load(dir)?;
-        // NOTE: a tokenizer may come out smaller than asked (a small corpus runs out of
-        // merges); a model with room for every id is fine.
-        if meta.vocab_size > vocab_size {
-            return Err(Error::Usage(format!(
-                "the config has model.vocab_size = {vocab_size} but {} was prepared with a {}-token tokenizer; set model.vocab_size = {} or re-run `moelab prepare --vocab-size {vocab_size}`",
-                dir.display(),
-                meta.vocab_size,
-                meta.vocab_size
-            )));
+        check_vocab(
+            &dir.display().to_string(),
+            meta.vocab_size,
+            vocab_size,
+            &format!(" or re-run `moelab prepare --vocab-size {vocab_size}`"),
+        )?;
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer_json = std::fs::read(&tok_path).map_err(io_err(&tok_path))?;
+        if meta.kind == "chat" {
+            let tok = Tokenizer::from_file(&tok_path).map_err(data::Error::from)?;
+            let read = |name: &str| -> Result<Packed> {
+                let path = dir.join(name);
+                let (ex, bad) = chat::read_jsonl(&path)?;
+                if let Some((line, msg)) = bad.first() {
+                    return Err(Error::Usage(format!(
+                        "{}:{line}: malformed example ({msg}); re-run `moelab prepare --task`",
+                        path.display()
+                    )));
+                }
+                Ok(pack_examples(&tok, &ex, seq_len))
+            };
+            let (train, val) = (read("train.jsonl")?, read("val.jsonl")?);
+            return Ok(Dataset {
+                meta: Some(meta),
+                train: Split::Chat(train),
+                val: Split::Chat(val),
+                tokenizer_json,
+            });
         }
         let train = shard::read(&dir.join("train.bin"))?.tokens;
         let val = shard::read(&dir.join("val.bin"))?.tokens;
-        Ok(Dataset { meta, train, val })
+        Ok(Dataset {
+            meta: Some(meta),
+            train: Split::Tokens(train),
+            val: Split::Tokens(val),
+            tokenizer_json,
+        })
     }
+
+    /// Chat examples (e.g. verified traces) encoded with the tokenizer at `tokenizer`.
+    pub fn from_examples(
+        train: &[Example],
+        val: &[Example],
+        tokenizer: &Path,
+        vocab_size: usize,
+        seq_len: usize,
+    ) -> Result<Dataset> {
+        let tok = Tokenizer::from_file(tokenizer).map_err(data::Error::from)?;
+        check_vocab(
+            &tokenizer.display().to_string(),
+            tok.vocab_size(),
+            vocab_size,
+            "",
+        )?;
+        let tokenizer_json = std::fs::read(tokenizer).map_err(io_err(tokenizer))?;
+        Ok(Dataset {
+            meta: None,
+            train: Split::Chat(pack_examples(&tok, train, seq_len)),
+            val: Split::Chat(pack_examples(&tok, val, seq_len)),
+            tokenizer_json,
+        })
+    }
+}
+
+/// Renders and packs chat examples into rows of `seq_len`.
+pub fn pack_examples(tok: &Tokenizer, ex: &[Example], seq_len: usize) -> Packed {
+    use rayon::prelude::*;
+    let rendered: Vec<(Vec<u32>, usize)> = ex.par_iter().map(|e| chat::render(tok, e)).collect();
+    Packed::new(&rendered, seq_len, chat::ChatIds::of(tok).end)
+}
+
+/// Training batches of either kind of split.
+enum Batcher<'a> {
+    Tokens(Loader<'a>),
+    Chat(ChatLoader<'a>),
+}
+
+impl Batcher<'_> {
+    fn batch(&self, k: u64, x: &mut [u32], y: &mut [u32]) {
+        match self {
+            Batcher::Tokens(l) => l.batch(k, x, y),
+            Batcher::Chat(l) => l.batch(k, x, y),
+        }
+    }
+}
+
+/// Logit distillation from a teacher computed on the fly (forward KL at a temperature).
+pub struct TeacherSpec {
+    pub cfg: model::ModelConfig,
+    pub params: Vec<f32>,
+    /// Weight W of the distillation loss: loss = (1 - W) CE + W T^2 KL.
+    pub weight: f32,
+    pub temperature: f32,
 }
 
 fn append_metrics(path: &Path, value: &impl Serialize) -> Result<()> {
@@ -130,7 +260,7 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
 
 /// Prepares the run dir for a new run or checks it for a resume. Nothing is written when the
 /// run cannot go ahead.
-fn open_run_dir(spec: &RunSpec) -> Result<()> {
+fn open_run_dir(spec: &RunSpec, tokenizer_json: &[u8]) -> Result<()> {
     let run = &spec.run_dir;
     let cfg_path = run.join("config.toml");
     if spec.resume {
@@ -160,9 +290,7 @@ fn open_run_dir(spec: &RunSpec) -> Result<()> {
     }
     std::fs::create_dir_all(run).map_err(io_err(run))?;
     data::write_atomic(&cfg_path, spec.cfg.to_toml().as_bytes())?;
-    let tok = spec.data_dir.join("tokenizer.json");
-    let bytes = std::fs::read(&tok).map_err(io_err(&tok))?;
-    data::write_atomic(&run.join("tokenizer.json"), &bytes)?;
+    data::write_atomic(&run.join("tokenizer.json"), tokenizer_json)?;
     Ok(())
 }
 
@@ -170,16 +298,49 @@ fn open_run_dir(spec: &RunSpec) -> Result<()> {
 pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
     let cfg = &spec.cfg;
     let tc = &cfg.train;
-    let ds = Dataset::open(&spec.data_dir, cfg.model.vocab_size)?;
+    let ds = match &spec.source {
+        Source::Dir(d) => Dataset::open(d, cfg.model.vocab_size, tc.seq_len)?,
+        Source::Examples {
+            train,
+            val,
+            tokenizer,
+        } => Dataset::from_examples(train, val, tokenizer, cfg.model.vocab_size, tc.seq_len)?,
+    };
     let (b, t) = (tc.batch_size, tc.seq_len);
-    let loader = Loader::new(&ds.train, b, t, tc.seed).ok_or_else(|| {
-        Error::Usage(format!(
-            "training split has {} tokens, fewer than seq_len + 1 = {}",
-            ds.train.len(),
-            t + 1
-        ))
-    })?;
-    open_run_dir(spec)?;
+    let loader = match &ds.train {
+        Split::Tokens(tokens) => Batcher::Tokens(Loader::new(tokens, b, t, tc.seed).ok_or_else(|| {
+            Error::Usage(format!(
+                "training split has {} tokens, fewer than seq_len + 1 = {}",
+                tokens.len(),
+                t + 1
+            ))
+        })?),
+        Split::Chat(p) => {
+            if p.too_long > 0 {
+                rep.message(&format!(
+                    "{} training examples are longer than seq_len = {t} and were left out",
+                    p.too_long
+                ));
+            }
+            Batcher::Chat(ChatLoader::new(p, b, tc.seed)?)
+        }
+    };
+    let mut teacher = match &spec.teacher {
+        Some(ts) => {
+            if ts.cfg.vocab_size != cfg.model.vocab_size {
+                return Err(Error::Usage(format!(
+                    "the teacher has vocab_size {} and the student {}: distillation needs one tokenizer",
+                    ts.cfg.vocab_size, cfg.model.vocab_size
+                )));
+            }
+            let layout = model::Layout::new(&ts.cfg);
+            let mut m = Model::with_params(&ts.cfg, layout, ts.params.clone(), b, t);
+            m.training = false;
+            Some(m)
+        }
+        None => None,
+    };
+    open_run_dir(spec, &ds.tokenizer_json)?;
     let run = &spec.run_dir;
     let metrics = run.join("metrics.jsonl");
 
@@ -213,14 +374,26 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
     while state.step < tc.steps {
         let lr = lr_at(state.step, tc);
         model.zero_grad();
-        let mut loss = 0.0f32;
+        let (mut loss, mut kd_loss) = (0.0f32, 0.0f32);
         model.training = true;
         for _ in 0..tc.grad_accum {
             loader.batch(state.next_batch, &mut x, &mut y);
             model.dropout_key = state.next_batch;
             state.next_batch += 1;
             loss += model.forward(&x, &y).ce / tc.grad_accum as f32;
-            model.backward(1.0 / tc.grad_accum as f32);
+            match (&mut teacher, &spec.teacher) {
+                (Some(tm), Some(ts)) => {
+                    tm.forward(&x, &y);
+                    let kd = Distill {
+                        teacher_logits: tm.logits(),
+                        weight: ts.weight,
+                        temperature: ts.temperature,
+                    };
+                    kd_loss += model.distill_loss(&kd) / tc.grad_accum as f32;
+                    model.backward_distill(1.0 / tc.grad_accum as f32, Some(&kd));
+                }
+                _ => model.backward(1.0 / tc.grad_accum as f32),
+            }
         }
         let grad_norm = opt.step(&mut model, tc, lr);
         model.update_balance_bias();
@@ -236,12 +409,14 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
             tokens_seen: state.tokens_seen,
             tokens_per_s: (state.tokens_seen - start_tokens) as f64 / start.elapsed().as_secs_f64(),
             imbalance: model.load_imbalance(),
+            kd_loss: spec.teacher.as_ref().map(|_| kd_loss),
         };
         append_metrics(&metrics, &report)?;
         rep.step(&report);
 
         let last = state.step == tc.steps;
-        if (tc.eval_every > 0 && state.step.is_multiple_of(tc.eval_every)) || last {
+        let periodic = tc.eval_every > 0 && state.step.is_multiple_of(tc.eval_every);
+        if (periodic || last) && ds.val.targets() > 0 {
             let e = evaluate(&mut model, &ds.val, if last { 0 } else { tc.eval_batches });
             let r = EvalReport {
                 step: state.step,

@@ -6,7 +6,7 @@ use data::prepare::{prepare_corpus, PrepareOpts};
 use model::Config;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use train::trainer::{run, EvalReport, Outcome, Reporter, RunSpec, StepReport};
+use train::trainer::{run, EvalReport, Outcome, Reporter, RunSpec, Source, StepReport};
 
 struct StopAt<'a> {
     at: u64,
@@ -91,7 +91,8 @@ fn stop_and_resume_equals_uninterrupted() {
     let never = AtomicBool::new(false);
     let straight = RunSpec {
         cfg: cfg(40),
-        data_dir: data.clone(),
+        source: Source::Dir(data.clone()),
+        teacher: None,
         run_dir: root.join("a"),
         resume: false,
         stop: &never,
@@ -111,7 +112,8 @@ fn stop_and_resume_equals_uninterrupted() {
     let stop = AtomicBool::new(false);
     let first = RunSpec {
         cfg: cfg(40),
-        data_dir: data.clone(),
+        source: Source::Dir(data.clone()),
+        teacher: None,
         run_dir: root.join("b"),
         resume: false,
         stop: &stop,
@@ -130,7 +132,8 @@ fn stop_and_resume_equals_uninterrupted() {
     let stop2 = AtomicBool::new(false);
     let second = RunSpec {
         cfg: cfg(40),
-        data_dir: data.clone(),
+        source: Source::Dir(data.clone()),
+        teacher: None,
         run_dir: root.join("b"),
         resume: true,
         stop: &stop2,
@@ -179,7 +182,8 @@ fn stop_and_resume_equals_uninterrupted() {
     let st = AtomicBool::new(false);
     let bad = RunSpec {
         cfg: other,
-        data_dir: data.clone(),
+        source: Source::Dir(data.clone()),
+        teacher: None,
         run_dir: root.join("b"),
         resume: true,
         stop: &st,
@@ -197,7 +201,8 @@ fn stop_and_resume_equals_uninterrupted() {
     // and starting a new run over an existing one is refused too
     let fresh = RunSpec {
         cfg: cfg(40),
-        data_dir: data,
+        source: Source::Dir(data),
+        teacher: None,
         run_dir: root.join("b"),
         resume: false,
         stop: &st,

@@ -1,0 +1,589 @@
+//! Synthetic reasoning tasks: seeded generators, ground-truth step-by-step solutions and
+//! verifiers of final answers.
+//!
+//! A problem is its prompt: [`Task::solve`] parses a prompt and derives the step-by-step
+//! reasoning and the answer from it, and [`verify`] checks an answer against the same
+//! parse. Traces therefore need no hidden state: any `prompt` in a traces file can be
+//! re-solved and re-verified.
+//!
+//! Reasoning formats are chosen so that every step is local: each line copies what it needs
+//! from the line before (e.g. the "so far" digits of an addition), which is what lets a small
+//! transformer learn the algorithm, and what an answer-only model has to do in its head.
+//!
+//! | task | difficulty knob | example prompt |
+//! |---|---|---|
+//! | `add` | digits (2-4) | `What is 4721 + 389?` / `What is 4721 - 389?` |
+//! | `mul` | 1: 2x1, 2: 3x1, 3: 2x2 digits | `What is 347 * 6?` |
+//! | `expr` | nesting depth (1-3) | `Evaluate (3+4)*(5-2).` |
+//! | `sort` | list length (3-6) | `Sort 53 7 91 20.` |
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::fmt::Write;
+
+/// A reasoning task of the suite.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Task {
+    Add,
+    Mul,
+    Expr,
+    Sort,
+}
+
+/// Every task, in a fixed order (the default mix).
+pub const ALL: [Task; 4] = [Task::Add, Task::Mul, Task::Expr, Task::Sort];
+
+/// One problem with its ground-truth solution.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub task: Task,
+    pub difficulty: u32,
+    pub prompt: String,
+    pub reasoning: String,
+    pub answer: String,
+}
+
+impl Task {
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Add => "add",
+            Task::Mul => "mul",
+            Task::Expr => "expr",
+            Task::Sort => "sort",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Task> {
+        ALL.into_iter().find(|t| t.name() == s)
+    }
+
+    /// Whether the task takes several dependent arithmetic steps (where reasoning matters
+    /// most; the distillation report singles these out).
+    pub fn multi_step(self) -> bool {
+        self != Task::Sort
+    }
+
+    /// Difficulty levels of the default mix.
+    pub fn difficulties(self) -> std::ops::RangeInclusive<u32> {
+        match self {
+            Task::Add => 2..=4,
+            Task::Mul => 1..=3,
+            Task::Expr => 1..=3,
+            Task::Sort => 3..=6,
+        }
+    }
+
+    /// A random problem of `difficulty` (any level from 1 up works; the default mix uses
+    /// [`Task::difficulties`]).
+    pub fn generate(self, rng: &mut impl Rng, difficulty: u32) -> Problem {
+        let d = difficulty.max(1);
+        let spec = match self {
+            Task::Add => {
+                let a = rand_digits(rng, d);
+                let db = rng.gen_range(1..=d);
+                let b = rand_digits(rng, db);
+                if rng.gen_bool(0.5) {
+                    Spec::Add { a, b }
+                } else {
+                    let (a, b) = if a >= b { (a, b) } else { (b, a) };
+                    Spec::Sub { a, b }
+                }
+            }
+            Task::Mul => {
+                let (da, db) = match d {
+                    1 => (2, 1),
+                    2 => (3, 1),
+                    3 => (2, 2),
+                    _ => (3, 2),
+                };
+                Spec::Mul {
+                    a: rand_digits(rng, da),
+                    b: rand_digits(rng, db),
+                }
+            }
+            Task::Expr => loop {
+                let e = Expr::random(rng, d);
+                if e.depth() == d && e.eval_checked().is_some() {
+                    break Spec::Expr(e);
+                }
+            },
+            Task::Sort => Spec::Sort((0..d.max(2)).map(|_| rng.gen_range(0..100)).collect()),
+        };
+        let (reasoning, answer) = spec.solve();
+        Problem {
+            task: self,
+            difficulty: spec.difficulty(),
+            prompt: spec.prompt(),
+            reasoning,
+            answer,
+        }
+    }
+}
+
+/// Parses a comma-separated task list (`add,mul`, or `all`). Unknown names are an error that
+/// lists the valid ones.
+pub fn parse_list(s: &str) -> Result<Vec<Task>, String> {
+    if s.trim() == "all" {
+        return Ok(ALL.to_vec());
+    }
+    let mut out = vec![];
+    for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let t = Task::from_name(name).ok_or_else(|| {
+            format!(
+                "unknown task '{name}'; valid tasks: {} (or 'all')",
+                ALL.map(|t| t.name()).join(", ")
+            )
+        })?;
+        if !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    if out.is_empty() {
+        return Err("no task given; valid tasks: add, mul, expr, sort (or 'all')".into());
+    }
+    Ok(out)
+}
+
+/// `n` problems of the default mix of `tasks`: problem i comes from ChaCha8 stream i of
+/// `seed` (so any prefix of the list is the same for a larger n), task i mod len, a uniform
+/// difficulty of that task's range.
+pub fn generate_mix(tasks: &[Task], n: usize, seed: u64) -> Vec<Problem> {
+    (0..n)
+        .map(|i| {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream(i as u64);
+            let t = tasks[i % tasks.len()];
+            let d = rng.gen_range(t.difficulties());
+            t.generate(&mut rng, d)
+        })
+        .collect()
+}
+
+/// The ground-truth solution of `prompt`: (task, difficulty, reasoning, answer), or None when
+/// the prompt is not a problem of the suite.
+pub fn solve(prompt: &str) -> Option<(Task, u32, String, String)> {
+    let spec = Spec::parse(prompt)?;
+    let (r, a) = spec.solve();
+    Some((spec.task(), spec.difficulty(), r, a))
+}
+
+/// Whether `answer` is a correct final answer to `prompt` (whitespace-insensitive; for
+/// `sort`, numbers separated by spaces or commas). False for prompts outside the suite.
+pub fn verify(prompt: &str, answer: &str) -> bool {
+    let Some(spec) = Spec::parse(prompt) else {
+        return false;
+    };
+    let want = spec.solve().1;
+    match spec {
+        Spec::Sort(_) => parse_ints(answer).is_some_and(|v| v == parse_ints(&want).unwrap()),
+        _ => answer.trim().parse::<i64>().ok() == want.parse::<i64>().ok(),
+    }
+}
+
+fn parse_ints(s: &str) -> Option<Vec<i64>> {
+    let v: Option<Vec<i64>> = s
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|x| !x.is_empty())
+        .map(|x| x.parse().ok())
+        .collect();
+    v.filter(|v| !v.is_empty())
+}
+
+fn rand_digits(rng: &mut impl Rng, d: u32) -> u64 {
+    let lo = if d <= 1 { 0 } else { 10u64.pow(d - 1) };
+    rng.gen_range(lo..10u64.pow(d))
+}
+
+/// A parsed problem.
+#[derive(Clone, Debug, PartialEq)]
+enum Spec {
+    Add { a: u64, b: u64 },
+    Sub { a: u64, b: u64 },
+    Mul { a: u64, b: u64 },
+    Expr(Expr),
+    Sort(Vec<u64>),
+}
+
+fn ndigits(x: u64) -> u32 {
+    x.to_string().len() as u32
+}
+
+impl Spec {
+    fn task(&self) -> Task {
+        match self {
+            Spec::Add { .. } | Spec::Sub { .. } => Task::Add,
+            Spec::Mul { .. } => Task::Mul,
+            Spec::Expr(_) => Task::Expr,
+            Spec::Sort(_) => Task::Sort,
+        }
+    }
+
+    fn difficulty(&self) -> u32 {
+        match self {
+            Spec::Add { a, b } | Spec::Sub { a, b } => ndigits(*a).max(ndigits(*b)),
+            Spec::Mul { a, b } => match (ndigits(*a), ndigits(*b)) {
+                (da, 1) if da <= 2 => 1,
+                (_, 1) => 2,
+                (da, 2) if da <= 2 => 3,
+                _ => 4,
+            },
+            Spec::Expr(e) => e.depth(),
+            Spec::Sort(v) => v.len() as u32,
+        }
+    }
+
+    fn prompt(&self) -> String {
+        match self {
+            Spec::Add { a, b } => format!("What is {a} + {b}?"),
+            Spec::Sub { a, b } => format!("What is {a} - {b}?"),
+            Spec::Mul { a, b } => format!("What is {a} * {b}?"),
+            Spec::Expr(e) => format!("Evaluate {}.", e.render(true)),
+            Spec::Sort(v) => format!("Sort {}.", join(v)),
+        }
+    }
+
+    fn parse(prompt: &str) -> Option<Spec> {
+        let p = prompt.trim();
+        if let Some(rest) = p.strip_prefix("What is ").and_then(|r| r.strip_suffix('?')) {
+            let mut it = rest.split(' ');
+            let (a, op, b) = (it.next()?, it.next()?, it.next()?);
+            if it.next().is_some() {
+                return None;
+            }
+            let (a, b) = (parse_num(a)?, parse_num(b)?);
+            return match op {
+                "+" => Some(Spec::Add { a, b }),
+                "-" if a >= b => Some(Spec::Sub { a, b }),
+                "*" if ndigits(a) <= 3 && ndigits(b) <= 2 => Some(Spec::Mul { a, b }),
+                _ => None,
+            };
+        }
+        if let Some(rest) = p.strip_prefix("Evaluate ").and_then(|r| r.strip_suffix('.')) {
+            let e = Expr::parse(rest)?;
+            e.eval_checked()?;
+            return Some(Spec::Expr(e));
+        }
+        if let Some(rest) = p.strip_prefix("Sort ").and_then(|r| r.strip_suffix('.')) {
+            let v: Option<Vec<u64>> = rest.split(' ').map(parse_num).collect();
+            return v.filter(|v| v.len() >= 2 && v.iter().all(|&x| x < 100)).map(Spec::Sort);
+        }
+        None
+    }
+
+    fn solve(&self) -> (String, String) {
+        let mut r = String::new();
+        let ans = match self {
+            Spec::Add { a, b } => add_steps(&mut r, *a, *b),
+            Spec::Sub { a, b } => sub_steps(&mut r, *a, *b),
+            Spec::Mul { a, b } => mul_steps(&mut r, *a, *b),
+            Spec::Expr(e) => {
+                let mut e = e.clone();
+                let _ = write!(r, "{}", e.render(true));
+                while let Expr::Op(..) = e {
+                    e.reduce_once();
+                    let _ = write!(r, "\n= {}", e.render(true));
+                }
+                e.eval_checked().expect("checked on parse")
+            }
+            Spec::Sort(v) => {
+                let mut rest = v.clone();
+                let mut out = vec![];
+                while !rest.is_empty() {
+                    let i = (0..rest.len()).min_by_key(|&i| (rest[i], i)).unwrap();
+                    let m = rest.remove(i);
+                    out.push(m);
+                    if !r.is_empty() {
+                        r.push('\n');
+                    }
+                    if rest.is_empty() {
+                        let _ = write!(r, "smallest {m}, done");
+                    } else {
+                        let _ = write!(r, "smallest {m}, rest {}", join(&rest));
+                    }
+                }
+                return (r, join(&out));
+            }
+        };
+        (r, ans.to_string())
+    }
+}
+
+/// A non-negative integer without leading zeros (and at most 9 digits).
+fn parse_num(s: &str) -> Option<u64> {
+    let ok = !s.is_empty()
+        && s.len() <= 9
+        && s.bytes().all(|b| b.is_ascii_digit())
+        && (s == "0" || !s.starts_with('0'));
+    ok.then(|| s.parse().ok()).flatten()
+}
+
+fn join(v: &[u64]) -> String {
+    v.iter().map(u64::to_string).collect::<Vec<_>>().join(" ")
+}
+
+/// Digits of x, least significant first, padded with zeros to n.
+fn digits_lsb(x: u64, n: usize) -> Vec<u64> {
+    let mut d = vec![];
+    let mut y = x;
+    while d.len() < n || y > 0 {
+        d.push(y % 10);
+        y /= 10;
+    }
+    d
+}
+
+fn strip_zeros(s: &str) -> String {
+    let t = s.trim_start_matches('0');
+    if t.is_empty() {
+        "0".into()
+    } else {
+        t.into()
+    }
+}
+
+/// Column addition, one line per digit: `7+3+1=11, carry 1, so far 110`.
+fn add_steps(r: &mut String, a: u64, b: u64) -> u64 {
+    let n = ndigits(a).max(ndigits(b)) as usize;
+    let (da, db) = (digits_lsb(a, n), digits_lsb(b, n));
+    let _ = write!(r, "{a}+{b}:");
+    let (mut carry, mut so_far) = (0, String::new());
+    for i in 0..n {
+        let s = da[i] + db[i] + carry;
+        let _ = write!(r, "\n{}+{}+{carry}={s}", da[i], db[i]);
+        carry = s / 10;
+        so_far.insert(0, char::from(b'0' + (s % 10) as u8));
+        let _ = write!(r, ", carry {carry}, so far {so_far}");
+    }
+    if carry > 0 {
+        so_far.insert(0, '1');
+        let _ = write!(r, "\ncarry 1 in front, so far {so_far}");
+    }
+    a + b
+}
+
+/// Column subtraction (a >= b): `2-8-1=3, borrow 1, so far 3` (3 = 12-8-1).
+fn sub_steps(r: &mut String, a: u64, b: u64) -> u64 {
+    let n = ndigits(a) as usize;
+    let (da, db) = (digits_lsb(a, n), digits_lsb(b, n));
+    let _ = write!(r, "{a}-{b}:");
+    let (mut borrow, mut so_far) = (0i64, String::new());
+    for i in 0..n {
+        let mut s = da[i] as i64 - db[i] as i64 - borrow;
+        let prev = borrow;
+        borrow = (s < 0) as i64;
+        s += 10 * borrow;
+        so_far.insert(0, char::from(b'0' + s as u8));
+        let _ = write!(
+            r,
+            "\n{}-{}-{prev}={s}, borrow {borrow}, so far {so_far}",
+            da[i], db[i]
+        );
+    }
+    let stripped = strip_zeros(&so_far);
+    if stripped != so_far {
+        let _ = write!(r, "\nwithout leading zeros {stripped}");
+    }
+    a - b
+}
+
+/// Long multiplication: one partial product per digit of b (digit by digit with carries),
+/// shifted, then their column sum.
+fn mul_steps(r: &mut String, a: u64, b: u64) -> u64 {
+    let na = ndigits(a) as usize;
+    let da = digits_lsb(a, na);
+    let mut partials = vec![];
+    for (j, &m) in digits_lsb(b, ndigits(b) as usize).iter().enumerate() {
+        if !r.is_empty() {
+            r.push('\n');
+        }
+        let _ = write!(r, "{a}*{m}:");
+        let (mut carry, mut so_far) = (0, String::new());
+        for (i, &x) in da.iter().enumerate() {
+            let s = x * m + carry;
+            let _ = write!(r, "{}{x}*{m}+{carry}={s}", if i > 0 { "; " } else { " " });
+            carry = s / 10;
+            so_far.insert(0, char::from(b'0' + (s % 10) as u8));
+            let _ = write!(r, ", carry {carry}, so far {so_far}");
+        }
+        if carry > 0 {
+            so_far.insert(0, char::from(b'0' + carry as u8));
+            let _ = write!(r, "; carry {carry} in front, so far {so_far}");
+        }
+        let p = a * m * 10u64.pow(j as u32);
+        if j > 0 {
+            let _ = write!(r, "\nshift {j}: {p}");
+        }
+        partials.push(p);
+    }
+    if partials.len() == 2 {
+        r.push('\n');
+        add_steps(r, partials[0], partials[1]);
+    }
+    a * b
+}
+
+/// A nested arithmetic expression over small non-negative integers.
+#[derive(Clone, Debug, PartialEq)]
+enum Expr {
+    Num(u64),
+    Op(Box<Expr>, char, Box<Expr>),
+}
+
+impl Expr {
+    /// A random tree of exactly `depth` levels of operators along its leftmost or rightmost
+    /// spine, leaves 1-9 (callers re-draw trees that break the value limits).
+    fn random(rng: &mut impl Rng, depth: u32) -> Expr {
+        if depth == 0 {
+            return Expr::Num(rng.gen_range(1..10));
+        }
+        let op = ['+', '-', '*'][rng.gen_range(0..3)];
+        let deep = Expr::random(rng, depth - 1);
+        let od = rng.gen_range(0..depth);
+        let other = Expr::random(rng, od);
+        if rng.gen_bool(0.5) {
+            Expr::Op(Box::new(deep), op, Box::new(other))
+        } else {
+            Expr::Op(Box::new(other), op, Box::new(deep))
+        }
+    }
+
+    fn depth(&self) -> u32 {
+        match self {
+            Expr::Num(_) => 0,
+            Expr::Op(l, _, r) => 1 + l.depth().max(r.depth()),
+        }
+    }
+
+    /// The value, or None when a step breaks the limits that keep every step one mental
+    /// operation: values 0-99, no negative results, one operand of + - * at most 9.
+    fn eval_checked(&self) -> Option<u64> {
+        match self {
+            Expr::Num(n) => (*n < 100).then_some(*n),
+            Expr::Op(l, op, r) => {
+                let (a, b) = (l.eval_checked()?, r.eval_checked()?);
+                if a.min(b) > 9 {
+                    return None;
+                }
+                let v = match op {
+                    '+' => a + b,
+                    '-' => a.checked_sub(b)?,
+                    _ => a * b,
+                };
+                (v < 100).then_some(v)
+            }
+        }
+    }
+
+    /// Replaces the leftmost operator whose operands are both numbers by its value.
+    fn reduce_once(&mut self) -> bool {
+        if let Expr::Op(l, op, r) = self {
+            if let (Expr::Num(a), Expr::Num(b)) = (&**l, &**r) {
+                let v = match op {
+                    '+' => a + b,
+                    '-' => a - b,
+                    _ => a * b,
+                };
+                *self = Expr::Num(v);
+                return true;
+            }
+            return l.reduce_once() || r.reduce_once();
+        }
+        false
+    }
+
+    fn render(&self, top: bool) -> String {
+        match self {
+            Expr::Num(n) => n.to_string(),
+            Expr::Op(l, op, r) => {
+                let s = format!("{}{op}{}", l.render(false), r.render(false));
+                if top {
+                    s
+                } else {
+                    format!("({s})")
+                }
+            }
+        }
+    }
+
+    fn parse(s: &str) -> Option<Expr> {
+        let b = s.as_bytes();
+        let mut pos = 0;
+        let e = Expr::parse_binary(b, &mut pos)?;
+        (pos == b.len()).then_some(e)
+    }
+
+    /// `operand op operand` (the top level has no parentheses) or a single operand.
+    fn parse_binary(b: &[u8], pos: &mut usize) -> Option<Expr> {
+        let l = Expr::parse_operand(b, pos)?;
+        match b.get(*pos) {
+            Some(&c) if c == b'+' || c == b'-' || c == b'*' => {
+                *pos += 1;
+                let r = Expr::parse_operand(b, pos)?;
+                Some(Expr::Op(Box::new(l), c as char, Box::new(r)))
+            }
+            _ => Some(l),
+        }
+    }
+
+    fn parse_operand(b: &[u8], pos: &mut usize) -> Option<Expr> {
+        if b.get(*pos) == Some(&b'(') {
+            *pos += 1;
+            let e = Expr::parse_binary(b, pos)?;
+            if !matches!(e, Expr::Op(..)) || b.get(*pos) != Some(&b')') {
+                return None;
+            }
+            *pos += 1;
+            return Some(e);
+        }
+        let start = *pos;
+        while b.get(*pos).is_some_and(u8::is_ascii_digit) {
+            *pos += 1;
+        }
+        parse_num(std::str::from_utf8(&b[start..*pos]).ok()?).map(Expr::Num)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn examples_read_as_documented() {
+        let (t, d, r, a) = solve("What is 4721 + 389?").unwrap();
+        assert_eq!((t, d, a.as_str()), (Task::Add, 4, "5110"));
+        assert!(r.contains("7+3+1=11, carry 1, so far 110"), "{r}");
+        let (_, _, r, a) = solve("What is 1000 - 999?").unwrap();
+        assert_eq!(a, "1");
+        assert!(r.ends_with("without leading zeros 1"), "{r}");
+        let (t, d, r, a) = solve("What is 47 * 36?").unwrap();
+        assert_eq!((t, d, a.as_str()), (Task::Mul, 3, "1692"));
+        assert!(r.contains("shift 1: 1410"), "{r}");
+        let (t, d, r, a) = solve("Evaluate (3+4)*(5-2).").unwrap();
+        assert_eq!((t, d, a.as_str()), (Task::Expr, 2, "21"));
+        assert_eq!(r, "(3+4)*(5-2)\n= 7*(5-2)\n= 7*3\n= 21");
+        let (t, _, _, a) = solve("Sort 53 7 91 20.").unwrap();
+        assert_eq!((t, a.as_str()), (Task::Sort, "7 20 53 91"));
+        assert!(solve("What is 3 - 5?").is_none());
+        assert!(solve("Evaluate (3+4.").is_none());
+        assert!(solve("hello").is_none());
+    }
+
+    #[test]
+    fn mix_is_seeded_and_prefix_stable() {
+        let a = generate_mix(&ALL, 40, 7);
+        assert_eq!(a, generate_mix(&ALL, 40, 7));
+        assert_eq!(a[..10], generate_mix(&ALL, 10, 7)[..]);
+        assert_ne!(a, generate_mix(&ALL, 40, 8));
+        for p in &a {
+            assert!(p.task.difficulties().contains(&p.difficulty), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_task_is_named() {
+        let e = parse_list("add,division").unwrap_err();
+        assert!(e.contains("'division'") && e.contains("add, mul, expr, sort"));
+        assert_eq!(parse_list("all").unwrap(), ALL.to_vec());
+        assert_eq!(parse_list("sort, add").unwrap(), vec![Task::Sort, Task::Add]);
+    }
+}
