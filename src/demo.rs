@@ -1,181 +1,264 @@
-//! `moelab demo`: what the compute core can do today, on built-in defaults, offline, in
-//! seconds. A tiny MoE (the `tiny` preset) learns two-digit addition written as bytes
-//! ("37+45=82\n"), with a live progress bar, then answers held-out problems greedily and
-//! prints a summary: loss, accuracy, throughput, expert balance and the weights hash.
+//! `moelab demo`: the whole distillation story on built-in defaults, offline.
 //!
-//! NOTE: later stages (tokenizer, data shards, distillation, serving) replace this with the
-//! full teacher -> traces -> student pipeline; the synthetic task lives here until the `data`
-//! crate owns task generators.
+//! 1. generate reasoning problems (add/sub, mul, nested expressions, sorting) with
+//!    step-by-step solutions, and the same problems with answers only;
+//! 2. train a teacher MoE on the solutions;
+//! 3. the teacher writes solutions to fresh problems; the verifier keeps the correct ones;
+//! 4. train a student with under a quarter of the teacher's active parameters on the
+//!    verified traces, and the same student on answers only with the same compute;
+//! 5. evaluate all three on held-out problems (greedy) and print a table;
+//! 6. one chat turn of the student, reasoning shown dimmed.
+//!
+//! Everything lands in `--out` (runs, data, traces) so the models can be chatted with or
+//! served afterwards.
 
-use crate::presets::load_config;
-use anyhow::Result;
+use crate::reasoning::{self, evaluate_tasks, Reasoner, TaskEval, EVAL_SEED};
+use crate::train_cmd::{resolve_config, train_with_progress};
+use anyhow::{bail, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
-use kernels::IGNORE_INDEX;
-use model::optim::train_step;
-use model::{io, Model, Optimizer};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use data::chat::{self, Example};
+use data::prepare::{prepare_tasks, TaskOpts};
+use data::tasks::{self, Task};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
+use train::trainer::{Outcome, Source};
 
 #[derive(Args)]
 pub struct DemoArgs {
-    /// Training steps.
-    #[arg(long, default_value_t = 3000)]
-    steps: usize,
-    /// Seed for initialisation and data.
+    /// Directory for the demo's data, traces and runs (replaced if it holds an earlier demo).
+    #[arg(long, default_value = "moelab-demo")]
+    out: PathBuf,
+    /// Tasks (add, mul, expr, sort; comma-separated or all).
+    #[arg(long, default_value = "all")]
+    task: String,
+    /// Teacher config file or preset.
+    #[arg(long, default_value = "teacher")]
+    teacher_config: String,
+    /// Student config file or preset.
+    #[arg(long, default_value = "student")]
+    student_config: String,
+    /// Teacher training steps.
+    #[arg(long, default_value_t = 600)]
+    teacher_steps: u64,
+    /// Student training steps (both students).
+    #[arg(long, default_value_t = 600)]
+    student_steps: u64,
+    /// Training problems for the teacher.
+    #[arg(long, default_value_t = 20000)]
+    n: usize,
+    /// Fresh prompts the teacher answers for distillation.
+    #[arg(long, default_value_t = 2000)]
+    prompts: usize,
+    /// Held-out problems per model in the final table.
+    #[arg(long, default_value_t = 200)]
+    eval_n: usize,
+    /// Seed of everything.
     #[arg(long, default_value_t = 1337)]
     seed: u64,
-    /// Held-out problems to answer after training.
-    #[arg(long, default_value_t = 100)]
-    eval: usize,
 }
 
-fn problem(rng: &mut ChaCha8Rng) -> (String, String) {
-    let (a, b) = (rng.gen_range(0..100u32), rng.gen_range(0..100u32));
-    (format!("{a}+{b}="), format!("{}\n", a + b))
+fn stage(i: usize, msg: &str) {
+    println!("\n[{i}/6] {msg}");
 }
 
-/// A stream of problems as bytes, long enough for `n` tokens.
-fn stream(rng: &mut ChaCha8Rng, n: usize) -> Vec<u32> {
-    let mut out = Vec::with_capacity(n + 16);
-    while out.len() < n + 1 {
-        let (q, a) = problem(rng);
-        out.extend(q.bytes().chain(a.bytes()).map(u32::from));
+fn train(config: &str, steps: u64, seed: u64, source: Source, out: &Path) -> Result<()> {
+    let cfg = resolve_config(config, Some(steps), Some(seed))?;
+    if train_with_progress(cfg, source, None, out, false)? == Outcome::Stopped {
+        bail!("demo interrupted");
     }
-    out
-}
-
-/// Greedy completion by full recompute (the KV cache arrives with `moelab sample`).
-fn complete(m: &mut Model, prompt: &str, max_new: usize) -> String {
-    let (_, t) = m.batch_shape();
-    let v = m.cfg.vocab_size;
-    let mut toks: Vec<u32> = prompt.bytes().map(u32::from).collect();
-    let mut out = String::new();
-    for _ in 0..max_new {
-        if toks.len() >= t {
-            break;
-        }
-        let mut input = toks.clone();
-        input.resize(t, 0); // right padding: causal attention never looks at it
-        m.forward(&input, &vec![IGNORE_INDEX; t]);
-        let row = &m.logits()[(toks.len() - 1) * v..toks.len() * v];
-        let next = (0..v)
-            .max_by(|&a, &b| row[a].total_cmp(&row[b]).then(b.cmp(&a)))
-            .unwrap_or(0) as u32;
-        if next == u32::from(b'\n') {
-            break;
-        }
-        toks.push(next);
-        out.push(char::from(next as u8));
-    }
-    out
-}
-
-pub fn run(a: DemoArgs) -> Result<()> {
-    let mut cfg = load_config("tiny")?;
-    cfg.train.seed = a.seed;
-    let (b, t) = (cfg.train.batch_size, cfg.train.seq_len);
-    println!("moelab demo: a {}-layer MoE ({} experts, top-{}, {} shared) learns two-digit addition from bytes", cfg.model.n_layers, cfg.model.n_experts, cfg.model.top_k, cfg.model.n_shared_experts);
-    let mut m = Model::new(&cfg.model, b, t, a.seed);
-    let mut opt = Optimizer::new(&m);
-    println!(
-        "{} parameters, {} active per token, {} threads\n",
-        m.layout.n_params(),
-        cfg.model.active_matmul_params(),
-        rayon::current_num_threads()
-    );
-    let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
-    let bar = ProgressBar::new(a.steps as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
-        )?
-        .progress_chars("=> "),
-    );
-    let start = Instant::now();
-    let (mut first, mut last) = (None, 0.0);
-    let mut loads: Vec<Vec<u64>> = vec![];
-    for step in 0..a.steps {
-        let mut tokens = Vec::with_capacity(b * t);
-        let mut targets = Vec::with_capacity(b * t);
-        for _ in 0..b {
-            let s = stream(&mut rng, t);
-            tokens.extend_from_slice(&s[..t]);
-            targets.extend_from_slice(&s[1..=t]);
-        }
-        // cosine decay to 10% after a short warm-up
-        let lr = cfg.train.lr * lr_factor(step, a.steps);
-        let (l, _) = train_step(&mut m, &mut opt, &tokens, &targets, &cfg.train, lr);
-        if loads.is_empty() {
-            loads = m.last_load.iter().map(|x| vec![0; x.len()]).collect();
-        }
-        for (acc, l_) in loads.iter_mut().zip(&m.last_load) {
-            for (x, y) in acc.iter_mut().zip(l_) {
-                *x += y;
-            }
-        }
-        first.get_or_insert(l.ce);
-        last = l.ce;
-        let tok_s = ((step + 1) * b * t) as f64 / start.elapsed().as_secs_f64();
-        bar.set_message(format!(
-            "loss {:.3}  {:.0} tok/s  imbalance {:.2}",
-            l.ce,
-            tok_s,
-            m.load_imbalance()
-        ));
-        bar.inc(1);
-    }
-    bar.finish();
-    let secs = start.elapsed().as_secs_f64();
-    let mut eval_rng = ChaCha8Rng::seed_from_u64(a.seed ^ 0x5EED_E7A1);
-    let mut gen = Model::with_params(&cfg.model, m.layout.clone(), m.params.clone(), 1, t);
-    let mut correct = 0;
-    let mut shown = vec![];
-    for i in 0..a.eval {
-        let (q, ans) = problem(&mut eval_rng);
-        let got = complete(&mut gen, &q, 5);
-        if got == ans.trim_end() {
-            correct += 1;
-        }
-        if i < 4 {
-            shown.push(format!("{q}{got}  (expected {})", ans.trim_end()));
-        }
-    }
-    println!(
-        "\n  loss            {:.3} -> {last:.3} nats/token",
-        first.unwrap_or(0.0)
-    );
-    println!(
-        "  accuracy        {correct}/{} held-out problems answered exactly",
-        a.eval
-    );
-    println!(
-        "  throughput      {:.0} tokens/s over {} steps ({secs:.1} s)",
-        (a.steps * b * t) as f64 / secs,
-        a.steps
-    );
-    for (l, load) in loads.iter().enumerate().filter(|(_, x)| !x.is_empty()) {
-        let total: u64 = load.iter().sum();
-        let shares: Vec<String> = load
-            .iter()
-            .map(|&x| format!("{:.0}%", 100.0 * x as f64 / total.max(1) as f64))
-            .collect();
-        println!("  expert load L{l}  {}", shares.join(" "));
-    }
-    println!(
-        "  weights hash    {}",
-        io::weights_hash(&m.layout, &m.params)
-    );
-    println!("\n  {}", shown.join("\n  "));
     Ok(())
 }
 
-fn lr_factor(step: usize, total: usize) -> f32 {
-    let warm = (total / 20).max(1);
-    if step < warm {
-        return (step + 1) as f32 / warm as f32;
+pub fn run(a: DemoArgs) -> Result<()> {
+    let start = Instant::now();
+    let task_list = tasks::parse_list(&a.task).map_err(anyhow::Error::msg)?;
+    let out = &a.out;
+    if out.exists() {
+        if !out.join("demo.txt").exists() {
+            bail!(
+                "{} exists and is not an earlier demo; choose another --out",
+                out.display()
+            );
+        }
+        std::fs::remove_dir_all(out)?;
     }
-    let p = (step - warm) as f32 / (total - warm).max(1) as f32;
-    0.1 + 0.9 * 0.5 * (1.0 + (std::f32::consts::PI * p).cos())
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("demo.txt"), "written by `moelab demo`\n")?;
+    println!(
+        "moelab demo: distil step-by-step reasoning from a teacher MoE into a small student ({} threads)",
+        rayon::current_num_threads()
+    );
+
+    let names: Vec<&str> = task_list.iter().map(|t| t.name()).collect();
+    stage(
+        1,
+        &format!("generating reasoning problems ({})", names.join(", ")),
+    );
+    let quiet = |_: &str| {};
+    let mut opts = TaskOpts {
+        n: a.n,
+        seed: a.seed,
+        vocab_size: 4096,
+        reasoning: true,
+        tokenizer: None,
+        force: true,
+    };
+    let (data, answers) = (out.join("data-reasoning"), out.join("data-answers"));
+    let meta = prepare_tasks(&task_list, &data, &opts, &quiet)?;
+    opts.reasoning = false;
+    opts.tokenizer = Some(data.join("tokenizer.json"));
+    prepare_tasks(&task_list, &answers, &opts, &quiet)?;
+    let p = &tasks::generate_mix(&task_list, 3, a.seed)[2 % task_list.len()];
+    println!(
+        "  {} problems, {} tokens, vocab {}; e.g.\n  {}\n  <think>{}</think> {}",
+        a.n,
+        meta.train_tokens,
+        meta.vocab_size,
+        p.prompt,
+        p.reasoning.replace('\n', "\n  "),
+        p.answer
+    );
+
+    stage(2, "training the teacher on step-by-step solutions");
+    let teacher = out.join("teacher");
+    train(
+        &a.teacher_config,
+        a.teacher_steps,
+        a.seed,
+        Source::Dir(data.clone()),
+        &teacher,
+    )?;
+
+    stage(
+        3,
+        "the teacher solves fresh problems; the verifier keeps the correct solutions",
+    );
+    let t = Reasoner::load(&teacher)?;
+    let prompts: Vec<String> = tasks::generate_mix(&task_list, a.prompts, a.seed + 1)
+        .into_iter()
+        .map(|p| p.prompt)
+        .collect();
+    let (attempts, tps) = reasoning::attempt(&t, &prompts, 1, 0.0, a.seed, 64, "generate");
+    let traces: Vec<Example> = attempts
+        .iter()
+        .map(|x| Example {
+            prompt: x.prompt.clone(),
+            reasoning: x.reasoning.clone(),
+            answer: x.answer.clone(),
+            verified: x.verified,
+            teacher: teacher.display().to_string(),
+            task: tasks::solve(&x.prompt).map_or(String::new(), |s| s.0.name().into()),
+            difficulty: tasks::solve(&x.prompt).map_or(0, |s| s.1),
+        })
+        .collect();
+    let traces_path = out.join("traces.jsonl");
+    chat::write_jsonl(&traces_path, &traces)?;
+    let verified: Vec<Example> = traces.iter().filter(|e| e.verified).cloned().collect();
+    println!(
+        "  {} of {} traces verified ({:.0}%), {tps:.0} tokens/s -> {}",
+        verified.len(),
+        traces.len(),
+        100.0 * verified.len() as f64 / traces.len() as f64,
+        traces_path.display()
+    );
+    if verified.is_empty() {
+        bail!("the teacher solved nothing; train it longer (--teacher-steps)");
+    }
+
+    stage(4, "training the student on the verified traces");
+    let student = out.join("student");
+    train(
+        &a.student_config,
+        a.student_steps,
+        a.seed,
+        Source::Examples {
+            train: verified,
+            val: vec![],
+            tokenizer: data.join("tokenizer.json"),
+        },
+        &student,
+    )?;
+
+    stage(
+        5,
+        "training the same student on answers only (same steps, same tokens)",
+    );
+    let baseline = out.join("student-answers");
+    train(
+        &a.student_config,
+        a.student_steps,
+        a.seed,
+        Source::Dir(answers),
+        &baseline,
+    )?;
+
+    stage(6, "held-out problems (greedy), never seen in training");
+    let mut rows: Vec<(String, Reasoner, TaskEval)> = vec![];
+    for (name, dir) in [
+        ("teacher", &teacher),
+        ("student (distilled)", &student),
+        ("student (answers only)", &baseline),
+    ] {
+        let r = Reasoner::load(dir)?;
+        let e = evaluate_tasks(&r, &task_list, a.eval_n, EVAL_SEED, 64);
+        rows.push((name.to_string(), r, e));
+    }
+    println!("{}", comparison_table(&rows, &task_list));
+    let (_, s, _) = &rows[1];
+    let shown = if task_list.contains(&Task::Mul) {
+        Task::Mul
+    } else {
+        task_list[0]
+    };
+    chat_turn(
+        s,
+        &tasks::generate_mix(&[shown], 1, EVAL_SEED + 7)[0].prompt,
+    );
+    println!(
+        "\ndone in {:.1} min. Runs are in {}: try `moelab eval --run {} --task all --show 3`",
+        start.elapsed().as_secs_f64() / 60.0,
+        out.display(),
+        student.display()
+    );
+    Ok(())
+}
+
+/// Model | active params | accuracy per task | all | decode tokens/s.
+pub fn comparison_table(rows: &[(String, Reasoner, TaskEval)], task_list: &[Task]) -> String {
+    let mut s = format!("{:<24} {:>8}", "model", "active");
+    for t in task_list {
+        s += &format!(" {:>6}", t.name());
+    }
+    s += &format!(" {:>6} {:>8}\n", "all", "tok/s");
+    for (name, r, e) in rows {
+        s += &format!("{:<24} {:>7.2}M", name, r.active_params() as f64 / 1e6);
+        for &t in task_list {
+            s += &format!(" {:>5.1}%", e.score.task_accuracy(t));
+        }
+        s += &format!(
+            " {:>5.1}% {:>8.0}\n",
+            e.score.accuracy(|_| true),
+            e.tokens_per_s
+        );
+    }
+    s
+}
+
+/// One chat turn: the prompt, the reasoning (dimmed on a terminal) and the answer.
+pub fn chat_turn(r: &Reasoner, prompt: &str) {
+    let (a, _) = reasoning::attempt(r, &[prompt.to_string()], 1, 0.0, 0, 1, "chat");
+    let a = &a[0];
+    let (dim, reset) = if std::io::stdout().is_terminal() {
+        ("\x1b[2m", "\x1b[0m")
+    } else {
+        ("", "")
+    };
+    println!("\nyou> {prompt}");
+    println!("{dim}<think>\n{}\n</think>{reset}", a.reasoning);
+    println!(
+        "student> {}   ({})",
+        a.answer,
+        if a.verified { "correct" } else { "wrong" }
+    );
 }

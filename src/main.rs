@@ -3,8 +3,10 @@
 
 mod bench;
 mod demo;
+mod distill_cmd;
 mod prepare_cmd;
 mod presets;
+mod reasoning;
 mod report;
 mod run_cmds;
 mod train_cmd;
@@ -43,9 +45,9 @@ enum Cmd {
     /// Measure training speed (tokens/s, GFLOP/s, MFU, peak memory).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
-    /// Turn a text corpus into a tokenizer and token shards.
+    /// Turn a text corpus into a tokenizer and token shards, or generate reasoning problems.
     #[command(
-        after_help = "Examples:\n  moelab prepare --corpus plays/ --out data/shk\n  moelab prepare --corpus a.txt b.jsonl --out data/mix --vocab-size 8192"
+        after_help = "Examples:\n  moelab prepare --corpus plays/ --out data/shk\n  moelab prepare --corpus a.txt b.jsonl --out data/mix --vocab-size 8192\n  moelab prepare --task all --n 20000 --out data/tasks\n  moelab prepare --task add,mul --no-reasoning --out data/tasks-answers"
     )]
     Prepare(prepare_cmd::PrepareArgs),
     /// Pretrain a model on a prepared data dir (Ctrl-C saves a checkpoint and exits).
@@ -58,9 +60,14 @@ enum Cmd {
         after_help = "Examples:\n  moelab sample --run runs/shk --prompt 'ROMEO:'\n  moelab sample --run runs/shk --prompt 'ROMEO:' --temperature 0 --max-tokens 50"
     )]
     Sample(run_cmds::SampleArgs),
-    /// Validation loss, perplexity and bits per byte of a run on a data dir.
-    #[command(after_help = "Example:\n  moelab eval --run runs/shk --data data/shk")]
+    /// Validation loss of a run on a data dir, or its accuracy on held-out reasoning problems.
+    #[command(
+        after_help = "Examples:\n  moelab eval --run runs/shk --data data/shk\n  moelab eval --run runs/student --task all --n 400"
+    )]
     Eval(run_cmds::EvalArgs),
+    /// Distill reasoning: teacher traces with a verifier, then student training.
+    #[command(subcommand)]
+    Distill(distill_cmd::DistillCmd),
     /// Weights hash (sha256 of the tensors in name order) of a run's latest checkpoint.
     #[command(
         after_help = "Examples:\n  moelab hash runs/shk\n  moelab hash runs/shk/checkpoints/step-0000500"
@@ -71,8 +78,10 @@ enum Cmd {
         after_help = "Examples:\n  moelab report --run runs/shk --out docs/loss.svg\n  moelab report --run runs/moe runs/dense --out report.html"
     )]
     Report(report::ReportArgs),
-    /// Run the built-in demo on defaults: a tiny MoE learns a synthetic language in seconds.
-    #[command(after_help = "Example:\n  moelab demo\n  moelab demo --steps 300")]
+    /// The whole pipeline on built-in defaults: teacher -> verified traces -> student -> eval -> chat.
+    #[command(
+        after_help = "Examples:\n  moelab demo\n  moelab demo --out /tmp/demo --teacher-steps 300 --student-steps 300"
+    )]
     Demo(demo::DemoArgs),
 }
 
@@ -86,6 +95,7 @@ fn main() {
         Cmd::Train(a) => train_cmd::run(a),
         Cmd::Sample(a) => run_cmds::sample(a),
         Cmd::Eval(a) => run_cmds::eval(a),
+        Cmd::Distill(c) => distill_cmd::run(c),
         Cmd::Hash(a) => run_cmds::hash(a),
         Cmd::Report(a) => report::run(a),
     };

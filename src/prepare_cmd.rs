@@ -67,7 +67,11 @@ pub fn run(a: PrepareArgs) -> Result<()> {
             a.out.display(),
             td.train_examples,
             td.val_examples,
-            if td.reasoning { "with reasoning" } else { "answers only" },
+            if td.reasoning {
+                "with reasoning"
+            } else {
+                "answers only"
+            },
             meta.train_tokens,
             meta.vocab_size
         );

@@ -9,6 +9,8 @@ pub const PRESETS: &[(&str, &str)] = &[
     ("tiny", include_str!("../configs/tiny.toml")),
     ("small-dense", include_str!("../configs/small-dense.toml")),
     ("small-moe", include_str!("../configs/small-moe.toml")),
+    ("teacher", include_str!("../configs/teacher.toml")),
+    ("student", include_str!("../configs/student.toml")),
 ];
 
 /// Loads `spec` as a TOML file if it exists, else as a preset name.

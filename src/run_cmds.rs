@@ -35,7 +35,7 @@ pub struct SampleArgs {
     seed: u64,
 }
 
-fn run_tokenizer(run: &std::path::Path, ckpt: &std::path::Path) -> Result<Tokenizer> {
+pub fn run_tokenizer(run: &std::path::Path, ckpt: &std::path::Path) -> Result<Tokenizer> {
     let candidates = [
         run.join("tokenizer.json"),
         ckpt.join("../../tokenizer.json"),
@@ -103,17 +103,35 @@ pub struct EvalArgs {
     #[arg(long)]
     run: PathBuf,
     /// Data dir (its validation split is evaluated).
+    #[arg(long, required_unless_present = "task", conflicts_with = "task")]
+    data: Option<PathBuf>,
+    /// Reasoning tasks (add, mul, expr, sort, comma-separated or all): exact-match accuracy
+    /// of greedy answers on held-out problems.
     #[arg(long)]
-    data: PathBuf,
-    /// Evaluate at most N batches (default: the whole split).
+    task: Option<String>,
+    /// --data: at most N batches (default: the whole split). --task: N problems (default 400).
     #[arg(long)]
     n: Option<u64>,
+    /// --task: seed of the held-out problems.
+    #[arg(long, default_value_t = crate::reasoning::EVAL_SEED)]
+    seed: u64,
+    /// --task: sequences decoded together.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// --task: print the first N answers with their reasoning.
+    #[arg(long, default_value_t = 0)]
+    show: usize,
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
+    if let Some(t) = &a.task {
+        let n = a.n.unwrap_or(400) as usize;
+        return crate::reasoning::eval_cmd(&a.run, t, n, a.seed, a.batch, a.show);
+    }
+    let data = a.data.expect("clap requires --data without --task");
     let lr = load_run(&a.run)?;
     let (b, t) = (lr.cfg.train.batch_size, lr.cfg.train.seq_len);
-    let ds = Dataset::open(&a.data, lr.cfg.model.vocab_size, t)?;
+    let ds = Dataset::open(&data, lr.cfg.model.vocab_size, t)?;
     let mut m = Model::with_params(&lr.cfg.model, Layout::new(&lr.cfg.model), lr.params, b, t);
     let e = evaluate(&mut m, &ds.val, a.n.unwrap_or(0));
     let meta = ds.meta.as_ref().expect("a data dir has meta.json");

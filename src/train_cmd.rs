@@ -4,11 +4,11 @@ use crate::presets::load_config;
 use anyhow::Result;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use model::Config;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use train::trainer::{
-    run as train_run, EvalReport, Outcome, Reporter, RunSpec, Source, StepReport,
+    run as train_run, EvalReport, Outcome, Reporter, RunSpec, Source, StepReport, TeacherSpec,
 };
 
 #[derive(Args)]
@@ -69,8 +69,9 @@ impl Reporter for Bar {
         let val = self
             .last_eval
             .map_or(String::new(), |v| format!("  val {v:.3}"));
+        let kd = r.kd_loss.map_or(String::new(), |k| format!("  kd {k:.3}"));
         self.bar.set_message(format!(
-            "loss {:.3}{val}  {:.0} tok/s{mfu}{bal}",
+            "loss {:.3}{kd}{val}  {:.0} tok/s{mfu}{bal}",
             r.loss, r.tokens_per_s
         ));
     }
@@ -90,24 +91,42 @@ impl Reporter for Bar {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    let mut cfg = load_config(&a.config)?;
-    if let Some(s) = a.steps {
+    let cfg = resolve_config(&a.config, a.steps, a.seed)?;
+    train_with_progress(cfg, Source::Dir(a.data), None, &a.out, a.resume)?;
+    Ok(())
+}
+
+/// A config file or preset with the command line's overrides, validated.
+pub fn resolve_config(spec: &str, steps: Option<u64>, seed: Option<u64>) -> Result<Config> {
+    let mut cfg = load_config(spec)?;
+    if let Some(s) = steps {
         cfg.train.steps = s;
     }
-    if let Some(s) = a.seed {
+    if let Some(s) = seed {
         cfg.train.seed = s;
     }
     cfg.validate()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
+    Ok(cfg)
+}
+
+/// Trains with a progress bar; Ctrl-C checkpoints and stops.
+pub fn train_with_progress(
+    cfg: Config,
+    source: Source,
+    teacher: Option<TeacherSpec>,
+    out: &Path,
+    resume: bool,
+) -> Result<Outcome> {
+    static STOP: AtomicBool = AtomicBool::new(false);
+    static HANDLER: std::sync::Once = std::sync::Once::new();
+    HANDLER.call_once(|| {
+        let _ = ctrlc::set_handler(|| {
+            if STOP.swap(true, Ordering::SeqCst) {
                 // second Ctrl-C: the user insists
                 std::process::exit(130);
             }
-        })?;
-    }
+        });
+    });
     let bar = ProgressBar::new(cfg.train.steps);
     bar.set_style(
         ProgressStyle::with_template(
@@ -124,20 +143,20 @@ pub fn run(a: TrainArgs) -> Result<()> {
     };
     let spec = RunSpec {
         cfg,
-        source: Source::Dir(a.data),
-        teacher: None,
-        run_dir: a.out.clone(),
-        resume: a.resume,
-        stop: &stop,
+        source,
+        teacher,
+        run_dir: out.to_path_buf(),
+        resume,
+        stop: &STOP,
     };
     let outcome = train_run(&spec, &mut rep)?;
     rep.bar.finish();
     match outcome {
-        Outcome::Finished => println!("done: {}", a.out.display()),
+        Outcome::Finished => println!("done: {}", out.display()),
         Outcome::Stopped => println!(
-            "stopped: checkpoint written; continue with `moelab train ... --out {} --resume`",
-            a.out.display()
+            "stopped: checkpoint written; continue with the same command and --resume (--out {})",
+            out.display()
         ),
     }
-    Ok(())
+    Ok(outcome)
 }

@@ -58,34 +58,6 @@ fn bench_reports_throughput_and_mfu() {
 }
 
 #[test]
-fn demo_learns() {
-    let out = moelab()
-        .args(["demo", "--steps", "300", "--eval", "10"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // "loss  5.503 -> 1.356 nats/token": the loss must fall
-    let line = text
-        .lines()
-        .find(|l| l.trim_start().starts_with("loss"))
-        .expect("loss line");
-    let nums: Vec<f64> = line
-        .split_whitespace()
-        .filter_map(|w| w.parse().ok())
-        .collect();
-    assert!(
-        nums.len() == 2 && nums[1] < nums[0] - 1.0,
-        "loss did not fall: {line}"
-    );
-    assert!(text.contains("weights hash"));
-}
-
-#[test]
 fn bad_config_is_one_line_error_naming_field() {
     let d = tmpdir("badcfg");
     let tiny = include_str!("../configs/tiny.toml");

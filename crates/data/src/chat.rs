@@ -44,9 +44,12 @@ fn yes() -> bool {
     true
 }
 
-/// Examples of a JSONL file, and the lines that were skipped as malformed (1-based line
-/// number and why). Blank lines are ignored.
-pub fn read_jsonl(path: &Path) -> Result<(Vec<Example>, Vec<(usize, String)>)> {
+/// Lines skipped as malformed: (1-based line number, why).
+pub type Malformed = Vec<(usize, String)>;
+
+/// Examples of a JSONL file, and the lines that were skipped as malformed. Blank lines are
+/// ignored.
+pub fn read_jsonl(path: &Path) -> Result<(Vec<Example>, Malformed)> {
     let text = std::fs::read(path).map_err(io_err(path))?;
     let text = String::from_utf8_lossy(&text);
     let (mut ok, mut bad) = (vec![], vec![]);
@@ -84,7 +87,10 @@ pub struct ChatIds {
 
 impl ChatIds {
     pub fn of(tok: &Tokenizer) -> ChatIds {
-        let id = |s| tok.special(s).expect("moelab tokenizers have the chat tokens");
+        let id = |s| {
+            tok.special(s)
+                .expect("moelab tokenizers have the chat tokens")
+        };
         ChatIds {
             user: id("<|user|>"),
             assistant: id("<|assistant|>"),

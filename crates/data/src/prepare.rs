@@ -186,7 +186,11 @@ pub fn prepare_tasks(
                 task: p.task.name().into(),
                 difficulty: p.difficulty,
                 prompt: p.prompt,
-                reasoning: if opts.reasoning { p.reasoning } else { String::new() },
+                reasoning: if opts.reasoning {
+                    p.reasoning
+                } else {
+                    String::new()
+                },
                 answer: p.answer,
                 verified: true,
                 teacher: "ground-truth".into(),
@@ -207,11 +211,8 @@ pub fn prepare_tasks(
         }
     };
     let (train, val) = (to_examples(train_p), to_examples(val_p));
-    let count = |ex: &[Example]| -> usize {
-        ex.par_iter()
-            .map(|e| chat::render(&tok, e).0.len())
-            .sum()
-    };
+    let count =
+        |ex: &[Example]| -> usize { ex.par_iter().map(|e| chat::render(&tok, e).0.len()).sum() };
     progress("writing");
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     tok.save(&out.join("tokenizer.json"))?;

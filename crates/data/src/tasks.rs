@@ -258,14 +258,19 @@ impl Spec {
                 _ => None,
             };
         }
-        if let Some(rest) = p.strip_prefix("Evaluate ").and_then(|r| r.strip_suffix('.')) {
+        if let Some(rest) = p
+            .strip_prefix("Evaluate ")
+            .and_then(|r| r.strip_suffix('.'))
+        {
             let e = Expr::parse(rest)?;
             e.eval_checked()?;
             return Some(Spec::Expr(e));
         }
         if let Some(rest) = p.strip_prefix("Sort ").and_then(|r| r.strip_suffix('.')) {
             let v: Option<Vec<u64>> = rest.split(' ').map(parse_num).collect();
-            return v.filter(|v| v.len() >= 2 && v.iter().all(|&x| x < 100)).map(Spec::Sort);
+            return v
+                .filter(|v| v.len() >= 2 && v.iter().all(|&x| x < 100))
+                .map(Spec::Sort);
         }
         None
     }
@@ -584,6 +589,9 @@ mod tests {
         let e = parse_list("add,division").unwrap_err();
         assert!(e.contains("'division'") && e.contains("add, mul, expr, sort"));
         assert_eq!(parse_list("all").unwrap(), ALL.to_vec());
-        assert_eq!(parse_list("sort, add").unwrap(), vec![Task::Sort, Task::Add]);
+        assert_eq!(
+            parse_list("sort, add").unwrap(),
+            vec![Task::Sort, Task::Add]
+        );
     }
 }

@@ -70,7 +70,14 @@ fn print_examples() {
         for d in t.difficulties() {
             let mut rng = ChaCha8Rng::seed_from_u64(d as u64);
             let p = t.generate(&mut rng, d);
-            println!("--- {} d{}\n{}\n<think>\n{}\n</think>\n{}", t.name(), d, p.prompt, p.reasoning, p.answer);
+            println!(
+                "--- {} d{}\n{}\n<think>\n{}\n</think>\n{}",
+                t.name(),
+                d,
+                p.prompt,
+                p.reasoning,
+                p.answer
+            );
         }
     }
 }

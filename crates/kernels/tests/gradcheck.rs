@@ -12,8 +12,7 @@ use kernels::dispatch::{
 };
 use kernels::embedding::{embedding_backward, embedding_forward};
 use kernels::loss::{
-    cross_entropy_backward, cross_entropy_distill_backward, cross_entropy_forward,
-    distill_forward,
+    cross_entropy_backward, cross_entropy_distill_backward, cross_entropy_forward, distill_forward,
 };
 use kernels::matmul::{linear_backward, linear_forward};
 use kernels::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
@@ -225,7 +224,16 @@ fn cross_entropy_with_distillation() {
     let (_, cnt) = cross_entropy_forward(&mut losses, &mut lse, &logits, &targets, v);
     let mut d = logits.clone();
     let s = 1.0 / cnt as f32;
-    cross_entropy_distill_backward(&mut d, &lse, &targets, &teacher, v, (1.0 - w) * s, w * s, temp);
+    cross_entropy_distill_backward(
+        &mut d,
+        &lse,
+        &targets,
+        &teacher,
+        v,
+        (1.0 - w) * s,
+        w * s,
+        temp,
+    );
     check("cross_entropy + distillation", &logits, &d, fwd);
     // the distillation loss is zero when the student equals the teacher, positive otherwise
     let (same, _) = distill_forward(&teacher, &teacher, &targets, v, temp);

@@ -64,8 +64,12 @@ impl BatchDecoder {
             score_fn: cfg.score_fn().unwrap_or(ScoreFn::Softmax),
             balance: cfg.balance().unwrap_or(Balance::None),
             slots: s,
-            k: (0..cfg.n_layers).map(|_| vec![0.0; s * t * g * d]).collect(),
-            v: (0..cfg.n_layers).map(|_| vec![0.0; s * t * g * d]).collect(),
+            k: (0..cfg.n_layers)
+                .map(|_| vec![0.0; s * t * g * d])
+                .collect(),
+            v: (0..cfg.n_layers)
+                .map(|_| vec![0.0; s * t * g * d])
+                .collect(),
             pos: vec![0; s],
             x: vec![0.0; s * c],
             h: vec![0.0; s * c],

@@ -16,8 +16,7 @@ use kernels::attention::{attention_backward, attention_forward, AttnShape};
 use kernels::dropout::{apply_mask, dropout_mask};
 use kernels::embedding::{embedding_backward, embedding_forward};
 use kernels::loss::{
-    cross_entropy_backward, cross_entropy_distill_backward, cross_entropy_forward,
-    distill_forward,
+    cross_entropy_backward, cross_entropy_distill_backward, cross_entropy_forward, distill_forward,
 };
 use kernels::matmul::{linear_backward, linear_forward, matmul};
 use kernels::rmsnorm::{rmsnorm_backward, rmsnorm_forward};

@@ -57,7 +57,11 @@ fn batched_decode_equals_per_sequence() {
     let params = Model::new(cfg, 1, 1, 5).params;
     let v = cfg.vocab_size;
     let seqs: Vec<Vec<u32>> = (0..3)
-        .map(|s| (0..20).map(|i| ((i * 17 + s * 101 + 3) % v) as u32).collect())
+        .map(|s| {
+            (0..20)
+                .map(|i| ((i * 17 + s * 101 + 3) % v) as u32)
+                .collect()
+        })
         .collect();
     let mut want: Vec<Vec<f32>> = vec![];
     for s in &seqs {

@@ -15,12 +15,12 @@ use data::loader::Loader;
 use data::meta::Meta;
 use data::shard;
 use model::{io, Config, Distill, Model, Optimizer};
-use tokenizer::Tokenizer;
 use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
+use tokenizer::Tokenizer;
 
 /// One optimizer step, for progress bars and metrics.jsonl.
 #[derive(Debug, Clone, Serialize)]
@@ -308,13 +308,15 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
     };
     let (b, t) = (tc.batch_size, tc.seq_len);
     let loader = match &ds.train {
-        Split::Tokens(tokens) => Batcher::Tokens(Loader::new(tokens, b, t, tc.seed).ok_or_else(|| {
-            Error::Usage(format!(
-                "training split has {} tokens, fewer than seq_len + 1 = {}",
-                tokens.len(),
-                t + 1
-            ))
-        })?),
+        Split::Tokens(tokens) => {
+            Batcher::Tokens(Loader::new(tokens, b, t, tc.seed).ok_or_else(|| {
+                Error::Usage(format!(
+                    "training split has {} tokens, fewer than seq_len + 1 = {}",
+                    tokens.len(),
+                    t + 1
+                ))
+            })?)
+        }
         Split::Chat(p) => {
             if p.too_long > 0 {
                 rep.message(&format!(

@@ -1,0 +1,207 @@
+//! `moelab distill generate` (teacher traces, verified) and `moelab distill train` (student
+//! SFT on verified traces, optionally with logit distillation from the teacher).
+
+use crate::reasoning;
+use crate::train_cmd::{resolve_config, train_with_progress};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use data::chat::{self, Example};
+use std::path::{Path, PathBuf};
+use train::trainer::{Source, TeacherSpec};
+
+#[derive(Subcommand)]
+pub enum DistillCmd {
+    /// The teacher writes k candidate solutions per prompt; the verifier marks the correct ones.
+    #[command(
+        after_help = "Examples:\n  moelab distill generate --teacher runs/teacher --task all --n 2000 --out traces.jsonl\n  moelab distill generate --teacher runs/teacher --task add,mul --n 500 --k 4 --temperature 0.7 --out traces.jsonl"
+    )]
+    Generate(GenerateArgs),
+    /// Train a student on the verified traces (SFT), optionally on the teacher's logits too.
+    #[command(
+        after_help = "Examples:\n  moelab distill train --config student --traces traces.jsonl --out runs/student\n  moelab distill train --config student --traces traces.jsonl --out runs/student-kd \\\n      --teacher runs/teacher --kd-weight 0.5 --kd-temperature 2"
+    )]
+    Train(TrainArgs),
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// Teacher run dir (or checkpoint dir).
+    #[arg(long)]
+    teacher: PathBuf,
+    /// Tasks to pose: add, mul, expr, sort (comma-separated, or all).
+    #[arg(long, default_value = "all")]
+    task: String,
+    /// Prompts to generate (fresh problems from --seed).
+    #[arg(long, default_value_t = 1000)]
+    n: usize,
+    /// Candidates per prompt.
+    #[arg(long, default_value_t = 2)]
+    k: usize,
+    /// Sampling temperature (0: greedy, then every candidate is the same).
+    #[arg(long, default_value_t = 0.6)]
+    temperature: f32,
+    /// Seed of the prompts and the samplers.
+    #[arg(long, default_value_t = 2)]
+    seed: u64,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// traces.jsonl to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Student config file or preset (student, tiny-student, ...).
+    #[arg(long)]
+    config: String,
+    /// traces.jsonl from `moelab distill generate`; only verified traces are used.
+    #[arg(long)]
+    traces: PathBuf,
+    /// Run dir of the student.
+    #[arg(long)]
+    out: PathBuf,
+    /// Teacher run for logit distillation (and the tokenizer).
+    #[arg(long)]
+    teacher: Option<PathBuf>,
+    /// Weight W of the distillation loss: (1 - W) CE + W T^2 KL(teacher || student).
+    #[arg(long, default_value_t = 0.5, requires = "teacher")]
+    kd_weight: f32,
+    /// Softmax temperature T of the distillation loss.
+    #[arg(long, default_value_t = 2.0, requires = "teacher")]
+    kd_temperature: f32,
+    /// tokenizer.json (or a dir holding one) when there is no --teacher; default: the
+    /// tokenizer of the run that wrote the traces.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[arg(long)]
+    steps: Option<u64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    resume: bool,
+}
+
+pub fn run(cmd: DistillCmd) -> Result<()> {
+    match cmd {
+        DistillCmd::Generate(a) => reasoning::generate_cmd(
+            &a.teacher,
+            &a.task,
+            a.n,
+            a.k,
+            a.temperature,
+            a.seed,
+            &a.out,
+            a.batch,
+        ),
+        DistillCmd::Train(a) => train(a).map(|_| ()),
+    }
+}
+
+/// Verified traces of a traces file, split into train and validation (every 20th), with a
+/// warning that counts malformed lines.
+pub fn read_traces(path: &Path) -> Result<(Vec<Example>, Vec<Example>, String)> {
+    if !path.exists() {
+        bail!(
+            "{}: no such traces file; write one with `moelab distill generate`",
+            path.display()
+        );
+    }
+    let (all, bad) = chat::read_jsonl(path)?;
+    if let Some((line, msg)) = bad.first() {
+        eprintln!(
+            "warning: {}: skipped {} malformed line(s) (first: line {line}: {msg})",
+            path.display(),
+            bad.len()
+        );
+    }
+    let total = all.len();
+    let teacher = all.first().map(|e| e.teacher.clone()).unwrap_or_default();
+    let verified: Vec<Example> = all.into_iter().filter(|e| e.verified).collect();
+    if verified.is_empty() {
+        bail!(
+            "{}: none of its {total} traces is verified; generate more (--n, --k) or train the teacher longer",
+            path.display()
+        );
+    }
+    println!(
+        "{}: {} verified of {total} traces{}",
+        path.display(),
+        verified.len(),
+        if bad.is_empty() {
+            String::new()
+        } else {
+            format!(", {} malformed lines skipped", bad.len())
+        }
+    );
+    let (mut train, mut val) = (vec![], vec![]);
+    for (i, e) in verified.into_iter().enumerate() {
+        if total >= 40 && i % 20 == 19 {
+            val.push(e);
+        } else {
+            train.push(e);
+        }
+    }
+    Ok((train, val, teacher))
+}
+
+pub fn train(a: TrainArgs) -> Result<train::trainer::Outcome> {
+    let cfg = resolve_config(&a.config, a.steps, a.seed)?;
+    let (train, val, trace_teacher) = read_traces(&a.traces)?;
+    let tokenizer = match (&a.tokenizer, &a.teacher) {
+        (Some(t), _) => crate::run_cmds::tokenizer_path(t),
+        (None, Some(t)) => t.join("tokenizer.json"),
+        (None, None) => Path::new(&trace_teacher).join("tokenizer.json"),
+    };
+    if !tokenizer.exists() {
+        bail!(
+            "no tokenizer at {}: pass --tokenizer (the teacher's run dir or its tokenizer.json)",
+            tokenizer.display()
+        );
+    }
+    let teacher = match &a.teacher {
+        None => None,
+        Some(t) => {
+            let r = reasoning::Reasoner::load(t)?;
+            let student_tok = std::fs::read(&tokenizer)
+                .with_context(|| format!("reading {}", tokenizer.display()))?;
+            let teacher_tok = r.tok.to_json()?;
+            if tokenizer::Tokenizer::from_file(&tokenizer)?.to_json()? != teacher_tok {
+                bail!(
+                    "the teacher {} and the student (tokenizer {}) use different tokenizers; distillation needs one vocabulary: drop --tokenizer or pass the teacher's",
+                    t.display(),
+                    tokenizer.display()
+                );
+            }
+            drop(student_tok);
+            if r.run.cfg.model.max_seq_len < cfg.train.seq_len {
+                bail!(
+                    "the teacher's context ({}) is shorter than the student's seq_len ({})",
+                    r.run.cfg.model.max_seq_len,
+                    cfg.train.seq_len
+                );
+            }
+            if !(0.0..=1.0).contains(&a.kd_weight) || a.kd_temperature <= 0.0 {
+                bail!("--kd-weight must be in [0, 1] and --kd-temperature positive");
+            }
+            Some(TeacherSpec {
+                cfg: r.run.cfg.model.clone(),
+                params: r.run.params,
+                weight: a.kd_weight,
+                temperature: a.kd_temperature,
+            })
+        }
+    };
+    train_with_progress(
+        cfg,
+        Source::Examples {
+            train,
+            val,
+            tokenizer,
+        },
+        teacher,
+        &a.out,
+        a.resume,
+    )
+}

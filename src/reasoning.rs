@@ -1,0 +1,332 @@
+//! Reasoning with trained runs: `moelab eval --task` (exact-match accuracy on held-out
+//! problems, greedy) and `moelab distill generate` (a teacher samples k candidates per
+//! prompt, the verifier keeps the correct ones, traces.jsonl records all of them).
+
+use anyhow::{bail, Context, Result};
+use data::chat::{self, Example};
+use data::tasks::{self, Task};
+use indicatif::{ProgressBar, ProgressStyle};
+use infer::{generate, Request, SamplingParams};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+use tokenizer::Tokenizer;
+use train::{load_run, LoadedRun};
+
+/// Seeds of held-out evaluation problems start here; `prepare --task` defaults to seed 1 and
+/// `distill generate` to seed 2, and their validation problems use derived streams.
+pub const EVAL_SEED: u64 = 1000;
+
+/// A run with its tokenizer, ready to generate.
+pub struct Reasoner {
+    pub run: LoadedRun,
+    pub tok: Tokenizer,
+}
+
+impl Reasoner {
+    pub fn load(path: &Path) -> Result<Reasoner> {
+        let run = load_run(path)?;
+        let tok = crate::run_cmds::run_tokenizer(path, &run.checkpoint)?;
+        Ok(Reasoner { run, tok })
+    }
+
+    /// Active matmul parameters per token.
+    pub fn active_params(&self) -> usize {
+        self.run.cfg.model.active_matmul_params()
+    }
+}
+
+/// One generated answer to a prompt.
+pub struct Attempt {
+    pub prompt: String,
+    pub reasoning: String,
+    pub answer: String,
+    pub verified: bool,
+    /// Tokens between <think> and </think>.
+    pub reasoning_tokens: usize,
+}
+
+/// Generates `k` attempts per prompt (sampled when `temperature > 0`, with seed
+/// `seed + candidate index`, else greedy) and verifies each. Returns the attempts in
+/// (prompt, candidate) order and the decode throughput (generated tokens per second).
+pub fn attempt(
+    r: &Reasoner,
+    prompts: &[String],
+    k: usize,
+    temperature: f32,
+    seed: u64,
+    slots: usize,
+    label: &str,
+) -> (Vec<Attempt>, f64) {
+    let max_seq = r.run.cfg.model.max_seq_len;
+    let mut reqs = vec![];
+    for p in prompts {
+        let ids = chat::prompt_ids(&r.tok, p);
+        for c in 0..k {
+            reqs.push(Request {
+                max_tokens: max_seq.saturating_sub(ids.len()),
+                prompt: ids.clone(),
+                params: SamplingParams {
+                    temperature,
+                    top_k: 0,
+                    top_p: 1.0,
+                    seed: seed.wrapping_add(c as u64),
+                },
+            });
+        }
+    }
+    let bar = ProgressBar::new(reqs.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{label:>10} {{bar:30}} {{pos}}/{{len}} {{msg}} [{{elapsed_precise}}<{{eta_precise}}]"
+        ))
+        .expect("template")
+        .progress_chars("=> "),
+    );
+    let ids = chat::ChatIds::of(&r.tok);
+    let start = Instant::now();
+    let mut produced = 0usize;
+    let out = generate(
+        &r.run.cfg.model,
+        &r.run.params,
+        &reqs,
+        slots,
+        &[ids.end],
+        &mut |_, g| {
+            produced += g.tokens.len();
+            bar.inc(1);
+            bar.set_message(format!(
+                "{:.0} tok/s",
+                produced as f64 / start.elapsed().as_secs_f64()
+            ));
+        },
+    );
+    bar.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    let attempts = out
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let prompt = prompts[i / k].clone();
+            let (reasoning, answer, finished) = chat::parse_assistant(&r.tok, &g.tokens);
+            let rt = g
+                .tokens
+                .iter()
+                .position(|&t| t == ids.end_think)
+                .map_or(g.tokens.len(), |e| e.saturating_sub(1));
+            Attempt {
+                verified: finished && tasks::verify(&prompt, &answer),
+                prompt,
+                reasoning: reasoning.trim().to_string(),
+                answer: answer.trim().to_string(),
+                reasoning_tokens: rt,
+            }
+        })
+        .collect();
+    (attempts, produced as f64 / secs.max(1e-9))
+}
+
+/// Accuracy by (task, difficulty).
+#[derive(Default, Clone)]
+pub struct Score {
+    pub cells: BTreeMap<(Task, u32), (usize, usize, usize)>, // correct, total, reasoning tokens
+}
+
+impl Score {
+    pub fn add(&mut self, prompt: &str, correct: bool, reasoning_tokens: usize) {
+        if let Some((t, d, _, _)) = tasks::solve(prompt) {
+            let c = self.cells.entry((t, d)).or_default();
+            c.0 += correct as usize;
+            c.1 += 1;
+            c.2 += reasoning_tokens;
+        }
+    }
+
+    fn sum<F: Fn(Task) -> bool>(&self, f: F) -> (usize, usize, usize) {
+        self.cells
+            .iter()
+            .filter(|((t, _), _)| f(*t))
+            .fold((0, 0, 0), |a, (_, c)| (a.0 + c.0, a.1 + c.1, a.2 + c.2))
+    }
+
+    /// Accuracy over tasks matching `f` (percent; NaN when empty).
+    pub fn accuracy<F: Fn(Task) -> bool>(&self, f: F) -> f64 {
+        let (c, n, _) = self.sum(f);
+        100.0 * c as f64 / n as f64
+    }
+
+    pub fn task_accuracy(&self, t: Task) -> f64 {
+        self.accuracy(|x| x == t)
+    }
+
+    pub fn tasks(&self) -> Vec<Task> {
+        let mut v: Vec<Task> = self.cells.keys().map(|k| k.0).collect();
+        v.dedup();
+        v
+    }
+
+    /// The breakdown table (task, difficulty, accuracy, n, mean reasoning tokens).
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "{:<6} {:>10} {:>9} {:>6} {:>16}\n",
+            "task", "difficulty", "accuracy", "n", "reasoning tokens"
+        );
+        for t in self.tasks() {
+            for ((_, d), (c, n, rt)) in self.cells.iter().filter(|(k, _)| k.0 == t) {
+                s += &format!(
+                    "{:<6} {:>10} {:>8.1}% {:>6} {:>16.1}\n",
+                    t.name(),
+                    d,
+                    100.0 * *c as f64 / *n as f64,
+                    n,
+                    *rt as f64 / *n as f64
+                );
+            }
+            let (c, n, rt) = self.sum(|x| x == t);
+            s += &format!(
+                "{:<6} {:>10} {:>8.1}% {:>6} {:>16.1}\n",
+                t.name(),
+                "all",
+                100.0 * c as f64 / n as f64,
+                n,
+                rt as f64 / n as f64
+            );
+        }
+        let (c, n, rt) = self.sum(|_| true);
+        s += &format!(
+            "{:<6} {:>10} {:>8.1}% {:>6} {:>16.1}\n",
+            "all",
+            "",
+            100.0 * c as f64 / n as f64,
+            n,
+            rt as f64 / n as f64
+        );
+        s
+    }
+}
+
+/// Held-out evaluation: `n` problems of `task_list` from `seed`, greedy.
+pub struct TaskEval {
+    pub score: Score,
+    pub tokens_per_s: f64,
+    pub attempts: Vec<Attempt>,
+}
+
+pub fn evaluate_tasks(
+    r: &Reasoner,
+    task_list: &[Task],
+    n: usize,
+    seed: u64,
+    slots: usize,
+) -> TaskEval {
+    let prompts: Vec<String> = tasks::generate_mix(task_list, n, seed)
+        .into_iter()
+        .map(|p| p.prompt)
+        .collect();
+    let (attempts, tps) = attempt(r, &prompts, 1, 0.0, 0, slots, "eval");
+    let mut score = Score::default();
+    for a in &attempts {
+        score.add(&a.prompt, a.verified, a.reasoning_tokens);
+    }
+    TaskEval {
+        score,
+        tokens_per_s: tps,
+        attempts,
+    }
+}
+
+/// `moelab eval --run RUN --task NAMES`.
+pub fn eval_cmd(
+    run: &Path,
+    task_spec: &str,
+    n: usize,
+    seed: u64,
+    slots: usize,
+    show: usize,
+) -> Result<()> {
+    let task_list = tasks::parse_list(task_spec).map_err(anyhow::Error::msg)?;
+    if seed < EVAL_SEED {
+        eprintln!(
+            "warning: --seed {seed} is below {EVAL_SEED}; training data defaults to seeds 1 and 2, so these problems may not be held out"
+        );
+    }
+    let r = Reasoner::load(run)?;
+    let e = evaluate_tasks(&r, &task_list, n, seed, slots);
+    println!(
+        "{} (step {}), {n} held-out problems (seed {seed}), greedy\n",
+        r.run.checkpoint.display(),
+        r.run.state.step
+    );
+    for a in e.attempts.iter().take(show) {
+        println!(
+            "[{}] {}\n<think>\n{}\n</think>\n{}\n",
+            if a.verified { "correct" } else { "wrong" },
+            a.prompt,
+            a.reasoning,
+            a.answer
+        );
+    }
+    print!("{}", e.score.table());
+    println!(
+        "\ndecode: {:.0} tokens/s ({slots} sequences per batch)",
+        e.tokens_per_s
+    );
+    Ok(())
+}
+
+/// `moelab distill generate`.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_cmd(
+    teacher: &Path,
+    task_spec: &str,
+    n: usize,
+    k: usize,
+    temperature: f32,
+    seed: u64,
+    out: &Path,
+    slots: usize,
+) -> Result<()> {
+    let task_list = tasks::parse_list(task_spec).map_err(anyhow::Error::msg)?;
+    if k == 0 || n == 0 {
+        bail!("--n and --k must be at least 1");
+    }
+    let r = Reasoner::load(teacher)?;
+    let prompts: Vec<String> = tasks::generate_mix(&task_list, n, seed)
+        .into_iter()
+        .map(|p| p.prompt)
+        .collect();
+    let (attempts, tps) = attempt(&r, &prompts, k, temperature, seed, slots, "generate");
+    let mut score = Score::default();
+    let examples: Vec<Example> = attempts
+        .iter()
+        .map(|a| {
+            score.add(&a.prompt, a.verified, a.reasoning_tokens);
+            let (task, difficulty) = tasks::solve(&a.prompt)
+                .map_or((String::new(), 0), |s| (s.0.name().to_string(), s.1));
+            Example {
+                prompt: a.prompt.clone(),
+                reasoning: a.reasoning.clone(),
+                answer: a.answer.clone(),
+                verified: a.verified,
+                teacher: teacher.display().to_string(),
+                task,
+                difficulty,
+            }
+        })
+        .collect();
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    chat::write_jsonl(out, &examples)?;
+    let kept = examples.iter().filter(|e| e.verified).count();
+    println!(
+        "{}: {} traces ({n} prompts x {k}), {kept} verified ({:.1}%), {:.0} tokens/s\n",
+        out.display(),
+        examples.len(),
+        100.0 * kept as f64 / examples.len() as f64,
+        tps
+    );
+    println!("acceptance by task and difficulty:");
+    print!("{}", score.table().replace("accuracy", "accepted"));
+    Ok(())
+}

@@ -1,0 +1,281 @@
+//! The distillation pipeline end to end through the real binary, on tiny configs:
+//! `moelab demo` (prepare -> teacher -> generate -> verify -> student -> eval -> chat), then
+//! the individual commands (`distill generate`, `distill train` with and without logit
+//! distillation, `eval --task`) and their bad-input errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("moelab-distill-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_moelab"))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> (String, String) {
+    let out = run(args);
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "moelab {args:?} failed:\n{so}\n{se}");
+    (so, se)
+}
+
+fn fails(args: &[&str], want: &str) {
+    let out = run(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "moelab {args:?} should fail");
+    assert!(
+        err.contains(want),
+        "moelab {args:?}: error {err:?} does not mention {want:?}"
+    );
+}
+
+const TEACHER: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/configs/task-teacher-tiny.toml"
+);
+const STUDENT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/configs/task-student-tiny.toml"
+);
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn distillation_pipeline_end_to_end() {
+    let d = tmpdir("pipeline");
+    let demo = d.join("demo");
+    // A tiny teacher learns a little of the expression task in 300 steps (about 7% of fresh
+    // problems right): enough verified traces for the student stages to run.
+    let (out, _) = ok(&[
+        "demo",
+        "--out",
+        s(&demo),
+        "--task",
+        "expr",
+        "--teacher-config",
+        TEACHER,
+        "--student-config",
+        STUDENT,
+        "--teacher-steps",
+        "300",
+        "--student-steps",
+        "30",
+        "--n",
+        "2000",
+        "--prompts",
+        "128",
+        "--eval-n",
+        "32",
+    ]);
+    for want in [
+        "[6/6]",
+        "teacher ",
+        "student (distilled)",
+        "student (answers only)",
+        "you> Evaluate",
+    ] {
+        assert!(out.contains(want), "demo output lacks {want:?}:\n{out}");
+    }
+    let verified_line = out
+        .lines()
+        .find(|l| l.contains("traces verified"))
+        .expect("traces line");
+    let n_verified: usize = verified_line
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(n_verified > 0, "{verified_line}");
+    let teacher = demo.join("teacher");
+
+    // generate: k candidates per prompt, each line a trace whose flag the verifier confirms
+    let traces = d.join("traces.jsonl");
+    let (out, _) = ok(&[
+        "distill",
+        "generate",
+        "--teacher",
+        s(&teacher),
+        "--task",
+        "expr",
+        "--n",
+        "32",
+        "--k",
+        "2",
+        "--temperature",
+        "0.7",
+        "--out",
+        s(&traces),
+    ]);
+    assert!(out.contains("acceptance by task and difficulty"), "{out}");
+    let text = std::fs::read_to_string(&traces).unwrap();
+    assert_eq!(text.lines().count(), 64);
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let (p, a) = (v["prompt"].as_str().unwrap(), v["answer"].as_str().unwrap());
+        assert!(v["reasoning"].is_string() && v["teacher"].as_str().unwrap().ends_with("teacher"));
+        if v["verified"].as_bool().unwrap() {
+            assert!(data::tasks::verify(p, a), "{line}");
+        }
+    }
+    // plus ground-truth traces (so the student has data whatever the tiny teacher got right)
+    // and one malformed line, which is skipped and counted
+    let gt = std::fs::read_to_string(demo.join("data-reasoning/train.jsonl")).unwrap();
+    let mut t = text.clone();
+    t.push_str("{\"prompt\": 3\n");
+    for l in gt.lines().take(50) {
+        t.push_str(l);
+        t.push('\n');
+    }
+    std::fs::write(&traces, t).unwrap();
+
+    let student = d.join("student");
+    let (_, err) = ok(&[
+        "distill",
+        "train",
+        "--config",
+        STUDENT,
+        "--traces",
+        s(&traces),
+        "--out",
+        s(&student),
+        "--tokenizer",
+        s(&teacher),
+    ]);
+    assert!(
+        err.contains("skipped 1 malformed line(s) (first: line 65"),
+        "{err}"
+    );
+    assert!(student.join("latest").exists());
+
+    // logit distillation: the KD loss is logged and positive
+    let kd = d.join("student-kd");
+    ok(&[
+        "distill",
+        "train",
+        "--config",
+        STUDENT,
+        "--traces",
+        s(&traces),
+        "--out",
+        s(&kd),
+        "--teacher",
+        s(&teacher),
+        "--kd-weight",
+        "0.5",
+        "--kd-temperature",
+        "2",
+    ]);
+    let metrics = std::fs::read_to_string(kd.join("metrics.jsonl")).unwrap();
+    let last_kd = metrics
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v["kd_loss"].as_f64())
+        .expect("kd_loss in metrics");
+    assert!(last_kd.is_finite() && last_kd > 0.0, "{last_kd}");
+
+    let (out, _) = ok(&[
+        "eval",
+        "--run",
+        s(&kd),
+        "--task",
+        "expr",
+        "--n",
+        "16",
+        "--show",
+        "1",
+    ]);
+    assert!(
+        out.contains("16 held-out problems") && out.contains("\nall "),
+        "{out}"
+    );
+
+    // bad input
+    fails(
+        &[
+            "prepare",
+            "--task",
+            "add,division",
+            "--out",
+            s(&d.join("x")),
+        ],
+        "unknown task 'division'; valid tasks: add, mul, expr, sort",
+    );
+    fails(
+        &["eval", "--run", s(&kd), "--task", "bogus"],
+        "unknown task 'bogus'",
+    );
+    fails(
+        &[
+            "distill",
+            "generate",
+            "--teacher",
+            s(&d.join("nope")),
+            "--n",
+            "2",
+            "--out",
+            s(&d.join("t.jsonl")),
+        ],
+        "no such run",
+    );
+    fails(
+        &[
+            "distill",
+            "train",
+            "--config",
+            STUDENT,
+            "--traces",
+            s(&d.join("missing.jsonl")),
+            "--out",
+            s(&d.join("s2")),
+        ],
+        "no such traces file",
+    );
+    // a teacher whose tokenizer differs from the student's is refused
+    let other = d.join("data-sort");
+    ok(&[
+        "prepare",
+        "--task",
+        "sort",
+        "--n",
+        "200",
+        "--out",
+        s(&other),
+    ]);
+    fails(
+        &[
+            "distill",
+            "train",
+            "--config",
+            STUDENT,
+            "--traces",
+            s(&traces),
+            "--out",
+            s(&d.join("s3")),
+            "--teacher",
+            s(&teacher),
+            "--tokenizer",
+            s(&other),
+        ],
+        "different tokenizers",
+    );
+    assert!(
+        !d.join("s3").exists(),
+        "a refused run must not create its run dir"
+    );
+}
