@@ -29,8 +29,9 @@ pub struct DemoArgs {
     /// Directory for the demo's data, traces and runs (replaced if it holds an earlier demo).
     #[arg(long, default_value = "moelab-demo")]
     out: PathBuf,
-    /// Tasks (add, mul, expr, sort; comma-separated or all).
-    #[arg(long, default_value = "all")]
+    /// Tasks (add, mul, expr, sort; comma-separated or all). The default keeps to the two
+    /// multi-step arithmetic tasks, which a teacher learns within the demo's minutes.
+    #[arg(long, default_value = "add,mul")]
     task: String,
     /// Teacher config file or preset.
     #[arg(long, default_value = "teacher")]
@@ -39,7 +40,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "student")]
     student_config: String,
     /// Teacher training steps.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 800)]
     teacher_steps: u64,
     /// Student training steps (both students).
     #[arg(long, default_value_t = 600)]
@@ -216,10 +217,11 @@ pub fn run(a: DemoArgs) -> Result<()> {
         &tasks::generate_mix(&[shown], 1, EVAL_SEED + 7)[0].prompt,
     );
     println!(
-        "\ndone in {:.1} min. Runs are in {}: try `moelab eval --run {} --task all --show 3`",
+        "\ndone in {:.1} min. Runs are in {}: try `moelab eval --run {} --task {} --show 3`",
         start.elapsed().as_secs_f64() / 60.0,
         out.display(),
-        student.display()
+        student.display(),
+        names.join(",")
     );
     Ok(())
 }

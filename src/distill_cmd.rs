@@ -193,7 +193,16 @@ pub fn train(a: TrainArgs) -> Result<train::trainer::Outcome> {
             })
         }
     };
-    train_with_progress(
+    let provenance = serde_json::json!({
+        "traces": a.traces.display().to_string(),
+        "traces_sha256": data::sha256_hex(&std::fs::read(&a.traces)?),
+        "train_examples": train.len(),
+        "val_examples": val.len(),
+        "teacher": a.teacher.as_ref().map(|t| t.display().to_string()),
+        "kd_weight": teacher.as_ref().map(|t| t.weight),
+        "kd_temperature": teacher.as_ref().map(|t| t.temperature),
+    });
+    let outcome = train_with_progress(
         cfg,
         Source::Examples {
             train,
@@ -203,5 +212,11 @@ pub fn train(a: TrainArgs) -> Result<train::trainer::Outcome> {
         teacher,
         &a.out,
         a.resume,
-    )
+    )?;
+    // what the student learned from, next to its config
+    data::write_atomic(
+        &a.out.join("distill.json"),
+        serde_json::to_string_pretty(&provenance)?.as_bytes(),
+    )?;
+    Ok(outcome)
 }

@@ -253,10 +253,11 @@ pub fn eval_cmd(
     let r = Reasoner::load(run)?;
     let e = evaluate_tasks(&r, &task_list, n, seed, slots);
     println!(
-        "{} (step {}), {n} held-out problems (seed {seed}), greedy\n",
+        "{} (step {}), {n} held-out problems (seed {seed}), greedy",
         r.run.checkpoint.display(),
         r.run.state.step
     );
+    println!("active matmul params per token: {}\n", r.active_params());
     for a in e.attempts.iter().take(show) {
         println!(
             "[{}] {}\n<think>\n{}\n</think>\n{}\n",

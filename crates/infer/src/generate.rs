@@ -2,8 +2,9 @@
 //! queue, take a free slot, are fed their prompt and then their own samples one token per
 //! step, and leave the batch as soon as they finish, when the next request takes the slot.
 //!
-//! Each request samples with its own seeded [`Sampler`], so its output does not depend on
-//! the other requests in the batch (up to float32 rounding of the batched matmuls).
+//! Each request samples with its own seeded [`Sampler`], and the decoder computes every row
+//! on its own (fixed-order dot products), so a request's output does not depend on the other
+//! requests in the batch: batched generation gives the same tokens as generating alone.
 
 use crate::sampling::{Sampler, SamplingParams};
 use model::decode::BatchDecoder;

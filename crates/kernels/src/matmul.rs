@@ -6,6 +6,8 @@
 //! `determinism` tests).
 
 use crate::par::in_worker;
+use crate::simd;
+use rayon::prelude::*;
 
 /// Row-major operand view: `ptr[i * rs + j * cs]` is element (i, j).
 #[derive(Clone, Copy)]
@@ -228,6 +230,193 @@ mod tests {
                 worst < 2e-4,
                 "accumulate ta={ta} tb={tb} worst abs diff {worst}"
             );
+        }
+    }
+}
+
+/// Output columns per parallel task in [`linear_rows`].
+const ROWS_COLS_PER_TASK: usize = 32;
+
+simd! {
+    /// `out[r][c] (+)= dot(x[r], w[c])` for all rows r and columns c in `c0..c1`, in 4 x 4
+    /// register blocks. Each dot product keeps LANES partial sums combined as
+    /// [`crate::vmath::dot`] does, so a value does not depend on the blocking or on n.
+    ///
+    /// SAFETY (caller): `out` points to an (n, o) buffer of which this call writes only
+    /// columns c0..c1.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows_block(
+        out: *mut f32,
+        x: &[f32],
+        w: &[f32],
+        n: usize,
+        k: usize,
+        o: usize,
+        c0: usize,
+        c1: usize,
+        accumulate: bool,
+    ) {
+        use crate::vmath::{combine, LANES};
+        let full = k / LANES * LANES;
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+        let finish = |acc: [f32; LANES], xr: &[f32], wc: &[f32]| -> f32 {
+            let mut tail = [0.0f32; LANES];
+            for j in full..k {
+                tail[j - full] = xr[j] * wc[j];
+            }
+            combine(acc, &tail[..k - full], |a, b| a + b)
+        };
+        let mut r = 0;
+        while r < n {
+            let rn = (n - r).min(4);
+            let mut c = c0;
+            while c < c1 {
+                let cn = (c1 - c).min(4);
+                let mut acc = [[0.0f32; LANES]; 16];
+                if rn == 4 && cn == 4 && avx512 {
+                    // SAFETY: AVX-512F is present (checked), indices are in bounds
+                    // (4 rows from r, 4 columns from c, `full` <= k).
+                    unsafe { block4x4_avx512(&mut acc, x, w, r, c, k, full) };
+                } else if rn == 4 && cn == 4 {
+                    let mut p = 0;
+                    while p < full {
+                        for ri in 0..4 {
+                            let xr = &x[(r + ri) * k + p..(r + ri) * k + p + LANES];
+                            for ci in 0..4 {
+                                let wc = &w[(c + ci) * k + p..(c + ci) * k + p + LANES];
+                                let a = &mut acc[ri * 4 + ci];
+                                for j in 0..LANES {
+                                    a[j] += xr[j] * wc[j];
+                                }
+                            }
+                        }
+                        p += LANES;
+                    }
+                } else {
+                    for ri in 0..rn {
+                        for ci in 0..cn {
+                            let a = &mut acc[ri * 4 + ci];
+                            let xr = &x[(r + ri) * k..(r + ri) * k + full];
+                            let wc = &w[(c + ci) * k..(c + ci) * k + full];
+                            for (xc, wcc) in xr.chunks_exact(LANES).zip(wc.chunks_exact(LANES)) {
+                                for j in 0..LANES {
+                                    a[j] += xc[j] * wcc[j];
+                                }
+                            }
+                        }
+                    }
+                }
+                for ri in 0..rn {
+                    for ci in 0..cn {
+                        let xr = &x[(r + ri) * k..(r + ri + 1) * k];
+                        let wc = &w[(c + ci) * k..(c + ci + 1) * k];
+                        let v = finish(acc[ri * 4 + ci], xr, wc);
+                        // SAFETY: column c + ci is in c0..c1, owned by this call.
+                        let dst = unsafe { &mut *out.add((r + ri) * o + c + ci) };
+                        *dst = if accumulate { *dst + v } else { v };
+                    }
+                }
+                c += 4;
+            }
+            r += 4;
+        }
+    }
+}
+
+/// The 4 x 4 block of [`rows_block`] with the 16 accumulators in AVX-512 registers (LLVM
+/// spills the array form). Multiply then add, never fused, as the portable code computes.
+#[target_feature(enable = "avx512f")]
+unsafe fn block4x4_avx512(
+    acc: &mut [[f32; crate::vmath::LANES]; 16],
+    x: &[f32],
+    w: &[f32],
+    r: usize,
+    c: usize,
+    k: usize,
+    full: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut a = [_mm512_setzero_ps(); 16];
+    let (xp, wp) = (x.as_ptr(), w.as_ptr());
+    let mut p = 0;
+    while p < full {
+        let x0 = _mm512_loadu_ps(xp.add(r * k + p));
+        let x1 = _mm512_loadu_ps(xp.add((r + 1) * k + p));
+        let x2 = _mm512_loadu_ps(xp.add((r + 2) * k + p));
+        let x3 = _mm512_loadu_ps(xp.add((r + 3) * k + p));
+        for ci in 0..4 {
+            let wc = _mm512_loadu_ps(wp.add((c + ci) * k + p));
+            a[ci] = _mm512_add_ps(a[ci], _mm512_mul_ps(x0, wc));
+            a[4 + ci] = _mm512_add_ps(a[4 + ci], _mm512_mul_ps(x1, wc));
+            a[8 + ci] = _mm512_add_ps(a[8 + ci], _mm512_mul_ps(x2, wc));
+            a[12 + ci] = _mm512_add_ps(a[12 + ci], _mm512_mul_ps(x3, wc));
+        }
+        p += 16;
+    }
+    for (dst, v) in acc.iter_mut().zip(a) {
+        _mm512_storeu_ps(dst.as_mut_ptr(), v);
+    }
+}
+
+/// Linear layer for a few rows (decoding): `out (N,O) [+]= x (N,I) @ w (O,I)^T` without
+/// gemm's packing, which dominates when N is small. Each output is a fixed-order dot product
+/// (as [`crate::vmath::dot`]), so a row's result does not depend on the other rows, on N or
+/// on the thread count: batched decoding gives the same bits as decoding one sequence.
+pub fn linear_rows(
+    out: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    n: usize,
+    i: usize,
+    o: usize,
+    accumulate: bool,
+) {
+    assert_eq!(out.len(), n * o, "linear_rows out len");
+    assert_eq!(x.len(), n * i, "linear_rows x len");
+    assert_eq!(w.len(), o * i, "linear_rows w len");
+    let ptr = crate::par::SendPtr(out.as_mut_ptr());
+    let tasks = o.div_ceil(ROWS_COLS_PER_TASK);
+    let run = |t: usize| {
+        let (c0, c1) = (
+            t * ROWS_COLS_PER_TASK,
+            ((t + 1) * ROWS_COLS_PER_TASK).min(o),
+        );
+        // SAFETY: tasks own disjoint column ranges of `out`.
+        unsafe { rows_block(ptr.get(), x, w, n, i, o, c0, c1, accumulate) }
+    };
+    if n * o * i < 1 << 16 || crate::par::in_worker() {
+        (0..tasks).for_each(run);
+    } else {
+        (0..tasks).into_par_iter().for_each(run);
+    }
+}
+
+#[cfg(test)]
+mod rows_tests {
+    use super::*;
+
+    #[test]
+    fn linear_rows_matches_matmul_and_is_row_independent() {
+        let (n, i, o) = (7, 37, 45);
+        let x: Vec<f32> = (0..n * i)
+            .map(|v| ((v * 7 % 13) as f32 - 6.0) * 0.1)
+            .collect();
+        let w: Vec<f32> = (0..o * i)
+            .map(|v| ((v * 5 % 11) as f32 - 5.0) * 0.1)
+            .collect();
+        let mut want = vec![0.0; n * o];
+        linear_forward(&mut want, &x, &w, n, i, o);
+        let mut got = vec![1.0; n * o];
+        linear_rows(&mut got, &x, &w, n, i, o, true);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - 1.0 - w).abs() < 1e-4, "{g} vs {w} + 1");
+        }
+        linear_rows(&mut got, &x, &w, n, i, o, false);
+        // each row alone gives the same bits
+        for r in 0..n {
+            let mut one = vec![0.0; o];
+            linear_rows(&mut one, &x[r * i..(r + 1) * i], &w, 1, i, o, false);
+            assert_eq!(one, got[r * o..(r + 1) * o]);
         }
     }
 }

@@ -55,7 +55,7 @@ pub fn sigmoid(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn combine(mut acc: [f32; LANES], rem: &[f32], op: impl Fn(f32, f32) -> f32) -> f32 {
+pub(crate) fn combine(mut acc: [f32; LANES], rem: &[f32], op: impl Fn(f32, f32) -> f32) -> f32 {
     for (j, r) in rem.iter().enumerate() {
         acc[j] = op(acc[j], *r);
     }

@@ -11,7 +11,7 @@
 
 use crate::config::{Balance, ModelConfig};
 use crate::params::{FfnIdx, Layout};
-use kernels::matmul::{linear_forward, matmul};
+use kernels::matmul::linear_rows;
 use kernels::rmsnorm::rmsnorm_forward;
 use kernels::rope::{rope_apply_at, RopeTable};
 use kernels::router::{self, ScoreFn};
@@ -157,7 +157,7 @@ impl BatchDecoder {
         for (l, li) in lay.layers.iter().enumerate() {
             rmsnorm_forward(hb, rstd, x, p(li.attn_norm, c), cfg.norm_eps);
             let qkv = &mut self.qkv[..n * r];
-            linear_forward(qkv, hb, p(li.wqkv, r * c), n, c, r);
+            linear_rows(qkv, hb, p(li.wqkv, r * c), n, c, r, false);
             for (i, &(s, _)) in inputs.iter().enumerate() {
                 let row = &mut qkv[i * r..(i + 1) * r];
                 rope_apply_at(row, 0, h + g, self.pos[s], &self.rope);
@@ -200,15 +200,13 @@ impl BatchDecoder {
                         }
                     }
                 });
-            matmul(
+            linear_rows(
                 x,
                 &self.o[..n * h * d],
-                false,
                 p(li.wo, c * h * d),
-                true,
                 n,
-                c,
                 h * d,
+                c,
                 true,
             );
             rmsnorm_forward(hb, rstd, x, p(li.ffn_norm, c), cfg.norm_eps);
@@ -234,7 +232,7 @@ impl BatchDecoder {
                 } => {
                     let (e, k, f) = (cfg.n_experts, cfg.top_k, cfg.expert_hidden);
                     let r_logits = &mut self.r_logits[..n * e];
-                    linear_forward(r_logits, hb, p(*rw, e * c), n, c, e);
+                    linear_rows(r_logits, hb, p(*rw, e * c), n, c, e, false);
                     let bias = bias
                         .filter(|_| self.balance == Balance::Bias)
                         .map(|o| p(o, e));
@@ -296,13 +294,14 @@ impl BatchDecoder {
         }
         rmsnorm_forward(hb, rstd, x, p(lay.norm, c), cfg.norm_eps);
         let v = cfg.vocab_size;
-        linear_forward(
+        linear_rows(
             &mut self.logits[..n * v],
             hb,
             p(lay.lm_head, v * c),
             n,
             c,
             v,
+            false,
         );
         for &(s, _) in inputs {
             self.pos[s] += 1;
@@ -323,9 +322,9 @@ fn swiglu_rows(
 ) {
     let c = w_down.len() / f;
     let m = h.len() / c;
-    linear_forward(&mut gu[..m * 2 * f], h, w_gu, m, c, 2 * f);
+    linear_rows(&mut gu[..m * 2 * f], h, w_gu, m, c, 2 * f, false);
     swiglu_forward(&mut a[..m * f], &gu[..m * 2 * f], f);
-    matmul(x, &a[..m * f], false, w_down, true, m, c, f, true);
+    linear_rows(x, &a[..m * f], w_down, m, f, c, true);
 }
 
 /// KV-cache decoder for one sequence.

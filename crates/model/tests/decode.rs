@@ -49,7 +49,7 @@ fn kv_cache_decode_equals_full_recompute() {
 }
 
 /// A slot's logits do not depend on which other slots share its steps: three sequences fed
-/// in staggered, overlapping steps agree with three one-slot decoders.
+/// in staggered, overlapping steps give exactly the logits of three one-slot decoders.
 #[test]
 fn batched_decode_equals_per_sequence() {
     let tiny = Config::from_toml(include_str!("../../../configs/tiny.toml")).unwrap();
@@ -95,5 +95,7 @@ fn batched_decode_equals_per_sequence() {
     }
     assert_eq!(fed, [20, 20, 20]);
     println!("batched vs per-sequence decode: worst abs difference {worst:.2e}");
-    assert!(worst <= 1e-4, "batched decode differs: {worst:.2e}");
+    // every row is computed with fixed-order dot products of its own (matmul::linear_rows),
+    // so sharing a step with other sequences changes no bit
+    assert_eq!(worst, 0.0, "batched decode differs: {worst:.2e}");
 }

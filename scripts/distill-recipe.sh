@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The distillation recipe behind the numbers in README.md and BENCHMARKS.md (about 50
+# minutes on 2 cores). Every stage is one moelab command; rerunning skips finished stages.
+#
+#   scripts/distill-recipe.sh [OUT_DIR]        (default: runs/distill)
+#
+# 1. problems with step-by-step solutions (and the same problems with answers only)
+# 2. teacher MoE on the solutions
+# 3. teacher answers fresh problems, the verifier keeps the correct traces
+# 4. student (< 1/4 of the teacher's active params) on the verified traces
+# 5. the same student on answers only, same steps and tokens
+# 6. the student on the traces plus the teacher's logits (KD)
+# 7. held-out evaluation of all four; results in OUT_DIR/results.md
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/distill}
+TEACHER_STEPS=${TEACHER_STEPS:-2500}
+STUDENT_STEPS=${STUDENT_STEPS:-2000}
+N=${N:-40000}           # training problems for the teacher
+PROMPTS=${PROMPTS:-12000} # fresh prompts the teacher answers
+EVAL_N=${EVAL_N:-800}    # held-out problems per model
+KD_WEIGHT=${KD_WEIGHT:-0.5}
+KD_T=${KD_T:-2}
+cargo build --release --quiet
+M=target/release/moelab
+mkdir -p "$OUT"
+stage() { echo; echo "== $* ($(date +%T))"; }
+timed() { /usr/bin/env time -f "%e s" -a -o "$OUT/times.txt" "$@"; }
+
+stage "1. data"
+[ -f "$OUT/data/meta.json" ] || $M prepare --task all --n "$N" --seed 1 --out "$OUT/data"
+[ -f "$OUT/data-answers/meta.json" ] || $M prepare --task all --n "$N" --seed 1 --no-reasoning \
+    --tokenizer "$OUT/data/tokenizer.json" --out "$OUT/data-answers"
+
+stage "2. teacher ($TEACHER_STEPS steps)"
+[ -f "$OUT/teacher/latest" ] || { echo "teacher" >> "$OUT/times.txt";
+    timed $M train --config teacher --data "$OUT/data" --out "$OUT/teacher" --steps "$TEACHER_STEPS"; }
+
+stage "3. traces"
+[ -f "$OUT/traces.jsonl" ] || { echo "generate" >> "$OUT/times.txt";
+    timed $M distill generate --teacher "$OUT/teacher" --task all --n "$PROMPTS" --k 1 \
+    --temperature 0 --seed 2 --out "$OUT/traces.jsonl" | tee "$OUT/generate.txt"; }
+
+stage "4. student on verified traces"
+[ -f "$OUT/student/latest" ] || { echo "student" >> "$OUT/times.txt";
+    timed $M distill train --config student --traces "$OUT/traces.jsonl" --tokenizer "$OUT/teacher" \
+    --out "$OUT/student" --steps "$STUDENT_STEPS"; }
+
+stage "5. student on answers only"
+[ -f "$OUT/student-answers/latest" ] || { echo "student-answers" >> "$OUT/times.txt";
+    timed $M train --config student --data "$OUT/data-answers" --out "$OUT/student-answers" \
+    --steps "$STUDENT_STEPS"; }
+
+stage "6. student on traces + teacher logits (W=$KD_WEIGHT, T=$KD_T)"
+[ -f "$OUT/student-kd/latest" ] || { echo "student-kd" >> "$OUT/times.txt";
+    timed $M distill train --config student --traces "$OUT/traces.jsonl" --teacher "$OUT/teacher" \
+    --kd-weight "$KD_WEIGHT" --kd-temperature "$KD_T" --out "$OUT/student-kd" --steps "$STUDENT_STEPS"; }
+
+stage "7. held-out evaluation ($EVAL_N problems, seed 1000, greedy)"
+for r in teacher student student-answers student-kd; do
+    $M eval --run "$OUT/$r" --task all --n "$EVAL_N" | tee "$OUT/eval-$r.txt"
+done
+{
+    echo "| model | active params | add | mul | expr | sort | all | multi-step (add, mul, expr) |"
+    echo "|---|---|---|---|---|---|---|---|"
+    for r in teacher student student-answers student-kd; do
+        acc() { awk -v t="$1" '$1 == t && $2 == "all" { print $3 }' "$OUT/eval-$r.txt"; }
+        all=$(awk '$1 == "all" { print $2 }' "$OUT/eval-$r.txt")
+        multi=$(awk '($1 == "add" || $1 == "mul" || $1 == "expr") && $2 == "all" { s += $3; n++ } END { printf "%.1f%%", s / n }' "$OUT/eval-$r.txt")
+        echo "| $r | $(awk '/active matmul params/ { print $NF }' "$OUT/eval-$r.txt") | $(acc add) | $(acc mul) | $(acc expr) | $(acc sort) | $all | $multi |"
+    done
+} > "$OUT/results.md"
+echo; cat "$OUT/results.md"; echo; cat "$OUT/times.txt"
