@@ -103,6 +103,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         vocab_size: 4096,
         reasoning: true,
         tokenizer: None,
+        difficulty: None,
         force: true,
     };
     let (data, answers) = (out.join("data-reasoning"), out.join("data-answers"));
@@ -110,7 +111,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     opts.reasoning = false;
     opts.tokenizer = Some(data.join("tokenizer.json"));
     prepare_tasks(&task_list, &answers, &opts, &quiet)?;
-    let p = &tasks::generate_mix(&task_list, 3, a.seed)[2 % task_list.len()];
+    let p = &tasks::generate_mix(&task_list, 3, a.seed, None)[2 % task_list.len()];
     println!(
         "  {} problems, {} tokens, vocab {}; e.g.\n  {}\n  <think>{}</think> {}",
         a.n,
@@ -136,7 +137,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         "the teacher solves fresh problems; the verifier keeps the correct solutions",
     );
     let t = Reasoner::load(&teacher)?;
-    let prompts: Vec<String> = tasks::generate_mix(&task_list, a.prompts, a.seed + 1)
+    let prompts: Vec<String> = tasks::generate_mix(&task_list, a.prompts, a.seed + 1, None)
         .into_iter()
         .map(|p| p.prompt)
         .collect();
@@ -202,7 +203,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         ("student (answers only)", &baseline),
     ] {
         let r = Reasoner::load(dir)?;
-        let e = evaluate_tasks(&r, &task_list, a.eval_n, EVAL_SEED, 64);
+        let e = evaluate_tasks(&r, &task_list, a.eval_n, EVAL_SEED, None, 64);
         rows.push((name.to_string(), r, e));
     }
     println!("{}", comparison_table(&rows, &task_list));
@@ -214,7 +215,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     };
     chat_turn(
         s,
-        &tasks::generate_mix(&[shown], 1, EVAL_SEED + 7)[0].prompt,
+        &tasks::generate_mix(&[shown], 1, EVAL_SEED + 7, None)[0].prompt,
     );
     println!(
         "\ndone in {:.1} min. Runs are in {}: try `moelab eval --run {} --task {} --show 3`",

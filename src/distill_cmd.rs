@@ -43,6 +43,9 @@ pub struct GenerateArgs {
     /// Seed of the prompts and the samplers.
     #[arg(long, default_value_t = 2)]
     seed: u64,
+    /// One difficulty for every prompt (add: digits, mul: 1-4, expr: depth, sort: length).
+    #[arg(long)]
+    difficulty: Option<u32>,
     /// Sequences decoded together.
     #[arg(long, default_value_t = 64)]
     batch: usize,
@@ -92,6 +95,7 @@ pub fn run(cmd: DistillCmd) -> Result<()> {
             a.k,
             a.temperature,
             a.seed,
+            a.difficulty,
             &a.out,
             a.batch,
         ),

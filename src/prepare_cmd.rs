@@ -35,6 +35,10 @@ pub struct PrepareArgs {
     /// --task: answers only, with an empty think block (the no-reasoning baseline).
     #[arg(long)]
     no_reasoning: bool,
+    /// --task: one difficulty for every problem (add: digits, mul: 1-4, expr: depth, sort:
+    /// length); default: each task's range.
+    #[arg(long)]
+    difficulty: Option<u32>,
     /// --task: reuse this tokenizer.json (e.g. a teacher's) instead of training one.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -56,6 +60,7 @@ pub fn run(a: PrepareArgs) -> Result<()> {
             vocab_size: a.vocab_size,
             reasoning: !a.no_reasoning,
             tokenizer: a.tokenizer.map(|p| crate::run_cmds::tokenizer_path(&p)),
+            difficulty: a.difficulty,
             force: a.force,
         };
         let meta = prepare_tasks(&tasks, &a.out, &opts, &progress);

@@ -217,9 +217,10 @@ pub fn evaluate_tasks(
     task_list: &[Task],
     n: usize,
     seed: u64,
+    difficulty: Option<u32>,
     slots: usize,
 ) -> TaskEval {
-    let prompts: Vec<String> = tasks::generate_mix(task_list, n, seed)
+    let prompts: Vec<String> = tasks::generate_mix(task_list, n, seed, difficulty)
         .into_iter()
         .map(|p| p.prompt)
         .collect();
@@ -241,6 +242,7 @@ pub fn eval_cmd(
     task_spec: &str,
     n: usize,
     seed: u64,
+    difficulty: Option<u32>,
     slots: usize,
     show: usize,
 ) -> Result<()> {
@@ -251,7 +253,7 @@ pub fn eval_cmd(
         );
     }
     let r = Reasoner::load(run)?;
-    let e = evaluate_tasks(&r, &task_list, n, seed, slots);
+    let e = evaluate_tasks(&r, &task_list, n, seed, difficulty, slots);
     println!(
         "{} (step {}), {n} held-out problems (seed {seed}), greedy",
         r.run.checkpoint.display(),
@@ -284,6 +286,7 @@ pub fn generate_cmd(
     k: usize,
     temperature: f32,
     seed: u64,
+    difficulty: Option<u32>,
     out: &Path,
     slots: usize,
 ) -> Result<()> {
@@ -292,7 +295,7 @@ pub fn generate_cmd(
         bail!("--n and --k must be at least 1");
     }
     let r = Reasoner::load(teacher)?;
-    let prompts: Vec<String> = tasks::generate_mix(&task_list, n, seed)
+    let prompts: Vec<String> = tasks::generate_mix(&task_list, n, seed, difficulty)
         .into_iter()
         .map(|p| p.prompt)
         .collect();

@@ -118,6 +118,10 @@ pub struct EvalArgs {
     /// --task: sequences decoded together.
     #[arg(long, default_value_t = 64)]
     batch: usize,
+    /// --task: one difficulty for every problem (add: digits, mul: 1-4, expr: depth, sort:
+    /// length); default: each task's range.
+    #[arg(long)]
+    difficulty: Option<u32>,
     /// --task: print the first N answers with their reasoning.
     #[arg(long, default_value_t = 0)]
     show: usize,
@@ -126,7 +130,7 @@ pub struct EvalArgs {
 pub fn eval(a: EvalArgs) -> Result<()> {
     if let Some(t) = &a.task {
         let n = a.n.unwrap_or(400) as usize;
-        return crate::reasoning::eval_cmd(&a.run, t, n, a.seed, a.batch, a.show);
+        return crate::reasoning::eval_cmd(&a.run, t, n, a.seed, a.difficulty, a.batch, a.show);
     }
     let data = a.data.expect("clap requires --data without --task");
     let lr = load_run(&a.run)?;

@@ -41,6 +41,9 @@ pub struct TaskData {
     pub tasks: Vec<String>,
     pub seed: u64,
     pub reasoning: bool,
+    /// One difficulty for every problem, if the data was generated with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub difficulty: Option<u32>,
     pub train_examples: usize,
     pub val_examples: usize,
 }

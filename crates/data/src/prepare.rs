@@ -150,6 +150,8 @@ pub struct TaskOpts {
     pub reasoning: bool,
     /// Reuse this tokenizer.json instead of training one (to share a teacher's).
     pub tokenizer: Option<PathBuf>,
+    /// One difficulty for every problem (None: each task's default range).
+    pub difficulty: Option<u32>,
     pub force: bool,
 }
 
@@ -197,9 +199,9 @@ pub fn prepare_tasks(
             })
             .collect()
     };
-    let train_p = crate::tasks::generate_mix(tasks, opts.n, opts.seed);
+    let train_p = crate::tasks::generate_mix(tasks, opts.n, opts.seed, opts.difficulty);
     let n_val = (opts.n / 20).max(64);
-    let val_p = crate::tasks::generate_mix(tasks, n_val, val_seed(opts.seed));
+    let val_p = crate::tasks::generate_mix(tasks, n_val, val_seed(opts.seed), opts.difficulty);
     let tok = match &opts.tokenizer {
         Some(p) => Tokenizer::from_file(p)?,
         None => {
@@ -241,6 +243,7 @@ pub fn prepare_tasks(
             tasks: tasks.iter().map(|t| t.name().to_string()).collect(),
             seed: opts.seed,
             reasoning: opts.reasoning,
+            difficulty: opts.difficulty,
             train_examples: train.len(),
             val_examples: val.len(),
         }),

@@ -10,12 +10,12 @@
 //! from the line before (e.g. the "so far" digits of an addition), which is what lets a small
 //! transformer learn the algorithm, and what an answer-only model has to do in its head.
 //!
-//! | task | difficulty knob | example prompt |
+//! | task | difficulty knob (default mix; most) | example prompt |
 //! |---|---|---|
-//! | `add` | digits (2-4) | `What is 4721 + 389?` / `What is 4721 - 389?` |
-//! | `mul` | 1: 2x1, 2: 3x1, 3: 2x2 digits | `What is 347 * 6?` |
-//! | `expr` | nesting depth (1-3) | `Evaluate (3+4)*(5-2).` |
-//! | `sort` | list length (3-6) | `Sort 53 7 91 20.` |
+//! | `add` | digits (2-4; 9) | `What is 4721 + 389?` / `What is 4721 - 389?` |
+//! | `mul` | 1: 2x1, 2: 3x1, 3: 2x2, 4: 3x2 digits (1-3; 4) | `What is 347 * 6?` |
+//! | `expr` | nesting depth (1-3; 6) | `Evaluate (3+4)*(5-2).` |
+//! | `sort` | list length (3-6; 12) | `Sort 53 7 91 20.` |
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -73,10 +73,20 @@ impl Task {
         }
     }
 
-    /// A random problem of `difficulty` (any level from 1 up works; the default mix uses
-    /// [`Task::difficulties`]).
+    /// Highest difficulty a task generates (higher requests are clamped to it).
+    pub fn max_difficulty(self) -> u32 {
+        match self {
+            Task::Add => 9,
+            Task::Mul => 4,
+            Task::Expr => 6,
+            Task::Sort => 12,
+        }
+    }
+
+    /// A random problem of `difficulty`, clamped to 1..=[`Task::max_difficulty`] (the
+    /// default mix uses [`Task::difficulties`]).
     pub fn generate(self, rng: &mut impl Rng, difficulty: u32) -> Problem {
-        let d = difficulty.max(1);
+        let d = difficulty.clamp(1, self.max_difficulty());
         let spec = match self {
             Task::Add => {
                 let a = rand_digits(rng, d);
@@ -144,17 +154,17 @@ pub fn parse_list(s: &str) -> Result<Vec<Task>, String> {
     Ok(out)
 }
 
-/// `n` problems of the default mix of `tasks`: problem i comes from ChaCha8 stream i of
-/// `seed` (so any prefix of the list is the same for a larger n), task i mod len, a uniform
-/// difficulty of that task's range.
-pub fn generate_mix(tasks: &[Task], n: usize, seed: u64) -> Vec<Problem> {
+/// `n` problems of the mix of `tasks`: problem i comes from ChaCha8 stream i of `seed` (so
+/// any prefix of the list is the same for a larger n), task i mod len, at `difficulty` or,
+/// when None, a uniform difficulty of that task's default range.
+pub fn generate_mix(tasks: &[Task], n: usize, seed: u64, difficulty: Option<u32>) -> Vec<Problem> {
     (0..n)
         .map(|i| {
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
             rng.set_stream(i as u64);
             let t = tasks[i % tasks.len()];
             let d = rng.gen_range(t.difficulties());
-            t.generate(&mut rng, d)
+            t.generate(&mut rng, difficulty.unwrap_or(d))
         })
         .collect()
 }
@@ -575,12 +585,16 @@ mod tests {
 
     #[test]
     fn mix_is_seeded_and_prefix_stable() {
-        let a = generate_mix(&ALL, 40, 7);
-        assert_eq!(a, generate_mix(&ALL, 40, 7));
-        assert_eq!(a[..10], generate_mix(&ALL, 10, 7)[..]);
-        assert_ne!(a, generate_mix(&ALL, 40, 8));
+        let a = generate_mix(&ALL, 40, 7, None);
+        assert_eq!(a, generate_mix(&ALL, 40, 7, None));
+        assert_eq!(a[..10], generate_mix(&ALL, 10, 7, None)[..]);
+        assert_ne!(a, generate_mix(&ALL, 40, 8, None));
         for p in &a {
             assert!(p.task.difficulties().contains(&p.difficulty), "{p:?}");
+        }
+        // a fixed difficulty: 5-digit additions, depth-4 expressions, lists of 5
+        for p in generate_mix(&[Task::Add, Task::Expr, Task::Sort], 12, 3, Some(5)) {
+            assert_eq!(p.difficulty, 5, "{p:?}");
         }
     }
 

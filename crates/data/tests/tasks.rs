@@ -39,11 +39,12 @@ proptest! {
 
     #[test]
     fn ground_truth_verifies_and_corruptions_do_not(
-        t in task(), d in 1u32..=6, seed in any::<u64>(), how in any::<u8>(), at in any::<usize>()
+        t in task(), d in 1u32..=12, seed in any::<u64>(), how in any::<u8>(), at in any::<usize>()
     ) {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let p = t.generate(&mut rng, d);
         // the prompt alone gives back the same solution
+        prop_assert!(p.difficulty <= t.max_difficulty());
         let (t2, d2, r, a) = tasks::solve(&p.prompt).expect("generated prompt parses");
         prop_assert_eq!((t2, d2, &r, &a), (p.task, p.difficulty, &p.reasoning, &p.answer));
         prop_assert!(tasks::verify(&p.prompt, &p.answer));
