@@ -142,18 +142,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         .map(|p| p.prompt)
         .collect();
     let (attempts, tps) = reasoning::attempt(&t, &prompts, 1, 0.0, a.seed, 64, "generate");
-    let traces: Vec<Example> = attempts
-        .iter()
-        .map(|x| Example {
-            prompt: x.prompt.clone(),
-            reasoning: x.reasoning.clone(),
-            answer: x.answer.clone(),
-            verified: x.verified,
-            teacher: teacher.display().to_string(),
-            task: tasks::solve(&x.prompt).map_or(String::new(), |s| s.0.name().into()),
-            difficulty: tasks::solve(&x.prompt).map_or(0, |s| s.1),
-        })
-        .collect();
+    let traces: Vec<Example> = attempts.iter().map(|x| x.to_example(&teacher)).collect();
     let traces_path = out.join("traces.jsonl");
     chat::write_jsonl(&traces_path, &traces)?;
     let verified: Vec<Example> = traces.iter().filter(|e| e.verified).cloned().collect();

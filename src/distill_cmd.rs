@@ -3,7 +3,7 @@
 
 use crate::reasoning;
 use crate::train_cmd::{resolve_config, train_with_progress};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use data::chat::{self, Example};
 use std::path::{Path, PathBuf};
@@ -168,17 +168,13 @@ pub fn train(a: TrainArgs) -> Result<train::trainer::Outcome> {
         None => None,
         Some(t) => {
             let r = reasoning::Reasoner::load(t)?;
-            let student_tok = std::fs::read(&tokenizer)
-                .with_context(|| format!("reading {}", tokenizer.display()))?;
-            let teacher_tok = r.tok.to_json()?;
-            if tokenizer::Tokenizer::from_file(&tokenizer)?.to_json()? != teacher_tok {
+            if tokenizer::Tokenizer::from_file(&tokenizer)?.to_json()? != r.tok.to_json()? {
                 bail!(
                     "the teacher {} and the student (tokenizer {}) use different tokenizers; distillation needs one vocabulary: drop --tokenizer or pass the teacher's",
                     t.display(),
                     tokenizer.display()
                 );
             }
-            drop(student_tok);
             if r.run.cfg.model.max_seq_len < cfg.train.seq_len {
                 bail!(
                     "the teacher's context ({}) is shorter than the student's seq_len ({})",

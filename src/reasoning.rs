@@ -46,6 +46,23 @@ pub struct Attempt {
     pub reasoning_tokens: usize,
 }
 
+impl Attempt {
+    /// The traces.jsonl record of this attempt, written by `teacher`.
+    pub fn to_example(&self, teacher: &Path) -> Example {
+        let (task, difficulty) = tasks::solve(&self.prompt)
+            .map_or((String::new(), 0), |s| (s.0.name().to_string(), s.1));
+        Example {
+            prompt: self.prompt.clone(),
+            reasoning: self.reasoning.clone(),
+            answer: self.answer.clone(),
+            verified: self.verified,
+            teacher: teacher.display().to_string(),
+            task,
+            difficulty,
+        }
+    }
+}
+
 /// Generates `k` attempts per prompt (sampled when `temperature > 0`, with seed
 /// `seed + candidate index`, else greedy) and verifies each. Returns the attempts in
 /// (prompt, candidate) order and the decode throughput (generated tokens per second).
@@ -305,17 +322,7 @@ pub fn generate_cmd(
         .iter()
         .map(|a| {
             score.add(&a.prompt, a.verified, a.reasoning_tokens);
-            let (task, difficulty) = tasks::solve(&a.prompt)
-                .map_or((String::new(), 0), |s| (s.0.name().to_string(), s.1));
-            Example {
-                prompt: a.prompt.clone(),
-                reasoning: a.reasoning.clone(),
-                answer: a.answer.clone(),
-                verified: a.verified,
-                teacher: teacher.display().to_string(),
-                task,
-                difficulty,
-            }
+            a.to_example(teacher)
         })
         .collect();
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {

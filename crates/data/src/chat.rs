@@ -50,10 +50,13 @@ pub type Malformed = Vec<(usize, String)>;
 /// Examples of a JSONL file, and the lines that were skipped as malformed. Blank lines are
 /// ignored.
 pub fn read_jsonl(path: &Path) -> Result<(Vec<Example>, Malformed)> {
-    let text = std::fs::read(path).map_err(io_err(path))?;
-    let text = String::from_utf8_lossy(&text);
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
     let (mut ok, mut bad) = (vec![], vec![]);
-    for (i, line) in text.lines().enumerate() {
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let Ok(line) = std::str::from_utf8(line) else {
+            bad.push((i + 1, "not valid UTF-8".to_string()));
+            continue;
+        };
         if line.trim().is_empty() {
             continue;
         }
@@ -283,6 +286,23 @@ mod tests {
         assert_eq!((p.too_long, p.targets), (0, 11));
         let long = Packed::new(&[(vec![1; 12], 2)], 8, 3);
         assert_eq!((long.rows(), long.too_long), (0, 1));
+    }
+
+    #[test]
+    fn malformed_lines_are_skipped_and_counted() {
+        let path = std::env::temp_dir().join(format!("moelab-chat-{}.jsonl", std::process::id()));
+        let good = r#"{"prompt":"What is 1 + 2?","reasoning":"r","answer":"3"}"#;
+        let mut bytes = format!("{good}\n\n{{\"prompt\": 3\n").into_bytes();
+        bytes.extend_from_slice(b"{\"prompt\":\"\xff\",\"answer\":\"1\"}\n");
+        bytes.extend_from_slice(good.as_bytes());
+        std::fs::write(&path, bytes).unwrap();
+        let (ok, bad) = read_jsonl(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(ok.len(), 2);
+        assert!(ok[0].verified, "verified defaults to true");
+        let lines: Vec<usize> = bad.iter().map(|b| b.0).collect();
+        assert_eq!(lines, [3, 4]);
+        assert_eq!(bad[1].1, "not valid UTF-8");
     }
 
     #[test]

@@ -52,6 +52,19 @@ fn split(docs: Vec<String>, frac: f64) -> (Vec<String>, Vec<String>) {
     (train, val)
 }
 
+/// File name -> sha256 of each of `files` in `out` (meta.json's `outputs`).
+fn output_hashes(out: &Path, files: &[&str]) -> Result<BTreeMap<String, String>> {
+    let mut outputs = BTreeMap::new();
+    for f in files {
+        let p = out.join(f);
+        outputs.insert(
+            f.to_string(),
+            sha256_hex(&std::fs::read(&p).map_err(io_err(&p))?),
+        );
+    }
+    Ok(outputs)
+}
+
 /// Prepares `out` from the corpus at `paths`. `progress` receives one-line status updates.
 pub fn prepare_corpus(
     paths: &[PathBuf],
@@ -114,14 +127,7 @@ pub fn prepare_corpus(
     tok.save(&out.join("tokenizer.json"))?;
     shard::write(&out.join("train.bin"), &train, tok.vocab_size())?;
     shard::write(&out.join("val.bin"), &val, tok.vocab_size())?;
-    let mut outputs = BTreeMap::new();
-    for f in ["tokenizer.json", "train.bin", "val.bin"] {
-        let p = out.join(f);
-        outputs.insert(
-            f.to_string(),
-            sha256_hex(&std::fs::read(&p).map_err(io_err(&p))?),
-        );
-    }
+    let outputs = output_hashes(out, &["tokenizer.json", "train.bin", "val.bin"])?;
     let meta = Meta {
         format_version: FORMAT_VERSION,
         vocab_size: tok.vocab_size(),
@@ -220,14 +226,7 @@ pub fn prepare_tasks(
     tok.save(&out.join("tokenizer.json"))?;
     chat::write_jsonl(&out.join("train.jsonl"), &train)?;
     chat::write_jsonl(&out.join("val.jsonl"), &val)?;
-    let mut outputs = BTreeMap::new();
-    for f in ["tokenizer.json", "train.jsonl", "val.jsonl"] {
-        let p = out.join(f);
-        outputs.insert(
-            f.to_string(),
-            sha256_hex(&std::fs::read(&p).map_err(io_err(&p))?),
-        );
-    }
+    let outputs = output_hashes(out, &["tokenizer.json", "train.jsonl", "val.jsonl"])?;
     let meta = Meta {
         format_version: FORMAT_VERSION,
         vocab_size: tok.vocab_size(),

@@ -20,14 +20,19 @@ pub fn evaluate(model: &mut Model, split: &Split, max_batches: u64) -> EvalResul
     let (b, t) = model.batch_shape();
     let saved = model.take_load();
     let training = std::mem::replace(&mut model.training, false);
-    let chat = match split {
-        Split::Chat(p) => ChatLoader::new(p, b, 0).ok(),
-        Split::Tokens(_) => None,
-    };
-    let mut n = match (split, &chat) {
-        (Split::Tokens(tokens), _) => eval_batches(tokens, b, t),
-        (_, Some(l)) => l.eval_batches(),
-        _ => 0,
+    type Fill<'a> = Box<dyn Fn(usize, &mut [u32], &mut [u32]) + 'a>;
+    let (mut n, fill): (usize, Fill) = match split {
+        Split::Tokens(tokens) => (
+            eval_batches(tokens, b, t),
+            Box::new(move |i, x, y| eval_batch(tokens, b, t, i, x, y)),
+        ),
+        Split::Chat(p) => match ChatLoader::new(p, b, 0) {
+            Ok(l) => (
+                l.eval_batches(),
+                Box::new(move |i, x, y| l.eval_batch(i, x, y)),
+            ),
+            Err(_) => (0, Box::new(|_, _, _| {})), // no rows
+        },
     };
     if max_batches > 0 {
         n = n.min(max_batches as usize);
@@ -35,11 +40,7 @@ pub fn evaluate(model: &mut Model, split: &Split, max_batches: u64) -> EvalResul
     let (mut x, mut y) = (vec![0u32; b * t], vec![0u32; b * t]);
     let (mut sum, mut count) = (0.0f64, 0usize);
     for i in 0..n {
-        match (split, &chat) {
-            (Split::Tokens(tokens), _) => eval_batch(tokens, b, t, i, &mut x, &mut y),
-            (_, Some(l)) => l.eval_batch(i, &mut x, &mut y),
-            _ => unreachable!("no batches"),
-        }
+        fill(i, &mut x, &mut y);
         let l = model.forward(&x, &y);
         sum += l.ce as f64 * l.n_targets as f64;
         count += l.n_targets;
