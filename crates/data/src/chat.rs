@@ -81,6 +81,7 @@ pub fn write_jsonl(path: &Path, examples: &[Example]) -> Result<()> {
 /// The ids of the chat special tokens.
 #[derive(Clone, Copy, Debug)]
 pub struct ChatIds {
+    pub system: u32,
     pub user: u32,
     pub assistant: u32,
     pub end: u32,
@@ -95,6 +96,7 @@ impl ChatIds {
                 .expect("moelab tokenizers have the chat tokens")
         };
         ChatIds {
+            system: id("<|system|>"),
             user: id("<|user|>"),
             assistant: id("<|assistant|>"),
             end: id("<|end|>"),

@@ -1,10 +1,16 @@
-//! moelab inference: token sampling (temperature, top-k, top-p) from seeded generators, and
-//! batched generation with continuous batching over the model's KV-cache decoder.
+//! moelab inference: token sampling (temperature, top-k, top-p) from seeded generators,
+//! continuous batching over the model's KV-cache decoder (offline [`generate`] and the online
+//! [`Engine`]), and the chat template with its streaming reasoning parser.
 //!
-//! Not here: HTTP (the server crate), tokenization (the tokenizer crate).
+//! Not here: HTTP (the server crate), tokenizer training (the tokenizer crate).
 
+pub mod batch;
+pub mod chat;
+pub mod engine;
 pub mod generate;
 pub mod sampling;
 
-pub use generate::{generate, Finish, Generated, Request};
+pub use batch::{Event, Finish, Seq};
+pub use engine::{Engine, EngineConfig, Sink, Stats, SubmitError};
+pub use generate::{generate, Generated, Request};
 pub use sampling::{Sampler, SamplingParams};

@@ -1,7 +1,9 @@
 //! Continuous batching: a request's tokens do not depend on the requests it shares the batch
 //! with, nor on the number of slots; max_tokens, stop tokens and over-long prompts behave.
 
-use infer::{generate, Finish, Request, SamplingParams};
+use infer::{
+    generate, Engine, EngineConfig, Event, Finish, Request, SamplingParams, Seq, SubmitError,
+};
 use model::{Config, Model};
 
 fn requests(v: u32) -> Vec<Request> {
@@ -69,4 +71,134 @@ fn batched_generation_equals_one_at_a_time() {
     };
     let g = generate(&cfg.model, &params, &[long], 2, &[], &mut |_, _| {});
     assert!(g[0].tokens.is_empty() && g[0].finish == Finish::Length);
+}
+
+/// Runs `seq` on `engine` and collects its events.
+fn submit(
+    engine: &Engine,
+    seq: Seq,
+    cancel_after: usize,
+) -> Result<std::sync::mpsc::Receiver<Event>, SubmitError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut n = 0;
+    engine.submit(
+        seq,
+        Box::new(move |ev| {
+            n += matches!(ev, Event::Token(_)) as usize;
+            let _ = tx.send(ev);
+            n < cancel_after
+        }),
+    )?;
+    Ok(rx)
+}
+
+fn collect(rx: std::sync::mpsc::Receiver<Event>) -> (Vec<u32>, Finish) {
+    let mut toks = vec![];
+    for ev in rx {
+        match ev {
+            Event::Token(t) => toks.push(t),
+            Event::Done(f) => return (toks, f),
+        }
+    }
+    panic!("the engine dropped a request without Done");
+}
+
+#[test]
+fn engine_requests_from_many_threads_equal_generation_alone() {
+    let cfg = Config::from_toml(include_str!("../../../configs/tiny.toml")).unwrap();
+    let params = Model::new(&cfg.model, 1, 1, 9).params;
+    let reqs = requests(cfg.model.vocab_size as u32);
+    let alone = generate(&cfg.model, &params, &reqs, 1, &[], &mut |_, _| {});
+    let engine = Engine::start(
+        &cfg.model,
+        params.clone(),
+        EngineConfig {
+            slots: 3,
+            max_queue: 64,
+        },
+    );
+    let seq = |r: &Request| Seq {
+        prompt: r.prompt.clone(),
+        params: r.params,
+        max_tokens: r.max_tokens,
+        stop: vec![],
+    };
+    std::thread::scope(|s| {
+        let hs: Vec<_> = reqs
+            .iter()
+            .map(|r| {
+                let (engine, seq) = (&engine, seq(r));
+                s.spawn(move || collect(submit(engine, seq, usize::MAX).unwrap()))
+            })
+            .collect();
+        for (i, h) in hs.into_iter().enumerate() {
+            let (toks, fin) = h.join().unwrap();
+            assert_eq!(toks, alone[i].tokens, "request {i}");
+            assert_eq!(fin, Finish::Length);
+        }
+    });
+    // a sink that returns false cancels its request at once
+    let (toks, fin) = collect(submit(&engine, seq(&reqs[6]), 3).unwrap());
+    assert_eq!(
+        (toks.as_slice(), fin),
+        (&alone[6].tokens[..3], Finish::Cancelled)
+    );
+    // prompts that cannot start are refused up front
+    let long = Seq {
+        prompt: vec![1; cfg.model.max_seq_len],
+        ..seq(&reqs[0])
+    };
+    assert!(matches!(
+        submit(&engine, long, 1),
+        Err(SubmitError::TooLong { .. })
+    ));
+    let st = engine.stats();
+    assert!(st.steps > 0 && st.generated > 0 && st.queued == 0, "{st:?}");
+}
+
+#[test]
+fn engine_queue_is_bounded() {
+    let cfg = Config::from_toml(include_str!("../../../configs/tiny.toml")).unwrap();
+    let params = Model::new(&cfg.model, 1, 1, 9).params;
+    let reqs = requests(cfg.model.vocab_size as u32);
+    let engine = Engine::start(
+        &cfg.model,
+        params,
+        EngineConfig {
+            slots: 1,
+            max_queue: 2,
+        },
+    );
+    // a slow first request holds the only slot while the queue fills
+    let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+    let gate = std::sync::Mutex::new(gate_rx);
+    let seq = Seq {
+        prompt: reqs[0].prompt.clone(),
+        params: reqs[0].params,
+        max_tokens: 4,
+        stop: vec![],
+    };
+    engine
+        .submit(
+            seq.clone(),
+            Box::new(move |_| {
+                let _ = gate.lock().unwrap().recv();
+                true
+            }),
+        )
+        .unwrap();
+    // wait until the first request is running (left the queue)
+    while engine.stats().active == 0 {
+        std::thread::yield_now();
+    }
+    let a = submit(&engine, seq.clone(), usize::MAX).unwrap();
+    let b = submit(&engine, seq.clone(), usize::MAX).unwrap();
+    assert_eq!(
+        submit(&engine, seq.clone(), usize::MAX).err(),
+        Some(SubmitError::QueueFull(2))
+    );
+    drop(gate_tx); // release the first request
+    assert_eq!(collect(a).0.len(), 4);
+    assert_eq!(collect(b).0.len(), 4);
+    assert!(submit(&engine, seq, usize::MAX).is_ok(), "room again");
 }

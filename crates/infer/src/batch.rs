@@ -1,0 +1,158 @@
+//! The continuous-batching core shared by [`crate::generate`] (offline, all requests known)
+//! and [`crate::Engine`] (online, requests arrive on a channel): a [`BatchDecoder`] whose
+//! slots are taken by sequences that are fed their prompt and then their own samples, one
+//! token per step, and leave as soon as they finish, when the next sequence may take the slot.
+//!
+//! Each sequence samples with its own seeded [`Sampler`], and the decoder computes every row
+//! on its own (fixed-order dot products), so a sequence's output does not depend on the
+//! others in the batch: batched generation gives the same tokens as generating alone.
+
+use crate::sampling::{Sampler, SamplingParams};
+use model::decode::BatchDecoder;
+use model::ModelConfig;
+
+/// Why a sequence ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// A stop token was generated (it is the last token reported).
+    Stop,
+    /// `max_tokens` or the context length was reached (or the prompt did not fit).
+    Length,
+    /// The receiver asked to stop (e.g. the client went away).
+    Cancelled,
+}
+
+/// What a sequence reports after a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    Token(u32),
+    Done(Finish),
+}
+
+/// A sequence to generate.
+#[derive(Clone, Debug)]
+pub struct Seq {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    /// Generated tokens at most (the stop token included).
+    pub max_tokens: usize,
+    /// Tokens that end the sequence.
+    pub stop: Vec<u32>,
+}
+
+impl Seq {
+    /// Whether the sequence can start at all in a context of `max_seq_len` tokens.
+    pub fn fits(&self, max_seq_len: usize) -> bool {
+        !self.prompt.is_empty() && self.prompt.len() < max_seq_len && self.max_tokens > 0
+    }
+}
+
+struct Active<K> {
+    key: K,
+    seq: Seq,
+    /// Tokens fed so far (prompt and generated): the slot's cache length.
+    fed: usize,
+    next: u32,
+    generated: usize,
+    sampler: Sampler,
+}
+
+/// Up to `slots` sequences decoding together; `K` identifies a sequence to the caller.
+pub struct Batch<K> {
+    dec: BatchDecoder,
+    active: Vec<Option<Active<K>>>,
+    inputs: Vec<(usize, u32)>,
+}
+
+impl<K: Copy> Batch<K> {
+    pub fn new(cfg: &ModelConfig, slots: usize) -> Batch<K> {
+        let dec = BatchDecoder::new(cfg, slots.max(1));
+        let active = (0..dec.slots()).map(|_| None).collect();
+        Batch {
+            dec,
+            active,
+            inputs: vec![],
+        }
+    }
+
+    /// Sequences decoding now.
+    pub fn len(&self) -> usize {
+        self.active.iter().filter(|a| a.is_some()).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.active.iter().all(|a| a.is_none())
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.active.iter().all(|a| a.is_some())
+    }
+
+    /// Takes a free slot for `seq`. Returns `Err(Finish::Length)` without taking one when the
+    /// sequence cannot start (empty prompt, prompt fills the context, `max_tokens` 0).
+    /// Panics when the batch is full (check [`Batch::is_full`]).
+    pub fn admit(&mut self, key: K, seq: Seq) -> Result<(), Finish> {
+        if !seq.fits(self.dec.config().max_seq_len) {
+            return Err(Finish::Length);
+        }
+        let s = self
+            .active
+            .iter()
+            .position(|a| a.is_none())
+            .expect("admit into a full batch");
+        self.dec.reset(s);
+        self.active[s] = Some(Active {
+            key,
+            next: seq.prompt[0],
+            sampler: Sampler::new(seq.params),
+            seq,
+            fed: 0,
+            generated: 0,
+        });
+        Ok(())
+    }
+
+    /// One decode step over every active sequence. `on(key, event)` receives each generated
+    /// token and then the end of each sequence that finished; returning `false` from a token
+    /// event cancels that sequence (it is then reported `Done(Cancelled)`).
+    pub fn step(&mut self, params: &[f32], on: &mut dyn FnMut(K, Event) -> bool) {
+        let cfg = self.dec.config().clone();
+        self.inputs.clear();
+        self.inputs.extend(
+            self.active
+                .iter()
+                .enumerate()
+                .filter_map(|(s, a)| a.as_ref().map(|a| (s, a.next))),
+        );
+        if self.inputs.is_empty() {
+            return;
+        }
+        let v = cfg.vocab_size;
+        let logits = self.dec.step(params, &self.inputs);
+        for (row, &(s, _)) in self.inputs.iter().enumerate() {
+            let a = self.active[s].as_mut().expect("active slot");
+            a.fed += 1;
+            if a.fed < a.seq.prompt.len() {
+                // still reading the prompt
+                a.next = a.seq.prompt[a.fed];
+                continue;
+            }
+            let tok = a.sampler.sample(&logits[row * v..(row + 1) * v]);
+            a.generated += 1;
+            a.next = tok;
+            let done = if !on(a.key, Event::Token(tok)) {
+                Some(Finish::Cancelled)
+            } else if a.seq.stop.contains(&tok) {
+                Some(Finish::Stop)
+            } else if a.generated >= a.seq.max_tokens || a.fed >= cfg.max_seq_len {
+                Some(Finish::Length)
+            } else {
+                None
+            };
+            if let Some(f) = done {
+                let a = self.active[s].take().expect("active slot");
+                on(a.key, Event::Done(f));
+            }
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! The chat template and the streaming reasoning parser shared by `moelab chat` and
+//! `moelab serve`.
+//!
+//! Template (the format `moelab prepare --task` trains on, DESIGN.md "Chat and reasoning
+//! format"): `<|system|>` text, then per turn `<|user|>` text and `<|assistant|>` `<think>`
+//! reasoning `</think>` answer `<|end|>`; the prompt ends with `<|assistant|>` and the model
+//! writes the rest. Earlier assistant turns are rendered with an empty think block: their
+//! reasoning is not fed back (the DeepSeek-R1 convention, and it saves context).
+//!
+//! [`ReplyParser`] turns generated token ids into text deltas split into reasoning and
+//! answer, holding back incomplete UTF-8 (a byte-level token can end mid-character) and any
+//! text that may be the start of a stop string.
+
+use data::chat::ChatIds;
+use std::sync::Arc;
+use tokenizer::Tokenizer;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: Role, content: impl Into<String>) -> Message {
+        Message {
+            role,
+            content: content.into(),
+        }
+    }
+}
+
+/// Token ids of a conversation, ending with `<|assistant|>` (where generation starts).
+pub fn render_prompt(tok: &Tokenizer, messages: &[Message]) -> Vec<u32> {
+    let c = ChatIds::of(tok);
+    let mut v = vec![];
+    for m in messages {
+        match m.role {
+            Role::System => {
+                v.push(c.system);
+                v.extend(tok.encode(&m.content));
+            }
+            Role::User => {
+                v.push(c.user);
+                v.extend(tok.encode(&m.content));
+            }
+            Role::Assistant => {
+                v.extend([c.assistant, c.think, c.end_think]);
+                v.extend(tok.encode(&m.content));
+                v.push(c.end);
+            }
+        }
+    }
+    v.push(c.assistant);
+    v
+}
+
+/// Tokens that end an assistant turn: `<|end|>`, and a turn marker if the model starts the
+/// next turn itself.
+pub fn stop_tokens(tok: &Tokenizer) -> Vec<u32> {
+    let c = ChatIds::of(tok);
+    vec![c.end, c.user, c.system, c.assistant]
+}
+
+/// New text of a reply after one token.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Delta {
+    pub reasoning: String,
+    pub content: String,
+}
+
+impl Delta {
+    pub fn is_empty(&self) -> bool {
+        self.reasoning.is_empty() && self.content.is_empty()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Part {
+    /// Nothing generated yet: `<think>` opens the reasoning, anything else is the answer.
+    Start,
+    Reasoning,
+    Content,
+}
+
+/// Incremental text of one segment (reasoning or answer).
+#[derive(Default)]
+struct Segment {
+    ids: Vec<u32>,
+    /// Bytes of the decoded text already emitted.
+    emitted: usize,
+}
+
+/// Streams one assistant reply: feed generated ids with [`ReplyParser::push`], then call
+/// [`ReplyParser::finish`] for the text held back.
+pub struct ReplyParser {
+    tok: Arc<Tokenizer>,
+    ids: ChatIds,
+    part: Part,
+    reasoning: Segment,
+    content: Segment,
+    stops: Vec<String>,
+    stopped: bool,
+}
+
+impl ReplyParser {
+    /// `stops`: strings that end the answer (not included in it), as OpenAI's `stop`.
+    pub fn new(tok: Arc<Tokenizer>, stops: Vec<String>) -> ReplyParser {
+        let ids = ChatIds::of(&tok);
+        ReplyParser {
+            tok,
+            ids,
+            part: Part::Start,
+            reasoning: Segment::default(),
+            content: Segment::default(),
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            stopped: false,
+        }
+    }
+
+    /// Whether a stop string was reached (the caller should stop generating).
+    pub fn stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// The text that `id` completes.
+    pub fn push(&mut self, id: u32) -> Delta {
+        let mut d = Delta::default();
+        if self.stopped {
+            return d;
+        }
+        let c = self.ids;
+        match (self.part, id) {
+            (Part::Start, t) if t == c.think => self.part = Part::Reasoning,
+            (Part::Start | Part::Reasoning, t) if t == c.end_think => {
+                d.reasoning = self.flush_reasoning();
+                self.part = Part::Content;
+            }
+            // other control tokens (stop tokens, stray markers) carry no text
+            (_, t) if (t as usize) < tokenizer::SPECIAL_TOKENS.len() => {}
+            (Part::Reasoning, t) => {
+                self.reasoning.ids.push(t);
+                d.reasoning = self.emit_reasoning(false);
+            }
+            (Part::Start | Part::Content, t) => {
+                self.part = Part::Content;
+                self.content.ids.push(t);
+                d.content = self.emit_content(false);
+            }
+        }
+        d
+    }
+
+    /// Text held back so far (the reply has ended).
+    pub fn finish(&mut self) -> Delta {
+        Delta {
+            reasoning: self.emit_reasoning(true),
+            content: if self.stopped {
+                String::new()
+            } else {
+                self.emit_content(true)
+            },
+        }
+    }
+
+    fn flush_reasoning(&mut self) -> String {
+        self.emit_reasoning(true)
+    }
+
+    fn emit_reasoning(&mut self, all: bool) -> String {
+        let text = self.tok.decode(&self.reasoning.ids);
+        let end = if all {
+            text.len()
+        } else {
+            complete_utf8(&text)
+        };
+        let s = &mut self.reasoning;
+        let out = text.get(s.emitted..end).unwrap_or("").to_string();
+        s.emitted = s.emitted.max(end);
+        out
+    }
+
+    fn emit_content(&mut self, all: bool) -> String {
+        let text = self.tok.decode(&self.content.ids);
+        let from = self.content.emitted;
+        // a stop string ends the answer before it
+        let hit = self
+            .stops
+            .iter()
+            .filter_map(|s| {
+                let mut at = from.saturating_sub(s.len());
+                while !text.is_char_boundary(at) {
+                    at -= 1;
+                }
+                text[at..].find(s.as_str()).map(|i| at + i)
+            })
+            .min();
+        let end = match hit {
+            Some(i) => {
+                self.stopped = true;
+                i
+            }
+            None if all => text.len(),
+            None => {
+                let safe = complete_utf8(&text);
+                safe - held_back(&text[..safe], &self.stops)
+            }
+        };
+        let end = end.max(from);
+        self.content.emitted = end;
+        text[from..end].to_string()
+    }
+}
+
+/// Length of `text` without trailing replacement characters (an incomplete UTF-8 sequence
+/// at the end of the tokens decoded so far).
+fn complete_utf8(text: &str) -> usize {
+    text.trim_end_matches('\u{FFFD}').len()
+}
+
+/// Bytes at the end of `text` that could start a stop string.
+fn held_back(text: &str, stops: &[String]) -> usize {
+    stops
+        .iter()
+        .flat_map(|s| {
+            s.char_indices()
+                .skip(1)
+                .map(|(k, _)| &s[..k])
+                .filter(|p| text.ends_with(p))
+                .map(|p| p.len())
+        })
+        .max()
+        .unwrap_or(0)
+}
