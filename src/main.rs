@@ -2,6 +2,7 @@
 //! crates, this file parses flags, draws progress and prints human errors.
 
 mod bench;
+mod chat_cmd;
 mod demo;
 mod distill_cmd;
 mod prepare_cmd;
@@ -65,6 +66,11 @@ enum Cmd {
         after_help = "Examples:\n  moelab eval --run runs/shk --data data/shk\n  moelab eval --run runs/student --task all --n 400"
     )]
     Eval(run_cmds::EvalArgs),
+    /// Chat with a run in the terminal; its reasoning streams dimmed before the answer.
+    #[command(
+        after_help = "Examples:\n  moelab chat --run runs/student\n  moelab chat --run runs/student --hide-reasoning --temperature 0.7\n  echo 'What is 12 * 34?' | moelab chat --run runs/student\n\nIn the chat: /reset forgets the conversation, /exit quits."
+    )]
+    Chat(chat_cmd::ChatArgs),
     /// Distill reasoning: teacher traces with a verifier, then student training.
     #[command(subcommand)]
     Distill(distill_cmd::DistillCmd),
@@ -95,6 +101,7 @@ fn main() {
         Cmd::Train(a) => train_cmd::run(a),
         Cmd::Sample(a) => run_cmds::sample(a),
         Cmd::Eval(a) => run_cmds::eval(a),
+        Cmd::Chat(a) => chat_cmd::run(a),
         Cmd::Distill(c) => distill_cmd::run(c),
         Cmd::Hash(a) => run_cmds::hash(a),
         Cmd::Report(a) => report::run(a),
