@@ -10,6 +10,7 @@ mod presets;
 mod reasoning;
 mod report;
 mod run_cmds;
+mod serve_cmd;
 mod train_cmd;
 
 use clap::{Parser, Subcommand};
@@ -71,6 +72,14 @@ enum Cmd {
         after_help = "Examples:\n  moelab chat --run runs/student\n  moelab chat --run runs/student --hide-reasoning --temperature 0.7\n  echo 'What is 12 * 34?' | moelab chat --run runs/student\n\nIn the chat: /reset forgets the conversation, /exit quits."
     )]
     Chat(chat_cmd::ChatArgs),
+    /// Serve a run over an OpenAI-compatible HTTP API (reasoning in `reasoning_content`) and a web chat page.
+    #[command(
+        after_help = "Examples:\n  moelab serve --run runs/student\n  moelab serve --run runs/student --addr 0.0.0.0:8080 --keys-db keys.db --rate-limit 60\n\nThen: open http://127.0.0.1:8080/ or point an OpenAI client at http://127.0.0.1:8080/v1.\nSIGINT/SIGTERM stop it gracefully (in-flight requests finish within --shutdown-deadline)."
+    )]
+    Serve(serve_cmd::ServeArgs),
+    /// Manage API keys and read the usage ledger of `moelab serve`.
+    #[command(subcommand)]
+    Keys(serve_cmd::KeysCmd),
     /// Distill reasoning: teacher traces with a verifier, then student training.
     #[command(subcommand)]
     Distill(distill_cmd::DistillCmd),
@@ -102,6 +111,8 @@ fn main() {
         Cmd::Sample(a) => run_cmds::sample(a),
         Cmd::Eval(a) => run_cmds::eval(a),
         Cmd::Chat(a) => chat_cmd::run(a),
+        Cmd::Serve(a) => serve_cmd::serve(a),
+        Cmd::Keys(c) => serve_cmd::keys(c),
         Cmd::Distill(c) => distill_cmd::run(c),
         Cmd::Hash(a) => run_cmds::hash(a),
         Cmd::Report(a) => report::run(a),

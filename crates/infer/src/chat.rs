@@ -108,6 +108,7 @@ pub struct ReplyParser {
     content: Segment,
     stops: Vec<String>,
     stopped: bool,
+    reasoning_tokens: usize,
 }
 
 impl ReplyParser {
@@ -122,7 +123,21 @@ impl ReplyParser {
             content: Segment::default(),
             stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
             stopped: false,
+            reasoning_tokens: 0,
         }
+    }
+
+    /// A parser for raw text completions: everything is the answer (no reasoning block).
+    pub fn plain(tok: Arc<Tokenizer>, stops: Vec<String>) -> ReplyParser {
+        ReplyParser {
+            part: Part::Content,
+            ..ReplyParser::new(tok, stops)
+        }
+    }
+
+    /// Tokens of the think block so far, its markers included.
+    pub fn reasoning_tokens(&self) -> usize {
+        self.reasoning_tokens
     }
 
     /// Whether a stop string was reached (the caller should stop generating).
@@ -137,6 +152,9 @@ impl ReplyParser {
             return d;
         }
         let c = self.ids;
+        if self.part == Part::Reasoning || (self.part == Part::Start && id == c.think) {
+            self.reasoning_tokens += 1;
+        }
         match (self.part, id) {
             (Part::Start, t) if t == c.think => self.part = Part::Reasoning,
             (Part::Start | Part::Reasoning, t) if t == c.end_think => {

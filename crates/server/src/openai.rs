@@ -1,0 +1,563 @@
+//! The OpenAI-compatible routes: `POST /v1/chat/completions` and `POST /v1/completions`,
+//! streamed (SSE `chat.completion.chunk` / `text_completion` events, then `data: [DONE]`) or
+//! not. Reasoning goes in `reasoning_content` (the DeepSeek API convention), beside
+//! `content`, in `message` and in stream `delta`s.
+//!
+//! Requests are parsed by hand from the body bytes so that every malformed input (bad JSON,
+//! invalid UTF-8, wrong types, out-of-range values) gets a 400 in OpenAI's error shape that
+//! names the field.
+
+use crate::error::ApiError;
+use crate::keys::UsageRecord;
+use crate::{AppState, Caller};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use futures_util::stream::{self, Stream};
+use infer::chat::{render_prompt, stop_tokens, Delta, Message, ReplyParser, Role};
+use infer::{Event, Finish, SamplingParams, Seq};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize, Default)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+/// Sampling and length fields common to both endpoints.
+#[derive(Deserialize)]
+struct Common {
+    max_tokens: Option<i64>,
+    max_completion_tokens: Option<i64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    /// Extension (vLLM and llama.cpp have it too): keep the k most likely tokens.
+    top_k: Option<i64>,
+    seed: Option<i64>,
+    stop: Option<Stop>,
+    n: Option<i64>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    messages: Vec<ChatMessage>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    prompt: Prompt,
+    #[serde(flatten)]
+    common: Common,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let body = body.map_err(|e| {
+        let status = e.status();
+        let msg = if status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            "request body too large".to_string()
+        } else {
+            format!("could not read the request body: {e}")
+        };
+        ApiError::new(status, "invalid_request_error", msg)
+    })?;
+    if std::str::from_utf8(&body).is_err() {
+        return Err(ApiError::invalid("the request body is not valid UTF-8"));
+    }
+    serde_json::from_slice(&body).map_err(|e| {
+        ApiError::invalid(format!(
+            "invalid request: {e} (the body must be a JSON object as in OpenAI's API)"
+        ))
+    })
+}
+
+/// A validated generation request.
+struct Job {
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    max_tokens: usize,
+    stops: Vec<String>,
+    stream: bool,
+    include_usage: bool,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+fn next_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+fn now() -> i64 {
+    crate::keys::now()
+}
+
+impl Common {
+    /// Checks the fields and builds the job for `prompt`; `default_max` applies when the
+    /// request gives no `max_tokens`.
+    fn job(self, state: &AppState, prompt: Vec<u32>, default_max: usize) -> Result<Job, ApiError> {
+        let context = state.engine.config().max_seq_len;
+        if prompt.len() >= context {
+            return Err(ApiError::invalid(format!(
+                "this model's maximum context length is {context} tokens; the prompt has {} tokens and at least one must be left for the reply",
+                prompt.len()
+            ))
+            .code("context_length_exceeded")
+            .param("messages"));
+        }
+        let left = context - prompt.len();
+        let max = match self.max_completion_tokens.or(self.max_tokens) {
+            None => default_max,
+            Some(m) if m < 1 => {
+                return Err(ApiError::invalid(format!("max_tokens must be at least 1, got {m}"))
+                    .param("max_tokens"))
+            }
+            Some(m) => (m as u64).min(usize::MAX as u64) as usize,
+        };
+        let max_tokens = max.min(state.cfg.max_tokens_cap).min(left);
+        let temperature = self.temperature.unwrap_or(state.cfg.default_temperature as f64);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(ApiError::invalid(format!(
+                "temperature must be between 0 and 2, got {temperature}"
+            ))
+            .param("temperature"));
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(
+                ApiError::invalid(format!("top_p must be in (0, 1], got {top_p}")).param("top_p")
+            );
+        }
+        let top_k = self.top_k.unwrap_or(0);
+        if top_k < 0 {
+            return Err(ApiError::invalid(format!("top_k must be >= 0, got {top_k}")).param("top_k"));
+        }
+        if let Some(n) = self.n.filter(|&n| n != 1) {
+            return Err(ApiError::invalid(format!("only n = 1 is supported, got {n}")).param("n"));
+        }
+        let stops = match self.stop {
+            None => vec![],
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        };
+        if stops.len() > 4 {
+            return Err(ApiError::invalid("at most 4 stop sequences").param("stop"));
+        }
+        // without a seed, each request samples differently
+        let seed = self
+            .seed
+            .map(|s| s as u64)
+            .unwrap_or_else(|| next_id() ^ (now() as u64).rotate_left(32));
+        let stream = self.stream.unwrap_or(false);
+        Ok(Job {
+            prompt,
+            params: SamplingParams {
+                temperature: temperature as f32,
+                top_k: top_k as usize,
+                top_p: top_p as f32,
+                seed,
+            },
+            max_tokens,
+            stops,
+            stream,
+            include_usage: stream
+                && self
+                    .stream_options
+                    .unwrap_or_default()
+                    .include_usage
+                    .unwrap_or(false),
+        })
+    }
+}
+
+fn to_messages(msgs: Vec<ChatMessage>) -> Result<Vec<Message>, ApiError> {
+    if msgs.is_empty() {
+        return Err(ApiError::invalid("messages must not be empty").param("messages"));
+    }
+    msgs.into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m.role.as_str() {
+                "system" | "developer" => Role::System,
+                "user" => Role::User,
+                "assistant" => Role::Assistant,
+                r => {
+                    return Err(ApiError::invalid(format!(
+                        "messages[{i}].role {r:?} is not supported (system, developer, user, assistant)"
+                    ))
+                    .param("messages"))
+                }
+            };
+            let content = match m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t,
+                Some(Content::Parts(ps)) => {
+                    let mut s = String::new();
+                    for p in ps {
+                        match (p.kind.as_str(), p.text) {
+                            ("text", Some(t)) => s += &t,
+                            (k, _) => {
+                                return Err(ApiError::invalid(format!(
+                                    "messages[{i}]: content part of type {k:?} is not supported (text only)"
+                                ))
+                                .param("messages"))
+                            }
+                        }
+                    }
+                    s
+                }
+            };
+            Ok(Message { role, content })
+        })
+        .collect()
+}
+
+/// How the parser reads the generated tokens.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+impl Kind {
+    fn endpoint(self) -> &'static str {
+        match self {
+            Kind::Chat => "chat.completions",
+            Kind::Completion => "completions",
+        }
+    }
+}
+
+fn finish_reason(f: Finish) -> &'static str {
+    match f {
+        Finish::Stop | Finish::Cancelled => "stop",
+        Finish::Length => "length",
+    }
+}
+
+/// Queues `job` on the engine; its events arrive on the returned channel. The ledger and
+/// token metrics are written from the engine's side when the request ends, whether the
+/// client is still there or not.
+fn submit(state: &Arc<AppState>, caller: &Caller, kind: Kind, job: &Job) -> Result<UnboundedReceiver<Event>, ApiError> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let prompt_tokens = job.prompt.len();
+    let (ledger, metrics, key_id) = (state.ledger(), state.metrics.clone(), caller.key_id);
+    let start = Instant::now();
+    let mut generated = 0usize;
+    let sink = Box::new(move |ev: Event| {
+        match ev {
+            Event::Token(_) => {
+                if generated == 0 {
+                    metrics.first_token(start.elapsed().as_secs_f64());
+                }
+                generated += 1;
+            }
+            Event::Done(f) => {
+                metrics.tokens(prompt_tokens, generated);
+                metrics.latency(start.elapsed().as_secs_f64());
+                let _ = ledger.as_ref().map(|l| l.send(UsageRecord {
+                    key_id,
+                    endpoint: kind.endpoint(),
+                    prompt_tokens,
+                    completion_tokens: generated,
+                    finish: match f {
+                        Finish::Stop => "stop",
+                        Finish::Length => "length",
+                        Finish::Cancelled => "cancelled",
+                    },
+                }));
+            }
+        }
+        tx.send(ev).is_ok()
+    });
+    let seq = Seq {
+        prompt: job.prompt.clone(),
+        params: job.params,
+        max_tokens: job.max_tokens,
+        stop: stop_tokens(&state.tok),
+    };
+    state.engine.submit(seq, sink).map_err(|e| match e {
+        infer::SubmitError::QueueFull(_) => ApiError::rate_limited(
+            format!("the server is busy ({e}); retry shortly"),
+            "queue_full",
+        ),
+        infer::SubmitError::TooLong { .. } | infer::SubmitError::Empty => {
+            ApiError::invalid(e.to_string()).code("context_length_exceeded")
+        }
+        infer::SubmitError::Stopped => ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "the server is shutting down",
+        ),
+    })?;
+    Ok(rx)
+}
+
+/// A running generation read through the reply parser.
+struct Reader {
+    rx: UnboundedReceiver<Event>,
+    parser: ReplyParser,
+    completion_tokens: usize,
+    finish: Option<&'static str>,
+}
+
+impl Reader {
+    fn new(rx: UnboundedReceiver<Event>, parser: ReplyParser) -> Reader {
+        Reader {
+            rx,
+            parser,
+            completion_tokens: 0,
+            finish: None,
+        }
+    }
+
+    /// The next piece of text, or None once the reply has ended (then `finish` is set).
+    async fn next(&mut self) -> Option<Delta> {
+        while self.finish.is_none() {
+            let ev = self.rx.recv().await;
+            match ev {
+                Some(Event::Token(t)) => {
+                    self.completion_tokens += 1;
+                    let d = self.parser.push(t);
+                    if self.parser.stopped() {
+                        // dropping the receiver cancels the request at the next step
+                        self.rx.close();
+                        self.finish = Some("stop");
+                    }
+                    if !d.is_empty() {
+                        return Some(d);
+                    }
+                }
+                Some(Event::Done(f)) => self.finish = Some(finish_reason(f)),
+                None => self.finish = Some("stop"),
+            }
+        }
+        let d = self.parser.finish();
+        (!d.is_empty()).then_some(d)
+    }
+
+    fn usage(&self, prompt_tokens: usize) -> Value {
+        json!({
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": prompt_tokens + self.completion_tokens,
+            "completion_tokens_details": {"reasoning_tokens": self.parser.reasoning_tokens()},
+        })
+    }
+}
+
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: ChatRequest = parse(body)?;
+    let messages = to_messages(req.messages)?;
+    let prompt = render_prompt(&state.tok, &messages);
+    let job = req.common.job(&state, prompt, usize::MAX)?;
+    let parser = ReplyParser::new(state.tok.clone(), job.stops.clone());
+    respond(state, caller, Kind::Chat, job, parser).await
+}
+
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse(body)?;
+    let text = match req.prompt {
+        Prompt::One(s) => s,
+        Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
+        Prompt::Many(_) => {
+            return Err(ApiError::invalid("only one prompt per request is supported").param("prompt"))
+        }
+    };
+    // documents are separated by <|end|> in training data, so it also marks a start
+    let mut prompt = vec![state.tok.special("<|end|>").expect("moelab tokenizer")];
+    prompt.extend(state.tok.encode(&text));
+    // OpenAI's default for completions
+    let job = req.common.job(&state, prompt, 16)?;
+    let parser = ReplyParser::plain(state.tok.clone(), job.stops.clone());
+    respond(state, caller, Kind::Completion, job, parser).await
+}
+
+async fn respond(
+    state: Arc<AppState>,
+    caller: Caller,
+    kind: Kind,
+    job: Job,
+    parser: ReplyParser,
+) -> Result<Response, ApiError> {
+    let rx = submit(&state, &caller, kind, &job)?;
+    let reader = Reader::new(rx, parser);
+    let id = match kind {
+        Kind::Chat => format!("chatcmpl-{:x}{:08x}", now(), next_id()),
+        Kind::Completion => format!("cmpl-{:x}{:08x}", now(), next_id()),
+    };
+    let head = Head {
+        id,
+        created: now(),
+        model: state.cfg.model_name.clone(),
+        kind,
+        prompt_tokens: job.prompt.len(),
+    };
+    if job.stream {
+        Ok(stream_response(head, reader, job.include_usage).into_response())
+    } else {
+        Ok(Json(whole_response(head, reader).await).into_response())
+    }
+}
+
+/// Fields every response and chunk of one request share.
+struct Head {
+    id: String,
+    created: i64,
+    model: String,
+    kind: Kind,
+    prompt_tokens: usize,
+}
+
+async fn whole_response(h: Head, mut r: Reader) -> Value {
+    let (mut reasoning, mut content) = (String::new(), String::new());
+    while let Some(d) = r.next().await {
+        reasoning += &d.reasoning;
+        content += &d.content;
+    }
+    let finish = r.finish.unwrap_or("stop");
+    let usage = r.usage(h.prompt_tokens);
+    match h.kind {
+        Kind::Chat => json!({
+            "id": h.id, "object": "chat.completion", "created": h.created, "model": h.model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": content, "reasoning_content": reasoning},
+                "logprobs": null,
+                "finish_reason": finish,
+            }],
+            "usage": usage,
+        }),
+        Kind::Completion => json!({
+            "id": h.id, "object": "text_completion", "created": h.created, "model": h.model,
+            "choices": [{"index": 0, "text": content, "logprobs": null, "finish_reason": finish}],
+            "usage": usage,
+        }),
+    }
+}
+
+impl Head {
+    fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
+        match self.kind {
+            Kind::Chat => json!({
+                "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+            }),
+            Kind::Completion => json!({
+                "id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.model,
+                "choices": [{"index": 0, "text": delta.get("content").cloned().unwrap_or(json!("")),
+                             "logprobs": null, "finish_reason": finish}],
+            }),
+        }
+    }
+
+    fn usage_chunk(&self, usage: Value) -> Value {
+        let object = match self.kind {
+            Kind::Chat => "chat.completion.chunk",
+            Kind::Completion => "text_completion",
+        };
+        json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
+               "choices": [], "usage": usage})
+    }
+}
+
+enum Phase {
+    Start,
+    Body,
+    Usage,
+    Done,
+    End,
+}
+
+fn stream_response(
+    h: Head,
+    r: Reader,
+    include_usage: bool,
+) -> Sse<impl Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
+    let data = |v: Value| SseEvent::default().data(v.to_string());
+    let events = stream::unfold((h, r, Phase::Start), move |(h, mut r, phase)| async move {
+        let (ev, phase) = match phase {
+            Phase::Start => {
+                let first = match h.kind {
+                    Kind::Chat => h.chunk(json!({"role": "assistant", "content": ""}), None),
+                    Kind::Completion => h.chunk(json!({"content": ""}), None),
+                };
+                (data(first), Phase::Body)
+            }
+            Phase::Body => match r.next().await {
+                Some(d) => {
+                    let mut delta = serde_json::Map::new();
+                    if !d.reasoning.is_empty() {
+                        delta.insert("reasoning_content".into(), json!(d.reasoning));
+                    }
+                    if !d.content.is_empty() {
+                        delta.insert("content".into(), json!(d.content));
+                    }
+                    (data(h.chunk(Value::Object(delta), None)), Phase::Body)
+                }
+                None => {
+                    let next = if include_usage { Phase::Usage } else { Phase::Done };
+                    (data(h.chunk(json!({}), r.finish)), next)
+                }
+            },
+            Phase::Usage => (data(h.usage_chunk(r.usage(h.prompt_tokens))), Phase::Done),
+            Phase::Done => (SseEvent::default().data("[DONE]"), Phase::End),
+            Phase::End => return None,
+        };
+        Some((Ok(ev), (h, r, phase)))
+    });
+    Sse::new(events).keep_alive(KeepAlive::default())
+}
