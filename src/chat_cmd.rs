@@ -36,7 +36,8 @@ pub struct ChatArgs {
     max_tokens: Option<usize>,
 }
 
-const HELP: &str = "Type a message and press Enter. /reset forgets the conversation, /exit (or Ctrl-D) quits.";
+const HELP: &str =
+    "Type a message and press Enter. /reset forgets the conversation, /exit (or Ctrl-D) quits.";
 
 pub fn run(a: ChatArgs) -> Result<()> {
     let r = Reasoner::load(&a.run)?;
@@ -153,7 +154,11 @@ fn stream_reply(
     let mut parser = ReplyParser::new(tok.clone(), vec![]);
     let mut p = Printer {
         show_reasoning,
-        style: if tty { ("\x1b[2m", "\x1b[0m") } else { ("", "") },
+        style: if tty {
+            ("\x1b[2m", "\x1b[0m")
+        } else {
+            ("", "")
+        },
         in_reasoning: false,
         answer: String::new(),
         out: std::io::stdout().lock(),

@@ -52,7 +52,9 @@ pub struct ServeArgs {
 #[derive(Subcommand)]
 pub enum KeysCmd {
     /// Create a key (printed once; only its hash is stored).
-    #[command(after_help = "Examples:\n  moelab keys create --name alice\n  moelab keys create --name batch-jobs --rpm 600")]
+    #[command(
+        after_help = "Examples:\n  moelab keys create --name alice\n  moelab keys create --name batch-jobs --rpm 600"
+    )]
     Create {
         #[arg(long)]
         name: String,
@@ -173,7 +175,10 @@ pub fn keys(c: KeysCmd) -> Result<()> {
                 bail!("--name must not be empty");
             }
             let (key, _) = KeyStore::open(&db)?.create(&name, rpm)?;
-            eprintln!("created key {name:?} in {} (shown once; store it now):", db.display());
+            eprintln!(
+                "created key {name:?} in {} (shown once; store it now):",
+                db.display()
+            );
             println!("{key}");
         }
         KeysCmd::List { db } => {
@@ -181,7 +186,10 @@ pub fn keys(c: KeysCmd) -> Result<()> {
             if keys.is_empty() {
                 println!("no keys in {} (the API is open); create one with `moelab keys create --name NAME`", db.display());
             }
-            println!("{:<20} {:<10} {:<11} {:<11} {:>6}", "name", "prefix", "created", "revoked", "rpm");
+            println!(
+                "{:<20} {:<10} {:<11} {:<11} {:>6}",
+                "name", "prefix", "created", "revoked", "rpm"
+            );
             for k in keys {
                 println!(
                     "{:<20} {:<10} {:<11} {:<11} {:>6}",
@@ -210,7 +218,10 @@ pub fn keys(c: KeysCmd) -> Result<()> {
                 println!("{}", serde_json::Value::Array(rows));
                 return Ok(());
             }
-            println!("{:<20} {:>9} {:>14} {:>18} {:>13}", "key", "requests", "prompt_tokens", "completion_tokens", "total_tokens");
+            println!(
+                "{:<20} {:>9} {:>14} {:>18} {:>13}",
+                "key", "requests", "prompt_tokens", "completion_tokens", "total_tokens"
+            );
             for u in usage {
                 println!(
                     "{:<20} {:>9} {:>14} {:>18} {:>13}",

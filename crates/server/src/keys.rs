@@ -333,7 +333,10 @@ mod tests {
         assert!(key.starts_with("ml-") && key.len() == 35);
         assert!(matches!(s.create("alice", None), Err(Error::Exists(_))));
         assert!(matches!(s.authenticate(None).unwrap(), Auth::Unknown));
-        assert!(matches!(s.authenticate(Some("ml-wrong")).unwrap(), Auth::Unknown));
+        assert!(matches!(
+            s.authenticate(Some("ml-wrong")).unwrap(),
+            Auth::Unknown
+        ));
         match s.authenticate(Some(&key)).unwrap() {
             Auth::Key(k) => assert_eq!(k, info),
             _ => panic!("alice's key is valid"),
@@ -361,7 +364,14 @@ mod tests {
         let s = KeyStore::open(&p).unwrap();
         let u = s.usage().unwrap();
         let row = |n: &str| u.iter().find(|x| x.name == n).unwrap().clone();
-        assert_eq!((row("alice").requests, row("alice").prompt_tokens, row("alice").completion_tokens), (2, 11, 7));
+        assert_eq!(
+            (
+                row("alice").requests,
+                row("alice").prompt_tokens,
+                row("alice").completion_tokens
+            ),
+            (2, 11, 7)
+        );
         assert_eq!((row("bob").requests, row("(no key)").prompt_tokens), (0, 7));
         assert_eq!(s.list().unwrap().len(), 2);
     }

@@ -109,14 +109,21 @@ impl AppState {
         // the engine has dropped every request's sender; with ours gone the writer drains
         // its queue and ends
         self.ledger.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let w = self.ledger_writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let w = self
+            .ledger_writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let Some(w) = w {
             let _ = w.join();
         }
     }
 
     fn ledger(&self) -> Option<mpsc::Sender<UsageRecord>> {
-        self.ledger.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.ledger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -143,7 +150,10 @@ pub fn app(state: Arc<AppState>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.cfg.max_body_bytes))
-        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
         .with_state(state)
 }
 
@@ -216,10 +226,15 @@ async fn authenticate(
     let key = match header {
         None => None,
         Some(h) => {
-            let h = h.to_str().map_err(|_| ApiError::unauthorized("the Authorization header is not valid text"))?;
-            let key = h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")).ok_or_else(|| {
-                ApiError::unauthorized("the Authorization header must be `Bearer YOUR_KEY`")
+            let h = h.to_str().map_err(|_| {
+                ApiError::unauthorized("the Authorization header is not valid text")
             })?;
+            let key = h
+                .strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+                .ok_or_else(|| {
+                    ApiError::unauthorized("the Authorization header must be `Bearer YOUR_KEY`")
+                })?;
             Some(key.trim().to_string())
         }
     };
@@ -264,7 +279,10 @@ fn check_rate(state: &AppState, caller: &Caller, rpm: u32) -> Result<(), ApiErro
     let mut lim = state.limiter.lock().unwrap_or_else(|e| e.into_inner());
     let now = Instant::now();
     let window = lim.entry(caller.key_id).or_default();
-    while window.front().is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60)) {
+    while window
+        .front()
+        .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
+    {
         window.pop_front();
     }
     if window.len() >= rpm as usize {
@@ -272,7 +290,10 @@ fn check_rate(state: &AppState, caller: &Caller, rpm: u32) -> Result<(), ApiErro
         return Err(ApiError::rate_limited(
             format!(
                 "rate limit of {rpm} requests per minute reached for {}; retry in {wait} s",
-                caller.name.as_deref().map_or("this server".to_string(), |n| format!("key {n:?}"))
+                caller
+                    .name
+                    .as_deref()
+                    .map_or("this server".to_string(), |n| format!("key {n:?}"))
             ),
             "rate_limit_exceeded",
         ));
@@ -305,7 +326,9 @@ async fn model(
 
 async fn health(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let s = state.engine.stats();
-    Json(json!({"status": "ok", "model": state.cfg.model_name, "running": s.active, "queued": s.queued}))
+    Json(
+        json!({"status": "ok", "model": state.cfg.model_name, "running": s.active, "queued": s.queued}),
+    )
 }
 
 async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
@@ -327,6 +350,10 @@ async fn method_not_allowed(req: Request) -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "invalid_request_error",
-        format!("method {} is not allowed on {}", req.method(), req.uri().path()),
+        format!(
+            "method {} is not allowed on {}",
+            req.method(),
+            req.uri().path()
+        ),
     )
 }

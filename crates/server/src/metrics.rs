@@ -61,7 +61,11 @@ impl Metrics {
     }
 
     pub fn request(&self, route: &str, status: u16) {
-        *self.lock().requests.entry((route.into(), status)).or_default() += 1;
+        *self
+            .lock()
+            .requests
+            .entry((route.into(), status))
+            .or_default() += 1;
     }
 
     pub fn tokens(&self, prompt: usize, completion: usize) {
@@ -83,7 +87,10 @@ impl Metrics {
         let mut s = String::new();
         s += "# HELP moelab_requests_total HTTP requests by route and status.\n# TYPE moelab_requests_total counter\n";
         for ((route, status), n) in &m.requests {
-            let _ = writeln!(s, "moelab_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
+            let _ = writeln!(
+                s,
+                "moelab_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
         }
         let counter = |s: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
@@ -91,15 +98,58 @@ impl Metrics {
         let gauge = |s: &mut String, name: &str, help: &str, v: f64| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         };
-        counter(&mut s, "moelab_prompt_tokens_total", "Prompt tokens of finished requests.", m.prompt_tokens);
-        counter(&mut s, "moelab_completion_tokens_total", "Generated tokens of finished requests.", m.completion_tokens);
-        counter(&mut s, "moelab_decode_steps_total", "Batched decode steps of the engine.", engine.steps);
-        counter(&mut s, "moelab_decode_rows_total", "Sequence-steps decoded (rows over all steps; divided by steps, the mean batch size).", engine.batched_rows);
-        counter(&mut s, "moelab_generated_tokens_total", "Tokens sampled by the engine.", engine.generated);
-        gauge(&mut s, "moelab_batch_size", "Sequences in the running batch.", engine.active as f64);
-        gauge(&mut s, "moelab_queue_depth", "Requests waiting for a batch slot.", engine.queued as f64);
-        m.latency.render(&mut s, "moelab_request_duration_seconds", "Time from request to last byte of the response.");
-        m.ttft.render(&mut s, "moelab_time_to_first_token_seconds", "Time from request to the first generated token.");
+        counter(
+            &mut s,
+            "moelab_prompt_tokens_total",
+            "Prompt tokens of finished requests.",
+            m.prompt_tokens,
+        );
+        counter(
+            &mut s,
+            "moelab_completion_tokens_total",
+            "Generated tokens of finished requests.",
+            m.completion_tokens,
+        );
+        counter(
+            &mut s,
+            "moelab_decode_steps_total",
+            "Batched decode steps of the engine.",
+            engine.steps,
+        );
+        counter(
+            &mut s,
+            "moelab_decode_rows_total",
+            "Sequence-steps decoded (rows over all steps; divided by steps, the mean batch size).",
+            engine.batched_rows,
+        );
+        counter(
+            &mut s,
+            "moelab_generated_tokens_total",
+            "Tokens sampled by the engine.",
+            engine.generated,
+        );
+        gauge(
+            &mut s,
+            "moelab_batch_size",
+            "Sequences in the running batch.",
+            engine.active as f64,
+        );
+        gauge(
+            &mut s,
+            "moelab_queue_depth",
+            "Requests waiting for a batch slot.",
+            engine.queued as f64,
+        );
+        m.latency.render(
+            &mut s,
+            "moelab_request_duration_seconds",
+            "Time from request to last byte of the response.",
+        );
+        m.ttft.render(
+            &mut s,
+            "moelab_time_to_first_token_seconds",
+            "Time from request to the first generated token.",
+        );
         s
     }
 }

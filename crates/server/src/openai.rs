@@ -95,7 +95,9 @@ struct CompletionRequest {
     common: Common,
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+fn parse<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
     let body = body.map_err(|e| {
         let status = e.status();
         let msg = if status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
@@ -152,13 +154,17 @@ impl Common {
         let max = match self.max_completion_tokens.or(self.max_tokens) {
             None => default_max,
             Some(m) if m < 1 => {
-                return Err(ApiError::invalid(format!("max_tokens must be at least 1, got {m}"))
-                    .param("max_tokens"))
+                return Err(
+                    ApiError::invalid(format!("max_tokens must be at least 1, got {m}"))
+                        .param("max_tokens"),
+                )
             }
             Some(m) => (m as u64).min(usize::MAX as u64) as usize,
         };
         let max_tokens = max.min(state.cfg.max_tokens_cap).min(left);
-        let temperature = self.temperature.unwrap_or(state.cfg.default_temperature as f64);
+        let temperature = self
+            .temperature
+            .unwrap_or(state.cfg.default_temperature as f64);
         if !(0.0..=2.0).contains(&temperature) {
             return Err(ApiError::invalid(format!(
                 "temperature must be between 0 and 2, got {temperature}"
@@ -168,12 +174,14 @@ impl Common {
         let top_p = self.top_p.unwrap_or(1.0);
         if !(top_p > 0.0 && top_p <= 1.0) {
             return Err(
-                ApiError::invalid(format!("top_p must be in (0, 1], got {top_p}")).param("top_p")
+                ApiError::invalid(format!("top_p must be in (0, 1], got {top_p}")).param("top_p"),
             );
         }
         let top_k = self.top_k.unwrap_or(0);
         if top_k < 0 {
-            return Err(ApiError::invalid(format!("top_k must be >= 0, got {top_k}")).param("top_k"));
+            return Err(
+                ApiError::invalid(format!("top_k must be >= 0, got {top_k}")).param("top_k"),
+            );
         }
         if let Some(n) = self.n.filter(|&n| n != 1) {
             return Err(ApiError::invalid(format!("only n = 1 is supported, got {n}")).param("n"));
@@ -281,7 +289,12 @@ fn finish_reason(f: Finish) -> &'static str {
 /// Queues `job` on the engine; its events arrive on the returned channel. The ledger and
 /// token metrics are written from the engine's side when the request ends, whether the
 /// client is still there or not.
-fn submit(state: &Arc<AppState>, caller: &Caller, kind: Kind, job: &Job) -> Result<UnboundedReceiver<Event>, ApiError> {
+fn submit(
+    state: &Arc<AppState>,
+    caller: &Caller,
+    kind: Kind,
+    job: &Job,
+) -> Result<UnboundedReceiver<Event>, ApiError> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let prompt_tokens = job.prompt.len();
     let (ledger, metrics, key_id) = (state.ledger(), state.metrics.clone(), caller.key_id);
@@ -298,17 +311,19 @@ fn submit(state: &Arc<AppState>, caller: &Caller, kind: Kind, job: &Job) -> Resu
             Event::Done(f) => {
                 metrics.tokens(prompt_tokens, generated);
                 metrics.latency(start.elapsed().as_secs_f64());
-                let _ = ledger.as_ref().map(|l| l.send(UsageRecord {
-                    key_id,
-                    endpoint: kind.endpoint(),
-                    prompt_tokens,
-                    completion_tokens: generated,
-                    finish: match f {
-                        Finish::Stop => "stop",
-                        Finish::Length => "length",
-                        Finish::Cancelled => "cancelled",
-                    },
-                }));
+                let _ = ledger.as_ref().map(|l| {
+                    l.send(UsageRecord {
+                        key_id,
+                        endpoint: kind.endpoint(),
+                        prompt_tokens,
+                        completion_tokens: generated,
+                        finish: match f {
+                            Finish::Stop => "stop",
+                            Finish::Length => "length",
+                            Finish::Cancelled => "cancelled",
+                        },
+                    })
+                });
             }
         }
         tx.send(ev).is_ok()
@@ -412,7 +427,9 @@ pub async fn completions(
         Prompt::One(s) => s,
         Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
         Prompt::Many(_) => {
-            return Err(ApiError::invalid("only one prompt per request is supported").param("prompt"))
+            return Err(
+                ApiError::invalid("only one prompt per request is supported").param("prompt"),
+            )
         }
     };
     // documents are separated by <|end|> in training data, so it also marks a start
@@ -549,7 +566,11 @@ fn stream_response(
                     (data(h.chunk(Value::Object(delta), None)), Phase::Body)
                 }
                 None => {
-                    let next = if include_usage { Phase::Usage } else { Phase::Done };
+                    let next = if include_usage {
+                        Phase::Usage
+                    } else {
+                        Phase::Done
+                    };
                     (data(h.chunk(json!({}), r.finish)), next)
                 }
             },

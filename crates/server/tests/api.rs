@@ -1,0 +1,455 @@
+//! The HTTP API in-process (`app().oneshot(request)`, no socket) on a small random model:
+//! response and chunk shapes, usage accounting, keys, limits, and every bad input getting the
+//! right status and an OpenAI-shaped error while the server keeps serving.
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use infer::chat::{render_prompt, Message, Role};
+use infer::{Engine, EngineConfig};
+use serde_json::{json, Value};
+use server::keys::KeyStore;
+use server::{app, AppState, ServerConfig};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokenizer::Tokenizer;
+use tower::ServiceExt;
+
+struct Fixture {
+    app: Router,
+    state: Arc<AppState>,
+    db: PathBuf,
+}
+
+fn fixture(name: &str, engine: EngineConfig, cfg: ServerConfig) -> Fixture {
+    let text = "What is 12 + 34? Let me think: 2 + 4 = 6, 1 + 3 = 4. The answer is 46.";
+    let tok = Tokenizer::train([text; 8].into_iter(), 300).unwrap();
+    let mut mc = model::Config::from_toml(include_str!("../../../configs/tiny.toml")).unwrap();
+    mc.model.vocab_size = tok.vocab_size();
+    mc.model.max_seq_len = 1024;
+    let params = model::Model::new(&mc.model, 1, 1, 7).params;
+    let db = std::env::temp_dir().join(format!("moelab-api-{name}-{}.db", std::process::id()));
+    for ext in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{ext}", db.display()));
+    }
+    let keys = KeyStore::open(&db).unwrap();
+    let state = AppState::new(Engine::start(&mc.model, params, engine), tok, keys, cfg);
+    Fixture {
+        app: app(state.clone()),
+        state,
+        db,
+    }
+}
+
+fn default_fixture(name: &str) -> Fixture {
+    fixture(
+        name,
+        EngineConfig {
+            slots: 4,
+            max_queue: 16,
+        },
+        ServerConfig {
+            model_name: "tiny".into(),
+            max_body_bytes: 64 * 1024,
+            max_tokens_cap: 40,
+            ..Default::default()
+        },
+    )
+}
+
+/// Sends a request; returns the status and the body (JSON when it parses, else a string).
+async fn send(
+    app: &Router,
+    method: &str,
+    path: &str,
+    body: Body,
+    key: Option<&str>,
+) -> (StatusCode, Value) {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json");
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    let resp = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+async fn post(app: &Router, path: &str, body: Value) -> (StatusCode, Value) {
+    send(app, "POST", path, Body::from(body.to_string()), None).await
+}
+
+fn chat(content: &str, extra: Value) -> Value {
+    let mut v = json!({"model": "tiny", "messages": [{"role": "user", "content": content}]});
+    v.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    v
+}
+
+/// The `data:` payloads of an SSE body.
+fn sse_data(body: &Value) -> Vec<String> {
+    let Value::String(s) = body else {
+        panic!("expected an SSE body, got JSON {body}")
+    };
+    s.split("\n\n")
+        .filter_map(|ev| ev.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(String::from)
+        .collect()
+}
+
+fn assert_error(resp: &(StatusCode, Value), status: StatusCode, needle: &str) {
+    assert_eq!(resp.0, status, "{}", resp.1);
+    let msg = resp.1["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not an OpenAI error: {}", resp.1));
+    assert!(resp.1["error"]["type"].is_string(), "{}", resp.1);
+    assert!(
+        msg.contains(needle),
+        "error {msg:?} does not mention {needle:?}"
+    );
+}
+
+#[tokio::test]
+async fn chat_completion_whole_and_streamed_agree() {
+    let f = default_fixture("shapes");
+    let q = "What is 12 + 34?";
+    let (s, whole) = post(
+        &f.app,
+        "/v1/chat/completions",
+        chat(q, json!({"seed": 3, "temperature": 0.9})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{whole}");
+    assert_eq!(whole["object"], "chat.completion");
+    assert_eq!(whole["model"], "tiny");
+    let choice = &whole["choices"][0];
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert!(choice["message"]["content"].is_string());
+    assert!(choice["message"]["reasoning_content"].is_string());
+    let fin = choice["finish_reason"].as_str().unwrap();
+    assert!(fin == "stop" || fin == "length", "{fin}");
+    let u = &whole["usage"];
+    let prompt = render_prompt(&f.state.tok, &[Message::new(Role::User, q)]);
+    assert_eq!(u["prompt_tokens"], prompt.len());
+    let completion = u["completion_tokens"].as_u64().unwrap();
+    assert!(
+        (1..=40).contains(&completion),
+        "max_tokens defaults to the cap: {u}"
+    );
+    assert_eq!(
+        u["total_tokens"].as_u64().unwrap(),
+        prompt.len() as u64 + completion
+    );
+
+    // the same request streamed: the same text, chunk by chunk
+    let extra = json!({"seed": 3, "temperature": 0.9, "stream": true,
+                       "stream_options": {"include_usage": true}});
+    let (s, body) = post(&f.app, "/v1/chat/completions", chat(q, extra)).await;
+    assert_eq!(s, StatusCode::OK);
+    let data = sse_data(&body);
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let (mut reasoning, mut content, mut finish) = (String::new(), String::new(), None);
+    for c in &chunks {
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert_eq!(c["id"], chunks[0]["id"], "one id per stream");
+        if let Some(ch) = c["choices"].get(0) {
+            reasoning += ch["delta"]["reasoning_content"].as_str().unwrap_or("");
+            content += ch["delta"]["content"].as_str().unwrap_or("");
+            if let Some(f) = ch["finish_reason"].as_str() {
+                finish = Some(f.to_string());
+            }
+        }
+    }
+    assert_eq!(
+        reasoning,
+        choice["message"]["reasoning_content"].as_str().unwrap()
+    );
+    assert_eq!(content, choice["message"]["content"].as_str().unwrap());
+    assert_eq!(finish.as_deref(), Some(fin));
+    // include_usage: a last chunk with no choices and the usage
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(last["usage"], *u);
+
+    // /v1/completions, whole and streamed
+    let req = json!({"model": "tiny", "prompt": "The answer", "max_tokens": 5, "seed": 1});
+    let (s, c) = post(&f.app, "/v1/completions", req.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{c}");
+    assert_eq!(c["object"], "text_completion");
+    assert!(c["choices"][0]["text"].is_string());
+    assert!(c["usage"]["completion_tokens"].as_u64().unwrap() <= 5);
+    let mut sreq = req;
+    sreq["stream"] = json!(true);
+    let (_, body) = post(&f.app, "/v1/completions", sreq).await;
+    let data = sse_data(&body);
+    let text: String = data[..data.len() - 1]
+        .iter()
+        .map(|d| {
+            let v: Value = serde_json::from_str(d).unwrap();
+            v["choices"][0]["text"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(text, c["choices"][0]["text"].as_str().unwrap());
+}
+
+#[tokio::test]
+async fn models_health_metrics_and_the_web_page() {
+    let f = default_fixture("routes");
+    let get = |p: &'static str| send(&f.app, "GET", p, Body::empty(), None);
+    let (s, m) = get("/v1/models").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(m["data"][0]["id"], "tiny");
+    assert_eq!(get("/v1/models/tiny").await.0, StatusCode::OK);
+    assert_error(
+        &get("/v1/models/gpt-4").await,
+        StatusCode::NOT_FOUND,
+        "does not exist",
+    );
+    assert_eq!(get("/health").await.1["status"], "ok");
+    let (s, page) = get("/").await;
+    assert_eq!(s, StatusCode::OK);
+    let page = page.as_str().unwrap();
+    assert!(page.contains("/v1/chat/completions") && page.contains("reasoning_content"));
+    assert!(
+        !page.contains("http://") && !page.contains("https://"),
+        "the page fetches nothing external"
+    );
+    post(
+        &f.app,
+        "/v1/chat/completions",
+        chat("hi", json!({"max_tokens": 3})),
+    )
+    .await;
+    let (_, metrics) = get("/metrics").await;
+    let metrics = metrics.as_str().unwrap();
+    for needle in [
+        "moelab_requests_total{route=\"/v1/chat/completions\",status=\"200\"} 1",
+        "moelab_batch_size",
+        "moelab_queue_depth",
+        "moelab_request_duration_seconds_bucket",
+        "moelab_time_to_first_token_seconds_count 1",
+        "moelab_completion_tokens_total",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "metrics lack {needle:?}:\n{metrics}"
+        );
+    }
+    assert_error(&get("/v2/nothing").await, StatusCode::NOT_FOUND, "no route");
+    assert_error(
+        &get("/v1/chat/completions").await,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "not allowed",
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
+    let f = default_fixture("bad");
+    let p = "/v1/chat/completions";
+    let raw = |b: &'static [u8]| send(&f.app, "POST", p, Body::from(b.to_vec()), None);
+    let bad = StatusCode::BAD_REQUEST;
+    assert_error(&raw(b"{\"messages\": [").await, bad, "EOF while parsing");
+    assert_error(&raw(b"not json").await, bad, "expected");
+    let utf8 = b"{\"messages\": [{\"role\": \"user\", \"content\": \"\xff\xfe\"}]}";
+    assert_error(&raw(utf8).await, bad, "UTF-8");
+    let j = |v: Value| post(&f.app, p, v);
+    assert_error(&j(json!({"messages": "hello"})).await, bad, "invalid type");
+    assert_error(
+        &j(json!({"model": "tiny"})).await,
+        bad,
+        "missing field `messages`",
+    );
+    assert_error(&j(json!({"messages": []})).await, bad, "must not be empty");
+    assert_error(
+        &j(json!({"messages": [{"role": "tool", "content": "x"}]})).await,
+        bad,
+        "not supported",
+    );
+    let c = |extra: Value| post(&f.app, p, chat("hi", extra));
+    assert_error(&c(json!({"max_tokens": "ten"})).await, bad, "invalid type");
+    assert_error(&c(json!({"max_tokens": -1})).await, bad, "at least 1");
+    assert_error(&c(json!({"max_tokens": 0})).await, bad, "at least 1");
+    assert_error(&c(json!({"temperature": 5})).await, bad, "temperature");
+    assert_error(&c(json!({"top_p": 0})).await, bad, "top_p");
+    assert_error(&c(json!({"n": 3})).await, bad, "n = 1");
+    // a prompt longer than the context
+    let long = "12 + 34 = 46. ".repeat(400);
+    let r = post(&f.app, p, chat(&long, json!({}))).await;
+    assert_error(&r, bad, "maximum context length is 1024 tokens");
+    assert_eq!(r.1["error"]["code"], "context_length_exceeded");
+    // an oversized body (limit 64 KiB)
+    let huge = "x".repeat(100 * 1024);
+    assert_error(
+        &post(&f.app, p, chat(&huge, json!({}))).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too large",
+    );
+    // a huge max_tokens is clamped to the cap (40), not refused
+    let (s, ok) =
+        c(json!({"max_tokens": 1_000_000_000_000u64, "temperature": 1.0, "seed": 5})).await;
+    assert_eq!(s, StatusCode::OK, "{ok}");
+    assert!(ok["usage"]["completion_tokens"].as_u64().unwrap() <= 40);
+    // still serving
+    let (s, _) = c(json!({"max_tokens": 4})).await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn keys_gate_the_api_and_usage_is_metered_per_key() {
+    let f = default_fixture("keys");
+    let p = "/v1/chat/completions";
+    // no keys: open, usage recorded without a key
+    let (s, open) = post(&f.app, p, chat("hi", json!({"max_tokens": 3}))).await;
+    assert_eq!(s, StatusCode::OK);
+    let (alice, _) = f.state.keys.create("alice", None).unwrap();
+    let (bob, _) = f.state.keys.create("bob", None).unwrap();
+    let body = || Body::from(chat("What is 2 + 2?", json!({"max_tokens": 5})).to_string());
+    let app = &f.app;
+    let as_key = |k: Option<&str>| {
+        let k = k.map(String::from);
+        async move { send(app, "POST", p, body(), k.as_deref()).await }
+    };
+    let unauth = StatusCode::UNAUTHORIZED;
+    assert_error(&as_key(None).await, unauth, "missing API key");
+    assert_error(&as_key(Some("ml-0000")).await, unauth, "incorrect API key");
+    let models = send(&f.app, "GET", "/v1/models", Body::empty(), Some("nope")).await;
+    assert_error(&models, unauth, "incorrect");
+    let mut want = 0;
+    for _ in 0..2 {
+        let (s, r) = as_key(Some(&alice)).await;
+        assert_eq!(s, StatusCode::OK, "{r}");
+        want += r["usage"]["total_tokens"].as_u64().unwrap();
+    }
+    assert_eq!(as_key(Some(&bob)).await.0, StatusCode::OK);
+    f.state.keys.revoke("bob").unwrap();
+    assert_error(&as_key(Some(&bob)).await, unauth, "revoked");
+    // /health stays open (it carries no model output)
+    let health = send(&f.app, "GET", "/health", Body::empty(), None).await;
+    assert_eq!(health.0, StatusCode::OK);
+    // the ledger is written by a background thread: shut down to flush it, then read it
+    f.state.shutdown();
+    let u = KeyStore::open(&f.db).unwrap().usage().unwrap();
+    let row = |n: &str| {
+        u.iter()
+            .find(|x| x.name == n)
+            .unwrap_or_else(|| panic!("{n} in {u:?}"))
+            .clone()
+    };
+    assert_eq!(row("alice").requests, 2);
+    assert_eq!(
+        row("alice").prompt_tokens + row("alice").completion_tokens,
+        want
+    );
+    assert_eq!(row("bob").requests, 1);
+    assert_eq!(row("(no key)").requests, 1);
+    assert_eq!(
+        row("(no key)").completion_tokens,
+        open["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+}
+
+#[tokio::test]
+async fn rate_limits_and_a_full_queue_answer_429() {
+    let f = fixture(
+        "limits",
+        EngineConfig {
+            slots: 1,
+            max_queue: 16,
+        },
+        ServerConfig {
+            rate_limit_rpm: 2,
+            ..Default::default()
+        },
+    );
+    let (carol, _) = f.state.keys.create("carol", Some(3)).unwrap();
+    let (dave, _) = f.state.keys.create("dave", None).unwrap();
+    let p = "/v1/chat/completions";
+    let app = &f.app;
+    let as_key = |k: &str| {
+        let (k, body) = (k.to_string(), chat("hi", json!({"max_tokens": 2})));
+        async move { send(app, "POST", p, Body::from(body.to_string()), Some(&k)).await }
+    };
+    for _ in 0..3 {
+        assert_eq!(as_key(&carol).await.0, StatusCode::OK);
+    }
+    let r = as_key(&carol).await;
+    assert_error(&r, StatusCode::TOO_MANY_REQUESTS, "3 requests per minute");
+    assert_eq!(r.1["error"]["code"], "rate_limit_exceeded");
+    // dave has the server's default (2), counted apart from carol
+    for _ in 0..2 {
+        assert_eq!(as_key(&dave).await.0, StatusCode::OK);
+    }
+    assert_eq!(as_key(&dave).await.0, StatusCode::TOO_MANY_REQUESTS);
+
+    // a server whose queue holds nothing refuses every request with 429, cleanly
+    let f = fixture(
+        "queue",
+        EngineConfig {
+            slots: 1,
+            max_queue: 0,
+        },
+        ServerConfig::default(),
+    );
+    let r = post(&f.app, p, chat("hi", json!({}))).await;
+    assert_error(&r, StatusCode::TOO_MANY_REQUESTS, "busy");
+    assert_eq!(r.1["error"]["code"], "queue_full");
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_its_generation() {
+    let f = fixture(
+        "cancel",
+        EngineConfig {
+            slots: 2,
+            max_queue: 4,
+        },
+        ServerConfig {
+            max_tokens_cap: 900,
+            ..Default::default()
+        },
+    );
+    // precondition: greedy decoding of this prompt runs to the length limit (no stop token)
+    let req = chat("12 + 34", json!({"max_tokens": 900, "temperature": 0}));
+    let (s, whole) = post(&f.app, "/v1/chat/completions", req.clone()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(whole["choices"][0]["finish_reason"], "length", "{whole}");
+    let mut streamed = req;
+    streamed["stream"] = json!(true);
+    let http = Request::post("/v1/chat/completions")
+        .body(Body::from(streamed.to_string()))
+        .unwrap();
+    let resp = f.app.clone().oneshot(http).await.unwrap();
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.is_data());
+    drop(body); // the client hangs up
+    f.state.shutdown(); // waits for the engine, then flushes the ledger
+    let conn = rusqlite::Connection::open(&f.db).unwrap();
+    let (finish, tokens): (String, i64) = conn
+        .query_row(
+            "SELECT finish, completion_tokens FROM usage ORDER BY id DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(finish, "cancelled");
+    assert!(
+        tokens < 900,
+        "generation went on after the client left: {tokens} tokens"
+    );
+}
