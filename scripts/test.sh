@@ -6,6 +6,22 @@ cd "$(dirname "$0")/.."
 if command -v rustup >/dev/null; then
   rustup component add rustfmt clippy >/dev/null 2>&1 || true
 fi
+# The serving tests drive the official `openai` Python package and the web page in headless
+# Chromium: a venv in target/pyenv with pinned packages, and Debian's chromium.
+apt_install() {
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  else
+    echo "error: install $* (needs root / apt-get)"; exit 1
+  fi
+}
+command -v chromium >/dev/null || apt_install chromium
+if [ ! -x target/pyenv/bin/python ] || ! target/pyenv/bin/python -c 'import openai, websocket' 2>/dev/null; then
+  python3 -m venv --help >/dev/null 2>&1 || apt_install python3 python3-venv
+  rm -rf target/pyenv
+  python3 -m venv target/pyenv
+  target/pyenv/bin/pip install -q --disable-pip-version-check openai==3.57.0 websocket-client==1.9.2
+fi
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

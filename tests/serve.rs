@@ -1,0 +1,454 @@
+//! `moelab serve`, `moelab keys` and `moelab chat` through the real binary, on a tiny model
+//! trained here to answer additions with visible reasoning: the official `openai` Python
+//! package against the server, the web page driven in headless Chromium, API keys and a
+//! ledger that survives `kill -9`, graceful shutdown, and the terminal chat.
+//!
+//! Needs what `scripts/test.sh` installs: a venv at `target/pyenv` with `openai` and
+//! `websocket-client`, and Chromium (override with MOELAB_TEST_PYTHON and CHROMIUM).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+fn moelab(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_moelab"))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = moelab(args);
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "moelab {args:?} failed:\n{so}\n{se}");
+    so
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("moelab-serve-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A tiny model trained on additions with reasoning (once per test binary, ~10 s).
+fn trained_run() -> &'static Path {
+    static RUN: OnceLock<PathBuf> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let d = tmpdir("model");
+        let (data, run) = (d.join("data"), d.join("run"));
+        ok(&[
+            "prepare",
+            "--task",
+            "add",
+            "--n",
+            "2000",
+            "--out",
+            data.to_str().unwrap(),
+        ]);
+        let cfg = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/configs/task-student-tiny.toml"
+        );
+        ok(&[
+            "train",
+            "--config",
+            cfg,
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+            "--steps",
+            "600",
+        ]);
+        run
+    })
+}
+
+fn python() -> PathBuf {
+    let p = std::env::var_os("MOELAB_TEST_PYTHON").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyenv/bin/python"),
+        PathBuf::from,
+    );
+    assert!(
+        p.exists(),
+        "{}: no Python venv for the client tests; run scripts/test.sh (it creates target/pyenv with the openai package)",
+        p.display()
+    );
+    p
+}
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(db: &Path, extra: &[&str]) -> Server {
+        let run = trained_run();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_moelab"))
+            .args([
+                "serve",
+                "--run",
+                run.to_str().unwrap(),
+                "--addr",
+                "127.0.0.1:0",
+            ])
+            .args([
+                "--keys-db",
+                db.to_str().unwrap(),
+                "--model-name",
+                "tiny-adder",
+            ])
+            .args(extra)
+            .env("RAYON_NUM_THREADS", "2")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|s| s.split('/').next())
+            .unwrap_or_else(|| panic!("no address in the server's first line: {line:?}"))
+            .to_string();
+        Server { child, addr }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// One HTTP/1.1 request; returns (status, body).
+    fn request(&self, method: &str, path: &str, body: &str, key: Option<&str>) -> (u16, String) {
+        let mut s = TcpStream::connect(&self.addr).unwrap();
+        let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let status = resp[9..12].parse().unwrap();
+        let body = resp.split_once("\r\n\r\n").map_or("", |x| x.1).to_string();
+        (status, body)
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: sends a signal to our own child process.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+const QUESTION: &str = "What is 12 + 34?";
+
+fn chat_body(max_tokens: usize, stream: bool) -> String {
+    serde_json::json!({"model": "tiny-adder", "messages": [{"role": "user", "content": QUESTION}],
+                       "max_tokens": max_tokens, "stream": stream})
+    .to_string()
+}
+
+#[test]
+fn the_openai_python_package_works_unchanged() {
+    let d = tmpdir("openai");
+    let srv = Server::start(&d.join("keys.db"), &[]);
+    // with a key in place, so the package's auth errors are exercised too
+    let key = ok(&[
+        "keys",
+        "create",
+        "--name",
+        "client",
+        "--db",
+        d.join("keys.db").to_str().unwrap(),
+    ]);
+    let key = key.trim();
+    let out = Command::new(python())
+        .args(["tests/openai_client.py", &srv.url("/v1"), QUESTION, key])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openai client failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(r["models"], serde_json::json!(["tiny-adder"]));
+    let (whole, stream) = (&r["whole"], &r["stream"]);
+    // the model was trained to think first: both parts are there and were read by the package
+    let reasoning = whole["reasoning_content"].as_str().unwrap();
+    assert!(reasoning.contains("carry"), "reasoning: {reasoning:?}");
+    assert!(!whole["content"].as_str().unwrap().is_empty(), "{whole}");
+    assert_eq!(whole["finish_reason"], "stop");
+    // greedy by default: the stream carries exactly the same reply, in many chunks
+    for f in ["content", "reasoning_content", "finish_reason", "usage"] {
+        assert_eq!(
+            whole[f], stream[f],
+            "{f} differs between whole and streamed"
+        );
+    }
+    assert!(stream["chunks"].as_u64().unwrap() > 10);
+    assert!(
+        whole["usage"]["completion_tokens_details"]["reasoning_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert!(r["completion"]["completion_tokens"].as_u64().unwrap() <= 8);
+    assert_eq!(r["errors"]["bad_request"], 400);
+    assert_eq!(r["errors"]["auth"], 401);
+}
+
+#[test]
+fn the_web_page_shows_reasoning_and_answer_in_headless_chromium() {
+    let d = tmpdir("web");
+    let srv = Server::start(&d.join("keys.db"), &[]);
+    let out = Command::new(python())
+        .args(["tests/web_chat.py", &srv.url("/"), QUESTION])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "web chat driver failed (is Chromium installed? scripts/test.sh installs it):\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let page = json(&String::from_utf8_lossy(&out.stdout));
+    // what the page shows is what the API answers for the same question
+    let (status, body) = srv.request("POST", "/v1/chat/completions", &chat_body(200, false), None);
+    assert_eq!(status, 200, "{body}");
+    let api = json(&body);
+    let msg = &api["choices"][0]["message"];
+    assert_eq!(page["done"], "1", "{page}");
+    assert_eq!(page["model"], "tiny-adder");
+    assert_eq!(page["user"], QUESTION);
+    assert_eq!(page["answer"], msg["content"], "{page}");
+    assert_eq!(page["reasoning"], msg["reasoning_content"], "{page}");
+    assert!(page["reasoning"].as_str().unwrap().contains("carry"));
+    assert_eq!(page["reasoning_visible"], true);
+    assert_eq!(
+        page["reasoning_folded"], true,
+        "the block folds once the answer starts"
+    );
+}
+
+#[test]
+fn keys_from_the_cli_gate_the_server_and_the_ledger_survives_kill_9() {
+    let d = tmpdir("keys");
+    let db = d.join("keys.db");
+    let dbs = db.to_str().unwrap();
+    let mut srv = Server::start(&db, &[]);
+    // open while there is no key
+    assert_eq!(
+        srv.request("POST", "/v1/chat/completions", &chat_body(5, false), None)
+            .0,
+        200
+    );
+    let alice = ok(&["keys", "create", "--name", "alice", "--db", dbs]);
+    let alice = alice.trim();
+    assert!(alice.starts_with("ml-"), "{alice}");
+    let (s, body) = srv.request("POST", "/v1/chat/completions", &chat_body(5, false), None);
+    assert_eq!(s, 401, "a key now exists: {body}");
+    let mut tokens = 0;
+    for _ in 0..3 {
+        let (s, body) = srv.request(
+            "POST",
+            "/v1/chat/completions",
+            &chat_body(20, false),
+            Some(alice),
+        );
+        assert_eq!(s, 200, "{body}");
+        tokens += json(&body)["usage"]["total_tokens"].as_u64().unwrap();
+    }
+    // a streamed request is metered too
+    let (s, body) = srv.request(
+        "POST",
+        "/v1/chat/completions",
+        &chat_body(20, true),
+        Some(alice),
+    );
+    assert_eq!(s, 200);
+    assert!(body.contains("data: [DONE]"), "{body}");
+    let list = ok(&["keys", "list", "--db", dbs]);
+    assert!(
+        list.contains("alice") && list.contains(&alice[..7]) && !list.contains(alice),
+        "{list}"
+    );
+    // the server dies without any chance to clean up
+    let _ = srv.child.kill();
+    let _ = srv.child.wait();
+    let usage = json(&ok(&["keys", "usage", "--db", dbs, "--json"]));
+    let row = usage
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["key"] == "alice")
+        .unwrap()
+        .clone();
+    assert_eq!(row["requests"], 4, "{usage}");
+    let streamed = row["prompt_tokens"].as_u64().unwrap()
+        + row["completion_tokens"].as_u64().unwrap()
+        - tokens;
+    assert!(
+        streamed > 0 && streamed <= 12 + 20,
+        "streamed request tokens: {streamed}"
+    );
+    let table = ok(&["keys", "usage", "--db", dbs]);
+    assert!(
+        table.contains("alice") && table.contains("(no key)"),
+        "{table}"
+    );
+    // revoked: refused by a new server on the same ledger
+    ok(&["keys", "revoke", "alice", "--db", dbs]);
+    let srv = Server::start(&db, &[]);
+    let (s, body) = srv.request(
+        "POST",
+        "/v1/chat/completions",
+        &chat_body(5, false),
+        Some(alice),
+    );
+    assert_eq!(s, 401);
+    assert!(body.contains("revoked"), "{body}");
+    let out = moelab(&["keys", "revoke", "nobody", "--db", dbs]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no key named \"nobody\""));
+}
+
+#[test]
+fn sigterm_lets_in_flight_requests_finish() {
+    let d = tmpdir("shutdown");
+    let mut srv = Server::start(&d.join("keys.db"), &["--slots", "1"]);
+    // six streams on one slot: at SIGTERM some are running and some are still queued
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            let mut s = TcpStream::connect(&srv.addr).unwrap();
+            let body = chat_body(200, true);
+            write!(
+                s,
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+            s
+        })
+        .collect();
+    let mut first = clients[0].try_clone().unwrap();
+    let mut buf = [0u8; 64];
+    let _ = first.read(&mut buf).unwrap(); // the first stream has started
+    srv.signal(libc::SIGTERM);
+    for (i, mut c) in clients.into_iter().enumerate() {
+        let mut rest = String::new();
+        c.read_to_string(&mut rest).unwrap();
+        assert!(
+            rest.contains("data: [DONE]"),
+            "stream {i} was cut: {rest:?}"
+        );
+    }
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = srv.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the server did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(TcpStream::connect(&srv.addr).is_err(), "still listening");
+}
+
+#[test]
+fn terminal_chat_streams_reasoning_then_the_answer() {
+    let run = trained_run().to_str().unwrap();
+    let chat = |extra: &[&str], input: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_moelab"))
+            .args(["chat", "--run", run])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let out = chat(
+        &[],
+        &format!("{QUESTION}\n/reset\n{QUESTION}\n/exit\nnever read\n"),
+    );
+    let replies: Vec<&str> = out.split("(conversation reset)\n").collect();
+    assert_eq!(replies.len(), 2, "{out}");
+    // after /reset the same question gets the same (greedy) reply, reasoning first
+    assert_eq!(replies[0], replies[1]);
+    let (think, answer) = replies[0]
+        .split_once("</think>\n")
+        .expect("reasoning block");
+    assert!(
+        think.starts_with("<think>") && think.contains("carry"),
+        "{out}"
+    );
+    assert!(!answer.trim().is_empty());
+    let hidden = chat(&["--hide-reasoning"], &format!("{QUESTION}\n"));
+    assert_eq!(hidden.trim(), answer.trim());
+}
+
+#[test]
+fn serve_reports_bad_setups() {
+    let d = tmpdir("bad");
+    let out = moelab(&["serve", "--run", d.join("nope").to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such run"));
+    let srv = Server::start(&d.join("keys.db"), &[]);
+    let out = moelab(&[
+        "serve",
+        "--run",
+        trained_run().to_str().unwrap(),
+        "--addr",
+        &srv.addr,
+        "--keys-db",
+        d.join("k2.db").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot listen"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(d.join("junk.db"), b"this is not a database").unwrap();
+    let out = moelab(&["keys", "list", "--db", d.join("junk.db").to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("junk.db"));
+}

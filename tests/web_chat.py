@@ -1,0 +1,92 @@
+"""Drives moelab's web chat page in headless Chromium over the DevTools protocol: loads the
+page, types a question into the box, presses Enter, waits for the streamed reply and prints
+what the page shows (reasoning block and answer) as JSON for tests/serve.rs to check.
+
+usage: python tests/web_chat.py PAGE_URL QUESTION
+(CHROMIUM names the browser binary; default `chromium`.)
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import websocket
+
+url, question = sys.argv[1], sys.argv[2]
+profile = tempfile.mkdtemp(prefix="moelab-chromium-")
+browser = subprocess.Popen(
+    [os.environ.get("CHROMIUM", "chromium"), "--headless=new", "--no-sandbox", "--disable-gpu",
+     "--no-first-run", "--disable-extensions", "--remote-debugging-port=0",
+     "--remote-allow-origins=*", f"--user-data-dir={profile}", "about:blank"],
+    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+try:
+    port = None
+    deadline = time.time() + 30
+    while port is None and time.time() < deadline:
+        line = browser.stderr.readline()
+        if not line and browser.poll() is not None:
+            sys.exit(f"chromium exited with {browser.returncode}")
+        m = re.search(r"DevTools listening on ws://[^:]+:(\d+)/", line)
+        if m:
+            port = m.group(1)
+    if port is None:
+        sys.exit("chromium did not open its DevTools port within 30 s")
+    targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list"))
+    page = next(t for t in targets if t["type"] == "page")
+    ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=30, suppress_origin=True)
+    next_id = 0
+
+    def cdp(method, **params):
+        global next_id
+        next_id += 1
+        ws.send(json.dumps({"id": next_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(ws.recv())
+            if msg.get("id") == next_id:
+                if "error" in msg:
+                    sys.exit(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+
+    def js(expr):
+        r = cdp("Runtime.evaluate", expression=expr, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in r:
+            sys.exit(f"page script failed: {r['exceptionDetails']}")
+        return r["result"].get("value")
+
+    def wait_for(expr, what, secs=60):
+        end = time.time() + secs
+        while time.time() < end:
+            v = js(expr)
+            if v:
+                return v
+            time.sleep(0.1)
+        sys.exit(f"timed out waiting for {what}; at {js('location.href')!r}, page text: {js('document.body && document.body.innerText')!r}")
+
+    cdp("Page.enable")
+    cdp("Page.navigate", url=url)
+    wait_for("document.readyState === 'complete' && !!document.getElementById('model') && "
+             "document.getElementById('model').textContent !== 'connecting…'",
+             "the page to load and list the model")
+    js("document.getElementById('input').focus()")
+    cdp("Input.insertText", text=question)
+    for kind in ("keyDown", "keyUp"):
+        cdp("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13)
+    wait_for("document.querySelector('.msg.assistant[data-done]') !== null", "the reply")
+    shown = js("""(() => {
+      const m = document.querySelector('.msg.assistant');
+      const d = m.querySelector('details.reasoning');
+      return {done: m.dataset.done, model: document.getElementById('model').textContent,
+              user: document.querySelector('.msg.user .answer').textContent,
+              reasoning: d.querySelector('pre').textContent, reasoning_visible: !d.hidden,
+              reasoning_folded: !d.open, summary: d.querySelector('summary').textContent,
+              answer: m.querySelector('.answer').textContent,
+              error: (m.querySelector('.error') || {}).textContent || null};
+    })()""")
+    print(json.dumps(shown))
+finally:
+    browser.kill()
+    browser.wait()
