@@ -16,11 +16,11 @@ apt_install() {
   fi
 }
 command -v chromium >/dev/null || apt_install chromium
-if [ ! -x target/pyenv/bin/python ] || ! target/pyenv/bin/python -c 'import openai, websocket' 2>/dev/null; then
+if [ ! -x target/pyenv/bin/python ] || ! target/pyenv/bin/python -c 'import openai, websocket, httpx' 2>/dev/null; then
   python3 -m venv --help >/dev/null 2>&1 || apt_install python3 python3-venv
   rm -rf target/pyenv
   python3 -m venv target/pyenv
-  target/pyenv/bin/pip install -q --disable-pip-version-check openai==3.57.0 websocket-client==1.9.2
+  target/pyenv/bin/pip install -q --disable-pip-version-check openai==3.57.0 websocket-client==1.9.2 httpx==0.28.1
 fi
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

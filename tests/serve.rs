@@ -452,3 +452,48 @@ fn serve_reports_bad_setups() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("junk.db"));
 }
+
+#[test]
+fn the_load_test_script_runs_clean_on_a_short_budget() {
+    // the full run (32 clients, 60 s, scaling) is in BENCHMARKS.md; this keeps the script honest
+    let d = tmpdir("load");
+    let srv = Server::start(&d.join("keys.db"), &["--slots", "4"]);
+    let out = Command::new(python())
+        .args([
+            "scripts/load-test.py",
+            "--url",
+            &srv.url(""),
+            "--clients",
+            "8",
+            "--duration",
+            "3",
+        ])
+        .args([
+            "--scaling-seconds",
+            "0",
+            "--json",
+            d.join("load.json").to_str().unwrap(),
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "load test failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = json(&std::fs::read_to_string(d.join("load.json")).unwrap());
+    let load = &r["load"];
+    assert_eq!(load["5xx"], 0);
+    assert_eq!(load["cut_streams"], 0);
+    assert!(load["requests"].as_u64().unwrap() >= 8, "{load}");
+    assert_eq!(load["status"]["200"], load["requests"], "{load}");
+    // every request is in the server's own counters
+    let (_, metrics) = srv.request("GET", "/metrics", "", None);
+    let line = format!(
+        "moelab_requests_total{{route=\"/v1/chat/completions\",status=\"200\"}} {}",
+        load["requests"]
+    );
+    assert!(metrics.contains(&line), "{line} not in\n{metrics}");
+}

@@ -88,7 +88,18 @@ impl Engine {
             let (cfg, shared) = (cfg.clone(), shared.clone());
             std::thread::Builder::new()
                 .name("moelab-engine".into())
-                .spawn(move || run(cfg, params, ec, rx, shared))
+                .spawn(move || {
+                    // NOTE: the decode loop runs on a worker of its own rayon pool. Calling
+                    // into a pool from outside costs a cross-thread wake-up per parallel
+                    // region (dozens per step); from a worker, small kernels run inline and
+                    // larger ones are stolen by the pool's other threads.
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(rayon::current_num_threads())
+                        .thread_name(|i| format!("moelab-decode-{i}"))
+                        .build()
+                        .expect("build the decode thread pool");
+                    pool.install(|| run(cfg, params, ec, rx, shared))
+                })
                 .expect("spawn the engine thread")
         };
         Engine {
