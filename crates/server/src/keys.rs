@@ -93,6 +93,20 @@ pub enum Auth {
     Unknown,
 }
 
+/// The columns [`key_row`] reads, in order.
+const KEY_COLUMNS: &str = "id, name, prefix, created, revoked, rpm";
+
+fn key_row(r: &rusqlite::Row) -> rusqlite::Result<KeyInfo> {
+    Ok(KeyInfo {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        prefix: r.get(2)?,
+        created: r.get(3)?,
+        revoked: r.get(4)?,
+        rpm: r.get(5)?,
+    })
+}
+
 pub struct KeyStore {
     path: PathBuf,
     conn: Mutex<Connection>,
@@ -198,20 +212,9 @@ impl KeyStore {
     pub fn list(&self) -> Result<Vec<KeyInfo>> {
         let conn = self.conn();
         let mut st = conn
-            .prepare("SELECT id, name, prefix, created, revoked, rpm FROM keys ORDER BY id")
+            .prepare(&format!("SELECT {KEY_COLUMNS} FROM keys ORDER BY id"))
             .map_err(|e| self.db(e))?;
-        let rows = st
-            .query_map([], |r| {
-                Ok(KeyInfo {
-                    id: r.get(0)?,
-                    name: r.get(1)?,
-                    prefix: r.get(2)?,
-                    created: r.get(3)?,
-                    revoked: r.get(4)?,
-                    rpm: r.get(5)?,
-                })
-            })
-            .map_err(|e| self.db(e))?;
+        let rows = st.query_map([], key_row).map_err(|e| self.db(e))?;
         rows.collect::<rusqlite::Result<_>>()
             .map_err(|e| self.db(e))
     }
@@ -245,18 +248,9 @@ impl KeyStore {
         };
         let info = conn
             .query_row(
-                "SELECT id, name, prefix, created, revoked, rpm FROM keys WHERE hash = ?1",
+                &format!("SELECT {KEY_COLUMNS} FROM keys WHERE hash = ?1"),
                 [hash(key)],
-                |r| {
-                    Ok(KeyInfo {
-                        id: r.get(0)?,
-                        name: r.get(1)?,
-                        prefix: r.get(2)?,
-                        created: r.get(3)?,
-                        revoked: r.get(4)?,
-                        rpm: r.get(5)?,
-                    })
-                },
+                key_row,
             )
             .optional()
             .map_err(|e| self.db(e))?;

@@ -3,16 +3,18 @@
 //!
 //! Crash safety: a checkpoint is written into a temp dir, every file fsync'd, the dir renamed
 //! into place, and only then is `latest` replaced (temp file + rename). A crash at any point
-//! leaves the previous checkpoint and `latest` intact. `state.json` carries the sha256 of
-//! both weight files, checked on load.
+//! leaves the previous checkpoint and `latest` intact; a failed write (a full disk) removes
+//! its temp dir and leaves everything saved before untouched. `state.json` carries the sha256
+//! of both weight files and a checksum of its own content, all checked on load; resuming
+//! falls back to the newest checkpoint that passes ([`latest_good`]).
 
-use crate::{io_err, Error, Result};
+use crate::{fault, io_err, Error, Result};
 use model::{io, Model, ModelConfig, Optimizer};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Everything besides tensors that resuming needs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -29,6 +31,27 @@ pub struct State {
     pub files: BTreeMap<String, String>,
     /// The model shape these weights belong to.
     pub model: ModelConfig,
+    /// Exponential moving average of the training loss (loss-spike detection).
+    #[serde(default)]
+    pub loss_ema: Option<f32>,
+    /// Steps whose update is skipped on replay (anomalies that were rolled back).
+    #[serde(default)]
+    pub skip_steps: Vec<u64>,
+    /// sha256 of this JSON with `checksum` empty.
+    #[serde(default)]
+    pub checksum: String,
+}
+
+impl State {
+    fn content_hash(&self) -> String {
+        let mut s = self.clone();
+        s.checksum.clear();
+        data::sha256_hex(
+            serde_json::to_string(&s)
+                .expect("state serialises")
+                .as_bytes(),
+        )
+    }
 }
 
 fn ckpt_name(step: u64) -> String {
@@ -55,32 +78,53 @@ pub fn save(
     let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-    io::save(&model.layout, &model.params, &tmp.join("model.safetensors"))?;
-    io::save_prefixed(
-        &model.layout,
-        &[("m.", &opt.m), ("v.", &opt.v)],
-        &tmp.join("optim.safetensors"),
-    )?;
-    let mut st = state.clone();
-    for f in ["model.safetensors", "optim.safetensors"] {
-        let p = tmp.join(f);
-        st.files.insert(
-            f.into(),
-            data::sha256_hex(&std::fs::read(&p).map_err(io_err(&p))?),
-        );
+    if let Err(e) = write_files(&tmp, model, opt, state) {
+        // e.g. a full disk: drop the partial checkpoint, keep every earlier one
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
     }
-    let json = serde_json::to_string_pretty(&st).expect("state serialises");
-    data::write_atomic(&tmp.join("state.json"), json.as_bytes())?;
-    fsync_dir(&tmp)?;
+    let step = state.step;
     let dst = root.join(&name);
     if dst.exists() {
         std::fs::remove_dir_all(&dst).map_err(io_err(&dst))?;
     }
     std::fs::rename(&tmp, &dst).map_err(io_err(&dst))?;
     fsync_dir(&root)?;
+    fault::point("ckpt-renamed", step, &dst)?;
     data::write_atomic(&run.join("latest"), format!("{name}\n").as_bytes())?;
+    fault::point("ckpt-latest", step, &dst)?;
     prune(&root, keep, &name)?;
     Ok(dst)
+}
+
+/// The checkpoint's files in `tmp`, each fsync'd (state.json last: it vouches for the others).
+fn write_files(tmp: &Path, model: &Model, opt: &Optimizer, state: &State) -> Result<()> {
+    let step = state.step;
+    fault::point("enospc-model", step, tmp)?;
+    io::save(&model.layout, &model.params, &tmp.join("model.safetensors"))?;
+    fault::point("ckpt-model", step, tmp)?;
+    io::save_prefixed(
+        &model.layout,
+        &[("m.", &opt.m), ("v.", &opt.v)],
+        &tmp.join("optim.safetensors"),
+    )?;
+    fault::point("enospc-state", step, tmp)?;
+    let mut st = state.clone();
+    for f in ["model.safetensors", "optim.safetensors"] {
+        let p = tmp.join(f);
+        std::fs::File::open(&p)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(&p))?;
+        st.files.insert(
+            f.into(),
+            data::sha256_hex(&std::fs::read(&p).map_err(io_err(&p))?),
+        );
+    }
+    st.checksum = st.content_hash();
+    let json = serde_json::to_string_pretty(&st).expect("state serialises");
+    data::write_atomic(&tmp.join("state.json"), json.as_bytes())?;
+    fault::point("ckpt-state", step, tmp)?;
+    fsync_dir(tmp)
 }
 
 /// Removes all but the newest `keep` checkpoints (never `current`).
@@ -135,7 +179,72 @@ pub fn read_state(dir: &Path) -> Result<State> {
             st.format_version
         )));
     }
+    if st.checksum != st.content_hash() {
+        return Err(bad("state.json is corrupted (checksum mismatch)".into()));
+    }
     Ok(st)
+}
+
+/// Checks a checkpoint without loading it: state.json and the sha256 of every file.
+pub fn check(dir: &Path) -> Result<State> {
+    let st = read_state(dir)?;
+    for (f, want) in &st.files {
+        let p = dir.join(f);
+        let bytes = std::fs::read(&p).map_err(|e| Error::Checkpoint {
+            path: dir.into(),
+            msg: format!("{f}: {e}"),
+        })?;
+        if &data::sha256_hex(&bytes) != want {
+            return Err(Error::Checkpoint {
+                path: dir.into(),
+                msg: format!("{f} is corrupted (sha256 mismatch)"),
+            });
+        }
+    }
+    Ok(st)
+}
+
+/// The newest checkpoint of a run that passes [`check`]: the one `latest` names, or, when
+/// that one is damaged (a truncated or corrupted file), the newest older one that is intact.
+/// Also returns a note on each damaged checkpoint passed over. Leftover temp dirs of
+/// interrupted writes are removed.
+pub fn latest_good(run: &Path) -> Result<Option<(PathBuf, Vec<String>)>> {
+    let root = run.join("checkpoints");
+    let mut names: Vec<String> = match std::fs::read_dir(&root) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect(),
+        Err(_) => return Ok(None),
+    };
+    for n in names.iter().filter(|n| n.starts_with(".tmp-")) {
+        let _ = std::fs::remove_dir_all(root.join(n));
+    }
+    names.retain(|n| n.starts_with("step-"));
+    names.sort();
+    names.reverse();
+    // `latest` first: a newer dir it does not name yet was never completed
+    let named = std::fs::read_to_string(run.join("latest")).ok();
+    if let Some(n) = named.as_deref().map(str::trim) {
+        if let Some(i) = names.iter().position(|x| x == n) {
+            names.drain(..i);
+        }
+    }
+    let mut notes = vec![];
+    for n in names {
+        let dir = root.join(&n);
+        match check(&dir) {
+            Ok(_) => return Ok(Some((dir, notes))),
+            Err(e) => notes.push(format!("{e}; falling back to an older checkpoint")),
+        }
+    }
+    if notes.is_empty() {
+        Ok(None)
+    } else {
+        Err(Error::Checkpoint {
+            path: root,
+            msg: format!("no intact checkpoint ({})", notes.join("; ")),
+        })
+    }
 }
 
 /// Loads a checkpoint into `model` and `opt` after checking that it belongs to this model
@@ -149,13 +258,7 @@ pub fn load(dir: &Path, model: &mut Model, opt: &mut Optimizer) -> Result<State>
     if st.model != model.cfg {
         return Err(bad(format!("was written for a different model shape ({}); use the run's own config.toml or a new --out", describe_diff(&st.model, &model.cfg))));
     }
-    for (f, want) in &st.files {
-        let p = dir.join(f);
-        let got = data::sha256_hex(&std::fs::read(&p).map_err(|e| bad(format!("{f}: {e}")))?);
-        if &got != want {
-            return Err(bad(format!("{f} is corrupted (sha256 mismatch)")));
-        }
-    }
+    check(dir)?;
     model.params = io::load(&model.layout, &dir.join("model.safetensors"), true)?;
     let mut mv = io::load_prefixed(
         &model.layout,

@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod eval;
+mod fault;
 pub mod schedule;
 pub mod trainer;
 
@@ -56,8 +57,8 @@ pub fn load_run(path: &std::path::Path) -> Result<LoadedRun> {
             path.display()
         )));
     } else {
-        match checkpoint::latest(path)? {
-            Some(c) => (Some(path.to_path_buf()), c),
+        match checkpoint::latest_good(path)? {
+            Some((c, _)) => (Some(path.to_path_buf()), c),
             None => {
                 return Err(Error::Usage(format!(
                     "{}: has no checkpoint yet (is it a run dir?)",

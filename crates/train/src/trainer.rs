@@ -264,7 +264,7 @@ fn open_run_dir(spec: &RunSpec, tokenizer_json: &[u8]) -> Result<()> {
     let run = &spec.run_dir;
     let cfg_path = run.join("config.toml");
     if spec.resume {
-        if checkpoint::latest(run)?.is_none() {
+        if checkpoint::latest_good(run)?.is_none() {
             return Err(Error::Usage(format!(
                 "nothing to resume in {}: it has no checkpoint; drop --resume to start a new run",
                 run.display()
@@ -357,9 +357,15 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
         weights_hash: String::new(),
         files: Default::default(),
         model: cfg.model.clone(),
+        loss_ema: None,
+        skip_steps: vec![],
+        checksum: String::new(),
     };
     if spec.resume {
-        let dir = checkpoint::latest(run)?.expect("checked by open_run_dir");
+        let (dir, notes) = checkpoint::latest_good(run)?.expect("checked by open_run_dir");
+        for n in notes {
+            rep.message(&n);
+        }
         state = checkpoint::load(&dir, &mut model, &mut opt)?;
         truncate_metrics(&metrics, state.step)?;
         rep.message(&format!(

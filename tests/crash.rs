@@ -1,0 +1,297 @@
+//! Crash safety through the real binary: `kill -9` at 20 random moments of a tiny training
+//! run (including while checkpoints are being written), death at each point of a checkpoint
+//! write, a full disk during a checkpoint, and damaged checkpoints. Every time, resuming
+//! must end with the weights hash of an uninterrupted run, and nothing saved before the
+//! failure may be lost.
+
+use rand::{Rng, SeedableRng};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Instant;
+
+const CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/configs/crash-tiny.toml");
+
+fn moelab(args: &[&str], fault: Option<&str>) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_moelab"));
+    c.args(args).env("RAYON_NUM_THREADS", "2");
+    if let Some(f) = fault {
+        c.env("MOELAB_FAULT", f);
+    }
+    c.output().unwrap()
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("moelab-crash-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A small generated corpus, prepared.
+fn data(d: &Path) -> PathBuf {
+    let words = [
+        "thou", "art", "the", "king", "of", "night", "and", "day", "my", "lord",
+    ];
+    let mut x: u64 = 3;
+    let mut text = String::new();
+    for i in 0..6000 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        text.push_str(words[(x >> 40) as usize % words.len()]);
+        text.push(if i % 11 == 10 { '\n' } else { ' ' });
+    }
+    std::fs::write(d.join("corpus.txt"), text).unwrap();
+    let out = d.join("data");
+    let r = moelab(
+        &[
+            "prepare",
+            "--corpus",
+            s(&d.join("corpus.txt")),
+            "--out",
+            s(&out),
+            "--vocab-size",
+            "300",
+        ],
+        None,
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    out
+}
+
+fn train(data: &Path, run: &Path, resume: bool, fault: Option<&str>) -> Output {
+    let mut args = vec![
+        "train",
+        "--config",
+        CONFIG,
+        "--data",
+        s(data),
+        "--out",
+        s(run),
+    ];
+    if resume {
+        args.push("--resume");
+    }
+    moelab(&args, fault)
+}
+
+fn hash(run: &Path) -> String {
+    let out = moelab(&["hash", s(run)], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Resumes (or, with no checkpoint yet, restarts) until the run finishes.
+fn finish(data: &Path, run: &Path) -> Output {
+    let has_ckpt = run.join("checkpoints").read_dir().is_ok_and(|mut d| {
+        d.any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("step-")
+        })
+    });
+    if !has_ckpt {
+        let _ = std::fs::remove_dir_all(run);
+    }
+    let out = train(data, run, has_ckpt, None);
+    assert!(
+        out.status.success(),
+        "resume failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn step_of_latest(run: &Path) -> String {
+    std::fs::read_to_string(run.join("latest"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn kill_9_anywhere_then_resume_gives_the_uninterrupted_weights() {
+    let d = tmpdir("kill");
+    let data = data(&d);
+    let reference = d.join("reference");
+    let t = Instant::now();
+    let out = train(&data, &reference, false, None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let span = t.elapsed();
+    let want = hash(&reference);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(20);
+    let mut mid_checkpoint = 0;
+    for i in 0..20 {
+        let run = d.join(format!("run-{i}"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_moelab"))
+            .args([
+                "train",
+                "--config",
+                CONFIG,
+                "--data",
+                s(&data),
+                "--out",
+                s(&run),
+            ])
+            .env("RAYON_NUM_THREADS", "2")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let at = span.mul_f64(rng.gen_range(0.05..0.95));
+        std::thread::sleep(at);
+        // SAFETY: SIGKILL to our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        let status = child.wait().unwrap();
+        let tmp_left = run.join("checkpoints").read_dir().is_ok_and(|mut d| {
+            d.any(|e| {
+                e.unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(".tmp-")
+            })
+        });
+        mid_checkpoint += tmp_left as usize;
+        finish(&data, &run);
+        assert_eq!(
+            hash(&run),
+            want,
+            "kill {i} at {at:?} ({status:?}): resumed weights differ"
+        );
+        assert!(
+            !run.join("checkpoints").read_dir().unwrap().any(|e| {
+                e.unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(".tmp-")
+            }),
+            "a temp dir of an interrupted checkpoint was left behind"
+        );
+    }
+    eprintln!("{mid_checkpoint} of 20 kills landed inside a checkpoint write");
+}
+
+#[test]
+fn death_at_every_point_of_a_checkpoint_write_loses_nothing() {
+    let d = tmpdir("points");
+    let data = data(&d);
+    let reference = d.join("reference");
+    assert!(train(&data, &reference, false, None).status.success());
+    let want = hash(&reference);
+    for point in ["ckpt-model", "ckpt-state", "ckpt-renamed", "ckpt-latest"] {
+        let run = d.join(point);
+        let out = train(&data, &run, false, Some(&format!("{point}@12")));
+        assert!(!out.status.success(), "{point}: the fault did not fire");
+        // the previous checkpoint (or the new one, once `latest` names it) is intact
+        let latest = step_of_latest(&run);
+        let expect = if point == "ckpt-latest" {
+            "step-0000012"
+        } else {
+            "step-0000010"
+        };
+        assert_eq!(latest, expect, "{point}");
+        finish(&data, &run);
+        assert_eq!(hash(&run), want, "{point}: resumed weights differ");
+    }
+}
+
+#[test]
+fn a_full_disk_during_a_checkpoint_keeps_what_was_saved() {
+    let d = tmpdir("enospc");
+    let data = data(&d);
+    let reference = d.join("reference");
+    assert!(train(&data, &reference, false, None).status.success());
+    let want = hash(&reference);
+    for point in ["enospc-model", "enospc-state"] {
+        let run = d.join(point);
+        let out = train(&data, &run, false, Some(&format!("{point}@16")));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("No space left on device"), "{err}");
+        assert_eq!(step_of_latest(&run), "step-0000014");
+        let names: Vec<String> = run
+            .join("checkpoints")
+            .read_dir()
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            !names.iter().any(|n| n.starts_with(".tmp-")),
+            "partial checkpoint left: {names:?}"
+        );
+        assert!(
+            names.contains(&"step-0000010".to_string()),
+            "older checkpoints kept: {names:?}"
+        );
+        finish(&data, &run);
+        assert_eq!(hash(&run), want);
+    }
+}
+
+#[test]
+fn a_damaged_latest_checkpoint_falls_back_to_the_previous_good_one() {
+    let d = tmpdir("damaged");
+    let data = data(&d);
+    let reference = d.join("reference");
+    assert!(train(&data, &reference, false, None).status.success());
+    let want = hash(&reference);
+    type Damage = fn(&Path);
+    let damage: [(&str, Damage); 3] = [
+        ("truncated model", |c| {
+            let p = c.join("model.safetensors");
+            let n = std::fs::metadata(&p).unwrap().len();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_len(n / 2)
+                .unwrap();
+        }),
+        ("flipped optimizer byte", |c| {
+            let p = c.join("optim.safetensors");
+            let mut b = std::fs::read(&p).unwrap();
+            let i = b.len() - 5;
+            b[i] ^= 0x10;
+            std::fs::write(&p, b).unwrap();
+        }),
+        ("edited state", |c| {
+            let p = c.join("state.json");
+            let t = std::fs::read_to_string(&p)
+                .unwrap()
+                .replace("\"tokens_seen\": ", "\"tokens_seen\": 1");
+            std::fs::write(&p, t).unwrap();
+        }),
+    ];
+    for (what, f) in damage {
+        let run = d.join(what.replace(' ', "-"));
+        // dies right after checkpoint 20 is complete
+        assert!(!train(&data, &run, false, Some("ckpt-latest@20"))
+            .status
+            .success());
+        f(&run.join("checkpoints/step-0000020"));
+        let out = finish(&data, &run);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("step-0000020") && err.contains("falling back"),
+            "{what}: {err}"
+        );
+        assert_eq!(hash(&run), want, "{what}");
+    }
+}
