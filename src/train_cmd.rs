@@ -148,6 +148,7 @@ pub fn train_with_progress(
         run_dir: out.to_path_buf(),
         resume,
         stop: &STOP,
+        opts: Default::default(),
     };
     let outcome = train_run(&spec, &mut rep)?;
     rep.bar.finish();

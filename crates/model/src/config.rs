@@ -123,6 +123,15 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// Checkpoints kept on disk (the newest K).
     pub keep_checkpoints: usize,
+    /// Data-parallel runs: every N steps the processes compare weights hashes and stop if one
+    /// differs (0: never).
+    pub agree_every: u64,
+    /// A step whose loss exceeds this factor times the running mean loss is an anomaly, as
+    /// is a non-finite loss or gradient (0: only non-finite values are).
+    pub spike_factor: f32,
+    /// What an anomalous step does: "skip" (drop its update, go on with the next batch) or
+    /// "rollback" (return to the last checkpoint and replay, skipping that step).
+    pub on_anomaly: String,
 }
 
 fn default_rope_theta() -> f32 {
@@ -173,6 +182,9 @@ impl Default for TrainConfig {
             eval_batches: 20,
             checkpoint_every: 500,
             keep_checkpoints: 3,
+            agree_every: 50,
+            spike_factor: 0.0,
+            on_anomaly: "skip".into(),
         }
     }
 }
@@ -243,6 +255,15 @@ impl Config {
         }
         if !positive(t.eps) {
             return Err(cfg_err("train.eps", "must be > 0"));
+        }
+        if !(t.spike_factor == 0.0 || t.spike_factor > 1.0) {
+            return Err(cfg_err("train.spike_factor", "must be 0 (off) or > 1"));
+        }
+        if !matches!(t.on_anomaly.as_str(), "skip" | "rollback") {
+            return Err(cfg_err(
+                "train.on_anomaly",
+                "must be \"skip\" or \"rollback\"",
+            ));
         }
         if t.grad_accum == 0 {
             return Err(cfg_err("train.grad_accum", "must be at least 1"));

@@ -850,6 +850,12 @@ impl Model {
     /// selection bias toward balance.
     pub fn update_balance_bias(&mut self) {
         let load = self.take_load();
+        self.apply_load(load);
+    }
+
+    /// [`Model::update_balance_bias`] with the step's loads given (e.g. summed over the
+    /// processes of a data-parallel run).
+    pub fn apply_load(&mut self, load: Vec<Vec<u64>>) {
         self.last_load.clone_from(&load);
         if self.balance != Balance::Bias {
             return;

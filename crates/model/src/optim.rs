@@ -6,6 +6,7 @@ use crate::model::Model;
 use kernels::adamw::{clip_scale, global_norm, AdamW};
 
 /// AdamW state for every trainable tensor of a [`Model`].
+#[derive(Clone)]
 pub struct Optimizer {
     pub m: Vec<f32>,
     pub v: Vec<f32>,
@@ -23,14 +24,21 @@ impl Optimizer {
 
     /// Clips the accumulated gradients to `tc.grad_clip` and applies one AdamW step at `lr`.
     /// Returns the gradient norm before clipping.
-    pub fn step(&mut self, model: &mut Model, tc: &TrainConfig, lr: f32) -> f32 {
-        let lay = &model.layout;
-        let norm = global_norm(
-            lay.tensors
+    /// Global L2 norm of the trainable parameters' gradients (what clipping uses).
+    pub fn grad_norm(model: &Model) -> f32 {
+        global_norm(
+            model
+                .layout
+                .tensors
                 .iter()
                 .filter(|t| t.trainable)
                 .map(|t| &model.grads[t.offset..t.offset + t.len]),
-        );
+        )
+    }
+
+    pub fn step(&mut self, model: &mut Model, tc: &TrainConfig, lr: f32) -> f32 {
+        let norm = Optimizer::grad_norm(model);
+        let lay = &model.layout;
         let s = clip_scale(norm, tc.grad_clip);
         self.step += 1;
         let opt = AdamW {

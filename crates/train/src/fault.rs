@@ -1,7 +1,8 @@
 //! Fault injection for the crash-safety tests: `MOELAB_FAULT=point@step` makes this process
 //! die at a named point of step `step`'s work (with `abort`, as abruptly as `kill -9`: no
 //! destructors, no flushing), or, for points named `enospc-*`, fail there with "No space
-//! left on device". Unset (always, outside tests) it costs one env lookup per call.
+//! left on device", or (see [`active`]) poisons a value. Unset (always, outside tests) it
+//! costs one env lookup per call.
 
 use crate::{Error, Result};
 use std::path::Path;
@@ -22,4 +23,10 @@ pub(crate) fn point(point: &str, step: u64, path: &Path) -> Result<()> {
     }
     eprintln!("MOELAB_FAULT: dying at {point}@{step}");
     std::process::abort();
+}
+
+/// Whether MOELAB_FAULT asks for `point` at `step` (faults that change values, not the
+/// process: `nan@S`, `spike@S`, `corrupt-rankR@S`).
+pub(crate) fn active(point: &str, step: u64) -> bool {
+    std::env::var("MOELAB_FAULT").is_ok_and(|w| w == format!("{point}@{step}"))
 }

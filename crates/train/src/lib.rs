@@ -4,8 +4,10 @@
 //! Not here: terminals. Progress goes to a [`trainer::Reporter`]; the CLI draws it.
 
 pub mod checkpoint;
+pub mod dist;
 pub mod eval;
 mod fault;
+pub mod manifest;
 pub mod schedule;
 pub mod trainer;
 
@@ -26,6 +28,8 @@ pub enum Error {
     Checkpoint { path: PathBuf, msg: String },
     #[error("{0}")]
     Usage(String),
+    #[error("step {step}: the processes disagree: rank(s) {ranks:?} hold different weights than the others; stopping (the last checkpoint is intact)")]
+    Diverged { step: u64, ranks: Vec<usize> },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -7,7 +7,10 @@
 //! the learning rate and the training batches (batch k is drawn from RNG stream k).
 
 use crate::checkpoint::{self, describe_diff, State, FORMAT_VERSION};
+use crate::dist::{self, Comm, Single};
 use crate::eval::evaluate;
+use crate::fault;
+use crate::manifest::{self, DataRecord, Manifest, Segment};
 use crate::schedule::lr_at;
 use crate::{io_err, Error, Result};
 use data::chat::{self, ChatLoader, Example, Packed};
@@ -55,6 +58,8 @@ pub trait Reporter {
     fn eval(&mut self, r: &EvalReport);
     fn checkpoint(&mut self, step: u64, dir: &Path);
     fn message(&mut self, msg: &str);
+    /// The weights after each step (for replays that compare them).
+    fn weights(&mut self, _step: u64, _model: &Model) {}
 }
 
 /// Where training data comes from.
@@ -79,6 +84,19 @@ pub struct RunSpec<'a> {
     pub resume: bool,
     /// Set (e.g. by Ctrl-C) to checkpoint after the current step and return.
     pub stop: &'a AtomicBool,
+    pub opts: RunOptions<'a>,
+}
+
+/// Less common ways to run.
+#[derive(Default)]
+pub struct RunOptions<'a> {
+    /// Stop after this many steps (the schedule still spans `train.steps`): `moelab verify
+    /// --steps`.
+    pub stop_at: Option<u64>,
+    /// A replay: write nothing (no run dir, metrics, checkpoints or manifest), skip evals.
+    pub dry: bool,
+    /// The data-parallel group (None: this process alone).
+    pub comm: Option<&'a dyn Comm>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -250,8 +268,12 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
         .filter(|l| {
             serde_json::from_str::<serde_json::Value>(l)
                 .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| s <= step)
+                .and_then(|v| {
+                    v["step"]
+                        .as_u64()
+                        .map(|s| s <= step || v.get("anomaly").is_some())
+                })
+                .unwrap_or(false)
         })
         .map(|l| format!("{l}\n"))
         .collect();
@@ -260,7 +282,7 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
 
 /// Prepares the run dir for a new run or checks it for a resume. Nothing is written when the
 /// run cannot go ahead.
-fn open_run_dir(spec: &RunSpec, tokenizer_json: &[u8]) -> Result<()> {
+fn open_run_dir(spec: &RunSpec, tokenizer_json: &[u8], writer: bool) -> Result<()> {
     let run = &spec.run_dir;
     let cfg_path = run.join("config.toml");
     if spec.resume {
@@ -287,6 +309,9 @@ fn open_run_dir(spec: &RunSpec, tokenizer_json: &[u8]) -> Result<()> {
             "{} already holds a run; pass --resume to continue it or choose another --out",
             run.display()
         )));
+    }
+    if !writer {
+        return Ok(());
     }
     std::fs::create_dir_all(run).map_err(io_err(run))?;
     data::write_atomic(&cfg_path, spec.cfg.to_toml().as_bytes())?;
@@ -342,7 +367,19 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
         }
         None => None,
     };
-    open_run_dir(spec, &ds.tokenizer_json)?;
+    let comm: &dyn Comm = spec.opts.comm.unwrap_or(&Single);
+    let (rank, world) = (comm.rank(), comm.size());
+    if !tc.grad_accum.is_multiple_of(world as u64) {
+        return Err(Error::Usage(format!(
+            "train.grad_accum = {} is not a multiple of the {world} processes; each process computes grad_accum / processes micro-batches",
+            tc.grad_accum
+        )));
+    }
+    // rank 0 writes (config, metrics, checkpoints, manifest); a replay writes nothing
+    let writer = rank == 0 && !spec.opts.dry;
+    if !spec.opts.dry {
+        open_run_dir(spec, &ds.tokenizer_json, writer)?;
+    }
     let run = &spec.run_dir;
     let metrics = run.join("metrics.jsonl");
 
@@ -367,64 +404,202 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
             rep.message(&n);
         }
         state = checkpoint::load(&dir, &mut model, &mut opt)?;
-        truncate_metrics(&metrics, state.step)?;
+        if writer {
+            truncate_metrics(&metrics, state.step)?;
+        }
         rep.message(&format!(
             "resumed from {} (step {})",
             dir.display(),
             state.step
         ));
     }
+    let mut manifest = if writer {
+        Some(start_manifest(spec, &ds, state.step, world)?)
+    } else {
+        None
+    };
+    // the state a rollback returns to: the last checkpoint (or the start)
+    let rollbacks = tc.on_anomaly == "rollback";
+    let snap = |m: &Model, o: &Optimizer, s: &State| {
+        rollbacks.then(|| (m.params.clone(), o.clone(), s.clone()))
+    };
+    let mut snapshot = snap(&model, &opt, &state);
 
     let (mut x, mut y) = (vec![0u32; b * t], vec![0u32; b * t]);
+    let mine = dist::block(rank, world, tc.grad_accum);
+    let mut acc = vec![0.0f32; model.grads.len()];
+    let mut held: Vec<Vec<f32>> = if rank == 0 {
+        vec![]
+    } else {
+        vec![vec![0.0; model.grads.len()]; mine.clone().count()]
+    };
     let start = Instant::now();
     let start_tokens = state.tokens_seen;
     let mut outcome = Outcome::Finished;
     while state.step < tc.steps {
+        if spec.opts.stop_at.is_some_and(|n| state.step >= n) {
+            outcome = Outcome::Stopped;
+            break;
+        }
         let lr = lr_at(state.step, tc);
-        model.zero_grad();
-        let (mut loss, mut kd_loss) = (0.0f32, 0.0f32);
+        let this_step = state.step + 1;
         model.training = true;
-        for _ in 0..tc.grad_accum {
-            loader.batch(state.next_batch, &mut x, &mut y);
-            model.dropout_key = state.next_batch;
-            state.next_batch += 1;
-            loss += model.forward(&x, &y).ce / tc.grad_accum as f32;
+        // this process's micro-batches, each gradient on its own (see dist.rs)
+        let (mut ce, mut kd) = (vec![], vec![]);
+        for (j, k) in mine.clone().enumerate() {
+            let bi = state.next_batch + k;
+            loader.batch(bi, &mut x, &mut y);
+            model.dropout_key = bi;
+            model.zero_grad();
+            ce.push(model.forward(&x, &y).ce);
             match (&mut teacher, &spec.teacher) {
                 (Some(tm), Some(ts)) => {
                     tm.forward(&x, &y);
-                    let kd = Distill {
+                    let d = Distill {
                         teacher_logits: tm.logits(),
                         weight: ts.weight,
                         temperature: ts.temperature,
                     };
-                    kd_loss += model.distill_loss(&kd) / tc.grad_accum as f32;
-                    model.backward_distill(1.0 / tc.grad_accum as f32, Some(&kd));
+                    kd.push(model.distill_loss(&d));
+                    model.backward_distill(1.0 / tc.grad_accum as f32, Some(&d));
                 }
-                _ => model.backward(1.0 / tc.grad_accum as f32),
+                _ => {
+                    kd.push(0.0);
+                    model.backward(1.0 / tc.grad_accum as f32);
+                }
+            }
+            if rank > 0 {
+                held[j].copy_from_slice(&model.grads);
+            } else if j == 0 {
+                acc.copy_from_slice(&model.grads);
+            } else {
+                dist::add_into(&mut acc, &model.grads);
             }
         }
-        let grad_norm = opt.step(&mut model, tc, lr);
-        model.update_balance_bias();
+        state.next_batch += tc.grad_accum;
+        // losses, stop flags and expert loads of every process, then the gradient fold
+        let load = model.take_load();
+        let mut words: Vec<u64> = ce.iter().chain(&kd).map(|v| v.to_bits() as u64).collect();
+        words.push(spec.stop.load(Ordering::SeqCst) as u64);
+        words.extend(load.iter().flatten());
+        let all = dist::gather_u64(comm, &words);
+        let per = words.len();
+        let n = ce.len();
+        let (mut loss, mut kd_loss, mut stop) = (0.0f32, 0.0f32, false);
+        let mut total_load = load.clone();
+        total_load.iter_mut().for_each(|l| l.fill(0));
+        for r in 0..world {
+            let w = &all[r * per..(r + 1) * per];
+            for v in &w[..n] {
+                loss += f32::from_bits(*v as u32) / tc.grad_accum as f32;
+            }
+            for v in &w[n..2 * n] {
+                kd_loss += f32::from_bits(*v as u32) / tc.grad_accum as f32;
+            }
+            stop |= w[2 * n] != 0;
+            let mut counts = w[2 * n + 1..].iter();
+            for c in total_load.iter_mut().flatten() {
+                *c += counts.next().expect("same load shape on every rank");
+            }
+        }
+        dist::fold_across(comm, &mut acc, &held);
+        model.grads.copy_from_slice(&acc);
+        if fault::active("nan", this_step) {
+            loss = f32::NAN;
+        }
+        if fault::active("spike", this_step) {
+            loss *= 100.0;
+        }
+
+        let norm = Optimizer::grad_norm(&model);
+        let anomaly = if state.skip_steps.contains(&this_step) {
+            Some("rolled back before")
+        } else if !loss.is_finite() || !norm.is_finite() {
+            Some("non-finite loss or gradient")
+        } else if tc.spike_factor > 0.0
+            && state.loss_ema.is_some_and(|e| loss > tc.spike_factor * e)
+        {
+            Some("loss spike")
+        } else {
+            None
+        };
+        if let Some(kind) = anomaly {
+            let rollback = rollbacks && !state.skip_steps.contains(&this_step);
+            let event = serde_json::json!({
+                "step": this_step, "anomaly": kind, "loss": loss, "grad_norm": norm,
+                "action": if rollback { "rollback" } else { "skipped" },
+                "ema": state.loss_ema,
+            });
+            if writer {
+                append_metrics(&metrics, &event)?;
+            }
+            if let Some((params, o, st)) = snapshot.as_ref().filter(|_| rollback) {
+                let mut skips = state.skip_steps.clone();
+                skips.push(this_step);
+                model.params.clone_from(params);
+                opt = o.clone();
+                state = st.clone();
+                state.skip_steps = skips;
+                let _ = model.take_load();
+                if writer {
+                    truncate_metrics(&metrics, state.step)?;
+                }
+                rep.message(&format!(
+                    "step {this_step}: {kind} (loss {loss}); rolled back to step {} and will skip step {this_step}",
+                    state.step
+                ));
+                continue;
+            }
+            rep.message(&format!(
+                "step {this_step}: {kind} (loss {loss}, grad norm {norm}); update skipped"
+            ));
+        } else {
+            opt.step(&mut model, tc, lr);
+            model.apply_load(total_load);
+            state.loss_ema = Some(match state.loss_ema {
+                None => loss,
+                Some(e) => 0.9 * e + 0.1 * loss,
+            });
+        }
         state.step += 1;
         state.tokens_seen += (tc.grad_accum as usize * b * t) as u64;
+
+        if fault::active(&format!("corrupt-rank{rank}"), state.step) {
+            model.params[0] += 1e-3;
+        }
+        if world > 1 && tc.agree_every > 0 && state.step.is_multiple_of(tc.agree_every) {
+            let digest = io::weights_hash(&model.layout, &model.params);
+            let all = comm.all_gather(digest.as_bytes());
+            let digests: Vec<Vec<u8>> = all.chunks(digest.len()).map(|c| c.to_vec()).collect();
+            let odd = dist::disagreeing(&digests);
+            if !odd.is_empty() {
+                return Err(Error::Diverged {
+                    step: state.step,
+                    ranks: odd,
+                });
+            }
+        }
 
         let report = StepReport {
             step: state.step,
             steps: tc.steps,
             loss,
             lr,
-            grad_norm,
+            grad_norm: norm,
             tokens_seen: state.tokens_seen,
             tokens_per_s: (state.tokens_seen - start_tokens) as f64 / start.elapsed().as_secs_f64(),
             imbalance: model.load_imbalance(),
             kd_loss: spec.teacher.as_ref().map(|_| kd_loss),
         };
-        append_metrics(&metrics, &report)?;
+        if writer {
+            append_metrics(&metrics, &report)?;
+        }
         rep.step(&report);
+        rep.weights(state.step, &model);
 
         let last = state.step == tc.steps;
         let periodic = tc.eval_every > 0 && state.step.is_multiple_of(tc.eval_every);
-        if (periodic || last) && ds.val.targets() > 0 {
+        if (periodic || last) && ds.val.targets() > 0 && writer {
             let e = evaluate(&mut model, &ds.val, if last { 0 } else { tc.eval_batches });
             let r = EvalReport {
                 step: state.step,
@@ -434,14 +609,20 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
             append_metrics(&metrics, &r)?;
             rep.eval(&r);
         }
-        let stop = spec.stop.load(Ordering::SeqCst);
         if (tc.checkpoint_every > 0 && state.step.is_multiple_of(tc.checkpoint_every))
             || last
             || stop
         {
             state.weights_hash = io::weights_hash(&model.layout, &model.params);
-            let dir = checkpoint::save(run, &model, &opt, &state, tc.keep_checkpoints)?;
-            rep.checkpoint(state.step, &dir);
+            if writer {
+                let dir = checkpoint::save(run, &model, &opt, &state, tc.keep_checkpoints)?;
+                if let Some(m) = manifest.as_mut() {
+                    m.checkpoints.insert(state.step, state.weights_hash.clone());
+                    m.save(run)?;
+                }
+                rep.checkpoint(state.step, &dir);
+            }
+            snapshot = snap(&model, &opt, &state);
         }
         if stop && !last {
             outcome = Outcome::Stopped;
@@ -449,4 +630,67 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
         }
     }
     Ok(outcome)
+}
+
+/// What this run's data is: file hashes of a data dir, or of the in-memory examples.
+pub fn data_record(source: &Source, ds: &Dataset) -> Result<DataRecord> {
+    match source {
+        Source::Dir(d) => {
+            let files: &[&str] = match ds.train {
+                Split::Chat(_) => &["train.jsonl", "val.jsonl"],
+                Split::Tokens(_) => &["train.bin", "val.bin"],
+            };
+            manifest::hash_data_dir(d, files)
+        }
+        Source::Examples { train, val, .. } => {
+            let h = |e: &[Example]| {
+                data::sha256_hex(
+                    serde_json::to_string(e)
+                        .expect("examples serialise")
+                        .as_bytes(),
+                )
+            };
+            Ok(DataRecord {
+                kind: "examples".into(),
+                path: None,
+                sha256: [("train".to_string(), h(train)), ("val".to_string(), h(val))].into(),
+            })
+        }
+    }
+}
+
+/// The run's manifest with a new segment (a fresh run's, or the existing one's on resume).
+fn start_manifest(spec: &RunSpec, ds: &Dataset, from_step: u64, world: usize) -> Result<Manifest> {
+    let run = &spec.run_dir;
+    let sha = |name: &str| -> Result<String> {
+        let p = run.join(name);
+        Ok(data::sha256_hex(&std::fs::read(&p).map_err(io_err(&p))?))
+    };
+    let old = if spec.resume && Manifest::path(run).exists() {
+        Some(Manifest::load(run)?)
+    } else {
+        None
+    };
+    let mut m = Manifest {
+        format_version: manifest::FORMAT_VERSION,
+        config_sha256: sha("config.toml")?,
+        tokenizer_sha256: sha("tokenizer.json")?,
+        data: data_record(&spec.source, ds)?,
+        seed: spec.cfg.train.seed,
+        steps: spec.cfg.train.steps,
+        grad_accum: spec.cfg.train.grad_accum,
+        teacher: spec.teacher.is_some(),
+        segments: old.as_ref().map(|o| o.segments.clone()).unwrap_or_default(),
+        checkpoints: old.map(|o| o.checkpoints).unwrap_or_default(),
+    };
+    // checkpoints past the one resumed from are about to be rewritten
+    m.checkpoints.retain(|&s, _| s <= from_step);
+    m.segments.push(Segment {
+        from_step,
+        world_size: world,
+        threads: rayon::current_num_threads(),
+        code_version: manifest::code_version(),
+    });
+    m.save(run)?;
+    Ok(m)
 }

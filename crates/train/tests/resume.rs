@@ -96,6 +96,7 @@ fn stop_and_resume_equals_uninterrupted() {
         run_dir: root.join("a"),
         resume: false,
         stop: &never,
+        opts: Default::default(),
     };
     assert_eq!(
         run(
@@ -117,6 +118,7 @@ fn stop_and_resume_equals_uninterrupted() {
         run_dir: root.join("b"),
         resume: false,
         stop: &stop,
+        opts: Default::default(),
     };
     assert_eq!(
         run(
@@ -137,6 +139,7 @@ fn stop_and_resume_equals_uninterrupted() {
         run_dir: root.join("b"),
         resume: true,
         stop: &stop2,
+        opts: Default::default(),
     };
     assert_eq!(
         run(
@@ -187,6 +190,7 @@ fn stop_and_resume_equals_uninterrupted() {
         run_dir: root.join("b"),
         resume: true,
         stop: &st,
+        opts: Default::default(),
     };
     let err = run(&bad, &mut StopAt { at: 0, stop: &st })
         .err()
@@ -206,6 +210,7 @@ fn stop_and_resume_equals_uninterrupted() {
         run_dir: root.join("b"),
         resume: false,
         stop: &st,
+        opts: Default::default(),
     };
     let err = run(&fresh, &mut StopAt { at: 0, stop: &st })
         .err()

@@ -1,0 +1,111 @@
+//! `RUN_DIR/manifest.json`: what a run was made from and what it produced, so that anyone
+//! can replay it (`moelab verify`) and check that they get the same weights: the sha256 of
+//! the config, the tokenizer and every data file read, the code version, the seed, the world
+//! size of each segment of the run (it may be resumed with other settings), and the weights
+//! hash of every checkpoint written.
+//!
+//! Rewritten atomically (temp file + rename) at the start of each segment and after each
+//! checkpoint, by the process that writes checkpoints (rank 0).
+
+use crate::{io_err, Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The code that trained: the package version and, when built from a git checkout, the
+/// commit (`build.rs`).
+pub fn code_version() -> String {
+    let v = env!("CARGO_PKG_VERSION");
+    match option_env!("MOELAB_GIT_COMMIT") {
+        Some(c) if !c.is_empty() => format!("{v}+git.{c}"),
+        _ => v.to_string(),
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DataRecord {
+    /// "dir" (a data dir of `moelab prepare`) or "examples" (chat examples in memory, e.g.
+    /// verified traces).
+    pub kind: String,
+    /// The data dir, absolute (for "dir").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// sha256 of each file read ("dir"), or of the examples' JSON ("examples": `train`, `val`).
+    pub sha256: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Segment {
+    /// The step this segment started from (0, or the checkpoint it resumed).
+    pub from_step: u64,
+    pub world_size: usize,
+    pub threads: usize,
+    pub code_version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub config_sha256: String,
+    pub tokenizer_sha256: String,
+    pub data: DataRecord,
+    pub seed: u64,
+    /// Optimizer steps the run is configured for (the LR schedule depends on it).
+    pub steps: u64,
+    /// Micro-batches per step across all processes.
+    pub grad_accum: u64,
+    /// Whether a teacher's logits were distilled (`moelab verify` cannot replay that).
+    #[serde(default)]
+    pub teacher: bool,
+    pub segments: Vec<Segment>,
+    /// Weights hash of every checkpoint written, by step.
+    pub checkpoints: BTreeMap<u64, String>,
+}
+
+impl Manifest {
+    pub fn path(run: &Path) -> PathBuf {
+        run.join("manifest.json")
+    }
+
+    pub fn load(run: &Path) -> Result<Manifest> {
+        let p = Manifest::path(run);
+        let text = std::fs::read_to_string(&p).map_err(|e| {
+            Error::Usage(format!(
+                "{}: cannot read ({e}); only runs trained by this moelab have a manifest",
+                p.display()
+            ))
+        })?;
+        let m: Manifest = serde_json::from_str(&text)
+            .map_err(|e| Error::Usage(format!("{}: malformed manifest ({e})", p.display())))?;
+        if m.format_version != FORMAT_VERSION {
+            return Err(Error::Usage(format!(
+                "{}: manifest format {}, this moelab reads {FORMAT_VERSION}",
+                p.display(),
+                m.format_version
+            )));
+        }
+        Ok(m)
+    }
+
+    pub fn save(&self, run: &Path) -> Result<()> {
+        let json = serde_json::to_string_pretty(self).expect("manifest serialises");
+        data::write_atomic(&Manifest::path(run), json.as_bytes()).map_err(Error::from)
+    }
+}
+
+/// sha256 of the files of a data dir that training reads.
+pub fn hash_data_dir(dir: &Path, files: &[&str]) -> Result<DataRecord> {
+    let mut sha256 = BTreeMap::new();
+    for f in files {
+        let p = dir.join(f);
+        let bytes = std::fs::read(&p).map_err(io_err(&p))?;
+        sha256.insert(f.to_string(), data::sha256_hex(&bytes));
+    }
+    Ok(DataRecord {
+        kind: "dir".into(),
+        path: Some(dir.canonicalize().map_err(io_err(dir))?),
+        sha256,
+    })
+}
