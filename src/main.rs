@@ -12,6 +12,7 @@ mod report;
 mod run_cmds;
 mod serve_cmd;
 mod train_cmd;
+mod verify_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -83,6 +84,11 @@ enum Cmd {
     /// Distill reasoning: teacher traces with a verifier, then student training.
     #[command(subcommand)]
     Distill(distill_cmd::DistillCmd),
+    /// Replay a run from its manifest and check that it reproduces the weights bit for bit.
+    #[command(
+        after_help = "Examples:\n  moelab verify runs/shk\n  moelab verify runs/shk --steps 500\n  RAYON_NUM_THREADS=1 moelab verify runs/shk --data /mnt/copy-of-data"
+    )]
+    Verify(verify_cmd::VerifyArgs),
     /// Weights hash (sha256 of the tensors in name order) of a run's latest checkpoint.
     #[command(
         after_help = "Examples:\n  moelab hash runs/shk\n  moelab hash runs/shk/checkpoints/step-0000500"
@@ -115,6 +121,7 @@ fn main() {
         Cmd::Keys(c) => serve_cmd::keys(c),
         Cmd::Distill(c) => distill_cmd::run(c),
         Cmd::Hash(a) => run_cmds::hash(a),
+        Cmd::Verify(a) => verify_cmd::run(a),
         Cmd::Report(a) => report::run(a),
     };
     if let Err(e) = res {

@@ -414,7 +414,13 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
         ));
     }
     let mut manifest = if writer {
-        Some(start_manifest(spec, &ds, state.step, world)?)
+        Some(start_manifest(
+            spec,
+            &ds,
+            state.step,
+            spec.resume.then_some(state.weights_hash.as_str()),
+            world,
+        )?)
     } else {
         None
     };
@@ -565,7 +571,8 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
         state.tokens_seen += (tc.grad_accum as usize * b * t) as u64;
 
         if fault::active(&format!("corrupt-rank{rank}"), state.step) {
-            model.params[0] += 1e-3;
+            // a faulty machine: every weight off by a relative 1e-4
+            model.params.iter_mut().for_each(|p| *p *= 1.0 + 1e-4);
         }
         if world > 1 && tc.agree_every > 0 && state.step.is_multiple_of(tc.agree_every) {
             let digest = io::weights_hash(&model.layout, &model.params);
@@ -660,7 +667,13 @@ pub fn data_record(source: &Source, ds: &Dataset) -> Result<DataRecord> {
 }
 
 /// The run's manifest with a new segment (a fresh run's, or the existing one's on resume).
-fn start_manifest(spec: &RunSpec, ds: &Dataset, from_step: u64, world: usize) -> Result<Manifest> {
+fn start_manifest(
+    spec: &RunSpec,
+    ds: &Dataset,
+    from_step: u64,
+    resumed_hash: Option<&str>,
+    world: usize,
+) -> Result<Manifest> {
     let run = &spec.run_dir;
     let sha = |name: &str| -> Result<String> {
         let p = run.join(name);
@@ -683,8 +696,12 @@ fn start_manifest(spec: &RunSpec, ds: &Dataset, from_step: u64, world: usize) ->
         segments: old.as_ref().map(|o| o.segments.clone()).unwrap_or_default(),
         checkpoints: old.map(|o| o.checkpoints).unwrap_or_default(),
     };
-    // checkpoints past the one resumed from are about to be rewritten
+    // checkpoints past the one resumed from are about to be rewritten; the one resumed from
+    // may have been written by a process that died before recording it
     m.checkpoints.retain(|&s, _| s <= from_step);
+    if let Some(h) = resumed_hash {
+        m.checkpoints.insert(from_step, h.to_string());
+    }
     m.segments.push(Segment {
         from_step,
         world_size: world,

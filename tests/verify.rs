@@ -1,0 +1,201 @@
+//! `moelab verify` through the binary: a run replays bit for bit with another thread count and
+//! after a resume; changed inputs are refused; a run whose weights were disturbed mid-training
+//! is caught at the first differing step and tensor; published weights that are not the
+//! replayed ones are caught.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn moelab(args: &[&str], threads: &str, fault: Option<&str>) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_moelab"));
+    c.args(args).env("RAYON_NUM_THREADS", threads);
+    if let Some(f) = fault {
+        c.env("MOELAB_FAULT", f);
+    }
+    c.output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Data, and a config that keeps every checkpoint.
+fn setup(name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let d = std::env::temp_dir().join(format!("moelab-verify-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let words = [
+        "thou", "art", "the", "king", "of", "night", "and", "day", "my", "lord",
+    ];
+    let mut x: u64 = 5;
+    let mut t = String::new();
+    for i in 0..6000 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        t.push_str(words[(x >> 40) as usize % words.len()]);
+        t.push(if i % 11 == 10 { '\n' } else { ' ' });
+    }
+    std::fs::write(d.join("c.txt"), t).unwrap();
+    let data = d.join("data");
+    let o = moelab(
+        &[
+            "prepare",
+            "--corpus",
+            s(&d.join("c.txt")),
+            "--out",
+            s(&data),
+            "--vocab-size",
+            "300",
+        ],
+        "2",
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let cfg = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/configs/crash-tiny.toml"
+    ))
+    .unwrap()
+    .replace("checkpoint_every = 2", "checkpoint_every = 4")
+    .replace("keep_checkpoints = 3", "keep_checkpoints = 20");
+    std::fs::write(d.join("cfg.toml"), cfg).unwrap();
+    (d.clone(), data, d.join("cfg.toml"))
+}
+
+fn train(cfg: &Path, data: &Path, run: &Path, extra: &[&str], fault: Option<&str>) -> Output {
+    let mut a = vec![
+        "train",
+        "--config",
+        s(cfg),
+        "--data",
+        s(data),
+        "--out",
+        s(run),
+    ];
+    a.extend(extra);
+    moelab(&a, "2", fault)
+}
+
+#[test]
+fn a_run_replays_bit_for_bit_with_other_threads_and_after_resume() {
+    let (d, data, cfg) = setup("ok");
+    let run = d.join("run");
+    // interrupted after step 20's checkpoint, resumed: two segments
+    assert!(!train(&cfg, &data, &run, &[], Some("ckpt-latest@20"))
+        .status
+        .success());
+    let o = train(&cfg, &data, &run, &["--resume"], None);
+    assert!(o.status.success(), "{}", text(&o));
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["segments"].as_array().unwrap().len(), 2, "{m}");
+    assert_eq!(m["segments"][1]["from_step"], 20);
+    assert_eq!(m["checkpoints"].as_object().unwrap().len(), 10);
+    for threads in ["1", "3"] {
+        let o = moelab(&["verify", s(&run)], threads, None);
+        let out = text(&o);
+        assert!(o.status.success(), "{out}");
+        assert!(
+            out.contains("10 of 10 checkpoint weights hashes match"),
+            "{out}"
+        );
+        assert!(out.contains("40 of 40 logged step losses match"), "{out}");
+        assert!(out.contains("verified: 40 steps"), "{out}");
+    }
+    let o = moelab(&["verify", s(&run), "--steps", "12"], "2", None);
+    assert!(
+        o.status.success() && text(&o).contains("verified: 12 steps"),
+        "{}",
+        text(&o)
+    );
+    let o = moelab(&["verify", s(&run), "--steps", "13"], "2", None);
+    assert!(
+        !o.status.success() && text(&o).contains("not a checkpoint step"),
+        "{}",
+        text(&o)
+    );
+    // changed inputs are refused before replaying
+    let val = data.join("val.bin");
+    let saved = std::fs::read(&val).unwrap();
+    let mut bad = saved.clone();
+    let i = bad.len() - 3;
+    bad[i] ^= 1;
+    std::fs::write(&val, &bad).unwrap();
+    let o = moelab(&["verify", s(&run)], "2", None);
+    assert!(
+        !o.status.success() && text(&o).contains("val.bin differs"),
+        "{}",
+        text(&o)
+    );
+    std::fs::write(&val, &saved).unwrap();
+    // moved data: --data points at it
+    std::fs::rename(&data, d.join("moved")).unwrap();
+    let o = moelab(&["verify", s(&run), "--steps", "8"], "2", None);
+    assert!(
+        !o.status.success() && text(&o).contains("pass --data"),
+        "{}",
+        text(&o)
+    );
+    let o = moelab(
+        &[
+            "verify",
+            s(&run),
+            "--steps",
+            "8",
+            "--data",
+            s(&d.join("moved")),
+        ],
+        "2",
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn disturbed_training_and_swapped_weights_are_caught() {
+    let (d, data, cfg) = setup("bad");
+    // the weights are nudged after step 14 (as a faulty machine might): the run's own
+    // records (metrics, manifest) follow the disturbed weights
+    let run = d.join("disturbed");
+    let o = train(&cfg, &data, &run, &[], Some("corrupt-rank0@14"));
+    assert!(o.status.success(), "{}", text(&o));
+    let o = moelab(&["verify", s(&run)], "2", None);
+    let out = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(
+        out.contains("3 of 10 checkpoint weights hashes match"),
+        "{out}"
+    );
+    assert!(out.contains("first differing step: 15"), "{out}");
+    assert!(out.contains("first differing tensor at step 16: "), "{out}");
+    // an honest run whose final checkpoint was swapped for other weights
+    let run = d.join("swapped");
+    assert!(train(&cfg, &data, &run, &[], None).status.success());
+    let other = d.join("other");
+    assert!(train(&cfg, &data, &other, &["--seed", "8"], None)
+        .status
+        .success());
+    let ck = "checkpoints/step-0000040";
+    std::fs::remove_dir_all(run.join(ck)).unwrap();
+    std::fs::rename(other.join(ck), run.join(ck)).unwrap();
+    let o = moelab(&["verify", s(&run)], "2", None);
+    let out = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(
+        out.contains("10 of 10 checkpoint weights hashes match"),
+        "{out}"
+    );
+    assert!(
+        out.contains("are not the ones the manifest records"),
+        "{out}"
+    );
+}
