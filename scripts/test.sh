@@ -16,6 +16,10 @@ apt_install() {
   fi
 }
 command -v chromium >/dev/null || apt_install chromium
+# The data-parallel tests build the `mpi` feature: Open MPI and libclang (for the bindings).
+if ! command -v mpicc >/dev/null || ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1; then
+  apt_install libopenmpi-dev openmpi-bin libclang-dev
+fi
 if [ ! -x target/pyenv/bin/python ] || ! target/pyenv/bin/python -c 'import openai, websocket, httpx' 2>/dev/null; then
   python3 -m venv --help >/dev/null 2>&1 || apt_install python3 python3-venv
   rm -rf target/pyenv
@@ -25,12 +29,12 @@ fi
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace --all-targets --locked 2>&1 | tee "$log" || status=$?
+cargo test --workspace --all-targets --all-features --locked 2>&1 | tee "$log" || status=$?
 # One closing line for the whole suite, summed over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

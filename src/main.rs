@@ -3,6 +3,7 @@
 
 mod bench;
 mod chat_cmd;
+mod comm;
 mod demo;
 mod distill_cmd;
 mod prepare_cmd;
@@ -109,6 +110,10 @@ enum Cmd {
 fn main() {
     keep_freed_memory();
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Train(_)) && comm::launched_size().is_some_and(|n| n > 1) {
+        eprintln!("error: only `moelab train` runs as several MPI processes; run this command once, without mpirun");
+        std::process::exit(2);
+    }
     let res = match cli.cmd {
         Cmd::Bench(b) => bench::run(b),
         Cmd::Demo(d) => demo::run(d),

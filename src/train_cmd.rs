@@ -38,11 +38,16 @@ struct Bar {
     flops_per_token: f64,
     peak_gflops: Option<f64>,
     last_eval: Option<f64>,
+    /// A data-parallel rank other than 0: says nothing.
+    quiet: bool,
 }
 
 impl Bar {
     /// A line above the bar, or on stderr when there is no terminal to draw the bar on.
     fn line(&self, msg: String) {
+        if self.quiet {
+            return;
+        }
         if self.bar.is_hidden() {
             eprintln!("{msg}");
         } else {
@@ -92,8 +97,27 @@ impl Reporter for Bar {
 
 pub fn run(a: TrainArgs) -> Result<()> {
     let cfg = resolve_config(&a.config, a.steps, a.seed)?;
-    train_with_progress(cfg, Source::Dir(a.data), None, &a.out, a.resume)?;
-    Ok(())
+    let group = crate::comm::world()?;
+    let Some(comm) = group.as_deref() else {
+        train_with_progress(cfg, Source::Dir(a.data), None, &a.out, a.resume)?;
+        return Ok(());
+    };
+    // data-parallel: every process trains; rank 0 reports and writes
+    let (rank, size) = (comm.rank(), comm.size());
+    if rank == 0 {
+        eprintln!(
+            "data-parallel over {size} processes: {} micro-batches per step each",
+            cfg.train.grad_accum / size as u64
+        );
+    }
+    match train_in_group(cfg, Source::Dir(a.data), &a.out, a.resume, comm) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            // the others would wait for this process forever
+            eprintln!("error (rank {rank} of {size}): {e:#}");
+            comm.abort(1)
+        }
+    }
 }
 
 /// A config file or preset with the command line's overrides, validated.
@@ -117,6 +141,29 @@ pub fn train_with_progress(
     out: &Path,
     resume: bool,
 ) -> Result<Outcome> {
+    train_with(cfg, source, teacher, out, resume, None)
+}
+
+/// One process of a data-parallel group (only rank 0 draws progress).
+fn train_in_group(
+    cfg: Config,
+    source: Source,
+    out: &Path,
+    resume: bool,
+    comm: &dyn train::dist::Comm,
+) -> Result<Outcome> {
+    train_with(cfg, source, None, out, resume, Some(comm))
+}
+
+fn train_with(
+    cfg: Config,
+    source: Source,
+    teacher: Option<TeacherSpec>,
+    out: &Path,
+    resume: bool,
+    comm: Option<&dyn train::dist::Comm>,
+) -> Result<Outcome> {
+    let quiet = comm.is_some_and(|c| c.rank() > 0);
     static STOP: AtomicBool = AtomicBool::new(false);
     static HANDLER: std::sync::Once = std::sync::Once::new();
     HANDLER.call_once(|| {
@@ -127,7 +174,11 @@ pub fn train_with_progress(
             }
         });
     });
-    let bar = ProgressBar::new(cfg.train.steps);
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(cfg.train.steps)
+    };
     bar.set_style(
         ProgressStyle::with_template(
             "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
@@ -140,6 +191,7 @@ pub fn train_with_progress(
         flops_per_token: cfg.model.train_flops_per_token(cfg.train.seq_len),
         peak_gflops: crate::bench::nominal_peak_gflops(threads),
         last_eval: None,
+        quiet,
     };
     let spec = RunSpec {
         cfg,
@@ -148,10 +200,16 @@ pub fn train_with_progress(
         run_dir: out.to_path_buf(),
         resume,
         stop: &STOP,
-        opts: Default::default(),
+        opts: train::trainer::RunOptions {
+            comm,
+            ..Default::default()
+        },
     };
     let outcome = train_run(&spec, &mut rep)?;
     rep.bar.finish();
+    if quiet {
+        return Ok(outcome);
+    }
     match outcome {
         Outcome::Finished => println!("done: {}", out.display()),
         Outcome::Stopped => println!(

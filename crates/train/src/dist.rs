@@ -26,6 +26,10 @@ pub trait Comm {
     /// The transport's own sum reduction: only for comparing costs (`moelab bench
     /// allreduce`); its result may differ across world sizes in the last bits.
     fn all_reduce_sum(&self, buf: &mut [f32]);
+    /// Ends every process of the group (after one of them failed).
+    fn abort(&self, code: i32) -> ! {
+        std::process::exit(code)
+    }
 }
 
 /// One process: nothing to exchange.

@@ -1,0 +1,212 @@
+//! Data-parallel training over MPI through the binary (`--features mpi`, Open MPI's
+//! `mpirun --oversubscribe`): 1, 2 and 4 processes with the same global batch give the same
+//! weights hash and the same losses; a run resumes with another number of processes; a
+//! process whose weights drift is caught by the hash agreement; a group that cannot split
+//! the step is refused.
+#![cfg(feature = "mpi")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `moelab args` in one process (np = 0) or under mpirun with np processes.
+fn moelab(np: usize, args: &[&str], fault: Option<&str>) -> Output {
+    let bin = env!("CARGO_BIN_EXE_moelab");
+    let mut c = if np == 0 {
+        Command::new(bin)
+    } else {
+        let mut c = Command::new("mpirun");
+        c.args([
+            "--oversubscribe",
+            "-np",
+            &np.to_string(),
+            "-x",
+            "RAYON_NUM_THREADS",
+        ]);
+        if fault.is_some() {
+            c.args(["-x", "MOELAB_FAULT"]);
+        }
+        c.arg(bin);
+        c
+    };
+    c.args(args)
+        .env("RAYON_NUM_THREADS", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1");
+    if let Some(f) = fault {
+        c.env("MOELAB_FAULT", f);
+    }
+    c.output().unwrap()
+}
+
+fn setup(name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let d = std::env::temp_dir().join(format!("moelab-mpi-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let words = [
+        "thou", "art", "the", "king", "of", "night", "and", "day", "my", "lord",
+    ];
+    let mut x: u64 = 11;
+    let mut t = String::new();
+    for i in 0..6000 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        t.push_str(words[(x >> 40) as usize % words.len()]);
+        t.push(if i % 11 == 10 { '\n' } else { ' ' });
+    }
+    std::fs::write(d.join("c.txt"), t).unwrap();
+    let data = d.join("data");
+    let o = moelab(
+        0,
+        &[
+            "prepare",
+            "--corpus",
+            s(&d.join("c.txt")),
+            "--out",
+            s(&data),
+            "--vocab-size",
+            "300",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let cfg = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/configs/crash-tiny.toml"
+    ))
+    .unwrap()
+    .replace("grad_accum = 2", "grad_accum = 4\nagree_every = 5")
+    .replace("steps = 40", "steps = 24");
+    std::fs::write(d.join("cfg.toml"), cfg).unwrap();
+    (d.clone(), data, d.join("cfg.toml"))
+}
+
+fn train(
+    np: usize,
+    cfg: &Path,
+    data: &Path,
+    run: &Path,
+    extra: &[&str],
+    fault: Option<&str>,
+) -> Output {
+    let mut a = vec![
+        "train",
+        "--config",
+        s(cfg),
+        "--data",
+        s(data),
+        "--out",
+        s(run),
+    ];
+    a.extend(extra);
+    moelab(np, &a, fault)
+}
+
+fn hash(run: &Path) -> String {
+    let o = moelab(0, &["hash", s(run)], None);
+    assert!(o.status.success(), "{}", text(&o));
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn losses(run: &Path) -> Vec<String> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            Some(format!(
+                "{} {} {}",
+                v["step"],
+                v.get("loss")?,
+                v["grad_norm"]
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn one_two_and_four_processes_give_identical_weights() {
+    let (d, data, cfg) = setup("same");
+    let single = d.join("np1");
+    let o = train(0, &cfg, &data, &single, &[], None);
+    assert!(o.status.success(), "{}", text(&o));
+    let want = hash(&single);
+    for np in [1, 2, 4] {
+        let run = d.join(format!("mpi{np}"));
+        let o = train(np, &cfg, &data, &run, &[], None);
+        assert!(o.status.success(), "np {np}: {}", text(&o));
+        assert_eq!(hash(&run), want, "np {np}: weights differ from one process");
+        assert_eq!(losses(&run), losses(&single), "np {np}: losses differ");
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap())
+                .unwrap();
+        assert_eq!(m["segments"][0]["world_size"], np);
+    }
+    // stopped after step 12's checkpoint under 2 processes, resumed under 4
+    let run = d.join("resumed");
+    assert!(!train(2, &cfg, &data, &run, &[], Some("ckpt-latest@12"))
+        .status
+        .success());
+    assert_eq!(
+        std::fs::read_to_string(run.join("latest")).unwrap().trim(),
+        "step-0000012"
+    );
+    let o = train(4, &cfg, &data, &run, &["--resume"], None);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        hash(&run),
+        want,
+        "2 processes then 4 differ from one process"
+    );
+    // and one process replays it
+    let o = moelab(0, &["verify", s(&run)], None);
+    assert!(
+        o.status.success() && text(&o).contains("verified: 24 steps"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn a_drifting_process_is_caught_and_a_bad_split_refused() {
+    let (d, data, cfg) = setup("drift");
+    let o = train(
+        2,
+        &cfg,
+        &data,
+        &d.join("drift"),
+        &[],
+        Some("corrupt-rank1@7"),
+    );
+    let out = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(
+        out.contains("step 10: the processes disagree: rank(s) [1]"),
+        "{out}"
+    );
+    // the checkpoints written before are intact and the run resumes
+    let o = train(2, &cfg, &data, &d.join("drift"), &["--resume"], None);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = train(3, &cfg, &data, &d.join("three"), &[], None);
+    let out = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(out.contains("not a multiple of the 3 processes"), "{out}");
+    assert!(!d.join("three").join("latest").exists());
+}
