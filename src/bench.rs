@@ -25,6 +25,22 @@ pub enum BenchCmd {
         after_help = "Examples:\n  moelab bench train --config small-moe\n  RAYON_NUM_THREADS=2 moelab bench train --config configs/small-dense.toml --steps 20 --json"
     )]
     Train(TrainBench),
+    /// Under mpirun: the canonical-order gradient reduction vs MPI's own allreduce, for a
+    /// config's parameter count.
+    #[command(
+        after_help = "Example:\n  mpirun -np 2 moelab bench reduce --config small-moe   (needs --features mpi)"
+    )]
+    Reduce(ReduceBench),
+}
+
+#[derive(Args)]
+pub struct ReduceBench {
+    /// Config file or preset: the gradient size is its parameter count.
+    #[arg(long, default_value = "small-moe")]
+    config: String,
+    /// Timed repetitions of each reduction.
+    #[arg(long, default_value_t = 20)]
+    reps: usize,
 }
 
 #[derive(Args)]
@@ -52,6 +68,7 @@ pub struct TrainBench {
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Train(a) => train(a),
+        BenchCmd::Reduce(a) => reduce(a),
         BenchCmd::Peak => {
             let ghz = cpu_ghz();
             let per_core = measured_peak_per_core();
@@ -199,6 +216,63 @@ fn train(a: TrainBench) -> Result<()> {
                 );
             }
         }
+    }
+    Ok(())
+}
+
+/// Median time of the canonical fold (`train::dist::fold_across`, one micro-batch per
+/// process) and of MPI's allreduce over a gradient of the config's size.
+fn reduce(a: ReduceBench) -> Result<()> {
+    let cfg = load_config(&a.config)?;
+    let n = model::Layout::new(&cfg.model).total;
+    let group = crate::comm::world()?;
+    let single = train::dist::Single;
+    let comm: &dyn train::dist::Comm = group.as_deref().unwrap_or(&single);
+    let (rank, size) = (comm.rank(), comm.size());
+    let grad: Vec<f32> = (0..n)
+        .map(|i| ((i * 7 + rank * 13) % 101) as f32 * 1e-3)
+        .collect();
+    let held = if rank == 0 {
+        vec![]
+    } else {
+        vec![grad.clone()]
+    };
+    let mut acc = grad.clone();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut canonical = vec![];
+    let mut mpi_sum = vec![];
+    for _ in 0..a.reps {
+        acc.copy_from_slice(&grad);
+        let t = std::time::Instant::now();
+        train::dist::fold_across(comm, &mut acc, &held);
+        canonical.push(t.elapsed().as_secs_f64());
+        acc.copy_from_slice(&grad);
+        let t = std::time::Instant::now();
+        comm.all_reduce_sum(&mut acc);
+        mpi_sum.push(t.elapsed().as_secs_f64());
+    }
+    if rank == 0 {
+        let (c, m) = (median(canonical), median(mpi_sum));
+        println!(
+            "{size} processes, {n} parameters ({:.1} MB of fp32 gradient), median of {} reps:",
+            n as f64 * 4e-6,
+            a.reps
+        );
+        println!(
+            "  canonical-order fold (chain + broadcast)  {:>8.2} ms",
+            c * 1e3
+        );
+        println!(
+            "  MPI allreduce (sum)                       {:>8.2} ms",
+            m * 1e3
+        );
+        println!(
+            "  canonical / allreduce                     {:>8.2}x",
+            c / m
+        );
     }
     Ok(())
 }

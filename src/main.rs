@@ -56,7 +56,7 @@ enum Cmd {
     Prepare(prepare_cmd::PrepareArgs),
     /// Pretrain a model on a prepared data dir (Ctrl-C saves a checkpoint and exits).
     #[command(
-        after_help = "Examples:\n  moelab train --config small-moe --data data/shk --out runs/shk\n  moelab train --config small-moe --data data/shk --out runs/shk --resume"
+        after_help = "Examples:\n  moelab train --config small-moe --data data/shk --out runs/shk\n  moelab train --config small-moe --data data/shk --out runs/shk --resume\n  mpirun -np 2 moelab train --config small-moe --grad-accum 2 --data data/shk --out runs/dp   (--features mpi)"
     )]
     Train(train_cmd::TrainArgs),
     /// Generate text from a trained run (KV-cache decoding, streamed).
@@ -110,8 +110,10 @@ enum Cmd {
 fn main() {
     keep_freed_memory();
     let cli = Cli::parse();
-    if !matches!(cli.cmd, Cmd::Train(_)) && comm::launched_size().is_some_and(|n| n > 1) {
-        eprintln!("error: only `moelab train` runs as several MPI processes; run this command once, without mpirun");
+    if !matches!(cli.cmd, Cmd::Train(_) | Cmd::Bench(_))
+        && comm::launched_size().is_some_and(|n| n > 1)
+    {
+        eprintln!("error: only `moelab train` and `moelab bench reduce` run as several MPI processes; run this command once, without mpirun");
         std::process::exit(2);
     }
     let res = match cli.cmd {

@@ -28,6 +28,10 @@ pub struct TrainArgs {
     /// Seed (overrides train.seed).
     #[arg(long)]
     seed: Option<u64>,
+    /// Micro-batches per optimizer step (overrides train.grad_accum); under `mpirun -np N`
+    /// the N processes share them (N must divide it).
+    #[arg(long)]
+    grad_accum: Option<u64>,
     /// Continue the run in --out from its latest checkpoint.
     #[arg(long)]
     resume: bool,
@@ -96,7 +100,11 @@ impl Reporter for Bar {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    let cfg = resolve_config(&a.config, a.steps, a.seed)?;
+    let mut cfg = resolve_config(&a.config, a.steps, a.seed)?;
+    if let Some(g) = a.grad_accum {
+        cfg.train.grad_accum = g;
+        cfg.validate()?;
+    }
     let group = crate::comm::world()?;
     let Some(comm) = group.as_deref() else {
         train_with_progress(cfg, Source::Dir(a.data), None, &a.out, a.resume)?;

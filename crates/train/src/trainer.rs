@@ -378,7 +378,13 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
     // rank 0 writes (config, metrics, checkpoints, manifest); a replay writes nothing
     let writer = rank == 0 && !spec.opts.dry;
     if !spec.opts.dry {
-        open_run_dir(spec, &ds.tokenizer_json, writer)?;
+        // every process checks before any writes (else the others would find rank 0's new
+        // run dir and take it for an existing run)
+        open_run_dir(spec, &ds.tokenizer_json, false)?;
+        comm.all_gather(&[0]);
+        if writer {
+            open_run_dir(spec, &ds.tokenizer_json, true)?;
+        }
     }
     let run = &spec.run_dir;
     let metrics = run.join("metrics.jsonl");
