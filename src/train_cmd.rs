@@ -32,6 +32,11 @@ pub struct TrainArgs {
     /// the N processes share them (N must divide it).
     #[arg(long)]
     grad_accum: Option<u64>,
+    /// Train as N replicas inside this process, each with its own model and 1/N of the
+    /// threads, sharing each step's micro-batches as `mpirun -np N` would (N must divide
+    /// grad_accum). Same weights as one replica; on few cores often faster.
+    #[arg(long)]
+    replicas: Option<usize>,
     /// Continue the run in --out from its latest checkpoint.
     #[arg(long)]
     resume: bool,
@@ -106,6 +111,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
         cfg.validate()?;
     }
     let group = crate::comm::world()?;
+    if let Some(n) = a.replicas.filter(|&n| n > 1) {
+        if group.is_some() {
+            anyhow::bail!("--replicas splits one process; under mpirun use -np instead");
+        }
+        train_replicas(cfg, &a.data, &a.out, a.resume, n)?;
+        return Ok(());
+    }
     let Some(comm) = group.as_deref() else {
         train_with_progress(cfg, Source::Dir(a.data), None, &a.out, a.resume)?;
         return Ok(());
@@ -150,6 +162,43 @@ pub fn train_with_progress(
     resume: bool,
 ) -> Result<Outcome> {
     train_with(cfg, source, teacher, out, resume, None)
+}
+
+/// `--replicas N`: N threads, each a rank of an in-process group with its own thread pool.
+fn train_replicas(cfg: Config, data: &Path, out: &Path, resume: bool, n: usize) -> Result<Outcome> {
+    let threads = (rayon::current_num_threads() / n).max(1);
+    eprintln!(
+        "{n} replicas x {threads} threads: {} micro-batches per step each",
+        cfg.train.grad_accum / n as u64
+    );
+    let results: Vec<Result<Outcome>> = std::thread::scope(|s| {
+        let handles: Vec<_> = train::dist::Local::group(n)
+            .into_iter()
+            .map(|comm| {
+                let cfg = cfg.clone();
+                s.spawn(move || -> Result<Outcome> {
+                    let rank = train::dist::Comm::rank(&comm);
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()?;
+                    let r = pool.install(|| {
+                        train_in_group(cfg, Source::Dir(data.to_path_buf()), out, resume, &comm)
+                    });
+                    if let Err(e) = &r {
+                        // the other replicas would wait for this one forever
+                        eprintln!("error (replica {rank} of {n}): {e:#}");
+                        std::process::exit(1);
+                    }
+                    r
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a replica panicked"))
+            .collect()
+    });
+    results.into_iter().next().expect("replica 0")
 }
 
 /// One process of a data-parallel group (only rank 0 draws progress).

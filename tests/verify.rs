@@ -199,3 +199,31 @@ fn disturbed_training_and_swapped_weights_are_caught() {
         "{out}"
     );
 }
+
+#[test]
+fn replicas_in_one_process_train_the_same_weights() {
+    let (d, data, cfg) = setup("replicas");
+    let one = d.join("one");
+    assert!(train(&cfg, &data, &one, &[], None).status.success());
+    let two = d.join("two");
+    let o = train(&cfg, &data, &two, &["--replicas", "2"], None);
+    assert!(o.status.success(), "{}", text(&o));
+    let hash = |r: &Path| {
+        let o = moelab(&["hash", s(r)], "2", None);
+        String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(hash(&one), hash(&two));
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(two.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["segments"][0]["world_size"], 2);
+    let o = train(&cfg, &data, &d.join("three"), &["--replicas", "3"], None);
+    assert!(
+        !o.status.success() && text(&o).contains("not a multiple of the 3 processes"),
+        "{}",
+        text(&o)
+    );
+}

@@ -55,6 +55,105 @@ impl Comm for Single {
     fn all_reduce_sum(&self, _: &mut [f32]) {}
 }
 
+/// Processes of one machine as threads of one process (`moelab train --replicas N`): each
+/// replica has its own model, optimizer and (smaller) thread pool, and they exchange through
+/// shared memory exactly what MPI ranks would. On a small machine this avoids the per-op
+/// synchronisation of one pool spread over every core.
+pub struct Local {
+    rank: usize,
+    shared: std::sync::Arc<LocalShared>,
+}
+
+struct LocalShared {
+    size: usize,
+    barrier: std::sync::Barrier,
+    slots: std::sync::Mutex<Vec<Vec<u8>>>,
+    bcast: std::sync::Mutex<Vec<f32>>,
+    /// Messages by (from, to).
+    mail: std::sync::Mutex<std::collections::HashMap<(usize, usize), Vec<f32>>>,
+    posted: std::sync::Condvar,
+}
+
+impl Local {
+    /// A group of `size` replicas; hand one to each thread.
+    pub fn group(size: usize) -> Vec<Local> {
+        let shared = std::sync::Arc::new(LocalShared {
+            size,
+            barrier: std::sync::Barrier::new(size),
+            slots: std::sync::Mutex::new(vec![vec![]; size]),
+            bcast: std::sync::Mutex::new(vec![]),
+            mail: Default::default(),
+            posted: std::sync::Condvar::new(),
+        });
+        (0..size)
+            .map(|rank| Local {
+                rank,
+                shared: shared.clone(),
+            })
+            .collect()
+    }
+}
+
+impl Comm for Local {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.shared.size
+    }
+    fn all_gather(&self, mine: &[u8]) -> Vec<u8> {
+        let sh = &self.shared;
+        sh.slots.lock().expect("group lock")[self.rank] = mine.to_vec();
+        sh.barrier.wait();
+        let out = sh.slots.lock().expect("group lock").concat();
+        // nobody writes the next round before everyone has read this one
+        sh.barrier.wait();
+        out
+    }
+    fn send(&self, to: usize, buf: &[f32]) {
+        let sh = &self.shared;
+        let mut mail = sh.mail.lock().expect("group lock");
+        assert!(
+            mail.insert((self.rank, to), buf.to_vec()).is_none(),
+            "two messages from {} to {to} in flight",
+            self.rank
+        );
+        sh.posted.notify_all();
+    }
+    fn recv(&self, from: usize, buf: &mut [f32]) {
+        let sh = &self.shared;
+        let mut mail = sh.mail.lock().expect("group lock");
+        loop {
+            if let Some(m) = mail.remove(&(from, self.rank)) {
+                buf.copy_from_slice(&m);
+                return;
+            }
+            mail = sh.posted.wait(mail).expect("group lock");
+        }
+    }
+    fn broadcast(&self, root: usize, buf: &mut [f32]) {
+        let sh = &self.shared;
+        if self.rank == root {
+            *sh.bcast.lock().expect("group lock") = buf.to_vec();
+        }
+        sh.barrier.wait();
+        if self.rank != root {
+            buf.copy_from_slice(&sh.bcast.lock().expect("group lock"));
+        }
+        sh.barrier.wait();
+    }
+    fn all_reduce_sum(&self, buf: &mut [f32]) {
+        let bytes: Vec<u8> = buf.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let all = self.all_gather(&bytes);
+        buf.fill(0.0);
+        for part in all.chunks(bytes.len()) {
+            for (b, c) in buf.iter_mut().zip(part.chunks_exact(4)) {
+                *b += f32::from_le_bytes(c.try_into().expect("4 bytes"));
+            }
+        }
+    }
+}
+
 /// The micro-batches (indices within a step) that `rank` computes.
 pub fn block(rank: usize, size: usize, grad_accum: u64) -> std::ops::Range<u64> {
     let per = grad_accum / size as u64;
@@ -128,6 +227,56 @@ mod tests {
         for w in [1usize, 2, 4] {
             let all: Vec<u64> = (0..w).flat_map(|r| block(r, w, 8)).collect();
             assert_eq!(all, (0..8).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn a_local_group_folds_like_one_process() {
+        let g: Vec<Vec<f32>> = (0..4)
+            .map(|k| {
+                (0..1000)
+                    .map(|i| ((i * 7 + k * 31) % 97) as f32 * 0.013)
+                    .collect()
+            })
+            .collect();
+        let mut want = g[0].clone();
+        for x in &g[1..] {
+            add_into(&mut want, x);
+        }
+        for size in [2usize, 4] {
+            let per = 4 / size;
+            let got: Vec<Vec<f32>> = std::thread::scope(|s| {
+                let hs: Vec<_> = Local::group(size)
+                    .into_iter()
+                    .map(|c| {
+                        let g = &g;
+                        s.spawn(move || {
+                            let r = c.rank();
+                            let mine: Vec<Vec<f32>> = g[r * per..(r + 1) * per].to_vec();
+                            let mut acc = mine[0].clone();
+                            let held = if r == 0 {
+                                for x in &mine[1..] {
+                                    add_into(&mut acc, x);
+                                }
+                                vec![]
+                            } else {
+                                mine
+                            };
+                            fold_across(&c, &mut acc, &held);
+                            let names = c.all_gather(&[r as u8]);
+                            assert_eq!(names, (0..size as u8).collect::<Vec<_>>());
+                            acc
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for a in got {
+                assert!(
+                    a.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{size} replicas"
+                );
+            }
         }
     }
 
