@@ -2,12 +2,11 @@
 //! rolled back to the last checkpoint and replayed without it), logged in metrics.jsonl, and
 //! the run goes on with finite weights; a rolled-back run replays under `moelab verify`.
 
+mod common;
+
+use common::{hash, prepared_corpus, s, text, tiny_config, tmpdir};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn moelab(args: &[&str], fault: Option<&str>) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_moelab"));
@@ -18,54 +17,14 @@ fn moelab(args: &[&str], fault: Option<&str>) -> Output {
     c.output().unwrap()
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 fn setup(name: &str, extra_train: &str) -> (PathBuf, PathBuf, PathBuf) {
-    let d = std::env::temp_dir().join(format!("moelab-anomaly-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    let words = [
-        "thou", "art", "the", "king", "of", "night", "and", "day", "my", "lord",
-    ];
-    let mut x: u64 = 13;
-    let mut t = String::new();
-    for i in 0..6000 {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        t.push_str(words[(x >> 40) as usize % words.len()]);
-        t.push(if i % 11 == 10 { '\n' } else { ' ' });
-    }
-    std::fs::write(d.join("c.txt"), t).unwrap();
-    let data = d.join("data");
-    let o = moelab(
-        &[
-            "prepare",
-            "--corpus",
-            s(&d.join("c.txt")),
-            "--out",
-            s(&data),
-            "--vocab-size",
-            "300",
-        ],
-        None,
-    );
-    assert!(o.status.success(), "{}", text(&o));
-    let cfg = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/configs/crash-tiny.toml"
-    ))
-    .unwrap()
-    .replace("[train]", &format!("[train]\n{extra_train}"))
-    .replace("checkpoint_every = 2", "checkpoint_every = 5");
-    std::fs::write(d.join("cfg.toml"), cfg).unwrap();
-    (d.clone(), data, d.join("cfg.toml"))
+    let d = tmpdir("anomaly", name);
+    let data = prepared_corpus(&d, 13);
+    let cfg = tiny_config(&d, |c| {
+        c.replace("[train]", &format!("[train]\n{extra_train}"))
+            .replace("checkpoint_every = 2", "checkpoint_every = 5")
+    });
+    (d, data, cfg)
 }
 
 fn train(cfg: &Path, data: &Path, run: &Path, fault: Option<&str>) -> Output {
@@ -90,16 +49,6 @@ fn events(run: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .filter(|v| v.get("anomaly").is_some())
         .collect()
-}
-
-fn hash(run: &Path) -> String {
-    let o = moelab(&["hash", s(run)], None);
-    assert!(o.status.success(), "{}", text(&o));
-    String::from_utf8_lossy(&o.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 #[test]

@@ -4,12 +4,15 @@
 //! must end with the weights hash of an uninterrupted run, and nothing saved before the
 //! failure may be lost.
 
+mod common;
+
+use common::{hash, prepared_corpus, s, tmpdir};
 use rand::{Rng, SeedableRng};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Instant;
 
-const CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/configs/crash-tiny.toml");
+const CONFIG: &str = common::CRASH_TINY;
 
 fn moelab(args: &[&str], fault: Option<&str>) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_moelab"));
@@ -18,49 +21,6 @@ fn moelab(args: &[&str], fault: Option<&str>) -> Output {
         c.env("MOELAB_FAULT", f);
     }
     c.output().unwrap()
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("moelab-crash-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// A small generated corpus, prepared.
-fn data(d: &Path) -> PathBuf {
-    let words = [
-        "thou", "art", "the", "king", "of", "night", "and", "day", "my", "lord",
-    ];
-    let mut x: u64 = 3;
-    let mut text = String::new();
-    for i in 0..6000 {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        text.push_str(words[(x >> 40) as usize % words.len()]);
-        text.push(if i % 11 == 10 { '\n' } else { ' ' });
-    }
-    std::fs::write(d.join("corpus.txt"), text).unwrap();
-    let out = d.join("data");
-    let r = moelab(
-        &[
-            "prepare",
-            "--corpus",
-            s(&d.join("corpus.txt")),
-            "--out",
-            s(&out),
-            "--vocab-size",
-            "300",
-        ],
-        None,
-    );
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    out
 }
 
 fn train(data: &Path, run: &Path, resume: bool, fault: Option<&str>) -> Output {
@@ -77,20 +37,6 @@ fn train(data: &Path, run: &Path, resume: bool, fault: Option<&str>) -> Output {
         args.push("--resume");
     }
     moelab(&args, fault)
-}
-
-fn hash(run: &Path) -> String {
-    let out = moelab(&["hash", s(run)], None);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 /// Resumes (or, with no checkpoint yet, restarts) until the run finishes.
@@ -124,8 +70,8 @@ fn step_of_latest(run: &Path) -> String {
 
 #[test]
 fn kill_9_anywhere_then_resume_gives_the_uninterrupted_weights() {
-    let d = tmpdir("kill");
-    let data = data(&d);
+    let d = tmpdir("crash", "kill");
+    let data = prepared_corpus(&d, 3);
     let reference = d.join("reference");
     let t = Instant::now();
     let out = train(&data, &reference, false, None);
@@ -190,8 +136,8 @@ fn kill_9_anywhere_then_resume_gives_the_uninterrupted_weights() {
 
 #[test]
 fn death_at_every_point_of_a_checkpoint_write_loses_nothing() {
-    let d = tmpdir("points");
-    let data = data(&d);
+    let d = tmpdir("crash", "points");
+    let data = prepared_corpus(&d, 3);
     let reference = d.join("reference");
     assert!(train(&data, &reference, false, None).status.success());
     let want = hash(&reference);
@@ -214,8 +160,8 @@ fn death_at_every_point_of_a_checkpoint_write_loses_nothing() {
 
 #[test]
 fn a_full_disk_during_a_checkpoint_keeps_what_was_saved() {
-    let d = tmpdir("enospc");
-    let data = data(&d);
+    let d = tmpdir("crash", "enospc");
+    let data = prepared_corpus(&d, 3);
     let reference = d.join("reference");
     assert!(train(&data, &reference, false, None).status.success());
     let want = hash(&reference);
@@ -247,8 +193,8 @@ fn a_full_disk_during_a_checkpoint_keeps_what_was_saved() {
 
 #[test]
 fn a_damaged_latest_checkpoint_falls_back_to_the_previous_good_one() {
-    let d = tmpdir("damaged");
-    let data = data(&d);
+    let d = tmpdir("crash", "damaged");
+    let data = prepared_corpus(&d, 3);
     let reference = d.join("reference");
     assert!(train(&data, &reference, false, None).status.success());
     let want = hash(&reference);

@@ -3,6 +3,9 @@
 //! is caught at the first differing step and tensor; published weights that are not the
 //! replayed ones are caught.
 
+mod common;
+
+use common::{hash, prepared_corpus, s, text, tiny_config, tmpdir};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -15,60 +18,15 @@ fn moelab(args: &[&str], threads: &str, fault: Option<&str>) -> Output {
     c.output().unwrap()
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// Data, and a config that keeps every checkpoint.
 fn setup(name: &str) -> (PathBuf, PathBuf, PathBuf) {
-    let d = std::env::temp_dir().join(format!("moelab-verify-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    let words = [
-        "thou", "art", "the", "king", "of", "night", "and", "day", "my", "lord",
-    ];
-    let mut x: u64 = 5;
-    let mut t = String::new();
-    for i in 0..6000 {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        t.push_str(words[(x >> 40) as usize % words.len()]);
-        t.push(if i % 11 == 10 { '\n' } else { ' ' });
-    }
-    std::fs::write(d.join("c.txt"), t).unwrap();
-    let data = d.join("data");
-    let o = moelab(
-        &[
-            "prepare",
-            "--corpus",
-            s(&d.join("c.txt")),
-            "--out",
-            s(&data),
-            "--vocab-size",
-            "300",
-        ],
-        "2",
-        None,
-    );
-    assert!(o.status.success(), "{}", text(&o));
-    let cfg = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/configs/crash-tiny.toml"
-    ))
-    .unwrap()
-    .replace("checkpoint_every = 2", "checkpoint_every = 4")
-    .replace("keep_checkpoints = 3", "keep_checkpoints = 20");
-    std::fs::write(d.join("cfg.toml"), cfg).unwrap();
-    (d.clone(), data, d.join("cfg.toml"))
+    let d = tmpdir("verify", name);
+    let data = prepared_corpus(&d, 5);
+    let cfg = tiny_config(&d, |c| {
+        c.replace("checkpoint_every = 2", "checkpoint_every = 4")
+            .replace("keep_checkpoints = 3", "keep_checkpoints = 20")
+    });
+    (d, data, cfg)
 }
 
 fn train(cfg: &Path, data: &Path, run: &Path, extra: &[&str], fault: Option<&str>) -> Output {
@@ -208,14 +166,6 @@ fn replicas_in_one_process_train_the_same_weights() {
     let two = d.join("two");
     let o = train(&cfg, &data, &two, &["--replicas", "2"], None);
     assert!(o.status.success(), "{}", text(&o));
-    let hash = |r: &Path| {
-        let o = moelab(&["hash", s(r)], "2", None);
-        String::from_utf8_lossy(&o.stdout)
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_string()
-    };
     assert_eq!(hash(&one), hash(&two));
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(two.join("manifest.json")).unwrap()).unwrap();
