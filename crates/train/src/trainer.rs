@@ -480,10 +480,11 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
                     model.backward(1.0 / tc.grad_accum as f32);
                 }
             }
+            // swaps, not copies: with one micro-batch per step nothing is copied at all
             if rank > 0 {
-                held[j].copy_from_slice(&model.grads);
+                std::mem::swap(&mut held[j], &mut model.grads);
             } else if j == 0 {
-                acc.copy_from_slice(&model.grads);
+                std::mem::swap(&mut acc, &mut model.grads);
             } else {
                 dist::add_into(&mut acc, &model.grads);
             }
@@ -515,7 +516,7 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
             }
         }
         dist::fold_across(comm, &mut acc, &held);
-        model.grads.copy_from_slice(&acc);
+        std::mem::swap(&mut model.grads, &mut acc);
         if fault::active("nan", this_step) {
             loss = f32::NAN;
         }
