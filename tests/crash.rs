@@ -241,3 +241,49 @@ fn a_damaged_latest_checkpoint_falls_back_to_the_previous_good_one() {
         assert_eq!(hash(&run), want, "{what}");
     }
 }
+
+/// Regression (this session's format bump): runs written before state.json carried its own
+/// checksum (checkpoint format 1) must still load and resume.
+#[test]
+fn checkpoints_of_the_previous_format_still_load_and_resume() {
+    let d = tmpdir("crash", "format1");
+    let data = prepared_corpus(&d, 3);
+    let reference = d.join("reference");
+    assert!(train(&data, &reference, false, None).status.success());
+    let want = hash(&reference);
+    let run = d.join("old");
+    assert!(!train(&data, &run, false, Some("ckpt-latest@20"))
+        .status
+        .success());
+    // rewrite every checkpoint's state.json as format 1 wrote it
+    for e in run.join("checkpoints").read_dir().unwrap() {
+        let p = e.unwrap().path().join("state.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        let o = v.as_object_mut().unwrap();
+        for k in ["checksum", "loss_ema", "skip_steps"] {
+            o.remove(k);
+        }
+        o.insert("format_version".into(), 1.into());
+        std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+    }
+    let o = moelab(&["hash", s(&run)], None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    finish(&data, &run);
+    assert_eq!(hash(&run), want, "resumed from format 1");
+    let newest = run.join("checkpoints/step-0000040/state.json");
+    assert!(std::fs::read_to_string(newest)
+        .unwrap()
+        .contains("\"format_version\": 2"));
+    // a format from the future is refused, naming the versions read
+    let p = run.join("checkpoints/step-0000040/state.json");
+    let t = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("\"format_version\": 2", "\"format_version\": 9");
+    std::fs::write(&p, t).unwrap();
+    let o = moelab(&["hash", s(&run.join("checkpoints/step-0000040"))], None);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("format version 9, this moelab reads 1 to 2")
+    );
+}

@@ -2,9 +2,10 @@
 page, types a question into the box, presses Enter, waits for the streamed reply and prints
 what the page shows (reasoning block and answer) as JSON for tests/serve.rs to check.
 
-usage: python tests/web_chat.py PAGE_URL QUESTION
+usage: python tests/web_chat.py PAGE_URL QUESTION [SCREENSHOT.png]
 (CHROMIUM names the browser binary; default `chromium`.)
 """
+import base64
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import urllib.request
 import websocket
 
 url, question = sys.argv[1], sys.argv[2]
+screenshot = sys.argv[3] if len(sys.argv) > 3 else None
 profile = tempfile.mkdtemp(prefix="moelab-chromium-")
 browser = subprocess.Popen(
     [os.environ.get("CHROMIUM", "chromium"), "--headless=new", "--no-sandbox", "--disable-gpu",
@@ -67,6 +69,7 @@ try:
         sys.exit(f"timed out waiting for {what}; at {js('location.href')!r}, page text: {js('document.body && document.body.innerText')!r}")
 
     cdp("Page.enable")
+    cdp("Emulation.setDeviceMetricsOverride", width=900, height=640, deviceScaleFactor=1, mobile=False)
     cdp("Page.navigate", url=url)
     wait_for("document.readyState === 'complete' && !!document.getElementById('model') && "
              "document.getElementById('model').textContent !== 'connecting…'",
@@ -86,6 +89,11 @@ try:
               answer: m.querySelector('.answer').textContent,
               error: (m.querySelector('.error') || {}).textContent || null};
     })()""")
+    if screenshot:
+        js("document.querySelectorAll('details.reasoning').forEach(d => d.open = true)")
+        shot = cdp("Page.captureScreenshot", format="png")
+        with open(screenshot, "wb") as f:
+            f.write(base64.b64decode(shot["data"]))
     print(json.dumps(shown))
 finally:
     browser.kill()

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// 2: state.json carries a checksum of itself, the loss EMA and the skipped steps.
 pub const FORMAT_VERSION: u32 = 2;
 
 /// Everything besides tensors that resuming needs.
@@ -120,6 +121,7 @@ fn write_files(tmp: &Path, model: &Model, opt: &Optimizer, state: &State) -> Res
             data::sha256_hex(&std::fs::read(&p).map_err(io_err(&p))?),
         );
     }
+    st.format_version = FORMAT_VERSION; // a run resumed from an older format moves on
     st.checksum = st.content_hash();
     let json = serde_json::to_string_pretty(&st).expect("state serialises");
     data::write_atomic(&tmp.join("state.json"), json.as_bytes())?;
@@ -173,13 +175,14 @@ pub fn read_state(dir: &Path) -> Result<State> {
         std::fs::read_to_string(&p).map_err(|e| bad(format!("cannot read state.json ({e})")))?;
     let st: State =
         serde_json::from_str(&text).map_err(|e| bad(format!("malformed state.json ({e})")))?;
-    if st.format_version != FORMAT_VERSION {
+    // format 1 (before state.json carried its own checksum) is still read
+    if !(1..=FORMAT_VERSION).contains(&st.format_version) {
         return Err(bad(format!(
-            "format version {}, this moelab reads {FORMAT_VERSION}",
+            "format version {}, this moelab reads 1 to {FORMAT_VERSION}",
             st.format_version
         )));
     }
-    if st.checksum != st.content_hash() {
+    if st.format_version >= 2 && st.checksum != st.content_hash() {
         return Err(bad("state.json is corrupted (checksum mismatch)".into()));
     }
     Ok(st)
