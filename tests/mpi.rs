@@ -5,20 +5,11 @@
 //! the step is refused.
 #![cfg(feature = "mpi")]
 
+mod common;
+
+use common::{hash, prepared_corpus, s, text, tiny_config, tmpdir};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// `moelab args` in one process (np = 0) or under mpirun with np processes.
 fn moelab(np: usize, args: &[&str], fault: Option<&str>) -> Output {
@@ -52,46 +43,13 @@ fn moelab(np: usize, args: &[&str], fault: Option<&str>) -> Output {
 }
 
 fn setup(name: &str) -> (PathBuf, PathBuf, PathBuf) {
-    let d = std::env::temp_dir().join(format!("moelab-mpi-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    let words = [
-        "thou", "art", "the", "king", "of", "night", "and", "day", "my", "lord",
-    ];
-    let mut x: u64 = 11;
-    let mut t = String::new();
-    for i in 0..6000 {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        t.push_str(words[(x >> 40) as usize % words.len()]);
-        t.push(if i % 11 == 10 { '\n' } else { ' ' });
-    }
-    std::fs::write(d.join("c.txt"), t).unwrap();
-    let data = d.join("data");
-    let o = moelab(
-        0,
-        &[
-            "prepare",
-            "--corpus",
-            s(&d.join("c.txt")),
-            "--out",
-            s(&data),
-            "--vocab-size",
-            "300",
-        ],
-        None,
-    );
-    assert!(o.status.success(), "{}", text(&o));
-    let cfg = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/configs/crash-tiny.toml"
-    ))
-    .unwrap()
-    .replace("grad_accum = 2", "grad_accum = 4\nagree_every = 5")
-    .replace("steps = 40", "steps = 24");
-    std::fs::write(d.join("cfg.toml"), cfg).unwrap();
-    (d.clone(), data, d.join("cfg.toml"))
+    let d = tmpdir("mpi", name);
+    let data = prepared_corpus(&d, 11);
+    let cfg = tiny_config(&d, |c| {
+        c.replace("grad_accum = 2", "grad_accum = 4\nagree_every = 5")
+            .replace("steps = 40", "steps = 24")
+    });
+    (d, data, cfg)
 }
 
 fn train(
@@ -113,16 +71,6 @@ fn train(
     ];
     a.extend(extra);
     moelab(np, &a, fault)
-}
-
-fn hash(run: &Path) -> String {
-    let o = moelab(0, &["hash", s(run)], None);
-    assert!(o.status.success(), "{}", text(&o));
-    String::from_utf8_lossy(&o.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 fn losses(run: &Path) -> Vec<String> {
