@@ -116,7 +116,10 @@ impl<K: Copy> Batch<K> {
     /// token and then the end of each sequence that finished; returning `false` from a token
     /// event cancels that sequence (it is then reported `Done(Cancelled)`).
     pub fn step(&mut self, params: &[f32], on: &mut dyn FnMut(K, Event) -> bool) {
-        let cfg = self.dec.config().clone();
+        let (v, max_seq_len) = {
+            let c = self.dec.config();
+            (c.vocab_size, c.max_seq_len)
+        };
         self.inputs.clear();
         self.inputs.extend(
             self.active
@@ -127,7 +130,6 @@ impl<K: Copy> Batch<K> {
         if self.inputs.is_empty() {
             return;
         }
-        let v = cfg.vocab_size;
         let logits = self.dec.step(params, &self.inputs);
         for (row, &(s, _)) in self.inputs.iter().enumerate() {
             let a = self.active[s].as_mut().expect("active slot");
@@ -144,7 +146,7 @@ impl<K: Copy> Batch<K> {
                 Some(Finish::Cancelled)
             } else if a.seq.stop.contains(&tok) {
                 Some(Finish::Stop)
-            } else if a.generated >= a.seq.max_tokens || a.fed >= cfg.max_seq_len {
+            } else if a.generated >= a.seq.max_tokens || a.fed >= max_seq_len {
                 Some(Finish::Length)
             } else {
                 None

@@ -38,6 +38,13 @@ impl Optimizer {
 
     pub fn step(&mut self, model: &mut Model, tc: &TrainConfig, lr: f32) -> f32 {
         let norm = Optimizer::grad_norm(model);
+        self.step_with_norm(model, tc, lr, norm);
+        norm
+    }
+
+    /// [`Optimizer::step`] with the gradient norm already computed (the training loop checks
+    /// it for anomalies first).
+    pub fn step_with_norm(&mut self, model: &mut Model, tc: &TrainConfig, lr: f32, norm: f32) {
         let lay = &model.layout;
         let s = clip_scale(norm, tc.grad_clip);
         self.step += 1;
@@ -60,7 +67,6 @@ impl Optimizer {
                 s,
             );
         }
-        norm
     }
 }
 

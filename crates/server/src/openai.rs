@@ -8,7 +8,7 @@
 //! names the field.
 
 use crate::error::ApiError;
-use crate::keys::UsageRecord;
+use crate::keys::{now, UsageRecord};
 use crate::{AppState, Caller};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -131,10 +131,6 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 fn next_id() -> u64 {
     NEXT_ID.fetch_add(1, Ordering::Relaxed)
-}
-
-fn now() -> i64 {
-    crate::keys::now()
 }
 
 impl Common {

@@ -147,23 +147,6 @@ fn prune(root: &Path, keep: usize, current: &str) -> Result<()> {
     Ok(())
 }
 
-/// The newest complete checkpoint of a run, from `RUN_DIR/latest`.
-pub fn latest(run: &Path) -> Result<Option<PathBuf>> {
-    let p = run.join("latest");
-    if !p.exists() {
-        return Ok(None);
-    }
-    let name = std::fs::read_to_string(&p).map_err(io_err(&p))?;
-    let dir = run.join("checkpoints").join(name.trim());
-    if !dir.is_dir() {
-        return Err(Error::Checkpoint {
-            path: dir,
-            msg: "named by `latest` but missing".into(),
-        });
-    }
-    Ok(Some(dir))
-}
-
 /// Reads and verifies `state.json` of a checkpoint dir.
 pub fn read_state(dir: &Path) -> Result<State> {
     let p = dir.join("state.json");

@@ -567,7 +567,7 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
                 "step {this_step}: {kind} (loss {loss}, grad norm {norm}); update skipped"
             ));
         } else {
-            opt.step(&mut model, tc, lr);
+            opt.step_with_norm(&mut model, tc, lr, norm);
             model.apply_load(total_load);
             state.loss_ema = Some(match state.loss_ema {
                 None => loss,
