@@ -11,6 +11,9 @@
 //! in-process and across processes (each with its own hash keys) with 1, 2 and 4 threads, so
 //! a version bump that regresses is caught.
 //!
+//! Text is always text: [`Tokenizer::encode`] never produces a special-token id, whatever the
+//! input contains; control tokens come only from [`Tokenizer::special`] in a template.
+//!
 //! The full 256-symbol byte alphabet is always in the vocabulary (not only the bytes the
 //! corpus happens to contain), so any UTF-8 text encodes and round-trips.
 
@@ -104,7 +107,16 @@ impl Tokenizer {
         tok.with_decoder(Some(ByteLevel::default()));
         tok.train(&mut trainer, texts).map_err(hf)?;
         tok.add_special_tokens(&specials);
-        Ok(Tokenizer { inner: tok })
+        Ok(Tokenizer::wrap(tok))
+    }
+
+    /// NOTE: every tokenizer encodes special-token strings as ordinary text
+    /// (`encode_special_tokens`; the flag is not part of `tokenizer.json`, so it is set on
+    /// every construction). Only a chat template pushes control ids, by [`Tokenizer::special`];
+    /// text from users, clients, corpora and traces can never forge a turn.
+    fn wrap(mut inner: HfTokenizer) -> Tokenizer {
+        inner.set_encode_special_tokens(true);
+        Tokenizer { inner }
     }
 
     /// Loads a `tokenizer.json`.
@@ -118,7 +130,7 @@ impl Tokenizer {
         }
         let inner = HfTokenizer::from_file(path)
             .map_err(|e| ferr(format!("cannot read ({e}); is it a tokenizer.json?")))?;
-        let t = Tokenizer { inner };
+        let t = Tokenizer::wrap(inner);
         for (i, s) in SPECIAL_TOKENS.iter().enumerate() {
             if t.inner.token_to_id(s) != Some(i as u32) {
                 return Err(ferr(format!(
@@ -146,7 +158,8 @@ impl Tokenizer {
         std::fs::rename(&tmp, path).map_err(ferr)
     }
 
-    /// Token ids of `text`; special-token strings in the text become their ids.
+    /// Token ids of `text`, always as text: a special-token string in it (`<|user|>`,
+    /// `<think>`, ...) becomes ordinary byte-level tokens, never a control id.
     pub fn encode(&self, text: &str) -> Vec<u32> {
         self.inner
             .encode_fast(text, false)
