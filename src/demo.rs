@@ -18,7 +18,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use data::chat::{self, Example};
 use data::prepare::{prepare_tasks, TaskOpts};
-use data::tasks::{self, Task};
+use data::tasks::{self, Split, Task};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -111,7 +111,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     opts.reasoning = false;
     opts.tokenizer = Some(data.join("tokenizer.json"));
     prepare_tasks(&task_list, &answers, &opts, &quiet)?;
-    let p = &tasks::generate_mix(&task_list, 3, a.seed, None)[2 % task_list.len()];
+    let p = &tasks::generate_mix(&task_list, 3, a.seed, None, Split::Train)[2 % task_list.len()];
     println!(
         "  {} problems, {} tokens, vocab {}; e.g.\n  {}\n  <think>{}</think> {}",
         a.n,
@@ -137,10 +137,11 @@ pub fn run(a: DemoArgs) -> Result<()> {
         "the teacher solves fresh problems; the verifier keeps the correct solutions",
     );
     let t = Reasoner::load(&teacher)?;
-    let prompts: Vec<String> = tasks::generate_mix(&task_list, a.prompts, a.seed + 1, None)
-        .into_iter()
-        .map(|p| p.prompt)
-        .collect();
+    let prompts: Vec<String> =
+        tasks::generate_mix(&task_list, a.prompts, a.seed + 1, None, Split::Train)
+            .into_iter()
+            .map(|p| p.prompt)
+            .collect();
     let (attempts, tps) = reasoning::attempt(&t, &prompts, 1, 0.0, a.seed, 64, "generate");
     let traces: Vec<Example> = attempts.iter().map(|x| x.to_example(&teacher)).collect();
     let traces_path = out.join("traces.jsonl");
@@ -184,7 +185,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         &baseline,
     )?;
 
-    stage(6, "held-out problems (greedy), never seen in training");
+    stage(6, "test-split problems (greedy), never seen in training");
     let mut rows: Vec<(String, Reasoner, TaskEval)> = vec![];
     for (name, dir) in [
         ("teacher", &teacher),
@@ -192,7 +193,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         ("student (answers only)", &baseline),
     ] {
         let r = Reasoner::load(dir)?;
-        let e = evaluate_tasks(&r, &task_list, a.eval_n, EVAL_SEED, None, 64);
+        let e = evaluate_tasks(&r, &task_list, a.eval_n, EVAL_SEED, None, Split::Test, 64);
         rows.push((name.to_string(), r, e));
     }
     println!("{}", comparison_table(&rows, &task_list));
@@ -202,10 +203,19 @@ pub fn run(a: DemoArgs) -> Result<()> {
     } else {
         task_list[0]
     };
-    chat_turn(
-        s,
-        &tasks::generate_mix(&[shown], 1, EVAL_SEED + 7, None)[0].prompt,
-    );
+    // A fresh test-split problem: held out from training and not one of the table's.
+    let evaluated: std::collections::HashSet<&str> = rows[1]
+        .2
+        .attempts
+        .iter()
+        .map(|x| x.prompt.as_str())
+        .collect();
+    let fresh = tasks::generate_mix(&[shown], 64, EVAL_SEED + 7, None, Split::Test)
+        .into_iter()
+        .map(|p| p.prompt)
+        .find(|p| !evaluated.contains(p.as_str()))
+        .expect("64 test problems are not all in the table");
+    chat_turn(s, &fresh);
     println!(
         "\ndone in {:.1} min. Runs are in {}: try `moelab eval --run {} --task {} --show 3`",
         start.elapsed().as_secs_f64() / 60.0,
@@ -222,15 +232,18 @@ pub fn comparison_table(rows: &[(String, Reasoner, TaskEval)], task_list: &[Task
     for t in task_list {
         s += &format!(" {:>6}", t.name());
     }
-    s += &format!(" {:>6} {:>8}\n", "all", "tok/s");
+    s += &format!(" {:>6} {:>13} {:>8}\n", "all", "95% interval", "tok/s");
     for (name, r, e) in rows {
         s += &format!("{:<24} {:>7.2}M", name, r.active_params() as f64 / 1e6);
         for &t in task_list {
             s += &format!(" {:>5.1}%", e.score.task_accuracy(t));
         }
+        let (c, n) = e.score.counts(|_| true);
+        let (lo, hi) = reasoning::wilson(c, n);
         s += &format!(
-            " {:>5.1}% {:>8.0}\n",
+            " {:>5.1}% {:>13} {:>8.0}\n",
             e.score.accuracy(|_| true),
+            format!("{:.1}-{:.1}%", 100.0 * lo, 100.0 * hi),
             e.tokens_per_s
         );
     }

@@ -6,6 +6,7 @@ use crate::train_cmd::{resolve_config, train_with_progress};
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use data::chat::{self, Example};
+use data::tasks;
 use std::path::{Path, PathBuf};
 use train::trainer::{Source, TeacherSpec};
 
@@ -122,7 +123,23 @@ pub fn read_traces(path: &Path) -> Result<(Vec<Example>, Vec<Example>, String)> 
     }
     let total = all.len();
     let teacher = all.first().map(|e| e.teacher.clone()).unwrap_or_default();
-    let verified: Vec<Example> = all.into_iter().filter(|e| e.verified).collect();
+    // NOTE: a trace of a dev or test problem would leak the held-out sets into training, so
+    // traces of suite problems outside the train split are dropped (with a warning);
+    // prompts outside the suite (a user's own data) are kept.
+    let held_out = |e: &Example| {
+        tasks::solve(&e.prompt).is_some() && tasks::Split::of(&e.prompt) != tasks::Split::Train
+    };
+    let n_held_out = all.iter().filter(|e| held_out(e)).count();
+    if n_held_out > 0 {
+        eprintln!(
+            "warning: {}: skipped {n_held_out} trace(s) of held-out problems (dev/test split); `moelab distill generate` draws from the train split",
+            path.display()
+        );
+    }
+    let verified: Vec<Example> = all
+        .into_iter()
+        .filter(|e| e.verified && !held_out(e))
+        .collect();
     if verified.is_empty() {
         bail!(
             "{}: none of its {total} traces is verified; generate more (--n, --k) or train the teacher longer",

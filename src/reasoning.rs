@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Context, Result};
 use data::chat::{self, Example};
-use data::tasks::{self, Task};
+use data::tasks::{self, Split, Task};
 use indicatif::{ProgressBar, ProgressStyle};
 use infer::{generate, Request, SamplingParams};
 use std::collections::BTreeMap;
@@ -13,8 +13,8 @@ use std::time::Instant;
 use tokenizer::Tokenizer;
 use train::{load_run, LoadedRun};
 
-/// Seeds of held-out evaluation problems start here; `prepare --task` defaults to seed 1 and
-/// `distill generate` to seed 2, and their validation problems use derived streams.
+/// Default seed of evaluation problems. Held-out does not depend on it: evaluation draws
+/// from the dev or test split, training data from the train split ([`Split`]).
 pub const EVAL_SEED: u64 = 1000;
 
 /// A run with its tokenizer, ready to generate.
@@ -182,47 +182,58 @@ impl Score {
         v
     }
 
-    /// The breakdown table (task, difficulty, accuracy, n, mean reasoning tokens).
+    /// Correct and total over tasks matching `f`.
+    pub fn counts<F: Fn(Task) -> bool>(&self, f: F) -> (usize, usize) {
+        let (c, n, _) = self.sum(f);
+        (c, n)
+    }
+
+    /// The breakdown table (task, difficulty, accuracy with its 95% Wilson interval, n,
+    /// mean reasoning tokens).
     pub fn table(&self) -> String {
-        let mut s = format!(
-            "{:<6} {:>10} {:>9} {:>6} {:>16}\n",
-            "task", "difficulty", "accuracy", "n", "reasoning tokens"
-        );
-        for t in self.tasks() {
-            for ((_, d), (c, n, rt)) in self.cells.iter().filter(|(k, _)| k.0 == t) {
-                s += &format!(
-                    "{:<6} {:>10} {:>8.1}% {:>6} {:>16.1}\n",
-                    t.name(),
-                    d,
-                    100.0 * *c as f64 / *n as f64,
-                    n,
-                    *rt as f64 / *n as f64
-                );
-            }
-            let (c, n, rt) = self.sum(|x| x == t);
-            s += &format!(
-                "{:<6} {:>10} {:>8.1}% {:>6} {:>16.1}\n",
-                t.name(),
-                "all",
+        let row = |task: &str, d: &str, (c, n, rt): (usize, usize, usize)| {
+            let (lo, hi) = wilson(c, n);
+            format!(
+                "{:<6} {:>10} {:>8.1}% {:>15} {:>6} {:>16.1}\n",
+                task,
+                d,
                 100.0 * c as f64 / n as f64,
+                format!("{:.1}-{:.1}%", 100.0 * lo, 100.0 * hi),
                 n,
                 rt as f64 / n as f64
-            );
-        }
-        let (c, n, rt) = self.sum(|_| true);
-        s += &format!(
-            "{:<6} {:>10} {:>8.1}% {:>6} {:>16.1}\n",
-            "all",
-            "",
-            100.0 * c as f64 / n as f64,
-            n,
-            rt as f64 / n as f64
+            )
+        };
+        let mut s = format!(
+            "{:<6} {:>10} {:>9} {:>15} {:>6} {:>16}\n",
+            "task", "difficulty", "accuracy", "95% interval", "n", "reasoning tokens"
         );
+        for t in self.tasks() {
+            for ((_, d), c) in self.cells.iter().filter(|(k, _)| k.0 == t) {
+                s += &row(t.name(), &d.to_string(), *c);
+            }
+            s += &row(t.name(), "all", self.sum(|x| x == t));
+        }
+        s += &row("all", "", self.sum(|_| true));
         s
     }
 }
 
-/// Held-out evaluation: `n` problems of `task_list` from `seed`, greedy.
+/// The 95% Wilson score interval of `correct` successes in `n` trials, as fractions
+/// (Wilson 1927; unlike the normal approximation it stays inside [0, 1] and is sensible at
+/// 0% and 100%). (0, 1) when n is 0.
+pub fn wilson(correct: usize, n: usize) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let (z, n_f) = (1.959_963_984_540_054_f64, n as f64);
+    let p = correct as f64 / n_f;
+    let denom = 1.0 + z * z / n_f;
+    let center = (p + z * z / (2.0 * n_f)) / denom;
+    let half = z / denom * (p * (1.0 - p) / n_f + z * z / (4.0 * n_f * n_f)).sqrt();
+    ((center - half).max(0.0), (center + half).min(1.0))
+}
+
+/// Held-out evaluation: `n` problems of `task_list` from `seed` in `split`, greedy.
 pub struct TaskEval {
     pub score: Score,
     pub tokens_per_s: f64,
@@ -235,9 +246,10 @@ pub fn evaluate_tasks(
     n: usize,
     seed: u64,
     difficulty: Option<u32>,
+    split: Split,
     slots: usize,
 ) -> TaskEval {
-    let prompts: Vec<String> = tasks::generate_mix(task_list, n, seed, difficulty)
+    let prompts: Vec<String> = tasks::generate_mix(task_list, n, seed, difficulty, split)
         .into_iter()
         .map(|p| p.prompt)
         .collect();
@@ -253,28 +265,32 @@ pub fn evaluate_tasks(
     }
 }
 
-/// `moelab eval --run RUN --task NAMES`.
+/// `moelab eval --run RUN --task NAMES [--split dev|test]`.
+#[allow(clippy::too_many_arguments)]
 pub fn eval_cmd(
     run: &Path,
     task_spec: &str,
     n: usize,
     seed: u64,
     difficulty: Option<u32>,
+    split: Split,
     slots: usize,
     show: usize,
 ) -> Result<()> {
     let task_list = tasks::parse_list(task_spec).map_err(anyhow::Error::msg)?;
-    if seed < EVAL_SEED {
-        eprintln!(
-            "warning: --seed {seed} is below {EVAL_SEED}; training data defaults to seeds 1 and 2, so these problems may not be held out"
-        );
+    if split == Split::Train {
+        bail!("--split train is training data; evaluate on dev (tuning) or test (reporting)");
+    }
+    if n == 0 {
+        bail!("--n must be at least 1");
     }
     let r = Reasoner::load(run)?;
-    let e = evaluate_tasks(&r, &task_list, n, seed, difficulty, slots);
+    let e = evaluate_tasks(&r, &task_list, n, seed, difficulty, split, slots);
     println!(
-        "{} (step {}), {n} held-out problems (seed {seed}), greedy",
+        "{} (step {}), {n} problems of the {} split (seed {seed}), greedy",
         r.run.checkpoint.display(),
-        r.run.state.step
+        r.run.state.step,
+        split.name()
     );
     println!("active matmul params per token: {}\n", r.active_params());
     for a in e.attempts.iter().take(show) {
@@ -312,7 +328,8 @@ pub fn generate_cmd(
         bail!("--n and --k must be at least 1");
     }
     let r = Reasoner::load(teacher)?;
-    let prompts: Vec<String> = tasks::generate_mix(&task_list, n, seed, difficulty)
+    // NOTE: traces are training data, so they come from the train split only.
+    let prompts: Vec<String> = tasks::generate_mix(&task_list, n, seed, difficulty, Split::Train)
         .into_iter()
         .map(|p| p.prompt)
         .collect();
@@ -338,6 +355,24 @@ pub fn generate_cmd(
         tps
     );
     println!("acceptance by task and difficulty:");
-    print!("{}", score.table().replace("accuracy", "accepted"));
+    print!("{}", score.table().replacen("accuracy", "accepted", 1));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wilson;
+
+    #[test]
+    fn wilson_interval_matches_published_values() {
+        // Newcombe (1998), table I: 81/263 -> 0.2553-0.3662; 0/10 -> 0-0.2775; 10/10 -> 0.7225-1.
+        let close = |a: f64, b: f64| (a - b).abs() < 5e-4;
+        let (lo, hi) = wilson(81, 263);
+        assert!(close(lo, 0.2553) && close(hi, 0.3662), "{lo} {hi}");
+        let (lo, hi) = wilson(0, 10);
+        assert!(close(lo, 0.0) && close(hi, 0.2775), "{lo} {hi}");
+        let (lo, hi) = wilson(10, 10);
+        assert!(close(lo, 0.7225) && close(hi, 1.0), "{lo} {hi}");
+        assert_eq!(wilson(0, 0), (0.0, 1.0));
+    }
 }

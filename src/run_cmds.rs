@@ -112,7 +112,11 @@ pub struct EvalArgs {
     /// --data: at most N batches (default: the whole split). --task: N problems (default 400).
     #[arg(long)]
     n: Option<u64>,
-    /// --task: seed of the held-out problems.
+    /// --task: which held-out split: `test` (report) or `dev` (tune). Every problem belongs
+    /// to one split by a hash of its prompt; training data comes from `train`.
+    #[arg(long, default_value = "test", value_parser = parse_split)]
+    split: data::tasks::Split,
+    /// --task: seed of the problems drawn from the split.
     #[arg(long, default_value_t = crate::reasoning::EVAL_SEED)]
     seed: u64,
     /// --task: sequences decoded together.
@@ -127,10 +131,26 @@ pub struct EvalArgs {
     show: usize,
 }
 
+fn parse_split(s: &str) -> std::result::Result<data::tasks::Split, String> {
+    match data::tasks::Split::from_name(s) {
+        Some(x) if x != data::tasks::Split::Train => Ok(x),
+        _ => Err("expected dev or test".into()),
+    }
+}
+
 pub fn eval(a: EvalArgs) -> Result<()> {
     if let Some(t) = &a.task {
         let n = a.n.unwrap_or(400) as usize;
-        return crate::reasoning::eval_cmd(&a.run, t, n, a.seed, a.difficulty, a.batch, a.show);
+        return crate::reasoning::eval_cmd(
+            &a.run,
+            t,
+            n,
+            a.seed,
+            a.difficulty,
+            a.split,
+            a.batch,
+            a.show,
+        );
     }
     let data = a.data.expect("clap requires --data without --task");
     let lr = load_run(&a.run)?;

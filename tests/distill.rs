@@ -131,6 +131,12 @@ fn distillation_pipeline_end_to_end() {
         if v["verified"].as_bool().unwrap() {
             assert!(data::tasks::verify(p, a), "{line}");
         }
+        // issue 11: traces are training data, drawn from the train split only
+        assert_eq!(
+            data::tasks::Split::of(p),
+            data::tasks::Split::Train,
+            "{line}"
+        );
     }
     // plus ground-truth traces (so the student has data whatever the tiny teacher got right)
     // and one malformed line, which is skipped and counted
@@ -138,9 +144,22 @@ fn distillation_pipeline_end_to_end() {
     let mut t = text.clone();
     t.push_str("{\"prompt\": 3\n");
     for l in gt.lines().take(50) {
+        assert!(l.contains("\"verified\":true"), "{l}");
         t.push_str(l);
         t.push('\n');
     }
+    // and a correct trace of a test-split problem, which must not reach training (issue 11)
+    let held_out = &data::tasks::generate_mix(
+        &[data::tasks::Task::Expr],
+        1,
+        5,
+        None,
+        data::tasks::Split::Test,
+    )[0];
+    t.push_str(&format!(
+        "{{\"prompt\":{:?},\"reasoning\":{:?},\"answer\":{:?},\"verified\":true}}\n",
+        held_out.prompt, held_out.reasoning, held_out.answer
+    ));
     std::fs::write(&traces, t).unwrap();
 
     let student = d.join("student");
@@ -158,6 +177,10 @@ fn distillation_pipeline_end_to_end() {
     ]);
     assert!(
         err.contains("skipped 1 malformed line(s) (first: line 65"),
+        "{err}"
+    );
+    assert!(
+        err.contains("skipped 1 trace(s) of held-out problems"),
         "{err}"
     );
     assert!(student.join("latest").exists());
@@ -201,8 +224,26 @@ fn distillation_pipeline_end_to_end() {
         "1",
     ]);
     assert!(
-        out.contains("16 held-out problems") && out.contains("\nall "),
+        out.contains("16 problems of the test split")
+            && out.contains("95% interval")
+            && out.contains("\nall "),
         "{out}"
+    );
+    let (out, _) = ok(&[
+        "eval",
+        "--run",
+        s(&kd),
+        "--task",
+        "add",
+        "--n",
+        "8",
+        "--split",
+        "dev",
+    ]);
+    assert!(out.contains("8 problems of the dev split"), "{out}");
+    fails(
+        &["eval", "--run", s(&kd), "--task", "add", "--split", "train"],
+        "expected dev or test",
     );
 
     // bad input

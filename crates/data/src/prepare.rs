@@ -6,6 +6,7 @@
 
 use crate::corpus::{self, InputRecord};
 use crate::meta::{Meta, FORMAT_VERSION};
+use crate::tasks::{generate_mix, Split};
 use crate::{io_err, sha256_hex, shard, Error, Result};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
@@ -205,9 +206,17 @@ pub fn prepare_tasks(
             })
             .collect()
     };
-    let train_p = crate::tasks::generate_mix(tasks, opts.n, opts.seed, opts.difficulty);
+    // Training problems come from the train split; the validation loss (a tuning signal)
+    // from dev. The test split is never written to a data dir.
+    let train_p = generate_mix(tasks, opts.n, opts.seed, opts.difficulty, Split::Train);
     let n_val = (opts.n / 20).max(64);
-    let val_p = crate::tasks::generate_mix(tasks, n_val, val_seed(opts.seed), opts.difficulty);
+    let val_p = generate_mix(
+        tasks,
+        n_val,
+        val_seed(opts.seed),
+        opts.difficulty,
+        Split::Dev,
+    );
     let tok = match &opts.tokenizer {
         Some(p) => Tokenizer::from_file(p)?,
         None => {

@@ -19,7 +19,52 @@
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use sha2::{Digest, Sha256};
 use std::fmt::Write;
+
+/// Which part of the problem space a problem belongs to. Held-out by construction: the split
+/// is a function of the problem's canonical prompt ([`Split::of`]), so no seed, count or
+/// difficulty can put the same problem in two splits, and even a tiny space (`expr` depth 1
+/// has about 200 prompts) is divided. Training data (`prepare --task`, `distill generate`)
+/// draws from `Train`, tuning reads `Dev`, reported numbers come from `Test`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Split {
+    Train,
+    Dev,
+    Test,
+}
+
+impl Split {
+    pub const ALL: [Split; 3] = [Split::Train, Split::Dev, Split::Test];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Dev => "dev",
+            Split::Test => "test",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Split> {
+        Split::ALL.into_iter().find(|x| x.name() == s)
+    }
+
+    /// The split of `prompt`: the first 8 bytes of sha256(canonical prompt) as a
+    /// little-endian integer, mod 100: 0-79 train, 80-89 dev, 90-99 test. The canonical
+    /// prompt is the one the generator writes for the parsed problem (surrounding
+    /// whitespace does not change a split); text outside the suite hashes as given, trimmed.
+    pub fn of(prompt: &str) -> Split {
+        let canonical = Spec::parse(prompt).map(|s| s.prompt());
+        let text = canonical.as_deref().unwrap_or(prompt.trim());
+        let h = Sha256::digest(text.as_bytes());
+        let x = u64::from_le_bytes(h[..8].try_into().expect("8 bytes")) % 100;
+        match x {
+            0..=79 => Split::Train,
+            80..=89 => Split::Dev,
+            _ => Split::Test,
+        }
+    }
+}
 
 /// A reasoning task of the suite.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -154,17 +199,32 @@ pub fn parse_list(s: &str) -> Result<Vec<Task>, String> {
     Ok(out)
 }
 
-/// `n` problems of the mix of `tasks`: problem i comes from ChaCha8 stream i of `seed` (so
-/// any prefix of the list is the same for a larger n), task i mod len, at `difficulty` or,
-/// when None, a uniform difficulty of that task's default range.
-pub fn generate_mix(tasks: &[Task], n: usize, seed: u64, difficulty: Option<u32>) -> Vec<Problem> {
+/// `n` problems of `split` from the mix of `tasks`: problem i comes from ChaCha8 stream i of
+/// `seed` (so any prefix of the list is the same for a larger n), task i mod len, at
+/// `difficulty` or, when None, a uniform difficulty of that task's default range; problems
+/// of other splits are drawn again from the same stream (rejection sampling), so each split
+/// keeps the task and difficulty mix.
+pub fn generate_mix(
+    tasks: &[Task],
+    n: usize,
+    seed: u64,
+    difficulty: Option<u32>,
+    split: Split,
+) -> Vec<Problem> {
     (0..n)
         .map(|i| {
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
             rng.set_stream(i as u64);
             let t = tasks[i % tasks.len()];
-            let d = rng.gen_range(t.difficulties());
-            t.generate(&mut rng, difficulty.unwrap_or(d))
+            let d = difficulty.unwrap_or_else(|| rng.gen_range(t.difficulties()));
+            // Every (task, difficulty) has problems in every split (a unit test checks), and
+            // a split holds >= 10% of any space, so this ends after a few draws.
+            loop {
+                let p = t.generate(&mut rng, d);
+                if Split::of(&p.prompt) == split {
+                    break p;
+                }
+            }
         })
         .collect()
 }
@@ -585,17 +645,72 @@ mod tests {
 
     #[test]
     fn mix_is_seeded_and_prefix_stable() {
-        let a = generate_mix(&ALL, 40, 7, None);
-        assert_eq!(a, generate_mix(&ALL, 40, 7, None));
-        assert_eq!(a[..10], generate_mix(&ALL, 10, 7, None)[..]);
-        assert_ne!(a, generate_mix(&ALL, 40, 8, None));
+        let a = generate_mix(&ALL, 40, 7, None, Split::Train);
+        assert_eq!(a, generate_mix(&ALL, 40, 7, None, Split::Train));
+        assert_eq!(a[..10], generate_mix(&ALL, 10, 7, None, Split::Train)[..]);
+        assert_ne!(a, generate_mix(&ALL, 40, 8, None, Split::Train));
         for p in &a {
             assert!(p.task.difficulties().contains(&p.difficulty), "{p:?}");
         }
         // a fixed difficulty: 5-digit additions, depth-4 expressions, lists of 5
-        for p in generate_mix(&[Task::Add, Task::Expr, Task::Sort], 12, 3, Some(5)) {
+        for p in generate_mix(
+            &[Task::Add, Task::Expr, Task::Sort],
+            12,
+            3,
+            Some(5),
+            Split::Test,
+        ) {
             assert_eq!(p.difficulty, 5, "{p:?}");
         }
+    }
+
+    /// Regression test for issue 11 (held-out problems that were not held out): for every
+    /// task and difficulty, each split's problems belong to that split only, the three sets
+    /// share no prompt even where the space is tiny, and a spacing variant of a prompt keeps
+    /// its split.
+    #[test]
+    fn splits_are_disjoint_for_every_task_and_difficulty() {
+        use std::collections::HashSet;
+        for t in ALL {
+            for d in 1..=t.max_difficulty() {
+                let sets: Vec<HashSet<String>> = Split::ALL
+                    .iter()
+                    .map(|&s| {
+                        let v = generate_mix(&[t], 200, 11, Some(d), s);
+                        // sorting needs at least 2 numbers
+                        let want = if t == Task::Sort { d.max(2) } else { d };
+                        for p in &v {
+                            assert_eq!(Split::of(&p.prompt), s, "{p:?}");
+                            assert_eq!(p.difficulty, want, "{p:?}");
+                        }
+                        v.into_iter().map(|p| p.prompt).collect()
+                    })
+                    .collect();
+                for i in 0..3 {
+                    for j in i + 1..3 {
+                        let both = sets[i].intersection(&sets[j]).next();
+                        assert!(both.is_none(), "{} d{d}: {both:?} in two splits", t.name());
+                    }
+                }
+            }
+        }
+        let p = "What is 4721 + 389?";
+        assert_eq!(Split::of(p), Split::of("  What is 4721 + 389?\n"));
+    }
+
+    /// The split shares are about 80/10/10 over a large space (3-digit additions).
+    #[test]
+    fn split_shares() {
+        let mut counts = [0usize; 3];
+        for a in 100..400u64 {
+            for b in 100..200u64 {
+                counts[Split::of(&format!("What is {a} + {b}?")) as usize] += 1;
+            }
+        }
+        let share = |c: usize| c as f64 / 30_000.0;
+        assert!((share(counts[0]) - 0.8).abs() < 0.01, "{counts:?}");
+        assert!((share(counts[1]) - 0.1).abs() < 0.01, "{counts:?}");
+        assert!((share(counts[2]) - 0.1).abs() < 0.01, "{counts:?}");
     }
 
     #[test]
