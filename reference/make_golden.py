@@ -15,7 +15,16 @@ the mean of the micro-batch totals; bias balancing uses the loads summed over th
 model.dropout > 0 every forward trains with moelab's residual dropout masks keyed by the global
 micro-batch index (`reference/dropout.py`): step s, micro-batch j has key s*A + j.
 
-Usage (needs PyTorch): python reference/make_golden.py
+Usage (needs PyTorch: `python3 -m venv ENV && ENV/bin/pip install torch numpy safetensors`;
+the PyPI wheel imports only with its nvidia-* dependencies installed, even on CPU):
+
+    python reference/make_golden.py [FIXTURE...]      (default: every dir in tests/golden/)
+
+Regenerating is deterministic on one machine (any thread count), but another CPU may change
+the last float64 bits of logits, losses and gradients (the BLAS kernels' summation order;
+seen for dense and moe_softmax: at most 6.4e-16 of a tensor's largest magnitude, inputs and
+router choices identical). That is 1e10 below the Rust tolerances: such a diff need not be
+committed.
 """
 import os
 import sys

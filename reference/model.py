@@ -2,7 +2,8 @@
 
 Used only to write golden fixtures (tests/golden/) and as the peer in bench/vs-pytorch.sh.
 It reads moelab's TOML configs and safetensors weights. Written as an ordinary eager
-implementation (HF Llama/Mixtral style: a loop over experts with index_add_).
+implementation (HF Llama/Mixtral style: a loop over experts with index_add_). Residual
+dropout takes moelab's own masks (`dropout.py`), so training-mode fixtures match exactly.
 """
 import math
 import tomllib
