@@ -6,7 +6,25 @@ gradient, and the total losses of 10 AdamW steps on the same batch. The referenc
 in float64 from the float32 weights, so the fixtures are the exact answer to within float64
 rounding; moelab's float32 result is compared against them with stated tolerances.
 
-Usage (needs PyTorch): python reference/make_golden.py
+A step has `train.grad_accum` = A micro-batches of (B, T), folded as moelab's trainer folds
+them: each micro-batch's gradient of total / A, summed in micro-batch order; the step's loss is
+the mean of the micro-batch totals; bias balancing uses the loads summed over the step.
+`tokens`/`targets` are (A*B, T) (micro-batch j is rows jB..(j+1)B), `logits` and
+`router_idx.<l>` concatenate the micro-batches, `loss` is [total, ce, aux, z] per micro-batch
+((4,) when A = 1, else (A, 4)) and `grad.<name>` is the step's folded gradient. With
+model.dropout > 0 every forward trains with moelab's residual dropout masks keyed by the global
+micro-batch index (`reference/dropout.py`): step s, micro-batch j has key s*A + j.
+
+Usage (needs PyTorch: `python3 -m venv ENV && ENV/bin/pip install torch numpy safetensors`;
+the PyPI wheel imports only with its nvidia-* dependencies installed, even on CPU):
+
+    python reference/make_golden.py [FIXTURE...]      (default: every dir in tests/golden/)
+
+Regenerating is deterministic on one machine (any thread count), but another CPU may change
+the last float64 bits of logits, losses and gradients (the BLAS kernels' summation order;
+seen for dense and moe_softmax: at most 6.4e-16 of a tensor's largest magnitude, inputs and
+router choices identical). That is 1e10 below the Rust tolerances: such a diff need not be
+committed.
 """
 import os
 import sys
@@ -29,46 +47,69 @@ def make(name):
     sd = init_state(model, m, t["seed"])
     for key in sd:
         if key.endswith("router.bias"):
-            # non-zero selection bias so the first forward already exercises it
-            sd[key] = torch.randn(sd[key].shape, generator=torch.Generator().manual_seed(7)) * 0.05
+            # non-zero selection bias so the first forward already exercises it, small beside
+            # the spread of the router's scores so that they, not the bias, pick the experts
+            # (at 0.05 two of six experts were never chosen: issue 11)
+            sd[key] = torch.randn(sd[key].shape, generator=torch.Generator().manual_seed(7)) * 0.01
     sd = {k: v.float().contiguous() for k, v in sd.items()}
     save_file(sd, os.path.join(d, "init.safetensors"))
 
     model.load_state_dict(sd)
     model.double()
     g = torch.Generator().manual_seed(t["seed"] + 1)
-    b, tt, v = t["batch_size"], t["seq_len"], m["vocab_size"]
-    tokens = torch.randint(0, v, (b, tt), generator=g)
-    targets = torch.randint(0, v, (b, tt), generator=g)
+    b, tt, v, acc = t["batch_size"], t["seq_len"], m["vocab_size"], t["grad_accum"]
+    tokens = torch.randint(0, v, (acc * b, tt), generator=g)
+    targets = torch.randint(0, v, (acc * b, tt), generator=g)
     targets[0, :3] = -1  # masked positions (moelab's IGNORE_INDEX)
 
+    def micro_step(j, key):
+        """Forward of micro-batch j (dropout key `key`) and backward of its total / A;
+        returns the forward's outputs and the expert loads of each MoE block."""
+        rows = slice(j * b, (j + 1) * b)
+        masks = model.dropout_masks(b, tt, key) if m["dropout"] > 0 else None
+        res = model(tokens[rows], targets[rows], masks)
+        (res[1] / acc).backward()
+        return res, {l: moe.last["counts"] for l, moe in model.moe_blocks()}
+
     out = {"tokens": tokens.to(torch.int32), "targets": targets.to(torch.int32)}
-    logits, total, ce, aux, z = model(tokens, targets)
-    total.backward()
-    out["logits"] = logits.detach().reshape(b * tt, v)
-    out["loss"] = torch.stack([total, ce, aux, z]).detach()
-    for l, moe in model.moe_blocks():
-        out[f"router_idx.{l}"] = moe.last["idx"].to(torch.int32)
+    logits, loss, idx = [], [], {l: [] for l, _ in model.moe_blocks()}
+    margin = float("inf")
+    for j in range(acc):
+        (lg, total, ce, aux, z), _ = micro_step(j, j)
+        logits.append(lg.detach().reshape(b * tt, v))
+        loss.append(torch.stack([total, ce, aux, z]).detach())
+        for l, moe in model.moe_blocks():
+            idx[l].append(moe.last["idx"].to(torch.int32))
+            margin = min(margin, moe.last["margin"])
+    out["logits"] = torch.cat(logits)
+    out["loss"] = loss[0] if acc == 1 else torch.stack(loss)
+    for l, chosen in idx.items():
+        out[f"router_idx.{l}"] = torch.cat(chosen)
     for n, p in model.named_parameters():
         out[f"grad.{n}"] = p.grad.detach().clone()
 
     opt = model.optimizer(t)
     model.zero_grad()
     losses = []
-    for _ in range(STEPS):
+    for step in range(STEPS):
         opt.zero_grad()
-        _, total, _, _, _ = model(tokens, targets)
-        total.backward()
+        totals, loads = [], {}
+        for j in range(acc):
+            (_, total, _, _, _), counts = micro_step(j, step * acc + j)
+            totals.append(total.detach())
+            loads = {l: loads.get(l, 0) + c for l, c in counts.items()}
         if t["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
         opt.step()
         with torch.no_grad():
-            model.update_bias()
-        losses.append(total.detach())
+            model.update_bias(loads)
+        losses.append(torch.stack(totals).mean())
     out["train_losses"] = torch.stack(losses)
     out = {k: (v.double() if v.is_floating_point() else v).contiguous() for k, v in out.items()}
     save_file(out, os.path.join(d, "expected.safetensors"), metadata={"torch": torch.__version__})
-    print(f"{name}: loss {total.item():.6f} after {STEPS} steps; first {losses[0].item():.6f}")
+    routing = f"; smallest router top-k margin {margin:.1e}" if model.moe_blocks() else ""
+    print(f"{name}: loss {losses[-1].item():.6f} after {STEPS} steps; first {losses[0].item():.6f}"
+          + routing)
 
 
 if __name__ == "__main__":

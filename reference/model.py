@@ -2,7 +2,8 @@
 
 Used only to write golden fixtures (tests/golden/) and as the peer in bench/vs-pytorch.sh.
 It reads moelab's TOML configs and safetensors weights. Written as an ordinary eager
-implementation (HF Llama/Mixtral style: a loop over experts with index_add_).
+implementation (HF Llama/Mixtral style: a loop over experts with index_add_). Residual
+dropout takes moelab's own masks (`dropout.py`), so training-mode fixtures match exactly.
 """
 import math
 import tomllib
@@ -10,6 +11,8 @@ import tomllib
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dropout import dropout_mask
 
 
 def load_config(path):
@@ -19,11 +22,11 @@ def load_config(path):
     defaults = dict(rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, n_experts=0, top_k=2,
                     expert_hidden=0, n_shared_experts=0, router_score="softmax", renormalize=True,
                     balance="aux_loss", aux_loss_coef=0.01, z_loss_coef=0.0, bias_update_rate=0.001,
-                    first_dense_layers=0, init_std=0.02)
+                    first_dense_layers=0, dropout=0.0, init_std=0.02)
     for k, v in defaults.items():
         m.setdefault(k, v)
     t = dict(batch_size=16, seq_len=128, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8,
-             weight_decay=0.1, grad_clip=1.0, seed=1337)
+             weight_decay=0.1, grad_clip=1.0, seed=1337, grad_accum=1)
     t.update(cfg.get("train", {}))
     return m, t
 
@@ -131,7 +134,11 @@ class Moe(nn.Module):
         if self.shared is not None:
             out = out + self.shared(h)
         counts = torch.bincount(idx.flatten(), minlength=e)
-        self.last = dict(idx=idx, counts=counts)
+        # smallest gap between a chosen and an unchosen selection score: a float32 router can
+        # only disagree with this float64 one on a token whose gap is near float32 rounding
+        top = sel.detach().topk(min(k + 1, e), dim=-1).values
+        margin = (top[:, k - 1] - top[:, k]).min().item() if k < e else math.inf
+        self.last = dict(idx=idx, counts=counts, margin=margin)
         p = scores if m["router_score"] == "softmax" else scores / scores.sum(-1, keepdim=True)
         aux = e * ((counts.to(h.dtype) / (n * k)) * p.mean(0)).sum()
         z = torch.logsumexp(logits, -1).pow(2).mean()
@@ -149,13 +156,15 @@ class Block(nn.Module):
         else:
             self.mlp = Mlp(m["d_model"], m["ffn_hidden"])
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x, cos, sin, masks=None):
+        """`masks`: this block's residual dropout masks (attention, FFN), each (B, T, C)."""
+        m_attn, m_ffn = masks if masks is not None else (1.0, 1.0)
+        x = x + m_attn * self.attn(self.attn_norm(x), cos, sin)
         h = self.ffn_norm(x)
         if hasattr(self, "moe"):
             y, aux, z = self.moe(h)
-            return x + y, aux, z
-        return x + self.mlp(h), None, None
+            return x + m_ffn * y, aux, z
+        return x + m_ffn * self.mlp(h), None, None
 
 
 class Transformer(nn.Module):
@@ -168,15 +177,16 @@ class Transformer(nn.Module):
         if not m["tie_embeddings"]:
             self.lm_head = nn.Linear(m["d_model"], m["vocab_size"], bias=False)
 
-    def forward(self, tokens, targets):
+    def forward(self, tokens, targets, masks=None):
+        """`masks`: per block, a pair of residual dropout masks (see `dropout_masks`)."""
         m = self.m
         b, t = tokens.shape
         x = self.embed(tokens)
         cos, sin = rope_tables(t, m["d_model"] // m["n_heads"], m["rope_theta"], x.dtype)
         aux_sum = x.new_zeros(())
         z_sum = x.new_zeros(())
-        for blk in self.layers:
-            x, aux, z = blk(x, cos, sin)
+        for l, blk in enumerate(self.layers):
+            x, aux, z = blk(x, cos, sin, None if masks is None else masks[l])
             if aux is not None:
                 aux_sum = aux_sum + aux
                 z_sum = z_sum + z
@@ -194,12 +204,20 @@ class Transformer(nn.Module):
     def moe_blocks(self):
         return [(l, blk.moe) for l, blk in enumerate(self.layers) if hasattr(blk, "moe")]
 
-    def update_bias(self):
-        """DeepSeek-V3 bias balancing from the last forward's loads."""
+    def dropout_masks(self, b, t, key):
+        """moelab's residual dropout masks for a (b, t) batch under `Model::dropout_key` = key:
+        block l's attention branch uses stream 2l, its FFN branch 2l + 1."""
+        n, c, p = b * t, self.m["d_model"], self.m["dropout"]
+        mask = lambda s: torch.from_numpy(dropout_mask(n * c, p, key, s)).view(b, t, c)
+        return [(mask(2 * l), mask(2 * l + 1)) for l in range(len(self.layers))]
+
+    def update_bias(self, loads=None):
+        """DeepSeek-V3 bias balancing from the step's loads: `loads` maps an MoE block to its
+        expert counts summed over the step's micro-batches (default: the last forward's)."""
         if self.m["balance"] != "bias":
             return
-        for _, moe in self.moe_blocks():
-            counts = moe.last["counts"].to(torch.float64)
+        for l, moe in self.moe_blocks():
+            counts = (moe.last["counts"] if loads is None else loads[l]).to(torch.float64)
             mean = counts.mean()
             moe.router.bias += self.m["bias_update_rate"] * torch.sign(mean - counts).to(moe.router.bias.dtype)
 
