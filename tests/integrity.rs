@@ -441,7 +441,7 @@ fn issue_11_nonsense_settings_are_refused_before_a_run_dir_exists() {
         ("lr = 0.003", "lr = 0.0", "train.lr"),
         ("lr = 0.003", "lr = -0.003", "train.lr"),
         ("batch_size = 4", "batch_size = 0", "train.batch_size"),
-        ("seq_len = 32", "seq_len = 0", "train.seq_len"),
+        ("\nseq_len = 32", "\nseq_len = 0", "train.seq_len"),
         ("grad_accum = 2", "grad_accum = 0", "train.grad_accum"),
         ("d_model = 32", "d_model = 0", "model.d_model"),
     ] {
