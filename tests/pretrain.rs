@@ -463,7 +463,8 @@ fn bad_input_gives_one_line_errors_and_damages_nothing() {
             "--out",
             &s(&d.join("r1")),
         ],
-        "not a moelab token shard",
+        // checked against meta.json's sha256 before it is parsed (issue 11)
+        "train.bin differs",
     );
     std::fs::write(&shard, &good[..good.len() - 6]).unwrap();
     fails(
@@ -476,7 +477,7 @@ fn bad_input_gives_one_line_errors_and_damages_nothing() {
             "--out",
             &s(&d.join("r2")),
         ],
-        "truncated",
+        "train.bin differs",
     );
     assert!(!d.join("r1").exists() && !d.join("r2").exists());
     // runs that do not exist
