@@ -19,7 +19,7 @@ pub enum DistillCmd {
     Generate(GenerateArgs),
     /// Train a student on the verified traces (SFT), optionally on the teacher's logits too.
     #[command(
-        after_help = "Examples:\n  moelab distill train --config student --traces traces.jsonl --out runs/student\n  moelab distill train --config student --traces traces.jsonl --out runs/student-kd \\\n      --teacher runs/teacher --kd-weight 0.5 --kd-temperature 2"
+        after_help = "Examples:\n  moelab distill train --config student --traces traces.jsonl --out runs/student\n  moelab distill train --config student --traces traces.jsonl --out runs/student-kd \\\n      --teacher runs/teacher --kd-weight 0.5 --kd-temperature 2\n\nCtrl-C or SIGTERM saves a checkpoint and exits; the same command with --resume continues."
     )]
     Train(TrainArgs),
 }
@@ -79,10 +79,12 @@ pub struct TrainArgs {
     /// tokenizer of the run that wrote the traces.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    #[arg(long)]
+    /// Total optimizer steps (overrides train.steps; at least 1).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     steps: Option<u64>,
     #[arg(long)]
     seed: Option<u64>,
+    /// Continue the student run in --out (same config and traces; a change is refused).
     #[arg(long)]
     resume: bool,
 }

@@ -54,9 +54,9 @@ enum Cmd {
         after_help = "Examples:\n  moelab prepare --corpus plays/ --out data/shk\n  moelab prepare --corpus a.txt b.jsonl --out data/mix --vocab-size 8192\n  moelab prepare --task all --n 20000 --out data/tasks\n  moelab prepare --task add,mul --no-reasoning --out data/tasks-answers"
     )]
     Prepare(prepare_cmd::PrepareArgs),
-    /// Pretrain a model on a prepared data dir (Ctrl-C saves a checkpoint and exits).
+    /// Pretrain a model on a prepared data dir (Ctrl-C or SIGTERM saves a checkpoint and exits).
     #[command(
-        after_help = "Examples:\n  moelab train --config small-moe --data data/shk --out runs/shk\n  moelab train --config small-moe --data data/shk --out runs/shk --resume\n  mpirun -np 2 moelab train --config small-moe --grad-accum 2 --data data/shk --out runs/dp   (--features mpi)"
+        after_help = "Examples:\n  moelab train --config small-moe --data data/shk --out runs/shk\n  moelab train --config small-moe --data data/shk --out runs/shk --resume\n  mpirun -np 2 moelab train --config small-moe --grad-accum 2 --data data/shk --out runs/dp   (--features mpi)\n\nOne process trains in a run dir at a time (RUN_DIR/train.lock). --resume continues the same run: a changed config ([train] included) or other data is refused."
     )]
     Train(train_cmd::TrainArgs),
     /// Generate text from a trained run (KV-cache decoding, streamed).
@@ -132,7 +132,22 @@ fn main() {
         Cmd::Report(a) => report::run(a),
     };
     if let Err(e) = res {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", clip_error(&format!("{e:#}")));
         std::process::exit(1);
     }
+}
+
+/// The error as one line of at most ~1,000 characters. Errors quote short excerpts of what
+/// they reject; this is the last guard, so that no input (a 50 MB one-line config, a JSON
+/// line) is ever echoed whole to a terminal or a log (issue 11). The end, which says what
+/// to do, is kept.
+fn clip_error(msg: &str) -> String {
+    let msg = msg.replace(['\n', '\r'], " ");
+    let chars: Vec<char> = msg.chars().collect();
+    if chars.len() <= 1000 {
+        return msg;
+    }
+    let head: String = chars[..600].iter().collect();
+    let tail: String = chars[chars.len() - 300..].iter().collect();
+    format!("{head} [...] {tail}")
 }

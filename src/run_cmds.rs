@@ -36,17 +36,24 @@ pub struct SampleArgs {
 }
 
 pub fn run_tokenizer(run: &std::path::Path, ckpt: &std::path::Path) -> Result<Tokenizer> {
+    Ok(Tokenizer::from_file(&run_tokenizer_path(run, ckpt)?)?)
+}
+
+/// The tokenizer.json of a run dir, or of the run a checkpoint dir belongs to.
+pub fn run_tokenizer_path(run: &Path, ckpt: &Path) -> Result<PathBuf> {
     let candidates = [
         run.join("tokenizer.json"),
         ckpt.join("../../tokenizer.json"),
     ];
-    let path = candidates.iter().find(|p| p.exists()).with_context(|| {
-        format!(
-            "{}: no tokenizer.json next to the checkpoint",
-            run.display()
-        )
-    })?;
-    Ok(Tokenizer::from_file(path)?)
+    candidates
+        .into_iter()
+        .find(|p| p.exists())
+        .with_context(|| {
+            format!(
+                "{}: no tokenizer.json next to the checkpoint",
+                run.display()
+            )
+        })
 }
 
 pub fn sample(a: SampleArgs) -> Result<()> {
@@ -156,6 +163,19 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let lr = load_run(&a.run)?;
     let (b, t) = (lr.cfg.train.batch_size, lr.cfg.train.seq_len);
     let ds = Dataset::open(&data, lr.cfg.model.vocab_size, t)?;
+    // another dataset's tokenizer maps the same ids to other text: its loss and bits per
+    // byte would be meaningless numbers (issue 11)
+    let run_tok = run_tokenizer_path(&a.run, &lr.checkpoint)?;
+    let run_json =
+        std::fs::read(&run_tok).with_context(|| format!("cannot read {}", run_tok.display()))?;
+    if data::sha256_hex(&run_json) != ds.tokenizer_sha256 {
+        bail!(
+            "{}: its tokenizer.json is not the one {} was trained with ({}); evaluate on data prepared with the run's tokenizer",
+            data.display(),
+            a.run.display(),
+            run_tok.display()
+        );
+    }
     let mut m = Model::with_params(&lr.cfg.model, Layout::new(&lr.cfg.model), lr.params, b, t);
     let e = evaluate(&mut m, &ds.val, a.n.unwrap_or(0));
     let meta = ds.meta.as_ref().expect("a data dir has meta.json");

@@ -22,22 +22,24 @@ pub struct TrainArgs {
     /// Run dir (config, tokenizer, metrics.jsonl, checkpoints).
     #[arg(long)]
     out: PathBuf,
-    /// Total optimizer steps (overrides train.steps).
-    #[arg(long)]
+    /// Total optimizer steps (overrides train.steps; at least 1).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     steps: Option<u64>,
     /// Seed (overrides train.seed).
     #[arg(long)]
     seed: Option<u64>,
     /// Micro-batches per optimizer step (overrides train.grad_accum); under `mpirun -np N`
     /// the N processes share them (N must divide it).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     grad_accum: Option<u64>,
     /// Train as N replicas inside this process, each with its own model and 1/N of the
     /// threads, sharing each step's micro-batches as `mpirun -np N` would (N must divide
     /// grad_accum). Same weights as one replica; on few cores often faster.
-    #[arg(long)]
-    replicas: Option<usize>,
-    /// Continue the run in --out from its latest checkpoint.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    replicas: Option<u64>,
+    /// Continue the run in --out from its latest checkpoint. The config must be the run's
+    /// own, [train] included (same --steps, --seed, --grad-accum): a changed setting is
+    /// refused, since the run could no longer be replayed by `moelab verify`.
     #[arg(long)]
     resume: bool,
 }
@@ -111,7 +113,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         cfg.validate()?;
     }
     let group = crate::comm::world()?;
-    if let Some(n) = a.replicas.filter(|&n| n > 1) {
+    if let Some(n) = a.replicas.map(|n| n as usize).filter(|&n| n > 1) {
         if group.is_some() {
             anyhow::bail!("--replicas splits one process; under mpirun use -np instead");
         }
@@ -153,7 +155,7 @@ pub fn resolve_config(spec: &str, steps: Option<u64>, seed: Option<u64>) -> Resu
     Ok(cfg)
 }
 
-/// Trains with a progress bar; Ctrl-C checkpoints and stops.
+/// Trains with a progress bar; Ctrl-C or SIGTERM checkpoints and stops.
 pub fn train_with_progress(
     cfg: Config,
     source: Source,
@@ -224,9 +226,12 @@ fn train_with(
     static STOP: AtomicBool = AtomicBool::new(false);
     static HANDLER: std::sync::Once = std::sync::Once::new();
     HANDLER.call_once(|| {
+        // NOTE: with ctrlc's `termination` feature this catches SIGINT, SIGTERM and SIGHUP:
+        // kill, systemd, Docker and Slurm stop a run with SIGTERM, and it must checkpoint
+        // then as it does on Ctrl-C (issue 11)
         let _ = ctrlc::set_handler(|| {
             if STOP.swap(true, Ordering::SeqCst) {
-                // second Ctrl-C: the user insists
+                // a second signal: the user insists
                 std::process::exit(130);
             }
         });

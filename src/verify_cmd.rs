@@ -11,7 +11,7 @@ use model::{io, Config, Layout, Model};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use train::manifest::{hash_data_dir, Manifest};
+use train::manifest::Manifest;
 use train::trainer::{
     run as train_run, EvalReport, Reporter, RunOptions, RunSpec, Source, StepReport,
 };
@@ -117,17 +117,22 @@ pub fn run(a: VerifyArgs) -> Result<()> {
         .clone()
         .or_else(|| m.data.path.clone())
         .context("the manifest names no data dir; pass --data")?;
-    let files: Vec<&str> = m.data.sha256.keys().map(String::as_str).collect();
-    let rec = hash_data_dir(&data_dir, &files).with_context(|| {
+    // NOTE: the data is hashed once, by the replay, which checks every file against
+    // meta.json as it reads it; meta.json is checked against the manifest here. Together:
+    // the files are the ones the run was trained on.
+    let meta = data::meta::Meta::load(&data_dir).with_context(|| {
         format!(
             "cannot read the run's data at {} (moved? pass --data)",
             data_dir.display()
         )
     })?;
     for (f, want) in &m.data.sha256 {
-        if rec.sha256.get(f) != Some(want) {
+        if meta.outputs.get(f) != Some(want) {
             bail!("{}: {f} differs from the data the run was trained on (sha256 mismatch); point --data at the original", data_dir.display());
         }
+    }
+    if meta.outputs.get("tokenizer.json") != Some(&m.tokenizer_sha256) {
+        bail!("{}: tokenizer.json is not the tokenizer the run was trained with; point --data at the original", data_dir.display());
     }
     let Some(&last) = m.checkpoints.keys().next_back() else {
         bail!(

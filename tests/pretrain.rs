@@ -252,21 +252,55 @@ fn ctrl_c_checkpoints_and_resume_continues() {
         .parse()
         .unwrap();
     assert!(step >= 3, "{h}");
-    // resume to a fixed end
-    let end = (step + 2).to_string();
-    ok(&[
-        "train",
-        "--config",
-        "tiny",
-        "--data",
-        &s(&data),
-        "--out",
-        &s(&runp),
-        "--steps",
-        &end,
-        "--resume",
-    ]);
-    assert!(ok(&["hash", &s(&runp)]).contains(&format!("(step {end})")));
+    // the same command with --resume continues from there (a changed --steps would be
+    // refused: issue 11), and stops again on Ctrl-C
+    let child = moelab()
+        .args([
+            "train",
+            "--config",
+            "tiny",
+            "--data",
+            &s(&data),
+            "--out",
+            &s(&runp),
+            "--steps",
+            "100000",
+            "--resume",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logged_past = |n: u64| {
+        std::fs::read_to_string(&metrics).is_ok_and(|m| {
+            m.lines().any(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .is_ok_and(|v| v["step"].as_u64().is_some_and(|s| s > n))
+            })
+        })
+    };
+    let t0 = std::time::Instant::now();
+    while !logged_past(step + 2) {
+        assert!(
+            t0.elapsed().as_secs() < 60,
+            "the resumed run did not continue"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // SAFETY: sending SIGINT to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let h = ok(&["hash", &s(&runp)]);
+    let resumed: u64 = h
+        .trim()
+        .trim_end_matches(')')
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(resumed > step + 2, "{h}");
     let _ = std::fs::remove_dir_all(&d);
 }
 
@@ -429,7 +463,8 @@ fn bad_input_gives_one_line_errors_and_damages_nothing() {
             "--out",
             &s(&d.join("r1")),
         ],
-        "not a moelab token shard",
+        // checked against meta.json's sha256 before it is parsed (issue 11)
+        "train.bin differs",
     );
     std::fs::write(&shard, &good[..good.len() - 6]).unwrap();
     fails(
@@ -442,7 +477,7 @@ fn bad_input_gives_one_line_errors_and_damages_nothing() {
             "--out",
             &s(&d.join("r2")),
         ],
-        "truncated",
+        "train.bin differs",
     );
     assert!(!d.join("r1").exists() && !d.join("r2").exists());
     // runs that do not exist

@@ -51,6 +51,11 @@ pub type Malformed = Vec<(usize, String)>;
 /// ignored.
 pub fn read_jsonl(path: &Path) -> Result<(Vec<Example>, Malformed)> {
     let bytes = std::fs::read(path).map_err(io_err(path))?;
+    Ok(parse_jsonl(&bytes))
+}
+
+/// Examples of the bytes of a JSONL file, and the lines skipped as malformed.
+pub fn parse_jsonl(bytes: &[u8]) -> (Vec<Example>, Malformed) {
     let (mut ok, mut bad) = (vec![], vec![]);
     for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
         let Ok(line) = std::str::from_utf8(line) else {
@@ -62,10 +67,10 @@ pub fn read_jsonl(path: &Path) -> Result<(Vec<Example>, Malformed)> {
         }
         match serde_json::from_str::<Example>(line) {
             Ok(e) => ok.push(e),
-            Err(e) => bad.push((i + 1, e.to_string())),
+            Err(e) => bad.push((i + 1, crate::excerpt(&e.to_string(), 200))),
         }
     }
-    Ok((ok, bad))
+    (ok, bad)
 }
 
 /// Writes examples as JSONL, atomically.

@@ -97,8 +97,13 @@ fn read_file(path: &Path) -> Result<Source> {
             if line.trim().is_empty() {
                 continue;
             }
-            let v: serde_json::Value = serde_json::from_str(line)
-                .map_err(|e| bad(format!("line {}: not JSON ({e})", i + 1)))?;
+            let v: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+                bad(format!(
+                    "line {}: not JSON ({})",
+                    i + 1,
+                    crate::excerpt(&e.to_string(), 200)
+                ))
+            })?;
             match v.get("text").and_then(|t| t.as_str()) {
                 Some(t) => docs.push(t.to_string()),
                 None => return Err(bad(format!("line {}: no string field \"text\"", i + 1))),

@@ -4,7 +4,8 @@
 //!
 //! Not here: models, tensors, training.
 //!
-//! DATA_DIR layout: `tokenizer.json`, `train.bin`, `val.bin`, `meta.json`.
+//! DATA_DIR layout: `tokenizer.json`, `train.bin`, `val.bin`, `meta.json`. meta.json records
+//! the sha256 of every other file; readers check it ([`meta::Meta::read_checked`]).
 
 pub mod chat;
 pub mod corpus;
@@ -49,6 +50,25 @@ pub fn write_atomic(path: &std::path::Path, data: &[u8]) -> Result<()> {
     f.sync_all().map_err(io_err(&tmp))?;
     drop(f);
     std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// At most `max` characters of `s` on one line, with "..." when cut: errors quote an excerpt
+/// of what they reject, never a whole (possibly one-line, 50 MB) file.
+pub fn excerpt(s: &str, max: usize) -> String {
+    let s = s.replace(['\n', '\r'], " ");
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s,
+    }
+}
+
+/// Fault injection for the crash tests (the convention of `train`'s fault.rs):
+/// `MOELAB_FAULT=point@0` aborts this process at `point`, as abruptly as `kill -9`.
+pub(crate) fn fault(point: &str) {
+    if std::env::var("MOELAB_FAULT").is_ok_and(|w| w == format!("{point}@0")) {
+        eprintln!("MOELAB_FAULT: dying at {point}@0");
+        std::process::abort();
+    }
 }
 
 /// sha256 of bytes, hex.

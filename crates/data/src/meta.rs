@@ -49,6 +49,29 @@ pub struct TaskData {
 }
 
 impl Meta {
+    /// Reads `name` from the data dir `dir` and checks it against the sha256 meta.json records
+    /// for it; returns the bytes and their sha256 (hashed once: the caller reuses it, e.g. for
+    /// the run's manifest). A data dir edited after `moelab prepare` (a changed token, a
+    /// swapped tokenizer, a prepare killed half-way by an older moelab) is refused here.
+    pub fn read_checked(&self, dir: &Path, name: &str) -> Result<(Vec<u8>, String)> {
+        let path = dir.join(name);
+        let Some(want) = self.outputs.get(name) else {
+            return Err(Error::Input {
+                path: dir.join("meta.json"),
+                msg: format!("records no sha256 for {name}; re-run `moelab prepare --force`"),
+            });
+        };
+        let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+        let got = crate::sha256_hex(&bytes);
+        if &got != want {
+            return Err(Error::Input {
+                path: dir.into(),
+                msg: format!("{name} differs from the sha256 meta.json records for it (changed after `moelab prepare`?); re-run `moelab prepare --force` on the original corpus"),
+            });
+        }
+        Ok((bytes, got))
+    }
+
     pub fn save(&self, dir: &Path) -> Result<()> {
         let json = serde_json::to_string_pretty(self).expect("meta serialises");
         write_atomic(&dir.join("meta.json"), json.as_bytes())

@@ -3,6 +3,10 @@
 //! The split is deterministic: documents in input order (folders sorted), the last
 //! `val_fraction` of the bytes (cut at a line break) is validation, as nanoGPT does. The
 //! tokenizer is trained on the training split only. Every document ends with `<|end|>`.
+//!
+//! A data dir appears whole or not at all: it is built in a temp dir beside `--out` and
+//! renamed into place at the end (with `--force`, atomically exchanged with the old one), so
+//! a prepare that dies half-way leaves the old data dir as it was.
 
 use crate::corpus::{self, InputRecord};
 use crate::meta::{Meta, FORMAT_VERSION};
@@ -66,6 +70,178 @@ fn output_hashes(out: &Path, files: &[&str]) -> Result<BTreeMap<String, String>>
     Ok(outputs)
 }
 
+/// The files a data dir may hold (a dir holding anything else is not one of ours to replace).
+const DATA_FILES: [&str; 6] = [
+    "tokenizer.json",
+    "train.bin",
+    "val.bin",
+    "train.jsonl",
+    "val.jsonl",
+    "meta.json",
+];
+
+/// Refuses an `--out` that must not be replaced: prepared data without `--force`, a file, or
+/// a dir holding files of its own (a typo of `--out` must never delete someone's corpus).
+fn check_out(out: &Path, force: bool) -> Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    let refuse = |msg: &str| {
+        Err(Error::Input {
+            path: out.into(),
+            msg: msg.into(),
+        })
+    };
+    if !out.is_dir() {
+        return refuse("is not a directory; choose another --out");
+    }
+    if out.join("meta.json").exists() && !force {
+        return refuse(
+            "already holds prepared data; pass --force to replace it or choose another --out",
+        );
+    }
+    for e in std::fs::read_dir(out).map_err(io_err(out))? {
+        let e = e.map_err(io_err(out))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        // temp files of an interrupted atomic write (`name.tmp.PID`) are ours too
+        let ours = DATA_FILES.contains(&name.as_str()) || name.contains(".tmp.");
+        if !ours {
+            return refuse(&format!(
+                "is not empty and is not a data dir ({name} is not one of its files); choose another --out"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A data dir under construction: a temp dir beside the target, renamed into place by
+/// [`Staging::commit`]; dropped uncommitted (an error), it is removed.
+struct Staging {
+    tmp: PathBuf,
+    out: PathBuf,
+    done: bool,
+}
+
+impl Staging {
+    fn new(out: &Path) -> Result<Staging> {
+        let name = out
+            .file_name()
+            .ok_or_else(|| Error::Input {
+                path: out.into(),
+                msg: "is not a directory name; choose another --out".into(),
+            })?
+            .to_string_lossy()
+            .into_owned();
+        let parent = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent).map_err(io_err(&parent))?;
+        remove_dead_stagings(&parent, &name);
+        let tmp = parent.join(format!(".{name}.prepare-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;
+        Ok(Staging {
+            tmp,
+            out: out.to_path_buf(),
+            done: false,
+        })
+    }
+
+    /// Puts the finished dir in place: a plain rename when `out` does not exist, else an
+    /// atomic exchange with the old dir (renameat2 RENAME_EXCHANGE), which is then removed.
+    /// At no moment is there a half-written or missing data dir at `out`.
+    fn commit(mut self) -> Result<()> {
+        crate::fault("prepare-commit");
+        let (tmp, out) = (&self.tmp, &self.out);
+        if out.exists() {
+            if let Err(e) = exchange(tmp, out) {
+                // NOTE: filesystems without RENAME_EXCHANGE: move the old dir aside first;
+                // a death between the two renames leaves it beside `out` as `.NAME.old-PID`.
+                if !matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) {
+                    return Err(Error::Io {
+                        path: out.clone(),
+                        source: e,
+                    });
+                }
+                let old = tmp.with_file_name(format!(
+                    "{}.old-{}",
+                    tmp.file_name().unwrap().to_string_lossy(),
+                    std::process::id()
+                ));
+                std::fs::rename(out, &old).map_err(io_err(out))?;
+                std::fs::rename(tmp, out).map_err(io_err(out))?;
+                let _ = std::fs::remove_dir_all(&old);
+            }
+            // `tmp` now holds the old data dir
+            let _ = std::fs::remove_dir_all(tmp);
+        } else {
+            std::fs::rename(tmp, out).map_err(io_err(out))?;
+        }
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            // the renames are durable once the parent dir is
+            let _ = std::fs::File::open(parent).and_then(|d| d.sync_all());
+        }
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+/// Swaps two paths atomically (Linux renameat2 RENAME_EXCHANGE).
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
+    let (ca, cb) = (c(a)?, c(b)?);
+    // SAFETY: two valid NUL-terminated paths; renameat2 only reads them.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Removes temp dirs left beside `parent/name` by prepares that died (their PID is gone).
+fn remove_dead_stagings(parent: &Path, name: &str) {
+    let prefix = format!(".{name}.prepare-");
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file
+            .strip_prefix(&prefix)
+            .and_then(|r| r.split('.').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: signal 0 only asks whether the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+        if !alive {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// Prepares `out` from the corpus at `paths`. `progress` receives one-line status updates.
 pub fn prepare_corpus(
     paths: &[PathBuf],
@@ -79,13 +255,7 @@ pub fn prepare_corpus(
             opts.val_fraction
         )));
     }
-    if out.join("meta.json").exists() && !opts.force {
-        return Err(Error::Input {
-            path: out.into(),
-            msg: "already holds prepared data; pass --force to replace it or choose another --out"
-                .into(),
-        });
-    }
+    check_out(out, opts.force)?;
     progress("reading corpus");
     let sources = corpus::read(paths)?;
     let inputs: Vec<InputRecord> = sources
@@ -124,11 +294,12 @@ pub fn prepare_corpus(
     let train = encode(&train_docs);
     let val = encode(&val_docs);
     progress("writing");
-    std::fs::create_dir_all(out).map_err(io_err(out))?;
-    tok.save(&out.join("tokenizer.json"))?;
-    shard::write(&out.join("train.bin"), &train, tok.vocab_size())?;
-    shard::write(&out.join("val.bin"), &val, tok.vocab_size())?;
-    let outputs = output_hashes(out, &["tokenizer.json", "train.bin", "val.bin"])?;
+    let stage = Staging::new(out)?;
+    let tmp = &stage.tmp;
+    tok.save(&tmp.join("tokenizer.json"))?;
+    shard::write(&tmp.join("train.bin"), &train, tok.vocab_size())?;
+    shard::write(&tmp.join("val.bin"), &val, tok.vocab_size())?;
+    let outputs = output_hashes(tmp, &["tokenizer.json", "train.bin", "val.bin"])?;
     let meta = Meta {
         format_version: FORMAT_VERSION,
         vocab_size: tok.vocab_size(),
@@ -142,7 +313,8 @@ pub fn prepare_corpus(
         kind: "corpus".into(),
         tasks: None,
     };
-    meta.save(out)?;
+    meta.save(tmp)?;
+    stage.commit()?;
     Ok(meta)
 }
 
@@ -181,13 +353,7 @@ pub fn prepare_tasks(
     if opts.n == 0 {
         return Err(Error::Other("--n must be at least 1".into()));
     }
-    if out.join("meta.json").exists() && !opts.force {
-        return Err(Error::Input {
-            path: out.into(),
-            msg: "already holds prepared data; pass --force to replace it or choose another --out"
-                .into(),
-        });
-    }
+    check_out(out, opts.force)?;
     progress("generating problems");
     let to_examples = |ps: Vec<crate::tasks::Problem>| -> Vec<Example> {
         ps.into_iter()
@@ -231,11 +397,12 @@ pub fn prepare_tasks(
     let count =
         |ex: &[Example]| -> usize { ex.par_iter().map(|e| chat::render(&tok, e).0.len()).sum() };
     progress("writing");
-    std::fs::create_dir_all(out).map_err(io_err(out))?;
-    tok.save(&out.join("tokenizer.json"))?;
-    chat::write_jsonl(&out.join("train.jsonl"), &train)?;
-    chat::write_jsonl(&out.join("val.jsonl"), &val)?;
-    let outputs = output_hashes(out, &["tokenizer.json", "train.jsonl", "val.jsonl"])?;
+    let stage = Staging::new(out)?;
+    let tmp = &stage.tmp;
+    tok.save(&tmp.join("tokenizer.json"))?;
+    chat::write_jsonl(&tmp.join("train.jsonl"), &train)?;
+    chat::write_jsonl(&tmp.join("val.jsonl"), &val)?;
+    let outputs = output_hashes(tmp, &["tokenizer.json", "train.jsonl", "val.jsonl"])?;
     let meta = Meta {
         format_version: FORMAT_VERSION,
         vocab_size: tok.vocab_size(),
@@ -256,7 +423,8 @@ pub fn prepare_tasks(
             val_examples: val.len(),
         }),
     };
-    meta.save(out)?;
+    meta.save(tmp)?;
+    stage.commit()?;
     Ok(meta)
 }
 

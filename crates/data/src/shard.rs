@@ -33,6 +33,11 @@ pub struct Shard {
 /// Reads and validates a shard.
 pub fn read(path: &Path) -> Result<Shard> {
     let bytes = std::fs::read(path).map_err(io_err(path))?;
+    parse(path, &bytes)
+}
+
+/// Validates the bytes of a shard read from `path` (named in errors).
+pub fn parse(path: &Path, bytes: &[u8]) -> Result<Shard> {
     let bad = |msg: String| Error::Shard {
         path: path.into(),
         msg: format!("{msg}; re-run `moelab prepare` to rebuild the data dir"),

@@ -242,10 +242,16 @@ impl Config {
                 ),
             ));
         }
-        if !(t.lr.is_finite() && t.lr >= 0.0) {
+        // NOTE: refused up front, before a run dir exists: zero steps left a run dir that
+        // could be neither resumed (no checkpoint) nor restarted (issue 11); a zero learning
+        // rate trains nothing while looking like a run.
+        if t.steps == 0 {
+            return Err(cfg_err("train.steps", "must be at least 1"));
+        }
+        if !(t.lr.is_finite() && t.lr > 0.0) {
             return Err(cfg_err(
                 "train.lr",
-                format!("{} must be a finite number >= 0", t.lr),
+                format!("{} must be a finite number > 0", t.lr),
             ));
         }
         for (name, b) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
@@ -301,14 +307,38 @@ fn non_negative(x: f32) -> bool {
     x >= 0.0
 }
 
-/// A TOML error on one line: "line N: message (at `source line`)".
+/// At most `max` characters of `s`, with "..." where it was cut.
+fn clip(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+/// A TOML error on one line: "line N: message (at `excerpt of the source line`)". The excerpt
+/// is at most 60 characters around the error (a config may be one 50 MB line: issue 11).
 fn one_line(text: &str, e: &toml::de::Error) -> String {
-    let msg = e.message().trim().replace('\n', " ");
+    let msg = clip(&e.message().trim().replace('\n', " "), 200);
     match e.span() {
         Some(span) => {
-            let line_no = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
-            format!("line {line_no}: {msg} (at `{line}`)")
+            let mut start = span.start.min(text.len());
+            while !text.is_char_boundary(start) {
+                start -= 1;
+            }
+            let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+            let line_no = text[..start].matches('\n').count() + 1;
+            let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+            let line = &text[line_start..line_end];
+            // from up to 20 characters before the error, 60 characters in all
+            let col = line[..start - line_start].chars().count();
+            let skip = col.saturating_sub(20);
+            let from = line.char_indices().nth(skip).map_or(line.len(), |(i, _)| i);
+            let lead = if skip > 0 { "..." } else { "" };
+            let excerpt = clip(line[from..].trim_end(), 60);
+            format!(
+                "line {line_no}: {msg} (at `{lead}{}`)",
+                excerpt.trim_start()
+            )
         }
         None => msg,
     }

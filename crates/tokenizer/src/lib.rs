@@ -51,6 +51,16 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// At most 200 characters of an error message from a parser: some quote the offending input,
+/// which may be a whole file on one line.
+fn short(e: &impl std::fmt::Display) -> String {
+    let s = e.to_string().replace('\n', " ");
+    match s.char_indices().nth(200) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s,
+    }
+}
+
 fn hf(e: impl std::fmt::Display) -> Error {
     Error::Hf(e.to_string())
 }
@@ -128,8 +138,23 @@ impl Tokenizer {
         if !path.exists() {
             return Err(ferr("not found".into()));
         }
-        let inner = HfTokenizer::from_file(path)
-            .map_err(|e| ferr(format!("cannot read ({e}); is it a tokenizer.json?")))?;
+        let bytes = std::fs::read(path).map_err(|e| ferr(format!("cannot read ({e})")))?;
+        Tokenizer::from_bytes(path, &bytes)
+    }
+
+    /// Parses the bytes of a `tokenizer.json` read from `path` (named in errors): for callers
+    /// that also hash the bytes, so the file is read once.
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Tokenizer> {
+        let ferr = |msg: String| Error::File {
+            path: path.into(),
+            msg,
+        };
+        let inner = HfTokenizer::from_bytes(bytes).map_err(|e| {
+            ferr(format!(
+                "cannot read ({}); is it a tokenizer.json?",
+                short(&e)
+            ))
+        })?;
         let t = Tokenizer::wrap(inner);
         for (i, s) in SPECIAL_TOKENS.iter().enumerate() {
             if t.inner.token_to_id(s) != Some(i as u32) {

@@ -202,8 +202,13 @@ pub fn latest_good(run: &Path) -> Result<Option<(PathBuf, Vec<String>)>> {
             .collect(),
         Err(_) => return Ok(None),
     };
+    // NOTE: only temp dirs of dead writers (`.tmp-step-N-PID`): `sample`, `eval` or `serve`
+    // may look at a run that is still training, mid-way through writing a checkpoint
     for n in names.iter().filter(|n| n.starts_with(".tmp-")) {
-        let _ = std::fs::remove_dir_all(root.join(n));
+        let pid = n.rsplit('-').next().and_then(|p| p.parse::<i32>().ok());
+        if pid.is_none_or(|p| !crate::lock::pid_alive(p)) {
+            let _ = std::fs::remove_dir_all(root.join(n));
+        }
     }
     names.retain(|n| n.starts_with("step-"));
     names.sort();
@@ -260,14 +265,25 @@ pub fn load(dir: &Path, model: &mut Model, opt: &mut Optimizer) -> Result<State>
 
 /// "model.d_model: 256 in the checkpoint, 128 in the config" for the first differing field.
 pub fn describe_diff(a: &ModelConfig, b: &ModelConfig) -> String {
+    describe_section_diff("model", a, b, "the checkpoint")
+}
+
+/// The first field of config section `section` that differs: "train.lr: 0.003 in
+/// {`where_a`}, 0.001 in the config".
+pub fn describe_section_diff<T: serde::Serialize>(
+    section: &str,
+    a: &T,
+    b: &T,
+    where_a: &str,
+) -> String {
     let (ta, tb) = (toml::Value::try_from(a).ok(), toml::Value::try_from(b).ok());
     if let (Some(toml::Value::Table(ta)), Some(toml::Value::Table(tb))) = (ta, tb) {
         for (k, va) in &ta {
             if tb.get(k) != Some(va) {
                 let vb = tb.get(k).map_or("missing".to_string(), |v| v.to_string());
-                return format!("model.{k}: {va} in the checkpoint, {vb} in the config");
+                return format!("{section}.{k}: {va} in {where_a}, {vb} in the config");
             }
         }
     }
-    "model sections differ".into()
+    format!("{section} sections differ")
 }

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod dist;
 pub mod eval;
 mod fault;
+pub mod lock;
 pub mod manifest;
 pub mod schedule;
 pub mod trainer;

@@ -7,7 +7,7 @@
 //! Rewritten atomically (temp file + rename) at the start of each segment and after each
 //! checkpoint, by the process that writes checkpoints (rank 0).
 
-use crate::{io_err, Error, Result};
+use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -93,19 +93,4 @@ impl Manifest {
         let json = serde_json::to_string_pretty(self).expect("manifest serialises");
         data::write_atomic(&Manifest::path(run), json.as_bytes()).map_err(Error::from)
     }
-}
-
-/// sha256 of the files of a data dir that training reads.
-pub fn hash_data_dir(dir: &Path, files: &[&str]) -> Result<DataRecord> {
-    let mut sha256 = BTreeMap::new();
-    for f in files {
-        let p = dir.join(f);
-        let bytes = std::fs::read(&p).map_err(io_err(&p))?;
-        sha256.insert(f.to_string(), data::sha256_hex(&bytes));
-    }
-    Ok(DataRecord {
-        kind: "dir".into(),
-        path: Some(dir.canonicalize().map_err(io_err(dir))?),
-        sha256,
-    })
 }

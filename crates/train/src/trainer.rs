@@ -19,6 +19,7 @@ use data::meta::Meta;
 use data::shard;
 use model::{io, Config, Distill, Model, Optimizer};
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -129,6 +130,12 @@ pub struct Dataset {
     pub val: Split,
     /// The tokenizer.json the data is encoded with (copied into the run dir).
     pub tokenizer_json: Vec<u8>,
+    /// sha256 of `tokenizer_json`.
+    pub tokenizer_sha256: String,
+    /// sha256 of each data file read (a data dir's `train.bin`/`val.bin` or
+    /// `train.jsonl`/`val.jsonl`, checked against meta.json), or of the examples' JSON
+    /// (`train`, `val`): what the manifest records, hashed once.
+    pub sha256: BTreeMap<String, String>,
 }
 
 fn check_vocab(what: &str, tok_vocab: usize, vocab_size: usize, fix: &str) -> Result<()> {
@@ -145,6 +152,9 @@ fn check_vocab(what: &str, tok_vocab: usize, vocab_size: usize, fix: &str) -> Re
 impl Dataset {
     /// Opens a data dir written by `moelab prepare` (`--corpus` or `--task`); chat rows are
     /// packed to `seq_len`.
+    ///
+    /// Every file is checked against the sha256 meta.json records for it, as it is read (one
+    /// read and one hash per file; the hashes are kept for the manifest).
     pub fn open(dir: &Path, vocab_size: usize, seq_len: usize) -> Result<Dataset> {
         let meta = Meta::load(dir)?;
         check_vocab(
@@ -154,12 +164,25 @@ impl Dataset {
             &format!(" or re-run `moelab prepare --vocab-size {vocab_size}`"),
         )?;
         let tok_path = dir.join("tokenizer.json");
-        let tokenizer_json = std::fs::read(&tok_path).map_err(io_err(&tok_path))?;
+        let (tokenizer_json, tokenizer_sha256) = meta.read_checked(dir, "tokenizer.json")?;
+        // a tokenizer that hashes right but does not parse (or has another vocabulary than
+        // meta.json says) is refused here, not by `sample` after hours of training
+        let tok = Tokenizer::from_bytes(&tok_path, &tokenizer_json).map_err(data::Error::from)?;
+        if tok.vocab_size() != meta.vocab_size {
+            return Err(Error::Usage(format!(
+                "{}: has {} tokens but meta.json says {}; re-run `moelab prepare --force`",
+                tok_path.display(),
+                tok.vocab_size(),
+                meta.vocab_size
+            )));
+        }
+        let mut sha256 = BTreeMap::new();
         if meta.kind == "chat" {
-            let tok = Tokenizer::from_file(&tok_path).map_err(data::Error::from)?;
-            let read = |name: &str| -> Result<Packed> {
+            let mut read = |name: &str| -> Result<Packed> {
                 let path = dir.join(name);
-                let (ex, bad) = chat::read_jsonl(&path)?;
+                let (bytes, sha) = meta.read_checked(dir, name)?;
+                sha256.insert(name.to_string(), sha);
+                let (ex, bad) = chat::parse_jsonl(&bytes);
                 if let Some((line, msg)) = bad.first() {
                     return Err(Error::Usage(format!(
                         "{}:{line}: malformed example ({msg}); re-run `moelab prepare --task`",
@@ -174,15 +197,23 @@ impl Dataset {
                 train: Split::Chat(train),
                 val: Split::Chat(val),
                 tokenizer_json,
+                tokenizer_sha256,
+                sha256,
             });
         }
-        let train = shard::read(&dir.join("train.bin"))?.tokens;
-        let val = shard::read(&dir.join("val.bin"))?.tokens;
+        let mut read = |name: &str| -> Result<Vec<u32>> {
+            let (bytes, sha) = meta.read_checked(dir, name)?;
+            sha256.insert(name.to_string(), sha);
+            Ok(shard::parse(&dir.join(name), &bytes)?.tokens)
+        };
+        let (train, val) = (read("train.bin")?, read("val.bin")?);
         Ok(Dataset {
             meta: Some(meta),
             train: Split::Tokens(train),
             val: Split::Tokens(val),
             tokenizer_json,
+            tokenizer_sha256,
+            sha256,
         })
     }
 
@@ -202,11 +233,20 @@ impl Dataset {
             "",
         )?;
         let tokenizer_json = std::fs::read(tokenizer).map_err(io_err(tokenizer))?;
+        let h = |e: &[Example]| {
+            data::sha256_hex(
+                serde_json::to_string(e)
+                    .expect("examples serialise")
+                    .as_bytes(),
+            )
+        };
         Ok(Dataset {
             meta: None,
             train: Split::Chat(pack_examples(&tok, train, seq_len)),
             val: Split::Chat(pack_examples(&tok, val, seq_len)),
+            tokenizer_sha256: data::sha256_hex(&tokenizer_json),
             tokenizer_json,
+            sha256: [("train".to_string(), h(train)), ("val".to_string(), h(val))].into(),
         })
     }
 }
@@ -280,11 +320,40 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     data::write_atomic(path, kept.as_bytes()).map_err(Error::from)
 }
 
-/// Prepares the run dir for a new run or checks it for a resume. Nothing is written when the
-/// run cannot go ahead.
-fn open_run_dir(spec: &RunSpec, tokenizer_json: &[u8], writer: bool) -> Result<()> {
+/// What [`check_run_dir`] found: a new run, a restart of a run dir that never reached a
+/// checkpoint, or a resume.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RunDirPlan {
+    New,
+    Restart,
+    Resume,
+}
+
+/// Checks the run dir for a new run or a resume, writing nothing (every process of a group
+/// checks before rank 0 writes). `probe_lock`: refuse when another process trains in it
+/// (false for the process that holds the lock itself).
+///
+/// NOTE: a resume must continue the same run: the same config (`[train]` included), the
+/// same tokenizer and the same data, and the run's own files as the manifest recorded them.
+/// The LR schedule (it spans `train.steps`), the batch order (`train.seed`) and every
+/// optimizer setting shape the weights; a run whose settings changed mid-way could not be
+/// replayed by `moelab verify` from its one config.toml, so such a resume is refused (it
+/// changes nothing) rather than recorded.
+fn check_run_dir(
+    spec: &RunSpec,
+    ds: &Dataset,
+    rec: &DataRecord,
+    probe_lock: bool,
+) -> Result<RunDirPlan> {
     let run = &spec.run_dir;
+    if probe_lock {
+        crate::lock::check_free(run)?;
+    }
     let cfg_path = run.join("config.toml");
+    let read = |name: &str| -> Result<Vec<u8>> {
+        let p = run.join(name);
+        std::fs::read(&p).map_err(io_err(&p))
+    };
     if spec.resume {
         if checkpoint::latest_good(run)?.is_none() {
             return Err(Error::Usage(format!(
@@ -292,7 +361,29 @@ fn open_run_dir(spec: &RunSpec, tokenizer_json: &[u8], writer: bool) -> Result<(
                 run.display()
             )));
         }
-        let text = std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?;
+        let cfg_bytes = read("config.toml")?;
+        let tok_bytes = read("tokenizer.json")?;
+        let old_manifest = if Manifest::path(run).exists() {
+            Some(Manifest::load(run)?)
+        } else {
+            None
+        };
+        if let Some(m) = &old_manifest {
+            // the run's own inputs, as its manifest vouches for them (an edited config.toml
+            // would otherwise be recorded as if the whole run had used it)
+            for (name, bytes, want) in [
+                ("config.toml", &cfg_bytes, &m.config_sha256),
+                ("tokenizer.json", &tok_bytes, &m.tokenizer_sha256),
+            ] {
+                if &data::sha256_hex(bytes) != want {
+                    return Err(Error::Usage(format!(
+                        "cannot resume {}: {name} was changed since training (its sha256 differs from manifest.json); restore the original or train into another --out",
+                        run.display()
+                    )));
+                }
+            }
+        }
+        let text = String::from_utf8_lossy(&cfg_bytes);
         let old = Config::from_toml(&text)?;
         if old.model != spec.cfg.model {
             return Err(Error::Usage(format!(
@@ -302,19 +393,73 @@ fn open_run_dir(spec: &RunSpec, tokenizer_json: &[u8], writer: bool) -> Result<(
                 cfg_path.display()
             )));
         }
-        return Ok(());
+        if old.train != spec.cfg.train {
+            return Err(Error::Usage(format!(
+                "cannot resume {}: {}; a run keeps its [train] section (the LR schedule, batch order and optimizer shape its weights, and `moelab verify` replays one config): resume with --config {} and no --steps/--seed/--grad-accum, or train into another --out (issue 11)",
+                run.display(),
+                checkpoint::describe_section_diff("train", &old.train, &spec.cfg.train, "the run"),
+                cfg_path.display()
+            )));
+        }
+        if data::sha256_hex(&tok_bytes) != ds.tokenizer_sha256 {
+            return Err(Error::Usage(format!(
+                "cannot resume {}: the data's tokenizer is not the run's tokenizer.json; resume with the data the run was trained on",
+                run.display()
+            )));
+        }
+        if let Some(m) = &old_manifest {
+            if let Some((f, _)) = m
+                .data
+                .sha256
+                .iter()
+                .find(|(f, h)| rec.sha256.get(*f) != Some(h))
+            {
+                let what = m
+                    .data
+                    .path
+                    .as_ref()
+                    .map_or(String::new(), |p| format!(" ({})", p.display()));
+                return Err(Error::Usage(format!(
+                    "cannot resume {}: {f} differs from the data the run was trained on; resume with the original data{what}",
+                    run.display()
+                )));
+            }
+        }
+        return Ok(RunDirPlan::Resume);
     }
     if cfg_path.exists() || run.join("latest").exists() {
-        return Err(Error::Usage(format!(
-            "{} already holds a run; pass --resume to continue it or choose another --out",
-            run.display()
-        )));
+        let any_ckpt = std::fs::read_dir(run.join("checkpoints")).is_ok_and(|mut d| {
+            d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("step-")))
+        });
+        if any_ckpt || run.join("latest").exists() {
+            return Err(Error::Usage(format!(
+                "{} already holds a run; pass --resume to continue it or choose another --out",
+                run.display()
+            )));
+        }
+        // NOTE: a run that died before its first checkpoint holds nothing to resume (and
+        // its weights are a pure function of the config), so a new run may replace it
+        return Ok(RunDirPlan::Restart);
     }
-    if !writer {
+    Ok(RunDirPlan::New)
+}
+
+/// Writes the run dir of a new run (or a restart): config.toml and tokenizer.json. Called by
+/// the writer, holding the lock, after [`check_run_dir`].
+fn write_run_dir(spec: &RunSpec, tokenizer_json: &[u8], plan: RunDirPlan) -> Result<()> {
+    let run = &spec.run_dir;
+    if plan == RunDirPlan::Resume {
         return Ok(());
     }
-    std::fs::create_dir_all(run).map_err(io_err(run))?;
-    data::write_atomic(&cfg_path, spec.cfg.to_toml().as_bytes())?;
+    if plan == RunDirPlan::Restart {
+        for f in ["metrics.jsonl", "manifest.json"] {
+            let p = run.join(f);
+            if p.exists() {
+                std::fs::remove_file(&p).map_err(io_err(&p))?;
+            }
+        }
+    }
+    data::write_atomic(&run.join("config.toml"), spec.cfg.to_toml().as_bytes())?;
     data::write_atomic(&run.join("tokenizer.json"), tokenizer_json)?;
     Ok(())
 }
@@ -377,13 +522,19 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
     }
     // rank 0 writes (config, metrics, checkpoints, manifest); a replay writes nothing
     let writer = rank == 0 && !spec.opts.dry;
+    let rec = data_record(&spec.source, &ds)?;
+    let mut _lock = None;
     if !spec.opts.dry {
         // every process checks before any writes (else the others would find rank 0's new
         // run dir and take it for an existing run)
-        open_run_dir(spec, &ds.tokenizer_json, false)?;
+        check_run_dir(spec, &ds, &rec, true)?;
         comm.all_gather(&[0]);
         if writer {
-            open_run_dir(spec, &ds.tokenizer_json, true)?;
+            std::fs::create_dir_all(&spec.run_dir).map_err(io_err(&spec.run_dir))?;
+            _lock = Some(crate::lock::RunLock::acquire(&spec.run_dir)?);
+            // again under the lock: another process may have started since the first check
+            let plan = check_run_dir(spec, &ds, &rec, false)?;
+            write_run_dir(spec, &ds.tokenizer_json, plan)?;
         }
     }
     let run = &spec.run_dir;
@@ -405,7 +556,7 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
         checksum: String::new(),
     };
     if spec.resume {
-        let (dir, notes) = checkpoint::latest_good(run)?.expect("checked by open_run_dir");
+        let (dir, notes) = checkpoint::latest_good(run)?.expect("checked by check_run_dir");
         for n in notes {
             rep.message(&n);
         }
@@ -422,7 +573,7 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
     let mut manifest = if writer {
         Some(start_manifest(
             spec,
-            &ds,
+            rec,
             state.step,
             spec.resume.then_some(state.weights_hash.as_str()),
             world,
@@ -646,37 +797,27 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
     Ok(outcome)
 }
 
-/// What this run's data is: file hashes of a data dir, or of the in-memory examples.
+/// What this run's data is: the hashes [`Dataset`] computed as it read the data dir (or the
+/// in-memory examples).
 pub fn data_record(source: &Source, ds: &Dataset) -> Result<DataRecord> {
-    match source {
-        Source::Dir(d) => {
-            let files: &[&str] = match ds.train {
-                Split::Chat(_) => &["train.jsonl", "val.jsonl"],
-                Split::Tokens(_) => &["train.bin", "val.bin"],
-            };
-            manifest::hash_data_dir(d, files)
-        }
-        Source::Examples { train, val, .. } => {
-            let h = |e: &[Example]| {
-                data::sha256_hex(
-                    serde_json::to_string(e)
-                        .expect("examples serialise")
-                        .as_bytes(),
-                )
-            };
-            Ok(DataRecord {
-                kind: "examples".into(),
-                path: None,
-                sha256: [("train".to_string(), h(train)), ("val".to_string(), h(val))].into(),
-            })
-        }
-    }
+    Ok(match source {
+        Source::Dir(d) => DataRecord {
+            kind: "dir".into(),
+            path: Some(d.canonicalize().map_err(io_err(d))?),
+            sha256: ds.sha256.clone(),
+        },
+        Source::Examples { .. } => DataRecord {
+            kind: "examples".into(),
+            path: None,
+            sha256: ds.sha256.clone(),
+        },
+    })
 }
 
 /// The run's manifest with a new segment (a fresh run's, or the existing one's on resume).
 fn start_manifest(
     spec: &RunSpec,
-    ds: &Dataset,
+    data: DataRecord,
     from_step: u64,
     resumed_hash: Option<&str>,
     world: usize,
@@ -695,7 +836,7 @@ fn start_manifest(
         format_version: manifest::FORMAT_VERSION,
         config_sha256: sha("config.toml")?,
         tokenizer_sha256: sha("tokenizer.json")?,
-        data: data_record(&spec.source, ds)?,
+        data,
         seed: spec.cfg.train.seed,
         steps: spec.cfg.train.steps,
         grad_accum: spec.cfg.train.grad_accum,
