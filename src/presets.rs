@@ -30,3 +30,34 @@ pub fn load_config(spec: &str) -> Result<Config> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression (issue 11: the teacher and student presets were never parsed by a test):
+    /// the built-in presets are exactly the files in configs/, byte for byte, and each one
+    /// loads by name and validates.
+    #[test]
+    fn every_preset_is_its_file_in_configs_and_loads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut files: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| {
+                let n = e.unwrap().file_name().to_string_lossy().into_owned();
+                n.strip_suffix(".toml").map(String::from)
+            })
+            .collect();
+        files.sort();
+        let mut names: Vec<String> = PRESETS.iter().map(|(n, _)| n.to_string()).collect();
+        names.sort();
+        assert_eq!(names, files, "built-in presets vs configs/*.toml");
+        for (name, text) in PRESETS {
+            let file = dir.join(format!("{name}.toml"));
+            assert_eq!(*text, std::fs::read_to_string(&file).unwrap(), "{name}");
+            let cfg = load_config(name).unwrap_or_else(|e| panic!("preset {name}: {e:#}"));
+            cfg.validate().unwrap();
+            assert_eq!(cfg.to_toml(), Config::from_file(&file).unwrap().to_toml());
+        }
+    }
+}

@@ -299,9 +299,15 @@ fn keys_from_the_cli_gate_the_server_and_the_ledger_survives_kill_9() {
         list.contains("alice") && list.contains(&alice[..7]) && !list.contains(alice),
         "{list}"
     );
-    // the server dies without any chance to clean up
-    let _ = srv.child.kill();
-    let _ = srv.child.wait();
+    // the server dies without any chance to clean up (issue 11: the kill's outcome was
+    // ignored; a server that had already exited would have passed as killed)
+    srv.child.kill().unwrap();
+    let status = srv.child.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL),
+        "{status:?}"
+    );
     let usage = json(&ok(&["keys", "usage", "--db", dbs, "--json"]));
     let row = usage
         .as_array()

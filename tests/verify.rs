@@ -1,7 +1,7 @@
 //! `moelab verify` through the binary: a run replays bit for bit with another thread count and
-//! after a resume; changed inputs are refused; a run whose weights were disturbed mid-training
-//! is caught at the first differing step and tensor; published weights that are not the
-//! replayed ones are caught.
+//! after a resume; changed inputs (data, config, tokenizer) are refused; a run whose weights
+//! were disturbed mid-training is caught at the first differing step and tensor; published
+//! weights that are not the replayed ones are caught.
 
 mod common;
 
@@ -95,6 +95,40 @@ fn a_run_replays_bit_for_bit_with_other_threads_and_after_resume() {
         text(&o)
     );
     std::fs::write(&val, &saved).unwrap();
+    // issue 11: so are a changed config and a changed tokenizer (each a real change: another
+    // learning rate; two tokens with their ids swapped), named, before any replay
+    type Edit = fn(&str) -> String;
+    let edits: [(&str, Edit); 2] = [
+        ("config.toml", |t| t.replace("lr = 0.003", "lr = 0.004")),
+        ("tokenizer.json", |t| {
+            let mut v: serde_json::Value = serde_json::from_str(t).unwrap();
+            let vocab = v["model"]["vocab"].as_object_mut().unwrap();
+            let (a, b) = ("a".to_string(), "b".to_string()); // byte-level: always there
+            let (ia, ib) = (vocab[&a].clone(), vocab[&b].clone());
+            vocab.insert(a, ib);
+            vocab.insert(b, ia);
+            serde_json::to_string(&v).unwrap()
+        }),
+    ];
+    for (file, edit) in edits {
+        let p = run.join(file);
+        let saved = std::fs::read_to_string(&p).unwrap();
+        let changed = edit(&saved);
+        assert_ne!(changed, saved, "the test's edit of {file} did not apply");
+        std::fs::write(&p, changed).unwrap();
+        let o = moelab(&["verify", s(&run)], "2", None);
+        let out = text(&o);
+        assert!(!o.status.success(), "{file}: {out}");
+        assert!(
+            out.contains(&format!("{file} has changed since training")),
+            "{file}: {out}"
+        );
+        assert!(
+            !out.contains("replaying"),
+            "{file}: refused only after replaying: {out}"
+        );
+        std::fs::write(&p, saved).unwrap();
+    }
     // moved data: --data points at it
     std::fs::rename(&data, d.join("moved")).unwrap();
     let o = moelab(&["verify", s(&run), "--steps", "8"], "2", None);

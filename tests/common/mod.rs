@@ -79,3 +79,121 @@ pub fn hash(run: &Path) -> String {
         .unwrap()
         .to_string()
 }
+
+/// Says, past the test harness's capture, that a test did not run and proved nothing. (The
+/// harness swallows `eprintln!` of passing tests; a skip must be seen in every run.)
+pub fn skipped(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n*** SKIPPED {test}: {why}.\n*** It passed vacuously and proved NOTHING in this run. ***\n"
+    );
+}
+
+/// A tmpfs of a fixed size mounted for as long as the value lives: a real small file system
+/// that fills up (short writes, ENOSPC), unlike an injected error. Unmounted on drop, also
+/// when the test panics.
+pub struct Tmpfs {
+    pub dir: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `kib` KiB at `dir`. Err(why) when this process is not root (mounting
+    /// needs it); a root that cannot mount is a broken test machine and panics.
+    pub fn mount(dir: &Path, kib: u64) -> Result<Tmpfs, String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("not root, and mounting a tmpfs needs root (CI runs as root)".into());
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        let o = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={kib}k"),
+                "tmpfs",
+                s(dir),
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "root, yet mount failed: {}", text(&o));
+        Ok(Tmpfs { dir: dir.into() })
+    }
+
+    /// Bytes an unprivileged writer can still write (statvfs f_bavail).
+    pub fn free(&self) -> u64 {
+        let c = std::ffi::CString::new(s(&self.dir)).unwrap();
+        // SAFETY: statvfs fills the zeroed struct; c is a valid C string.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+        st.f_bavail as u64 * st.f_frsize as u64
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.dir)
+            .status()
+            .is_ok_and(|st| st.success());
+        if !ok {
+            // still busy: detach it now, the kernel frees it when the last user goes
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
+    }
+}
+
+/// Every file under `dir` (recursively) with its bytes, sorted by path.
+pub fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = vec![];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Copies the tree at `from` to `to` (files and dirs only).
+pub fn copy_tree(from: &Path, to: &Path) {
+    for (p, bytes) in files_under(from) {
+        let dst = to.join(p.strip_prefix(from).unwrap());
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        std::fs::write(dst, bytes).unwrap();
+    }
+}
+
+/// The floats of a checkpoint's model.safetensors (every tensor moelab writes is F32) and how
+/// many of them are not finite.
+pub fn non_finite_weights(ckpt: &Path) -> (usize, usize) {
+    let b = std::fs::read(ckpt.join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&b[8..8 + n]).unwrap();
+    assert_eq!(
+        header.matches("\"dtype\":").count(),
+        header.matches("\"dtype\":\"F32\"").count(),
+        "not all F32: {header}"
+    );
+    let floats: Vec<f32> = b[8 + n..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (
+        floats.len(),
+        floats.iter().filter(|v| !v.is_finite()).count(),
+    )
+}
+
+/// The checkpoint dir `latest` names.
+pub fn latest_checkpoint(run: &Path) -> PathBuf {
+    let name = std::fs::read_to_string(run.join("latest")).unwrap();
+    run.join("checkpoints").join(name.trim())
+}

@@ -41,14 +41,19 @@ pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) ->
     move |source| Error::Io { path, source }
 }
 
-/// Writes `data` to `path` atomically: a temp file in the same directory, fsync, rename.
+/// Writes `data` to `path` atomically: a temp file in the same directory, fsync, rename. On
+/// failure (a short write on a full disk, a failed fsync) `path` is untouched and the temp
+/// file is removed, so a full disk is not left fuller.
 pub fn write_atomic(path: &std::path::Path, data: &[u8]) -> Result<()> {
     use std::io::Write;
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(data).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    drop(f);
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(data).and_then(|()| f.sync_all()))
+        .map_err(io_err(&tmp));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 

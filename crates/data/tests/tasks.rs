@@ -1,4 +1,5 @@
-//! Every verifier accepts every ground-truth solution and rejects corrupted answers.
+//! Every verifier accepts every ground-truth solution and rejects corrupted answers; task
+//! generation is stable (golden examples).
 
 use data::tasks::{self, Task, ALL};
 use proptest::prelude::*;
@@ -65,20 +66,49 @@ proptest! {
     }
 }
 
+/// One example per task and default difficulty (seed = difficulty) must be the ones in
+/// tests/golden/task-examples.txt: task generation is part of every task dataset's identity
+/// (the same `--seed` must give the same problems, hence the same splits and runs), so a
+/// change to it must be deliberate: then rewrite the file with MOELAB_BLESS=1.
+/// Regression (issue 11): this test printed the examples and asserted nothing.
 #[test]
-fn print_examples() {
+fn examples_match_the_golden_file() {
+    let mut got = String::new();
     for t in ALL {
         for d in t.difficulties() {
             let mut rng = ChaCha8Rng::seed_from_u64(d as u64);
             let p = t.generate(&mut rng, d);
-            println!(
-                "--- {} d{}\n{}\n<think>\n{}\n</think>\n{}",
+            assert_eq!((p.task, p.difficulty), (t, d));
+            assert!(tasks::verify(&p.prompt, &p.answer), "{p:?}");
+            got.push_str(&format!(
+                "--- {} d{}\n{}\n<think>\n{}\n</think>\n{}\n",
                 t.name(),
                 d,
                 p.prompt,
                 p.reasoning,
                 p.answer
-            );
+            ));
         }
     }
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/golden/task-examples.txt"
+    );
+    if std::env::var_os("MOELAB_BLESS").is_some() {
+        std::fs::write(path, &got).unwrap();
+    }
+    let want = std::fs::read_to_string(path).unwrap();
+    if let Some((i, (w, g))) = want
+        .lines()
+        .zip(got.lines())
+        .enumerate()
+        .find(|(_, (w, g))| w != g)
+    {
+        panic!("{path}:{}: want {w:?}, generated {g:?}", i + 1);
+    }
+    assert_eq!(
+        want.lines().count(),
+        got.lines().count(),
+        "{path}: line count"
+    );
 }

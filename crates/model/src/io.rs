@@ -74,7 +74,9 @@ pub fn save_prefixed(layout: &Layout, bufs: &[(&str, &[f32])], path: &Path) -> R
     write_atomic(path, &data)
 }
 
-/// Writes `data` to `path` via a temp file in the same directory, fsync, rename.
+/// Writes `data` to `path` via a temp file in the same directory, fsync, rename. On failure
+/// (a short write on a full disk, a failed fsync) `path` is untouched and the temp file is
+/// removed.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     use std::io::Write;
     let io = |source| Error::Io {
@@ -82,10 +84,12 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
         source,
     };
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(data).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    drop(f);
+    let written =
+        std::fs::File::create(&tmp).and_then(|mut f| f.write_all(data).and_then(|()| f.sync_all()));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
     std::fs::rename(&tmp, path).map_err(io)
 }
 

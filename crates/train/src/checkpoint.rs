@@ -93,6 +93,7 @@ pub fn save(
     fsync_dir(&root)?;
     fault::point("ckpt-renamed", step, &dst)?;
     data::write_atomic(&run.join("latest"), format!("{name}\n").as_bytes())?;
+    fsync_dir(run)?; // the rename of `latest` is durable before older checkpoints are pruned
     fault::point("ckpt-latest", step, &dst)?;
     prune(&root, keep, &name)?;
     Ok(dst)
@@ -113,6 +114,9 @@ fn write_files(tmp: &Path, model: &Model, opt: &Optimizer, state: &State) -> Res
     let mut st = state.clone();
     for f in ["model.safetensors", "optim.safetensors"] {
         let p = tmp.join(f);
+        // NOTE: a failed fsync is never retried (after one, the kernel may have dropped the
+        // dirty pages and a second fsync "succeeds"): the checkpoint is abandoned instead.
+        fault::point("eio-fsync", step, &p)?;
         std::fs::File::open(&p)
             .and_then(|f| f.sync_all())
             .map_err(io_err(&p))?;

@@ -631,6 +631,13 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
                     model.backward(1.0 / tc.grad_accum as f32);
                 }
             }
+            if j == 0 && fault::active("nan-grad", this_step) {
+                // one element of a trainable tensor, as an overflow in a backward kernel
+                // would leave it; it must reach the anomaly check through the fold
+                let t = model.layout.tensors.iter().find(|t| t.trainable);
+                let t = t.expect("a model has trainable tensors");
+                model.grads[t.offset + t.len / 2] = f32::NAN;
+            }
             // swaps, not copies: with one micro-batch per step nothing is copied at all
             if rank > 0 {
                 std::mem::swap(&mut held[j], &mut model.grads);
