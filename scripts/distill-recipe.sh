@@ -10,7 +10,8 @@
 # 4. student (< 1/4 of the teacher's active params) on the verified traces
 # 5. the same student on answers only, same steps and tokens
 # 6. the student on the traces plus the teacher's logits (KD)
-# 7. held-out evaluation of all four; results in OUT_DIR/results.md
+# 7. evaluation of all four on the test split (problems disjoint from training by a hash of
+#    their prompt; nothing here was tuned on it); results in OUT_DIR/results.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/distill}
@@ -18,11 +19,11 @@ TEACHER_STEPS=${TEACHER_STEPS:-2500}
 STUDENT_STEPS=${STUDENT_STEPS:-2000}
 N=${N:-40000}           # training problems for the teacher
 PROMPTS=${PROMPTS:-12000} # fresh prompts the teacher answers
-EVAL_N=${EVAL_N:-800}    # held-out problems per model
+EVAL_N=${EVAL_N:-2000}   # test-split problems per model
 KD_WEIGHT=${KD_WEIGHT:-0.5}
 KD_T=${KD_T:-2}
-cargo build --release --quiet
-M=target/release/moelab
+if [ -z "${MOELAB:-}" ]; then cargo build --release --quiet; fi
+M=${MOELAB:-target/release/moelab}  # MOELAB=path runs a copied binary (safe while rebuilding)
 mkdir -p "$OUT"
 stage() { echo; echo "== $* ($(date +%T))"; }
 timed() { /usr/bin/env time -f "%e s" -a -o "$OUT/times.txt" "$@"; }
@@ -56,16 +57,20 @@ stage "6. student on traces + teacher logits (W=$KD_WEIGHT, T=$KD_T)"
     timed $M distill train --config student --traces "$OUT/traces.jsonl" --teacher "$OUT/teacher" \
     --kd-weight "$KD_WEIGHT" --kd-temperature "$KD_T" --out "$OUT/student-kd" --steps "$STUDENT_STEPS"; }
 
-stage "7. held-out evaluation ($EVAL_N problems, seed 1000, greedy)"
+stage "7. test-split evaluation ($EVAL_N problems, seed 1000, greedy)"
 for r in teacher student student-answers student-kd; do
-    $M eval --run "$OUT/$r" --task all --n "$EVAL_N" | tee "$OUT/eval-$r.txt"
+    if [ ! -s "$OUT/eval-$r.txt" ]; then
+        $M eval --run "$OUT/$r" --task all --split test --n "$EVAL_N" > "$OUT/eval-$r.txt.tmp"
+        mv "$OUT/eval-$r.txt.tmp" "$OUT/eval-$r.txt"
+    fi
+    cat "$OUT/eval-$r.txt"
 done
 {
-    echo "| model | active params | add | mul | expr | sort | all | multi-step (add, mul, expr) |"
+    echo "| model | active params | add | mul | expr | sort | all (95% interval) | multi-step (add, mul, expr) |"
     echo "|---|---|---|---|---|---|---|---|"
     for r in teacher student student-answers student-kd; do
         acc() { awk -v t="$1" '$1 == t && $2 == "all" { print $3 }' "$OUT/eval-$r.txt"; }
-        all=$(awk '$1 == "all" { print $2 }' "$OUT/eval-$r.txt")
+        all=$(awk '$1 == "all" { print $2 " (" $3 ", n " $4 ")" }' "$OUT/eval-$r.txt")
         multi=$(awk '($1 == "add" || $1 == "mul" || $1 == "expr") && $2 == "all" { s += $3; n++ } END { printf "%.1f%%", s / n }' "$OUT/eval-$r.txt")
         echo "| $r | $(awk '/active matmul params/ { print $NF }' "$OUT/eval-$r.txt") | $(acc add) | $(acc mul) | $(acc expr) | $(acc sort) | $all | $multi |"
     done
