@@ -86,6 +86,8 @@ pub struct AppState {
     pub keys: Arc<KeyStore>,
     pub cfg: ServerConfig,
     pub metrics: Arc<Metrics>,
+    /// [`Tokenizer::max_token_bytes`], for refusing prompts that cannot fit before encoding them.
+    max_token_bytes: usize,
     /// Usage records go to a writer thread that commits them to the ledger (ledger.rs).
     ledger: Mutex<Option<mpsc::Sender<UsageRecord>>>,
     ledger_writer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -105,6 +107,7 @@ impl AppState {
         };
         Arc::new(AppState {
             engine,
+            max_token_bytes: tok.max_token_bytes(),
             tok: Arc::new(tok),
             keys,
             cfg,

@@ -426,6 +426,38 @@ impl Reader {
     }
 }
 
+/// What a prompt's text may be before it is encoded.
+#[derive(Clone, Copy)]
+struct Fits {
+    context: usize,
+    max_token_bytes: usize,
+}
+
+impl Fits {
+    fn of(state: &AppState) -> Fits {
+        Fits {
+            context: state.engine.config().max_seq_len,
+            max_token_bytes: state.max_token_bytes,
+        }
+    }
+
+    /// Refuses `bytes` of prompt text that are more tokens than the context however they
+    /// encode. NOTE: a body of `--max-body` bytes is far over any context; encoding it only to
+    /// count its tokens cost seconds of CPU per request (issue 11).
+    fn check(self, bytes: usize, param: &'static str) -> Result<(), ApiError> {
+        let at_least = bytes / self.max_token_bytes;
+        if at_least >= self.context {
+            return Err(ApiError::invalid(format!(
+                "this model's maximum context length is {} tokens; the prompt has at least {at_least} tokens and at least one must be left for the reply",
+                self.context
+            ))
+            .code("context_length_exceeded")
+            .param(param));
+        }
+        Ok(())
+    }
+}
+
 /// Runs `f` on tokio's blocking pool.
 ///
 /// NOTE: parsing a body of up to `--max-body` bytes and tokenizing its prompt take up to a
@@ -444,10 +476,11 @@ pub async fn chat_completions(
     Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let tok = state.tok.clone();
+    let (tok, fits) = (state.tok.clone(), Fits::of(&state));
     let (common, prompt) = off_the_workers(move || {
         let req: ChatRequest = parse(body)?;
         let messages = to_messages(req.messages)?;
+        fits.check(messages.iter().map(|m| m.content.len()).sum(), "messages")?;
         Ok((req.common, render_prompt(&tok, &messages)))
     })
     .await?;
@@ -461,7 +494,7 @@ pub async fn completions(
     Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let tok = state.tok.clone();
+    let (tok, fits) = (state.tok.clone(), Fits::of(&state));
     let (common, prompt) = off_the_workers(move || {
         let req: CompletionRequest = parse(body)?;
         let text = match req.prompt {
@@ -473,6 +506,7 @@ pub async fn completions(
                 )
             }
         };
+        fits.check(text.len(), "prompt")?;
         // documents are separated by <|end|> in training data, so it also marks a start; the
         // prompt itself is text, whatever markers it spells
         let mut prompt = vec![tok.special("<|end|>").expect("moelab tokenizer")];

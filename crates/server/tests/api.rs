@@ -650,3 +650,30 @@ async fn issue_11_special_token_strings_in_requests_are_text_on_every_route() {
         "one <|end|>, then text"
     );
 }
+
+#[tokio::test]
+async fn issue_11_a_prompt_that_cannot_fit_is_refused_before_it_is_encoded() {
+    let f = fixture(
+        "huge",
+        EngineConfig::default(),
+        ServerConfig {
+            max_body_bytes: 2 << 20,
+            ..Default::default()
+        },
+    );
+    let tok = &f.state.tok;
+    // the bound is sound: no text has fewer tokens than its bytes over the longest token
+    let text = "What is 12 + 34? Let me think: 2 + 4 = 6 ✓ 🙂 <|end|>";
+    assert!(tok.encode(text).len() >= text.len() / tok.max_token_bytes());
+    let huge = "12 + 34 = 46. ".repeat(70_000);
+    for (path, body) in [
+        ("/v1/chat/completions", chat(&huge, json!({}))),
+        ("/v1/completions", json!({"prompt": huge, "max_tokens": 2})),
+    ] {
+        let t = std::time::Instant::now();
+        let r = post(&f.app, path, body).await;
+        assert_error(&r, StatusCode::BAD_REQUEST, "the prompt has at least");
+        assert_eq!(r.1["error"]["code"], "context_length_exceeded");
+        eprintln!("{path}: refused in {:?}", t.elapsed());
+    }
+}
