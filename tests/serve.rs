@@ -500,10 +500,14 @@ fn the_load_test_script_runs_clean_on_a_short_budget() {
 
 /// Sends `req` (a whole HTTP request) on a new connection; returns the connection.
 fn send_raw(addr: &str, req: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s.write_all(req.as_bytes()).unwrap();
-    s
+    try_send(addr, req).unwrap()
+}
+
+fn try_send(addr: &str, req: &str) -> std::io::Result<TcpStream> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    s.write_all(req.as_bytes())?;
+    Ok(s)
 }
 
 fn post_req(path: &str, body: &str, key: Option<&str>) -> String {
@@ -539,10 +543,18 @@ fn issue_11_clients_that_hang_up_mid_stream_do_not_kill_the_server() {
         // a wave of clients that each read the start of their stream, then leave in one of
         // the ways clients do: close with data unread (reset), shut down both ways, or
         // half-close and read a little more
-        let wave: Vec<TcpStream> = (0..12).map(|_| send_raw(&srv.addr, &req)).collect();
+        let wave: Vec<TcpStream> = (0..12)
+            .map_while(|_| try_send(&srv.addr, &req).ok())
+            .collect();
+        if wave.is_empty() {
+            // refused: the server is gone (checked below)
+            std::thread::sleep(Duration::from_millis(200));
+        }
         for (i, mut s) in wave.into_iter().enumerate() {
             let mut buf = [0u8; 600];
             let _ = s.read(&mut buf);
+            // leave at different moments of the stream, while the server is writing
+            std::thread::sleep(Duration::from_millis((hung_up % 7) as u64));
             match i % 3 {
                 0 => {}
                 1 => {
@@ -567,6 +579,20 @@ fn issue_11_clients_that_hang_up_mid_stream_do_not_kill_the_server() {
         hung_up >= 300,
         "only {hung_up} clients in {:?}",
         t.elapsed()
+    );
+    // NOTE: whether a hang-up raises SIGPIPE is a race inside hyper (the audit needed 40 to
+    // 1,360 clients; an unfixed server died here after 36 in one run, survived 1,000 in
+    // another before clients left at varied moments), so the
+    // disposition itself is checked too: SIGPIPE (13) is ignored
+    let status = std::fs::read_to_string(format!("/proc/{}/status", srv.child.id())).unwrap();
+    let ignored = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
+        .unwrap();
+    assert!(
+        ignored & (1 << (13 - 1)) != 0,
+        "SIGPIPE is not ignored: SigIgn {ignored:x}"
     );
     let (s, body) = srv.request("GET", "/health", "", None);
     assert_eq!(s, 200, "{body}");
