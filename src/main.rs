@@ -17,7 +17,7 @@ mod verify_cmd;
 
 use clap::{Parser, Subcommand};
 
-/// Process-wide settings. Also restores the default SIGPIPE action.
+/// Process-wide allocator settings.
 ///
 /// NOTE: gemm allocates its packing buffers (up to a few MiB) on every call. With glibc's
 /// defaults those come from fresh mmaps or trimmed arenas, so every matmul page-faults its
@@ -28,8 +28,26 @@ fn keep_freed_memory() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-        // `moelab ... | head` should end quietly, as other Unix tools do.
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// SIGPIPE: the default action (end quietly) for commands that write to a pipe, so that
+/// `moelab ... | head` stops as other Unix tools do; ignored by `moelab serve`.
+///
+/// NOTE: a server must never take SIGPIPE's default action. hyper writes responses with
+/// `writev`, which (unlike `send` with MSG_NOSIGNAL) raises SIGPIPE when the client has
+/// already closed its socket: every client that hung up mid-stream (curl Ctrl-C, a closed
+/// tab, `break` in an openai stream loop) was a chance to kill the whole server (issue 11).
+/// Ignored, the write fails with EPIPE and only that connection ends.
+fn sigpipe(cmd: &Cmd) {
+    let action = if matches!(cmd, Cmd::Serve(_)) {
+        libc::SIG_IGN
+    } else {
+        libc::SIG_DFL
+    };
+    // SAFETY: sets a signal disposition; called before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, action);
     }
 }
 
@@ -76,7 +94,7 @@ enum Cmd {
     Chat(chat_cmd::ChatArgs),
     /// Serve a run over an OpenAI-compatible HTTP API (reasoning in `reasoning_content`) and a web chat page.
     #[command(
-        after_help = "Examples:\n  moelab serve --run runs/student\n  moelab serve --run runs/student --addr 0.0.0.0:8080 --keys-db keys.db --rate-limit 60\n\nThen: open http://127.0.0.1:8080/ or point an OpenAI client at http://127.0.0.1:8080/v1.\nSIGINT/SIGTERM stop it gracefully (in-flight requests finish within --shutdown-deadline)."
+        after_help = "Examples:\n  moelab serve --run runs/student\n  moelab serve --run runs/student --addr 0.0.0.0:8080 --keys-db keys.db --rate-limit 60\n\nThen: open http://127.0.0.1:8080/ or point an OpenAI client at http://127.0.0.1:8080/v1.\nSIGINT/SIGTERM stop it gracefully (in-flight requests finish within --shutdown-deadline).\nLimits: --max-body, --max-connections, --header-timeout and --body-timeout bound what one\nclient can hold; a stop sequence is at most 128 bytes."
     )]
     Serve(serve_cmd::ServeArgs),
     /// Manage API keys and read the usage ledger of `moelab serve`.
@@ -110,6 +128,7 @@ enum Cmd {
 fn main() {
     keep_freed_memory();
     let cli = Cli::parse();
+    sigpipe(&cli.cmd);
     if !matches!(cli.cmd, Cmd::Train(_) | Cmd::Bench(_))
         && comm::launched_size().is_some_and(|n| n > 1)
     {

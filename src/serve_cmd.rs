@@ -47,6 +47,24 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 10)]
     shutdown_deadline: u64,
+    /// Seconds a connection gets to send a whole request head (and may sit idle between
+    /// requests); then it is closed.
+    #[arg(long, default_value_t = 10.0)]
+    header_timeout: f64,
+    /// Seconds a request body gets to arrive whole after its head (slower: 408).
+    #[arg(long, default_value_t = 30.0)]
+    body_timeout: f64,
+    /// Open connections at most; more get an immediate 503 and are closed.
+    #[arg(long, default_value_t = 256)]
+    max_connections: usize,
+}
+
+/// `secs` as a Duration, refusing what is not a positive number of seconds.
+fn seconds(flag: &str, secs: f64) -> Result<Duration> {
+    if !(secs > 0.0 && secs.is_finite()) {
+        bail!("{flag} must be a positive number of seconds, got {secs}");
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 #[derive(Subcommand)]
@@ -99,6 +117,11 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     if a.slots == 0 {
         bail!("--slots must be at least 1");
     }
+    if a.max_connections == 0 {
+        bail!("--max-connections must be at least 1");
+    }
+    let header_timeout = seconds("--header-timeout", a.header_timeout)?;
+    let body_timeout = seconds("--body-timeout", a.body_timeout)?;
     let cfg = r.run.cfg.model.clone();
     let engine = Engine::start(
         &cfg,
@@ -118,6 +141,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             max_tokens_cap: a.max_tokens_cap,
             rate_limit_rpm: a.rate_limit,
             default_temperature: a.temperature,
+            header_timeout,
+            body_timeout,
+            max_connections: a.max_connections,
+            ..ServerConfig::default()
         },
     );
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -9,7 +9,8 @@
 //!
 //! [`ReplyParser`] turns generated token ids into text deltas split into reasoning and
 //! answer, holding back incomplete UTF-8 (a byte-level token can end mid-character) and any
-//! text that may be the start of a stop string.
+//! text that may be the start of a stop string. Its work per token is bounded by the token's
+//! text and the stop strings' lengths, not by the reply so far.
 
 use data::chat::ChatIds;
 use std::sync::Arc;
@@ -91,11 +92,43 @@ enum Part {
 }
 
 /// Incremental text of one segment (reasoning or answer).
+///
+/// NOTE: each token is decoded once, on its own (with the few before it that end
+/// mid-character), never the whole reply again: decoding everything per token cost
+/// quadratic time in the reply's length on the server's async workers (issue 11).
+/// Byte-level BPE decodes a concatenation of ids to the concatenation of their texts
+/// whenever the split falls on a character boundary, so the text is the same.
 #[derive(Default)]
 struct Segment {
-    ids: Vec<u32>,
-    /// Bytes of the decoded text already emitted.
+    /// Decoded text: complete UTF-8 up to the ids in `pending`.
+    text: String,
+    /// Ids whose bytes end mid-character, waiting for the rest of it.
+    pending: Vec<u32>,
+    /// Bytes of `text` already emitted.
     emitted: usize,
+}
+
+/// A UTF-8 character is at most 4 bytes and every token at least one: ids still incomplete
+/// after this many are invalid text, decoded as it is (with replacement characters).
+const MAX_PENDING: usize = 4;
+
+impl Segment {
+    fn push(&mut self, tok: &Tokenizer, id: u32) {
+        self.pending.push(id);
+        let t = tok.decode(&self.pending);
+        if !t.ends_with('\u{FFFD}') || self.pending.len() >= MAX_PENDING {
+            self.text += &t;
+            self.pending.clear();
+        }
+    }
+
+    /// Decodes what is pending as it is (the segment has ended).
+    fn flush(&mut self, tok: &Tokenizer) {
+        if !self.pending.is_empty() {
+            self.text += &tok.decode(&self.pending);
+            self.pending.clear();
+        }
+    }
 }
 
 /// Streams one assistant reply: feed generated ids with [`ReplyParser::push`], then call
@@ -164,12 +197,12 @@ impl ReplyParser {
             // other control tokens (stop tokens, stray markers) carry no text
             (_, t) if (t as usize) < tokenizer::SPECIAL_TOKENS.len() => {}
             (Part::Reasoning, t) => {
-                self.reasoning.ids.push(t);
+                self.reasoning.push(&self.tok, t);
                 d.reasoning = self.emit_reasoning(false);
             }
             (Part::Start | Part::Content, t) => {
                 self.part = Part::Content;
-                self.content.ids.push(t);
+                self.content.push(&self.tok, t);
                 d.content = self.emit_content(false);
             }
         }
@@ -193,22 +226,23 @@ impl ReplyParser {
     }
 
     fn emit_reasoning(&mut self, all: bool) -> String {
-        let text = self.tok.decode(&self.reasoning.ids);
-        let end = if all {
-            text.len()
-        } else {
-            complete_utf8(&text)
-        };
         let s = &mut self.reasoning;
-        let out = text.get(s.emitted..end).unwrap_or("").to_string();
-        s.emitted = s.emitted.max(end);
+        if all {
+            s.flush(&self.tok);
+        }
+        let out = s.text[s.emitted..].to_string();
+        s.emitted = s.text.len();
         out
     }
 
     fn emit_content(&mut self, all: bool) -> String {
-        let text = self.tok.decode(&self.content.ids);
+        if all {
+            self.content.flush(&self.tok);
+        }
+        let text = &self.content.text;
         let from = self.content.emitted;
-        // a stop string ends the answer before it
+        // a stop string ends the answer before it; only text that can hold a new match is
+        // searched (its last bytes before `from` and what is new)
         let hit = self
             .stops
             .iter()
@@ -226,21 +260,12 @@ impl ReplyParser {
                 i
             }
             None if all => text.len(),
-            None => {
-                let safe = complete_utf8(&text);
-                safe - held_back(&text[..safe], &self.stops)
-            }
+            None => text.len() - held_back(text, &self.stops),
         };
         let end = end.max(from);
         self.content.emitted = end;
         text[from..end].to_string()
     }
-}
-
-/// Length of `text` without trailing replacement characters (an incomplete UTF-8 sequence
-/// at the end of the tokens decoded so far).
-fn complete_utf8(text: &str) -> usize {
-    text.trim_end_matches('\u{FFFD}').len()
 }
 
 /// Bytes at the end of `text` that could start a stop string.

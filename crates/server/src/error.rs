@@ -82,6 +82,11 @@ impl IntoResponse for ApiError {
             r.headers_mut()
                 .insert("retry-after", axum::http::HeaderValue::from_static("1"));
         }
+        // the rest of that request's body may still be on the wire: do not reuse the connection
+        if self.status == StatusCode::REQUEST_TIMEOUT {
+            r.headers_mut()
+                .insert("connection", axum::http::HeaderValue::from_static("close"));
+        }
         r
     }
 }

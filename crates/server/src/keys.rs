@@ -1,6 +1,11 @@
 //! API keys and the usage ledger in one SQLite file (WAL journal, so a crash of the server
 //! loses nothing that was committed, and `moelab keys usage` can read while it serves).
 //!
+//! Key checks use a connection of their own, so they never wait behind the ledger's writes
+//! or behind another process holding the write lock (in WAL mode readers do not block on a
+//! writer); were that read to fail anyway, the last answer read for that key is used
+//! (issue 11).
+//!
 //! Keys are `ml-` + 32 random hex digits shown once at creation; only their sha256 is stored
 //! (a key has 128 random bits, so a fast hash is enough: there is nothing to brute-force).
 //! Every request's prompt and completion tokens go into `usage`, one row per request, with
@@ -9,8 +14,10 @@
 use rand::RngCore;
 use rusqlite::{params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::Duration;
 
 /// `PRAGMA user_version` of the schema below.
 const FORMAT_VERSION: i64 = 1;
@@ -79,6 +86,8 @@ pub struct Usage {
 #[derive(Clone, Debug)]
 pub struct UsageRecord {
     pub key_id: Option<i64>,
+    /// When the request ended (Unix seconds), not when the ledger caught up with it.
+    pub ts: i64,
     pub endpoint: &'static str,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
@@ -109,7 +118,13 @@ fn key_row(r: &rusqlite::Row) -> rusqlite::Result<KeyInfo> {
 
 pub struct KeyStore {
     path: PathBuf,
+    /// Writes (keys, ledger) and the CLI's reads.
     conn: Mutex<Connection>,
+    /// Key checks only.
+    read: Mutex<Connection>,
+    /// The last answer read for each known key hash, and whether any key existed: used when
+    /// the database cannot be read at the moment.
+    seen: Mutex<(Option<bool>, HashMap<String, KeyInfo>)>,
 }
 
 pub fn now() -> i64 {
@@ -130,8 +145,7 @@ impl KeyStore {
             source,
         };
         let conn = Connection::open(path).map_err(db)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(db)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(db)?;
         let found: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(db)?;
@@ -156,9 +170,19 @@ impl KeyStore {
         conn.execute_batch(SCHEMA).map_err(db)?;
         conn.pragma_update(None, "user_version", FORMAT_VERSION)
             .map_err(db)?;
+        let read = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(db)?;
+        // NOTE: a reader in WAL mode waits only in rare moments (WAL recovery); a key check
+        // gives up quickly and falls back to what it read last
+        read.busy_timeout(Duration::from_millis(200)).map_err(db)?;
         Ok(KeyStore {
             path: path.into(),
             conn: Mutex::new(conn),
+            read: Mutex::new(read),
+            seen: Mutex::new((None, HashMap::new())),
         })
     }
 
@@ -234,26 +258,31 @@ impl KeyStore {
         Ok(())
     }
 
-    /// Who presents `key` (None: no Authorization header).
+    /// Who presents `key` (None: no Authorization header). Reads on its own connection; if
+    /// the database cannot be read right now, answers from what it read last.
     pub fn authenticate(&self, key: Option<&str>) -> Result<Auth> {
-        let conn = self.conn();
-        let any: i64 = conn
-            .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
-            .map_err(|e| self.db(e))?;
-        if any == 0 {
+        let h = key.map(hash);
+        let read = self.lookup(h.as_deref());
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let (any, info) = match read {
+            Ok((any, info)) => {
+                seen.0 = Some(any);
+                if let (Some(h), Some(k)) = (&h, &info) {
+                    seen.1.insert(h.clone(), k.clone());
+                }
+                (any, info)
+            }
+            Err(e) => match seen.0 {
+                Some(any) => {
+                    eprintln!("warning: checking an API key: {e}; using the keys read last");
+                    (any, h.as_ref().and_then(|h| seen.1.get(h).cloned()))
+                }
+                None => return Err(e),
+            },
+        };
+        if !any {
             return Ok(Auth::Open);
         }
-        let Some(key) = key else {
-            return Ok(Auth::Unknown);
-        };
-        let info = conn
-            .query_row(
-                &format!("SELECT {KEY_COLUMNS} FROM keys WHERE hash = ?1"),
-                [hash(key)],
-                key_row,
-            )
-            .optional()
-            .map_err(|e| self.db(e))?;
         Ok(match info {
             None => Auth::Unknown,
             Some(k) if k.revoked.is_some() => Auth::Revoked,
@@ -261,23 +290,58 @@ impl KeyStore {
         })
     }
 
+    /// (whether any key exists, the key with hash `h`).
+    fn lookup(&self, h: Option<&str>) -> Result<(bool, Option<KeyInfo>)> {
+        let conn = self.read.lock().unwrap_or_else(|e| e.into_inner());
+        let any: bool = conn
+            .query_row("SELECT EXISTS (SELECT 1 FROM keys)", [], |r| r.get(0))
+            .map_err(|e| self.db(e))?;
+        let Some(h) = h.filter(|_| any) else {
+            return Ok((any, None));
+        };
+        let info = conn
+            .query_row(
+                &format!("SELECT {KEY_COLUMNS} FROM keys WHERE hash = ?1"),
+                [h],
+                key_row,
+            )
+            .optional()
+            .map_err(|e| self.db(e))?;
+        Ok((any, info))
+    }
+
     /// Appends one request to the ledger (committed before returning).
     pub fn record(&self, u: &UsageRecord) -> Result<()> {
-        self.conn()
-            .execute(
-                "INSERT INTO usage (key_id, ts, endpoint, prompt_tokens, completion_tokens, finish)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
+        self.record_all(std::slice::from_ref(u))
+    }
+
+    /// Appends requests to the ledger in one transaction: all of them are committed, or
+    /// none (then the caller may retry them all).
+    pub fn record_all(&self, us: &[UsageRecord]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| self.db(e))?;
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT INTO usage (key_id, ts, endpoint, prompt_tokens, completion_tokens, finish)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(|e| self.db(e))?;
+            for u in us {
+                st.execute(params![
                     u.key_id,
-                    now(),
+                    u.ts,
                     u.endpoint,
                     u.prompt_tokens as i64,
                     u.completion_tokens as i64,
                     u.finish
-                ],
-            )
-            .map_err(|e| self.db(e))?;
-        Ok(())
+                ])
+                .map_err(|e| self.db(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.db(e))
     }
 
     /// Totals per key (every key, used or not, then requests made without a key).
@@ -337,6 +401,7 @@ mod tests {
         }
         let rec = |key_id, p, c| UsageRecord {
             key_id,
+            ts: now(),
             endpoint: "chat",
             prompt_tokens: p,
             completion_tokens: c,

@@ -10,12 +10,15 @@
 //! References: OpenAI's API reference for the request/response/chunk shapes; DeepSeek's API
 //! for `reasoning_content`; the axum examples for `app()` separate from `main`.
 
+mod conn;
 pub mod error;
 pub mod keys;
+mod ledger;
 pub mod metrics;
 mod openai;
 
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
@@ -25,6 +28,7 @@ pub use error::ApiError;
 use infer::Engine;
 use keys::{Auth, KeyStore, UsageRecord};
 use metrics::Metrics;
+pub use openai::MAX_STOP_BYTES;
 use serde_json::json;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -47,6 +51,15 @@ pub struct ServerConfig {
     /// Temperature when a request gives none (0 = greedy: small reasoning models answer
     /// best greedily).
     pub default_temperature: f32,
+    /// A connection must send a whole request head within this (also the idle time allowed
+    /// between requests on a keep-alive connection); otherwise it is closed.
+    pub header_timeout: Duration,
+    /// A request body must arrive whole within this after its head; otherwise 408.
+    pub body_timeout: Duration,
+    /// A response write that waits this long (the client stopped reading) ends the connection.
+    pub write_timeout: Duration,
+    /// Open connections at most; more get an immediate 503 and are closed.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -57,6 +70,11 @@ impl Default for ServerConfig {
             max_tokens_cap: 4096,
             rate_limit_rpm: 0,
             default_temperature: 0.0,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            // NOTE: not a flag: a client that reads nothing for a minute has gone
+            write_timeout: Duration::from_secs(60),
+            max_connections: 256,
         }
     }
 }
@@ -68,7 +86,9 @@ pub struct AppState {
     pub keys: Arc<KeyStore>,
     pub cfg: ServerConfig,
     pub metrics: Arc<Metrics>,
-    /// Usage records go to a writer thread that commits each to the ledger.
+    /// [`Tokenizer::max_token_bytes`], for refusing prompts that cannot fit before encoding them.
+    max_token_bytes: usize,
+    /// Usage records go to a writer thread that commits them to the ledger (ledger.rs).
     ledger: Mutex<Option<mpsc::Sender<UsageRecord>>>,
     ledger_writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     limiter: Mutex<HashMap<Option<i64>, VecDeque<Instant>>>,
@@ -82,17 +102,12 @@ impl AppState {
             let keys = keys.clone();
             std::thread::Builder::new()
                 .name("moelab-ledger".into())
-                .spawn(move || {
-                    for rec in rx {
-                        if let Err(e) = keys.record(&rec) {
-                            eprintln!("error: usage ledger: {e} (record lost: {rec:?})");
-                        }
-                    }
-                })
+                .spawn(move || ledger::write(&keys, rx))
                 .expect("spawn the ledger thread")
         };
         Arc::new(AppState {
             engine,
+            max_token_bytes: tok.max_token_bytes(),
             tok: Arc::new(tok),
             keys,
             cfg,
@@ -149,6 +164,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics_text))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), read_body))
         .layer(DefaultBodyLimit::max(state.cfg.max_body_bytes))
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -158,7 +174,8 @@ pub fn app(state: Arc<AppState>) -> Router {
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves; then stops accepting connections,
-/// lets in-flight requests finish for up to `deadline`, and stops the engine.
+/// lets in-flight requests finish for up to `deadline`, and stops the engine. Connections are
+/// bounded and timed out as `state.cfg` says (see conn.rs).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
@@ -166,7 +183,12 @@ pub async fn serve(
     deadline: Duration,
 ) -> std::io::Result<()> {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, app(state.clone())).with_graceful_shutdown(async move {
+    let limits = conn::Limits {
+        header_timeout: state.cfg.header_timeout,
+        write_timeout: state.cfg.write_timeout,
+        max_connections: state.cfg.max_connections,
+    };
+    let server = conn::accept_loop(listener, app(state.clone()), limits, async move {
         shutdown.await;
         let _ = tx.send(());
     });
@@ -178,7 +200,7 @@ pub async fn serve(
         }
     };
     tokio::select! {
-        r = server => r?,
+        _ = server => {},
         _ = expired => eprintln!("shutdown deadline of {deadline:?} passed; closing the remaining connections"),
     }
     let s = state.clone();
@@ -215,6 +237,38 @@ async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: 
     let resp = next.run(req).await;
     state.metrics.request(&route, resp.status().as_u16());
     resp
+}
+
+/// Reads the whole request body within `body_timeout` (the handlers then take it from
+/// memory). A body that trickles in or never ends gets 408 and its connection is closed,
+/// instead of holding the connection open for as long as the client likes (issue 11).
+async fn read_body(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    // `Bytes` applies the DefaultBodyLimit layer's limit (413 past it)
+    let req = Request::from_parts(parts.clone(), body);
+    let limit = state.cfg.body_timeout;
+    let bytes = match tokio::time::timeout(limit, Bytes::from_request(req, &())).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => return Err(openai::body_error(e)),
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                format!(
+                    "the request body did not arrive within {} s",
+                    limit.as_secs_f64()
+                ),
+            )
+            .code("request_timeout"))
+        }
+    };
+    Ok(next
+        .run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await)
 }
 
 async fn authenticate(

@@ -95,18 +95,21 @@ struct CompletionRequest {
     common: Common,
 }
 
+/// The error for a body that could not be read (413 when it is over the limit).
+pub(crate) fn body_error(e: BytesRejection) -> ApiError {
+    let status = e.status();
+    let msg = if status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        "request body too large".to_string()
+    } else {
+        format!("could not read the request body: {e}")
+    };
+    ApiError::new(status, "invalid_request_error", msg)
+}
+
 fn parse<T: serde::de::DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<T, ApiError> {
-    let body = body.map_err(|e| {
-        let status = e.status();
-        let msg = if status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-            "request body too large".to_string()
-        } else {
-            format!("could not read the request body: {e}")
-        };
-        ApiError::new(status, "invalid_request_error", msg)
-    })?;
+    let body = body.map_err(body_error)?;
     if std::str::from_utf8(&body).is_err() {
         return Err(ApiError::invalid("the request body is not valid UTF-8"));
     }
@@ -126,6 +129,13 @@ struct Job {
     stream: bool,
     include_usage: bool,
 }
+
+/// Stop sequences per request at most (OpenAI's limit).
+const MAX_STOPS: usize = 4;
+/// Bytes per stop sequence at most. NOTE: every generated token is checked against every stop
+/// string, on the async workers: an uncapped length let a few requests slow the whole server
+/// (issue 11). Stop strings are short markers in practice.
+pub const MAX_STOP_BYTES: usize = 128;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
@@ -187,8 +197,23 @@ impl Common {
             Some(Stop::One(s)) => vec![s],
             Some(Stop::Many(v)) => v,
         };
-        if stops.len() > 4 {
-            return Err(ApiError::invalid("at most 4 stop sequences").param("stop"));
+        if stops.len() > MAX_STOPS {
+            return Err(ApiError::invalid(format!(
+                "stop has {} sequences; at most {MAX_STOPS} are allowed",
+                stops.len()
+            ))
+            .param("stop"));
+        }
+        if let Some((i, s)) = stops
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.len() > MAX_STOP_BYTES)
+        {
+            return Err(ApiError::invalid(format!(
+                "stop[{i}] is {} bytes long; a stop sequence is at most {MAX_STOP_BYTES} bytes",
+                s.len()
+            ))
+            .param("stop"));
         }
         // without a seed, each request samples differently
         let seed = self
@@ -310,6 +335,7 @@ fn submit(
                 let _ = ledger.as_ref().map(|l| {
                     l.send(UsageRecord {
                         key_id,
+                        ts: now(),
                         endpoint: kind.endpoint(),
                         prompt_tokens,
                         completion_tokens: generated,
@@ -400,15 +426,65 @@ impl Reader {
     }
 }
 
+/// What a prompt's text may be before it is encoded.
+#[derive(Clone, Copy)]
+struct Fits {
+    context: usize,
+    max_token_bytes: usize,
+}
+
+impl Fits {
+    fn of(state: &AppState) -> Fits {
+        Fits {
+            context: state.engine.config().max_seq_len,
+            max_token_bytes: state.max_token_bytes,
+        }
+    }
+
+    /// Refuses `bytes` of prompt text that are more tokens than the context however they
+    /// encode. NOTE: a body of `--max-body` bytes is far over any context; encoding it only to
+    /// count its tokens cost seconds of CPU per request (issue 11).
+    fn check(self, bytes: usize, param: &'static str) -> Result<(), ApiError> {
+        let at_least = bytes / self.max_token_bytes;
+        if at_least >= self.context {
+            return Err(ApiError::invalid(format!(
+                "this model's maximum context length is {} tokens; the prompt has at least {at_least} tokens and at least one must be left for the reply",
+                self.context
+            ))
+            .code("context_length_exceeded")
+            .param(param));
+        }
+        Ok(())
+    }
+}
+
+/// Runs `f` on tokio's blocking pool.
+///
+/// NOTE: parsing a body of up to `--max-body` bytes and tokenizing its prompt take up to a
+/// second of CPU; on the async workers (two) that would stall every other connection,
+/// `/health` included (issue 11).
+async fn off_the_workers<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal("reading the request", e))?
+}
+
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req: ChatRequest = parse(body)?;
-    let messages = to_messages(req.messages)?;
-    let prompt = render_prompt(&state.tok, &messages);
-    let job = req.common.job(&state, prompt, usize::MAX)?;
+    let (tok, fits) = (state.tok.clone(), Fits::of(&state));
+    let (common, prompt) = off_the_workers(move || {
+        let req: ChatRequest = parse(body)?;
+        let messages = to_messages(req.messages)?;
+        fits.check(messages.iter().map(|m| m.content.len()).sum(), "messages")?;
+        Ok((req.common, render_prompt(&tok, &messages)))
+    })
+    .await?;
+    let job = common.job(&state, prompt, usize::MAX)?;
     let parser = ReplyParser::new(state.tok.clone(), job.stops.clone());
     respond(state, caller, Kind::Chat, job, parser).await
 }
@@ -418,21 +494,28 @@ pub async fn completions(
     Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse(body)?;
-    let text = match req.prompt {
-        Prompt::One(s) => s,
-        Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
-        Prompt::Many(_) => {
-            return Err(
-                ApiError::invalid("only one prompt per request is supported").param("prompt"),
-            )
-        }
-    };
-    // documents are separated by <|end|> in training data, so it also marks a start
-    let mut prompt = vec![state.tok.special("<|end|>").expect("moelab tokenizer")];
-    prompt.extend(state.tok.encode(&text));
+    let (tok, fits) = (state.tok.clone(), Fits::of(&state));
+    let (common, prompt) = off_the_workers(move || {
+        let req: CompletionRequest = parse(body)?;
+        let text = match req.prompt {
+            Prompt::One(s) => s,
+            Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
+            Prompt::Many(_) => {
+                return Err(
+                    ApiError::invalid("only one prompt per request is supported").param("prompt"),
+                )
+            }
+        };
+        fits.check(text.len(), "prompt")?;
+        // documents are separated by <|end|> in training data, so it also marks a start; the
+        // prompt itself is text, whatever markers it spells
+        let mut prompt = vec![tok.special("<|end|>").expect("moelab tokenizer")];
+        prompt.extend(tok.encode(&text));
+        Ok((req.common, prompt))
+    })
+    .await?;
     // OpenAI's default for completions
-    let job = req.common.job(&state, prompt, 16)?;
+    let job = common.job(&state, prompt, 16)?;
     let parser = ReplyParser::plain(state.tok.clone(), job.stops.clone());
     respond(state, caller, Kind::Completion, job, parser).await
 }

@@ -200,6 +200,16 @@ impl Tokenizer {
             .expect("every id of this tokenizer decodes")
     }
 
+    /// Bytes of the longest token's text (at least 1): a text of n bytes is at least
+    /// n / max_token_bytes tokens, a bound known without encoding it.
+    pub fn max_token_bytes(&self) -> usize {
+        (SPECIAL_TOKENS.len()..self.vocab_size())
+            .map(|id| self.decode(&[id as u32]).len())
+            .max()
+            .unwrap_or(1)
+            .max(1)
+    }
+
     /// Number of ids (special tokens included).
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
