@@ -214,6 +214,15 @@ fn train_in_group(
     train_with(cfg, source, None, out, resume, Some(comm))
 }
 
+/// Whether `sig` is set to be ignored (as `nohup` sets SIGHUP).
+fn signal_ignored(sig: libc::c_int) -> bool {
+    // SAFETY: sigaction with a null new action only reads the current disposition.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
+    }
+}
+
 fn train_with(
     cfg: Config,
     source: Source,
@@ -228,13 +237,19 @@ fn train_with(
     HANDLER.call_once(|| {
         // NOTE: with ctrlc's `termination` feature this catches SIGINT, SIGTERM and SIGHUP:
         // kill, systemd, Docker and Slurm stop a run with SIGTERM, and it must checkpoint
-        // then as it does on Ctrl-C (issue 11)
+        // then as it does on Ctrl-C (issue 11). A SIGHUP that was ignored when we started
+        // (`nohup moelab train ...`) stays ignored: logging out must not stop the run.
+        let hup_ignored = signal_ignored(libc::SIGHUP);
         let _ = ctrlc::set_handler(|| {
             if STOP.swap(true, Ordering::SeqCst) {
                 // a second signal: the user insists
                 std::process::exit(130);
             }
         });
+        if hup_ignored {
+            // SAFETY: installing SIG_IGN for SIGHUP has no preconditions.
+            unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
+        }
     });
     let bar = if quiet {
         ProgressBar::hidden()

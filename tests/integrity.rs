@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{hash, prepared_corpus, s, text, tiny_config, tmpdir};
+use common::{files_under as snapshot, hash, prepared_corpus, s, text, tiny_config, tmpdir};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -51,24 +51,6 @@ fn train_args<'a>(cfg: &'a Path, data: &'a Path, run: &'a Path, extra: &[&'a str
     ];
     a.extend(extra);
     a
-}
-
-/// Every file under `dir` with its bytes, sorted.
-fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = vec![];
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push((p.clone(), std::fs::read(&p).unwrap()));
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 /// Waits until the run's metrics.jsonl has at least `n` lines.
@@ -356,6 +338,33 @@ fn issue_11_sigterm_then_resume_gives_the_uninterrupted_weights() {
     );
     let v = ok(&["verify", s(&run)]);
     assert!(v.contains("verified: 600 steps"), "{v}");
+
+    // under `nohup` (SIGHUP ignored) a hang-up does not stop the run: logging out of the
+    // shell that started it must not end training
+    let nohup = d.join("nohup");
+    let mut c = cmd(&train_args(&cfg, &data, &nohup, &[]));
+    // SAFETY: only async-signal-safe signal() between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut c, || {
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_steps(&nohup, 5);
+    signal(&child, libc::SIGHUP);
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        !text(&o).contains("stopped: checkpoint written"),
+        "an ignored SIGHUP stopped the run: {}",
+        text(&o)
+    );
+    assert_eq!(hash(&nohup), want);
     let _ = std::fs::remove_dir_all(&d);
 }
 
@@ -484,6 +493,15 @@ fn issue_11_nonsense_settings_are_refused_before_a_run_dir_exists() {
     );
     let v = ok(&["verify", s(&run)]);
     assert!(v.contains("verified: 40 steps"), "{v}");
+    // but a dir that merely holds a config.toml (a project dir) is never taken for one
+    let project = d.join("project");
+    std::fs::create_dir_all(&project).unwrap();
+    std::fs::write(project.join("config.toml"), "[package]\nname = \"mine\"\n").unwrap();
+    std::fs::write(project.join("metrics.jsonl"), "mine\n").unwrap();
+    let before = snapshot(&project);
+    let o = moelab(&train_args(&base, &data, &project, &[]));
+    refused(&o, 1, &["not a moelab run dir"]);
+    assert_eq!(snapshot(&project), before, "the project dir was changed");
     let _ = std::fs::remove_dir_all(&d);
 }
 

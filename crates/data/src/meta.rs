@@ -66,7 +66,7 @@ impl Meta {
         if &got != want {
             return Err(Error::Input {
                 path: dir.into(),
-                msg: format!("{name} differs from the sha256 meta.json records for it (changed after `moelab prepare`?); re-run `moelab prepare --force` on the original corpus"),
+                msg: format!("{name} differs from the sha256 meta.json records for it (changed after `moelab prepare`?); re-run `moelab prepare --force` with the original `--corpus` or `--task` inputs"),
             });
         }
         Ok((bytes, got))

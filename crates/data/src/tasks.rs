@@ -49,12 +49,14 @@ impl Split {
         Split::ALL.into_iter().find(|x| x.name() == s)
     }
 
-    /// The split of `prompt`: the first 8 bytes of sha256(canonical prompt) as a
-    /// little-endian integer, mod 100: 0-79 train, 80-89 dev, 90-99 test. The canonical
-    /// prompt is the one the generator writes for the parsed problem (surrounding
-    /// whitespace does not change a split); text outside the suite hashes as given, trimmed.
+    /// The split of `prompt`: the first 8 bytes of sha256(canonical form) as a
+    /// little-endian integer, mod 100: 0-79 train, 80-89 dev, 90-99 test. The canonical form
+    /// identifies the problem up to what does not change its answer: the operands of `+` and
+    /// `*` in either order, a sort list in any order (so `12 + 7` and `7 + 12`, or
+    /// `Sort 3 9 5.` and `Sort 9 5 3.`, are in one split); text outside the suite hashes as
+    /// given, trimmed.
     pub fn of(prompt: &str) -> Split {
-        let canonical = Spec::parse(prompt).map(|s| s.prompt());
+        let canonical = Spec::parse(prompt).map(|s| s.split_key());
         let text = canonical.as_deref().unwrap_or(prompt.trim());
         let h = Sha256::digest(text.as_bytes());
         let x = u64::from_le_bytes(h[..8].try_into().expect("8 bytes")) % 100;
@@ -309,6 +311,26 @@ impl Spec {
             Spec::Mul { a, b } => format!("What is {a} * {b}?"),
             Spec::Expr(e) => format!("Evaluate {}.", e.render(true)),
             Spec::Sort(v) => format!("Sort {}.", join(v)),
+        }
+    }
+
+    /// The problem up to answer-preserving rearrangements (see [`Split::of`]).
+    fn split_key(&self) -> String {
+        match self {
+            Spec::Add { a, b } => {
+                let (x, y) = (a.min(b), a.max(b));
+                format!("add {x} {y}")
+            }
+            Spec::Mul { a, b } => {
+                let (x, y) = (a.min(b), a.max(b));
+                format!("mul {x} {y}")
+            }
+            Spec::Sort(v) => {
+                let mut v = v.clone();
+                v.sort_unstable();
+                format!("sort {}", join(&v))
+            }
+            Spec::Sub { .. } | Spec::Expr(_) => self.prompt(),
         }
     }
 
@@ -696,6 +718,23 @@ mod tests {
         }
         let p = "What is 4721 + 389?";
         assert_eq!(Split::of(p), Split::of("  What is 4721 + 389?\n"));
+        // answer-preserving rearrangements share a split: commuted operands, sort lists
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let mut seen = [0usize; 3];
+        for _ in 0..300 {
+            let (a, b) = (rng.gen_range(0..10_000u64), rng.gen_range(0..10_000u64));
+            let s = Split::of(&format!("What is {a} + {b}?"));
+            assert_eq!(s, Split::of(&format!("What is {b} + {a}?")));
+            seen[s as usize] += 1;
+            let (a, b) = (rng.gen_range(10..100u64), rng.gen_range(10..100u64));
+            let s = Split::of(&format!("What is {a} * {b}?"));
+            assert_eq!(s, Split::of(&format!("What is {b} * {a}?")));
+            let mut v: Vec<u64> = (0..5).map(|_| rng.gen_range(0..100)).collect();
+            let s = Split::of(&format!("Sort {}.", join(&v)));
+            v.reverse();
+            assert_eq!(s, Split::of(&format!("Sort {}.", join(&v))));
+        }
+        assert!(seen.iter().all(|&n| n > 0), "{seen:?}");
     }
 
     /// The split shares are about 80/10/10 over a large space (3-digit additions).

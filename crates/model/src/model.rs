@@ -117,7 +117,10 @@ pub struct Model {
     /// the trainer turns it on, evaluation and inference leave it off.
     pub training: bool,
     /// Keys the dropout masks of the next forward (the trainer sets it to the micro-batch
-    /// index, so masks are a function of (seed, batch) and resume stays exact).
+    /// index, so masks are a function of the batch and resume stays exact). NOTE: not of
+    /// `train.seed`: runs with different seeds share their masks. Keying by the seed too
+    /// would change the weights of every existing dropout run, so it waits for a
+    /// checkpoint format that records the key scheme.
     pub dropout_key: u64,
     /// The loads of the last optimizer step (set by [`Model::update_balance_bias`]).
     pub last_load: Vec<Vec<u64>>,

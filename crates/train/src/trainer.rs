@@ -438,7 +438,21 @@ fn check_run_dir(
             )));
         }
         // NOTE: a run that died before its first checkpoint holds nothing to resume (and
-        // its weights are a pure function of the config), so a new run may replace it
+        // its weights are a pure function of the config), so a new run may replace it; but
+        // only a dir that is recognisably a moelab run (its config parses and a run file
+        // exists): any other dir that happens to hold a config.toml is left alone.
+        let is_run = std::fs::read_to_string(&cfg_path)
+            .ok()
+            .is_some_and(|t| model::Config::from_toml(&t).is_ok())
+            && ["manifest.json", "metrics.jsonl", "train.lock"]
+                .iter()
+                .any(|f| run.join(f).exists());
+        if !is_run {
+            return Err(Error::Usage(format!(
+                "{} holds a config.toml but is not a moelab run dir; choose another --out",
+                run.display()
+            )));
+        }
         return Ok(RunDirPlan::Restart);
     }
     Ok(RunDirPlan::New)
