@@ -164,9 +164,11 @@ impl Staging {
                         source: e,
                     });
                 }
+                // (outside the `.NAME.prepare-` prefix, so no later prepare deletes the only
+                // copy of the old data as a dead staging dir)
                 let old = tmp.with_file_name(format!(
-                    "{}.old-{}",
-                    tmp.file_name().unwrap().to_string_lossy(),
+                    ".{}.old-{}",
+                    out.file_name().unwrap_or_default().to_string_lossy(),
                     std::process::id()
                 ));
                 std::fs::rename(out, &old).map_err(io_err(out))?;
