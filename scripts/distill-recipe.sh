@@ -27,6 +27,15 @@ M=${MOELAB:-target/release/moelab}  # MOELAB=path runs a copied binary (safe whi
 mkdir -p "$OUT"
 stage() { echo; echo "== $* ($(date +%T))"; }
 timed() { /usr/bin/env time -f "%e s" -a -o "$OUT/times.txt" "$@"; }
+# train NAME STEPS CMD...: runs CMD (a training command writing $OUT/NAME) unless the run has
+# reached STEPS; a run interrupted earlier (crash, Ctrl-C) is continued with --resume.
+train() {
+    local name=$1 steps=$2; shift 2
+    local latest; latest=$(cat "$OUT/$name/latest" 2>/dev/null || true)
+    if [ "$latest" = "$(printf 'step-%07d' "$steps")" ]; then return; fi
+    echo "$name" >> "$OUT/times.txt"
+    if [ -n "$latest" ]; then timed "$@" --resume; else timed "$@"; fi
+}
 
 stage "1. data"
 [ -f "$OUT/data/meta.json" ] || $M prepare --task all --n "$N" --seed 1 --out "$OUT/data"
@@ -34,28 +43,26 @@ stage "1. data"
     --tokenizer "$OUT/data/tokenizer.json" --out "$OUT/data-answers"
 
 stage "2. teacher ($TEACHER_STEPS steps)"
-[ -f "$OUT/teacher/latest" ] || { echo "teacher" >> "$OUT/times.txt";
-    timed $M train --config teacher --data "$OUT/data" --out "$OUT/teacher" --steps "$TEACHER_STEPS"; }
+train teacher "$TEACHER_STEPS" $M train --config teacher --data "$OUT/data" --out "$OUT/teacher" \
+    --steps "$TEACHER_STEPS"
 
 stage "3. traces"
-[ -f "$OUT/traces.jsonl" ] || { echo "generate" >> "$OUT/times.txt";
+[ -s "$OUT/traces.jsonl" ] || { echo "generate" >> "$OUT/times.txt";
     timed $M distill generate --teacher "$OUT/teacher" --task all --n "$PROMPTS" --k 1 \
     --temperature 0 --seed 2 --out "$OUT/traces.jsonl" | tee "$OUT/generate.txt"; }
 
 stage "4. student on verified traces"
-[ -f "$OUT/student/latest" ] || { echo "student" >> "$OUT/times.txt";
-    timed $M distill train --config student --traces "$OUT/traces.jsonl" --tokenizer "$OUT/teacher" \
-    --out "$OUT/student" --steps "$STUDENT_STEPS"; }
+train student "$STUDENT_STEPS" $M distill train --config student --traces "$OUT/traces.jsonl" \
+    --tokenizer "$OUT/teacher" --out "$OUT/student" --steps "$STUDENT_STEPS"
 
 stage "5. student on answers only"
-[ -f "$OUT/student-answers/latest" ] || { echo "student-answers" >> "$OUT/times.txt";
-    timed $M train --config student --data "$OUT/data-answers" --out "$OUT/student-answers" \
-    --steps "$STUDENT_STEPS"; }
+train student-answers "$STUDENT_STEPS" $M train --config student --data "$OUT/data-answers" \
+    --out "$OUT/student-answers" --steps "$STUDENT_STEPS"
 
 stage "6. student on traces + teacher logits (W=$KD_WEIGHT, T=$KD_T)"
-[ -f "$OUT/student-kd/latest" ] || { echo "student-kd" >> "$OUT/times.txt";
-    timed $M distill train --config student --traces "$OUT/traces.jsonl" --teacher "$OUT/teacher" \
-    --kd-weight "$KD_WEIGHT" --kd-temperature "$KD_T" --out "$OUT/student-kd" --steps "$STUDENT_STEPS"; }
+train student-kd "$STUDENT_STEPS" $M distill train --config student --traces "$OUT/traces.jsonl" \
+    --teacher "$OUT/teacher" --kd-weight "$KD_WEIGHT" --kd-temperature "$KD_T" \
+    --out "$OUT/student-kd" --steps "$STUDENT_STEPS"
 
 stage "7. test-split evaluation ($EVAL_N problems, seed 1000, greedy)"
 for r in teacher student student-answers student-kd; do

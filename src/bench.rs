@@ -45,7 +45,7 @@ pub struct ReduceBench {
 
 #[derive(Args)]
 pub struct TrainBench {
-    /// Config file or preset name (tiny, small-dense, small-moe).
+    /// Config file or preset name (tiny, small-dense, small-moe, teacher, student).
     #[arg(long)]
     config: String,
     /// Timed steps.

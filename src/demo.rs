@@ -54,13 +54,20 @@ pub struct DemoArgs {
     /// Held-out problems per model in the final table.
     #[arg(long, default_value_t = 200)]
     eval_n: usize,
+    /// Which held-out split the table reports: `test` (the default), or `dev` when you tune
+    /// the demo's settings (choose settings on dev, report test once).
+    #[arg(long, default_value = "test", value_parser = crate::run_cmds::parse_split)]
+    eval_split: Split,
     /// Seed of everything.
     #[arg(long, default_value_t = 1337)]
     seed: u64,
 }
 
-fn stage(i: usize, msg: &str) {
-    println!("\n[{i}/6] {msg}");
+fn stage(i: usize, msg: &str, start: Instant) {
+    println!(
+        "\n[{i}/6] {msg} ({:.1} min in)",
+        start.elapsed().as_secs_f64() / 60.0
+    );
 }
 
 fn train(config: &str, steps: u64, seed: u64, source: Source, out: &Path) -> Result<()> {
@@ -95,6 +102,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     stage(
         1,
         &format!("generating reasoning problems ({})", names.join(", ")),
+        start,
     );
     let quiet = |_: &str| {};
     let mut opts = TaskOpts {
@@ -122,7 +130,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         p.answer
     );
 
-    stage(2, "training the teacher on step-by-step solutions");
+    stage(2, "training the teacher on step-by-step solutions", start);
     let teacher = out.join("teacher");
     train(
         &a.teacher_config,
@@ -135,6 +143,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     stage(
         3,
         "the teacher solves fresh problems; the verifier keeps the correct solutions",
+        start,
     );
     let t = Reasoner::load(&teacher)?;
     let prompts: Vec<String> =
@@ -158,7 +167,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         bail!("the teacher solved nothing; train it longer (--teacher-steps)");
     }
 
-    stage(4, "training the student on the verified traces");
+    stage(4, "training the student on the verified traces", start);
     let student = out.join("student");
     train(
         &a.student_config,
@@ -175,6 +184,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     stage(
         5,
         "training the same student on answers only (same steps, same tokens)",
+        start,
     );
     let baseline = out.join("student-answers");
     train(
@@ -185,7 +195,14 @@ pub fn run(a: DemoArgs) -> Result<()> {
         &baseline,
     )?;
 
-    stage(6, "test-split problems (greedy), never seen in training");
+    stage(
+        6,
+        &format!(
+            "{}-split problems (greedy), never seen in training",
+            a.eval_split.name()
+        ),
+        start,
+    );
     let mut rows: Vec<(String, Reasoner, TaskEval)> = vec![];
     for (name, dir) in [
         ("teacher", &teacher),
@@ -193,7 +210,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         ("student (answers only)", &baseline),
     ] {
         let r = Reasoner::load(dir)?;
-        let e = evaluate_tasks(&r, &task_list, a.eval_n, EVAL_SEED, None, Split::Test, 64);
+        let e = evaluate_tasks(&r, &task_list, a.eval_n, EVAL_SEED, None, a.eval_split, 64);
         rows.push((name.to_string(), r, e));
     }
     println!("{}", comparison_table(&rows, &task_list));
@@ -203,14 +220,14 @@ pub fn run(a: DemoArgs) -> Result<()> {
     } else {
         task_list[0]
     };
-    // A fresh test-split problem: held out from training and not one of the table's.
+    // A fresh held-out problem of the same split, not one of the table's.
     let evaluated: std::collections::HashSet<&str> = rows[1]
         .2
         .attempts
         .iter()
         .map(|x| x.prompt.as_str())
         .collect();
-    let fresh = tasks::generate_mix(&[shown], 64, EVAL_SEED + 7, None, Split::Test)
+    let fresh = tasks::generate_mix(&[shown], 64, EVAL_SEED + 7, None, a.eval_split)
         .into_iter()
         .map(|p| p.prompt)
         .find(|p| !evaluated.contains(p.as_str()))

@@ -138,7 +138,7 @@ pub struct EvalArgs {
     show: usize,
 }
 
-fn parse_split(s: &str) -> std::result::Result<data::tasks::Split, String> {
+pub fn parse_split(s: &str) -> std::result::Result<data::tasks::Split, String> {
     match data::tasks::Split::from_name(s) {
         Some(x) if x != data::tasks::Split::Train => Ok(x),
         _ => Err("expected dev or test".into()),

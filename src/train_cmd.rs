@@ -13,7 +13,7 @@ use train::trainer::{
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// Config file or preset name (tiny, small-dense, small-moe).
+    /// Config file or preset name (tiny, small-dense, small-moe, teacher, student).
     #[arg(long)]
     config: String,
     /// Data dir written by `moelab prepare`.

@@ -438,18 +438,27 @@ fn strip_zeros(s: &str) -> String {
     }
 }
 
-/// Column addition, one line per digit: `7+3+1=11, carry 1, so far 110`.
+/// Column addition, one line per digit: `7+3+1=11, carry 1, so far 110, left 4+12`. Each
+/// line takes its two digits from the ends of the numbers the line before left (the first
+/// line from the problem `a+b:`), so a step finds its inputs next to a `+` or a line end
+/// instead of counting digit positions in a number lines above: that is what a small model
+/// gets wrong otherwise (it adds the wrong column).
 fn add_steps(r: &mut String, a: u64, b: u64) -> u64 {
-    let n = ndigits(a).max(ndigits(b)) as usize;
-    let (da, db) = (digits_lsb(a, n), digits_lsb(b, n));
     let _ = write!(r, "{a}+{b}:");
+    let (mut ra, mut rb) = (a, b);
     let (mut carry, mut so_far) = (0, String::new());
-    for i in 0..n {
-        let s = da[i] + db[i] + carry;
-        let _ = write!(r, "\n{}+{}+{carry}={s}", da[i], db[i]);
+    loop {
+        let (x, y) = (ra % 10, rb % 10);
+        (ra, rb) = (ra / 10, rb / 10);
+        let s = x + y + carry;
+        let _ = write!(r, "\n{x}+{y}+{carry}={s}");
         carry = s / 10;
         so_far.insert(0, char::from(b'0' + (s % 10) as u8));
         let _ = write!(r, ", carry {carry}, so far {so_far}");
+        if ra == 0 && rb == 0 {
+            break;
+        }
+        let _ = write!(r, ", left {ra}+{rb}");
     }
     if carry > 0 {
         so_far.insert(0, '1');
@@ -458,23 +467,28 @@ fn add_steps(r: &mut String, a: u64, b: u64) -> u64 {
     a + b
 }
 
-/// Column subtraction (a >= b): `2-8-1=3, borrow 1, so far 3` (3 = 12-8-1).
+/// Column subtraction (a >= b): `2-8-1=3, borrow 1, so far 3, left 4-0` (3 = 12-8-1), the
+/// digits taken from what the line before left, as in [`add_steps`].
 fn sub_steps(r: &mut String, a: u64, b: u64) -> u64 {
-    let n = ndigits(a) as usize;
-    let (da, db) = (digits_lsb(a, n), digits_lsb(b, n));
     let _ = write!(r, "{a}-{b}:");
+    let (mut ra, mut rb) = (a, b);
     let (mut borrow, mut so_far) = (0i64, String::new());
-    for i in 0..n {
-        let mut s = da[i] as i64 - db[i] as i64 - borrow;
+    loop {
+        let (x, y) = (ra % 10, rb % 10);
+        (ra, rb) = (ra / 10, rb / 10);
+        let mut s = x as i64 - y as i64 - borrow;
         let prev = borrow;
         borrow = (s < 0) as i64;
         s += 10 * borrow;
         so_far.insert(0, char::from(b'0' + s as u8));
         let _ = write!(
             r,
-            "\n{}-{}-{prev}={s}, borrow {borrow}, so far {so_far}",
-            da[i], db[i]
+            "\n{x}-{y}-{prev}={s}, borrow {borrow}, so far {so_far}"
         );
+        if ra == 0 && rb == 0 {
+            break;
+        }
+        let _ = write!(r, ", left {ra}-{rb}");
     }
     let stripped = strip_zeros(&so_far);
     if stripped != so_far {
@@ -483,24 +497,33 @@ fn sub_steps(r: &mut String, a: u64, b: u64) -> u64 {
     a - b
 }
 
-/// Long multiplication: one partial product per digit of b (digit by digit with carries),
-/// shifted, then their column sum.
+/// Long multiplication: one partial product per digit of b, digit by digit with carries
+/// (`6*7+3=42+3=45, carry 4, so far 58, left 9`: the product, then the carry added, so the
+/// model needs the 100 products and small additions rather than 900 combined facts; the
+/// next digit is the end of what is left), shifted, then their column sum.
 fn mul_steps(r: &mut String, a: u64, b: u64) -> u64 {
-    let na = ndigits(a) as usize;
-    let da = digits_lsb(a, na);
     let mut partials = vec![];
     for (j, &m) in digits_lsb(b, ndigits(b) as usize).iter().enumerate() {
         if !r.is_empty() {
             r.push('\n');
         }
         let _ = write!(r, "{a}*{m}:");
-        let (mut carry, mut so_far) = (0, String::new());
-        for (i, &x) in da.iter().enumerate() {
+        let (mut rest, mut carry, mut so_far) = (a, 0, String::new());
+        let mut first = true;
+        loop {
+            let x = rest % 10;
+            rest /= 10;
             let s = x * m + carry;
-            let _ = write!(r, "{}{x}*{m}+{carry}={s}", if i > 0 { "; " } else { " " });
+            let sep = if first { " " } else { "; " };
+            first = false;
+            let _ = write!(r, "{sep}{x}*{m}+{carry}={}+{carry}={s}", x * m);
             carry = s / 10;
             so_far.insert(0, char::from(b'0' + (s % 10) as u8));
             let _ = write!(r, ", carry {carry}, so far {so_far}");
+            if rest == 0 {
+                break;
+            }
+            let _ = write!(r, ", left {rest}");
         }
         if carry > 0 {
             so_far.insert(0, char::from(b'0' + carry as u8));
