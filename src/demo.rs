@@ -40,16 +40,16 @@ pub struct DemoArgs {
     #[arg(long, default_value = "student")]
     student_config: String,
     /// Teacher training steps.
-    #[arg(long, default_value_t = 800)]
+    #[arg(long, default_value_t = 450)]
     teacher_steps: u64,
     /// Student training steps (both students).
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 550)]
     student_steps: u64,
     /// Training problems for the teacher.
     #[arg(long, default_value_t = 20000)]
     n: usize,
     /// Fresh prompts the teacher answers for distillation.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 3000)]
     prompts: usize,
     /// Held-out problems per model in the final table.
     #[arg(long, default_value_t = 200)]
