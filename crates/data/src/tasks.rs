@@ -481,10 +481,7 @@ fn sub_steps(r: &mut String, a: u64, b: u64) -> u64 {
         borrow = (s < 0) as i64;
         s += 10 * borrow;
         so_far.insert(0, char::from(b'0' + s as u8));
-        let _ = write!(
-            r,
-            "\n{x}-{y}-{prev}={s}, borrow {borrow}, so far {so_far}"
-        );
+        let _ = write!(r, "\n{x}-{y}-{prev}={s}, borrow {borrow}, so far {so_far}");
         if ra == 0 && rb == 0 {
             break;
         }
