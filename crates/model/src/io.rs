@@ -71,7 +71,25 @@ pub fn save_prefixed(layout: &Layout, bufs: &[(&str, &[f32])], path: &Path) -> R
         path: path.into(),
         msg: e.to_string(),
     })?;
-    write_atomic(path, &data)
+    write_atomic(path, &canonical_header(data))
+}
+
+/// Rewrites a safetensors file's JSON header with its keys sorted. The `safetensors` crate
+/// writes `__metadata__` in a `HashMap`'s per-instance random order, so two saves of the
+/// same weights differed in bytes (and in the file sha256 that `state.json` records) while
+/// their tensors were equal. Sorting changes neither the header's length nor any offset.
+fn canonical_header(data: Vec<u8>) -> Vec<u8> {
+    let n = u64::from_le_bytes(data[..8].try_into().expect("8-byte length")) as usize;
+    let header: serde_json::Value =
+        serde_json::from_slice(&data[8..8 + n]).expect("safetensors wrote a JSON header");
+    // serde_json's map is a BTreeMap (no preserve_order feature), so this sorts every key.
+    let mut h = serde_json::to_vec(&header).expect("a JSON value serializes");
+    h.resize(h.len().div_ceil(8) * 8, b' ');
+    let mut out = Vec::with_capacity(8 + h.len() + data.len() - 8 - n);
+    out.extend_from_slice(&(h.len() as u64).to_le_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&data[8 + n..]);
+    out
 }
 
 /// Writes `data` to `path` via a temp file in the same directory, fsync, rename. On failure
