@@ -52,7 +52,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 3000)]
     prompts: usize,
     /// Held-out problems per model in the final table.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 1000)]
     eval_n: usize,
     /// Which held-out split the table reports: `test` (the default), or `dev` when you tune
     /// the demo's settings (choose settings on dev, report test once).
