@@ -56,15 +56,15 @@ pub struct ModelConfig {
     #[serde(default)]
     pub n_shared_experts: usize,
     /// Router score function: "softmax" or "sigmoid".
-    #[serde(default = "default_router_score")]
-    pub router_score: String,
+    #[serde(default)]
+    pub router_score: RouterScore,
     /// Divide the chosen experts' scores by their sum.
     #[serde(default = "default_true")]
     pub renormalize: bool,
     /// Load balancing: "aux_loss" (Switch/GShard loss), "bias" (DeepSeek-V3 selection bias,
     /// auxiliary-loss-free) or "none".
-    #[serde(default = "default_balance")]
-    pub balance: String,
+    #[serde(default)]
+    pub balance: Balance,
     /// Coefficient of the load-balancing loss (balance = "aux_loss").
     #[serde(default = "default_aux_coef")]
     pub aux_loss_coef: f32,
@@ -131,7 +131,7 @@ pub struct TrainConfig {
     pub spike_factor: f32,
     /// What an anomalous step does: "skip" (drop its update, go on with the next batch) or
     /// "rollback" (return to the last checkpoint and replay, skipping that step).
-    pub on_anomaly: String,
+    pub on_anomaly: OnAnomaly,
 }
 
 fn default_rope_theta() -> f32 {
@@ -143,14 +143,8 @@ fn default_norm_eps() -> f32 {
 fn default_top_k() -> usize {
     2
 }
-fn default_router_score() -> String {
-    "softmax".into()
-}
 fn default_true() -> bool {
     true
-}
-fn default_balance() -> String {
-    "aux_loss".into()
 }
 fn default_aux_coef() -> f32 {
     0.01
@@ -184,17 +178,52 @@ impl Default for TrainConfig {
             keep_checkpoints: 3,
             agree_every: 50,
             spike_factor: 0.0,
-            on_anomaly: "skip".into(),
+            on_anomaly: OnAnomaly::Skip,
         }
     }
 }
 
-/// Load-balancing strategy, resolved from [`ModelConfig::balance`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Router score function (`model.router_score`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouterScore {
+    /// Softmax over all experts, then top-k (Mixtral, Switch, OLMoE).
+    #[default]
+    Softmax,
+    /// Independent sigmoid per expert (DeepSeek-V3).
+    Sigmoid,
+}
+
+impl From<RouterScore> for ScoreFn {
+    fn from(s: RouterScore) -> ScoreFn {
+        match s {
+            RouterScore::Softmax => ScoreFn::Softmax,
+            RouterScore::Sigmoid => ScoreFn::Sigmoid,
+        }
+    }
+}
+
+/// Load-balancing strategy (`model.balance`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Balance {
+    /// The Switch/GShard auxiliary loss.
+    #[default]
     AuxLoss,
+    /// DeepSeek-V3's selection bias (auxiliary-loss-free).
     Bias,
     None,
+}
+
+/// What an anomalous training step does (`train.on_anomaly`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnAnomaly {
+    /// Drop the step's update and go on with the next batch.
+    #[default]
+    Skip,
+    /// Return to the last checkpoint and replay, skipping that step.
+    Rollback,
 }
 
 impl Config {
@@ -265,12 +294,6 @@ impl Config {
         if !(t.spike_factor == 0.0 || t.spike_factor > 1.0) {
             return Err(cfg_err("train.spike_factor", "must be 0 (off) or > 1"));
         }
-        if !matches!(t.on_anomaly.as_str(), "skip" | "rollback") {
-            return Err(cfg_err(
-                "train.on_anomaly",
-                "must be \"skip\" or \"rollback\"",
-            ));
-        }
         if t.grad_accum == 0 {
             return Err(cfg_err("train.grad_accum", "must be at least 1"));
         }
@@ -335,13 +358,40 @@ fn one_line(text: &str, e: &toml::de::Error) -> String {
             let from = line.char_indices().nth(skip).map_or(line.len(), |(i, _)| i);
             let lead = if skip > 0 { "..." } else { "" };
             let excerpt = clip(line[from..].trim_end(), 60);
+            // serde's messages for a bad enum value or type do not name the field
+            // ("unknown variant `ignore`, expected ..."): name it from the line's key and
+            // the table above it, e.g. `train.on_anomaly: `.
+            let field = field_at(&text[..line_start], line)
+                .map(|f| format!("{f}: "))
+                .unwrap_or_default();
             format!(
-                "line {line_no}: {msg} (at `{lead}{}`)",
+                "line {line_no}: {field}{msg} (at `{lead}{}`)",
                 excerpt.trim_start()
             )
         }
         None => msg,
     }
+}
+
+/// `table.key` of a `key = value` line, given the text before it (for its `[table]`).
+fn field_at(before: &str, line: &str) -> Option<String> {
+    let key = line.split_once('=')?.0.trim();
+    let simple = |k: &str| {
+        !k.is_empty()
+            && k.chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-')
+    };
+    if !simple(key) {
+        return None;
+    }
+    let table = before.lines().rev().find_map(|l| {
+        let l = l.trim();
+        l.strip_prefix('[')?.strip_suffix(']').map(str::trim)
+    });
+    Some(match table {
+        Some(t) if simple(t) => format!("{t}.{key}"),
+        _ => key.to_string(),
+    })
 }
 
 impl ModelConfig {
@@ -439,8 +489,6 @@ impl ModelConfig {
                     ),
                 ));
             }
-            self.score_fn()?;
-            self.balance()?;
             if !non_negative(self.aux_loss_coef) {
                 return Err(cfg_err("model.aux_loss_coef", "must be >= 0"));
             }
@@ -464,27 +512,9 @@ impl ModelConfig {
         self.n_experts > 0 && l >= self.first_dense_layers
     }
 
-    pub fn score_fn(&self) -> Result<ScoreFn> {
-        match self.router_score.as_str() {
-            "softmax" => Ok(ScoreFn::Softmax),
-            "sigmoid" => Ok(ScoreFn::Sigmoid),
-            other => Err(cfg_err(
-                "model.router_score",
-                format!("\"{other}\" is not one of \"softmax\", \"sigmoid\""),
-            )),
-        }
-    }
-
-    pub fn balance(&self) -> Result<Balance> {
-        match self.balance.as_str() {
-            "aux_loss" => Ok(Balance::AuxLoss),
-            "bias" => Ok(Balance::Bias),
-            "none" => Ok(Balance::None),
-            other => Err(cfg_err(
-                "model.balance",
-                format!("\"{other}\" is not one of \"aux_loss\", \"bias\", \"none\""),
-            )),
-        }
+    /// The router's score function, as the kernels take it.
+    pub fn score_fn(&self) -> ScoreFn {
+        self.router_score.into()
     }
 
     /// Width of the fused shared-expert FFN (the shared experts summed are one SwiGLU of

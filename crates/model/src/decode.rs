@@ -61,8 +61,8 @@ impl BatchDecoder {
         let (e, k) = (cfg.n_experts.max(1), cfg.top_k.max(1));
         BatchDecoder {
             rope: RopeTable::new(t, d, cfg.rope_theta),
-            score_fn: cfg.score_fn().unwrap_or(ScoreFn::Softmax),
-            balance: cfg.balance().unwrap_or(Balance::None),
+            score_fn: cfg.score_fn(),
+            balance: cfg.balance,
             slots: s,
             k: (0..cfg.n_layers)
                 .map(|_| vec![0.0; s * t * g * d])

@@ -245,8 +245,8 @@ impl Model {
             dbr: z(if cfg.dropout > 0.0 { n * c } else { 0 }),
         };
         Model {
-            score_fn: cfg.score_fn().unwrap_or(ScoreFn::Softmax),
-            balance: cfg.balance().unwrap_or(Balance::None),
+            score_fn: cfg.score_fn(),
+            balance: cfg.balance,
             rope: RopeTable::new(cfg.max_seq_len, d, cfg.rope_theta),
             grads: vec![0.0; layout.total],
             cfg: cfg.clone(),

@@ -123,7 +123,7 @@ impl Layout {
             let ffn = if cfg.is_moe_layer(l) {
                 let (e, f) = (cfg.n_experts, cfg.expert_hidden);
                 let router = b.matrix(format!("{p}.moe.router.weight"), &[e, c], std);
-                let bias = (cfg.balance().ok() == Some(Balance::Bias)).then(|| {
+                let bias = (cfg.balance == Balance::Bias).then(|| {
                     b.add(
                         format!("{p}.moe.router.bias"),
                         &[e],

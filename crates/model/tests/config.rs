@@ -129,11 +129,21 @@ fn unknown_field() {
 
 #[test]
 fn bad_enum_values() {
-    refused(set("router_score", "\"relu\""), "router_score");
-    refused(set("balance", "\"magic\""), "balance");
+    refused(
+        set("router_score", "\"relu\""),
+        "model.router_score: unknown variant",
+    );
+    refused(
+        set("balance", "\"magic\""),
+        "model.balance: unknown variant",
+    );
+    refused(
+        |t| t.replace("[train]", "[train]\non_anomaly = \"ignore\""),
+        "train.on_anomaly: unknown variant",
+    );
 }
 
 #[test]
 fn wrong_type() {
-    refused(set("d_model", "\"wide\""), "d_model");
+    refused(set("d_model", "\"wide\""), "model.d_model: invalid type");
 }

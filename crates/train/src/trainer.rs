@@ -596,7 +596,7 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
         None
     };
     // the state a rollback returns to: the last checkpoint (or the start)
-    let rollbacks = tc.on_anomaly == "rollback";
+    let rollbacks = tc.on_anomaly == model::config::OnAnomaly::Rollback;
     let snap = |m: &Model, o: &Optimizer, s: &State| {
         rollbacks.then(|| (m.params.clone(), o.clone(), s.clone()))
     };
