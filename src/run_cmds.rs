@@ -8,9 +8,9 @@ use model::{io, Layout, Model};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use tokenizer::Tokenizer;
+use train::dataset::Dataset;
 use train::eval::evaluate;
 use train::load_run;
-use train::trainer::Dataset;
 
 #[derive(Args)]
 pub struct SampleArgs {

@@ -637,7 +637,7 @@ fn issue_11_traces_never_forge_chat_turns() {
             (e.reasoning.as_str(), e.answer.as_str(), true)
         );
     }
-    let packed = train::trainer::pack_examples(&tok, &traces, 256);
+    let packed = train::dataset::pack_examples(&tok, &traces, 256);
     let count = |id: u32| packed.x.iter().filter(|&&t| t == id).count();
     assert_eq!(count(c.user), traces.len());
     assert_eq!(count(c.think), traces.len());

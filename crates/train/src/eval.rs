@@ -1,7 +1,7 @@
 //! Validation loss: over a token stream in non-overlapping windows (every token a target
 //! once), or over packed chat rows (every assistant token once).
 
-use crate::trainer::Split;
+use crate::dataset::Split;
 use data::chat::ChatLoader;
 use data::loader::{eval_batch, eval_batches};
 use model::Model;

@@ -1,9 +1,10 @@
 //! moelab training: the loop (reads top to bottom in [`trainer`]), the LR schedule,
-//! evaluation, checkpoints with exact resume.
+//! training data ([`dataset`]), evaluation, checkpoints with exact resume.
 //!
 //! Not here: terminals. Progress goes to a [`trainer::Reporter`]; the CLI draws it.
 
 pub mod checkpoint;
+pub mod dataset;
 pub mod dist;
 pub mod eval;
 mod fault;
