@@ -2,13 +2,15 @@
 //!
 //! - [`config`](mod@config): `Config` (TOML, validated, presets in `configs/`)
 //! - [`params`]: the parameter layout, one contiguous buffer with named views, seeded init
-//! - [`model`]: forward / backward over a micro-batch, expert-load statistics
+//! - [`model`]: forward / backward over a micro-batch (the list of blocks), expert-load
+//!   statistics; `block`: a block's attention, dense FFN and MoE as forward/backward pairs
 //! - [`moe`]: routed experts: dropless dispatch, per-expert SwiGLU, combine
 //! - [`optim`]: AdamW state and global-norm clipping over the layout
 //! - [`io`]: safetensors weights files and the weights hash
 //!
 //! Not here: data loading, training loops, sampling, terminals (see the crates above this).
 
+pub(crate) mod block;
 pub mod config;
 pub mod decode;
 pub mod error;

@@ -1,81 +1,34 @@
 //! The MoE decoder-only transformer: forward and backward over one micro-batch, llm.c style.
 //!
-//! Block l: `x_mid = x + Attn(RMSNorm(x))`, `x_next = x_mid + FFN(RMSNorm(x_mid))`, where the
-//! FFN is dense SwiGLU or MoE (routed SwiGLU experts + optional shared experts). Final
-//! RMSNorm, LM head, cross-entropy. The backward pass calls the kernels in exactly reverse
-//! order. All buffers are sized at [`Model::new`] for a (B, T) and reused every step.
+//! The forward pass is the list: embedding; per block `attention_forward` and
+//! `ffn_forward` (dense SwiGLU or MoE, in `block`); final RMSNorm, LM head,
+//! cross-entropy. The backward pass is the same list reversed. All buffers are sized at
+//! [`Model::new`] for a (B, T) and reused every step.
 //!
 //! References: Llama (RMSNorm, RoPE, SwiGLU), Mixtral / DeepSeekMoE / DeepSeek-V3 (routing),
 //! llm.c `train_gpt2.c` (structure).
 
+use crate::block::{
+    attention_backward, attention_forward, ffn_backward, ffn_forward, AttnActs, Dims, Dropout,
+    FfnActs, FfnKind, Scratch,
+};
 use crate::config::{Balance, ModelConfig};
-use crate::moe::{experts_backward, experts_forward, ExpertActs, ExpertScratch, ExpertShape};
 use crate::params::{FfnIdx, Layout};
 use crate::profile::Profiler;
-use kernels::attention::{attention_backward, attention_forward, AttnShape};
-use kernels::dropout::{apply_mask, dropout_mask};
 use kernels::embedding::{embedding_backward, embedding_forward};
 use kernels::loss::{
     cross_entropy_backward, cross_entropy_distill_backward, cross_entropy_forward, distill_forward,
 };
-use kernels::matmul::{linear_backward, linear_forward, matmul};
+use kernels::matmul::{linear_backward, linear_forward};
 use kernels::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
-use kernels::rope::{rope_apply, RopeTable};
-use kernels::router::{self, ScoreFn};
-use kernels::swiglu::{swiglu_backward, swiglu_forward};
+use kernels::rope::RopeTable;
+use kernels::router;
 
 /// Saved activations of one block.
 struct LayerActs {
-    rstd1: Vec<f32>, // (N)
-    h1: Vec<f32>,    // (N,C)
-    qkv: Vec<f32>,   // (N,(H+2G)D) after RoPE
-    att: Vec<f32>,   // (B,H,T,T)
-    o: Vec<f32>,     // (N,HD)
-    x_mid: Vec<f32>, // (N,C)
-    rstd2: Vec<f32>, // (N)
-    h2: Vec<f32>,    // (N,C)
+    attn: AttnActs,
+    x_mid: Vec<f32>, // (N,C) the residual stream between the two halves
     ffn: FfnActs,
-    // residual dropout (empty when model.dropout = 0)
-    br: Vec<f32>,        // (N,C) branch output
-    mask_attn: Vec<f32>, // (N,C)
-    mask_ffn: Vec<f32>,  // (N,C)
-}
-
-enum FfnActs {
-    Dense {
-        gu: Vec<f32>, // (N,2F)
-        a: Vec<f32>,  // (N,F)
-    },
-    Moe(Box<MoeActs>),
-}
-
-struct MoeActs {
-    logits: Vec<f32>, // (N,E)
-    scores: Vec<f32>, // (N,E)
-    idx: Vec<u32>,    // (N,K)
-    w: Vec<f32>,      // (N,K)
-    counts: Vec<u32>, // (E) this micro-batch
-    ex: ExpertActs,
-    sgu: Vec<f32>, // (N,2Fs) shared experts
-    sa: Vec<f32>,  // (N,Fs)
-}
-
-/// Gradient scratch shared by all blocks (the backward pass visits one block at a time).
-struct Grads {
-    dres: Vec<f32>,    // (N,C) gradient of the residual stream
-    dh: Vec<f32>,      // (N,C)
-    dqkv: Vec<f32>,    // (N,(H+2G)D)
-    datt: Vec<f32>,    // (B,H,T,T)
-    do_: Vec<f32>,     // (N,HD)
-    dgu: Vec<f32>,     // (max(N*2F, NK*2Fe, N*2Fs))
-    da: Vec<f32>,      // (max(N*F, NK*Fe, N*Fs))
-    dxe: Vec<f32>,     // (NK,C)
-    dye: Vec<f32>,     // (NK,C)
-    dlog_r: Vec<f32>,  // (N,E)
-    dscores: Vec<f32>, // (N,E)
-    dw: Vec<f32>,      // (N,K)
-    dxf: Vec<f32>,     // (N,C)
-    dbr: Vec<f32>,     // (N,C) masked branch gradient (dropout only)
 }
 
 /// Losses of the last forward pass.
@@ -124,9 +77,7 @@ pub struct Model {
     pub dropout_key: u64,
     /// The loads of the last optimizer step (set by [`Model::update_balance_bias`]).
     pub last_load: Vec<Vec<u64>>,
-    b: usize,
-    t: usize,
-    score_fn: ScoreFn,
+    dims: Dims,
     balance: Balance,
     rope: RopeTable,
     tokens: Vec<u32>,
@@ -139,7 +90,11 @@ pub struct Model {
     lse: Vec<f32>,
     losses: Vec<f32>,
     last: Losses,
-    g: Grads,
+    br: Vec<f32>,   // (N,C) a branch's output before dropout (dropout only)
+    dres: Vec<f32>, // (N,C) gradient of the residual stream
+    dbr: Vec<f32>,  // (N,C) masked branch gradient (dropout only)
+    dxf: Vec<f32>,  // (N,C)
+    sc: Scratch,
 }
 
 impl Model {
@@ -176,76 +131,45 @@ impl Model {
             cfg.n_heads,
             cfg.n_kv_heads,
         );
-        let r = (h + 2 * g) * d;
-        let z = |len: usize| vec![0.0f32; len];
-        let (e, k, fe, fs) = (
-            cfg.n_experts,
-            cfg.top_k,
-            cfg.expert_hidden,
-            cfg.shared_hidden(),
-        );
-        let mut max_gu = 0;
-        let nd = if cfg.dropout > 0.0 { n * c } else { 0 };
-        let mut acts = vec![];
-        let mut load = vec![];
-        for l in 0..cfg.n_layers {
-            let ffn = if cfg.is_moe_layer(l) {
-                max_gu = max_gu.max(n * k * fe).max(n * fs);
-                load.push(vec![0; e]);
-                FfnActs::Moe(Box::new(MoeActs {
-                    logits: z(n * e),
-                    scores: z(n * e),
-                    idx: vec![0; n * k],
-                    w: z(n * k),
-                    counts: vec![0; e],
-                    ex: ExpertActs::new(ExpertShape { n, e, k, c, f: fe }),
-                    sgu: z(n * 2 * fs),
-                    sa: z(n * fs),
-                }))
-            } else {
-                max_gu = max_gu.max(n * cfg.ffn_hidden);
-                load.push(vec![]);
-                FfnActs::Dense {
-                    gu: z(n * 2 * cfg.ffn_hidden),
-                    a: z(n * cfg.ffn_hidden),
-                }
-            };
-            acts.push(LayerActs {
-                rstd1: z(n),
-                h1: z(n * c),
-                qkv: z(n * r),
-                att: z(b * h * t * t),
-                o: z(n * h * d),
-                x_mid: z(n * c),
-                rstd2: z(n),
-                h2: z(n * c),
-                ffn,
-                br: z(nd),
-                mask_attn: z(nd),
-                mask_ffn: z(nd),
-            });
-        }
-        let any_moe = (0..cfg.n_layers).any(|l| cfg.is_moe_layer(l));
-        let nk = if any_moe { n * k } else { 0 };
-        let ne = if any_moe { n * e } else { 0 };
-        let g_ = Grads {
-            dres: z(n * c),
-            dh: z(n * c),
-            dqkv: z(n * r),
-            datt: z(b * h * t * t),
-            do_: z(n * h * d),
-            dgu: z(2 * max_gu),
-            da: z(max_gu),
-            dxe: z(nk * c),
-            dye: z(nk * c),
-            dlog_r: z(ne),
-            dscores: z(ne),
-            dw: z(nk),
-            dxf: z(n * c),
-            dbr: z(if cfg.dropout > 0.0 { n * c } else { 0 }),
+        let dims = Dims {
+            b,
+            t,
+            n,
+            c,
+            h,
+            g,
+            d,
+            r: (h + 2 * g) * d,
+            eps: cfg.norm_eps,
+            f: cfg.ffn_hidden,
+            e: cfg.n_experts,
+            k: cfg.top_k,
+            fe: cfg.expert_hidden,
+            fs: cfg.shared_hidden(),
+            score: cfg.score_fn(),
+            renormalize: cfg.renormalize,
         };
+        let z = |len: usize| vec![0.0f32; len];
+        let dropout = cfg.dropout > 0.0;
+        let nd = if dropout { n * c } else { 0 };
+        let moe = |l: usize| cfg.is_moe_layer(l);
+        let acts = (0..cfg.n_layers)
+            .map(|l| LayerActs {
+                attn: AttnActs::new(&dims, dropout),
+                x_mid: z(n * c),
+                ffn: FfnActs::new(&dims, moe(l), dropout),
+            })
+            .collect();
+        let load: Vec<Vec<u64>> = (0..cfg.n_layers)
+            .map(|l| vec![0; if moe(l) { cfg.n_experts } else { 0 }])
+            .collect();
+        let sc = Scratch::new(
+            &dims,
+            (0..cfg.n_layers).any(|l| !moe(l)),
+            (0..cfg.n_layers).any(moe),
+        );
         Model {
-            score_fn: cfg.score_fn(),
+            dims,
             balance: cfg.balance,
             rope: RopeTable::new(cfg.max_seq_len, d, cfg.rope_theta),
             grads: vec![0.0; layout.total],
@@ -257,8 +181,6 @@ impl Model {
             training: false,
             dropout_key: 0,
             load,
-            b,
-            t,
             tokens: vec![0; n],
             targets: vec![0; n],
             res: (0..=cfg.n_layers).map(|_| z(n * c)).collect(),
@@ -269,13 +191,17 @@ impl Model {
             lse: z(n),
             losses: z(n),
             last: Losses::default(),
-            g: g_,
+            br: z(nd),
+            dres: z(n * c),
+            dbr: z(nd),
+            dxf: z(n * c),
+            sc,
         }
     }
 
     /// (B, T) the buffers are sized for.
     pub fn batch_shape(&self) -> (usize, usize) {
-        (self.b, self.t)
+        (self.dims.b, self.dims.t)
     }
 
     /// Logits (N,V) of the last forward pass (before `backward`, which overwrites them).
@@ -285,226 +211,104 @@ impl Model {
 
     /// Router choices (N,K) of MoE block `l` in the last forward pass.
     pub fn router_choices(&self, l: usize) -> Option<&[u32]> {
-        match &self.acts[l].ffn {
-            FfnActs::Moe(m) => Some(&m.idx),
-            FfnActs::Dense { .. } => None,
+        match &self.acts[l].ffn.kind {
+            FfnKind::Moe(m) => Some(&m.idx),
+            FfnKind::Dense(_) => None,
         }
     }
 
     /// Forward pass over `tokens (B*T)`, loss against `targets (B*T)` (IGNORE_INDEX masks a
     /// position). Adds this batch's expert loads to [`Model::load`].
     pub fn forward(&mut self, tokens: &[u32], targets: &[u32]) -> Losses {
-        let cfg = self.cfg.clone();
-        let (b, t) = (self.b, self.t);
-        let n = b * t;
+        let s = self.dims;
+        let (n, c, v) = (s.n, s.c, self.cfg.vocab_size);
         assert_eq!(tokens.len(), n, "tokens must be B*T = {n}");
         assert_eq!(targets.len(), n, "targets must be B*T = {n}");
         self.tokens.copy_from_slice(tokens);
         self.targets.copy_from_slice(targets);
-        let (c, v, d, h, g) = (
-            cfg.d_model,
-            cfg.vocab_size,
-            cfg.head_dim(),
-            cfg.n_heads,
-            cfg.n_kv_heads,
-        );
-        let r = (h + 2 * g) * d;
-        let lay = self.layout.clone();
-        let ashape = AttnShape { b, t, h, g, d };
-        let drop = self.dropping();
-        self.prof.start();
+        let lay = &self.layout;
+        let params = &self.params;
+        let drop = |stream: u64| Dropout {
+            on: self.training && self.cfg.dropout > 0.0,
+            p: self.cfg.dropout,
+            key: self.dropout_key,
+            stream,
+        };
+        let prof = &mut self.prof;
+        prof.start();
         embedding_forward(
             &mut self.res[0],
             tokens,
-            &self.params[lay.embed..lay.embed + v * c],
+            &params[lay.embed..lay.embed + v * c],
             c,
         );
-        self.prof.lap("embedding");
+        prof.lap("embedding");
         let (mut aux_sum, mut z_sum) = (0.0f32, 0.0f32);
-        for l in 0..cfg.n_layers {
-            let li = &lay.layers[l];
+        for (l, li) in lay.layers.iter().enumerate() {
             let (head, tail) = self.res.split_at_mut(l + 1);
-            let x = &head[l];
-            let x_next = &mut tail[0];
             let a = &mut self.acts[l];
-            let params = &self.params;
-            let p = |off: usize, len: usize| &params[off..off + len];
-            // attention
-            rmsnorm_forward(&mut a.h1, &mut a.rstd1, x, p(li.attn_norm, c), cfg.norm_eps);
-            self.prof.lap("rmsnorm");
-            linear_forward(&mut a.qkv, &a.h1, p(li.wqkv, r * c), n, c, r);
-            self.prof.lap("matmul: attention");
-            rope_apply(&mut a.qkv, r, 0, h + g, t, &self.rope, false);
-            self.prof.lap("rope");
-            attention_forward(&mut a.o, &mut a.att, &a.qkv, ashape);
-            self.prof.lap("attention: softmax, QK^T, PV");
-            if drop {
-                linear_forward(&mut a.br, &a.o, p(li.wo, c * h * d), n, h * d, c);
-                self.prof.lap("matmul: attention");
-                dropout_mask(
-                    &mut a.mask_attn,
-                    cfg.dropout,
-                    self.dropout_key,
-                    2 * l as u64,
-                );
-                apply_mask(&mut a.br, &a.mask_attn);
-                add(&mut a.x_mid, x, &a.br);
-                self.prof.lap("dropout");
-            } else {
-                a.x_mid.copy_from_slice(x);
-                matmul(
-                    &mut a.x_mid,
-                    &a.o,
-                    false,
-                    p(li.wo, c * h * d),
-                    true,
-                    n,
-                    c,
-                    h * d,
-                    true,
-                );
-                self.prof.lap("matmul: attention");
-            }
-            // FFN
-            rmsnorm_forward(
-                &mut a.h2,
-                &mut a.rstd2,
-                &a.x_mid,
-                p(li.ffn_norm, c),
-                cfg.norm_eps,
+            let w = li.attn_w(params, &s);
+            let x_mid = &mut a.x_mid;
+            attention_forward(
+                x_mid,
+                &head[l],
+                &w,
+                &mut a.attn,
+                &mut self.br,
+                &s,
+                &self.rope,
+                drop(2 * l as u64),
+                prof,
             );
-            self.prof.lap("rmsnorm");
-            let ffn_out: &mut [f32] = if drop {
-                a.br.fill(0.0);
-                &mut a.br
-            } else {
-                x_next.copy_from_slice(&a.x_mid);
-                &mut *x_next
-            };
-            match (&li.ffn, &mut a.ffn) {
-                (FfnIdx::Dense { w_gu, w_down }, FfnActs::Dense { gu, a: act }) => {
-                    let f = cfg.ffn_hidden;
-                    linear_forward(gu, &a.h2, p(*w_gu, 2 * f * c), n, c, 2 * f);
-                    self.prof.lap("matmul: ffn");
-                    swiglu_forward(act, gu, f);
-                    self.prof.lap("swiglu");
-                    matmul(ffn_out, act, false, p(*w_down, c * f), true, n, c, f, true);
-                    self.prof.lap("matmul: ffn");
-                }
-                (
-                    FfnIdx::Moe {
-                        router,
-                        bias,
-                        w_gu,
-                        w_down,
-                        shared,
-                    },
-                    FfnActs::Moe(m),
-                ) => {
-                    let (e, k, f) = (cfg.n_experts, cfg.top_k, cfg.expert_hidden);
-                    linear_forward(&mut m.logits, &a.h2, p(*router, e * c), n, c, e);
-                    self.prof.lap("router");
-                    let bias = bias.map(|o| p(o, e));
-                    router::router_forward(
-                        &mut m.scores,
-                        &mut m.idx,
-                        &mut m.w,
-                        &m.logits,
-                        bias,
-                        e,
-                        k,
-                        self.score_fn,
-                        cfg.renormalize,
-                    );
-                    router::expert_counts(&mut m.counts, &m.idx);
-                    self.prof.lap("router");
-                    for (acc, &cnt) in self.load[l].iter_mut().zip(&m.counts) {
-                        *acc += cnt as u64;
-                    }
-                    if let Some((sgu_w, sd_w)) = shared {
-                        let fs = cfg.shared_hidden();
-                        linear_forward(&mut m.sgu, &a.h2, p(*sgu_w, 2 * fs * c), n, c, 2 * fs);
-                        self.prof.lap("matmul: ffn");
-                        swiglu_forward(&mut m.sa, &m.sgu, fs);
-                        self.prof.lap("swiglu");
-                        matmul(
-                            ffn_out,
-                            &m.sa,
-                            false,
-                            p(*sd_w, c * fs),
-                            true,
-                            n,
-                            c,
-                            fs,
-                            true,
-                        );
-                        self.prof.lap("matmul: ffn");
-                    }
-                    let es = ExpertShape { n, e, k, c, f };
-                    experts_forward(
-                        ffn_out,
-                        &a.h2,
-                        &m.idx,
-                        &m.w,
-                        p(*w_gu, e * 2 * f * c),
-                        p(*w_down, e * c * f),
-                        es,
-                        &mut m.ex,
-                    );
-                    self.prof.lap("experts: dispatch, matmuls, swiglu");
-                    // Both are computed for every MoE block as balance diagnostics; they enter
-                    // the objective only with their coefficients.
-                    aux_sum += router::aux_loss_forward(&m.scores, &m.counts, e, k, self.score_fn);
-                    z_sum += router::z_loss_forward(&m.logits, e);
-                    self.prof.lap("router");
-                }
-                _ => unreachable!("layout and activations agree on block kinds"),
-            }
-            if drop {
-                dropout_mask(
-                    &mut a.mask_ffn,
-                    cfg.dropout,
-                    self.dropout_key,
-                    2 * l as u64 + 1,
-                );
-                apply_mask(&mut a.br, &a.mask_ffn);
-                add(x_next, &a.x_mid, &a.br);
-                self.prof.lap("dropout");
+            let w = li.ffn_w(params, &s);
+            let (aux, z) = ffn_forward(
+                &mut tail[0],
+                x_mid,
+                &w,
+                &mut a.ffn,
+                &mut self.br,
+                &mut self.load[l],
+                &s,
+                drop(2 * l as u64 + 1),
+                prof,
+            );
+            if let FfnIdx::Moe { .. } = li.ffn {
+                aux_sum += aux;
+                z_sum += z;
             }
         }
-        let lay_norm = lay.norm;
         rmsnorm_forward(
             &mut self.xf,
             &mut self.rstdf,
-            &self.res[cfg.n_layers],
-            &self.params[lay_norm..lay_norm + c],
-            cfg.norm_eps,
+            &self.res[self.cfg.n_layers],
+            &params[lay.norm..lay.norm + c],
+            s.eps,
         );
-        self.prof.lap("rmsnorm");
+        prof.lap("rmsnorm");
         linear_forward(
             &mut self.logits,
             &self.xf,
-            &self.params[lay.lm_head..lay.lm_head + v * c],
+            &params[lay.lm_head..lay.lm_head + v * c],
             n,
             c,
             v,
         );
-        self.prof.lap("matmul: lm head");
+        prof.lap("matmul: lm head");
         let (sum, count) =
             cross_entropy_forward(&mut self.losses, &mut self.lse, &self.logits, targets, v);
-        self.prof.lap("cross-entropy");
+        prof.lap("cross-entropy");
         let ce = if count > 0 {
             (sum / count as f64) as f32
         } else {
             0.0
         };
         let aux_coef = if self.balance == Balance::AuxLoss {
-            cfg.aux_loss_coef
+            self.cfg.aux_loss_coef
         } else {
             0.0
         };
         self.last = Losses {
-            total: ce + aux_coef * aux_sum + cfg.z_loss_coef * z_sum,
+            total: ce + aux_coef * aux_sum + self.cfg.z_loss_coef * z_sum,
             ce,
             aux: aux_sum,
             z: z_sum,
@@ -536,38 +340,22 @@ impl Model {
     /// As [`Model::backward`], with logit distillation: the cross-entropy part of the loss
     /// becomes `(1 - W) CE + W T^2 KL(teacher || student)`.
     pub fn backward_distill(&mut self, loss_scale: f32, kd: Option<&Distill>) {
-        let cfg = self.cfg.clone();
-        let (b, t) = (self.b, self.t);
-        let n = b * t;
-        let (c, v, d, h, g) = (
-            cfg.d_model,
-            cfg.vocab_size,
-            cfg.head_dim(),
-            cfg.n_heads,
-            cfg.n_kv_heads,
-        );
-        let r = (h + 2 * g) * d;
-        let lay = self.layout.clone();
-        let ashape = AttnShape { b, t, h, g, d };
+        let s = self.dims;
+        let (n, c, v) = (s.n, s.c, self.cfg.vocab_size);
         let count = self.last.n_targets.max(1);
         let aux_coef = if self.balance == Balance::AuxLoss {
-            cfg.aux_loss_coef * loss_scale
+            self.cfg.aux_loss_coef * loss_scale
         } else {
             0.0
         };
-        let z_coef = cfg.z_loss_coef * loss_scale;
+        let coefs = (aux_coef, self.cfg.z_loss_coef * loss_scale);
         let drop = self.dropping();
-        let gr = &mut self.g;
+        let lay = &self.layout;
         let params = &self.params;
         let grads = &mut self.grads;
-        let p = |off: usize, len: usize| &params[off..off + len];
-        macro_rules! dp {
-            ($off:expr, $len:expr) => {
-                &mut grads[$off..$off + $len]
-            };
-        }
+        let prof = &mut self.prof;
 
-        self.prof.start();
+        prof.start();
         let scale = loss_scale / count as f32;
         match kd {
             None => cross_entropy_backward(&mut self.logits, &self.lse, &self.targets, v, scale),
@@ -582,241 +370,69 @@ impl Model {
                 kd.temperature,
             ),
         }
-        self.prof.lap("cross-entropy bwd");
+        prof.lap("cross-entropy bwd");
+        let head = lay.lm_head..lay.lm_head + v * c;
         linear_backward(
-            Some(&mut gr.dxf),
-            dp!(lay.lm_head, v * c),
+            Some(&mut self.dxf),
+            &mut grads[head.clone()],
             &self.logits,
             &self.xf,
-            p(lay.lm_head, v * c),
+            &params[head],
             n,
             c,
             v,
             false,
         );
-        self.prof.lap("matmul: lm head bwd");
-        gr.dres.fill(0.0);
+        prof.lap("matmul: lm head bwd");
+        self.dres.fill(0.0);
+        let norm = lay.norm..lay.norm + c;
         rmsnorm_backward(
-            &mut gr.dres,
-            dp!(lay.norm, c),
-            &gr.dxf,
-            &self.res[cfg.n_layers],
-            p(lay.norm, c),
+            &mut self.dres,
+            &mut grads[norm.clone()],
+            &self.dxf,
+            &self.res[self.cfg.n_layers],
+            &params[norm],
             &self.rstdf,
         );
-        self.prof.lap("rmsnorm bwd");
+        prof.lap("rmsnorm bwd");
 
-        for l in (0..cfg.n_layers).rev() {
-            let li = &lay.layers[l];
+        for (l, li) in lay.layers.iter().enumerate().rev() {
             let a = &self.acts[l];
-            // FFN: x_next = x_mid + dropout(ffn(h2)); gr.dres holds d(x_next)
-            if drop {
-                gr.dbr.copy_from_slice(&gr.dres);
-                apply_mask(&mut gr.dbr, &a.mask_ffn);
-            }
-            let dy: &[f32] = if drop { &gr.dbr } else { &gr.dres };
-            match (&li.ffn, &a.ffn) {
-                (FfnIdx::Dense { w_gu, w_down }, FfnActs::Dense { gu, a: act }) => {
-                    let f = cfg.ffn_hidden;
-                    let da = &mut gr.da[..n * f];
-                    let dgu = &mut gr.dgu[..n * 2 * f];
-                    linear_backward(
-                        Some(da),
-                        dp!(*w_down, c * f),
-                        dy,
-                        act,
-                        p(*w_down, c * f),
-                        n,
-                        f,
-                        c,
-                        false,
-                    );
-                    self.prof.lap("matmul: ffn bwd");
-                    swiglu_backward(dgu, &gr.da[..n * f], gu, f);
-                    self.prof.lap("swiglu bwd");
-                    linear_backward(
-                        Some(&mut gr.dh),
-                        dp!(*w_gu, 2 * f * c),
-                        &gr.dgu[..n * 2 * f],
-                        &a.h2,
-                        p(*w_gu, 2 * f * c),
-                        n,
-                        c,
-                        2 * f,
-                        false,
-                    );
-                    self.prof.lap("matmul: ffn bwd");
-                }
-                (
-                    FfnIdx::Moe {
-                        router,
-                        bias: _,
-                        w_gu,
-                        w_down,
-                        shared,
-                    },
-                    FfnActs::Moe(m),
-                ) => {
-                    let (e, k, f) = (cfg.n_experts, cfg.top_k, cfg.expert_hidden);
-                    if let Some((sgu_w, sd_w)) = shared {
-                        let fs = cfg.shared_hidden();
-                        linear_backward(
-                            Some(&mut gr.da[..n * fs]),
-                            dp!(*sd_w, c * fs),
-                            dy,
-                            &m.sa,
-                            p(*sd_w, c * fs),
-                            n,
-                            fs,
-                            c,
-                            false,
-                        );
-                        self.prof.lap("matmul: ffn bwd");
-                        swiglu_backward(&mut gr.dgu[..n * 2 * fs], &gr.da[..n * fs], &m.sgu, fs);
-                        self.prof.lap("swiglu bwd");
-                        linear_backward(
-                            Some(&mut gr.dh),
-                            dp!(*sgu_w, 2 * fs * c),
-                            &gr.dgu[..n * 2 * fs],
-                            &a.h2,
-                            p(*sgu_w, 2 * fs * c),
-                            n,
-                            c,
-                            2 * fs,
-                            false,
-                        );
-                        self.prof.lap("matmul: ffn bwd");
-                    } else {
-                        gr.dh.fill(0.0);
-                    }
-                    let nk = n * k;
-                    let es = ExpertShape { n, e, k, c, f };
-                    let scratch = ExpertScratch {
-                        dye: &mut gr.dye,
-                        da: &mut gr.da[..nk * f],
-                        dgu: &mut gr.dgu[..nk * 2 * f],
-                        dxe: &mut gr.dxe,
-                    };
-                    let (dw_gu, dw_down) = {
-                        // w_gu and w_down are adjacent, w_gu first (see params::Layout)
-                        let (lo, hi) = grads.split_at_mut(*w_down);
-                        (&mut lo[*w_gu..*w_gu + e * 2 * f * c], &mut hi[..e * c * f])
-                    };
-                    experts_backward(
-                        &mut gr.dh,
-                        &mut gr.dw,
-                        dw_gu,
-                        dw_down,
-                        dy,
-                        &m.w,
-                        p(*w_gu, e * 2 * f * c),
-                        p(*w_down, e * c * f),
-                        es,
-                        &m.ex,
-                        scratch,
-                    );
-                    self.prof.lap("experts: dispatch, matmuls, swiglu bwd");
-                    // router
-                    router::topk_weights_backward(
-                        &mut gr.dscores,
-                        &gr.dw,
-                        &m.w,
-                        &m.idx,
-                        &m.scores,
-                        e,
-                        k,
-                        cfg.renormalize,
-                    );
-                    if aux_coef > 0.0 {
-                        router::aux_loss_backward(
-                            &mut gr.dscores,
-                            &m.scores,
-                            &m.counts,
-                            e,
-                            k,
-                            self.score_fn,
-                            aux_coef,
-                        );
-                    }
-                    router::scores_backward(
-                        &mut gr.dlog_r,
-                        &gr.dscores,
-                        &m.scores,
-                        e,
-                        self.score_fn,
-                    );
-                    if z_coef > 0.0 {
-                        router::z_loss_backward(&mut gr.dlog_r, &m.logits, e, z_coef);
-                    }
-                    linear_backward(
-                        Some(&mut gr.dh),
-                        dp!(*router, e * c),
-                        &gr.dlog_r,
-                        &a.h2,
-                        p(*router, e * c),
-                        n,
-                        c,
-                        e,
-                        true,
-                    );
-                    self.prof.lap("router bwd");
-                }
-                _ => unreachable!("layout and activations agree on block kinds"),
-            }
-            rmsnorm_backward(
-                &mut gr.dres,
-                dp!(li.ffn_norm, c),
-                &gr.dh,
+            // self.dres holds d(x_next), then d(x_mid), then d(x)
+            ffn_backward(
+                &mut self.dres,
+                &mut self.dbr,
+                li.ffn_g(grads, &s),
                 &a.x_mid,
-                p(li.ffn_norm, c),
-                &a.rstd2,
+                &li.ffn_w(params, &s),
+                &a.ffn,
+                &mut self.sc,
+                &s,
+                coefs,
+                drop,
+                prof,
             );
-            self.prof.lap("rmsnorm bwd");
-            // attention: x_mid = x + dropout(o Wo^T); gr.dres holds d(x_mid)
-            if drop {
-                gr.dbr.copy_from_slice(&gr.dres);
-                apply_mask(&mut gr.dbr, &a.mask_attn);
-            }
-            linear_backward(
-                Some(&mut gr.do_),
-                dp!(li.wo, c * h * d),
-                if drop { &gr.dbr } else { &gr.dres },
-                &a.o,
-                p(li.wo, c * h * d),
-                n,
-                h * d,
-                c,
-                false,
-            );
-            self.prof.lap("matmul: attention bwd");
-            attention_backward(&mut gr.dqkv, &mut gr.datt, &gr.do_, &a.qkv, &a.att, ashape);
-            self.prof.lap("attention: softmax, QK^T, PV bwd");
-            rope_apply(&mut gr.dqkv, r, 0, h + g, t, &self.rope, true);
-            self.prof.lap("rope bwd");
-            linear_backward(
-                Some(&mut gr.dh),
-                dp!(li.wqkv, r * c),
-                &gr.dqkv,
-                &a.h1,
-                p(li.wqkv, r * c),
-                n,
-                c,
-                r,
-                false,
-            );
-            self.prof.lap("matmul: attention bwd");
-            rmsnorm_backward(
-                &mut gr.dres,
-                dp!(li.attn_norm, c),
-                &gr.dh,
+            attention_backward(
+                &mut self.dres,
+                &mut self.dbr,
+                li.attn_g(grads, &s),
                 &self.res[l],
-                p(li.attn_norm, c),
-                &a.rstd1,
+                &li.attn_w(params, &s),
+                &a.attn,
+                &mut self.sc,
+                &s,
+                &self.rope,
+                drop,
+                prof,
             );
-            self.prof.lap("rmsnorm bwd");
         }
-        embedding_backward(dp!(lay.embed, v * c), &self.tokens, &gr.dres, c);
-        self.prof.lap("embedding bwd");
+        embedding_backward(
+            &mut grads[lay.embed..lay.embed + v * c],
+            &self.tokens,
+            &self.dres,
+            c,
+        );
+        prof.lap("embedding bwd");
     }
 
     fn dropping(&self) -> bool {
@@ -881,17 +497,4 @@ impl Model {
             }
         }
     }
-}
-
-/// `out = a + b`, elementwise.
-fn add(out: &mut [f32], a: &[f32], b: &[f32]) {
-    use rayon::prelude::*;
-    out.par_chunks_mut(4096)
-        .zip(a.par_chunks(4096))
-        .zip(b.par_chunks(4096))
-        .for_each(|((o, a), b)| {
-            for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
-                *o = a + b;
-            }
-        });
 }

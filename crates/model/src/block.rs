@@ -1,0 +1,811 @@
+//! One transformer block as forward/backward pairs over named views, llm.c style:
+//!
+//! - attention: `x_mid = x + drop(o_proj(attn(rope(qkv_proj(rmsnorm(x))))))`
+//!   ([`attention_forward`] / [`attention_backward`]);
+//! - FFN: `x_next = x_mid + drop(ffn(rmsnorm(x_mid)))` ([`ffn_forward`] /
+//!   [`ffn_backward`]), where ffn is a dense SwiGLU ([`mlp_forward`] / [`mlp_backward`]) or
+//!   an MoE ([`moe_forward`] / [`moe_backward`]: router, shared experts, routed experts,
+//!   auxiliary and z losses).
+//!
+//! Each pair is the kernels of its formula in order and reversed. Weights come in as
+//! `*W` views of the parameter buffer, gradients go out through `*G` views of the gradient
+//! buffer (accumulated, as the kernels do), activations are the block's own (`*Acts`).
+//! [`crate::model::Model`] calls them per layer; it owns the embedding and the head.
+//!
+//! References: Llama (RMSNorm, RoPE, SwiGLU; `LlamaDecoderLayer`), Mixtral / DeepSeekMoE /
+//! DeepSeek-V3 (routing, shared experts, bias balancing).
+
+use crate::moe::{experts_backward, experts_forward, ExpertActs, ExpertScratch, ExpertShape};
+use crate::params::{FfnIdx, LayerIdx};
+use crate::profile::Profiler;
+use kernels::attention::{self as attn_k, AttnShape};
+use kernels::dropout::{apply_mask, dropout_mask};
+use kernels::matmul::{linear_backward, linear_forward, matmul};
+use kernels::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
+use kernels::rope::{rope_apply, RopeTable};
+use kernels::router::{self, ScoreFn};
+use kernels::swiglu::{swiglu_backward, swiglu_forward};
+
+/// The sizes every block function needs, fixed when a model is built (B, T) and copied.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dims {
+    pub b: usize,
+    pub t: usize,
+    /// Rows N = B*T.
+    pub n: usize,
+    /// Width C.
+    pub c: usize,
+    /// Query heads H, key/value heads G, head dim D.
+    pub h: usize,
+    pub g: usize,
+    pub d: usize,
+    /// Width of the fused q/k/v projection, (H + 2G) D.
+    pub r: usize,
+    pub eps: f32,
+    /// Dense FFN width F.
+    pub f: usize,
+    /// Routed experts E, chosen per token K, expert width Fe, fused shared-expert width Fs.
+    pub e: usize,
+    pub k: usize,
+    pub fe: usize,
+    pub fs: usize,
+    pub score: ScoreFn,
+    pub renormalize: bool,
+}
+
+impl Dims {
+    fn attn(&self) -> AttnShape {
+        AttnShape {
+            b: self.b,
+            t: self.t,
+            h: self.h,
+            g: self.g,
+            d: self.d,
+        }
+    }
+
+    fn experts(&self) -> ExpertShape {
+        ExpertShape {
+            n: self.n,
+            e: self.e,
+            k: self.k,
+            c: self.c,
+            f: self.fe,
+        }
+    }
+}
+
+/// Residual dropout of one branch: on in training when model.dropout > 0; the mask is a
+/// function of (key, stream) only.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dropout {
+    pub on: bool,
+    pub p: f32,
+    pub key: u64,
+    pub stream: u64,
+}
+
+/// RMSNorm output and its per-row reciprocal RMS.
+pub(crate) struct Normed {
+    pub rstd: Vec<f32>, // (N)
+    pub h: Vec<f32>,    // (N,C)
+}
+
+/// Saved activations of the attention half of a block.
+pub(crate) struct AttnActs {
+    pub ln: Normed,
+    pub qkv: Vec<f32>,  // (N,R) after RoPE
+    pub att: Vec<f32>,  // (B,H,T,T)
+    pub o: Vec<f32>,    // (N,HD)
+    pub mask: Vec<f32>, // (N,C) dropout only
+}
+
+/// Saved activations of the FFN half of a block.
+pub(crate) struct FfnActs {
+    pub ln: Normed,
+    pub mask: Vec<f32>, // (N,C) dropout only
+    pub kind: FfnKind,
+}
+
+pub(crate) enum FfnKind {
+    Dense(MlpActs),
+    Moe(Box<MoeActs>),
+}
+
+pub(crate) struct MlpActs {
+    pub gu: Vec<f32>, // (N,2F)
+    pub a: Vec<f32>,  // (N,F)
+}
+
+pub(crate) struct MoeActs {
+    pub logits: Vec<f32>, // (N,E)
+    pub scores: Vec<f32>, // (N,E)
+    pub idx: Vec<u32>,    // (N,K)
+    pub w: Vec<f32>,      // (N,K)
+    pub counts: Vec<u32>, // (E) this micro-batch
+    pub ex: ExpertActs,
+    pub sgu: Vec<f32>, // (N,2Fs) shared experts
+    pub sa: Vec<f32>,  // (N,Fs)
+}
+
+impl AttnActs {
+    pub fn new(s: &Dims, dropout: bool) -> AttnActs {
+        let (n, c) = (s.n, s.c);
+        AttnActs {
+            ln: Normed::new(s),
+            qkv: vec![0.0; n * s.r],
+            att: vec![0.0; s.b * s.h * s.t * s.t],
+            o: vec![0.0; n * s.h * s.d],
+            mask: vec![0.0; if dropout { n * c } else { 0 }],
+        }
+    }
+}
+
+impl Normed {
+    fn new(s: &Dims) -> Normed {
+        Normed {
+            rstd: vec![0.0; s.n],
+            h: vec![0.0; s.n * s.c],
+        }
+    }
+}
+
+impl FfnActs {
+    pub fn new(s: &Dims, moe: bool, dropout: bool) -> FfnActs {
+        let (n, z) = (s.n, |len: usize| vec![0.0f32; len]);
+        let kind = if moe {
+            FfnKind::Moe(Box::new(MoeActs {
+                logits: z(n * s.e),
+                scores: z(n * s.e),
+                idx: vec![0; n * s.k],
+                w: z(n * s.k),
+                counts: vec![0; s.e],
+                ex: ExpertActs::new(s.experts()),
+                sgu: z(n * 2 * s.fs),
+                sa: z(n * s.fs),
+            }))
+        } else {
+            FfnKind::Dense(MlpActs {
+                gu: z(n * 2 * s.f),
+                a: z(n * s.f),
+            })
+        };
+        FfnActs {
+            ln: Normed::new(s),
+            mask: z(if dropout { n * s.c } else { 0 }),
+            kind,
+        }
+    }
+}
+
+/// Gradient scratch shared by all blocks (the backward pass visits one block at a time).
+pub(crate) struct Scratch {
+    pub dh: Vec<f32>,      // (N,C)
+    pub dqkv: Vec<f32>,    // (N,R)
+    pub datt: Vec<f32>,    // (B,H,T,T)
+    pub do_: Vec<f32>,     // (N,HD)
+    pub dgu: Vec<f32>,     // (max(N*2F, NK*2Fe, N*2Fs))
+    pub da: Vec<f32>,      // (max(N*F, NK*Fe, N*Fs))
+    pub dxe: Vec<f32>,     // (NK,C)
+    pub dye: Vec<f32>,     // (NK,C)
+    pub dlog_r: Vec<f32>,  // (N,E)
+    pub dscores: Vec<f32>, // (N,E)
+    pub dw: Vec<f32>,      // (N,K)
+}
+
+impl Scratch {
+    /// Sized for the widest block of the model: `dense`/`moe` say which kinds it has.
+    pub fn new(s: &Dims, dense: bool, moe: bool) -> Scratch {
+        let (n, z) = (s.n, |len: usize| vec![0.0f32; len]);
+        let mut max_gu = 0;
+        if dense {
+            max_gu = max_gu.max(n * s.f);
+        }
+        let (nk, ne) = if moe {
+            max_gu = max_gu.max(n * s.k * s.fe).max(n * s.fs);
+            (n * s.k, n * s.e)
+        } else {
+            (0, 0)
+        };
+        Scratch {
+            dh: z(n * s.c),
+            dqkv: z(n * s.r),
+            datt: z(s.b * s.h * s.t * s.t),
+            do_: z(n * s.h * s.d),
+            dgu: z(2 * max_gu),
+            da: z(max_gu),
+            dxe: z(nk * s.c),
+            dye: z(nk * s.c),
+            dlog_r: z(ne),
+            dscores: z(ne),
+            dw: z(nk),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Parameter and gradient views
+
+pub(crate) struct AttnW<'a> {
+    pub norm: &'a [f32], // (C)
+    pub wqkv: &'a [f32], // (R,C)
+    pub wo: &'a [f32],   // (C,HD)
+}
+
+pub(crate) struct AttnG<'a> {
+    pub norm: &'a mut [f32],
+    pub wqkv: &'a mut [f32],
+    pub wo: &'a mut [f32],
+}
+
+pub(crate) struct MlpW<'a> {
+    pub w_gu: &'a [f32],   // (2F,C)
+    pub w_down: &'a [f32], // (C,F)
+}
+
+pub(crate) struct MlpG<'a> {
+    pub w_gu: &'a mut [f32],
+    pub w_down: &'a mut [f32],
+}
+
+pub(crate) struct MoeW<'a> {
+    pub router: &'a [f32],                      // (E,C)
+    pub bias: Option<&'a [f32]>, // (E) selection bias (balance = "bias"), not trained
+    pub w_gu: &'a [f32],         // (E,2Fe,C)
+    pub w_down: &'a [f32],       // (E,C,Fe)
+    pub shared: Option<(&'a [f32], &'a [f32])>, // (2Fs,C), (C,Fs)
+}
+
+pub(crate) struct MoeG<'a> {
+    pub router: &'a mut [f32],
+    pub w_gu: &'a mut [f32],
+    pub w_down: &'a mut [f32],
+    pub shared: Option<(&'a mut [f32], &'a mut [f32])>,
+}
+
+/// The FFN's weights: its norm and a dense or an MoE FFN.
+pub(crate) struct FfnW<'a> {
+    pub norm: &'a [f32],
+    pub kind: FfnWKind<'a>,
+}
+
+pub(crate) enum FfnWKind<'a> {
+    Dense(MlpW<'a>),
+    Moe(MoeW<'a>),
+}
+
+pub(crate) struct FfnG<'a> {
+    pub norm: &'a mut [f32],
+    pub kind: FfnGKind<'a>,
+}
+
+pub(crate) enum FfnGKind<'a> {
+    Dense(MlpG<'a>),
+    Moe(MoeG<'a>),
+}
+
+/// Disjoint mutable views of `buf` at `(offset, len)` ranges given in any order (empty
+/// ranges are allowed anywhere). Panics when two non-empty ranges overlap.
+pub(crate) fn carve<'a, const K: usize>(
+    mut buf: &'a mut [f32],
+    ranges: [(usize, usize); K],
+) -> [&'a mut [f32]; K] {
+    let mut order: [usize; K] = std::array::from_fn(|i| i);
+    order.sort_by_key(|&i| ranges[i].0);
+    let mut out: [Option<&'a mut [f32]>; K] = std::array::from_fn(|_| None);
+    let mut at = 0;
+    for i in order {
+        let (off, len) = ranges[i];
+        if len == 0 {
+            out[i] = Some(&mut []);
+            continue;
+        }
+        assert!(off >= at, "parameter ranges overlap at {off}");
+        let (_, tail) = std::mem::take(&mut buf).split_at_mut(off - at);
+        let (mid, tail) = tail.split_at_mut(len);
+        out[i] = Some(mid);
+        buf = tail;
+        at = off + len;
+    }
+    out.map(|o| o.expect("every range carved"))
+}
+
+impl LayerIdx {
+    /// (offset, len) of the attention half's tensors: norm, wqkv, wo.
+    fn attn_ranges(&self, s: &Dims) -> [(usize, usize); 3] {
+        [
+            (self.attn_norm, s.c),
+            (self.wqkv, s.r * s.c),
+            (self.wo, s.c * s.h * s.d),
+        ]
+    }
+
+    /// (offset, len) of the FFN half's trained tensors: norm, then dense (w_gu, w_down) or
+    /// MoE (router, w_gu, w_down, shared w_gu, shared w_down; empty when absent).
+    fn ffn_ranges(&self, s: &Dims) -> [(usize, usize); 6] {
+        let (c, norm) = (s.c, (self.ffn_norm, s.c));
+        match self.ffn {
+            FfnIdx::Dense { w_gu, w_down } => [
+                norm,
+                (w_gu, 2 * s.f * c),
+                (w_down, c * s.f),
+                (0, 0),
+                (0, 0),
+                (0, 0),
+            ],
+            FfnIdx::Moe {
+                router,
+                w_gu,
+                w_down,
+                shared,
+                ..
+            } => {
+                let (sgu, sd) = shared.map_or(((0, 0), (0, 0)), |(a, b)| {
+                    ((a, 2 * s.fs * c), (b, c * s.fs))
+                });
+                [
+                    norm,
+                    (router, s.e * c),
+                    (w_gu, s.e * 2 * s.fe * c),
+                    (w_down, s.e * c * s.fe),
+                    sgu,
+                    sd,
+                ]
+            }
+        }
+    }
+
+    pub(crate) fn attn_w<'a>(&self, p: &'a [f32], s: &Dims) -> AttnW<'a> {
+        let [norm, wqkv, wo] = self.attn_ranges(s).map(|(o, l)| &p[o..o + l]);
+        AttnW { norm, wqkv, wo }
+    }
+
+    pub(crate) fn attn_g<'a>(&self, grads: &'a mut [f32], s: &Dims) -> AttnG<'a> {
+        let [norm, wqkv, wo] = carve(grads, self.attn_ranges(s));
+        AttnG { norm, wqkv, wo }
+    }
+
+    pub(crate) fn ffn_w<'a>(&self, p: &'a [f32], s: &Dims) -> FfnW<'a> {
+        let [norm, a, b, c, d, e] = self.ffn_ranges(s).map(|(o, l)| &p[o..o + l]);
+        let kind = match self.ffn {
+            FfnIdx::Dense { .. } => FfnWKind::Dense(MlpW { w_gu: a, w_down: b }),
+            FfnIdx::Moe { bias, shared, .. } => FfnWKind::Moe(MoeW {
+                router: a,
+                bias: bias.map(|o| &p[o..o + s.e]),
+                w_gu: b,
+                w_down: c,
+                shared: shared.map(|_| (d, e)),
+            }),
+        };
+        FfnW { norm, kind }
+    }
+
+    pub(crate) fn ffn_g<'a>(&self, grads: &'a mut [f32], s: &Dims) -> FfnG<'a> {
+        let [norm, a, b, c, d, e] = carve(grads, self.ffn_ranges(s));
+        let kind = match self.ffn {
+            FfnIdx::Dense { .. } => FfnGKind::Dense(MlpG { w_gu: a, w_down: b }),
+            FfnIdx::Moe { shared, .. } => FfnGKind::Moe(MoeG {
+                router: a,
+                w_gu: b,
+                w_down: c,
+                shared: shared.map(|_| (d, e)),
+            }),
+        };
+        FfnG { norm, kind }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention
+
+/// `x_mid = x + drop(o_proj(attn(rope(qkv_proj(rmsnorm(x))))))`. `br` (N,C) is scratch for
+/// the branch output when dropping.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_forward(
+    x_mid: &mut [f32],
+    x: &[f32],
+    w: &AttnW,
+    a: &mut AttnActs,
+    br: &mut [f32],
+    s: &Dims,
+    rope: &RopeTable,
+    drop: Dropout,
+    prof: &mut Profiler,
+) {
+    let (n, c, hd) = (s.n, s.c, s.h * s.d);
+    rmsnorm_forward(&mut a.ln.h, &mut a.ln.rstd, x, w.norm, s.eps);
+    prof.lap("rmsnorm");
+    linear_forward(&mut a.qkv, &a.ln.h, w.wqkv, n, c, s.r);
+    prof.lap("matmul: attention");
+    rope_apply(&mut a.qkv, s.r, 0, s.h + s.g, s.t, rope, false);
+    prof.lap("rope");
+    attn_k::attention_forward(&mut a.o, &mut a.att, &a.qkv, s.attn());
+    prof.lap("attention: softmax, QK^T, PV");
+    if drop.on {
+        linear_forward(br, &a.o, w.wo, n, hd, c);
+        prof.lap("matmul: attention");
+        dropout_mask(&mut a.mask, drop.p, drop.key, drop.stream);
+        apply_mask(br, &a.mask);
+        add(x_mid, x, br);
+        prof.lap("dropout");
+    } else {
+        // NOTE: the residual is the output's initial value and the projection accumulates
+        // into it; the dropout path adds instead (both kept: their bits differ).
+        x_mid.copy_from_slice(x);
+        matmul(x_mid, &a.o, false, w.wo, true, n, c, hd, true);
+        prof.lap("matmul: attention");
+    }
+}
+
+/// Backward of [`attention_forward`]: `dres` holds d(x_mid) and gets d(x) added; `dbr`
+/// (N,C) is scratch for the masked branch gradient when dropping.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_backward(
+    dres: &mut [f32],
+    dbr: &mut [f32],
+    g: AttnG,
+    x: &[f32],
+    w: &AttnW,
+    a: &AttnActs,
+    sc: &mut Scratch,
+    s: &Dims,
+    rope: &RopeTable,
+    drop: bool,
+    prof: &mut Profiler,
+) {
+    let (n, c, hd) = (s.n, s.c, s.h * s.d);
+    if drop {
+        dbr.copy_from_slice(dres);
+        apply_mask(dbr, &a.mask);
+    }
+    let dy: &[f32] = if drop { dbr } else { dres };
+    linear_backward(Some(&mut sc.do_), g.wo, dy, &a.o, w.wo, n, hd, c, false);
+    prof.lap("matmul: attention bwd");
+    attn_k::attention_backward(
+        &mut sc.dqkv,
+        &mut sc.datt,
+        &sc.do_,
+        &a.qkv,
+        &a.att,
+        s.attn(),
+    );
+    prof.lap("attention: softmax, QK^T, PV bwd");
+    rope_apply(&mut sc.dqkv, s.r, 0, s.h + s.g, s.t, rope, true);
+    prof.lap("rope bwd");
+    linear_backward(
+        Some(&mut sc.dh),
+        g.wqkv,
+        &sc.dqkv,
+        &a.ln.h,
+        w.wqkv,
+        n,
+        c,
+        s.r,
+        false,
+    );
+    prof.lap("matmul: attention bwd");
+    rmsnorm_backward(dres, g.norm, &sc.dh, x, w.norm, &a.ln.rstd);
+    prof.lap("rmsnorm bwd");
+}
+
+// ---------------------------------------------------------------------------------------
+// FFN: norm and residual around a dense or an MoE FFN
+
+/// `x_next = x_mid + drop(ffn(rmsnorm(x_mid)))`. Returns the MoE's (aux, z) losses before
+/// their coefficients ((0, 0) for a dense FFN) and adds its expert loads to `load`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn ffn_forward(
+    x_next: &mut [f32],
+    x_mid: &[f32],
+    w: &FfnW,
+    a: &mut FfnActs,
+    br: &mut [f32],
+    load: &mut [u64],
+    s: &Dims,
+    drop: Dropout,
+    prof: &mut Profiler,
+) -> (f32, f32) {
+    rmsnorm_forward(&mut a.ln.h, &mut a.ln.rstd, x_mid, w.norm, s.eps);
+    prof.lap("rmsnorm");
+    // the branch accumulates into the residual stream itself, or into a zeroed buffer that
+    // is masked and added when dropping
+    let out: &mut [f32] = if drop.on {
+        br.fill(0.0);
+        &mut *br
+    } else {
+        x_next.copy_from_slice(x_mid);
+        &mut *x_next
+    };
+    let losses = match (&w.kind, &mut a.kind) {
+        (FfnWKind::Dense(w), FfnKind::Dense(m)) => {
+            mlp_forward(out, &a.ln.h, w, m, s, prof);
+            (0.0, 0.0)
+        }
+        (FfnWKind::Moe(w), FfnKind::Moe(m)) => moe_forward(out, &a.ln.h, w, m, load, s, prof),
+        _ => unreachable!("layout and activations agree on block kinds"),
+    };
+    if drop.on {
+        dropout_mask(&mut a.mask, drop.p, drop.key, drop.stream);
+        apply_mask(br, &a.mask);
+        add(x_next, x_mid, br);
+        prof.lap("dropout");
+    }
+    losses
+}
+
+/// Backward of [`ffn_forward`]: `dres` holds d(x_next) and gets d(x_mid) added. `aux_coef`
+/// and `z_coef` are the MoE losses' coefficients times the loss scale (0 skips them).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn ffn_backward(
+    dres: &mut [f32],
+    dbr: &mut [f32],
+    g: FfnG,
+    x_mid: &[f32],
+    w: &FfnW,
+    a: &FfnActs,
+    sc: &mut Scratch,
+    s: &Dims,
+    (aux_coef, z_coef): (f32, f32),
+    drop: bool,
+    prof: &mut Profiler,
+) {
+    if drop {
+        dbr.copy_from_slice(dres);
+        apply_mask(dbr, &a.mask);
+    }
+    let dy: &[f32] = if drop { dbr } else { dres };
+    match (g.kind, &w.kind, &a.kind) {
+        (FfnGKind::Dense(g), FfnWKind::Dense(w), FfnKind::Dense(m)) => {
+            mlp_backward(sc, g, dy, &a.ln.h, w, m, s, prof)
+        }
+        (FfnGKind::Moe(g), FfnWKind::Moe(w), FfnKind::Moe(m)) => {
+            moe_backward(sc, g, dy, &a.ln.h, w, m, s, aux_coef, z_coef, prof)
+        }
+        _ => unreachable!("layout and activations agree on block kinds"),
+    }
+    rmsnorm_backward(dres, g.norm, &sc.dh, x_mid, w.norm, &a.ln.rstd);
+    prof.lap("rmsnorm bwd");
+}
+
+// ---------------------------------------------------------------------------------------
+// Dense SwiGLU FFN
+
+/// `out += down(silu(gate(h)) * up(h))`.
+pub(crate) fn mlp_forward(
+    out: &mut [f32],
+    h: &[f32],
+    w: &MlpW,
+    m: &mut MlpActs,
+    s: &Dims,
+    prof: &mut Profiler,
+) {
+    let (n, c, f) = (s.n, s.c, s.f);
+    linear_forward(&mut m.gu, h, w.w_gu, n, c, 2 * f);
+    prof.lap("matmul: ffn");
+    swiglu_forward(&mut m.a, &m.gu, f);
+    prof.lap("swiglu");
+    matmul(out, &m.a, false, w.w_down, true, n, c, f, true);
+    prof.lap("matmul: ffn");
+}
+
+/// Backward of [`mlp_forward`] given d(out) = `dy`: writes d(h) to `sc.dh`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mlp_backward(
+    sc: &mut Scratch,
+    g: MlpG,
+    dy: &[f32],
+    h: &[f32],
+    w: &MlpW,
+    m: &MlpActs,
+    s: &Dims,
+    prof: &mut Profiler,
+) {
+    let (n, c, f) = (s.n, s.c, s.f);
+    let (da, dgu) = (&mut sc.da[..n * f], &mut sc.dgu[..n * 2 * f]);
+    linear_backward(Some(&mut *da), g.w_down, dy, &m.a, w.w_down, n, f, c, false);
+    prof.lap("matmul: ffn bwd");
+    swiglu_backward(dgu, da, &m.gu, f);
+    prof.lap("swiglu bwd");
+    linear_backward(Some(&mut sc.dh), g.w_gu, dgu, h, w.w_gu, n, c, 2 * f, false);
+    prof.lap("matmul: ffn bwd");
+}
+
+// ---------------------------------------------------------------------------------------
+// Mixture of experts
+
+/// `out += shared(h) + sum_k w_k expert_{i_k}(h)`, routed by top-k of the router's scores
+/// (plus the selection bias, for choosing only). Returns (aux, z) before their coefficients;
+/// both are computed for every MoE block as balance diagnostics.
+pub(crate) fn moe_forward(
+    out: &mut [f32],
+    h: &[f32],
+    w: &MoeW,
+    m: &mut MoeActs,
+    load: &mut [u64],
+    s: &Dims,
+    prof: &mut Profiler,
+) -> (f32, f32) {
+    let (n, c, e, k) = (s.n, s.c, s.e, s.k);
+    linear_forward(&mut m.logits, h, w.router, n, c, e);
+    prof.lap("router");
+    router::router_forward(
+        &mut m.scores,
+        &mut m.idx,
+        &mut m.w,
+        &m.logits,
+        w.bias,
+        e,
+        k,
+        s.score,
+        s.renormalize,
+    );
+    router::expert_counts(&mut m.counts, &m.idx);
+    prof.lap("router");
+    for (acc, &cnt) in load.iter_mut().zip(&m.counts) {
+        *acc += cnt as u64;
+    }
+    if let Some((sgu_w, sd_w)) = w.shared {
+        let fs = s.fs;
+        linear_forward(&mut m.sgu, h, sgu_w, n, c, 2 * fs);
+        prof.lap("matmul: ffn");
+        swiglu_forward(&mut m.sa, &m.sgu, fs);
+        prof.lap("swiglu");
+        matmul(out, &m.sa, false, sd_w, true, n, c, fs, true);
+        prof.lap("matmul: ffn");
+    }
+    experts_forward(
+        out,
+        h,
+        &m.idx,
+        &m.w,
+        w.w_gu,
+        w.w_down,
+        s.experts(),
+        &mut m.ex,
+    );
+    prof.lap("experts: dispatch, matmuls, swiglu");
+    let aux = router::aux_loss_forward(&m.scores, &m.counts, e, k, s.score);
+    let z = router::z_loss_forward(&m.logits, e);
+    prof.lap("router");
+    (aux, z)
+}
+
+/// Backward of [`moe_forward`] given d(out) = `dy`: writes d(h) to `sc.dh`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn moe_backward(
+    sc: &mut Scratch,
+    g: MoeG,
+    dy: &[f32],
+    h: &[f32],
+    w: &MoeW,
+    m: &MoeActs,
+    s: &Dims,
+    aux_coef: f32,
+    z_coef: f32,
+    prof: &mut Profiler,
+) {
+    let (n, c, e, k, f) = (s.n, s.c, s.e, s.k, s.fe);
+    match (g.shared, w.shared) {
+        (Some((dsgu, dsd)), Some((sgu_w, sd_w))) => {
+            let fs = s.fs;
+            linear_backward(
+                Some(&mut sc.da[..n * fs]),
+                dsd,
+                dy,
+                &m.sa,
+                sd_w,
+                n,
+                fs,
+                c,
+                false,
+            );
+            prof.lap("matmul: ffn bwd");
+            swiglu_backward(&mut sc.dgu[..n * 2 * fs], &sc.da[..n * fs], &m.sgu, fs);
+            prof.lap("swiglu bwd");
+            let dgu = &sc.dgu[..n * 2 * fs];
+            linear_backward(Some(&mut sc.dh), dsgu, dgu, h, sgu_w, n, c, 2 * fs, false);
+            prof.lap("matmul: ffn bwd");
+        }
+        _ => sc.dh.fill(0.0),
+    }
+    let nk = n * k;
+    let scratch = ExpertScratch {
+        dye: &mut sc.dye,
+        da: &mut sc.da[..nk * f],
+        dgu: &mut sc.dgu[..nk * 2 * f],
+        dxe: &mut sc.dxe,
+    };
+    experts_backward(
+        &mut sc.dh,
+        &mut sc.dw,
+        g.w_gu,
+        g.w_down,
+        dy,
+        &m.w,
+        w.w_gu,
+        w.w_down,
+        s.experts(),
+        &m.ex,
+        scratch,
+    );
+    prof.lap("experts: dispatch, matmuls, swiglu bwd");
+    router::topk_weights_backward(
+        &mut sc.dscores,
+        &sc.dw,
+        &m.w,
+        &m.idx,
+        &m.scores,
+        e,
+        k,
+        s.renormalize,
+    );
+    if aux_coef > 0.0 {
+        router::aux_loss_backward(
+            &mut sc.dscores,
+            &m.scores,
+            &m.counts,
+            e,
+            k,
+            s.score,
+            aux_coef,
+        );
+    }
+    router::scores_backward(&mut sc.dlog_r, &sc.dscores, &m.scores, e, s.score);
+    if z_coef > 0.0 {
+        router::z_loss_backward(&mut sc.dlog_r, &m.logits, e, z_coef);
+    }
+    linear_backward(
+        Some(&mut sc.dh),
+        g.router,
+        &sc.dlog_r,
+        h,
+        w.router,
+        n,
+        c,
+        e,
+        true,
+    );
+    prof.lap("router bwd");
+}
+
+/// `out = a + b`, elementwise.
+fn add(out: &mut [f32], a: &[f32], b: &[f32]) {
+    use rayon::prelude::*;
+    out.par_chunks_mut(4096)
+        .zip(a.par_chunks(4096))
+        .zip(b.par_chunks(4096))
+        .for_each(|((o, a), b)| {
+            for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                *o = a + b;
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::carve;
+
+    #[test]
+    fn carve_hands_out_ranges_in_any_order() {
+        let mut buf: Vec<f32> = (0..10).map(|x| x as f32).collect();
+        let [a, b, e, c] = carve(&mut buf, [(6, 2), (1, 3), (0, 0), (8, 2)]);
+        assert_eq!(
+            (&*a, &*b, &*e, &*c),
+            (
+                &[6.0, 7.0][..],
+                &[1.0, 2.0, 3.0][..],
+                &[][..],
+                &[8.0, 9.0][..]
+            )
+        );
+        b[0] = -1.0;
+        assert_eq!(buf[1], -1.0);
+    }
+
+    #[test]
+    #[should_panic(expected = "overlap")]
+    fn carve_refuses_overlaps() {
+        let mut buf = vec![0.0f32; 10];
+        let _ = carve(&mut buf, [(0, 4), (3, 2)]);
+    }
+}
