@@ -10,8 +10,9 @@
 //! is exploited by row blocks of [`ROW_BLOCK`] queries that only touch keys up to the block's
 //! end (about 40% fewer FLOPs than a full T x T product at T = 128).
 //!
-//! Not here: a KV cache (the model crate owns incremental decoding) or flash-style tiling
-//! (T is small enough that T x T probabilities fit in cache).
+//! [`decode_attention`] is the one-query-per-row case over a KV cache (incremental
+//! decoding). Not here: the cache itself (slots and positions belong to the model crate's
+//! decoder) or flash-style tiling (T is small enough that T x T probabilities fit in cache).
 
 use crate::matmul::{matmul_raw, View};
 use crate::par::SendPtr;
@@ -247,6 +248,69 @@ pub fn attention_backward(
                         // dV[0..r1] += P^T dO[r0..r1]
                         let dv = dptr.get().add(drow0 + s.v_col(gi));
                         matmul_raw(dv, rl, pt, dov, r1, d, r1 - r0, true);
+                    }
+                }
+            }
+        });
+}
+
+/// Shape of a KV cache: H query heads, G key/value heads of dim D, room for `tmax`
+/// positions per slot. A slot's keys (and values) are rows of G*D at
+/// `(slot * tmax + position) * G * D`.
+#[derive(Clone, Copy, Debug)]
+pub struct KvShape {
+    pub h: usize,
+    pub g: usize,
+    pub d: usize,
+    pub tmax: usize,
+}
+
+/// Attention of one new query row per sequence over its cached keys and values (the
+/// current position's already appended): row i of `qkv (n, (H+2G)D)` attends over the
+/// first `rows[i].1` positions of slot `rows[i].0`. Writes `out (n, HD)`; `scores (n, H*tmax)`
+/// is scratch. Each row is computed on its own with fixed-order sums, so a row's result
+/// does not depend on the other rows.
+pub fn decode_attention(
+    out: &mut [f32],
+    scores: &mut [f32],
+    qkv: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    rows: &[(usize, usize)],
+    s: KvShape,
+) {
+    let (h, d, tmax) = (s.h, s.d, s.tmax);
+    let (gd, hpg, r) = (s.g * d, h / s.g, (h + 2 * s.g) * d);
+    let n = rows.len();
+    let scale = 1.0 / (d as f32).sqrt();
+    out[..n * h * d]
+        .par_chunks_mut(h * d)
+        .zip(scores[..n * h * tmax].par_chunks_mut(h * tmax))
+        .enumerate()
+        .for_each(|(i, (o, sc))| {
+            let (slot, len) = rows[i];
+            let kc = &k_cache[slot * tmax * gd..(slot * tmax + len) * gd];
+            let vc = &v_cache[slot * tmax * gd..(slot * tmax + len) * gd];
+            for hi in 0..h {
+                let gi = hi / hpg;
+                let q = &qkv[i * r + hi * d..i * r + (hi + 1) * d];
+                let sc = &mut sc[hi * tmax..hi * tmax + len];
+                for (j, sj) in sc.iter_mut().enumerate() {
+                    *sj = dot(q, &kc[j * gd + gi * d..j * gd + (gi + 1) * d]) * scale;
+                }
+                let mx = max(sc);
+                let mut sum = 0.0;
+                for sj in sc.iter_mut() {
+                    *sj = exp(*sj - mx);
+                    sum += *sj;
+                }
+                let o = &mut o[hi * d..(hi + 1) * d];
+                o.fill(0.0);
+                for (j, sj) in sc.iter().enumerate() {
+                    let pj = sj / sum;
+                    let vv = &vc[j * gd + gi * d..j * gd + (gi + 1) * d];
+                    for (oo, vv) in o.iter_mut().zip(vv) {
+                        *oo += pj * vv;
                     }
                 }
             }

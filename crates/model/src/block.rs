@@ -15,6 +15,7 @@
 //! References: Llama (RMSNorm, RoPE, SwiGLU; `LlamaDecoderLayer`), Mixtral / DeepSeekMoE /
 //! DeepSeek-V3 (routing, shared experts, bias balancing).
 
+use crate::config::ModelConfig;
 use crate::moe::{experts_backward, experts_forward, ExpertActs, ExpertScratch, ExpertShape};
 use crate::params::{FfnIdx, LayerIdx};
 use crate::profile::Profiler;
@@ -54,6 +55,29 @@ pub(crate) struct Dims {
 }
 
 impl Dims {
+    /// The sizes of `cfg` for micro-batches of `b` sequences of `t` tokens.
+    pub fn of(cfg: &ModelConfig, b: usize, t: usize) -> Dims {
+        let (h, g, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim());
+        Dims {
+            b,
+            t,
+            n: b * t,
+            c: cfg.d_model,
+            h,
+            g,
+            d,
+            r: (h + 2 * g) * d,
+            eps: cfg.norm_eps,
+            f: cfg.ffn_hidden,
+            e: cfg.n_experts,
+            k: cfg.top_k,
+            fe: cfg.expert_hidden,
+            fs: cfg.shared_hidden(),
+            score: cfg.score_fn(),
+            renormalize: cfg.renormalize,
+        }
+    }
+
     fn attn(&self) -> AttnShape {
         AttnShape {
             b: self.b,

@@ -9,23 +9,23 @@
 //! the sequence so far, and a slot's logits do not depend on which other slots share its
 //! steps (`tests/decode.rs`).
 
-use crate::config::{Balance, ModelConfig};
-use crate::params::{FfnIdx, Layout};
+use crate::block::{Dims, FfnWKind};
+use crate::config::ModelConfig;
+use crate::params::Layout;
+use kernels::attention::{decode_attention, KvShape};
 use kernels::matmul::linear_rows;
 use kernels::rmsnorm::rmsnorm_forward;
 use kernels::rope::{rope_apply_at, RopeTable};
-use kernels::router::{self, ScoreFn};
+use kernels::router;
 use kernels::swiglu::swiglu_forward;
-use kernels::vmath::{dot, exp, max};
-use rayon::prelude::*;
 
 /// KV-cache decoder for up to `slots` sequences at once.
 pub struct BatchDecoder {
     cfg: ModelConfig,
     layout: Layout,
+    /// Sizes for the weight views (B = slots, T = 1).
+    dims: Dims,
     rope: RopeTable,
-    score_fn: ScoreFn,
-    balance: Balance,
     slots: usize,
     k: Vec<Vec<f32>>, // per block (slots, Tmax, G*D)
     v: Vec<Vec<f32>>,
@@ -61,8 +61,7 @@ impl BatchDecoder {
         let (e, k) = (cfg.n_experts.max(1), cfg.top_k.max(1));
         BatchDecoder {
             rope: RopeTable::new(t, d, cfg.rope_theta),
-            score_fn: cfg.score_fn(),
-            balance: cfg.balance,
+            dims: Dims::of(cfg, s, 1),
             slots: s,
             k: (0..cfg.n_layers)
                 .map(|_| vec![0.0; s * t * g * d])
@@ -142,9 +141,11 @@ impl BatchDecoder {
                 "token {tok} outside the vocab"
             );
         }
-        let (c, d, h, g) = (cfg.d_model, cfg.head_dim(), cfg.n_heads, cfg.n_kv_heads);
-        let (r, hpg, tmax) = ((h + 2 * g) * d, h / g, cfg.max_seq_len);
+        let ds = &self.dims;
+        let (c, d, h, g) = (ds.c, ds.d, ds.h, ds.g);
+        let (r, tmax) = (ds.r, cfg.max_seq_len);
         let gd = g * d;
+        let kv = KvShape { h, g, d, tmax };
         let p = |off: usize, len: usize| &params[off..off + len];
         let lay = &self.layout;
         for (i, &(_, tok)) in inputs.iter().enumerate() {
@@ -153,11 +154,14 @@ impl BatchDecoder {
         let x = &mut self.x[..n * c];
         let hb = &mut self.h[..n * c];
         let rstd = &mut self.rstd[..n];
-        let scale = 1.0 / (d as f32).sqrt();
+        // (slot, cached positions including this one) per row
+        let rows: Vec<(usize, usize)> = inputs.iter().map(|&(s, _)| (s, self.pos[s] + 1)).collect();
         for (l, li) in lay.layers.iter().enumerate() {
-            rmsnorm_forward(hb, rstd, x, p(li.attn_norm, c), cfg.norm_eps);
+            // attention: x += o_proj(attn(rope(qkv_proj(rmsnorm(x)))))
+            let w = li.attn_w(params, ds);
+            rmsnorm_forward(hb, rstd, x, w.norm, cfg.norm_eps);
             let qkv = &mut self.qkv[..n * r];
-            linear_rows(qkv, hb, p(li.wqkv, r * c), n, c, r, false);
+            linear_rows(qkv, hb, w.wqkv, n, c, r, false);
             for (i, &(s, _)) in inputs.iter().enumerate() {
                 let row = &mut qkv[i * r..(i + 1) * r];
                 rope_apply_at(row, 0, h + g, self.pos[s], &self.rope);
@@ -165,99 +169,40 @@ impl BatchDecoder {
                 self.k[l][at..at + gd].copy_from_slice(&row[h * d..h * d + gd]);
                 self.v[l][at..at + gd].copy_from_slice(&row[h * d + gd..h * d + 2 * gd]);
             }
-            let (kc, vc, pos) = (&self.k[l], &self.v[l], &self.pos);
-            let qkv = &self.qkv[..n * r];
-            self.o[..n * h * d]
-                .par_chunks_mut(h * d)
-                .zip(self.scores[..n * h * tmax].par_chunks_mut(h * tmax))
-                .enumerate()
-                .for_each(|(i, (o, sc))| {
-                    let s = inputs[i].0;
-                    let len = pos[s] + 1;
-                    let kc = &kc[s * tmax * gd..(s * tmax + len) * gd];
-                    let vc = &vc[s * tmax * gd..(s * tmax + len) * gd];
-                    for hi in 0..h {
-                        let gi = hi / hpg;
-                        let q = &qkv[i * r + hi * d..i * r + (hi + 1) * d];
-                        let sc = &mut sc[hi * tmax..hi * tmax + len];
-                        for (j, sj) in sc.iter_mut().enumerate() {
-                            *sj = dot(q, &kc[j * gd + gi * d..j * gd + (gi + 1) * d]) * scale;
-                        }
-                        let mx = max(sc);
-                        let mut sum = 0.0;
-                        for sj in sc.iter_mut() {
-                            *sj = exp(*sj - mx);
-                            sum += *sj;
-                        }
-                        let o = &mut o[hi * d..(hi + 1) * d];
-                        o.fill(0.0);
-                        for (j, sj) in sc.iter().enumerate() {
-                            let pj = sj / sum;
-                            let vv = &vc[j * gd + gi * d..j * gd + (gi + 1) * d];
-                            for (oo, vv) in o.iter_mut().zip(vv) {
-                                *oo += pj * vv;
-                            }
-                        }
-                    }
-                });
-            linear_rows(
-                x,
-                &self.o[..n * h * d],
-                p(li.wo, c * h * d),
-                n,
-                h * d,
-                c,
-                true,
+            decode_attention(
+                &mut self.o,
+                &mut self.scores,
+                &self.qkv[..n * r],
+                &self.k[l],
+                &self.v[l],
+                &rows,
+                kv,
             );
-            rmsnorm_forward(hb, rstd, x, p(li.ffn_norm, c), cfg.norm_eps);
-            match &li.ffn {
-                FfnIdx::Dense { w_gu, w_down } => {
-                    let f = cfg.ffn_hidden;
-                    swiglu_rows(
-                        x,
-                        hb,
-                        p(*w_gu, 2 * f * c),
-                        p(*w_down, c * f),
-                        f,
-                        &mut self.gu,
-                        &mut self.a,
-                    );
+            linear_rows(x, &self.o[..n * h * d], w.wo, n, h * d, c, true);
+            // FFN: x += ffn(rmsnorm(x))
+            let w = li.ffn_w(params, ds);
+            rmsnorm_forward(hb, rstd, x, w.norm, cfg.norm_eps);
+            match &w.kind {
+                FfnWKind::Dense(m) => {
+                    swiglu_rows(x, hb, m.w_gu, m.w_down, ds.f, &mut self.gu, &mut self.a);
                 }
-                FfnIdx::Moe {
-                    router: rw,
-                    bias,
-                    w_gu,
-                    w_down,
-                    shared,
-                } => {
-                    let (e, k, f) = (cfg.n_experts, cfg.top_k, cfg.expert_hidden);
+                FfnWKind::Moe(m) => {
+                    let (e, k, f) = (ds.e, ds.k, ds.fe);
                     let r_logits = &mut self.r_logits[..n * e];
-                    linear_rows(r_logits, hb, p(*rw, e * c), n, c, e, false);
-                    let bias = bias
-                        .filter(|_| self.balance == Balance::Bias)
-                        .map(|o| p(o, e));
+                    linear_rows(r_logits, hb, m.router, n, c, e, false);
                     router::router_forward(
                         &mut self.r_scores[..n * e],
                         &mut self.r_idx[..n * k],
                         &mut self.r_w[..n * k],
                         r_logits,
-                        bias,
+                        m.bias,
                         e,
                         k,
-                        self.score_fn,
-                        cfg.renormalize,
+                        ds.score,
+                        ds.renormalize,
                     );
-                    if let Some((sg, sd)) = shared {
-                        let fs = cfg.shared_hidden();
-                        swiglu_rows(
-                            x,
-                            hb,
-                            p(*sg, 2 * fs * c),
-                            p(*sd, c * fs),
-                            fs,
-                            &mut self.gu,
-                            &mut self.a,
-                        );
+                    if let Some((sg, sd)) = m.shared {
+                        swiglu_rows(x, hb, sg, sd, ds.fs, &mut self.gu, &mut self.a);
                     }
                     // each expert runs once on the rows routed to it
                     for j in 0..e {
@@ -268,17 +213,17 @@ impl BatchDecoder {
                         if rows.is_empty() {
                             continue;
                         }
-                        let m = rows.len();
+                        let mr = rows.len();
                         for (q, &(i, _)) in rows.iter().enumerate() {
                             self.hx[q * c..(q + 1) * c].copy_from_slice(&hb[i * c..(i + 1) * c]);
                         }
-                        let y = &mut self.y[..m * c];
+                        let y = &mut self.y[..mr * c];
                         y.fill(0.0);
                         swiglu_rows(
                             y,
-                            &self.hx[..m * c],
-                            p(w_gu + j * 2 * f * c, 2 * f * c),
-                            p(w_down + j * c * f, c * f),
+                            &self.hx[..mr * c],
+                            &m.w_gu[j * 2 * f * c..(j + 1) * 2 * f * c],
+                            &m.w_down[j * c * f..(j + 1) * c * f],
                             f,
                             &mut self.gu,
                             &mut self.a,

@@ -124,31 +124,8 @@ impl Model {
         );
         assert_eq!(params.len(), layout.total, "parameter buffer size");
         let n = b * t;
-        let (c, v, d, h, g) = (
-            cfg.d_model,
-            cfg.vocab_size,
-            cfg.head_dim(),
-            cfg.n_heads,
-            cfg.n_kv_heads,
-        );
-        let dims = Dims {
-            b,
-            t,
-            n,
-            c,
-            h,
-            g,
-            d,
-            r: (h + 2 * g) * d,
-            eps: cfg.norm_eps,
-            f: cfg.ffn_hidden,
-            e: cfg.n_experts,
-            k: cfg.top_k,
-            fe: cfg.expert_hidden,
-            fs: cfg.shared_hidden(),
-            score: cfg.score_fn(),
-            renormalize: cfg.renormalize,
-        };
+        let (c, v, d) = (cfg.d_model, cfg.vocab_size, cfg.head_dim());
+        let dims = Dims::of(cfg, b, t);
         let z = |len: usize| vec![0.0f32; len];
         let dropout = cfg.dropout > 0.0;
         let nd = if dropout { n * c } else { 0 };
