@@ -58,10 +58,15 @@ def swiglu(x, w_gu, w_down):
     return (F.silu(g) * u) @ w_down.T
 
 
+def head_dim(m):
+    """model.head_dim when set, else d_model / n_heads (as ModelConfig::head_dim)."""
+    return m.get("head_dim") or m["d_model"] // m["n_heads"]
+
+
 class Attention(nn.Module):
     def __init__(self, m):
         super().__init__()
-        self.h, self.g, self.d = m["n_heads"], m["n_kv_heads"], m["d_model"] // m["n_heads"]
+        self.h, self.g, self.d = m["n_heads"], m["n_kv_heads"], head_dim(m)
         self.wqkv = nn.Linear(m["d_model"], (self.h + 2 * self.g) * self.d, bias=False)
         self.wo = nn.Linear(self.h * self.d, m["d_model"], bias=False)
 
@@ -182,7 +187,7 @@ class Transformer(nn.Module):
         m = self.m
         b, t = tokens.shape
         x = self.embed(tokens)
-        cos, sin = rope_tables(t, m["d_model"] // m["n_heads"], m["rope_theta"], x.dtype)
+        cos, sin = rope_tables(t, head_dim(m), m["rope_theta"], x.dtype)
         aux_sum = x.new_zeros(())
         z_sum = x.new_zeros(())
         for l, blk in enumerate(self.layers):

@@ -15,7 +15,7 @@ pub struct Config {
     pub train: TrainConfig,
 }
 
-/// The transformer's shape. Head dim D = d_model / n_heads.
+/// The transformer's shape. Head dim D = d_model / n_heads unless `head_dim` is set.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
@@ -25,8 +25,13 @@ pub struct ModelConfig {
     pub d_model: usize,
     /// Number of transformer blocks L.
     pub n_layers: usize,
-    /// Query heads H; must divide d_model, head dim D = d_model / n_heads must be even (RoPE).
+    /// Query heads H. Unless `head_dim` is set, H must divide d_model and the head dim is
+    /// D = d_model / n_heads; D must be even (RoPE).
     pub n_heads: usize,
+    /// Head dim D when it differs from d_model / n_heads (Qwen3: 128 with d_model 2048 and
+    /// 32 heads; Gemma). The q projection is then H*D wide, not d_model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
     /// Key/value heads G (grouped-query attention); must divide n_heads. Equal to n_heads
     /// gives standard multi-head attention.
     pub n_kv_heads: usize,
@@ -409,20 +414,33 @@ impl ModelConfig {
                 return Err(cfg_err(name, "must be at least 1"));
             }
         }
-        if !self.d_model.is_multiple_of(self.n_heads) {
-            return Err(cfg_err(
-                "model.n_heads",
-                format!("{} does not divide d_model {}", self.n_heads, self.d_model),
-            ));
-        }
-        if !self.head_dim().is_multiple_of(2) {
-            return Err(cfg_err(
-                "model.n_heads",
-                format!(
-                    "head dim d_model/n_heads = {} must be even for RoPE",
-                    self.head_dim()
-                ),
-            ));
+        match self.head_dim {
+            Some(d) if d < 2 || !d.is_multiple_of(2) => {
+                return Err(cfg_err(
+                    "model.head_dim",
+                    format!("{d} must be even and at least 2 (RoPE rotates pairs)"),
+                ));
+            }
+            Some(_) => {}
+            None if !self.d_model.is_multiple_of(self.n_heads) => {
+                return Err(cfg_err(
+                    "model.n_heads",
+                    format!(
+                        "{} does not divide d_model {} (or set model.head_dim)",
+                        self.n_heads, self.d_model
+                    ),
+                ));
+            }
+            None if !self.head_dim().is_multiple_of(2) => {
+                return Err(cfg_err(
+                    "model.n_heads",
+                    format!(
+                        "head dim d_model/n_heads = {} must be even for RoPE (or set model.head_dim)",
+                        self.head_dim()
+                    ),
+                ));
+            }
+            None => {}
         }
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(cfg_err(
@@ -502,9 +520,9 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Head dim D.
+    /// Head dim D: `head_dim` when set, else d_model / n_heads.
     pub fn head_dim(&self) -> usize {
-        self.d_model / self.n_heads
+        self.head_dim.unwrap_or(self.d_model / self.n_heads)
     }
 
     /// Whether block `l` has an MoE FFN.

@@ -144,6 +144,21 @@ fn bad_enum_values() {
 }
 
 #[test]
+fn head_dim_must_be_even() {
+    refused(
+        |t| t.replace("n_kv_heads = 2", "n_kv_heads = 2\nhead_dim = 7"),
+        "model.head_dim",
+    );
+    // with an explicit head dim, n_heads need not divide d_model
+    let text = include_str!("../../../configs/tiny.toml")
+        .replace("n_heads = 4 ", "n_heads = 6 ")
+        .replace("n_kv_heads = 2", "n_kv_heads = 2\nhead_dim = 16");
+    let cfg = Config::from_toml(&text).unwrap();
+    assert_eq!((cfg.model.n_heads, cfg.model.head_dim()), (6, 16));
+    refused(|_| text.replace("\nhead_dim = 16", ""), "model.n_heads");
+}
+
+#[test]
 fn wrong_type() {
     refused(set("d_model", "\"wide\""), "model.d_model: invalid type");
 }

@@ -46,6 +46,15 @@ fn kv_cache_decode_equals_full_recompute() {
     let tiny = Config::from_toml(include_str!("../../../configs/tiny.toml")).unwrap();
     let m = Model::new(&tiny.model, 1, 1, 3);
     check(&tiny, m.params, "tiny");
+    // head dim 24 while d_model / n_heads is 16 (issue 12: explicit head_dim)
+    let wide = Config::from_toml(
+        &include_str!("../../../configs/tiny.toml")
+            .replace("n_kv_heads = 2", "n_kv_heads = 2\nhead_dim = 24"),
+    )
+    .unwrap();
+    assert_eq!(wide.model.head_dim(), 24);
+    let m = Model::new(&wide.model, 1, 1, 4);
+    check(&wide, m.params, "tiny, head_dim 24");
 }
 
 /// A slot's logits do not depend on which other slots share its steps: three sequences fed
