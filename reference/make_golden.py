@@ -113,6 +113,9 @@ def make(name):
 
 
 if __name__ == "__main__":
-    names = sys.argv[1:] or sorted(x for x in os.listdir(ROOT) if os.path.isdir(os.path.join(ROOT, x)))
+    names = sys.argv[1:] or sorted(
+        x for x in os.listdir(ROOT)
+        if os.path.isdir(os.path.join(ROOT, x)) and not x.startswith("hf_")  # make_hf_golden.py
+    )
     for n in names:
         make(n)

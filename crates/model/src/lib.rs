@@ -14,6 +14,7 @@ pub(crate) mod block;
 pub mod config;
 pub mod decode;
 pub mod error;
+pub mod hf;
 pub mod io;
 pub mod model;
 pub mod moe;

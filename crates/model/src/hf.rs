@@ -1,0 +1,245 @@
+//! Hugging Face model families in moelab's terms: a `config.json` becomes a
+//! [`ModelConfig`], and each moelab tensor is one or more Hugging Face tensors stacked along
+//! their first dimension (q, k and v projections into `wqkv`; gate and up projections into
+//! `w_gate_up`). The golden tests against `transformers` (`tests/hf_golden.rs`) prove the
+//! mapping; importing a checkpoint reuses it.
+//!
+//! Supported so far: Llama (dense, grouped-query attention, tied or untied embeddings) and
+//! Mixtral (softmax top-k routing, renormalised, fused expert tensors as transformers 5
+//! stores them). A config using anything moelab cannot compute yet is refused naming the
+//! field (attention biases, q/k norms, shared experts, RoPE scaling, sliding windows).
+
+use crate::config::{ModelConfig, RouterScore};
+use crate::error::{cfg_err, Result};
+use crate::params::Layout;
+use serde_json::Value;
+
+/// The model families moelab maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Llama,
+    Mixtral,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Mixtral => "mixtral",
+        }
+    }
+}
+
+/// A Hugging Face config read as a moelab model.
+#[derive(Clone, Debug)]
+pub struct HfModel {
+    pub family: Family,
+    pub config: ModelConfig,
+}
+
+fn field<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
+    v.get(key).filter(|x| !x.is_null())
+}
+
+fn usize_of(v: &Value, key: &str) -> Result<usize> {
+    field(v, key)
+        .and_then(Value::as_u64)
+        .map(|x| x as usize)
+        .ok_or_else(|| cfg_err(key, "missing or not a non-negative integer in config.json"))
+}
+
+fn f32_or(v: &Value, key: &str, default: f32) -> Result<f32> {
+    match field(v, key) {
+        None => Ok(default),
+        Some(x) => x
+            .as_f64()
+            .map(|x| x as f32)
+            .ok_or_else(|| cfg_err(key, "not a number in config.json")),
+    }
+}
+
+fn refuse_if(cond: bool, key: &str, why: &str) -> Result<()> {
+    if cond {
+        Err(cfg_err(key, format!("{why}: not supported by moelab yet")))
+    } else {
+        Ok(())
+    }
+}
+
+/// Reads a Hugging Face `config.json` (transformers 4 or 5 keys).
+pub fn config_from_hf(v: &Value) -> Result<HfModel> {
+    let model_type = field(v, "model_type").and_then(Value::as_str).unwrap_or("");
+    let family = match model_type {
+        "llama" => Family::Llama,
+        "mixtral" => Family::Mixtral,
+        other => {
+            return Err(cfg_err(
+                "model_type",
+                format!("\"{other}\" is not a supported family (llama, mixtral)"),
+            ))
+        }
+    };
+    let flag = |key: &str| field(v, key).and_then(Value::as_bool).unwrap_or(false);
+    refuse_if(
+        flag("attention_bias"),
+        "attention_bias",
+        "biases on q/k/v/o",
+    )?;
+    refuse_if(flag("mlp_bias"), "mlp_bias", "biases on the MLP")?;
+    let act = field(v, "hidden_act")
+        .and_then(Value::as_str)
+        .unwrap_or("silu");
+    refuse_if(
+        act != "silu",
+        "hidden_act",
+        &format!("activation \"{act}\""),
+    )?;
+    refuse_if(
+        field(v, "sliding_window").is_some(),
+        "sliding_window",
+        "sliding-window attention",
+    )?;
+    // transformers 5 keeps RoPE settings in `rope_parameters`; 4.x in rope_theta/rope_scaling
+    let rope = field(v, "rope_parameters");
+    let rope_type = rope
+        .and_then(|r| field(r, "rope_type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    refuse_if(
+        rope_type != "default" || field(v, "rope_scaling").is_some(),
+        "rope_parameters.rope_type",
+        &format!("RoPE scaling \"{rope_type}\""),
+    )?;
+    let rope_theta = match rope {
+        Some(r) => f32_or(r, "rope_theta", 10000.0)?,
+        None => f32_or(v, "rope_theta", 10000.0)?,
+    };
+    let (c, heads) = (
+        usize_of(v, "hidden_size")?,
+        usize_of(v, "num_attention_heads")?,
+    );
+    let head_dim = match field(v, "head_dim") {
+        Some(_) => Some(usize_of(v, "head_dim")?).filter(|&d| heads == 0 || d * heads != c),
+        None => None,
+    };
+    let inter = usize_of(v, "intermediate_size")?;
+    let (n_experts, top_k) = match family {
+        Family::Llama => (0, 2),
+        Family::Mixtral => (
+            usize_of(v, "num_local_experts")?,
+            usize_of(v, "num_experts_per_tok")?,
+        ),
+    };
+    let config = ModelConfig {
+        vocab_size: usize_of(v, "vocab_size")?,
+        d_model: c,
+        n_layers: usize_of(v, "num_hidden_layers")?,
+        n_heads: heads,
+        head_dim,
+        n_kv_heads: match field(v, "num_key_value_heads") {
+            Some(_) => usize_of(v, "num_key_value_heads")?,
+            None => heads,
+        },
+        max_seq_len: usize_of(v, "max_position_embeddings")?,
+        rope_theta,
+        norm_eps: f32_or(v, "rms_norm_eps", 1e-6)?,
+        tie_embeddings: flag("tie_word_embeddings"),
+        ffn_hidden: inter,
+        n_experts,
+        top_k,
+        expert_hidden: if n_experts > 0 { inter } else { 0 },
+        n_shared_experts: 0,
+        router_score: RouterScore::Softmax,
+        renormalize: true,
+        balance: Default::default(),
+        aux_loss_coef: f32_or(v, "router_aux_loss_coef", 0.0)?,
+        z_loss_coef: 0.0,
+        bias_update_rate: 0.0,
+        first_dense_layers: 0,
+        dropout: 0.0,
+        init_std: f32_or(v, "initializer_range", 0.02)?,
+    };
+    config.validate()?;
+    Ok(HfModel { family, config })
+}
+
+impl HfModel {
+    /// For every tensor of moelab's layout, the Hugging Face tensors that stack (along dim 0,
+    /// in order) into it.
+    pub fn sources(&self, layout: &Layout) -> Vec<(String, Vec<String>)> {
+        layout
+            .tensors
+            .iter()
+            .map(|t| (t.name.clone(), self.source(&t.name)))
+            .collect()
+    }
+
+    fn source(&self, name: &str) -> Vec<String> {
+        let one = |s: &str| vec![s.to_string()];
+        match name {
+            "embed.weight" => return one("model.embed_tokens.weight"),
+            "norm.weight" => return one("model.norm.weight"),
+            "lm_head.weight" => return one("lm_head.weight"),
+            _ => {}
+        }
+        let Some(rest) = name.strip_prefix("layers.") else {
+            return vec![];
+        };
+        let (l, part) = rest.split_once('.').unwrap_or((rest, ""));
+        let p = format!("model.layers.{l}");
+        let attn = |x: &str| format!("{p}.self_attn.{x}_proj.weight");
+        match part {
+            "attn_norm.weight" => vec![format!("{p}.input_layernorm.weight")],
+            "ffn_norm.weight" => vec![format!("{p}.post_attention_layernorm.weight")],
+            "attn.wqkv.weight" => vec![attn("q"), attn("k"), attn("v")],
+            "attn.wo.weight" => vec![attn("o")],
+            "mlp.w_gate_up.weight" => vec![
+                format!("{p}.mlp.gate_proj.weight"),
+                format!("{p}.mlp.up_proj.weight"),
+            ],
+            "mlp.w_down.weight" => vec![format!("{p}.mlp.down_proj.weight")],
+            "moe.router.weight" => vec![format!("{p}.mlp.gate.weight")],
+            "moe.experts.w_gate_up" => vec![format!("{p}.mlp.experts.gate_up_proj")],
+            "moe.experts.w_down" => vec![format!("{p}.mlp.experts.down_proj")],
+            _ => vec![],
+        }
+    }
+
+    /// Builds a buffer laid out by `layout` from Hugging Face tensors: `get(name)` returns a
+    /// tensor's values in row-major order (None when absent). Every moelab tensor must be
+    /// filled exactly; the error names the missing tensor or the size that does not match.
+    pub fn assemble<T: Copy + Default>(
+        &self,
+        layout: &Layout,
+        mut get: impl FnMut(&str) -> Option<Vec<T>>,
+    ) -> Result<Vec<T>> {
+        let mut out = vec![T::default(); layout.total];
+        for (t, (_, srcs)) in layout.tensors.iter().zip(self.sources(layout)) {
+            if srcs.is_empty() {
+                return Err(cfg_err(
+                    &t.name,
+                    format!("no {} tensor maps onto it", self.family.name()),
+                ));
+            }
+            let mut at = t.offset;
+            for s in &srcs {
+                let vals = get(s).ok_or_else(|| cfg_err(s, "missing from the weights"))?;
+                if at + vals.len() > t.offset + t.len {
+                    return Err(cfg_err(
+                        s,
+                        format!("too large for {} {:?}", t.name, t.shape),
+                    ));
+                }
+                out[at..at + vals.len()].copy_from_slice(&vals);
+                at += vals.len();
+            }
+            if at != t.offset + t.len {
+                return Err(cfg_err(
+                    &t.name,
+                    format!("{srcs:?} fill {} of its {} values", at - t.offset, t.len),
+                ));
+            }
+        }
+        Ok(out)
+    }
+}
