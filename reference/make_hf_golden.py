@@ -67,6 +67,37 @@ FAMILIES = {
             tie_word_embeddings=False,
         ),
     ),
+    # per-head q/k RMSNorm, head_dim 12 != 32 / 4, softmax top-2 renormalised
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(
+            intermediate_size=48,
+            moe_intermediate_size=24,
+            num_experts=4,
+            num_experts_per_tok=2,
+            head_dim=12,
+            norm_topk_prob=True,
+            rope_theta=1e6,
+            tie_word_embeddings=False,
+        ),
+    ),
+    # q/k RMSNorm over the whole projections, top-2 not renormalised
+    "olmoe": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        dict(
+            intermediate_size=24,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
+            eos_token_id=None,
+            pad_token_id=None,
+            bos_token_id=None,
+        ),
+    ),
 }
 
 

@@ -15,7 +15,7 @@
 //! References: Llama (RMSNorm, RoPE, SwiGLU; `LlamaDecoderLayer`), Mixtral / DeepSeekMoE /
 //! DeepSeek-V3 (routing, shared experts, bias balancing).
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, QkNorm};
 use crate::moe::{experts_backward, experts_forward, ExpertActs, ExpertScratch, ExpertShape};
 use crate::params::{FfnIdx, LayerIdx};
 use crate::profile::Profiler;
@@ -52,6 +52,7 @@ pub(crate) struct Dims {
     pub fs: usize,
     pub score: ScoreFn,
     pub renormalize: bool,
+    pub qk_norm: QkNorm,
 }
 
 impl Dims {
@@ -75,6 +76,17 @@ impl Dims {
             fs: cfg.shared_hidden(),
             score: cfg.score_fn(),
             renormalize: cfg.renormalize,
+            qk_norm: cfg.qk_norm,
+        }
+    }
+
+    /// The column groups of a fused qkv row that the q and k norms normalise, as
+    /// (first column, groups, width): per head, or one group over the whole projection.
+    fn qk_groups(&self) -> [(usize, usize, usize); 2] {
+        let (h, g, d) = (self.h, self.g, self.d);
+        match self.qk_norm {
+            QkNorm::Head => [(0, h, d), (h * d, g, d)],
+            QkNorm::Projection | QkNorm::None => [(0, 1, h * d), (h * d, 1, g * d)],
         }
     }
 
@@ -118,10 +130,34 @@ pub(crate) struct Normed {
 /// Saved activations of the attention half of a block.
 pub(crate) struct AttnActs {
     pub ln: Normed,
+    pub qk: Option<QkActs>,
     pub qkv: Vec<f32>,  // (N,R) after RoPE
     pub att: Vec<f32>,  // (B,H,T,T)
     pub o: Vec<f32>,    // (N,HD)
     pub mask: Vec<f32>, // (N,C) dropout only
+}
+
+/// The q and k norms' inputs (gathered into rows of their width) and reciprocal RMS, and
+/// a scratch row buffer.
+pub(crate) struct QkActs {
+    x: [Vec<f32>; 2],
+    rstd: [Vec<f32>; 2],
+    y: Vec<f32>,
+}
+
+impl QkActs {
+    /// For `n` rows of qkv, or None when the model has no q/k norm.
+    pub fn new(s: &Dims, n: usize) -> Option<QkActs> {
+        if s.qk_norm.is_none() {
+            return None;
+        }
+        let [(_, gq, wq), (_, gk, wk)] = s.qk_groups();
+        Some(QkActs {
+            x: [vec![0.0; n * gq * wq], vec![0.0; n * gk * wk]],
+            rstd: [vec![0.0; n * gq], vec![0.0; n * gk]],
+            y: vec![0.0; n * gq * wq],
+        })
+    }
 }
 
 /// Saved activations of the FFN half of a block.
@@ -157,6 +193,7 @@ impl AttnActs {
         let (n, c) = (s.n, s.c);
         AttnActs {
             ln: Normed::new(s),
+            qk: QkActs::new(s, n),
             qkv: vec![0.0; n * s.r],
             att: vec![0.0; s.b * s.h * s.t * s.t],
             o: vec![0.0; n * s.h * s.d],
@@ -204,17 +241,18 @@ impl FfnActs {
 
 /// Gradient scratch shared by all blocks (the backward pass visits one block at a time).
 pub(crate) struct Scratch {
-    pub dh: Vec<f32>,      // (N,C)
-    pub dqkv: Vec<f32>,    // (N,R)
-    pub datt: Vec<f32>,    // (B,H,T,T)
-    pub do_: Vec<f32>,     // (N,HD)
-    pub dgu: Vec<f32>,     // (max(N*2F, NK*2Fe, N*2Fs))
-    pub da: Vec<f32>,      // (max(N*F, NK*Fe, N*Fs))
-    pub dxe: Vec<f32>,     // (NK,C)
-    pub dye: Vec<f32>,     // (NK,C)
-    pub dlog_r: Vec<f32>,  // (N,E)
-    pub dscores: Vec<f32>, // (N,E)
-    pub dw: Vec<f32>,      // (N,K)
+    pub dh: Vec<f32>,       // (N,C)
+    pub dqkv: Vec<f32>,     // (N,R)
+    pub datt: Vec<f32>,     // (B,H,T,T)
+    pub do_: Vec<f32>,      // (N,HD)
+    pub dgu: Vec<f32>,      // (max(N*2F, NK*2Fe, N*2Fs))
+    pub da: Vec<f32>,       // (max(N*F, NK*Fe, N*Fs))
+    pub dxe: Vec<f32>,      // (NK,C)
+    pub dye: Vec<f32>,      // (NK,C)
+    pub dlog_r: Vec<f32>,   // (N,E)
+    pub dscores: Vec<f32>,  // (N,E)
+    pub dw: Vec<f32>,       // (N,K)
+    pub dqk: [Vec<f32>; 2], // (N*H*D) q/k norm backward rows (q/k norm only)
 }
 
 impl Scratch {
@@ -243,6 +281,11 @@ impl Scratch {
             dlog_r: z(ne),
             dscores: z(ne),
             dw: z(nk),
+            dqk: if s.qk_norm.is_none() {
+                [vec![], vec![]]
+            } else {
+                [z(n * s.h * s.d), z(n * s.h * s.d)]
+            },
         }
     }
 }
@@ -251,14 +294,16 @@ impl Scratch {
 // Parameter and gradient views
 
 pub(crate) struct AttnW<'a> {
-    pub norm: &'a [f32], // (C)
-    pub wqkv: &'a [f32], // (R,C)
-    pub wo: &'a [f32],   // (C,HD)
+    pub norm: &'a [f32],                         // (C)
+    pub wqkv: &'a [f32],                         // (R,C)
+    pub qk_norm: Option<(&'a [f32], &'a [f32])>, // (D),(D) per head or (HD),(GD)
+    pub wo: &'a [f32],                           // (C,HD)
 }
 
 pub(crate) struct AttnG<'a> {
     pub norm: &'a mut [f32],
     pub wqkv: &'a mut [f32],
+    pub qk_norm: Option<(&'a mut [f32], &'a mut [f32])>,
     pub wo: &'a mut [f32],
 }
 
@@ -335,12 +380,19 @@ pub(crate) fn carve<'a, const K: usize>(
 }
 
 impl LayerIdx {
-    /// (offset, len) of the attention half's tensors: norm, wqkv, wo.
-    fn attn_ranges(&self, s: &Dims) -> [(usize, usize); 3] {
+    /// (offset, len) of the attention half's tensors: norm, wqkv, wo, q norm, k norm (empty
+    /// when absent).
+    fn attn_ranges(&self, s: &Dims) -> [(usize, usize); 5] {
+        let [(_, _, wq), (_, _, wk)] = s.qk_groups();
+        let (qn, kn) = self
+            .qk_norm
+            .map_or(((0, 0), (0, 0)), |(q, k)| ((q, wq), (k, wk)));
         [
             (self.attn_norm, s.c),
             (self.wqkv, s.r * s.c),
             (self.wo, s.c * s.h * s.d),
+            qn,
+            kn,
         ]
     }
 
@@ -380,13 +432,25 @@ impl LayerIdx {
     }
 
     pub(crate) fn attn_w<'a>(&self, p: &'a [f32], s: &Dims) -> AttnW<'a> {
-        let [norm, wqkv, wo] = self.attn_ranges(s).map(|(o, l)| &p[o..o + l]);
-        AttnW { norm, wqkv, wo }
+        let [norm, wqkv, wo, qn, kn] = self.attn_ranges(s).map(|(o, l)| &p[o..o + l]);
+        let qk_norm = self.qk_norm.map(|_| (qn, kn));
+        AttnW {
+            norm,
+            wqkv,
+            qk_norm,
+            wo,
+        }
     }
 
     pub(crate) fn attn_g<'a>(&self, grads: &'a mut [f32], s: &Dims) -> AttnG<'a> {
-        let [norm, wqkv, wo] = carve(grads, self.attn_ranges(s));
-        AttnG { norm, wqkv, wo }
+        let [norm, wqkv, wo, qn, kn] = carve(grads, self.attn_ranges(s));
+        let qk_norm = self.qk_norm.map(|_| (qn, kn));
+        AttnG {
+            norm,
+            wqkv,
+            qk_norm,
+            wo,
+        }
     }
 
     pub(crate) fn ffn_w<'a>(&self, p: &'a [f32], s: &Dims) -> FfnW<'a> {
@@ -441,6 +505,10 @@ pub(crate) fn attention_forward(
     prof.lap("rmsnorm");
     linear_forward(&mut a.qkv, &a.ln.h, w.wqkv, n, c, s.r);
     prof.lap("matmul: attention");
+    if let (Some(wn), Some(qa)) = (w.qk_norm, a.qk.as_mut()) {
+        qk_norm_forward(&mut a.qkv, n, s, wn, qa);
+        prof.lap("rmsnorm");
+    }
     rope_apply(&mut a.qkv, s.r, 0, s.h + s.g, s.t, rope, false);
     prof.lap("rope");
     attn_k::attention_forward(&mut a.o, &mut a.att, &a.qkv, s.attn());
@@ -496,6 +564,11 @@ pub(crate) fn attention_backward(
     prof.lap("attention: softmax, QK^T, PV bwd");
     rope_apply(&mut sc.dqkv, s.r, 0, s.h + s.g, s.t, rope, true);
     prof.lap("rope bwd");
+    if let (Some(gn), Some(wn), Some(qa)) = (g.qk_norm, w.qk_norm, a.qk.as_ref()) {
+        let [dy, dx] = &mut sc.dqk;
+        qk_norm_backward(&mut sc.dqkv, n, s, wn, gn, qa, dy, dx);
+        prof.lap("rmsnorm bwd");
+    }
     linear_backward(
         Some(&mut sc.dh),
         g.wqkv,
@@ -510,6 +583,95 @@ pub(crate) fn attention_backward(
     prof.lap("matmul: attention bwd");
     rmsnorm_backward(dres, g.norm, &sc.dh, x, w.norm, &a.ln.rstd);
     prof.lap("rmsnorm bwd");
+}
+
+/// Copies column group `grp` = (col0, groups, width) of each of `n` rows of `src` (rows of
+/// `r`) into consecutive rows of `width` in `dst`; [`scatter`] is the reverse.
+fn gather(
+    dst: &mut [f32],
+    src: &[f32],
+    n: usize,
+    r: usize,
+    (col0, groups, width): (usize, usize, usize),
+) {
+    let span = groups * width;
+    for (i, d) in dst[..n * span].chunks_mut(span).enumerate() {
+        d.copy_from_slice(&src[i * r + col0..i * r + col0 + span]);
+    }
+}
+
+fn scatter(
+    dst: &mut [f32],
+    src: &[f32],
+    n: usize,
+    r: usize,
+    (col0, groups, width): (usize, usize, usize),
+) {
+    let span = groups * width;
+    for (i, x) in src[..n * span].chunks(span).enumerate() {
+        dst[i * r + col0..i * r + col0 + span].copy_from_slice(x);
+    }
+}
+
+/// In place on `n` fused qkv rows: q and k replaced by their RMSNorm (per head or over the
+/// whole projection, `s.qk_norm`) with weights `w` = (q, k); inputs and reciprocal RMS are
+/// kept in `a` for the backward.
+pub(crate) fn qk_norm_forward(
+    qkv: &mut [f32],
+    n: usize,
+    s: &Dims,
+    w: (&[f32], &[f32]),
+    a: &mut QkActs,
+) {
+    for (i, (grp, wt)) in s.qk_groups().into_iter().zip([w.0, w.1]).enumerate() {
+        let (_, groups, width) = grp;
+        let len = n * groups * width;
+        gather(&mut a.x[i], qkv, n, s.r, grp);
+        rmsnorm_forward(
+            &mut a.y[..len],
+            &mut a.rstd[i][..n * groups],
+            &a.x[i][..len],
+            wt,
+            s.eps,
+        );
+        scatter(qkv, &a.y, n, s.r, grp);
+    }
+}
+
+/// Backward of [`qk_norm_forward`]: the q and k columns of `dqkv` hold d(normed) and are
+/// replaced by d(input); the weights' gradients are added to `g`. `dy`, `dx` are scratch.
+#[allow(clippy::too_many_arguments)]
+fn qk_norm_backward(
+    dqkv: &mut [f32],
+    n: usize,
+    s: &Dims,
+    w: (&[f32], &[f32]),
+    g: (&mut [f32], &mut [f32]),
+    a: &QkActs,
+    dy: &mut [f32],
+    dx: &mut [f32],
+) {
+    for (i, ((grp, wt), gw)) in s
+        .qk_groups()
+        .into_iter()
+        .zip([w.0, w.1])
+        .zip([g.0, g.1])
+        .enumerate()
+    {
+        let (_, groups, width) = grp;
+        let len = n * groups * width;
+        gather(dy, dqkv, n, s.r, grp);
+        dx[..len].fill(0.0);
+        rmsnorm_backward(
+            &mut dx[..len],
+            gw,
+            &dy[..len],
+            &a.x[i][..len],
+            wt,
+            &a.rstd[i][..n * groups],
+        );
+        scatter(dqkv, dx, n, s.r, grp);
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -32,6 +32,11 @@ pub struct ModelConfig {
     /// 32 heads; Gemma). The q projection is then H*D wide, not d_model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
+    /// RMSNorm on the queries and keys after their projections, before RoPE: "none",
+    /// "head" (per head over D, one weight [D] each for q and k: Qwen3) or "projection"
+    /// (over the whole projection, weights [H*D] and [G*D]: OLMoE).
+    #[serde(default, skip_serializing_if = "QkNorm::is_none")]
+    pub qk_norm: QkNorm,
     /// Key/value heads G (grouped-query attention); must divide n_heads. Equal to n_heads
     /// gives standard multi-head attention.
     pub n_kv_heads: usize,
@@ -205,6 +210,24 @@ impl From<RouterScore> for ScoreFn {
             RouterScore::Softmax => ScoreFn::Softmax,
             RouterScore::Sigmoid => ScoreFn::Sigmoid,
         }
+    }
+}
+
+/// Query/key normalisation (`model.qk_norm`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QkNorm {
+    #[default]
+    None,
+    /// Per head, over D (Qwen3).
+    Head,
+    /// Over the whole q (H*D) and k (G*D) projections (OLMoE).
+    Projection,
+}
+
+impl QkNorm {
+    pub fn is_none(&self) -> bool {
+        *self == QkNorm::None
     }
 }
 

@@ -9,7 +9,7 @@
 //! the sequence so far, and a slot's logits do not depend on which other slots share its
 //! steps (`tests/decode.rs`).
 
-use crate::block::{Dims, FfnWKind};
+use crate::block::{qk_norm_forward, Dims, FfnWKind, QkActs};
 use crate::config::ModelConfig;
 use crate::params::Layout;
 use kernels::attention::{decode_attention, KvShape};
@@ -25,6 +25,7 @@ pub struct BatchDecoder {
     layout: Layout,
     /// Sizes for the weight views (B = slots, T = 1).
     dims: Dims,
+    qk: Option<QkActs>,
     rope: RopeTable,
     slots: usize,
     k: Vec<Vec<f32>>, // per block (slots, Tmax, G*D)
@@ -62,6 +63,7 @@ impl BatchDecoder {
         BatchDecoder {
             rope: RopeTable::new(t, d, cfg.rope_theta),
             dims: Dims::of(cfg, s, 1),
+            qk: QkActs::new(&Dims::of(cfg, s, 1), s),
             slots: s,
             k: (0..cfg.n_layers)
                 .map(|_| vec![0.0; s * t * g * d])
@@ -162,6 +164,9 @@ impl BatchDecoder {
             rmsnorm_forward(hb, rstd, x, w.norm, cfg.norm_eps);
             let qkv = &mut self.qkv[..n * r];
             linear_rows(qkv, hb, w.wqkv, n, c, r, false);
+            if let (Some(wn), Some(qa)) = (w.qk_norm, self.qk.as_mut()) {
+                qk_norm_forward(qkv, n, ds, wn, qa);
+            }
             for (i, &(s, _)) in inputs.iter().enumerate() {
                 let row = &mut qkv[i * r..(i + 1) * r];
                 rope_apply_at(row, 0, h + g, self.pos[s], &self.rope);

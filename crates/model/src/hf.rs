@@ -4,12 +4,14 @@
 //! `w_gate_up`). The golden tests against `transformers` (`tests/hf_golden.rs`) prove the
 //! mapping; importing a checkpoint reuses it.
 //!
-//! Supported so far: Llama (dense, grouped-query attention, tied or untied embeddings) and
+//! Supported so far: Llama (dense, grouped-query attention, tied or untied embeddings),
 //! Mixtral (softmax top-k routing, renormalised, fused expert tensors as transformers 5
-//! stores them). A config using anything moelab cannot compute yet is refused naming the
-//! field (attention biases, q/k norms, shared experts, RoPE scaling, sliding windows).
+//! stores them), Qwen3-MoE (per-head q/k norm, explicit head_dim, norm_topk_prob) and OLMoE
+//! (q/k norm over the whole projections). A config using anything moelab cannot compute yet
+//! is refused naming the field (attention biases, shared experts, dense layers between MoE
+//! layers, RoPE scaling, sliding windows, q/k/v clipping).
 
-use crate::config::{ModelConfig, RouterScore};
+use crate::config::{ModelConfig, QkNorm, RouterScore};
 use crate::error::{cfg_err, Result};
 use crate::params::Layout;
 use serde_json::Value;
@@ -19,6 +21,8 @@ use serde_json::Value;
 pub enum Family {
     Llama,
     Mixtral,
+    Qwen3Moe,
+    Olmoe,
 }
 
 impl Family {
@@ -26,6 +30,8 @@ impl Family {
         match self {
             Family::Llama => "llama",
             Family::Mixtral => "mixtral",
+            Family::Qwen3Moe => "qwen3_moe",
+            Family::Olmoe => "olmoe",
         }
     }
 }
@@ -46,6 +52,15 @@ fn usize_of(v: &Value, key: &str) -> Result<usize> {
         .and_then(Value::as_u64)
         .map(|x| x as usize)
         .ok_or_else(|| cfg_err(key, "missing or not a non-negative integer in config.json"))
+}
+
+/// The first of `keys` present (transformers renames some keys between versions, e.g.
+/// Qwen's `num_experts` is written as `num_local_experts` by transformers 5).
+fn usize_any(v: &Value, keys: &[&str]) -> Result<usize> {
+    match keys.iter().find(|k| field(v, k).is_some()) {
+        Some(k) => usize_of(v, k),
+        None => Err(cfg_err(keys[0], "missing in config.json")),
+    }
 }
 
 fn f32_or(v: &Value, key: &str, default: f32) -> Result<f32> {
@@ -72,10 +87,12 @@ pub fn config_from_hf(v: &Value) -> Result<HfModel> {
     let family = match model_type {
         "llama" => Family::Llama,
         "mixtral" => Family::Mixtral,
+        "qwen3_moe" => Family::Qwen3Moe,
+        "olmoe" => Family::Olmoe,
         other => {
             return Err(cfg_err(
                 "model_type",
-                format!("\"{other}\" is not a supported family (llama, mixtral)"),
+                format!("\"{other}\" is not a supported family (llama, mixtral, qwen3_moe, olmoe)"),
             ))
         }
     };
@@ -94,10 +111,27 @@ pub fn config_from_hf(v: &Value) -> Result<HfModel> {
         "hidden_act",
         &format!("activation \"{act}\""),
     )?;
+    // Qwen configs carry a window that only `use_sliding_window` turns on
+    let window = match field(v, "use_sliding_window") {
+        Some(u) => u.as_bool().unwrap_or(false),
+        None => field(v, "sliding_window").is_some(),
+    };
+    refuse_if(window, "sliding_window", "sliding-window attention")?;
     refuse_if(
-        field(v, "sliding_window").is_some(),
-        "sliding_window",
-        "sliding-window attention",
+        field(v, "clip_qkv").is_some(),
+        "clip_qkv",
+        "clipping q, k and v",
+    )?;
+    let sparse_step = field(v, "decoder_sparse_step")
+        .and_then(Value::as_u64)
+        .unwrap_or(1);
+    let dense_list = field(v, "mlp_only_layers")
+        .and_then(Value::as_array)
+        .is_some_and(|a| !a.is_empty());
+    refuse_if(
+        sparse_step != 1 || dense_list,
+        "mlp_only_layers",
+        "dense layers between MoE layers (decoder_sparse_step, mlp_only_layers)",
     )?;
     // transformers 5 keeps RoPE settings in `rope_parameters`; 4.x in rope_theta/rope_scaling
     let rope = field(v, "rope_parameters");
@@ -123,12 +157,33 @@ pub fn config_from_hf(v: &Value) -> Result<HfModel> {
         None => None,
     };
     let inter = usize_of(v, "intermediate_size")?;
-    let (n_experts, top_k) = match family {
-        Family::Llama => (0, 2),
+    let (n_experts, top_k, expert_hidden) = match family {
+        Family::Llama => (0, 2, 0),
         Family::Mixtral => (
-            usize_of(v, "num_local_experts")?,
+            usize_any(v, &["num_local_experts", "num_experts"])?,
             usize_of(v, "num_experts_per_tok")?,
+            inter,
         ),
+        Family::Qwen3Moe => (
+            usize_any(v, &["num_experts", "num_local_experts"])?,
+            usize_of(v, "num_experts_per_tok")?,
+            usize_of(v, "moe_intermediate_size")?,
+        ),
+        Family::Olmoe => (
+            usize_any(v, &["num_experts", "num_local_experts"])?,
+            usize_of(v, "num_experts_per_tok")?,
+            inter,
+        ),
+    };
+    // Mixtral always renormalises the chosen experts' weights; Qwen and OLMoE say whether
+    let renormalize = match family {
+        Family::Qwen3Moe | Family::Olmoe => flag("norm_topk_prob"),
+        _ => true,
+    };
+    let qk_norm = match family {
+        Family::Qwen3Moe => QkNorm::Head,
+        Family::Olmoe => QkNorm::Projection,
+        _ => QkNorm::None,
     };
     let config = ModelConfig {
         vocab_size: usize_of(v, "vocab_size")?,
@@ -136,6 +191,7 @@ pub fn config_from_hf(v: &Value) -> Result<HfModel> {
         n_layers: usize_of(v, "num_hidden_layers")?,
         n_heads: heads,
         head_dim,
+        qk_norm,
         n_kv_heads: match field(v, "num_key_value_heads") {
             Some(_) => usize_of(v, "num_key_value_heads")?,
             None => heads,
@@ -147,10 +203,10 @@ pub fn config_from_hf(v: &Value) -> Result<HfModel> {
         ffn_hidden: inter,
         n_experts,
         top_k,
-        expert_hidden: if n_experts > 0 { inter } else { 0 },
+        expert_hidden,
         n_shared_experts: 0,
         router_score: RouterScore::Softmax,
-        renormalize: true,
+        renormalize,
         balance: Default::default(),
         aux_loss_coef: f32_or(v, "router_aux_loss_coef", 0.0)?,
         z_loss_coef: 0.0,
@@ -193,6 +249,8 @@ impl HfModel {
             "ffn_norm.weight" => vec![format!("{p}.post_attention_layernorm.weight")],
             "attn.wqkv.weight" => vec![attn("q"), attn("k"), attn("v")],
             "attn.wo.weight" => vec![attn("o")],
+            "attn.q_norm.weight" => vec![format!("{p}.self_attn.q_norm.weight")],
+            "attn.k_norm.weight" => vec![format!("{p}.self_attn.k_norm.weight")],
             "mlp.w_gate_up.weight" => vec![
                 format!("{p}.mlp.gate_proj.weight"),
                 format!("{p}.mlp.up_proj.weight"),

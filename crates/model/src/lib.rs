@@ -22,7 +22,7 @@ pub mod optim;
 pub mod params;
 pub mod profile;
 
-pub use config::{Balance, Config, ModelConfig, OnAnomaly, RouterScore, TrainConfig};
+pub use config::{Balance, Config, ModelConfig, OnAnomaly, QkNorm, RouterScore, TrainConfig};
 pub use error::{Error, Result};
 pub use model::{Distill, Losses, Model};
 pub use optim::Optimizer;

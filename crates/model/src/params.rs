@@ -4,7 +4,7 @@
 //! Names follow a Hugging Face-like state dict so that the PyTorch reference in `reference/`
 //! loads our safetensors files without renaming.
 
-use crate::config::{Balance, ModelConfig};
+use crate::config::{Balance, ModelConfig, QkNorm};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -35,6 +35,8 @@ enum Init {
 pub struct LayerIdx {
     pub attn_norm: usize,
     pub wqkv: usize,
+    /// q and k norm weights (model.qk_norm).
+    pub qk_norm: Option<(usize, usize)>,
     pub wo: usize,
     pub ffn_norm: usize,
     pub ffn: FfnIdx,
@@ -118,6 +120,19 @@ impl Layout {
             let p = format!("layers.{l}");
             let attn_norm = b.norm(format!("{p}.attn_norm.weight"), c);
             let wqkv = b.matrix(format!("{p}.attn.wqkv.weight"), &[(h + 2 * g) * d, c], std);
+            // NOTE: created after wqkv and only when configured, so the tensors (and init
+            // streams) of configs without them do not move
+            let qk_norm = match cfg.qk_norm {
+                QkNorm::None => None,
+                QkNorm::Head => Some((
+                    b.norm(format!("{p}.attn.q_norm.weight"), d),
+                    b.norm(format!("{p}.attn.k_norm.weight"), d),
+                )),
+                QkNorm::Projection => Some((
+                    b.norm(format!("{p}.attn.q_norm.weight"), h * d),
+                    b.norm(format!("{p}.attn.k_norm.weight"), g * d),
+                )),
+            };
             let wo = b.matrix(format!("{p}.attn.wo.weight"), &[c, h * d], resid_std);
             let ffn_norm = b.norm(format!("{p}.ffn_norm.weight"), c);
             let ffn = if cfg.is_moe_layer(l) {
@@ -162,6 +177,7 @@ impl Layout {
             layers.push(LayerIdx {
                 attn_norm,
                 wqkv,
+                qk_norm,
                 wo,
                 ffn_norm,
                 ffn,

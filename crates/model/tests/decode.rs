@@ -55,6 +55,26 @@ fn kv_cache_decode_equals_full_recompute() {
     assert_eq!(wide.model.head_dim(), 24);
     let m = Model::new(&wide.model, 1, 1, 4);
     check(&wide, m.params, "tiny, head_dim 24");
+    // q/k norms (issue 12), with norm weights away from 1 so they matter
+    for qk in ["head", "projection"] {
+        let cfg = Config::from_toml(&include_str!("../../../configs/tiny.toml").replace(
+            "n_kv_heads = 2",
+            &format!("n_kv_heads = 2\nqk_norm = \"{qk}\""),
+        ))
+        .unwrap();
+        let mut m = Model::new(&cfg.model, 1, 1, 6);
+        for ts in m.layout.tensors.clone() {
+            if ts.name.contains("_norm.weight") {
+                for (i, p) in m.params[ts.offset..ts.offset + ts.len]
+                    .iter_mut()
+                    .enumerate()
+                {
+                    *p = 0.5 + (i % 7) as f32 * 0.2;
+                }
+            }
+        }
+        check(&cfg, m.params, &format!("tiny, qk_norm {qk}"));
+    }
 }
 
 /// A slot's logits do not depend on which other slots share its steps: three sequences fed

@@ -1,5 +1,5 @@
 //! Golden tests against Hugging Face `transformers` itself (issue 12): tiny models of each
-//! supported family, built by `reference/make_hf_golden.py` (transformers 5.24, float64),
+//! supported family (Llama, Mixtral, Qwen3-MoE, OLMoE), built by `reference/make_hf_golden.py` (transformers 5.24, float64),
 //! loaded through the tensor mapping of `model::hf` (the one import uses), must give the
 //! same logits, loss, router choices and parameter gradients.
 //!
@@ -109,7 +109,7 @@ fn run(name: &str, family: Family) {
     }
     assert_eq!(
         moe_layers > 0,
-        family == Family::Mixtral,
+        family != Family::Llama,
         "[{name}] MoE layers"
     );
 
@@ -143,6 +143,20 @@ fn transformers_mixtral_top2() {
     run("hf_mixtral", Family::Mixtral);
 }
 
+/// Per-head q/k RMSNorm (weights [D]), head_dim 12 with d_model 32 and 4 heads,
+/// norm_topk_prob true.
+#[test]
+fn transformers_qwen3_moe_head_qk_norm() {
+    run("hf_qwen3_moe", Family::Qwen3Moe);
+}
+
+/// q/k RMSNorm over the whole projections (weights [H*D] and [G*D]), top-2 without
+/// renormalisation.
+#[test]
+fn transformers_olmoe_projection_qk_norm() {
+    run("hf_olmoe", Family::Olmoe);
+}
+
 #[test]
 fn unsupported_features_are_refused_by_name() {
     let base: serde_json::Value =
@@ -158,6 +172,8 @@ fn unsupported_features_are_refused_by_name() {
             "rope_parameters.rope_type",
         ),
         ("model_type", serde_json::json!("gpt2"), "model_type"),
+        ("mlp_only_layers", serde_json::json!([1]), "mlp_only_layers"),
+        ("clip_qkv", serde_json::json!(8.0), "clip_qkv"),
     ] {
         let mut v = base.clone();
         v[key] = val;
