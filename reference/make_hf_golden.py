@@ -5,7 +5,7 @@ reuses.
 
 For each family, a tiny model is built offline from a config (nothing from a hub), its
 weights drawn with the family's own initialisation (routers re-drawn wide, std 0.5, so no
-top-k choice is a near-tie), rounded to float32 and loaded back into a float64 model. Files:
+top-k choice is a near-tie; biases re-drawn from zero to std 0.1), rounded to float32 and loaded back into a float64 model. Files:
 
 - config.json: the model's Hugging Face config (what `moelab import` reads);
 - init.safetensors: the float32 weights under their Hugging Face names;
@@ -67,6 +67,21 @@ FAMILIES = {
             tie_word_embeddings=False,
         ),
     ),
+    # q/k/v biases, one shared expert (width 40) behind a sigmoid gate, top-2 not renormalised
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(
+            intermediate_size=48,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=40,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            rope_theta=1e6,
+            tie_word_embeddings=False,
+        ),
+    ),
     # per-head q/k RMSNorm, head_dim 12 != 32 / 4, softmax top-2 renormalised
     "qwen3_moe": (
         "Qwen3MoeConfig",
@@ -119,6 +134,10 @@ def write(family):
     with torch.no_grad():
         for _, gate in router_layers(model):
             gate.weight.normal_(0.0, 0.5)
+        # biases start at zero; random ones show whether they are mapped and added
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
         # float32 weights, exactly representable in the float64 model
         for p in model.parameters():
             p.copy_(p.float().double())

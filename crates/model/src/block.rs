@@ -53,6 +53,7 @@ pub(crate) struct Dims {
     pub score: ScoreFn,
     pub renormalize: bool,
     pub qk_norm: QkNorm,
+    pub shared_gate: bool,
 }
 
 impl Dims {
@@ -77,6 +78,7 @@ impl Dims {
             score: cfg.score_fn(),
             renormalize: cfg.renormalize,
             qk_norm: cfg.qk_norm,
+            shared_gate: cfg.n_shared_experts > 0 && cfg.shared_expert_gate,
         }
     }
 
@@ -186,6 +188,8 @@ pub(crate) struct MoeActs {
     pub ex: ExpertActs,
     pub sgu: Vec<f32>, // (N,2Fs) shared experts
     pub sa: Vec<f32>,  // (N,Fs)
+    pub sy: Vec<f32>,  // (N,C) shared experts' output (gated only)
+    pub sg: Vec<f32>,  // (N) the shared-expert gate sigmoid(h . w_gate) (gated only)
 }
 
 impl AttnActs {
@@ -224,6 +228,8 @@ impl FfnActs {
                 ex: ExpertActs::new(s.experts()),
                 sgu: z(n * 2 * s.fs),
                 sa: z(n * s.fs),
+                sy: z(if s.shared_gate { n * s.c } else { 0 }),
+                sg: z(if s.shared_gate { n } else { 0 }),
             }))
         } else {
             FfnKind::Dense(MlpActs {
@@ -253,6 +259,8 @@ pub(crate) struct Scratch {
     pub dscores: Vec<f32>,  // (N,E)
     pub dw: Vec<f32>,       // (N,K)
     pub dqk: [Vec<f32>; 2], // (N*H*D) q/k norm backward rows (q/k norm only)
+    pub dsy: Vec<f32>,      // (N,C) gated shared experts: d(shared output)
+    pub dsg: Vec<f32>,      // (N) d(gate logit)
 }
 
 impl Scratch {
@@ -286,6 +294,8 @@ impl Scratch {
             } else {
                 [z(n * s.h * s.d), z(n * s.h * s.d)]
             },
+            dsy: z(if moe && s.shared_gate { n * s.c } else { 0 }),
+            dsg: z(if moe && s.shared_gate { n } else { 0 }),
         }
     }
 }
@@ -296,6 +306,7 @@ impl Scratch {
 pub(crate) struct AttnW<'a> {
     pub norm: &'a [f32],                         // (C)
     pub wqkv: &'a [f32],                         // (R,C)
+    pub bqkv: Option<&'a [f32]>,                 // (R)
     pub qk_norm: Option<(&'a [f32], &'a [f32])>, // (D),(D) per head or (HD),(GD)
     pub wo: &'a [f32],                           // (C,HD)
 }
@@ -303,6 +314,7 @@ pub(crate) struct AttnW<'a> {
 pub(crate) struct AttnG<'a> {
     pub norm: &'a mut [f32],
     pub wqkv: &'a mut [f32],
+    pub bqkv: Option<&'a mut [f32]>,
     pub qk_norm: Option<(&'a mut [f32], &'a mut [f32])>,
     pub wo: &'a mut [f32],
 }
@@ -323,6 +335,7 @@ pub(crate) struct MoeW<'a> {
     pub w_gu: &'a [f32],         // (E,2Fe,C)
     pub w_down: &'a [f32],       // (E,C,Fe)
     pub shared: Option<(&'a [f32], &'a [f32])>, // (2Fs,C), (C,Fs)
+    pub shared_gate: Option<&'a [f32]>, // (1,C)
 }
 
 pub(crate) struct MoeG<'a> {
@@ -330,6 +343,7 @@ pub(crate) struct MoeG<'a> {
     pub w_gu: &'a mut [f32],
     pub w_down: &'a mut [f32],
     pub shared: Option<(&'a mut [f32], &'a mut [f32])>,
+    pub shared_gate: Option<&'a mut [f32]>,
 }
 
 /// The FFN's weights: its norm and a dense or an MoE FFN.
@@ -382,7 +396,7 @@ pub(crate) fn carve<'a, const K: usize>(
 impl LayerIdx {
     /// (offset, len) of the attention half's tensors: norm, wqkv, wo, q norm, k norm (empty
     /// when absent).
-    fn attn_ranges(&self, s: &Dims) -> [(usize, usize); 5] {
+    fn attn_ranges(&self, s: &Dims) -> [(usize, usize); 6] {
         let [(_, _, wq), (_, _, wk)] = s.qk_groups();
         let (qn, kn) = self
             .qk_norm
@@ -393,12 +407,14 @@ impl LayerIdx {
             (self.wo, s.c * s.h * s.d),
             qn,
             kn,
+            self.bqkv.map_or((0, 0), |b| (b, s.r)),
         ]
     }
 
     /// (offset, len) of the FFN half's trained tensors: norm, then dense (w_gu, w_down) or
-    /// MoE (router, w_gu, w_down, shared w_gu, shared w_down; empty when absent).
-    fn ffn_ranges(&self, s: &Dims) -> [(usize, usize); 6] {
+    /// MoE (router, w_gu, w_down, shared w_gu, shared w_down, shared gate; empty when
+    /// absent).
+    fn ffn_ranges(&self, s: &Dims) -> [(usize, usize); 7] {
         let (c, norm) = (s.c, (self.ffn_norm, s.c));
         match self.ffn {
             FfnIdx::Dense { w_gu, w_down } => [
@@ -408,12 +424,14 @@ impl LayerIdx {
                 (0, 0),
                 (0, 0),
                 (0, 0),
+                (0, 0),
             ],
             FfnIdx::Moe {
                 router,
                 w_gu,
                 w_down,
                 shared,
+                shared_gate,
                 ..
             } => {
                 let (sgu, sd) = shared.map_or(((0, 0), (0, 0)), |(a, b)| {
@@ -426,57 +444,71 @@ impl LayerIdx {
                     (w_down, s.e * c * s.fe),
                     sgu,
                     sd,
+                    shared_gate.map_or((0, 0), |o| (o, c)),
                 ]
             }
         }
     }
 
     pub(crate) fn attn_w<'a>(&self, p: &'a [f32], s: &Dims) -> AttnW<'a> {
-        let [norm, wqkv, wo, qn, kn] = self.attn_ranges(s).map(|(o, l)| &p[o..o + l]);
+        let [norm, wqkv, wo, qn, kn, b] = self.attn_ranges(s).map(|(o, l)| &p[o..o + l]);
         let qk_norm = self.qk_norm.map(|_| (qn, kn));
         AttnW {
             norm,
             wqkv,
+            bqkv: self.bqkv.map(|_| b),
             qk_norm,
             wo,
         }
     }
 
     pub(crate) fn attn_g<'a>(&self, grads: &'a mut [f32], s: &Dims) -> AttnG<'a> {
-        let [norm, wqkv, wo, qn, kn] = carve(grads, self.attn_ranges(s));
+        let [norm, wqkv, wo, qn, kn, b] = carve(grads, self.attn_ranges(s));
         let qk_norm = self.qk_norm.map(|_| (qn, kn));
         AttnG {
             norm,
             wqkv,
+            bqkv: self.bqkv.map(|_| b),
             qk_norm,
             wo,
         }
     }
 
     pub(crate) fn ffn_w<'a>(&self, p: &'a [f32], s: &Dims) -> FfnW<'a> {
-        let [norm, a, b, c, d, e] = self.ffn_ranges(s).map(|(o, l)| &p[o..o + l]);
+        let [norm, a, b, c, d, e, sg] = self.ffn_ranges(s).map(|(o, l)| &p[o..o + l]);
         let kind = match self.ffn {
             FfnIdx::Dense { .. } => FfnWKind::Dense(MlpW { w_gu: a, w_down: b }),
-            FfnIdx::Moe { bias, shared, .. } => FfnWKind::Moe(MoeW {
+            FfnIdx::Moe {
+                bias,
+                shared,
+                shared_gate,
+                ..
+            } => FfnWKind::Moe(MoeW {
                 router: a,
                 bias: bias.map(|o| &p[o..o + s.e]),
                 w_gu: b,
                 w_down: c,
                 shared: shared.map(|_| (d, e)),
+                shared_gate: shared_gate.map(|_| sg),
             }),
         };
         FfnW { norm, kind }
     }
 
     pub(crate) fn ffn_g<'a>(&self, grads: &'a mut [f32], s: &Dims) -> FfnG<'a> {
-        let [norm, a, b, c, d, e] = carve(grads, self.ffn_ranges(s));
+        let [norm, a, b, c, d, e, sg] = carve(grads, self.ffn_ranges(s));
         let kind = match self.ffn {
             FfnIdx::Dense { .. } => FfnGKind::Dense(MlpG { w_gu: a, w_down: b }),
-            FfnIdx::Moe { shared, .. } => FfnGKind::Moe(MoeG {
+            FfnIdx::Moe {
+                shared,
+                shared_gate,
+                ..
+            } => FfnGKind::Moe(MoeG {
                 router: a,
                 w_gu: b,
                 w_down: c,
                 shared: shared.map(|_| (d, e)),
+                shared_gate: shared_gate.map(|_| sg),
             }),
         };
         FfnG { norm, kind }
@@ -504,6 +536,9 @@ pub(crate) fn attention_forward(
     rmsnorm_forward(&mut a.ln.h, &mut a.ln.rstd, x, w.norm, s.eps);
     prof.lap("rmsnorm");
     linear_forward(&mut a.qkv, &a.ln.h, w.wqkv, n, c, s.r);
+    if let Some(b) = w.bqkv {
+        add_bias(&mut a.qkv, b);
+    }
     prof.lap("matmul: attention");
     if let (Some(wn), Some(qa)) = (w.qk_norm, a.qk.as_mut()) {
         qk_norm_forward(&mut a.qkv, n, s, wn, qa);
@@ -568,6 +603,9 @@ pub(crate) fn attention_backward(
         let [dy, dx] = &mut sc.dqk;
         qk_norm_backward(&mut sc.dqkv, n, s, wn, gn, qa, dy, dx);
         prof.lap("rmsnorm bwd");
+    }
+    if let Some(gb) = g.bqkv {
+        bias_backward(gb, &sc.dqkv);
     }
     linear_backward(
         Some(&mut sc.dh),
@@ -836,7 +874,18 @@ pub(crate) fn moe_forward(
         prof.lap("matmul: ffn");
         swiglu_forward(&mut m.sa, &m.sgu, fs);
         prof.lap("swiglu");
-        matmul(out, &m.sa, false, sd_w, true, n, c, fs, true);
+        match w.shared_gate {
+            None => matmul(out, &m.sa, false, sd_w, true, n, c, fs, true),
+            Some(gw) => {
+                // out += sigmoid(h . w_gate) * shared(h), per token (Qwen2-MoE)
+                linear_forward(&mut m.sy, &m.sa, sd_w, n, fs, c);
+                linear_forward(&mut m.sg, h, gw, n, c, 1);
+                for ((o, y), g) in out.chunks_mut(c).zip(m.sy.chunks(c)).zip(m.sg.iter_mut()) {
+                    *g = 1.0 / (1.0 + (-*g).exp());
+                    o.iter_mut().zip(y).for_each(|(o, y)| *o += *g * y);
+                }
+            }
+        }
         prof.lap("matmul: ffn");
     }
     experts_forward(
@@ -874,10 +923,26 @@ pub(crate) fn moe_backward(
     match (g.shared, w.shared) {
         (Some((dsgu, dsd)), Some((sgu_w, sd_w))) => {
             let fs = s.fs;
+            // gated: d(shared out) = g * dy, d(gate logit) = (dy . shared out) g (1 - g)
+            let dy_shared: &[f32] = if w.shared_gate.is_some() {
+                let rows = sc.dsy.chunks_mut(c).zip(dy.chunks(c)).zip(m.sy.chunks(c));
+                for (i, ((ds, d), y)) in rows.enumerate() {
+                    let gi = m.sg[i];
+                    let mut dot = 0.0f32;
+                    for ((ds, d), y) in ds.iter_mut().zip(d).zip(y) {
+                        *ds = gi * d;
+                        dot += d * y;
+                    }
+                    sc.dsg[i] = dot * gi * (1.0 - gi);
+                }
+                &sc.dsy
+            } else {
+                dy
+            };
             linear_backward(
                 Some(&mut sc.da[..n * fs]),
                 dsd,
-                dy,
+                dy_shared,
                 &m.sa,
                 sd_w,
                 n,
@@ -890,6 +955,9 @@ pub(crate) fn moe_backward(
             prof.lap("swiglu bwd");
             let dgu = &sc.dgu[..n * 2 * fs];
             linear_backward(Some(&mut sc.dh), dsgu, dgu, h, sgu_w, n, c, 2 * fs, false);
+            if let (Some(dgw), Some(gw)) = (g.shared_gate, w.shared_gate) {
+                linear_backward(Some(&mut sc.dh), dgw, &sc.dsg, h, gw, n, c, 1, true);
+            }
             prof.lap("matmul: ffn bwd");
         }
         _ => sc.dh.fill(0.0),
@@ -952,6 +1020,28 @@ pub(crate) fn moe_backward(
         true,
     );
     prof.lap("router bwd");
+}
+
+/// Adds `b` (R) to every row of `x` (rows of R).
+fn add_bias(x: &mut [f32], b: &[f32]) {
+    for row in x.chunks_mut(b.len()) {
+        row.iter_mut().zip(b).for_each(|(x, b)| *x += b);
+    }
+}
+
+/// `db += column sums of dx` (rows of db.len()), rows summed in order (the same bits for
+/// any thread count).
+fn bias_backward(db: &mut [f32], dx: &[f32]) {
+    use rayon::prelude::*;
+    let r = db.len();
+    db.par_chunks_mut(64).enumerate().for_each(|(j, dbj)| {
+        let c0 = j * 64;
+        for row in dx.chunks(r) {
+            for (d, x) in dbj.iter_mut().zip(&row[c0..]) {
+                *d += x;
+            }
+        }
+    });
 }
 
 /// `out = a + b`, elementwise.

@@ -37,6 +37,9 @@ pub struct ModelConfig {
     /// (over the whole projection, weights [H*D] and [G*D]: OLMoE).
     #[serde(default, skip_serializing_if = "QkNorm::is_none")]
     pub qk_norm: QkNorm,
+    /// Biases on the q, k and v projections (Qwen2).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub qkv_bias: bool,
     /// Key/value heads G (grouped-query attention); must divide n_heads. Equal to n_heads
     /// gives standard multi-head attention.
     pub n_kv_heads: usize,
@@ -65,6 +68,14 @@ pub struct ModelConfig {
     /// Always-on shared experts per MoE block (DeepSeekMoE), each of width expert_hidden.
     #[serde(default)]
     pub n_shared_experts: usize,
+    /// Total width of the shared experts when it is not n_shared_experts * expert_hidden
+    /// (Qwen2-MoE: `shared_expert_intermediate_size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_expert_hidden: Option<usize>,
+    /// Scale the shared experts' output per token by sigmoid(h . w_gate), a learned [C]
+    /// gate (Qwen2-MoE).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub shared_expert_gate: bool,
     /// Router score function: "softmax" or "sigmoid".
     #[serde(default)]
     pub router_score: RouterScore,
@@ -155,6 +166,9 @@ fn default_top_k() -> usize {
 }
 fn default_true() -> bool {
     true
+}
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 fn default_aux_coef() -> f32 {
     0.01
@@ -530,6 +544,21 @@ impl ModelConfig {
                     ),
                 ));
             }
+            if self.shared_expert_hidden == Some(0) {
+                return Err(cfg_err("model.shared_expert_hidden", "must be at least 1"));
+            }
+            if self.n_shared_experts == 0
+                && (self.shared_expert_hidden.is_some() || self.shared_expert_gate)
+            {
+                return Err(cfg_err(
+                    if self.shared_expert_gate {
+                        "model.shared_expert_gate"
+                    } else {
+                        "model.shared_expert_hidden"
+                    },
+                    "needs n_shared_experts >= 1",
+                ));
+            }
             if !non_negative(self.aux_loss_coef) {
                 return Err(cfg_err("model.aux_loss_coef", "must be >= 0"));
             }
@@ -561,7 +590,11 @@ impl ModelConfig {
     /// Width of the fused shared-expert FFN (the shared experts summed are one SwiGLU of
     /// n_shared_experts * expert_hidden units).
     pub fn shared_hidden(&self) -> usize {
-        self.n_shared_experts * self.expert_hidden
+        match (self.n_shared_experts, self.shared_expert_hidden) {
+            (0, _) => 0,
+            (_, Some(f)) => f,
+            (n, None) => n * self.expert_hidden,
+        }
     }
 
     /// Weights touched by matmuls for one token: all attention and dense weights, the router,

@@ -164,6 +164,11 @@ impl BatchDecoder {
             rmsnorm_forward(hb, rstd, x, w.norm, cfg.norm_eps);
             let qkv = &mut self.qkv[..n * r];
             linear_rows(qkv, hb, w.wqkv, n, c, r, false);
+            if let Some(b) = w.bqkv {
+                for row in qkv.chunks_mut(r) {
+                    row.iter_mut().zip(b).for_each(|(x, b)| *x += b);
+                }
+            }
             if let (Some(wn), Some(qa)) = (w.qk_norm, self.qk.as_mut()) {
                 qk_norm_forward(qkv, n, ds, wn, qa);
             }
@@ -206,8 +211,23 @@ impl BatchDecoder {
                         ds.score,
                         ds.renormalize,
                     );
-                    if let Some((sg, sd)) = m.shared {
-                        swiglu_rows(x, hb, sg, sd, ds.fs, &mut self.gu, &mut self.a);
+                    match (m.shared, m.shared_gate) {
+                        (Some((sg, sd)), None) => {
+                            swiglu_rows(x, hb, sg, sd, ds.fs, &mut self.gu, &mut self.a);
+                        }
+                        (Some((sg, sd)), Some(gw)) => {
+                            // x += sigmoid(h . w_gate) * shared(h) (Qwen2-MoE)
+                            let y = &mut self.y[..n * c];
+                            y.fill(0.0);
+                            swiglu_rows(y, hb, sg, sd, ds.fs, &mut self.gu, &mut self.a);
+                            for ((xr, yr), hr) in x.chunks_mut(c).zip(y.chunks(c)).zip(hb.chunks(c))
+                            {
+                                let z: f32 = hr.iter().zip(gw).map(|(a, b)| a * b).sum();
+                                let g = 1.0 / (1.0 + (-z).exp());
+                                xr.iter_mut().zip(yr).for_each(|(x, y)| *x += g * y);
+                            }
+                        }
+                        _ => {}
                     }
                     // each expert runs once on the rows routed to it
                     for j in 0..e {

@@ -6,10 +6,11 @@
 //!
 //! Supported so far: Llama (dense, grouped-query attention, tied or untied embeddings),
 //! Mixtral (softmax top-k routing, renormalised, fused expert tensors as transformers 5
-//! stores them), Qwen3-MoE (per-head q/k norm, explicit head_dim, norm_topk_prob) and OLMoE
+//! stores them), Qwen2-MoE (q/k/v biases, a gated shared expert of its own width),
+//! Qwen3-MoE (per-head q/k norm, explicit head_dim, norm_topk_prob) and OLMoE
 //! (q/k norm over the whole projections). A config using anything moelab cannot compute yet
-//! is refused naming the field (attention biases, shared experts, dense layers between MoE
-//! layers, RoPE scaling, sliding windows, q/k/v clipping).
+//! is refused naming the field (Llama's attention biases, dense layers between MoE layers,
+//! RoPE scaling, sliding windows, q/k/v clipping).
 
 use crate::config::{ModelConfig, QkNorm, RouterScore};
 use crate::error::{cfg_err, Result};
@@ -21,6 +22,7 @@ use serde_json::Value;
 pub enum Family {
     Llama,
     Mixtral,
+    Qwen2Moe,
     Qwen3Moe,
     Olmoe,
 }
@@ -30,6 +32,7 @@ impl Family {
         match self {
             Family::Llama => "llama",
             Family::Mixtral => "mixtral",
+            Family::Qwen2Moe => "qwen2_moe",
             Family::Qwen3Moe => "qwen3_moe",
             Family::Olmoe => "olmoe",
         }
@@ -87,12 +90,13 @@ pub fn config_from_hf(v: &Value) -> Result<HfModel> {
     let family = match model_type {
         "llama" => Family::Llama,
         "mixtral" => Family::Mixtral,
+        "qwen2_moe" => Family::Qwen2Moe,
         "qwen3_moe" => Family::Qwen3Moe,
         "olmoe" => Family::Olmoe,
         other => {
             return Err(cfg_err(
                 "model_type",
-                format!("\"{other}\" is not a supported family (llama, mixtral, qwen3_moe, olmoe)"),
+                format!("\"{other}\" is not a supported family (llama, mixtral, qwen2_moe, qwen3_moe, olmoe)"),
             ))
         }
     };
@@ -164,7 +168,7 @@ pub fn config_from_hf(v: &Value) -> Result<HfModel> {
             usize_of(v, "num_experts_per_tok")?,
             inter,
         ),
-        Family::Qwen3Moe => (
+        Family::Qwen2Moe | Family::Qwen3Moe => (
             usize_any(v, &["num_experts", "num_local_experts"])?,
             usize_of(v, "num_experts_per_tok")?,
             usize_of(v, "moe_intermediate_size")?,
@@ -177,8 +181,15 @@ pub fn config_from_hf(v: &Value) -> Result<HfModel> {
     };
     // Mixtral always renormalises the chosen experts' weights; Qwen and OLMoE say whether
     let renormalize = match family {
-        Family::Qwen3Moe | Family::Olmoe => flag("norm_topk_prob"),
+        Family::Qwen2Moe | Family::Qwen3Moe | Family::Olmoe => flag("norm_topk_prob"),
         _ => true,
+    };
+    // Qwen2-MoE: one shared expert of its own width behind a sigmoid gate
+    let shared_width = match family {
+        Family::Qwen2Moe => {
+            Some(usize_of(v, "shared_expert_intermediate_size")?).filter(|&f| f > 0)
+        }
+        _ => None,
     };
     let qk_norm = match family {
         Family::Qwen3Moe => QkNorm::Head,
@@ -192,6 +203,9 @@ pub fn config_from_hf(v: &Value) -> Result<HfModel> {
         n_heads: heads,
         head_dim,
         qk_norm,
+        // Qwen2 always has them (transformers 5 writes `qkv_bias`; 4.x had none)
+        qkv_bias: family == Family::Qwen2Moe
+            && field(v, "qkv_bias").is_none_or(|b| b.as_bool() == Some(true)),
         n_kv_heads: match field(v, "num_key_value_heads") {
             Some(_) => usize_of(v, "num_key_value_heads")?,
             None => heads,
@@ -204,7 +218,9 @@ pub fn config_from_hf(v: &Value) -> Result<HfModel> {
         n_experts,
         top_k,
         expert_hidden,
-        n_shared_experts: 0,
+        n_shared_experts: shared_width.is_some() as usize,
+        shared_expert_hidden: shared_width,
+        shared_expert_gate: shared_width.is_some(),
         router_score: RouterScore::Softmax,
         renormalize,
         balance: Default::default(),
@@ -249,6 +265,16 @@ impl HfModel {
             "ffn_norm.weight" => vec![format!("{p}.post_attention_layernorm.weight")],
             "attn.wqkv.weight" => vec![attn("q"), attn("k"), attn("v")],
             "attn.wo.weight" => vec![attn("o")],
+            "attn.bqkv" => ["q", "k", "v"]
+                .iter()
+                .map(|x| format!("{p}.self_attn.{x}_proj.bias"))
+                .collect(),
+            "moe.shared.w_gate_up.weight" => vec![
+                format!("{p}.mlp.shared_expert.gate_proj.weight"),
+                format!("{p}.mlp.shared_expert.up_proj.weight"),
+            ],
+            "moe.shared.w_down.weight" => vec![format!("{p}.mlp.shared_expert.down_proj.weight")],
+            "moe.shared.gate.weight" => vec![format!("{p}.mlp.shared_expert_gate.weight")],
             "attn.q_norm.weight" => vec![format!("{p}.self_attn.q_norm.weight")],
             "attn.k_norm.weight" => vec![format!("{p}.self_attn.k_norm.weight")],
             "mlp.w_gate_up.weight" => vec![

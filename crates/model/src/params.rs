@@ -35,6 +35,8 @@ enum Init {
 pub struct LayerIdx {
     pub attn_norm: usize,
     pub wqkv: usize,
+    /// q/k/v projection biases (model.qkv_bias).
+    pub bqkv: Option<usize>,
     /// q and k norm weights (model.qk_norm).
     pub qk_norm: Option<(usize, usize)>,
     pub wo: usize,
@@ -54,6 +56,8 @@ pub enum FfnIdx {
         w_gu: usize,
         w_down: usize,
         shared: Option<(usize, usize)>,
+        /// The shared experts' sigmoid gate [1, C] (model.shared_expert_gate).
+        shared_gate: Option<usize>,
     },
 }
 
@@ -122,6 +126,15 @@ impl Layout {
             let wqkv = b.matrix(format!("{p}.attn.wqkv.weight"), &[(h + 2 * g) * d, c], std);
             // NOTE: created after wqkv and only when configured, so the tensors (and init
             // streams) of configs without them do not move
+            let bqkv = cfg.qkv_bias.then(|| {
+                b.add(
+                    format!("{p}.attn.bqkv"),
+                    &[(h + 2 * g) * d],
+                    Init::Zeros,
+                    true,
+                    false,
+                )
+            });
             let qk_norm = match cfg.qk_norm {
                 QkNorm::None => None,
                 QkNorm::Head => Some((
@@ -160,12 +173,15 @@ impl Layout {
                         b.matrix(format!("{p}.moe.shared.w_down.weight"), &[c, fs], resid_std),
                     )
                 });
+                let shared_gate = (cfg.n_shared_experts > 0 && cfg.shared_expert_gate)
+                    .then(|| b.matrix(format!("{p}.moe.shared.gate.weight"), &[1, c], std));
                 FfnIdx::Moe {
                     router,
                     bias,
                     w_gu,
                     w_down,
                     shared,
+                    shared_gate,
                 }
             } else {
                 let f = cfg.ffn_hidden;
@@ -177,6 +193,7 @@ impl Layout {
             layers.push(LayerIdx {
                 attn_norm,
                 wqkv,
+                bqkv,
                 qk_norm,
                 wo,
                 ffn_norm,

@@ -159,6 +159,35 @@ fn head_dim_must_be_even() {
 }
 
 #[test]
+fn shared_expert_options_need_shared_experts() {
+    let none = |extra: &'static str| {
+        move |t: &str| {
+            t.replace(
+                "n_shared_experts = 1",
+                &format!("n_shared_experts = 0\n{extra}"),
+            )
+        }
+    };
+    refused(
+        none("shared_expert_gate = true"),
+        "model.shared_expert_gate",
+    );
+    refused(
+        none("shared_expert_hidden = 40"),
+        "model.shared_expert_hidden",
+    );
+    refused(
+        |t| {
+            t.replace(
+                "n_shared_experts = 1",
+                "n_shared_experts = 1\nshared_expert_hidden = 0",
+            )
+        },
+        "model.shared_expert_hidden",
+    );
+}
+
+#[test]
 fn wrong_type() {
     refused(set("d_model", "\"wide\""), "model.d_model: invalid type");
 }

@@ -75,6 +75,24 @@ fn kv_cache_decode_equals_full_recompute() {
         }
         check(&cfg, m.params, &format!("tiny, qk_norm {qk}"));
     }
+    // q/k/v biases and a gated shared expert of its own width (Qwen2-MoE), biases nonzero
+    let cfg = Config::from_toml(&include_str!("../../../configs/tiny.toml").replace(
+        "n_shared_experts = 1",
+        "n_shared_experts = 1\nshared_expert_hidden = 40\nshared_expert_gate = true\nqkv_bias = true",
+    ))
+    .unwrap();
+    let mut m = Model::new(&cfg.model, 1, 1, 8);
+    for ts in m.layout.tensors.clone() {
+        if ts.name.ends_with("bqkv") {
+            for (i, p) in m.params[ts.offset..ts.offset + ts.len]
+                .iter_mut()
+                .enumerate()
+            {
+                *p = ((i * 37) % 11) as f32 * 0.05 - 0.25;
+            }
+        }
+    }
+    check(&cfg, m.params, "tiny, qkv bias + gated shared expert");
 }
 
 /// A slot's logits do not depend on which other slots share its steps: three sequences fed

@@ -1,5 +1,6 @@
 //! Finite-difference checks of the whole model's backward pass, per parameter tensor, for
-//! the architecture knobs of issue 12 (explicit head_dim, q/k norms) and the baseline shape.
+//! the architecture knobs of issue 12 (explicit head_dim, q/k norms, q/k/v biases, a gated
+//! shared expert of its own width) and the baseline shape.
 //!
 //! For every trainable tensor W and a fixed random direction U over its elements, the
 //! analytic directional derivative `grad_W . U` must match the central difference
@@ -170,6 +171,17 @@ fn qk_norms() {
         "qk_norm projection",
         &HEAD_DIM.replace("head_dim = 12", "qk_norm = \"projection\""),
     );
+}
+
+/// q/k/v biases and a shared expert of its own width behind a sigmoid gate, top-2 without
+/// renormalisation (Qwen2-MoE).
+#[test]
+fn qkv_bias_and_gated_shared_expert() {
+    let cfg = HEAD_DIM.replace(
+        "n_shared_experts = 1",
+        "n_shared_experts = 1\nshared_expert_hidden = 40\nshared_expert_gate = true\nqkv_bias = true\nrenormalize = false",
+    );
+    check("qwen2-like", &cfg);
 }
 
 /// The baseline (head dim from d_model / n_heads): the check itself is sound on the model

@@ -1,5 +1,5 @@
 //! Golden tests against Hugging Face `transformers` itself (issue 12): tiny models of each
-//! supported family (Llama, Mixtral, Qwen3-MoE, OLMoE), built by `reference/make_hf_golden.py` (transformers 5.24, float64),
+//! supported family (Llama, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), built by `reference/make_hf_golden.py` (transformers 5.24, float64),
 //! loaded through the tensor mapping of `model::hf` (the one import uses), must give the
 //! same logits, loss, router choices and parameter gradients.
 //!
@@ -141,6 +141,13 @@ fn transformers_llama_tied_gqa() {
 #[test]
 fn transformers_mixtral_top2() {
     run("hf_mixtral", Family::Mixtral);
+}
+
+/// q/k/v biases, a shared expert of its own width (40) behind a sigmoid gate, top-2 without
+/// renormalisation.
+#[test]
+fn transformers_qwen2_moe_bias_gated_shared_expert() {
+    run("hf_qwen2_moe", Family::Qwen2Moe);
 }
 
 /// Per-head q/k RMSNorm (weights [D]), head_dim 12 with d_model 32 and 4 heads,
