@@ -67,11 +67,14 @@ FAMILIES = {
             tie_word_embeddings=False,
         ),
     ),
-    # q/k/v biases, one shared expert (width 40) behind a sigmoid gate, top-2 not renormalised
+    # q/k/v biases, one shared expert (width 40) behind a sigmoid gate, top-2 not
+    # renormalised; 3 blocks, the middle one dense (mlp_only_layers)
     "qwen2_moe": (
         "Qwen2MoeConfig",
         "Qwen2MoeForCausalLM",
         dict(
+            num_hidden_layers=3,
+            mlp_only_layers=[1],
             intermediate_size=48,
             moe_intermediate_size=24,
             shared_expert_intermediate_size=40,
@@ -82,11 +85,13 @@ FAMILIES = {
             tie_word_embeddings=False,
         ),
     ),
-    # per-head q/k RMSNorm, head_dim 12 != 32 / 4, softmax top-2 renormalised
+    # per-head q/k RMSNorm, head_dim 12 != 32 / 4, softmax top-2 renormalised; every second
+    # block MoE (decoder_sparse_step 2: block 0 dense)
     "qwen3_moe": (
         "Qwen3MoeConfig",
         "Qwen3MoeForCausalLM",
         dict(
+            decoder_sparse_step=2,
             intermediate_size=48,
             moe_intermediate_size=24,
             num_experts=4,
@@ -129,7 +134,7 @@ def router_layers(model):
 def write(family):
     cfg_name, model_name, extra = FAMILIES[family]
     torch.manual_seed(1234)
-    cfg = getattr(transformers, cfg_name)(**COMMON, **extra)
+    cfg = getattr(transformers, cfg_name)(**{**COMMON, **extra})
     model = getattr(transformers, model_name)(cfg).double()
     with torch.no_grad():
         for _, gate in router_layers(model):

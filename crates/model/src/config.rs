@@ -98,6 +98,14 @@ pub struct ModelConfig {
     /// The first k blocks use a dense FFN even in an MoE model.
     #[serde(default)]
     pub first_dense_layers: usize,
+    /// Only every k-th block is MoE, counting from 1: block l is MoE when (l + 1) % k == 0
+    /// (Qwen2-MoE's `decoder_sparse_step`; 1: every block).
+    #[serde(default = "default_one", skip_serializing_if = "is_one")]
+    pub moe_every: usize,
+    /// Blocks that use a dense FFN whatever the rules above say (Qwen2-MoE's
+    /// `mlp_only_layers`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dense_layers: Vec<usize>,
     /// Residual dropout probability on the attention and FFN outputs during training (0: off).
     #[serde(default)]
     pub dropout: f32,
@@ -169,6 +177,12 @@ fn default_true() -> bool {
 }
 fn is_false(b: &bool) -> bool {
     !*b
+}
+fn default_one() -> usize {
+    1
+}
+fn is_one(k: &usize) -> bool {
+    *k == 1
 }
 fn default_aux_coef() -> f32 {
     0.01
@@ -506,7 +520,16 @@ impl ModelConfig {
         if !positive(self.init_std) {
             return Err(cfg_err("model.init_std", "must be > 0"));
         }
-        let any_dense = self.n_experts == 0 || self.first_dense_layers > 0;
+        if self.moe_every == 0 {
+            return Err(cfg_err("model.moe_every", "must be at least 1"));
+        }
+        if let Some(&l) = self.dense_layers.iter().find(|&&l| l >= self.n_layers) {
+            return Err(cfg_err(
+                "model.dense_layers",
+                format!("block {l} does not exist (n_layers {})", self.n_layers),
+            ));
+        }
+        let any_dense = (0..self.n_layers).any(|l| !self.is_moe_layer(l));
         if any_dense && self.ffn_hidden == 0 {
             return Err(cfg_err(
                 "model.ffn_hidden",
@@ -579,7 +602,10 @@ impl ModelConfig {
 
     /// Whether block `l` has an MoE FFN.
     pub fn is_moe_layer(&self, l: usize) -> bool {
-        self.n_experts > 0 && l >= self.first_dense_layers
+        self.n_experts > 0
+            && l >= self.first_dense_layers
+            && (l + 1) % self.moe_every.max(1) == 0
+            && !self.dense_layers.contains(&l)
     }
 
     /// The router's score function, as the kernels take it.

@@ -6,11 +6,12 @@
 //!
 //! Supported so far: Llama (dense, grouped-query attention, tied or untied embeddings),
 //! Mixtral (softmax top-k routing, renormalised, fused expert tensors as transformers 5
-//! stores them), Qwen2-MoE (q/k/v biases, a gated shared expert of its own width),
+//! stores them), Qwen2-MoE (q/k/v biases, a gated shared expert of its own width, dense
+//! blocks by `decoder_sparse_step` and `mlp_only_layers`),
 //! Qwen3-MoE (per-head q/k norm, explicit head_dim, norm_topk_prob) and OLMoE
 //! (q/k norm over the whole projections). A config using anything moelab cannot compute yet
-//! is refused naming the field (Llama's attention biases, dense layers between MoE layers,
-//! RoPE scaling, sliding windows, q/k/v clipping).
+//! is refused naming the field (Llama's attention biases, RoPE scaling, sliding windows,
+//! q/k/v clipping).
 
 use crate::config::{ModelConfig, QkNorm, RouterScore};
 use crate::error::{cfg_err, Result};
@@ -126,17 +127,22 @@ pub fn config_from_hf(v: &Value) -> Result<HfModel> {
         "clip_qkv",
         "clipping q, k and v",
     )?;
-    let sparse_step = field(v, "decoder_sparse_step")
-        .and_then(Value::as_u64)
-        .unwrap_or(1);
-    let dense_list = field(v, "mlp_only_layers")
-        .and_then(Value::as_array)
-        .is_some_and(|a| !a.is_empty());
-    refuse_if(
-        sparse_step != 1 || dense_list,
-        "mlp_only_layers",
-        "dense layers between MoE layers (decoder_sparse_step, mlp_only_layers)",
-    )?;
+    // Qwen2/3-MoE: which blocks are MoE
+    let moe_every = match field(v, "decoder_sparse_step") {
+        Some(_) => usize_of(v, "decoder_sparse_step")?,
+        None => 1,
+    };
+    let dense_layers = match field(v, "mlp_only_layers") {
+        None => vec![],
+        Some(a) => a
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_u64().map(|x| x as usize))
+                    .collect()
+            })
+            .ok_or_else(|| cfg_err("mlp_only_layers", "not a list of block indices"))?,
+    };
     // transformers 5 keeps RoPE settings in `rope_parameters`; 4.x in rope_theta/rope_scaling
     let rope = field(v, "rope_parameters");
     let rope_type = rope
@@ -228,6 +234,8 @@ pub fn config_from_hf(v: &Value) -> Result<HfModel> {
         z_loss_coef: 0.0,
         bias_update_rate: 0.0,
         first_dense_layers: 0,
+        moe_every,
+        dense_layers,
         dropout: 0.0,
         init_std: f32_or(v, "initializer_range", 0.02)?,
     };

@@ -188,6 +188,40 @@ fn shared_expert_options_need_shared_experts() {
 }
 
 #[test]
+fn moe_block_selection() {
+    let cfg = |extra: &str| {
+        Config::from_toml(
+            &include_str!("../../../configs/tiny.toml")
+                .replace("n_layers = 2 ", "n_layers = 5 ")
+                .replace("first_dense_layers = 1", extra),
+        )
+        .unwrap()
+        .model
+    };
+    let moe = |m: &model::ModelConfig| {
+        (0..m.n_layers)
+            .map(|l| m.is_moe_layer(l))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        moe(&cfg("moe_every = 2")),
+        [false, true, false, true, false]
+    );
+    assert_eq!(
+        moe(&cfg("dense_layers = [0, 3]")),
+        [false, true, true, false, true]
+    );
+    refused(
+        |t| t.replace("first_dense_layers = 1", "moe_every = 0"),
+        "model.moe_every",
+    );
+    refused(
+        |t| t.replace("first_dense_layers = 1", "dense_layers = [2]"),
+        "model.dense_layers",
+    );
+}
+
+#[test]
 fn wrong_type() {
     refused(set("d_model", "\"wide\""), "model.d_model: invalid type");
 }

@@ -179,7 +179,7 @@ fn unsupported_features_are_refused_by_name() {
             "rope_parameters.rope_type",
         ),
         ("model_type", serde_json::json!("gpt2"), "model_type"),
-        ("mlp_only_layers", serde_json::json!([1]), "mlp_only_layers"),
+        ("mlp_only_layers", serde_json::json!([5]), "dense_layers"),
         ("clip_qkv", serde_json::json!(8.0), "clip_qkv"),
     ] {
         let mut v = base.clone();
