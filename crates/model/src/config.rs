@@ -604,7 +604,7 @@ impl ModelConfig {
     pub fn is_moe_layer(&self, l: usize) -> bool {
         self.n_experts > 0
             && l >= self.first_dense_layers
-            && (l + 1) % self.moe_every.max(1) == 0
+            && (l + 1).is_multiple_of(self.moe_every.max(1))
             && !self.dense_layers.contains(&l)
     }
 
