@@ -18,24 +18,89 @@ pub enum ScoreFn {
     Sigmoid,
 }
 
+/// How a router chooses: E experts, K per token, the score function, whether the chosen
+/// weights are renormalised to sum to 1, a factor on the final weights (DeepSeek-V3's
+/// `routed_scaling_factor`), and group-limited selection (DeepSeek-V3's `n_group` /
+/// `topk_group`: experts form `n_group` equal groups, a group scores the sum of its two best
+/// experts, and only the `topk_group` best groups are eligible; 1 / 1 is plain top-k).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Route {
+    pub e: usize,
+    pub k: usize,
+    pub score: ScoreFn,
+    pub renorm: bool,
+    pub scale: f32,
+    pub n_group: usize,
+    pub topk_group: usize,
+}
+
+/// Most experts a router can choose among.
+pub const MAX_EXPERTS: usize = 256;
+
+impl Route {
+    /// Plain top-k: no scaling, one group.
+    pub fn new(e: usize, k: usize, score: ScoreFn, renorm: bool) -> Route {
+        Route {
+            e,
+            k,
+            score,
+            renorm,
+            scale: 1.0,
+            n_group: 1,
+            topk_group: 1,
+        }
+    }
+}
+
+/// A set of expert indices below [`MAX_EXPERTS`].
+#[derive(Clone, Copy, Default)]
+struct Set([u64; MAX_EXPERTS / 64]);
+
+impl Set {
+    fn has(&self, x: usize) -> bool {
+        self.0[x / 64] & (1 << (x % 64)) != 0
+    }
+    fn add(&mut self, x: usize) {
+        self.0[x / 64] |= 1 << (x % 64);
+    }
+}
+
+/// Index of the largest `v(x)` over `x` in `0..n` with `ok(x)`; ties go to the lower index,
+/// NaN never wins (None when nothing is eligible).
+fn argmax(n: usize, ok: impl Fn(usize) -> bool, v: impl Fn(usize) -> f32) -> Option<usize> {
+    let mut best: Option<(usize, f32)> = None;
+    for x in (0..n).filter(|&x| ok(x)) {
+        let vx = v(x);
+        // strict > keeps the lower index on ties
+        if best.is_none_or(|(_, bv)| vx > bv) {
+            best = Some((x, vx));
+        }
+    }
+    best.map(|b| b.0)
+}
+
 /// Scores, top-k selection and combine weights for every token.
 ///
-/// Selection ranks `score + bias` (bias only for selection, DeepSeek-V3); ties go to the lower
-/// expert index. Weights are the raw scores of the chosen experts, divided by their sum when
-/// `renorm`.
-#[allow(clippy::too_many_arguments)]
+/// Selection ranks `score + bias` (bias only for selection, DeepSeek-V3), within the best
+/// groups when `r.n_group > 1`; ties go to the lower expert index. Weights are the raw
+/// scores of the chosen experts, divided by their sum when `r.renorm`, times `r.scale`.
 pub fn router_forward(
     scores: &mut [f32],
     idx: &mut [u32],
     w: &mut [f32],
     logits: &[f32],
     bias: Option<&[f32]>,
-    e: usize,
-    k: usize,
-    score_fn: ScoreFn,
-    renorm: bool,
+    r: &Route,
 ) {
+    let (e, k) = (r.e, r.k);
     assert!(k <= e && k > 0, "top_k {k} must be in 1..=n_experts {e}");
+    assert!(e <= MAX_EXPERTS, "{e} experts: at most {MAX_EXPERTS}");
+    assert!(
+        r.n_group >= 1 && e.is_multiple_of(r.n_group) && (1..=r.n_group).contains(&r.topk_group),
+        "expert groups {} / {} do not fit {e} experts",
+        r.n_group,
+        r.topk_group
+    );
     scores
         .par_chunks_mut(e * ROWS_PER_TASK)
         .zip(idx.par_chunks_mut(k * ROWS_PER_TASK))
@@ -48,7 +113,7 @@ pub fn router_forward(
                 .zip(w.chunks_mut(k))
                 .zip(l.chunks(e))
             {
-                match score_fn {
+                match r.score {
                     ScoreFn::Softmax => {
                         let mx = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                         let mut sum = 0.0;
@@ -65,28 +130,42 @@ pub fn router_forward(
                         }
                     }
                 }
-                let mut taken = 0u64; // E <= 64 is checked by the model config
-                for j in 0..k {
-                    let mut best = usize::MAX;
-                    let mut best_v = f32::NEG_INFINITY;
-                    for x in 0..e {
-                        if taken & (1 << x) != 0 {
-                            continue;
-                        }
-                        let v = s[x] + bias.map_or(0.0, |b| b[x]);
-                        // strict > keeps the lower index on ties; NaN never wins
-                        if best == usize::MAX || v > best_v {
-                            best = x;
-                            best_v = v;
-                        }
+                let choice = |x: usize| s[x] + bias.map_or(0.0, |b| b[x]);
+                // the experts eligible for this token: all, or those of the best groups
+                let mut eligible = Set::default();
+                if r.n_group > 1 {
+                    let gsize = e / r.n_group;
+                    let group_score = |gi: usize| {
+                        let x0 = gi * gsize;
+                        let in_g = |x: usize| (x0..x0 + gsize).contains(&x);
+                        let a = argmax(e, in_g, choice).expect("a group has experts");
+                        let b = argmax(e, |x| in_g(x) && x != a, choice);
+                        choice(a) + b.map_or(0.0, choice)
+                    };
+                    let mut groups = Set::default();
+                    for _ in 0..r.topk_group {
+                        let gi = argmax(r.n_group, |g| !groups.has(g), group_score)
+                            .expect("topk_group <= n_group");
+                        groups.add(gi);
+                        (gi * gsize..(gi + 1) * gsize).for_each(|x| eligible.add(x));
                     }
-                    taken |= 1 << best;
+                } else {
+                    (0..e).for_each(|x| eligible.add(x));
+                }
+                let mut taken = Set::default();
+                for j in 0..k {
+                    let best = argmax(e, |x| eligible.has(x) && !taken.has(x), choice)
+                        .unwrap_or_else(|| (0..e).find(|&x| !taken.has(x)).expect("k <= e"));
+                    taken.add(best);
                     idx[j] = best as u32;
                     w[j] = s[best];
                 }
-                if renorm {
+                if r.renorm {
                     let sum: f32 = w.iter().sum();
                     w.iter_mut().for_each(|x| *x /= sum);
+                }
+                if r.scale != 1.0 {
+                    w.iter_mut().for_each(|x| *x *= r.scale);
                 }
             }
         });
@@ -101,32 +180,32 @@ pub fn topk_weights_backward(
     w: &[f32],
     idx: &[u32],
     scores: &[f32],
-    e: usize,
-    k: usize,
-    renorm: bool,
+    r: &Route,
 ) {
+    let (e, k, renorm, scale) = (r.e, r.k, r.renorm, r.scale);
     dscores
         .par_chunks_mut(e * ROWS_PER_TASK)
         .enumerate()
         .for_each(|(blk, ds)| {
             for (i, ds) in ds.chunks_mut(e).enumerate() {
-                let r = blk * ROWS_PER_TASK + i;
+                let row = blk * ROWS_PER_TASK + i;
                 ds.fill(0.0);
                 let (dw, w, idx) = (
-                    &dw[r * k..(r + 1) * k],
-                    &w[r * k..(r + 1) * k],
-                    &idx[r * k..(r + 1) * k],
+                    &dw[row * k..(row + 1) * k],
+                    &w[row * k..(row + 1) * k],
+                    &idx[row * k..(row + 1) * k],
                 );
                 if renorm {
-                    // w_j = s_j / S, S = sum of chosen scores
-                    let ssum: f32 = idx.iter().map(|&x| scores[r * e + x as usize]).sum();
+                    // w_j = a s_j / S, S = sum of chosen scores, a = scale:
+                    // ds_j = (a dw_j - sum_i dw_i w_i) / S
+                    let ssum: f32 = idx.iter().map(|&x| scores[row * e + x as usize]).sum();
                     let dot: f32 = dw.iter().zip(w).map(|(a, b)| a * b).sum();
                     for j in 0..k {
-                        ds[idx[j] as usize] = (dw[j] - dot) / ssum;
+                        ds[idx[j] as usize] = (scale * dw[j] - dot) / ssum;
                     }
                 } else {
                     for j in 0..k {
-                        ds[idx[j] as usize] = dw[j];
+                        ds[idx[j] as usize] = scale * dw[j];
                     }
                 }
             }

@@ -24,7 +24,7 @@ use kernels::dropout::{apply_mask, dropout_mask};
 use kernels::matmul::{linear_backward, linear_forward, matmul};
 use kernels::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use kernels::rope::{rope_apply, RopeTable};
-use kernels::router::{self, ScoreFn};
+use kernels::router::{self, Route, ScoreFn};
 use kernels::swiglu::{swiglu_backward, swiglu_forward};
 
 /// The sizes every block function needs, fixed when a model is built (B, T) and copied.
@@ -54,6 +54,9 @@ pub(crate) struct Dims {
     pub renormalize: bool,
     pub qk_norm: QkNorm,
     pub shared_gate: bool,
+    pub routed_scale: f32,
+    pub n_group: usize,
+    pub topk_group: usize,
 }
 
 impl Dims {
@@ -79,6 +82,9 @@ impl Dims {
             renormalize: cfg.renormalize,
             qk_norm: cfg.qk_norm,
             shared_gate: cfg.n_shared_experts > 0 && cfg.shared_expert_gate,
+            routed_scale: cfg.routed_scaling_factor,
+            n_group: cfg.n_group,
+            topk_group: cfg.topk_group,
         }
     }
 
@@ -89,6 +95,19 @@ impl Dims {
         match self.qk_norm {
             QkNorm::Head => [(0, h, d), (h * d, g, d)],
             QkNorm::Projection | QkNorm::None => [(0, 1, h * d), (h * d, 1, g * d)],
+        }
+    }
+
+    /// How the MoE blocks' routers choose.
+    pub fn route(&self) -> Route {
+        Route {
+            e: self.e,
+            k: self.k,
+            score: self.score,
+            renorm: self.renormalize,
+            scale: self.routed_scale,
+            n_group: self.n_group,
+            topk_group: self.topk_group,
         }
     }
 
@@ -858,10 +877,7 @@ pub(crate) fn moe_forward(
         &mut m.w,
         &m.logits,
         w.bias,
-        e,
-        k,
-        s.score,
-        s.renormalize,
+        &s.route(),
     );
     router::expert_counts(&mut m.counts, &m.idx);
     prof.lap("router");
@@ -983,16 +999,7 @@ pub(crate) fn moe_backward(
         scratch,
     );
     prof.lap("experts: dispatch, matmuls, swiglu bwd");
-    router::topk_weights_backward(
-        &mut sc.dscores,
-        &sc.dw,
-        &m.w,
-        &m.idx,
-        &m.scores,
-        e,
-        k,
-        s.renormalize,
-    );
+    router::topk_weights_backward(&mut sc.dscores, &sc.dw, &m.w, &m.idx, &m.scores, &s.route());
     if aux_coef > 0.0 {
         router::aux_loss_backward(
             &mut sc.dscores,

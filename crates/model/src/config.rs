@@ -82,6 +82,16 @@ pub struct ModelConfig {
     /// Divide the chosen experts' scores by their sum.
     #[serde(default = "default_true")]
     pub renormalize: bool,
+    /// Factor on the chosen experts' weights (DeepSeek-V3's `routed_scaling_factor`).
+    #[serde(default = "default_one_f32", skip_serializing_if = "is_one_f32")]
+    pub routed_scaling_factor: f32,
+    /// Group-limited routing (DeepSeek-V3): experts form `n_group` equal groups, a group
+    /// scores the sum of its two best experts, and a token chooses its top_k experts among
+    /// the `topk_group` best groups only. 1 and 1: plain top-k.
+    #[serde(default = "default_one", skip_serializing_if = "is_one")]
+    pub n_group: usize,
+    #[serde(default = "default_one", skip_serializing_if = "is_one")]
+    pub topk_group: usize,
     /// Load balancing: "aux_loss" (Switch/GShard loss), "bias" (DeepSeek-V3 selection bias,
     /// auxiliary-loss-free) or "none".
     #[serde(default)]
@@ -183,6 +193,12 @@ fn default_one() -> usize {
 }
 fn is_one(k: &usize) -> bool {
     *k == 1
+}
+fn default_one_f32() -> f32 {
+    1.0
+}
+fn is_one_f32(x: &f32) -> bool {
+    *x == 1.0
 }
 fn default_aux_coef() -> f32 {
     0.01
@@ -537,10 +553,46 @@ impl ModelConfig {
             ));
         }
         if self.n_experts > 0 {
-            if self.n_experts > 64 {
+            if self.n_experts > kernels::router::MAX_EXPERTS {
                 return Err(cfg_err(
                     "model.n_experts",
-                    format!("{} exceeds the supported maximum of 64", self.n_experts),
+                    format!(
+                        "{} exceeds the supported maximum of {}",
+                        self.n_experts,
+                        kernels::router::MAX_EXPERTS
+                    ),
+                ));
+            }
+            if self.n_group == 0 || !self.n_experts.is_multiple_of(self.n_group) {
+                return Err(cfg_err(
+                    "model.n_group",
+                    format!("{} must divide n_experts {}", self.n_group, self.n_experts),
+                ));
+            }
+            if self.topk_group == 0 || self.topk_group > self.n_group {
+                return Err(cfg_err(
+                    "model.topk_group",
+                    format!(
+                        "{} must be in 1..=n_group ({})",
+                        self.topk_group, self.n_group
+                    ),
+                ));
+            }
+            if self.top_k > self.topk_group * (self.n_experts / self.n_group) {
+                return Err(cfg_err(
+                    "model.top_k",
+                    format!(
+                        "{} exceeds the {} experts of topk_group {} groups",
+                        self.top_k,
+                        self.topk_group * (self.n_experts / self.n_group),
+                        self.topk_group
+                    ),
+                ));
+            }
+            if !(self.routed_scaling_factor.is_finite() && self.routed_scaling_factor > 0.0) {
+                return Err(cfg_err(
+                    "model.routed_scaling_factor",
+                    "must be a finite number > 0",
                 ));
             }
             if self.top_k == 0 || self.top_k > self.n_experts {

@@ -206,10 +206,7 @@ impl BatchDecoder {
                         &mut self.r_w[..n * k],
                         r_logits,
                         m.bias,
-                        e,
-                        k,
-                        ds.score,
-                        ds.renormalize,
+                        &ds.route(),
                     );
                     match (m.shared, m.shared_gate) {
                         (Some((sg, sd)), None) => {

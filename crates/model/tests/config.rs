@@ -222,6 +222,28 @@ fn moe_block_selection() {
 }
 
 #[test]
+fn expert_groups_and_scaling() {
+    let set_moe = |extra: &'static str| {
+        move |t: &str| t.replace("n_experts = 4 ", &format!("{extra}\nn_experts = 4 "))
+    };
+    refused(set_moe("n_group = 3"), "model.n_group");
+    refused(set_moe("n_group = 2\ntopk_group = 3"), "model.topk_group");
+    refused(set_moe("n_group = 4\ntopk_group = 1"), "model.top_k"); // 1 group of 1 expert < top_k 2
+    refused(
+        set_moe("routed_scaling_factor = 0.0"),
+        "model.routed_scaling_factor",
+    );
+    refused(
+        |t| t.replace("n_experts = 4 ", "n_experts = 257 "),
+        "model.n_experts",
+    );
+    let ok = Config::from_toml(
+        &include_str!("../../../configs/tiny.toml").replace("n_experts = 4 ", "n_experts = 256 "),
+    );
+    assert!(ok.is_ok(), "256 experts: {ok:?}");
+}
+
+#[test]
 fn wrong_type() {
     refused(set("d_model", "\"wide\""), "model.d_model: invalid type");
 }

@@ -1,6 +1,6 @@
 //! Finite-difference checks of the whole model's backward pass, per parameter tensor, for
 //! the architecture knobs of issue 12 (explicit head_dim, q/k norms, q/k/v biases, a gated
-//! shared expert of its own width) and the baseline shape.
+//! shared expert of its own width, group-limited and scaled routing) and the baseline shape.
 //!
 //! For every trainable tensor W and a fixed random direction U over its elements, the
 //! analytic directional derivative `grad_W . U` must match the central difference
@@ -182,6 +182,15 @@ fn qkv_bias_and_gated_shared_expert() {
         "n_shared_experts = 1\nshared_expert_hidden = 40\nshared_expert_gate = true\nqkv_bias = true\nrenormalize = false",
     );
     check("qwen2-like", &cfg);
+}
+
+/// DeepSeek-V3 routing: sigmoid scores with the selection bias, group-limited top-k (2
+/// groups of 4, the best one eligible), renormalised and scaled by 2.5.
+#[test]
+fn group_limited_scaled_routing() {
+    let cfg = HEAD_DIM
+        .replace("n_experts = 4", "n_experts = 8\nn_group = 2\ntopk_group = 1\nrouted_scaling_factor = 2.5\nrouter_score = \"sigmoid\"\nbalance = \"bias\"");
+    check("deepseek-like", &cfg);
 }
 
 /// The baseline (head dim from d_model / n_heads): the check itself is sound on the model
