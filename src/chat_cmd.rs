@@ -3,7 +3,7 @@
 //! the answer. History is kept (earlier answers, not their reasoning) and the oldest turns
 //! are dropped when the conversation outgrows the model's context.
 
-use crate::reasoning::Reasoner;
+use crate::runs::load_reasoner;
 use anyhow::{bail, Result};
 use clap::Args;
 use infer::chat::{render_prompt, stop_tokens, Delta, Message, ReplyParser, Role};
@@ -40,12 +40,12 @@ const HELP: &str =
     "Type a message and press Enter. /reset forgets the conversation, /exit (or Ctrl-D) quits.";
 
 pub fn run(a: ChatArgs) -> Result<()> {
-    let r = Reasoner::load(&a.run)?;
+    let r = load_reasoner(&a.run)?;
     let tok = Arc::new(r.tok);
-    let cfg = r.run.cfg.model.clone();
+    let cfg = r.cfg.clone();
     let engine = Engine::start(
         &cfg,
-        r.run.params,
+        r.params,
         EngineConfig {
             slots: 1,
             max_queue: 1,

@@ -12,13 +12,14 @@
 //! Everything lands in `--out` (runs, data, traces) so the models can be chatted with or
 //! served afterwards.
 
-use crate::reasoning::{self, evaluate_tasks, Reasoner, TaskEval, EVAL_SEED};
+use crate::runs::{load_reasoner, task_bar};
 use crate::train_cmd::{resolve_config, train_with_progress};
 use anyhow::{bail, Result};
 use clap::Args;
 use data::chat::{self, Example};
 use data::prepare::{prepare_tasks, TaskOpts};
 use data::tasks::{self, Split, Task};
+use infer::tasks::{self as reasoning, evaluate_tasks, Reasoner, TaskEval, EVAL_SEED};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -56,7 +57,7 @@ pub struct DemoArgs {
     eval_n: usize,
     /// Which held-out split the table reports: `test` (the default), or `dev` when you tune
     /// the demo's settings (choose settings on dev, report test once).
-    #[arg(long, default_value = "test", value_parser = crate::run_cmds::parse_split)]
+    #[arg(long, default_value = "test", value_parser = crate::runs::parse_split)]
     eval_split: Split,
     /// Seed of everything.
     #[arg(long, default_value_t = 1337)]
@@ -145,13 +146,15 @@ pub fn run(a: DemoArgs) -> Result<()> {
         "the teacher solves fresh problems; the verifier keeps the correct solutions",
         start,
     );
-    let t = Reasoner::load(&teacher)?;
+    let t = load_reasoner(&teacher)?;
     let prompts: Vec<String> =
         tasks::generate_mix(&task_list, a.prompts, a.seed + 1, None, Split::Train)
             .into_iter()
             .map(|p| p.prompt)
             .collect();
-    let (attempts, tps) = reasoning::attempt(&t, &prompts, 1, 0.0, a.seed, 64, "generate");
+    let (bar, mut tick) = task_bar("generate", prompts.len());
+    let (attempts, tps) = reasoning::attempt(&t, &prompts, 1, 0.0, a.seed, 64, &mut tick);
+    bar.finish_and_clear();
     let traces: Vec<Example> = attempts.iter().map(|x| x.to_example(&teacher)).collect();
     let traces_path = out.join("traces.jsonl");
     chat::write_jsonl(&traces_path, &traces)?;
@@ -209,8 +212,19 @@ pub fn run(a: DemoArgs) -> Result<()> {
         ("student (distilled)", &student),
         ("student (answers only)", &baseline),
     ] {
-        let r = Reasoner::load(dir)?;
-        let e = evaluate_tasks(&r, &task_list, a.eval_n, EVAL_SEED, None, a.eval_split, 64);
+        let r = load_reasoner(dir)?;
+        let (bar, mut tick) = task_bar("eval", a.eval_n);
+        let e = evaluate_tasks(
+            &r,
+            &task_list,
+            a.eval_n,
+            EVAL_SEED,
+            None,
+            a.eval_split,
+            64,
+            &mut tick,
+        );
+        bar.finish_and_clear();
         rows.push((name.to_string(), r, e));
     }
     println!("{}", comparison_table(&rows, &task_list));
@@ -269,7 +283,7 @@ pub fn comparison_table(rows: &[(String, Reasoner, TaskEval)], task_list: &[Task
 
 /// One chat turn: the prompt, the reasoning (dimmed on a terminal) and the answer.
 pub fn chat_turn(r: &Reasoner, prompt: &str) {
-    let (a, _) = reasoning::attempt(r, &[prompt.to_string()], 1, 0.0, 0, 1, "chat");
+    let (a, _) = reasoning::attempt(r, &[prompt.to_string()], 1, 0.0, 0, 1, &mut |_, _| {});
     let a = &a[0];
     let (dim, reset) = if std::io::stdout().is_terminal() {
         ("\x1b[2m", "\x1b[0m")

@@ -1,12 +1,13 @@
 //! `moelab distill generate` (teacher traces, verified) and `moelab distill train` (student
 //! SFT on verified traces, optionally with logit distillation from the teacher).
 
-use crate::reasoning;
+use crate::runs::{load_reasoner, task_bar};
 use crate::train_cmd::{resolve_config, train_with_progress};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use data::chat::{self, Example};
-use data::tasks;
+use data::tasks::{self, Split};
+use infer::tasks::{attempt, Score};
 use std::path::{Path, PathBuf};
 use train::trainer::{Source, TeacherSpec};
 
@@ -91,7 +92,7 @@ pub struct TrainArgs {
 
 pub fn run(cmd: DistillCmd) -> Result<()> {
     match cmd {
-        DistillCmd::Generate(a) => reasoning::generate_cmd(
+        DistillCmd::Generate(a) => generate_cmd(
             &a.teacher,
             &a.task,
             a.n,
@@ -173,7 +174,7 @@ pub fn train(a: TrainArgs) -> Result<train::trainer::Outcome> {
     let cfg = resolve_config(&a.config, a.steps, a.seed)?;
     let (train, val, trace_teacher) = read_traces(&a.traces)?;
     let tokenizer = match (&a.tokenizer, &a.teacher) {
-        (Some(t), _) => crate::run_cmds::tokenizer_path(t),
+        (Some(t), _) => crate::runs::tokenizer_path(t),
         (None, Some(t)) => t.join("tokenizer.json"),
         (None, None) => Path::new(&trace_teacher).join("tokenizer.json"),
     };
@@ -186,7 +187,7 @@ pub fn train(a: TrainArgs) -> Result<train::trainer::Outcome> {
     let teacher = match &a.teacher {
         None => None,
         Some(t) => {
-            let r = reasoning::Reasoner::load(t)?;
+            let r = load_reasoner(t)?;
             if tokenizer::Tokenizer::from_file(&tokenizer)?.to_json()? != r.tok.to_json()? {
                 bail!(
                     "the teacher {} and the student (tokenizer {}) use different tokenizers; distillation needs one vocabulary: drop --tokenizer or pass the teacher's",
@@ -194,10 +195,10 @@ pub fn train(a: TrainArgs) -> Result<train::trainer::Outcome> {
                     tokenizer.display()
                 );
             }
-            if r.run.cfg.model.max_seq_len < cfg.train.seq_len {
+            if r.cfg.max_seq_len < cfg.train.seq_len {
                 bail!(
                     "the teacher's context ({}) is shorter than the student's seq_len ({})",
-                    r.run.cfg.model.max_seq_len,
+                    r.cfg.max_seq_len,
                     cfg.train.seq_len
                 );
             }
@@ -205,8 +206,8 @@ pub fn train(a: TrainArgs) -> Result<train::trainer::Outcome> {
                 bail!("--kd-weight must be in [0, 1] and --kd-temperature positive");
             }
             Some(TeacherSpec {
-                cfg: r.run.cfg.model.clone(),
-                params: r.run.params,
+                cfg: r.cfg.clone(),
+                params: r.params,
                 weight: a.kd_weight,
                 temperature: a.kd_temperature,
             })
@@ -238,4 +239,55 @@ pub fn train(a: TrainArgs) -> Result<train::trainer::Outcome> {
         serde_json::to_string_pretty(&provenance)?.as_bytes(),
     )?;
     Ok(outcome)
+}
+
+/// `moelab distill generate`.
+#[allow(clippy::too_many_arguments)]
+fn generate_cmd(
+    teacher: &Path,
+    task_spec: &str,
+    n: usize,
+    k: usize,
+    temperature: f32,
+    seed: u64,
+    difficulty: Option<u32>,
+    out: &Path,
+    slots: usize,
+) -> Result<()> {
+    let task_list = tasks::parse_list(task_spec).map_err(anyhow::Error::msg)?;
+    if k == 0 || n == 0 {
+        bail!("--n and --k must be at least 1");
+    }
+    let r = load_reasoner(teacher)?;
+    // NOTE: traces are training data, so they come from the train split only.
+    let prompts: Vec<String> = tasks::generate_mix(&task_list, n, seed, difficulty, Split::Train)
+        .into_iter()
+        .map(|p| p.prompt)
+        .collect();
+    let (bar, mut tick) = task_bar("generate", prompts.len() * k);
+    let (attempts, tps) = attempt(&r, &prompts, k, temperature, seed, slots, &mut tick);
+    bar.finish_and_clear();
+    let mut score = Score::default();
+    let examples: Vec<Example> = attempts
+        .iter()
+        .map(|a| {
+            score.add(&a.prompt, a.verified, a.reasoning_tokens);
+            a.to_example(teacher)
+        })
+        .collect();
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    chat::write_jsonl(out, &examples)?;
+    let kept = examples.iter().filter(|e| e.verified).count();
+    println!(
+        "{}: {} traces ({n} prompts x {k}), {kept} verified ({:.1}%), {:.0} tokens/s\n",
+        out.display(),
+        examples.len(),
+        100.0 * kept as f64 / examples.len() as f64,
+        tps
+    );
+    println!("acceptance by task and difficulty:");
+    print!("{}", score.table().replacen("accuracy", "accepted", 1));
+    Ok(())
 }

@@ -59,7 +59,7 @@ pub fn run(a: PrepareArgs) -> Result<()> {
             seed: a.seed,
             vocab_size: a.vocab_size,
             reasoning: !a.no_reasoning,
-            tokenizer: a.tokenizer.map(|p| crate::run_cmds::tokenizer_path(&p)),
+            tokenizer: a.tokenizer.map(|p| crate::runs::tokenizer_path(&p)),
             difficulty: a.difficulty,
             force: a.force,
         };

@@ -1,13 +1,14 @@
 //! Commands that use a trained run: `sample`, `eval`, `hash`.
 
+use crate::runs::{load_reasoner, run_tokenizer, run_tokenizer_path, task_bar};
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use data::tasks::{self, Split};
 use infer::{Sampler, SamplingParams};
 use model::decode::Decoder;
 use model::{io, Layout, Model};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use tokenizer::Tokenizer;
 use train::dataset::Dataset;
 use train::eval::evaluate;
 use train::load_run;
@@ -33,27 +34,6 @@ pub struct SampleArgs {
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-}
-
-pub fn run_tokenizer(run: &std::path::Path, ckpt: &std::path::Path) -> Result<Tokenizer> {
-    Ok(Tokenizer::from_file(&run_tokenizer_path(run, ckpt)?)?)
-}
-
-/// The tokenizer.json of a run dir, or of the run a checkpoint dir belongs to.
-pub fn run_tokenizer_path(run: &Path, ckpt: &Path) -> Result<PathBuf> {
-    let candidates = [
-        run.join("tokenizer.json"),
-        ckpt.join("../../tokenizer.json"),
-    ];
-    candidates
-        .into_iter()
-        .find(|p| p.exists())
-        .with_context(|| {
-            format!(
-                "{}: no tokenizer.json next to the checkpoint",
-                run.display()
-            )
-        })
 }
 
 pub fn sample(a: SampleArgs) -> Result<()> {
@@ -121,10 +101,10 @@ pub struct EvalArgs {
     n: Option<u64>,
     /// --task: which held-out split: `test` (report) or `dev` (tune). Every problem belongs
     /// to one split by a hash of its prompt; training data comes from `train`.
-    #[arg(long, default_value = "test", value_parser = parse_split)]
+    #[arg(long, default_value = "test", value_parser = crate::runs::parse_split)]
     split: data::tasks::Split,
     /// --task: seed of the problems drawn from the split.
-    #[arg(long, default_value_t = crate::reasoning::EVAL_SEED)]
+    #[arg(long, default_value_t = infer::tasks::EVAL_SEED)]
     seed: u64,
     /// --task: sequences decoded together.
     #[arg(long, default_value_t = 64)]
@@ -138,26 +118,10 @@ pub struct EvalArgs {
     show: usize,
 }
 
-pub fn parse_split(s: &str) -> std::result::Result<data::tasks::Split, String> {
-    match data::tasks::Split::from_name(s) {
-        Some(x) if x != data::tasks::Split::Train => Ok(x),
-        _ => Err("expected dev or test".into()),
-    }
-}
-
 pub fn eval(a: EvalArgs) -> Result<()> {
     if let Some(t) = &a.task {
         let n = a.n.unwrap_or(400) as usize;
-        return crate::reasoning::eval_cmd(
-            &a.run,
-            t,
-            n,
-            a.seed,
-            a.difficulty,
-            a.split,
-            a.batch,
-            a.show,
-        );
+        return eval_task(&a.run, t, n, a.seed, a.difficulty, a.split, a.batch, a.show);
     }
     let data = a.data.expect("clap requires --data without --task");
     let lr = load_run(&a.run)?;
@@ -214,11 +178,50 @@ pub fn hash(a: HashArgs) -> Result<()> {
     Ok(())
 }
 
-/// A tokenizer.json path from a file, or a run or data dir holding one.
-pub fn tokenizer_path(p: &Path) -> PathBuf {
-    if p.is_dir() {
-        p.join("tokenizer.json")
-    } else {
-        p.to_path_buf()
+/// `moelab eval --run RUN --task NAMES [--split dev|test]`.
+#[allow(clippy::too_many_arguments)]
+fn eval_task(
+    run: &Path,
+    task_spec: &str,
+    n: usize,
+    seed: u64,
+    difficulty: Option<u32>,
+    split: Split,
+    slots: usize,
+    show: usize,
+) -> Result<()> {
+    let task_list = tasks::parse_list(task_spec).map_err(anyhow::Error::msg)?;
+    if split == Split::Train {
+        bail!("--split train is training data; evaluate on dev (tuning) or test (reporting)");
     }
+    if n == 0 {
+        bail!("--n must be at least 1");
+    }
+    let r = load_reasoner(run)?;
+    let (bar, mut tick) = task_bar("eval", n);
+    let e =
+        infer::tasks::evaluate_tasks(&r, &task_list, n, seed, difficulty, split, slots, &mut tick);
+    bar.finish_and_clear();
+    println!(
+        "{} (step {}), {n} problems of the {} split (seed {seed}), greedy",
+        r.checkpoint.display(),
+        r.step,
+        split.name()
+    );
+    println!("active matmul params per token: {}\n", r.active_params());
+    for a in e.attempts.iter().take(show) {
+        println!(
+            "[{}] {}\n<think>\n{}\n</think>\n{}\n",
+            if a.verified { "correct" } else { "wrong" },
+            a.prompt,
+            a.reasoning,
+            a.answer
+        );
+    }
+    print!("{}", e.score.table());
+    println!(
+        "\ndecode: {:.0} tokens/s ({slots} sequences per batch)",
+        e.tokens_per_s
+    );
+    Ok(())
 }

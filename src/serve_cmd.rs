@@ -1,7 +1,7 @@
 //! `moelab serve` (the OpenAI-compatible server of the `server` crate on a trained run) and
 //! `moelab keys` (API keys and the usage ledger, in the same SQLite file the server reads).
 
-use crate::reasoning::Reasoner;
+use crate::runs::load_reasoner;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use infer::{Engine, EngineConfig};
@@ -104,7 +104,7 @@ pub enum KeysCmd {
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
-    let r = Reasoner::load(&a.run)?;
+    let r = load_reasoner(&a.run)?;
     let keys = KeyStore::open(&a.keys_db)?;
     let n_keys = keys.list()?.iter().filter(|k| k.revoked.is_none()).count();
     let name = a.model_name.clone().unwrap_or_else(|| {
@@ -122,10 +122,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     }
     let header_timeout = seconds("--header-timeout", a.header_timeout)?;
     let body_timeout = seconds("--body-timeout", a.body_timeout)?;
-    let cfg = r.run.cfg.model.clone();
+    let cfg = r.cfg.clone();
     let engine = Engine::start(
         &cfg,
-        r.run.params,
+        r.params,
         EngineConfig {
             slots: a.slots,
             max_queue: a.max_queue,

@@ -9,6 +9,7 @@ pub mod chat;
 pub mod engine;
 pub mod generate;
 pub mod sampling;
+pub mod tasks;
 
 pub use batch::{Event, Finish, Seq};
 pub use engine::{Engine, EngineConfig, Sink, Stats, SubmitError};

@@ -1,38 +1,35 @@
-//! Reasoning with trained runs: `moelab eval --task` (exact-match accuracy on held-out
-//! problems, greedy) and `moelab distill generate` (a teacher samples k candidates per
-//! prompt, the verifier keeps the correct ones, traces.jsonl records all of them).
+//! Reasoning tasks with a model: attempts at problems (batched generation, greedy or
+//! sampled, each answer verified), accuracy by task and difficulty with 95% Wilson
+//! intervals, and held-out evaluation. Used by `moelab eval --task`, `distill generate` and
+//! the demo; progress is reported through a callback (the CLI draws it).
 
-use anyhow::{bail, Context, Result};
+use crate::{generate, Request, SamplingParams};
 use data::chat::{self, Example};
 use data::tasks::{self, Split, Task};
-use indicatif::{ProgressBar, ProgressStyle};
-use infer::{generate, Request, SamplingParams};
+use model::ModelConfig;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tokenizer::Tokenizer;
-use train::{load_run, LoadedRun};
 
 /// Default seed of evaluation problems. Held-out does not depend on it: evaluation draws
 /// from the dev or test split, training data from the train split ([`Split`]).
 pub const EVAL_SEED: u64 = 1000;
 
-/// A run with its tokenizer, ready to generate.
+/// A model with its tokenizer, ready to generate (loaded by the CLI from a run dir).
 pub struct Reasoner {
-    pub run: LoadedRun,
+    pub cfg: ModelConfig,
+    pub params: Vec<f32>,
     pub tok: Tokenizer,
+    /// The checkpoint the weights came from, and its step (for reports).
+    pub checkpoint: PathBuf,
+    pub step: u64,
 }
 
 impl Reasoner {
-    pub fn load(path: &Path) -> Result<Reasoner> {
-        let run = load_run(path)?;
-        let tok = crate::run_cmds::run_tokenizer(path, &run.checkpoint)?;
-        Ok(Reasoner { run, tok })
-    }
-
     /// Active matmul parameters per token.
     pub fn active_params(&self) -> usize {
-        self.run.cfg.model.active_matmul_params()
+        self.cfg.active_matmul_params()
     }
 }
 
@@ -66,6 +63,7 @@ impl Attempt {
 /// Generates `k` attempts per prompt (sampled when `temperature > 0`, with seed
 /// `seed + candidate index`, else greedy) and verifies each. Returns the attempts in
 /// (prompt, candidate) order and the decode throughput (generated tokens per second).
+/// `progress(finished sequences, generated tokens)` is called as sequences finish.
 pub fn attempt(
     r: &Reasoner,
     prompts: &[String],
@@ -73,9 +71,9 @@ pub fn attempt(
     temperature: f32,
     seed: u64,
     slots: usize,
-    label: &str,
+    progress: &mut dyn FnMut(usize, usize),
 ) -> (Vec<Attempt>, f64) {
-    let max_seq = r.run.cfg.model.max_seq_len;
+    let max_seq = r.cfg.max_seq_len;
     let mut reqs = vec![];
     for p in prompts {
         let ids = chat::prompt_ids(&r.tok, p);
@@ -92,33 +90,14 @@ pub fn attempt(
             });
         }
     }
-    let bar = ProgressBar::new(reqs.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template(&format!(
-            "{label:>10} {{bar:30}} {{pos}}/{{len}} {{msg}} [{{elapsed_precise}}<{{eta_precise}}]"
-        ))
-        .expect("template")
-        .progress_chars("=> "),
-    );
     let ids = chat::ChatIds::of(&r.tok);
     let start = Instant::now();
-    let mut produced = 0usize;
-    let out = generate(
-        &r.run.cfg.model,
-        &r.run.params,
-        &reqs,
-        slots,
-        &[ids.end],
-        &mut |_, g| {
-            produced += g.tokens.len();
-            bar.inc(1);
-            bar.set_message(format!(
-                "{:.0} tok/s",
-                produced as f64 / start.elapsed().as_secs_f64()
-            ));
-        },
-    );
-    bar.finish_and_clear();
+    let (mut produced, mut done) = (0usize, 0usize);
+    let out = generate(&r.cfg, &r.params, &reqs, slots, &[ids.end], &mut |_, g| {
+        produced += g.tokens.len();
+        done += 1;
+        progress(done, produced);
+    });
     let secs = start.elapsed().as_secs_f64();
     let attempts = out
         .iter()
@@ -240,6 +219,7 @@ pub struct TaskEval {
     pub attempts: Vec<Attempt>,
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate_tasks(
     r: &Reasoner,
     task_list: &[Task],
@@ -248,12 +228,13 @@ pub fn evaluate_tasks(
     difficulty: Option<u32>,
     split: Split,
     slots: usize,
+    progress: &mut dyn FnMut(usize, usize),
 ) -> TaskEval {
     let prompts: Vec<String> = tasks::generate_mix(task_list, n, seed, difficulty, split)
         .into_iter()
         .map(|p| p.prompt)
         .collect();
-    let (attempts, tps) = attempt(r, &prompts, 1, 0.0, 0, slots, "eval");
+    let (attempts, tps) = attempt(r, &prompts, 1, 0.0, 0, slots, progress);
     let mut score = Score::default();
     for a in &attempts {
         score.add(&a.prompt, a.verified, a.reasoning_tokens);
@@ -263,100 +244,6 @@ pub fn evaluate_tasks(
         tokens_per_s: tps,
         attempts,
     }
-}
-
-/// `moelab eval --run RUN --task NAMES [--split dev|test]`.
-#[allow(clippy::too_many_arguments)]
-pub fn eval_cmd(
-    run: &Path,
-    task_spec: &str,
-    n: usize,
-    seed: u64,
-    difficulty: Option<u32>,
-    split: Split,
-    slots: usize,
-    show: usize,
-) -> Result<()> {
-    let task_list = tasks::parse_list(task_spec).map_err(anyhow::Error::msg)?;
-    if split == Split::Train {
-        bail!("--split train is training data; evaluate on dev (tuning) or test (reporting)");
-    }
-    if n == 0 {
-        bail!("--n must be at least 1");
-    }
-    let r = Reasoner::load(run)?;
-    let e = evaluate_tasks(&r, &task_list, n, seed, difficulty, split, slots);
-    println!(
-        "{} (step {}), {n} problems of the {} split (seed {seed}), greedy",
-        r.run.checkpoint.display(),
-        r.run.state.step,
-        split.name()
-    );
-    println!("active matmul params per token: {}\n", r.active_params());
-    for a in e.attempts.iter().take(show) {
-        println!(
-            "[{}] {}\n<think>\n{}\n</think>\n{}\n",
-            if a.verified { "correct" } else { "wrong" },
-            a.prompt,
-            a.reasoning,
-            a.answer
-        );
-    }
-    print!("{}", e.score.table());
-    println!(
-        "\ndecode: {:.0} tokens/s ({slots} sequences per batch)",
-        e.tokens_per_s
-    );
-    Ok(())
-}
-
-/// `moelab distill generate`.
-#[allow(clippy::too_many_arguments)]
-pub fn generate_cmd(
-    teacher: &Path,
-    task_spec: &str,
-    n: usize,
-    k: usize,
-    temperature: f32,
-    seed: u64,
-    difficulty: Option<u32>,
-    out: &Path,
-    slots: usize,
-) -> Result<()> {
-    let task_list = tasks::parse_list(task_spec).map_err(anyhow::Error::msg)?;
-    if k == 0 || n == 0 {
-        bail!("--n and --k must be at least 1");
-    }
-    let r = Reasoner::load(teacher)?;
-    // NOTE: traces are training data, so they come from the train split only.
-    let prompts: Vec<String> = tasks::generate_mix(&task_list, n, seed, difficulty, Split::Train)
-        .into_iter()
-        .map(|p| p.prompt)
-        .collect();
-    let (attempts, tps) = attempt(&r, &prompts, k, temperature, seed, slots, "generate");
-    let mut score = Score::default();
-    let examples: Vec<Example> = attempts
-        .iter()
-        .map(|a| {
-            score.add(&a.prompt, a.verified, a.reasoning_tokens);
-            a.to_example(teacher)
-        })
-        .collect();
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    chat::write_jsonl(out, &examples)?;
-    let kept = examples.iter().filter(|e| e.verified).count();
-    println!(
-        "{}: {} traces ({n} prompts x {k}), {kept} verified ({:.1}%), {:.0} tokens/s\n",
-        out.display(),
-        examples.len(),
-        100.0 * kept as f64 / examples.len() as f64,
-        tps
-    );
-    println!("acceptance by task and difficulty:");
-    print!("{}", score.table().replacen("accuracy", "accepted", 1));
-    Ok(())
 }
 
 #[cfg(test)]
