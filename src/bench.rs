@@ -6,6 +6,7 @@
 //! clock from /proc/cpuinfo, unless `--peak-gflops` says otherwise. MFU is also quoted
 //! against the measured FMA peak of the cores in use (`moelab bench peak`).
 
+use crate::machine::{cpu_ghz, nominal_peak_gflops, peak_rss_mib};
 use crate::presets::load_config;
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -82,25 +83,6 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             Ok(())
         }
     }
-}
-
-fn cpu_ghz() -> Option<f64> {
-    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("cpu MHz"))?;
-    Some(line.split(':').nth(1)?.trim().parse::<f64>().ok()? / 1000.0)
-}
-
-/// Peak resident memory of this process in MiB (VmHWM).
-pub fn peak_rss_mib() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
-/// Nominal fp32 peak for `threads` threads: threads x 64 FLOP/cycle x clock.
-pub fn nominal_peak_gflops(threads: usize) -> Option<f64> {
-    cpu_ghz().map(|g| threads as f64 * 64.0 * g)
 }
 
 /// Best of three runs of the FMA loop on one thread.

@@ -12,8 +12,9 @@
 //! Everything lands in `--out` (runs, data, traces) so the models can be chatted with or
 //! served afterwards.
 
+use crate::presets::resolve_config;
+use crate::progress::train_with_progress;
 use crate::runs::{load_reasoner, task_bar};
-use crate::train_cmd::{resolve_config, train_with_progress};
 use anyhow::{bail, Result};
 use clap::Args;
 use data::chat::{self, Example};

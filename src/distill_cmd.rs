@@ -1,8 +1,9 @@
 //! `moelab distill generate` (teacher traces, verified) and `moelab distill train` (student
 //! SFT on verified traces, optionally with logit distillation from the teacher).
 
+use crate::presets::resolve_config;
+use crate::progress::train_with_progress;
 use crate::runs::{load_reasoner, task_bar};
-use crate::train_cmd::{resolve_config, train_with_progress};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use data::chat::{self, Example};

@@ -6,8 +6,10 @@ mod chat_cmd;
 mod comm;
 mod demo;
 mod distill_cmd;
+mod machine;
 mod prepare_cmd;
 mod presets;
+mod progress;
 mod report;
 mod run_cmds;
 mod runs;
@@ -169,4 +171,33 @@ fn clip_error(msg: &str) -> String {
     let head: String = chars[..600].iter().collect();
     let tail: String = chars[chars.len() - 300..].iter().collect();
     format!("{head} [...] {tail}")
+}
+
+#[cfg(test)]
+mod tests {
+    /// Commands never import each other (issue 12): what two commands share lives in a
+    /// helper module (runs, progress, presets, machine, comm) or a library crate.
+    #[test]
+    fn commands_do_not_import_commands() {
+        let commands: [(&str, &str); 10] = [
+            ("bench", include_str!("bench.rs")),
+            ("chat_cmd", include_str!("chat_cmd.rs")),
+            ("demo", include_str!("demo.rs")),
+            ("distill_cmd", include_str!("distill_cmd.rs")),
+            ("prepare_cmd", include_str!("prepare_cmd.rs")),
+            ("report", include_str!("report.rs")),
+            ("run_cmds", include_str!("run_cmds.rs")),
+            ("serve_cmd", include_str!("serve_cmd.rs")),
+            ("train_cmd", include_str!("train_cmd.rs")),
+            ("verify_cmd", include_str!("verify_cmd.rs")),
+        ];
+        for (name, text) in commands {
+            for (other, _) in commands.iter().filter(|(o, _)| *o != name) {
+                assert!(
+                    !text.contains(&format!("crate::{other}")) && !text.contains("super::"),
+                    "src/{name}.rs imports the command {other}: move what they share to a helper"
+                );
+            }
+        }
+    }
 }

@@ -31,6 +31,19 @@ pub fn load_config(spec: &str) -> Result<Config> {
     }
 }
 
+/// A config file or preset with the command line's overrides, validated.
+pub fn resolve_config(spec: &str, steps: Option<u64>, seed: Option<u64>) -> Result<Config> {
+    let mut cfg = load_config(spec)?;
+    if let Some(s) = steps {
+        cfg.train.steps = s;
+    }
+    if let Some(s) = seed {
+        cfg.train.seed = s;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
