@@ -83,3 +83,6 @@ pub fn task_bar(label: &str, n: usize) -> (ProgressBar, impl FnMut(usize, usize)
     };
     (bar, tick)
 }
+
+/// Where keys and usage live unless `--keys-db` / `--db` says otherwise (serve and keys).
+pub const KEYS_DB: &str = "moelab-keys.db";

@@ -26,6 +26,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use train::trainer::{Outcome, Source};
 
+/// `--help` examples.
+pub const EXAMPLES: &str = "Examples:\n  moelab demo\n  moelab demo --out /tmp/demo --teacher-steps 300 --student-steps 300";
+
 #[derive(Args)]
 pub struct DemoArgs {
     /// Directory for the demo's data, traces and runs (replaced if it holds an earlier demo).

@@ -16,6 +16,9 @@ use train::trainer::{
     run as train_run, EvalReport, Reporter, RunOptions, RunSpec, Source, StepReport,
 };
 
+/// `--help` examples.
+pub const EXAMPLES: &str = "Examples:\n  moelab verify runs/shk\n  moelab verify runs/shk --steps 500\n  RAYON_NUM_THREADS=1 moelab verify runs/shk --data /mnt/copy-of-data";
+
 #[derive(Args)]
 pub struct VerifyArgs {
     /// The run dir to verify (it must have manifest.json).

@@ -8,6 +8,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// `--help` examples.
+pub const EXAMPLES: &str = "Examples:\n  moelab prepare --corpus plays/ --out data/shk\n  moelab prepare --corpus a.txt b.jsonl --out data/mix --vocab-size 8192\n  moelab prepare --task all --n 20000 --out data/tasks\n  moelab prepare --task add,mul --no-reasoning --out data/tasks-answers";
+
 #[derive(Args)]
 pub struct PrepareArgs {
     /// Text to train on: .txt files, folders of them (recursive), or .jsonl with a "text" field.

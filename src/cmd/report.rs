@@ -7,6 +7,9 @@ use clap::Args;
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
 
+/// `--help` examples.
+pub const EXAMPLES: &str = "Examples:\n  moelab report --run runs/shk --out docs/loss.svg\n  moelab report --run runs/moe runs/dense --out report.html";
+
 #[derive(Args)]
 pub struct ReportArgs {
     /// Run dirs to plot.

@@ -1,88 +1,18 @@
-//! Commands that use a trained run: `sample`, `eval`, `hash`.
+//! `moelab eval`: a run's validation loss on a data dir, or its accuracy on held-out
+//! reasoning problems (`--task`).
 
-use crate::runs::{load_reasoner, run_tokenizer, run_tokenizer_path, task_bar};
+use crate::runs::{load_reasoner, run_tokenizer_path, task_bar};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use data::tasks::{self, Split};
-use infer::{Sampler, SamplingParams};
-use model::decode::Decoder;
-use model::{io, Layout, Model};
-use std::io::Write;
+use model::{Layout, Model};
 use std::path::{Path, PathBuf};
 use train::dataset::Dataset;
 use train::eval::evaluate;
 use train::load_run;
 
-#[derive(Args)]
-pub struct SampleArgs {
-    /// Run dir (its latest checkpoint) or a checkpoint dir.
-    #[arg(long)]
-    run: PathBuf,
-    /// Text to continue.
-    #[arg(long, default_value = "")]
-    prompt: String,
-    /// Tokens to generate (stops early at <|end|> or the context length).
-    #[arg(long, default_value_t = 200)]
-    max_tokens: usize,
-    /// 0 is greedy.
-    #[arg(long, default_value_t = 0.8)]
-    temperature: f32,
-    /// Keep the k most likely tokens (0: all).
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    #[arg(long, default_value_t = 0.95)]
-    top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-}
-
-pub fn sample(a: SampleArgs) -> Result<()> {
-    let lr = load_run(&a.run)?;
-    let tok = run_tokenizer(&a.run, &lr.checkpoint)?;
-    let end = tok.special("<|end|>").expect("moelab tokenizer");
-    // Documents are separated by <|end|> in training data, so it also marks a document start.
-    let mut prompt = vec![end];
-    prompt.extend(tok.encode(&a.prompt));
-    let mut dec = Decoder::new(&lr.cfg.model);
-    if prompt.len() >= dec.remaining() {
-        bail!(
-            "the prompt is {} tokens; this model's context is {} tokens",
-            prompt.len(),
-            lr.cfg.model.max_seq_len
-        );
-    }
-    let mut sampler = Sampler::new(SamplingParams {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        seed: a.seed,
-    });
-    let mut logits = vec![];
-    for &t in &prompt {
-        logits = dec.step(&lr.params, t).to_vec();
-    }
-    let mut out = std::io::stdout().lock();
-    write!(out, "{}", a.prompt)?;
-    let mut generated: Vec<u32> = vec![];
-    let mut printed = 0;
-    for _ in 0..a.max_tokens {
-        let next = sampler.sample(&logits);
-        if next == end || dec.remaining() == 0 {
-            break;
-        }
-        generated.push(next);
-        // print whatever decodes to complete characters so far
-        let text = tok.decode(&generated);
-        if !text.ends_with('\u{FFFD}') && text.len() > printed {
-            write!(out, "{}", &text[printed..])?;
-            out.flush()?;
-            printed = text.len();
-        }
-        logits = dec.step(&lr.params, next).to_vec();
-    }
-    writeln!(out)?;
-    Ok(())
-}
+/// `--help` examples.
+pub const EXAMPLES: &str = "Examples:\n  moelab eval --run runs/shk --data data/shk\n  moelab eval --run runs/student --task all --n 400";
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -118,7 +48,7 @@ pub struct EvalArgs {
     show: usize,
 }
 
-pub fn eval(a: EvalArgs) -> Result<()> {
+pub fn run(a: EvalArgs) -> Result<()> {
     if let Some(t) = &a.task {
         let n = a.n.unwrap_or(400) as usize;
         return eval_task(&a.run, t, n, a.seed, a.difficulty, a.split, a.batch, a.show);
@@ -158,23 +88,6 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         let bpb = e.loss / std::f64::consts::LN_2 / bytes_per_token;
         println!("bits per byte  {bpb:.4}  ({bytes_per_token:.3} bytes/token)");
     }
-    Ok(())
-}
-
-#[derive(Args)]
-pub struct HashArgs {
-    /// Run dir (its latest checkpoint) or a checkpoint dir.
-    path: PathBuf,
-}
-
-pub fn hash(a: HashArgs) -> Result<()> {
-    let lr = load_run(&a.path)?;
-    println!(
-        "{}  {} (step {})",
-        io::weights_hash(&Layout::new(&lr.cfg.model), &lr.params),
-        lr.checkpoint.display(),
-        lr.state.step
-    );
     Ok(())
 }
 

@@ -1,17 +1,16 @@
-//! `moelab serve` (the OpenAI-compatible server of the `server` crate on a trained run) and
-//! `moelab keys` (API keys and the usage ledger, in the same SQLite file the server reads).
+//! `moelab serve`: the OpenAI-compatible server of the `server` crate on a trained run.
 
-use crate::runs::load_reasoner;
+use crate::runs::{load_reasoner, KEYS_DB};
 use anyhow::{bail, Context, Result};
-use clap::{Args, Subcommand};
+use clap::Args;
 use infer::{Engine, EngineConfig};
 use server::keys::KeyStore;
 use server::{AppState, ServerConfig};
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Where keys and usage live unless `--keys-db` / `--db` says otherwise.
-const DEFAULT_DB: &str = "moelab-keys.db";
+/// `--help` examples.
+pub const EXAMPLES: &str = "Examples:\n  moelab serve --run runs/student\n  moelab serve --run runs/student --addr 0.0.0.0:8080 --keys-db keys.db --rate-limit 60\n\nThen: open http://127.0.0.1:8080/ or point an OpenAI client at http://127.0.0.1:8080/v1.\nSIGINT/SIGTERM stop it gracefully (in-flight requests finish within --shutdown-deadline).\nLimits: --max-body, --max-connections, --header-timeout and --body-timeout bound what one\nclient can hold; a stop sequence is at most 128 bytes.";
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -21,7 +20,7 @@ pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: String,
     /// API keys and usage ledger (SQLite). While it holds no key, the API is open.
-    #[arg(long, default_value = DEFAULT_DB)]
+    #[arg(long, default_value = KEYS_DB)]
     keys_db: PathBuf,
     /// Model id clients use and see (default: the run dir's name).
     #[arg(long)]
@@ -67,43 +66,7 @@ fn seconds(flag: &str, secs: f64) -> Result<Duration> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-#[derive(Subcommand)]
-pub enum KeysCmd {
-    /// Create a key (printed once; only its hash is stored).
-    #[command(
-        after_help = "Examples:\n  moelab keys create --name alice\n  moelab keys create --name batch-jobs --rpm 600"
-    )]
-    Create {
-        #[arg(long)]
-        name: String,
-        /// Requests per minute for this key (default: the server's --rate-limit).
-        #[arg(long)]
-        rpm: Option<u32>,
-        #[arg(long, default_value = DEFAULT_DB)]
-        db: PathBuf,
-    },
-    /// List keys (name, prefix, created, revoked, limit).
-    List {
-        #[arg(long, default_value = DEFAULT_DB)]
-        db: PathBuf,
-    },
-    /// Revoke a key by name; requests with it get 401 from then on.
-    Revoke {
-        name: String,
-        #[arg(long, default_value = DEFAULT_DB)]
-        db: PathBuf,
-    },
-    /// Requests and tokens per key, from the usage ledger.
-    Usage {
-        #[arg(long, default_value = DEFAULT_DB)]
-        db: PathBuf,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-pub fn serve(a: ServeArgs) -> Result<()> {
+pub fn run(a: ServeArgs) -> Result<()> {
     let r = load_reasoner(&a.run)?;
     let keys = KeyStore::open(&a.keys_db)?;
     let n_keys = keys.list()?.iter().filter(|k| k.revoked.is_none()).count();
@@ -179,87 +142,4 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         eprintln!("stopped");
         Ok(())
     })
-}
-
-fn date(ts: i64) -> String {
-    // days since the epoch -> y-m-d (civil from days, H. Hinnant)
-    let z = ts.div_euclid(86400) + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + (m <= 2) as i64;
-    format!("{y:04}-{m:02}-{d:02}")
-}
-
-pub fn keys(c: KeysCmd) -> Result<()> {
-    match c {
-        KeysCmd::Create { name, rpm, db } => {
-            if name.trim().is_empty() {
-                bail!("--name must not be empty");
-            }
-            let (key, _) = KeyStore::open(&db)?.create(&name, rpm)?;
-            eprintln!(
-                "created key {name:?} in {} (shown once; store it now):",
-                db.display()
-            );
-            println!("{key}");
-        }
-        KeysCmd::List { db } => {
-            let keys = KeyStore::open(&db)?.list()?;
-            if keys.is_empty() {
-                println!("no keys in {} (the API is open); create one with `moelab keys create --name NAME`", db.display());
-            }
-            println!(
-                "{:<20} {:<10} {:<11} {:<11} {:>6}",
-                "name", "prefix", "created", "revoked", "rpm"
-            );
-            for k in keys {
-                println!(
-                    "{:<20} {:<10} {:<11} {:<11} {:>6}",
-                    k.name,
-                    format!("{}...", k.prefix),
-                    date(k.created),
-                    k.revoked.map_or("-".into(), date),
-                    k.rpm.map_or("-".into(), |r| r.to_string())
-                );
-            }
-        }
-        KeysCmd::Revoke { name, db } => {
-            KeyStore::open(&db)?.revoke(&name)?;
-            println!("revoked {name:?}");
-        }
-        KeysCmd::Usage { db, json } => {
-            let usage = KeyStore::open(&db)?.usage()?;
-            if json {
-                let rows: Vec<_> = usage
-                    .iter()
-                    .map(|u| {
-                        serde_json::json!({"key": u.name, "requests": u.requests,
-                            "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens})
-                    })
-                    .collect();
-                println!("{}", serde_json::Value::Array(rows));
-                return Ok(());
-            }
-            println!(
-                "{:<20} {:>9} {:>14} {:>18} {:>13}",
-                "key", "requests", "prompt_tokens", "completion_tokens", "total_tokens"
-            );
-            for u in usage {
-                println!(
-                    "{:<20} {:>9} {:>14} {:>18} {:>13}",
-                    u.name,
-                    u.requests,
-                    u.prompt_tokens,
-                    u.completion_tokens,
-                    u.prompt_tokens + u.completion_tokens
-                );
-            }
-        }
-    }
-    Ok(())
 }

@@ -8,6 +8,9 @@ use model::Config;
 use std::path::{Path, PathBuf};
 use train::trainer::{Outcome, Source};
 
+/// `--help` examples.
+pub const EXAMPLES: &str = "Examples:\n  moelab train --config small-moe --data data/shk --out runs/shk\n  moelab train --config small-moe --data data/shk --out runs/shk --resume\n  mpirun -np 2 moelab train --config small-moe --grad-accum 2 --data data/shk --out runs/dp   (--features mpi)\n\nOne process trains in a run dir at a time (RUN_DIR/train.lock). --resume continues the same run: a changed config ([train] included) or other data is refused.";
+
 #[derive(Args)]
 pub struct TrainArgs {
     /// Config file or preset name (tiny, small-dense, small-moe, teacher, student).

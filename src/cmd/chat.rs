@@ -13,6 +13,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tokenizer::Tokenizer;
 
+/// `--help` examples.
+pub const EXAMPLES: &str = "Examples:\n  moelab chat --run runs/student\n  moelab chat --run runs/student --hide-reasoning --temperature 0.7\n  echo 'What is 12 * 34?' | moelab chat --run runs/student\n\nIn the chat: /reset forgets the conversation, /exit quits.";
+
 #[derive(Args)]
 pub struct ChatArgs {
     /// Run dir (its latest checkpoint) or a checkpoint dir.

@@ -1,0 +1,84 @@
+//! `moelab sample`: text from a trained run, streamed (KV-cache decoding).
+
+use crate::runs::run_tokenizer;
+use anyhow::{bail, Result};
+use clap::Args;
+use infer::{Sampler, SamplingParams};
+use model::decode::Decoder;
+use std::io::Write;
+use std::path::PathBuf;
+use train::load_run;
+
+/// `--help` examples.
+pub const EXAMPLES: &str = "Examples:\n  moelab sample --run runs/shk --prompt 'ROMEO:'\n  moelab sample --run runs/shk --prompt 'ROMEO:' --temperature 0 --max-tokens 50";
+
+#[derive(Args)]
+pub struct SampleArgs {
+    /// Run dir (its latest checkpoint) or a checkpoint dir.
+    #[arg(long)]
+    run: PathBuf,
+    /// Text to continue.
+    #[arg(long, default_value = "")]
+    prompt: String,
+    /// Tokens to generate (stops early at <|end|> or the context length).
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Keep the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+pub fn run(a: SampleArgs) -> Result<()> {
+    let lr = load_run(&a.run)?;
+    let tok = run_tokenizer(&a.run, &lr.checkpoint)?;
+    let end = tok.special("<|end|>").expect("moelab tokenizer");
+    // Documents are separated by <|end|> in training data, so it also marks a document start.
+    let mut prompt = vec![end];
+    prompt.extend(tok.encode(&a.prompt));
+    let mut dec = Decoder::new(&lr.cfg.model);
+    if prompt.len() >= dec.remaining() {
+        bail!(
+            "the prompt is {} tokens; this model's context is {} tokens",
+            prompt.len(),
+            lr.cfg.model.max_seq_len
+        );
+    }
+    let mut sampler = Sampler::new(SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    });
+    let mut logits = vec![];
+    for &t in &prompt {
+        logits = dec.step(&lr.params, t).to_vec();
+    }
+    let mut out = std::io::stdout().lock();
+    write!(out, "{}", a.prompt)?;
+    let mut generated: Vec<u32> = vec![];
+    let mut printed = 0;
+    for _ in 0..a.max_tokens {
+        let next = sampler.sample(&logits);
+        if next == end || dec.remaining() == 0 {
+            break;
+        }
+        generated.push(next);
+        // print whatever decodes to complete characters so far
+        let text = tok.decode(&generated);
+        if !text.ends_with('\u{FFFD}') && text.len() > printed {
+            write!(out, "{}", &text[printed..])?;
+            out.flush()?;
+            printed = text.len();
+        }
+        logits = dec.step(&lr.params, next).to_vec();
+    }
+    writeln!(out)?;
+    Ok(())
+}
