@@ -8,15 +8,10 @@ use common::{
     hash, latest_checkpoint, non_finite_weights, prepared_corpus, s, text, tiny_config, tmpdir,
 };
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 fn moelab(args: &[&str], fault: Option<&str>) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_moelab"));
-    c.args(args).env("RAYON_NUM_THREADS", "2");
-    if let Some(f) = fault {
-        c.env("MOELAB_FAULT", f);
-    }
-    c.output().unwrap()
+    common::moelab_with(args, "2", fault)
 }
 
 fn setup(name: &str, extra_train: &str) -> (PathBuf, PathBuf, PathBuf) {

@@ -1,17 +1,12 @@
 //! End-to-end tests of the `moelab` binary in a temp dir.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
-fn moelab() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_moelab"))
-}
+use common::bin as moelab;
+use std::path::PathBuf;
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("moelab-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::tmpdir("cli", name)
 }
 
 fn bench_json(threads: usize, config: &str) -> serde_json::Value {

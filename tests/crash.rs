@@ -9,18 +9,13 @@ mod common;
 use common::{hash, prepared_corpus, s, tmpdir};
 use rand::{Rng, SeedableRng};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::Instant;
 
 const CONFIG: &str = common::CRASH_TINY;
 
 fn moelab(args: &[&str], fault: Option<&str>) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_moelab"));
-    c.args(args).env("RAYON_NUM_THREADS", "2");
-    if let Some(f) = fault {
-        c.env("MOELAB_FAULT", f);
-    }
-    c.output().unwrap()
+    common::moelab_with(args, "2", fault)
 }
 
 fn train(data: &Path, run: &Path, resume: bool, fault: Option<&str>) -> Output {
@@ -129,7 +124,7 @@ fn kill_9_anywhere_then_resume_gives_the_uninterrupted_weights() {
         let delay = std::time::Duration::from_micros(rng.gen_range(0..2000));
         let (status, landed) = loop {
             let _ = std::fs::remove_dir_all(&run);
-            let mut child = Command::new(env!("CARGO_BIN_EXE_moelab"))
+            let mut child = common::bin()
                 .args([
                     "train",
                     "--config",

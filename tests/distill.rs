@@ -3,22 +3,13 @@
 //! the individual commands (`distill generate`, `distill train` with and without logit
 //! distillation, `eval --task`) and their bad-input errors.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use common::{moelab as run, s};
+use std::path::PathBuf;
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("moelab-distill-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moelab"))
-        .args(args)
-        .env("RAYON_NUM_THREADS", "2")
-        .output()
-        .unwrap()
+    common::tmpdir("distill", name)
 }
 
 fn ok(args: &[&str]) -> (String, String) {
@@ -49,10 +40,6 @@ const STUDENT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/configs/task-student-tiny.toml"
 );
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 #[test]
 fn distillation_pipeline_end_to_end() {

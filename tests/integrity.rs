@@ -12,14 +12,12 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn cmd(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_moelab"));
-    c.args(args).env("RAYON_NUM_THREADS", "2");
+    let mut c = common::bin();
+    c.args(args);
     c
 }
 
-fn moelab(args: &[&str]) -> Output {
-    cmd(args).output().unwrap()
-}
+use common::moelab;
 
 fn ok(args: &[&str]) -> String {
     let o = moelab(args);

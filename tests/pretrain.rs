@@ -2,26 +2,13 @@
 //! prepare -> train -> sample / eval / hash, Ctrl-C and resume, and bad input that must give
 //! a one-line error and leave everything on disk as it was.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn moelab() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_moelab"))
-}
+use common::{bin as moelab, moelab as run};
+use std::path::{Path, PathBuf};
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("moelab-e2e-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn run(args: &[&str]) -> Output {
-    moelab()
-        .args(args)
-        .env("RAYON_NUM_THREADS", "2")
-        .output()
-        .unwrap()
+    common::tmpdir("e2e", name)
 }
 
 fn ok(args: &[&str]) -> String {

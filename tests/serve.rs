@@ -9,17 +9,13 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-fn moelab(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moelab"))
-        .args(args)
-        .env("RAYON_NUM_THREADS", "2")
-        .output()
-        .unwrap()
-}
+mod common;
+
+use common::moelab;
 
 fn ok(args: &[&str]) -> String {
     let out = moelab(args);
@@ -93,7 +89,7 @@ struct Server {
 impl Server {
     fn start(db: &Path, extra: &[&str]) -> Server {
         let run = trained_run();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_moelab"))
+        let mut child = common::bin()
             .args([
                 "serve",
                 "--run",
@@ -394,7 +390,7 @@ fn sigterm_lets_in_flight_requests_finish() {
 fn terminal_chat_streams_reasoning_then_the_answer() {
     let run = trained_run().to_str().unwrap();
     let chat = |extra: &[&str], input: &str| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_moelab"))
+        let mut c = common::bin()
             .args(["chat", "--run", run])
             .args(extra)
             .stdin(Stdio::piped())
@@ -811,7 +807,7 @@ fn issue_11_huge_prompts_do_not_stall_health() {
 fn issue_11_terminal_chat_reads_typed_markers_as_text() {
     let run = trained_run().to_str().unwrap();
     let chat = |input: &str| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_moelab"))
+        let mut c = common::bin()
             .args(["chat", "--run", run])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

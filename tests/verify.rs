@@ -7,15 +7,10 @@ mod common;
 
 use common::{hash, prepared_corpus, s, text, tiny_config, tmpdir};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 fn moelab(args: &[&str], threads: &str, fault: Option<&str>) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_moelab"));
-    c.args(args).env("RAYON_NUM_THREADS", threads);
-    if let Some(f) = fault {
-        c.env("MOELAB_FAULT", f);
-    }
-    c.output().unwrap()
+    common::moelab_with(args, threads, fault)
 }
 
 /// Data, and a config that keeps every checkpoint.

@@ -1,11 +1,35 @@
-//! Helpers shared by the end-to-end tests that train tiny runs through the binary
-//! (crash.rs, verify.rs, anomaly.rs, mpi.rs).
+//! The toolkit every end-to-end suite uses (issue 12): one builder for the `moelab` command
+//! (2 rayon threads unless told otherwise, an optional injected fault), temp dirs, output
+//! text, prepared tiny corpora and configs, weights hashes and file snapshots.
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub const CRASH_TINY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/configs/crash-tiny.toml");
+
+/// The moelab binary as a command, with RAYON_NUM_THREADS=2 (a later `.env` overrides it).
+pub fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_moelab"));
+    c.env("RAYON_NUM_THREADS", "2");
+    c
+}
+
+/// `moelab ARGS` with 2 threads, run to completion.
+pub fn moelab(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+
+/// `moelab ARGS` with `threads` rayon threads and, when given, a fault injected at a named
+/// point (MOELAB_FAULT; see crates/train/src/fault.rs).
+pub fn moelab_with(args: &[&str], threads: &str, fault: Option<&str>) -> Output {
+    let mut c = bin();
+    c.args(args).env("RAYON_NUM_THREADS", threads);
+    if let Some(f) = fault {
+        c.env("MOELAB_FAULT", f);
+    }
+    c.output().unwrap()
+}
 
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -44,7 +68,7 @@ pub fn prepared_corpus(d: &Path, seed: u64) -> PathBuf {
     }
     std::fs::write(d.join("corpus.txt"), t).unwrap();
     let data = d.join("data");
-    let o = Command::new(env!("CARGO_BIN_EXE_moelab"))
+    let o = bin()
         .args([
             "prepare",
             "--corpus",
@@ -68,10 +92,7 @@ pub fn tiny_config(d: &Path, edit: impl Fn(String) -> String) -> PathBuf {
 
 /// The weights hash of a run's latest checkpoint (`moelab hash`).
 pub fn hash(run: &Path) -> String {
-    let o = Command::new(env!("CARGO_BIN_EXE_moelab"))
-        .args(["hash", s(run)])
-        .output()
-        .unwrap();
+    let o = bin().args(["hash", s(run)]).output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
     String::from_utf8_lossy(&o.stdout)
         .split_whitespace()
