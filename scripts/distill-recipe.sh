@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The distillation recipe behind the numbers in README.md and BENCHMARKS.md (about 50
-# minutes on 2 cores). Every stage is one moelab command; rerunning skips finished stages.
+# The distillation recipe behind the numbers in README.md and BENCHMARKS.md (77 minutes on
+# a 2-core machine shared with other work; not yet timed idle). Every stage is one moelab
+# command; rerunning skips finished stages.
 #
 #   scripts/distill-recipe.sh [OUT_DIR]        (default: runs/distill)
 #
