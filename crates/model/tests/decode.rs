@@ -93,6 +93,41 @@ fn kv_cache_decode_equals_full_recompute() {
         }
     }
     check(&cfg, m.params, "tiny, qkv bias + gated shared expert");
+    // DeepSeek-V3 routing (sigmoid + bias, 2 groups of 4, best group only, scaled) in a
+    // model whose MoE blocks are chosen by moe_every and dense_layers
+    let cfg = Config::from_toml(
+        &include_str!("../../../configs/tiny.toml")
+            .replace("n_layers = 2 ", "n_layers = 4 ")
+            .replace(
+                "first_dense_layers = 1",
+                "moe_every = 2\ndense_layers = [3]",
+            )
+            .replace(
+                "n_experts = 4 ",
+                "n_experts = 8\nn_group = 2\ntopk_group = 1\nrouted_scaling_factor = 2.5 ",
+            )
+            .replace("router_score = \"softmax\"", "router_score = \"sigmoid\"")
+            .replace("balance = \"aux_loss\"", "balance = \"bias\""),
+    )
+    .unwrap();
+    let moe: Vec<bool> = (0..4).map(|l| cfg.model.is_moe_layer(l)).collect();
+    assert_eq!(moe, [false, true, false, false]);
+    let mut m = Model::new(&cfg.model, 1, 1, 9);
+    for ts in m.layout.tensors.clone() {
+        if ts.name.ends_with("router.bias") {
+            for (i, p) in m.params[ts.offset..ts.offset + ts.len]
+                .iter_mut()
+                .enumerate()
+            {
+                *p = (i % 3) as f32 * 0.1;
+            }
+        }
+    }
+    check(
+        &cfg,
+        m.params,
+        "tiny, grouped scaled routing, moe_every + dense_layers",
+    );
 }
 
 /// A slot's logits do not depend on which other slots share its steps: three sequences fed
