@@ -101,6 +101,12 @@ pub fn router_forward(
         r.n_group,
         r.topk_group
     );
+    assert!(
+        k <= r.topk_group * (e / r.n_group),
+        "top_k {k} exceeds the experts of {} of {} groups",
+        r.topk_group,
+        r.n_group
+    );
     scores
         .par_chunks_mut(e * ROWS_PER_TASK)
         .zip(idx.par_chunks_mut(k * ROWS_PER_TASK))
@@ -155,7 +161,7 @@ pub fn router_forward(
                 let mut taken = Set::default();
                 for j in 0..k {
                     let best = argmax(e, |x| eligible.has(x) && !taken.has(x), choice)
-                        .unwrap_or_else(|| (0..e).find(|&x| !taken.has(x)).expect("k <= e"));
+                        .expect("k <= experts of the eligible groups (asserted above)");
                     taken.add(best);
                     idx[j] = best as u32;
                     w[j] = s[best];

@@ -16,30 +16,7 @@ use model::{io, Config, Distill, Layout, Model, Optimizer};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 
-const MID: &str = r#"
-[model]
-vocab_size = 512
-d_model = 128
-n_layers = 2
-n_heads = 4
-n_kv_heads = 2
-max_seq_len = 64
-ffn_hidden = 256
-n_experts = 6
-top_k = 2
-expert_hidden = 96
-n_shared_experts = 1
-router_score = "sigmoid"
-balance = "bias"
-bias_update_rate = 0.01
-z_loss_coef = 0.001
-dropout = 0.1
-[train]
-batch_size = 4
-seq_len = 64
-lr = 0.003
-seed = 5
-"#;
+const MID: &str = include_str!("../tests/mid.toml");
 
 fn bits(h: &mut Sha256, xs: &[f32]) {
     for x in xs {

@@ -1030,7 +1030,7 @@ pub(crate) fn moe_backward(
 }
 
 /// Adds `b` (R) to every row of `x` (rows of R).
-fn add_bias(x: &mut [f32], b: &[f32]) {
+pub(crate) fn add_bias(x: &mut [f32], b: &[f32]) {
     for row in x.chunks_mut(b.len()) {
         row.iter_mut().zip(b).for_each(|(x, b)| *x += b);
     }

@@ -9,7 +9,7 @@
 //! the sequence so far, and a slot's logits do not depend on which other slots share its
 //! steps (`tests/decode.rs`).
 
-use crate::block::{qk_norm_forward, Dims, FfnWKind, QkActs};
+use crate::block::{add_bias, qk_norm_forward, Dims, FfnWKind, QkActs};
 use crate::config::ModelConfig;
 use crate::params::Layout;
 use kernels::attention::{decode_attention, KvShape};
@@ -53,6 +53,7 @@ impl BatchDecoder {
     pub fn new(cfg: &ModelConfig, slots: usize) -> BatchDecoder {
         let layout = Layout::new(cfg);
         let s = slots.max(1);
+        let dims = Dims::of(cfg, s, 1);
         let (c, d, g, t) = (cfg.d_model, cfg.head_dim(), cfg.n_kv_heads, cfg.max_seq_len);
         let r = (cfg.n_heads + 2 * g) * d;
         let fmax = cfg
@@ -62,8 +63,8 @@ impl BatchDecoder {
         let (e, k) = (cfg.n_experts.max(1), cfg.top_k.max(1));
         BatchDecoder {
             rope: RopeTable::new(t, d, cfg.rope_theta),
-            dims: Dims::of(cfg, s, 1),
-            qk: QkActs::new(&Dims::of(cfg, s, 1), s),
+            dims,
+            qk: QkActs::new(&dims, s),
             slots: s,
             k: (0..cfg.n_layers)
                 .map(|_| vec![0.0; s * t * g * d])
@@ -165,9 +166,7 @@ impl BatchDecoder {
             let qkv = &mut self.qkv[..n * r];
             linear_rows(qkv, hb, w.wqkv, n, c, r, false);
             if let Some(b) = w.bqkv {
-                for row in qkv.chunks_mut(r) {
-                    row.iter_mut().zip(b).for_each(|(x, b)| *x += b);
-                }
+                add_bias(qkv, b);
             }
             if let (Some(wn), Some(qa)) = (w.qk_norm, self.qk.as_mut()) {
                 qk_norm_forward(qkv, n, ds, wn, qa);

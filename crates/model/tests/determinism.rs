@@ -11,30 +11,7 @@ const TINY: &str = include_str!("../../../configs/tiny.toml");
 
 /// Big enough that gemm splits its matmuls across threads (N = 512 rows, C = 128); sigmoid
 /// routing with bias balancing, and residual dropout.
-const MID: &str = r#"
-[model]
-vocab_size = 512
-d_model = 128
-n_layers = 2
-n_heads = 4
-n_kv_heads = 2
-max_seq_len = 64
-ffn_hidden = 256
-n_experts = 6
-top_k = 2
-expert_hidden = 96
-n_shared_experts = 1
-router_score = "sigmoid"
-balance = "bias"
-bias_update_rate = 0.01
-z_loss_coef = 0.001
-dropout = 0.1
-[train]
-batch_size = 8
-seq_len = 64
-lr = 0.003
-seed = 5
-"#;
+const MID: &str = include_str!("mid.toml");
 
 fn run(cfg: &Config, threads: usize, steps: usize) -> (String, Vec<f32>) {
     let pool = rayon::ThreadPoolBuilder::new()
