@@ -383,22 +383,13 @@ impl Spec {
                 e.eval_checked().expect("checked on parse")
             }
             Spec::Sort(v) => {
-                let mut rest = v.clone();
-                let mut out = vec![];
-                while !rest.is_empty() {
-                    let i = (0..rest.len()).min_by_key(|&i| (rest[i], i)).unwrap();
-                    let m = rest.remove(i);
-                    out.push(m);
-                    if !r.is_empty() {
-                        r.push('\n');
-                    }
-                    if rest.is_empty() {
-                        let _ = write!(r, "smallest {m}, done");
-                    } else {
-                        let _ = write!(r, "smallest {m}, rest {}", join(&rest));
-                    }
-                }
-                return (r, join(&out));
+                // Selection sort, one pick per line. The remaining list is not rewritten:
+                // copying it on every line is where models failed (on the dev split a
+                // student sorted 27% with `smallest 3, rest 33 49` lines, 56% with these).
+                let mut out = v.clone();
+                out.sort_unstable();
+                let lines: Vec<String> = out.iter().map(|m| format!("smallest {m}")).collect();
+                return (lines.join("\n"), join(&out));
             }
         };
         (r, ans.to_string())
