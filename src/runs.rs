@@ -4,8 +4,10 @@
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use infer::chat::ChatFormat;
 use infer::tasks::Reasoner;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 use tokenizer::Tokenizer;
 use train::load_run;
@@ -22,6 +24,23 @@ pub fn load_reasoner(path: &Path) -> Result<Reasoner> {
         checkpoint: run.checkpoint,
         step: run.state.step,
     })
+}
+
+/// As [`load_reasoner`], for the work that speaks moelab's chat format (task evaluation,
+/// distillation): a run whose tokenizer lacks moelab's chat tokens (an imported model) is
+/// refused with the reason.
+pub fn load_task_reasoner(path: &Path) -> Result<Reasoner> {
+    let r = load_reasoner(path)?;
+    r.tok.require_moelab(path)?;
+    Ok(r)
+}
+
+/// The chat format of the run `path` was loaded from (`r`): its `chat.json` (an imported
+/// model's template) or moelab's.
+pub fn chat_format(path: &Path, r: &Reasoner) -> Result<ChatFormat> {
+    let tok_path = run_tokenizer_path(path, &r.checkpoint)?;
+    let run_dir = tok_path.parent().unwrap_or(Path::new("."));
+    ChatFormat::load(run_dir, Arc::new(r.tok.clone())).map_err(anyhow::Error::msg)
 }
 
 pub fn run_tokenizer(run: &Path, ckpt: &Path) -> Result<Tokenizer> {

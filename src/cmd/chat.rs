@@ -3,15 +3,13 @@
 //! the answer. History is kept (earlier answers, not their reasoning) and the oldest turns
 //! are dropped when the conversation outgrows the model's context.
 
-use crate::runs::load_reasoner;
+use crate::runs::{chat_format, load_reasoner};
 use anyhow::{bail, Result};
 use clap::Args;
-use infer::chat::{render_prompt, stop_tokens, Delta, Message, ReplyParser, Role};
+use infer::chat::{ChatFormat, Delta, Message, Role};
 use infer::{Engine, EngineConfig, Event, Finish, SamplingParams, Seq};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
-use std::sync::Arc;
-use tokenizer::Tokenizer;
 
 /// `--help` examples.
 pub const EXAMPLES: &str = "Examples:\n  moelab chat --run runs/student\n  moelab chat --run runs/student --hide-reasoning --temperature 0.7\n  echo 'What is 12 * 34?' | moelab chat --run runs/student\n\nIn the chat: /reset forgets the conversation, /exit quits.";
@@ -44,7 +42,7 @@ const HELP: &str =
 
 pub fn run(a: ChatArgs) -> Result<()> {
     let r = load_reasoner(&a.run)?;
-    let tok = Arc::new(r.tok);
+    let chat = chat_format(&a.run, &r)?;
     let cfg = r.cfg.clone();
     let engine = Engine::start(
         &cfg,
@@ -87,7 +85,15 @@ pub fn run(a: ChatArgs) -> Result<()> {
             _ => {}
         }
         history.push(Message::new(Role::User, text));
-        let prompt = fit_history(&tok, a.system.as_deref(), &mut history, cfg.max_seq_len);
+        let prompt = fit_history(&chat, a.system.as_deref(), &mut history, cfg.max_seq_len);
+        let prompt = match prompt {
+            Ok(p) => p,
+            Err(e) => {
+                history.pop();
+                eprintln!("error: {e}");
+                continue;
+            }
+        };
         let Some(prompt) = prompt else {
             history.pop();
             eprintln!(
@@ -106,10 +112,10 @@ pub fn run(a: ChatArgs) -> Result<()> {
                 seed: a.seed.wrapping_add(turn),
             },
             max_tokens: a.max_tokens.unwrap_or(left).min(left),
-            stop: stop_tokens(&tok),
+            stop: chat.stop_tokens(),
         };
         turn += 1;
-        let answer = stream_reply(&engine, &tok, seq, !a.hide_reasoning, tty)?;
+        let answer = stream_reply(&engine, &chat, seq, !a.hide_reasoning, tty)?;
         history.push(Message::new(Role::Assistant, answer));
     }
     Ok(())
@@ -117,12 +123,13 @@ pub fn run(a: ChatArgs) -> Result<()> {
 
 /// The prompt of the conversation, dropping the oldest turns until it leaves room for a reply
 /// (a quarter of the context, at least). `None` when the last message alone does not fit.
+/// An error is the template's (e.g. a model whose template refuses a system message).
 fn fit_history(
-    tok: &Tokenizer,
+    chat: &ChatFormat,
     system: Option<&str>,
     history: &mut Vec<Message>,
     context: usize,
-) -> Option<Vec<u32>> {
+) -> std::result::Result<Option<Vec<u32>>, String> {
     let budget = context - context / 4;
     loop {
         let mut msgs: Vec<Message> = system
@@ -130,12 +137,12 @@ fn fit_history(
             .into_iter()
             .collect();
         msgs.extend(history.iter().cloned());
-        let p = render_prompt(tok, &msgs);
+        let p = chat.render(&msgs)?;
         if p.len() <= budget || (history.len() == 1 && p.len() < context) {
-            return Some(p);
+            return Ok(Some(p));
         }
         if history.len() <= 1 {
-            return None;
+            return Ok(None);
         }
         // drop the oldest user turn and its answer
         history.drain(..2.min(history.len() - 1));
@@ -145,7 +152,7 @@ fn fit_history(
 /// Streams one reply to stdout; returns the answer.
 fn stream_reply(
     engine: &Engine,
-    tok: &Arc<Tokenizer>,
+    chat: &ChatFormat,
     seq: Seq,
     show_reasoning: bool,
     tty: bool,
@@ -154,7 +161,7 @@ fn stream_reply(
     if let Err(e) = engine.submit(seq, Box::new(move |ev| tx.send(ev).is_ok())) {
         bail!("{e}");
     }
-    let mut parser = ReplyParser::new(tok.clone(), vec![]);
+    let mut parser = chat.parser(vec![]);
     let mut p = Printer {
         show_reasoning,
         style: if tty {

@@ -3,7 +3,7 @@
 
 use crate::presets::resolve_config;
 use crate::progress::train_with_progress;
-use crate::runs::{load_reasoner, task_bar};
+use crate::runs::{load_task_reasoner, task_bar};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use data::chat::{self, Example};
@@ -188,7 +188,7 @@ pub fn train(a: TrainArgs) -> Result<train::trainer::Outcome> {
     let teacher = match &a.teacher {
         None => None,
         Some(t) => {
-            let r = load_reasoner(t)?;
+            let r = load_task_reasoner(t)?;
             if tokenizer::Tokenizer::from_file(&tokenizer)?.to_json()? != r.tok.to_json()? {
                 bail!(
                     "the teacher {} and the student (tokenizer {}) use different tokenizers; distillation needs one vocabulary: drop --tokenizer or pass the teacher's",
@@ -259,7 +259,7 @@ fn generate_cmd(
     if k == 0 || n == 0 {
         bail!("--n and --k must be at least 1");
     }
-    let r = load_reasoner(teacher)?;
+    let r = load_task_reasoner(teacher)?;
     // NOTE: traces are training data, so they come from the train split only.
     let prompts: Vec<String> = tasks::generate_mix(&task_list, n, seed, difficulty, Split::Train)
         .into_iter()

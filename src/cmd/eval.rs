@@ -1,7 +1,7 @@
 //! `moelab eval`: a run's validation loss on a data dir, or its accuracy on held-out
 //! reasoning problems (`--task`).
 
-use crate::runs::{load_reasoner, run_tokenizer_path, task_bar};
+use crate::runs::{load_task_reasoner, run_tokenizer_path, task_bar};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use data::tasks::{self, Split};
@@ -110,7 +110,7 @@ fn eval_task(
     if n == 0 {
         bail!("--n must be at least 1");
     }
-    let r = load_reasoner(run)?;
+    let r = load_task_reasoner(run)?;
     let (bar, mut tick) = task_bar("eval", n);
     let e =
         infer::tasks::evaluate_tasks(&r, &task_list, n, seed, difficulty, split, slots, &mut tick);

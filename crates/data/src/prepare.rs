@@ -386,7 +386,11 @@ pub fn prepare_tasks(
         Split::Dev,
     );
     let tok = match &opts.tokenizer {
-        Some(p) => Tokenizer::from_file(p)?,
+        Some(p) => {
+            let t = Tokenizer::from_file(p)?;
+            t.require_moelab(p)?;
+            t
+        }
         None => {
             progress("training the tokenizer");
             let texts = train_p

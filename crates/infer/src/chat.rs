@@ -12,9 +12,157 @@
 //! text that may be the start of a stop string. Its work per token is bounded by the token's
 //! text and the stop strings' lengths, not by the reply so far.
 
+use crate::template::JinjaTemplate;
 use data::chat::ChatIds;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
 use std::sync::Arc;
 use tokenizer::Tokenizer;
+
+/// File in a run dir holding an imported model's chat format ([`ChatSpec`]); a run without
+/// it chats in moelab's format.
+pub const CHAT_FILE: &str = "chat.json";
+
+/// An imported model's chat format, as `chat.json` stores it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ChatSpec {
+    /// The Jinja chat template (Hugging Face's `chat_template`).
+    pub template: String,
+    #[serde(default)]
+    pub bos_token: String,
+    #[serde(default)]
+    pub eos_token: String,
+    /// Token strings that end the assistant's reply (e.g. `<|im_end|>`, `<|endoftext|>`).
+    pub stop: Vec<String>,
+    /// The reasoning block's markers, when the model writes one (`["<think>", "</think>"]`);
+    /// each must be one token of the vocabulary.
+    #[serde(default)]
+    pub think: Option<[String; 2]>,
+    /// Token strings put before a raw completion prompt (e.g. the BOS token of a Llama).
+    #[serde(default)]
+    pub prefix: Vec<String>,
+}
+
+enum Template {
+    Moelab,
+    Jinja(Box<JinjaTemplate>),
+}
+
+/// How a model chats: its tokenizer, template, stop tokens and reasoning markers. Moelab's
+/// own format for the models it trains; an imported model's Jinja template otherwise.
+pub struct ChatFormat {
+    pub tok: Arc<Tokenizer>,
+    template: Template,
+    stops: Vec<u32>,
+    think: Option<(u32, u32)>,
+    prefix: Vec<u32>,
+}
+
+impl ChatFormat {
+    /// Moelab's format; the tokenizer must have its chat tokens.
+    pub fn moelab(tok: Arc<Tokenizer>) -> Result<ChatFormat, String> {
+        if !tok.is_moelab() {
+            return Err("the tokenizer has no moelab chat tokens and the run has no chat.json (an imported model's chat template)".into());
+        }
+        let c = ChatIds::of(&tok);
+        Ok(ChatFormat {
+            stops: stop_tokens(&tok),
+            think: Some((c.think, c.end_think)),
+            // documents are separated by <|end|> in training data, so it also marks a start
+            prefix: vec![c.end],
+            template: Template::Moelab,
+            tok,
+        })
+    }
+
+    /// An imported model's format; every token string it names must be one token.
+    pub fn from_spec(tok: Arc<Tokenizer>, spec: &ChatSpec) -> Result<ChatFormat, String> {
+        let id = |s: &str| {
+            tok.special(s)
+                .or_else(|| match tok.encode(s)[..] {
+                    [one] => Some(one),
+                    _ => None,
+                })
+                .ok_or_else(|| format!("chat.json: {s:?} is not one token of the vocabulary"))
+        };
+        let stops = spec
+            .stop
+            .iter()
+            .map(|s| id(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        if stops.is_empty() {
+            return Err("chat.json: `stop` names no token; a reply would never end".into());
+        }
+        let think = match &spec.think {
+            Some([a, b]) => Some((id(a)?, id(b)?)),
+            None => None,
+        };
+        let prefix = spec
+            .prefix
+            .iter()
+            .map(|s| id(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let t = JinjaTemplate::new(&spec.template, &spec.bos_token, &spec.eos_token)?;
+        Ok(ChatFormat {
+            tok,
+            template: Template::Jinja(Box::new(t)),
+            stops,
+            think,
+            prefix,
+        })
+    }
+
+    /// The format of the run in `run_dir`: its `chat.json`, or moelab's.
+    pub fn load(run_dir: &Path, tok: Arc<Tokenizer>) -> Result<ChatFormat, String> {
+        let p = run_dir.join(CHAT_FILE);
+        if !p.exists() {
+            return ChatFormat::moelab(tok);
+        }
+        let bytes = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        let spec: ChatSpec = serde_json::from_slice(&bytes)
+            .map_err(|e| format!("{}: not a chat spec ({e})", p.display()))?;
+        ChatFormat::from_spec(tok, &spec).map_err(|e| format!("{}: {e}", p.display()))
+    }
+
+    /// Whether this is moelab's own format.
+    pub fn is_moelab(&self) -> bool {
+        matches!(self.template, Template::Moelab)
+    }
+
+    /// Token ids of a conversation, ending where the assistant's reply starts. Message text
+    /// is always text (a control-token string in it is never a control token); an error is
+    /// the template's own (`raise_exception`, e.g. roles out of order).
+    pub fn render(&self, messages: &[Message]) -> Result<Vec<u32>, String> {
+        match &self.template {
+            Template::Moelab => Ok(render_prompt(&self.tok, messages)),
+            Template::Jinja(t) => t.render(&self.tok, messages),
+        }
+    }
+
+    /// Tokens that end a reply.
+    pub fn stop_tokens(&self) -> Vec<u32> {
+        self.stops.clone()
+    }
+
+    /// Ids put before a raw completion prompt.
+    pub fn prefix(&self) -> &[u32] {
+        &self.prefix
+    }
+
+    /// A streaming parser for a chat reply (reasoning split off when the format has markers).
+    pub fn parser(&self, stops: Vec<String>) -> ReplyParser {
+        ReplyParser::with_markers(self.tok.clone(), self.think, stops)
+    }
+
+    /// A streaming parser for a raw completion (everything is the answer).
+    pub fn plain_parser(&self, stops: Vec<String>) -> ReplyParser {
+        ReplyParser {
+            part: Part::Content,
+            ..self.parser(stops)
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -135,7 +283,8 @@ impl Segment {
 /// [`ReplyParser::finish`] for the text held back.
 pub struct ReplyParser {
     tok: Arc<Tokenizer>,
-    ids: ChatIds,
+    /// `<think>` and `</think>` ids, when the format has a reasoning block.
+    think: Option<(u32, u32)>,
     part: Part,
     reasoning: Segment,
     content: Segment,
@@ -146,11 +295,21 @@ pub struct ReplyParser {
 
 impl ReplyParser {
     /// `stops`: strings that end the answer (not included in it), as OpenAI's `stop`.
+    /// The reasoning markers are the tokenizer's `<think>` and `</think>` (moelab's).
     pub fn new(tok: Arc<Tokenizer>, stops: Vec<String>) -> ReplyParser {
-        let ids = ChatIds::of(&tok);
+        let think = tok.special("<think>").zip(tok.special("</think>"));
+        ReplyParser::with_markers(tok, think, stops)
+    }
+
+    /// A parser whose reasoning block opens and closes with the ids in `think`.
+    pub fn with_markers(
+        tok: Arc<Tokenizer>,
+        think: Option<(u32, u32)>,
+        stops: Vec<String>,
+    ) -> ReplyParser {
         ReplyParser {
             tok,
-            ids,
+            think,
             part: Part::Start,
             reasoning: Segment::default(),
             content: Segment::default(),
@@ -184,18 +343,21 @@ impl ReplyParser {
         if self.stopped {
             return d;
         }
-        let c = self.ids;
-        if self.part == Part::Reasoning || (self.part == Part::Start && id == c.think) {
+        let (think, end_think) = match self.think {
+            Some((a, b)) => (Some(a), Some(b)),
+            None => (None, None),
+        };
+        if self.part == Part::Reasoning || (self.part == Part::Start && Some(id) == think) {
             self.reasoning_tokens += 1;
         }
         match (self.part, id) {
-            (Part::Start, t) if t == c.think => self.part = Part::Reasoning,
-            (Part::Start | Part::Reasoning, t) if t == c.end_think => {
+            (Part::Start, t) if Some(t) == think => self.part = Part::Reasoning,
+            (Part::Start | Part::Reasoning, t) if Some(t) == end_think => {
                 d.reasoning = self.flush_reasoning();
                 self.part = Part::Content;
             }
             // other control tokens (stop tokens, stray markers) carry no text
-            (_, t) if (t as usize) < tokenizer::SPECIAL_TOKENS.len() => {}
+            (_, t) if self.tok.is_control(t) => {}
             (Part::Reasoning, t) => {
                 self.reasoning.push(&self.tok, t);
                 d.reasoning = self.emit_reasoning(false);

@@ -10,6 +10,7 @@ pub mod engine;
 pub mod generate;
 pub mod sampling;
 pub mod tasks;
+pub mod template;
 
 pub use batch::{Event, Finish, Seq};
 pub use engine::{Engine, EngineConfig, Sink, Stats, SubmitError};

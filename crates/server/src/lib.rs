@@ -25,6 +25,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 pub use error::ApiError;
+use infer::chat::ChatFormat;
 use infer::Engine;
 use keys::{Auth, KeyStore, UsageRecord};
 use metrics::Metrics;
@@ -83,6 +84,8 @@ impl Default for ServerConfig {
 pub struct AppState {
     pub engine: Engine,
     pub tok: Arc<Tokenizer>,
+    /// The model's chat format (template, stop tokens, reasoning markers).
+    pub chat: Arc<ChatFormat>,
     pub keys: Arc<KeyStore>,
     pub cfg: ServerConfig,
     pub metrics: Arc<Metrics>,
@@ -95,7 +98,13 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(engine: Engine, tok: Tokenizer, keys: KeyStore, cfg: ServerConfig) -> Arc<AppState> {
+    pub fn new(
+        engine: Engine,
+        chat: ChatFormat,
+        keys: KeyStore,
+        cfg: ServerConfig,
+    ) -> Arc<AppState> {
+        let tok = chat.tok.clone();
         let keys = Arc::new(keys);
         let (ledger, rx) = mpsc::channel::<UsageRecord>();
         let writer = {
@@ -108,7 +117,8 @@ impl AppState {
         Arc::new(AppState {
             engine,
             max_token_bytes: tok.max_token_bytes(),
-            tok: Arc::new(tok),
+            tok,
+            chat: Arc::new(chat),
             keys,
             cfg,
             metrics: Arc::new(Metrics::default()),

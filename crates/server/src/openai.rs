@@ -17,7 +17,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures_util::stream::{self, Stream};
-use infer::chat::{render_prompt, stop_tokens, Delta, Message, ReplyParser, Role};
+use infer::chat::{Delta, Message, ReplyParser, Role};
 use infer::{Event, Finish, SamplingParams, Seq};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -354,7 +354,7 @@ fn submit(
         prompt: job.prompt.clone(),
         params: job.params,
         max_tokens: job.max_tokens,
-        stop: stop_tokens(&state.tok),
+        stop: state.chat.stop_tokens(),
     };
     state.engine.submit(seq, sink).map_err(|e| match e {
         infer::SubmitError::QueueFull(_) => ApiError::rate_limited(
@@ -476,16 +476,19 @@ pub async fn chat_completions(
     Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (tok, fits) = (state.tok.clone(), Fits::of(&state));
+    let (chat, fits) = (state.chat.clone(), Fits::of(&state));
     let (common, prompt) = off_the_workers(move || {
         let req: ChatRequest = parse(body)?;
         let messages = to_messages(req.messages)?;
         fits.check(messages.iter().map(|m| m.content.len()).sum(), "messages")?;
-        Ok((req.common, render_prompt(&tok, &messages)))
+        let prompt = chat
+            .render(&messages)
+            .map_err(|e| ApiError::invalid(e).param("messages"))?;
+        Ok((req.common, prompt))
     })
     .await?;
     let job = common.job(&state, prompt, usize::MAX)?;
-    let parser = ReplyParser::new(state.tok.clone(), job.stops.clone());
+    let parser = state.chat.parser(job.stops.clone());
     respond(state, caller, Kind::Chat, job, parser).await
 }
 
@@ -494,7 +497,7 @@ pub async fn completions(
     Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (tok, fits) = (state.tok.clone(), Fits::of(&state));
+    let (chat, fits) = (state.chat.clone(), Fits::of(&state));
     let (common, prompt) = off_the_workers(move || {
         let req: CompletionRequest = parse(body)?;
         let text = match req.prompt {
@@ -507,16 +510,16 @@ pub async fn completions(
             }
         };
         fits.check(text.len(), "prompt")?;
-        // documents are separated by <|end|> in training data, so it also marks a start; the
-        // prompt itself is text, whatever markers it spells
-        let mut prompt = vec![tok.special("<|end|>").expect("moelab tokenizer")];
-        prompt.extend(tok.encode(&text));
+        // the format's document start (moelab: <|end|>, a Llama: its BOS); the prompt itself
+        // is text, whatever markers it spells
+        let mut prompt = chat.prefix().to_vec();
+        prompt.extend(chat.tok.encode(&text));
         Ok((req.common, prompt))
     })
     .await?;
     // OpenAI's default for completions
     let job = common.job(&state, prompt, 16)?;
-    let parser = ReplyParser::plain(state.tok.clone(), job.stops.clone());
+    let parser = state.chat.plain_parser(job.stops.clone());
     respond(state, caller, Kind::Completion, job, parser).await
 }
 

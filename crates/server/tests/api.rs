@@ -35,7 +35,8 @@ fn fixture(name: &str, engine: EngineConfig, cfg: ServerConfig) -> Fixture {
         let _ = std::fs::remove_file(format!("{}{ext}", db.display()));
     }
     let keys = KeyStore::open(&db).unwrap();
-    let state = AppState::new(Engine::start(&mc.model, params, engine), tok, keys, cfg);
+    let chat = infer::chat::ChatFormat::moelab(std::sync::Arc::new(tok)).unwrap();
+    let state = AppState::new(Engine::start(&mc.model, params, engine), chat, keys, cfg);
     Fixture {
         app: app(state.clone()),
         state,

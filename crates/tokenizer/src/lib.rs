@@ -69,6 +69,12 @@ fn hf(e: impl std::fmt::Display) -> Error {
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: HfTokenizer,
+    /// Ids of the special (control) added tokens, sorted: they carry no text in a reply.
+    control: Vec<u32>,
+    /// Ids of every added token (special or not), sorted.
+    added: Vec<u32>,
+    /// Whether the chat format's special tokens are ids 0..6 (a tokenizer moelab trained).
+    moelab: bool,
 }
 
 impl Tokenizer {
@@ -126,7 +132,25 @@ impl Tokenizer {
     /// text from users, clients, corpora and traces can never forge a turn.
     fn wrap(mut inner: HfTokenizer) -> Tokenizer {
         inner.set_encode_special_tokens(true);
-        Tokenizer { inner }
+        let decoder = inner.get_added_tokens_decoder();
+        let mut control: Vec<u32> = decoder
+            .iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| *id)
+            .collect();
+        control.sort_unstable();
+        let mut added: Vec<u32> = decoder.keys().copied().collect();
+        added.sort_unstable();
+        let moelab = SPECIAL_TOKENS
+            .iter()
+            .enumerate()
+            .all(|(i, s)| inner.token_to_id(s) == Some(i as u32));
+        Tokenizer {
+            inner,
+            control,
+            added,
+            moelab,
+        }
     }
 
     /// Loads a `tokenizer.json`.
@@ -143,7 +167,9 @@ impl Tokenizer {
     }
 
     /// Parses the bytes of a `tokenizer.json` read from `path` (named in errors): for callers
-    /// that also hash the bytes, so the file is read once.
+    /// that also hash the bytes, so the file is read once. Any Hugging Face tokenizer loads
+    /// (an imported model's); [`Tokenizer::is_moelab`] tells whether it has moelab's chat
+    /// tokens.
     pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Tokenizer> {
         let ferr = |msg: String| Error::File {
             path: path.into(),
@@ -155,15 +181,39 @@ impl Tokenizer {
                 short(&e)
             ))
         })?;
-        let t = Tokenizer::wrap(inner);
-        for (i, s) in SPECIAL_TOKENS.iter().enumerate() {
-            if t.inner.token_to_id(s) != Some(i as u32) {
-                return Err(ferr(format!(
-                    "special token {s} is not id {i}: not a moelab tokenizer"
-                )));
-            }
+        Ok(Tokenizer::wrap(inner))
+    }
+
+    /// Wraps a tokenizer built in code (e.g. from a GGUF file's vocabulary).
+    pub fn from_hf(inner: HfTokenizer) -> Tokenizer {
+        Tokenizer::wrap(inner)
+    }
+
+    /// Whether this tokenizer has moelab's chat tokens at ids 0..6 (one moelab trained, as
+    /// opposed to an imported model's).
+    pub fn is_moelab(&self) -> bool {
+        self.moelab
+    }
+
+    /// Refuses a tokenizer without moelab's chat tokens, for the work that renders moelab's
+    /// own chat format (task data, distillation, task evaluation). `path` is named.
+    pub fn require_moelab(&self, path: &Path) -> Result<()> {
+        if self.moelab {
+            return Ok(());
         }
-        Ok(t)
+        let i = SPECIAL_TOKENS
+            .iter()
+            .enumerate()
+            .position(|(i, s)| self.inner.token_to_id(s) != Some(i as u32))
+            .unwrap_or(0);
+        Err(Error::File {
+            path: path.into(),
+            msg: format!(
+                "special token {} is not id {i}: not a moelab tokenizer (an imported model \
+                 chats in its own template; task data and distillation need moelab's format)",
+                SPECIAL_TOKENS[i]
+            ),
+        })
     }
 
     /// The canonical JSON (pretty-printed; the same bytes for the same tokenizer).
@@ -203,8 +253,9 @@ impl Tokenizer {
     /// Bytes of the longest token's text (at least 1): a text of n bytes is at least
     /// n / max_token_bytes tokens, a bound known without encoding it.
     pub fn max_token_bytes(&self) -> usize {
-        (SPECIAL_TOKENS.len()..self.vocab_size())
-            .map(|id| self.decode(&[id as u32]).len())
+        (0..self.vocab_size() as u32)
+            .filter(|id| !self.is_control(*id))
+            .map(|id| self.decode(&[id]).len())
             .max()
             .unwrap_or(1)
             .max(1)
@@ -215,11 +266,38 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
-    /// Id of a special token such as `"<|end|>"`.
+    /// Id of an added token such as `"<|end|>"` or `"<|im_start|>"` (None when the string
+    /// is not one token of this tokenizer's added vocabulary).
     pub fn special(&self, s: &str) -> Option<u32> {
-        SPECIAL_TOKENS
+        if self.moelab {
+            if let Some(i) = SPECIAL_TOKENS.iter().position(|x| *x == s) {
+                return Some(i as u32);
+            }
+        }
+        let id = self.inner.token_to_id(s)?;
+        self.added.binary_search(&id).is_ok().then_some(id)
+    }
+
+    /// Whether `id` is a control token (a special added token: it carries no text in a
+    /// reply).
+    pub fn is_control(&self, id: u32) -> bool {
+        self.control.binary_search(&id).is_ok()
+    }
+
+    /// The special (control) added tokens' strings with their ids, longest string first:
+    /// what a chat template may emit as control tokens.
+    pub fn control_tokens(&self) -> Vec<(String, u32)> {
+        let mut v: Vec<(String, u32)> = self
+            .control
             .iter()
-            .position(|x| *x == s)
-            .map(|i| i as u32)
+            .filter_map(|&id| self.inner.id_to_token(id).map(|s| (s, id)))
+            .collect();
+        v.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        v
+    }
+
+    /// The token string of `id` as the vocabulary spells it (byte-level symbols undecoded).
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
     }
 }

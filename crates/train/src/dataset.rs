@@ -131,6 +131,7 @@ impl Dataset {
         seq_len: usize,
     ) -> Result<Dataset> {
         let tok = Tokenizer::from_file(tokenizer).map_err(data::Error::from)?;
+        tok.require_moelab(tokenizer).map_err(data::Error::from)?;
         check_vocab(
             &tokenizer.display().to_string(),
             tok.vocab_size(),
