@@ -87,6 +87,9 @@ enum Cmd {
     /// Replay a run from its manifest and check that it reproduces the weights bit for bit.
     #[command(after_help = cmd::verify::EXAMPLES)]
     Verify(cmd::verify::VerifyArgs),
+    /// Import a Hugging Face model dir as a run (its weights, tokenizer and chat template).
+    #[command(after_help = cmd::import::EXAMPLES)]
+    Import(cmd::import::ImportArgs),
     /// Weights hash (sha256 of the tensors in name order) of a run's latest checkpoint.
     #[command(after_help = cmd::hash::EXAMPLES)]
     Hash(cmd::hash::HashArgs),
@@ -120,6 +123,7 @@ fn main() {
         Cmd::Keys(c) => cmd::keys::run(c),
         Cmd::Distill(c) => cmd::distill::run(c),
         Cmd::Hash(a) => cmd::hash::run(a),
+        Cmd::Import(a) => cmd::import::run(a),
         Cmd::Verify(a) => cmd::verify::run(a),
         Cmd::Report(a) => cmd::report::run(a),
     };

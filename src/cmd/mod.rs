@@ -8,6 +8,7 @@ pub mod demo;
 pub mod distill;
 pub mod eval;
 pub mod hash;
+pub mod import;
 pub mod keys;
 pub mod prepare;
 pub mod report;

@@ -30,6 +30,8 @@ pub struct JinjaTemplate {
     env: Environment<'static>,
     bos: String,
     eos: String,
+    /// The model has no chat template (a base model): only raw completions.
+    empty: bool,
 }
 
 #[derive(Serialize)]
@@ -62,11 +64,17 @@ impl JinjaTemplate {
             env,
             bos: bos.into(),
             eos: eos.into(),
+            empty: source.trim().is_empty(),
         })
     }
 
     /// The template's text for `messages` with message i's content as a sentinel.
     fn render_sentinels(&self, messages: &[Message]) -> Result<String, String> {
+        if self.empty {
+            return Err(
+                "this model has no chat template (a base model): use raw completions".into(),
+            );
+        }
         let msgs: Vec<Msg> = messages
             .iter()
             .enumerate()

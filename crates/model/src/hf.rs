@@ -258,7 +258,18 @@ impl HfModel {
     }
 
     fn source(&self, name: &str) -> Vec<String> {
-        let one = |s: &str| vec![s.to_string()];
+        self.source_alternatives(name)
+            .into_iter()
+            .next()
+            .unwrap_or_default()
+    }
+
+    /// The ways a checkpoint may spell a moelab tensor, preferred first: transformers 5
+    /// holds experts fused (`mlp.experts.gate_up_proj`, what the golden tests use) but
+    /// `save_pretrained` writes them per expert (`experts.{e}.gate_proj` ..., Mixtral's
+    /// `block_sparse_moe.experts.{e}.w1/w3/w2`), as older checkpoints on the Hub are.
+    fn source_alternatives(&self, name: &str) -> Vec<Vec<String>> {
+        let one = |s: &str| vec![vec![s.to_string()]];
         match name {
             "embed.weight" => return one("model.embed_tokens.weight"),
             "norm.weight" => return one("model.norm.weight"),
@@ -271,7 +282,22 @@ impl HfModel {
         let (l, part) = rest.split_once('.').unwrap_or((rest, ""));
         let p = format!("model.layers.{l}");
         let attn = |x: &str| format!("{p}.self_attn.{x}_proj.weight");
-        match part {
+        let e = self.config.n_experts;
+        let mixtral = self.family == Family::Mixtral;
+        let per_expert = |names: &[&str]| -> Vec<String> {
+            let mut v = vec![];
+            for i in 0..e {
+                for n in names {
+                    v.push(if mixtral {
+                        format!("{p}.block_sparse_moe.experts.{i}.{n}.weight")
+                    } else {
+                        format!("{p}.mlp.experts.{i}.{n}.weight")
+                    });
+                }
+            }
+            v
+        };
+        let v = match part {
             "attn_norm.weight" => vec![format!("{p}.input_layernorm.weight")],
             "ffn_norm.weight" => vec![format!("{p}.post_attention_layernorm.weight")],
             "attn.wqkv.weight" => vec![attn("q"), attn("k"), attn("v")],
@@ -293,10 +319,48 @@ impl HfModel {
                 format!("{p}.mlp.up_proj.weight"),
             ],
             "mlp.w_down.weight" => vec![format!("{p}.mlp.down_proj.weight")],
-            "moe.router.weight" => vec![format!("{p}.mlp.gate.weight")],
-            "moe.experts.w_gate_up" => vec![format!("{p}.mlp.experts.gate_up_proj")],
-            "moe.experts.w_down" => vec![format!("{p}.mlp.experts.down_proj")],
+            "moe.router.weight" => {
+                let mut v = vec![vec![format!("{p}.mlp.gate.weight")]];
+                if mixtral {
+                    v.push(vec![format!("{p}.block_sparse_moe.gate.weight")]);
+                }
+                return v;
+            }
+            "moe.experts.w_gate_up" => {
+                let legacy = if mixtral {
+                    per_expert(&["w1", "w3"])
+                } else {
+                    per_expert(&["gate_proj", "up_proj"])
+                };
+                return vec![vec![format!("{p}.mlp.experts.gate_up_proj")], legacy];
+            }
+            "moe.experts.w_down" => {
+                let legacy = per_expert(&[if mixtral { "w2" } else { "down_proj" }]);
+                return vec![vec![format!("{p}.mlp.experts.down_proj")], legacy];
+            }
             _ => vec![],
+        };
+        vec![v]
+    }
+
+    /// Builds moelab's parameter buffer from a model dir's tensors (fused or per-expert
+    /// names, any float dtype the dir holds).
+    pub fn load_weights(
+        &self,
+        layout: &Layout,
+        st: &crate::tensors::SafetensorsDir,
+    ) -> Result<Vec<f32>> {
+        let mut failed = None;
+        let out = self.assemble(layout, |name| match st.get_f32(name) {
+            Ok(v) => v,
+            Err(e) => {
+                failed.get_or_insert(e);
+                None
+            }
+        });
+        match failed {
+            Some(e) => Err(e),
+            None => out,
         }
     }
 
@@ -309,16 +373,33 @@ impl HfModel {
         mut get: impl FnMut(&str) -> Option<Vec<T>>,
     ) -> Result<Vec<T>> {
         let mut out = vec![T::default(); layout.total];
-        for (t, (_, srcs)) in layout.tensors.iter().zip(self.sources(layout)) {
-            if srcs.is_empty() {
+        for t in &layout.tensors {
+            let alts = self.source_alternatives(&t.name);
+            if alts.is_empty() {
                 return Err(cfg_err(
                     &t.name,
                     format!("no {} tensor maps onto it", self.family.name()),
                 ));
             }
+            // the first spelling whose first tensor is present (else the preferred one, so
+            // the error names it)
+            let mut chosen = None;
+            for srcs in &alts {
+                if let Some(first) = get(&srcs[0]) {
+                    chosen = Some((srcs.clone(), first));
+                    break;
+                }
+            }
+            let Some((srcs, first)) = chosen else {
+                return Err(cfg_err(&alts[0][0], "missing from the weights"));
+            };
+            let mut first = Some(first);
             let mut at = t.offset;
             for s in &srcs {
-                let vals = get(s).ok_or_else(|| cfg_err(s, "missing from the weights"))?;
+                let vals = match first.take() {
+                    Some(v) => v,
+                    None => get(s).ok_or_else(|| cfg_err(s, "missing from the weights"))?,
+                };
                 if at + vals.len() > t.offset + t.len {
                     return Err(cfg_err(
                         s,

@@ -21,6 +21,7 @@ pub mod moe;
 pub mod optim;
 pub mod params;
 pub mod profile;
+pub mod tensors;
 
 pub use config::{Balance, Config, ModelConfig, OnAnomaly, QkNorm, RouterScore, TrainConfig};
 pub use error::{Error, Result};

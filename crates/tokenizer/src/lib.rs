@@ -296,6 +296,25 @@ impl Tokenizer {
         v
     }
 
+    /// Ids the tokenizer's post-processor puts before a text (a Llama's BOS; none for
+    /// moelab's): what a raw completion prompt starts with.
+    pub fn text_prefix(&self) -> Vec<u32> {
+        let with = self
+            .inner
+            .encode_fast("a", true)
+            .map(|e| e.get_ids().to_vec());
+        let without = self.encode("a");
+        match with {
+            Ok(w) => {
+                let at = (0..=w.len().saturating_sub(without.len()))
+                    .find(|&i| w[i..].starts_with(&without))
+                    .unwrap_or(0);
+                w[..at].to_vec()
+            }
+            Err(_) => vec![],
+        }
+    }
+
     /// The token string of `id` as the vocabulary spells it (byte-level symbols undecoded).
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)

@@ -1,0 +1,114 @@
+//! The run dir an import writes: `config.toml` (the model section; `[train]` at its
+//! defaults), `tokenizer.json`, `chat.json` (the model's chat format), `import.json` (what
+//! it came from, with the sha256 of every source file) and a step-0 checkpoint holding the
+//! weights as the fp32 master copy. Written into a temp dir renamed into place at the end:
+//! an import that fails leaves nothing behind.
+
+use crate::{ferr, Result};
+use infer::chat::{ChatSpec, CHAT_FILE};
+use model::{Config, Model, ModelConfig, Optimizer};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// File in an imported run dir recording the source.
+pub const IMPORT_FILE: &str = "import.json";
+
+/// Where imported weights came from.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Source {
+    /// "hf" (a Hugging Face model dir) or "gguf".
+    pub format: String,
+    /// The family (`model_type` / `general.architecture`).
+    pub family: String,
+    /// The source as given, absolute.
+    pub path: String,
+    /// sha256 of every file read, by name.
+    pub sha256: BTreeMap<String, String>,
+    /// The moelab version that imported it.
+    pub code_version: String,
+}
+
+/// A model read from another format, ready to become a run dir.
+pub struct Imported {
+    pub config: ModelConfig,
+    pub params: Vec<f32>,
+    /// The tokenizer.json bytes.
+    pub tokenizer_json: Vec<u8>,
+    pub chat: ChatSpec,
+    pub source: Source,
+}
+
+/// Writes `imp` as a run dir at `out`, which must not exist.
+pub fn write_run(out: &Path, imp: &Imported) -> Result<()> {
+    if out.exists() {
+        return Err(ferr(
+            out,
+            "already exists; choose a new --out (an import never overwrites a run)",
+        ));
+    }
+    let name = out
+        .file_name()
+        .ok_or_else(|| ferr(out, "not a dir name"))?
+        .to_string_lossy()
+        .into_owned();
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| ferr(&parent, e.to_string()))?;
+    let tmp = parent.join(format!(".{name}.import-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let res = write_into(&tmp, imp).and_then(|_| {
+        std::fs::rename(&tmp, out).map_err(|e| ferr(out, format!("cannot move into place ({e})")))
+    });
+    if res.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    res
+}
+
+fn write_into(dir: &Path, imp: &Imported) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| ferr(dir, e.to_string()))?;
+    let mut cfg = Config {
+        model: imp.config.clone(),
+        train: Default::default(),
+    };
+    // `train --init` reads its own config; this one only has to be valid
+    cfg.train.seq_len = cfg.train.seq_len.min(cfg.model.max_seq_len);
+    cfg.validate()?;
+    let put = |name: &str, bytes: &[u8]| data::write_atomic(&dir.join(name), bytes);
+    put("config.toml", cfg.to_toml().as_bytes()).map_err(map_data)?;
+    put("tokenizer.json", &imp.tokenizer_json).map_err(map_data)?;
+    let chat = serde_json::to_string_pretty(&imp.chat).expect("serialises");
+    put(CHAT_FILE, chat.as_bytes()).map_err(map_data)?;
+    let src = serde_json::to_string_pretty(&imp.source).expect("serialises");
+    put(IMPORT_FILE, src.as_bytes()).map_err(map_data)?;
+    let mut m = Model::new(&imp.config, 1, 1, 0);
+    assert_eq!(
+        m.params.len(),
+        imp.params.len(),
+        "params laid out by the config"
+    );
+    m.params.copy_from_slice(&imp.params);
+    let opt = Optimizer::new(&m);
+    let state = train::checkpoint::State {
+        format_version: train::checkpoint::FORMAT_VERSION,
+        step: 0,
+        next_batch: 0,
+        tokens_seen: 0,
+        seed: 0,
+        weights_hash: model::io::weights_hash(&m.layout, &m.params),
+        files: Default::default(),
+        model: imp.config.clone(),
+        loss_ema: None,
+        skip_steps: vec![],
+        checksum: String::new(),
+    };
+    train::checkpoint::save(dir, &m, &opt, &state, 1)?;
+    Ok(())
+}
+
+fn map_data(e: data::Error) -> crate::Error {
+    crate::Error::Train(train::Error::Data(e))
+}

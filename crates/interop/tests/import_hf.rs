@@ -1,0 +1,189 @@
+//! `moelab import` of Hugging Face model dirs as `save_pretrained` writes them
+//! (tests/golden/import, by reference/make_hf_import.py): every family, f32 and bf16, one
+//! file and shards, per-expert and fused expert names. The imported run must tokenize like
+//! transformers (chat template included) and give its top-5 next-token log-probabilities.
+//! The HTTP API's logprobs are checked against the same numbers in the root suite.
+
+use infer::chat::{ChatFormat, Message, Role};
+use model::decode::Decoder;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokenizer::Tokenizer;
+
+const VARIANTS: [&str; 7] = [
+    "llama",
+    "llama-bf16-sharded",
+    "mixtral-sharded",
+    "mixtral-fused",
+    "qwen2_moe-bf16",
+    "qwen3_moe",
+    "olmoe",
+];
+
+fn golden(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/golden/import")
+        .join(name)
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("moelab-import-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Log-softmax of the logits after feeding `prompt`.
+fn logprobs(run: &Path, prompt: &[u32]) -> Vec<f64> {
+    let lr = train::load_run(run).unwrap();
+    let mut d = Decoder::new(&lr.cfg.model);
+    let mut logits = vec![];
+    for &t in prompt {
+        logits = d.step(&lr.params, t).to_vec();
+    }
+    let m = logits.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
+    let z: f64 = logits.iter().map(|&x| (x as f64 - m).exp()).sum();
+    logits.iter().map(|&x| x as f64 - m - z.ln()).collect()
+}
+
+fn check_top5(name: &str, got: &[f64], want: &Value) {
+    for (k, pair) in want.as_array().unwrap().iter().enumerate() {
+        let id = pair[0].as_u64().unwrap() as usize;
+        let lp = pair[1].as_f64().unwrap();
+        assert!(
+            (got[id] - lp).abs() < 1e-4,
+            "{name}: top-{k} id {id}: moelab {} transformers {lp}",
+            got[id]
+        );
+    }
+    // and the same ranking: nothing outside transformers' top 5 beats its 5th
+    let fifth = want[4][1].as_f64().unwrap();
+    let listed: Vec<usize> = (0..5)
+        .map(|k| want[k][0].as_u64().unwrap() as usize)
+        .collect();
+    for (id, &v) in got.iter().enumerate() {
+        if !listed.contains(&id) {
+            assert!(
+                v < fifth + 1e-4,
+                "{name}: id {id} ({v}) outranks transformers' top 5"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_family_imports_and_computes_what_transformers_computes() {
+    for name in VARIANTS {
+        let src = golden(name);
+        let out = tmp(name);
+        let imp = interop::hf::import_dir(&src, None).unwrap();
+        interop::run::write_run(&out, &imp).unwrap();
+        let exp: Value =
+            serde_json::from_slice(&std::fs::read(src.join("expected.json")).unwrap()).unwrap();
+
+        let tok = Arc::new(Tokenizer::from_file(&out.join("tokenizer.json")).unwrap());
+        let chat = ChatFormat::load(&out, tok.clone()).unwrap();
+        let msgs: Vec<Message> = exp["chat"]["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                let role = match m["role"].as_str().unwrap() {
+                    "system" => Role::System,
+                    "user" => Role::User,
+                    _ => Role::Assistant,
+                };
+                Message::new(role, m["content"].as_str().unwrap())
+            })
+            .collect();
+        let chat_ids = chat.render(&msgs).unwrap();
+        assert_eq!(
+            chat_ids,
+            ids(&exp["chat"]["ids"]),
+            "{name}: chat template ids"
+        );
+        let mut text_ids = chat.prefix().to_vec();
+        text_ids.extend(tok.encode(exp["text"]["text"].as_str().unwrap()));
+        assert_eq!(text_ids, ids(&exp["text"]["ids"]), "{name}: text ids");
+
+        check_top5(name, &logprobs(&out, &chat_ids), &exp["chat"]["top5"]);
+        check_top5(name, &logprobs(&out, &text_ids), &exp["text"]["top5"]);
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}
+
+/// A copy of golden dir `name` in a temp dir, to break.
+fn copy(name: &str) -> PathBuf {
+    let d = tmp(&format!("src-{name}"));
+    std::fs::create_dir_all(&d).unwrap();
+    for e in std::fs::read_dir(golden(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
+    }
+    d
+}
+
+fn import_err(src: &Path) -> String {
+    let out = tmp("bad-out");
+    let e = interop::hf::import_dir(src, None)
+        .and_then(|imp| interop::run::write_run(&out, &imp))
+        .expect_err("import must fail")
+        .to_string();
+    assert!(!out.exists(), "a failed import left {}", out.display());
+    assert!(!e.contains('\n'), "one line: {e}");
+    e
+}
+
+#[test]
+fn bad_model_dirs_are_refused_by_name_and_nothing_is_written() {
+    // a shard listed in the index but missing
+    let d = copy("mixtral-sharded");
+    std::fs::remove_file(d.join("model-00003-of-00005.safetensors")).unwrap();
+    let e = import_err(&d);
+    assert!(
+        e.contains("model-00003-of-00005.safetensors") && e.contains("missing"),
+        "{e}"
+    );
+
+    // a truncated shard
+    let d = copy("llama");
+    let f = d.join("model.safetensors");
+    let b = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &b[..b.len() / 2]).unwrap();
+    let e = import_err(&d);
+    assert!(e.contains("truncated"), "{e}");
+
+    // an architecture moelab does not compute
+    let d = copy("llama");
+    let p = d.join("config.json");
+    let s = std::fs::read_to_string(&p).unwrap();
+    std::fs::write(&p, s.replace("\"llama\"", "\"gpt_neox\"")).unwrap();
+    let e = import_err(&d);
+    assert!(
+        e.contains("gpt_neox") && e.contains("not a supported family"),
+        "{e}"
+    );
+
+    // a tokenizer with more ids than the model has embeddings
+    let d = copy("llama");
+    let p = d.join("config.json");
+    let s = std::fs::read_to_string(&p).unwrap();
+    std::fs::write(&p, s.replace("\"vocab_size\": 320", "\"vocab_size\": 300")).unwrap();
+    let e = import_err(&d);
+    assert!(e.contains("320 tokens") && e.contains("300"), "{e}");
+
+    // a run dir that exists is never overwritten
+    let out = tmp("exists");
+    std::fs::create_dir_all(&out).unwrap();
+    let imp = interop::hf::import_dir(&golden("llama"), None).unwrap();
+    let e = interop::run::write_run(&out, &imp).unwrap_err().to_string();
+    assert!(e.contains("already exists"), "{e}");
+}
