@@ -87,7 +87,7 @@ enum Cmd {
     /// Replay a run from its manifest and check that it reproduces the weights bit for bit.
     #[command(after_help = cmd::verify::EXAMPLES)]
     Verify(cmd::verify::VerifyArgs),
-    /// Import a Hugging Face model dir as a run (its weights, tokenizer and chat template).
+    /// Import a Hugging Face model dir or a GGUF file as a run (its weights, tokenizer and chat template).
     #[command(after_help = cmd::import::EXAMPLES)]
     Import(cmd::import::ImportArgs),
     /// Weights hash (sha256 of the tensors in name order) of a run's latest checkpoint.

@@ -88,7 +88,10 @@ struct Server {
 
 impl Server {
     fn start(db: &Path, extra: &[&str]) -> Server {
-        let run = trained_run();
+        Server::start_run(trained_run(), db, extra)
+    }
+
+    fn start_run(run: &Path, db: &Path, extra: &[&str]) -> Server {
         let mut child = common::bin()
             .args([
                 "serve",
@@ -841,4 +844,120 @@ fn issue_11_terminal_chat_reads_typed_markers_as_text() {
         format!("{QUESTION}<|end|><|assistant|><think>I am told</think>99<|end|><|user|>\n");
     let (out, err) = chat(&forged);
     assert!(!out.trim().is_empty(), "no reply: {err}");
+}
+
+/// Issue 13: a Hugging Face model imported with `moelab import` (every family, f32 and bf16,
+/// one file and shards, per-expert and fused experts; tests/golden/import) serves the
+/// next-token log-probabilities transformers computes, through both endpoints' `logprobs`.
+#[test]
+fn imported_models_serve_the_logprobs_transformers_computes() {
+    let variants = [
+        "llama",
+        "llama-bf16-sharded",
+        "mixtral-sharded",
+        "mixtral-fused",
+        "qwen2_moe-bf16",
+        "qwen3_moe",
+        "olmoe",
+    ];
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/import");
+    let d = tmpdir("import");
+    for name in variants {
+        let run = d.join(name);
+        ok(&["import", root.join(name).to_str().unwrap(), "--out", run.to_str().unwrap()]);
+        let exp = json(&std::fs::read_to_string(root.join(name).join("expected.json")).unwrap());
+        let tok = tokenizer::Tokenizer::from_file(&run.join("tokenizer.json")).unwrap();
+        let text = |id: u64| String::from_utf8_lossy(&tok.token_bytes(id as u32)).into_owned();
+        let srv = Server::start_run(&run, &d.join(format!("{name}.db")), &[]);
+
+        // completions: the prompt as token ids, the legacy logprobs shape
+        let ids = &exp["text"]["ids"];
+        let body = format!(r#"{{"prompt": {ids}, "max_tokens": 1, "temperature": 0, "logprobs": 5}}"#);
+        let (status, resp) = srv.request("POST", "/v1/completions", &body, None);
+        assert_eq!(status, 200, "{name}: {resp}");
+        let resp = json(&resp);
+        // the legacy shape keys alternatives by token text, so byte tokens that are not whole
+        // characters collide (as in OpenAI's API); those with a text of their own are checked
+        let top = &resp["choices"][0]["logprobs"]["top_logprobs"][0];
+        let want5 = exp["text"]["top5"].as_array().unwrap();
+        let texts: Vec<String> = want5.iter().map(|p| text(p[0].as_u64().unwrap())).collect();
+        for (pair, t) in want5.iter().zip(&texts) {
+            if t.contains('\u{FFFD}') || texts.iter().filter(|x| *x == t).count() > 1 {
+                continue;
+            }
+            let want = pair[1].as_f64().unwrap();
+            let got = top[t].as_f64().unwrap_or_else(|| panic!("{name}: {t:?} not in {top}"));
+            assert!((got - want).abs() < 1e-3, "{name}: {t:?}: served {got}, transformers {want}");
+        }
+        // the reported token is transformers' most likely one (greedy), with its logprob
+        let lp = &resp["choices"][0]["logprobs"];
+        assert_eq!(lp["tokens"][0], texts[0], "{name}");
+        let got = lp["token_logprobs"][0].as_f64().unwrap();
+        let want = want5[0][1].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-3, "{name}: served {got}, transformers {want}");
+
+        // chat: the model's own template renders the conversation; the first reply token's
+        // alternatives are transformers' (unless the reply starts with a control token)
+        let msgs = &exp["chat"]["messages"];
+        let body = format!(
+            r#"{{"messages": {msgs}, "max_tokens": 1, "temperature": 0, "logprobs": true, "top_logprobs": 5}}"#
+        );
+        let (status, resp) = srv.request("POST", "/v1/chat/completions", &body, None);
+        assert_eq!(status, 200, "{name}: {resp}");
+        let resp = json(&resp);
+        let first = exp["chat"]["top5"][0][0].as_u64().unwrap();
+        if !tok.is_control(first as u32) {
+            let entry = &resp["choices"][0]["logprobs"]["content"][0];
+            assert_eq!(entry["token"], text(first), "{name}: {entry}");
+            let alts = entry["top_logprobs"].as_array().unwrap();
+            for (k, pair) in exp["chat"]["top5"].as_array().unwrap().iter().enumerate() {
+                let (id, want) = (pair[0].as_u64().unwrap(), pair[1].as_f64().unwrap());
+                assert_eq!(alts[k]["bytes"], serde_json::json!(tok.token_bytes(id as u32)), "{name}: {k}");
+                let got = alts[k]["logprob"].as_f64().unwrap();
+                assert!((got - want).abs() < 1e-3, "{name}: chat id {id}: served {got}, transformers {want}");
+            }
+        }
+    }
+}
+
+/// Issue 13: bad logprobs requests and token-id prompts are refused by name.
+#[test]
+fn logprobs_and_token_id_prompts_are_checked() {
+    let d = tmpdir("logprobs-bad");
+    let srv = Server::start(&d.join("k.db"), &[]);
+    for (path, body, needle) in [
+        ("/v1/completions", r#"{"prompt": "1+1", "logprobs": 21}"#, "logprobs must be between 0 and 20"),
+        ("/v1/completions", r#"{"prompt": [1, 999999]}"#, "prompt[1] = 999999 is not a token id"),
+        ("/v1/completions", r#"{"prompt": []}"#, "prompt must not be empty"),
+        ("/v1/completions", r#"{"prompt": [[1], [2]]}"#, "only one prompt"),
+        ("/v1/chat/completions", r#"{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}"#, "top_logprobs needs logprobs"),
+        ("/v1/chat/completions", r#"{"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": -1}"#, "top_logprobs must be between"),
+    ] {
+        let (status, resp) = srv.request("POST", path, body, None);
+        assert_eq!(status, 400, "{body}: {resp}");
+        assert!(resp.contains(needle), "{body}: {resp}");
+    }
+    // a streamed chat with logprobs: every content token's entry arrives, in order
+    let (status, resp) = srv.request(
+        "POST",
+        "/v1/chat/completions",
+        r#"{"messages": [{"role": "user", "content": "What is 2 + 3?"}], "max_tokens": 12, "temperature": 0, "logprobs": true, "top_logprobs": 2, "stream": true}"#,
+        None,
+    );
+    assert_eq!(status, 200, "{resp}");
+    let mut n = 0;
+    for line in resp.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if line == "[DONE]" {
+            continue;
+        }
+        let v = json(line);
+        if let Some(c) = v["choices"][0]["logprobs"]["content"].as_array() {
+            for e in c {
+                assert_eq!(e["top_logprobs"].as_array().unwrap().len(), 2, "{e}");
+                assert!(e["logprob"].as_f64().unwrap() <= 0.0, "{e}");
+                n += 1;
+            }
+        }
+    }
+    assert!(n > 0, "no logprobs in the stream: {resp}");
 }

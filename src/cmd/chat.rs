@@ -113,6 +113,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
             },
             max_tokens: a.max_tokens.unwrap_or(left).min(left),
             stop: chat.stop_tokens(),
+            logprobs: None,
         };
         turn += 1;
         let answer = stream_reply(&engine, &chat, seq, !a.hide_reasoning, tty)?;
@@ -176,6 +177,7 @@ fn stream_reply(
     let mut finish = Finish::Stop;
     for ev in rx {
         match ev {
+            Event::Logprobs(_) => {}
             Event::Token(t) => p.print(parser.push(t))?,
             Event::Done(f) => {
                 finish = f;

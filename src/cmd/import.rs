@@ -2,7 +2,8 @@
 
 /// `--help` examples.
 pub const EXAMPLES: &str = "Examples:
-  moelab import ~/models/SmolLM2-135M-Instruct --out runs/smollm2
+  moelab import SmolLM2-135M-Instruct.Q4_1.gguf --out runs/smollm2
+  moelab import ~/models/SmolLM2-135M-Instruct --out runs/smollm2-hf
   moelab import ~/models/Qwen3-30B-A3B --out runs/qwen3 --context 4096
   moelab chat runs/smollm2";
 
@@ -12,7 +13,7 @@ use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct ImportArgs {
-    /// A Hugging Face model dir (config.json, *.safetensors, tokenizer.json).
+    /// A Hugging Face model dir (config.json, *.safetensors, tokenizer.json) or a GGUF file.
     src: PathBuf,
     /// The run dir to create (must not exist).
     #[arg(long)]
@@ -23,6 +24,16 @@ pub struct ImportArgs {
     context: Option<usize>,
 }
 
+/// Whether `p` starts with GGUF's magic.
+fn is_gguf(p: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut m = [0u8; 4];
+    std::fs::File::open(p)
+        .and_then(|mut f| f.read_exact(&mut m))
+        .is_ok()
+        && &m == interop::gguf::file::MAGIC
+}
+
 pub fn run(a: ImportArgs) -> Result<()> {
     if a.context == Some(0) {
         bail!("--context must be at least 1");
@@ -30,14 +41,17 @@ pub fn run(a: ImportArgs) -> Result<()> {
     if !a.src.exists() {
         bail!("{}: no such file or dir", a.src.display());
     }
-    if !a.src.is_dir() {
+    eprintln!("reading {}", a.src.display());
+    let imp = if a.src.is_dir() {
+        interop::hf::import_dir(&a.src, a.context)?
+    } else if is_gguf(&a.src) {
+        interop::gguf::import_file(&a.src, a.context)?
+    } else {
         bail!(
-            "{}: expected a Hugging Face model dir (config.json, *.safetensors, tokenizer.json)",
+            "{}: expected a Hugging Face model dir (config.json, *.safetensors, tokenizer.json) or a GGUF file",
             a.src.display()
         );
-    }
-    eprintln!("reading {}", a.src.display());
-    let imp = interop::hf::import_dir(&a.src, a.context)?;
+    };
     let c = &imp.config;
     eprintln!(
         "{}: {} layers, d_model {}, {} heads ({} kv), {}, vocab {}, context {}",

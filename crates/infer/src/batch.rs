@@ -23,10 +23,49 @@ pub enum Finish {
 }
 
 /// What a sequence reports after a step.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Event {
+    /// The log-probabilities of the token reported next (only when the sequence asked
+    /// for them, [`Seq::logprobs`]).
+    Logprobs(Box<TokenLogprobs>),
     Token(u32),
     Done(Finish),
+}
+
+/// A generated token's log-probability under the model (its distribution before
+/// temperature, top-k and top-p) and the most likely alternatives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprobs {
+    pub id: u32,
+    pub logprob: f32,
+    /// The `n` most likely tokens, most likely first (ties: lower id first).
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprobs {
+    /// Log-softmax of `logits` (in f64) at `id`, and its `n` most likely tokens.
+    pub fn of(logits: &[f32], id: u32, n: usize) -> TokenLogprobs {
+        let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+        let lse = m + logits
+            .iter()
+            .map(|&x| (x as f64 - m).exp())
+            .sum::<f64>()
+            .ln();
+        let lp = |i: usize| (logits[i] as f64 - lse) as f32;
+        let mut idx: Vec<usize> = (0..logits.len()).collect();
+        let n = n.min(idx.len());
+        let by = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+        if n > 0 && n < idx.len() {
+            idx.select_nth_unstable_by(n - 1, by);
+        }
+        idx.truncate(n);
+        idx.sort_by(by);
+        TokenLogprobs {
+            id,
+            logprob: lp(id as usize),
+            top: idx.into_iter().map(|i| (i as u32, lp(i))).collect(),
+        }
+    }
 }
 
 /// A sequence to generate.
@@ -38,6 +77,9 @@ pub struct Seq {
     pub max_tokens: usize,
     /// Tokens that end the sequence.
     pub stop: Vec<u32>,
+    /// Report each token's log-probability and this many alternatives
+    /// ([`Event::Logprobs`] before each [`Event::Token`]); None: no log-probabilities.
+    pub logprobs: Option<usize>,
 }
 
 impl Seq {
@@ -139,10 +181,18 @@ impl<K: Copy> Batch<K> {
                 a.next = a.seq.prompt[a.fed];
                 continue;
             }
-            let tok = a.sampler.sample(&logits[row * v..(row + 1) * v]);
+            let row = &logits[row * v..(row + 1) * v];
+            let tok = a.sampler.sample(row);
             a.generated += 1;
             a.next = tok;
-            let done = if !on(a.key, Event::Token(tok)) {
+            let cancelled = match a.seq.logprobs {
+                Some(n) => !on(
+                    a.key,
+                    Event::Logprobs(Box::new(TokenLogprobs::of(row, tok, n))),
+                ),
+                None => false,
+            };
+            let done = if cancelled || !on(a.key, Event::Token(tok)) {
                 Some(Finish::Cancelled)
             } else if a.seq.stop.contains(&tok) {
                 Some(Finish::Stop)

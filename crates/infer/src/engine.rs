@@ -214,12 +214,11 @@ fn run(
         let mut generated = 0;
         batch.step(&params, &mut |id, ev| {
             let sink = sinks.get_mut(&id).expect("a sink per running request");
+            let (token, done) = (matches!(ev, Event::Token(_)), matches!(ev, Event::Done(_)));
             let keep = sink(ev);
-            match ev {
-                Event::Token(_) => generated += 1,
-                Event::Done(_) => {
-                    sinks.remove(&id);
-                }
+            generated += token as u64;
+            if done {
+                sinks.remove(&id);
             }
             keep
         });

@@ -46,6 +46,7 @@ pub fn generate(
                 params: r.params,
                 max_tokens: r.max_tokens,
                 stop: stop.to_vec(),
+                logprobs: None,
             };
             if let Err(finish) = batch.admit(i, seq) {
                 let g = Generated {
@@ -61,6 +62,7 @@ pub fn generate(
         }
         batch.step(params, &mut |i, ev| {
             match ev {
+                Event::Logprobs(_) => {}
                 Event::Token(t) => out[i].push(t),
                 Event::Done(finish) => {
                     let g = Generated {

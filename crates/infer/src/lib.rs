@@ -12,7 +12,7 @@ pub mod sampling;
 pub mod tasks;
 pub mod template;
 
-pub use batch::{Event, Finish, Seq};
+pub use batch::{Event, Finish, Seq, TokenLogprobs};
 pub use engine::{Engine, EngineConfig, Sink, Stats, SubmitError};
 pub use generate::{generate, Generated, Request};
 pub use sampling::{Sampler, SamplingParams};

@@ -96,6 +96,7 @@ fn collect(rx: std::sync::mpsc::Receiver<Event>) -> (Vec<u32>, Finish) {
     let mut toks = vec![];
     for ev in rx {
         match ev {
+            Event::Logprobs(_) => {}
             Event::Token(t) => toks.push(t),
             Event::Done(f) => return (toks, f),
         }
@@ -122,6 +123,7 @@ fn engine_requests_from_many_threads_equal_generation_alone() {
         params: r.params,
         max_tokens: r.max_tokens,
         stop: vec![],
+        logprobs: None,
     };
     std::thread::scope(|s| {
         let hs: Vec<_> = reqs
@@ -177,6 +179,7 @@ fn engine_queue_is_bounded() {
         params: reqs[0].params,
         max_tokens: 4,
         stop: vec![],
+        logprobs: None,
     };
     engine
         .submit(
@@ -201,4 +204,17 @@ fn engine_queue_is_bounded() {
     assert_eq!(collect(a).0.len(), 4);
     assert_eq!(collect(b).0.len(), 4);
     assert!(submit(&engine, seq, usize::MAX).is_ok(), "room again");
+}
+
+#[test]
+fn logprobs_are_the_model_distribution_and_its_top_n() {
+    let logits = [0.5f32, 2.0, -1.0, 2.0, 0.0];
+    let lp = infer::TokenLogprobs::of(&logits, 3, 3);
+    let z: f64 = logits.iter().map(|&x| (x as f64).exp()).sum();
+    let want = |i: usize| (logits[i] as f64 - z.ln()) as f32;
+    assert_eq!(lp.logprob, want(3));
+    // most likely first; a tie goes to the lower id
+    assert_eq!(lp.top, vec![(1, want(1)), (3, want(3)), (0, want(0))]);
+    assert_eq!(infer::TokenLogprobs::of(&logits, 2, 0).top, vec![]);
+    assert_eq!(infer::TokenLogprobs::of(&logits, 2, 99).top.len(), 5);
 }

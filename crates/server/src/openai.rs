@@ -18,12 +18,13 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures_util::stream::{self, Stream};
 use infer::chat::{Delta, Message, ReplyParser, Role};
-use infer::{Event, Finish, SamplingParams, Seq};
+use infer::{Event, Finish, SamplingParams, Seq, TokenLogprobs};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
+use tokenizer::Tokenizer;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 #[derive(Deserialize)]
@@ -77,6 +78,10 @@ struct Common {
 #[derive(Deserialize)]
 struct ChatRequest {
     messages: Vec<ChatMessage>,
+    /// Return each content token's log-probability (`choices[].logprobs.content`).
+    logprobs: Option<bool>,
+    /// With `logprobs`: this many most likely alternatives per token (0-20).
+    top_logprobs: Option<i64>,
     #[serde(flatten)]
     common: Common,
 }
@@ -86,13 +91,31 @@ struct ChatRequest {
 enum Prompt {
     One(String),
     Many(Vec<String>),
+    /// Token ids, fed as they are.
+    Ids(Vec<u32>),
+    ManyIds(Vec<Vec<u32>>),
 }
 
 #[derive(Deserialize)]
 struct CompletionRequest {
     prompt: Prompt,
+    /// The legacy shape: log-probabilities of each token and of this many alternatives (0-20).
+    logprobs: Option<i64>,
     #[serde(flatten)]
     common: Common,
+}
+
+/// Alternatives per token at most (OpenAI's limit).
+const MAX_TOP_LOGPROBS: i64 = 20;
+
+fn top_logprobs(n: i64, param: &'static str) -> Result<usize, ApiError> {
+    if !(0..=MAX_TOP_LOGPROBS).contains(&n) {
+        return Err(ApiError::invalid(format!(
+            "{param} must be between 0 and {MAX_TOP_LOGPROBS}, got {n}"
+        ))
+        .param(param));
+    }
+    Ok(n as usize)
 }
 
 /// The error for a body that could not be read (413 when it is over the limit).
@@ -128,6 +151,8 @@ struct Job {
     stops: Vec<String>,
     stream: bool,
     include_usage: bool,
+    /// Alternatives per token when log-probabilities are asked for.
+    logprobs: Option<usize>,
 }
 
 /// Stop sequences per request at most (OpenAI's limit).
@@ -238,6 +263,7 @@ impl Common {
                     .unwrap_or_default()
                     .include_usage
                     .unwrap_or(false),
+            logprobs: None,
         })
     }
 }
@@ -323,6 +349,7 @@ fn submit(
     let mut generated = 0usize;
     let sink = Box::new(move |ev: Event| {
         match ev {
+            Event::Logprobs(_) => {}
             Event::Token(_) => {
                 if generated == 0 {
                     metrics.first_token(start.elapsed().as_secs_f64());
@@ -355,6 +382,7 @@ fn submit(
         params: job.params,
         max_tokens: job.max_tokens,
         stop: state.chat.stop_tokens(),
+        logprobs: job.logprobs,
     };
     state.engine.submit(seq, sink).map_err(|e| match e {
         infer::SubmitError::QueueFull(_) => ApiError::rate_limited(
@@ -377,17 +405,63 @@ fn submit(
 struct Reader {
     rx: UnboundedReceiver<Event>,
     parser: ReplyParser,
+    tok: Arc<Tokenizer>,
     completion_tokens: usize,
     finish: Option<&'static str>,
+    /// Log-probabilities of text tokens not yet returned with a chunk.
+    logprobs: Vec<TokenLogprobs>,
 }
 
 impl Reader {
-    fn new(rx: UnboundedReceiver<Event>, parser: ReplyParser) -> Reader {
+    fn new(rx: UnboundedReceiver<Event>, parser: ReplyParser, tok: Arc<Tokenizer>) -> Reader {
         Reader {
             rx,
             parser,
+            tok,
             completion_tokens: 0,
             finish: None,
+            logprobs: vec![],
+        }
+    }
+
+    /// The log-probabilities gathered since the last call, in `kind`'s shape (null when the
+    /// request asked for none).
+    fn take_logprobs(&mut self, kind: Kind, asked: bool, offset: &mut usize) -> Value {
+        if !asked {
+            return Value::Null;
+        }
+        let entries = std::mem::take(&mut self.logprobs);
+        let tok = &self.tok;
+        let text = |id: u32| String::from_utf8_lossy(&tok.token_bytes(id)).into_owned();
+        match kind {
+            Kind::Chat => {
+                let one = |id: u32, lp: f32| json!({"token": text(id), "logprob": lp, "bytes": tok.token_bytes(id)});
+                let content: Vec<Value> = entries
+                    .iter()
+                    .map(|e| {
+                        let mut v = one(e.id, e.logprob);
+                        v["top_logprobs"] =
+                            Value::Array(e.top.iter().map(|&(i, l)| one(i, l)).collect());
+                        v
+                    })
+                    .collect();
+                json!({ "content": content })
+            }
+            Kind::Completion => {
+                let mut offsets = vec![];
+                for e in &entries {
+                    offsets.push(*offset);
+                    *offset += text(e.id).len();
+                }
+                json!({
+                    "tokens": entries.iter().map(|e| text(e.id)).collect::<Vec<_>>(),
+                    "token_logprobs": entries.iter().map(|e| e.logprob).collect::<Vec<_>>(),
+                    "top_logprobs": entries.iter().map(|e| {
+                        Value::Object(e.top.iter().map(|&(i, l)| (text(i), json!(l))).collect())
+                    }).collect::<Vec<_>>(),
+                    "text_offset": offsets,
+                })
+            }
         }
     }
 
@@ -396,6 +470,12 @@ impl Reader {
         while self.finish.is_none() {
             let ev = self.rx.recv().await;
             match ev {
+                Some(Event::Logprobs(lp)) => {
+                    // control tokens (the stop token, reasoning markers) are not text
+                    if !self.tok.is_control(lp.id) && !self.parser.stopped() {
+                        self.logprobs.push(*lp);
+                    }
+                }
                 Some(Event::Token(t)) => {
                     self.completion_tokens += 1;
                     let d = self.parser.push(t);
@@ -477,17 +557,27 @@ pub async fn chat_completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let (chat, fits) = (state.chat.clone(), Fits::of(&state));
-    let (common, prompt) = off_the_workers(move || {
+    let (common, prompt, logprobs) = off_the_workers(move || {
         let req: ChatRequest = parse(body)?;
+        let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
+            (true, n) => Some(top_logprobs(n.unwrap_or(0), "top_logprobs")?),
+            (false, Some(_)) => {
+                return Err(
+                    ApiError::invalid("top_logprobs needs logprobs: true").param("top_logprobs")
+                )
+            }
+            (false, None) => None,
+        };
         let messages = to_messages(req.messages)?;
         fits.check(messages.iter().map(|m| m.content.len()).sum(), "messages")?;
         let prompt = chat
             .render(&messages)
             .map_err(|e| ApiError::invalid(e).param("messages"))?;
-        Ok((req.common, prompt))
+        Ok((req.common, prompt, logprobs))
     })
     .await?;
-    let job = common.job(&state, prompt, usize::MAX)?;
+    let mut job = common.job(&state, prompt, usize::MAX)?;
+    job.logprobs = logprobs;
     let parser = state.chat.parser(job.stops.clone());
     respond(state, caller, Kind::Chat, job, parser).await
 }
@@ -498,29 +588,55 @@ pub async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let (chat, fits) = (state.chat.clone(), Fits::of(&state));
-    let (common, prompt) = off_the_workers(move || {
+    let vocab = state.engine.config().vocab_size;
+    let (common, prompt, logprobs) = off_the_workers(move || {
         let req: CompletionRequest = parse(body)?;
+        let logprobs = req
+            .logprobs
+            .map(|n| top_logprobs(n, "logprobs"))
+            .transpose()?;
+        let one = || ApiError::invalid("only one prompt per request is supported").param("prompt");
         let text = match req.prompt {
             Prompt::One(s) => s,
             Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
-            Prompt::Many(_) => {
-                return Err(
-                    ApiError::invalid("only one prompt per request is supported").param("prompt"),
-                )
+            Prompt::Many(v) if v.is_empty() => {
+                return Err(ApiError::invalid("prompt must not be empty").param("prompt"))
             }
+            Prompt::Many(_) => return Err(one()),
+            Prompt::Ids(ids) => return Ok((req.common, check_ids(ids, vocab)?, logprobs)),
+            Prompt::ManyIds(mut v) if v.len() == 1 => {
+                return Ok((req.common, check_ids(v.remove(0), vocab)?, logprobs))
+            }
+            Prompt::ManyIds(_) => return Err(one()),
         };
         fits.check(text.len(), "prompt")?;
         // the format's document start (moelab: <|end|>, a Llama: its BOS); the prompt itself
         // is text, whatever markers it spells
         let mut prompt = chat.prefix().to_vec();
         prompt.extend(chat.tok.encode(&text));
-        Ok((req.common, prompt))
+        Ok((req.common, prompt, logprobs))
     })
     .await?;
     // OpenAI's default for completions
-    let job = common.job(&state, prompt, 16)?;
+    let mut job = common.job(&state, prompt, 16)?;
+    job.logprobs = logprobs;
     let parser = state.chat.plain_parser(job.stops.clone());
     respond(state, caller, Kind::Completion, job, parser).await
+}
+
+/// A prompt given as token ids: fed as they are (ids the client chose, control tokens
+/// included), each below the vocabulary size.
+fn check_ids(ids: Vec<u32>, vocab: usize) -> Result<Vec<u32>, ApiError> {
+    if ids.is_empty() {
+        return Err(ApiError::invalid("prompt must not be empty").param("prompt"));
+    }
+    if let Some((i, t)) = ids.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
+        return Err(ApiError::invalid(format!(
+            "prompt[{i}] = {t} is not a token id (the vocabulary has {vocab})"
+        ))
+        .param("prompt"));
+    }
+    Ok(ids)
 }
 
 async fn respond(
@@ -531,7 +647,7 @@ async fn respond(
     parser: ReplyParser,
 ) -> Result<Response, ApiError> {
     let rx = submit(&state, &caller, kind, &job)?;
-    let reader = Reader::new(rx, parser);
+    let reader = Reader::new(rx, parser, state.tok.clone());
     let id = match kind {
         Kind::Chat => format!("chatcmpl-{:x}{:08x}", now(), next_id()),
         Kind::Completion => format!("cmpl-{:x}{:08x}", now(), next_id()),
@@ -542,6 +658,7 @@ async fn respond(
         model: state.cfg.model_name.clone(),
         kind,
         prompt_tokens: job.prompt.len(),
+        logprobs: job.logprobs.is_some(),
     };
     if job.stream {
         Ok(stream_response(head, reader, job.include_usage).into_response())
@@ -557,6 +674,8 @@ struct Head {
     model: String,
     kind: Kind,
     prompt_tokens: usize,
+    /// Whether the request asked for log-probabilities.
+    logprobs: bool,
 }
 
 async fn whole_response(h: Head, mut r: Reader) -> Value {
@@ -565,6 +684,7 @@ async fn whole_response(h: Head, mut r: Reader) -> Value {
         reasoning += &d.reasoning;
         content += &d.content;
     }
+    let logprobs = r.take_logprobs(h.kind, h.logprobs, &mut 0);
     let finish = r.finish.unwrap_or("stop");
     let usage = r.usage(h.prompt_tokens);
     match h.kind {
@@ -573,32 +693,32 @@ async fn whole_response(h: Head, mut r: Reader) -> Value {
             "choices": [{
                 "index": 0,
                 "message": {"role": "assistant", "content": content, "reasoning_content": reasoning},
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": finish,
             }],
             "usage": usage,
         }),
         Kind::Completion => json!({
             "id": h.id, "object": "text_completion", "created": h.created, "model": h.model,
-            "choices": [{"index": 0, "text": content, "logprobs": null, "finish_reason": finish}],
+            "choices": [{"index": 0, "text": content, "logprobs": logprobs, "finish_reason": finish}],
             "usage": usage,
         }),
     }
 }
 
 impl Head {
-    fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
+    fn chunk(&self, delta: Value, logprobs: Value, finish: Option<&str>) -> Value {
         match self.kind {
             Kind::Chat => json!({
                 "id": self.id, "object": "chat.completion.chunk", "created": self.created,
                 "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
             }),
             Kind::Completion => json!({
                 "id": self.id, "object": "text_completion", "created": self.created,
                 "model": self.model,
                 "choices": [{"index": 0, "text": delta.get("content").cloned().unwrap_or(json!("")),
-                             "logprobs": null, "finish_reason": finish}],
+                             "logprobs": logprobs, "finish_reason": finish}],
             }),
         }
     }
@@ -627,40 +747,51 @@ fn stream_response(
     include_usage: bool,
 ) -> Sse<impl Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
     let data = |v: Value| SseEvent::default().data(v.to_string());
-    let events = stream::unfold((h, r, Phase::Start), move |(h, mut r, phase)| async move {
-        let (ev, phase) = match phase {
-            Phase::Start => {
-                let first = match h.kind {
-                    Kind::Chat => h.chunk(json!({"role": "assistant", "content": ""}), None),
-                    Kind::Completion => h.chunk(json!({"content": ""}), None),
-                };
-                (data(first), Phase::Body)
-            }
-            Phase::Body => match r.next().await {
-                Some(d) => {
-                    let mut delta = serde_json::Map::new();
-                    if !d.reasoning.is_empty() {
-                        delta.insert("reasoning_content".into(), json!(d.reasoning));
-                    }
-                    if !d.content.is_empty() {
-                        delta.insert("content".into(), json!(d.content));
-                    }
-                    (data(h.chunk(Value::Object(delta), None)), Phase::Body)
-                }
-                None => {
-                    let next = if include_usage {
-                        Phase::Usage
-                    } else {
-                        Phase::Done
+    // bytes of completion text before the next chunk's tokens (legacy `text_offset`)
+    let offset = 0usize;
+    let events = stream::unfold(
+        (h, r, Phase::Start, offset),
+        move |(h, mut r, phase, mut offset)| async move {
+            let (ev, phase) = match phase {
+                Phase::Start => {
+                    let first = match h.kind {
+                        Kind::Chat => h.chunk(
+                            json!({"role": "assistant", "content": ""}),
+                            Value::Null,
+                            None,
+                        ),
+                        Kind::Completion => h.chunk(json!({"content": ""}), Value::Null, None),
                     };
-                    (data(h.chunk(json!({}), r.finish)), next)
+                    (data(first), Phase::Body)
                 }
-            },
-            Phase::Usage => (data(h.usage_chunk(r.usage(h.prompt_tokens))), Phase::Done),
-            Phase::Done => (SseEvent::default().data("[DONE]"), Phase::End),
-            Phase::End => return None,
-        };
-        Some((Ok(ev), (h, r, phase)))
-    });
+                Phase::Body => match r.next().await {
+                    Some(d) => {
+                        let mut delta = serde_json::Map::new();
+                        if !d.reasoning.is_empty() {
+                            delta.insert("reasoning_content".into(), json!(d.reasoning));
+                        }
+                        if !d.content.is_empty() {
+                            delta.insert("content".into(), json!(d.content));
+                        }
+                        let lp = r.take_logprobs(h.kind, h.logprobs, &mut offset);
+                        (data(h.chunk(Value::Object(delta), lp, None)), Phase::Body)
+                    }
+                    None => {
+                        let next = if include_usage {
+                            Phase::Usage
+                        } else {
+                            Phase::Done
+                        };
+                        let lp = r.take_logprobs(h.kind, h.logprobs, &mut offset);
+                        (data(h.chunk(json!({}), lp, r.finish)), next)
+                    }
+                },
+                Phase::Usage => (data(h.usage_chunk(r.usage(h.prompt_tokens))), Phase::Done),
+                Phase::Done => (SseEvent::default().data("[DONE]"), Phase::End),
+                Phase::End => return None,
+            };
+            Some((Ok(ev), (h, r, phase, offset)))
+        },
+    );
     Sse::new(events).keep_alive(KeepAlive::default())
 }

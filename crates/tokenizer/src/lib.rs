@@ -315,8 +315,44 @@ impl Tokenizer {
         }
     }
 
+    /// The bytes of token `id`'s text (a byte-level token can be part of a UTF-8 character,
+    /// which [`Tokenizer::decode`] would show as U+FFFD); empty for control tokens.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        if self.is_control(id) {
+            return vec![];
+        }
+        let Some(s) = self.inner.id_to_token(id) else {
+            return vec![];
+        };
+        let map = byte_level_inverse();
+        let bytes: Option<Vec<u8>> = s.chars().map(|c| map.get(&c).copied()).collect();
+        bytes.unwrap_or_else(|| self.decode(&[id]).into_bytes())
+    }
+
     /// The token string of `id` as the vocabulary spells it (byte-level symbols undecoded).
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
+}
+
+/// GPT-2's byte-to-character table inverted: byte-level BPE spells byte b as one printable
+/// character (itself for printable ASCII and Latin-1, 256 + n for the others).
+fn byte_level_inverse() -> &'static std::collections::HashMap<char, u8> {
+    static MAP: std::sync::OnceLock<std::collections::HashMap<char, u8>> =
+        std::sync::OnceLock::new();
+    MAP.get_or_init(|| {
+        let mut m = std::collections::HashMap::new();
+        let mut n = 0u32;
+        for b in 0..=255u8 {
+            let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+            let c = if printable {
+                b as u32
+            } else {
+                n += 1;
+                255 + n
+            };
+            m.insert(char::from_u32(c).expect("valid char"), b);
+        }
+        m
+    })
 }

@@ -1,0 +1,283 @@
+//! A GGUF file (llama.cpp's format) as a moelab run: metadata becomes the model config,
+//! tensors are dequantized to the fp32 master copy (the llama architecture's q/k row
+//! permutation undone), and the tokenizer is rebuilt from `tokenizer.ggml.*`.
+//!
+//! The mapping goes through Hugging Face names: the metadata is read as the `config.json`
+//! transformers would have, and each Hugging Face tensor is found under its GGUF name. So a
+//! GGUF model and its Hugging Face original share `model::hf`'s mapping, which the golden
+//! tests prove against transformers.
+//!
+//! Architectures: `llama` (Llama, SmolLM, Mistral-style dense models and Mixtral, which
+//! GGUF stores as llama with experts). Others are refused by name.
+
+pub mod file;
+pub mod quant;
+mod tokenizer;
+
+pub use tokenizer::build as tokenizer;
+
+use crate::run::{Imported, Source};
+use crate::{ferr, Result};
+use file::{GgufFile, Value};
+use infer::chat::ChatSpec;
+use model::hf::{config_from_hf, HfModel};
+use model::Layout;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Reads the GGUF file at `path`; `context` caps the context length as for Hugging Face
+/// dirs.
+pub fn import_file(path: &Path, context: Option<usize>) -> Result<Imported> {
+    let f = GgufFile::open(path)?;
+    let arch = f
+        .get("general.architecture")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    if arch != "llama" {
+        return Err(ferr(
+            path,
+            format!("general.architecture \"{arch}\" is not supported (moelab reads llama: Llama, SmolLM, Mixtral)"),
+        ));
+    }
+    let tok = tokenizer::build(&f)?;
+    let hf_json = hf_config(&f, &arch, tok.vocab_size())?;
+    let hf = config_from_hf(&hf_json).map_err(|e| ferr(path, e.to_string()))?;
+    let mut config = hf.config.clone();
+    config.max_seq_len = match context {
+        Some(c) => c,
+        None => config.max_seq_len.min(crate::hf::DEFAULT_MAX_CONTEXT),
+    };
+    config.validate().map_err(|e| ferr(path, e.to_string()))?;
+    let layout = Layout::new(&config);
+    let params = load_weights(&f, &hf, &layout)?;
+    let tokenizer_json = tok
+        .to_json()
+        .map_err(|e| ferr(path, e.to_string()))?
+        .into_bytes();
+    let chat = chat_spec(&f, &tok);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(Imported {
+        config,
+        params,
+        tokenizer_json,
+        chat,
+        source: Source {
+            format: "gguf".into(),
+            family: hf.family.name().into(),
+            path: std::fs::canonicalize(path)
+                .unwrap_or_else(|_| path.to_path_buf())
+                .display()
+                .to_string(),
+            sha256: BTreeMap::from([(name, f.sha256())]),
+            code_version: train::manifest::code_version(),
+        },
+    })
+}
+
+fn meta_u64(f: &GgufFile, key: &str) -> Result<u64> {
+    f.get(key).and_then(Value::as_u64).ok_or_else(|| {
+        ferr(
+            &f.path,
+            format!("metadata {key} is missing or not an integer"),
+        )
+    })
+}
+
+fn meta_f64(f: &GgufFile, key: &str, default: f64) -> f64 {
+    f.get(key).and_then(Value::as_f64).unwrap_or(default)
+}
+
+/// The metadata as the Hugging Face `config.json` of the same model.
+fn hf_config(f: &GgufFile, arch: &str, vocab: usize) -> Result<serde_json::Value> {
+    let k = |s: &str| format!("{arch}.{s}");
+    if let Some(t) = f.get(&k("rope.scaling.type")).and_then(Value::as_str) {
+        if t != "none" {
+            return Err(ferr(
+                &f.path,
+                format!(
+                    "{}: RoPE scaling \"{t}\" is not supported yet",
+                    k("rope.scaling.type")
+                ),
+            ));
+        }
+    }
+    let heads = meta_u64(f, &k("attention.head_count"))?;
+    let experts = f
+        .get(&k("expert_count"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let hidden = meta_u64(f, &k("embedding_length"))?;
+    let mut c = json!({
+        "model_type": if experts > 1 { "mixtral" } else { "llama" },
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": meta_u64(f, &k("feed_forward_length"))?,
+        "num_hidden_layers": meta_u64(f, &k("block_count"))?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": f.get(&k("attention.head_count_kv")).and_then(Value::as_u64).unwrap_or(heads),
+        "max_position_embeddings": meta_u64(f, &k("context_length"))?,
+        "rms_norm_eps": meta_f64(f, &k("attention.layer_norm_rms_epsilon"), 1e-5),
+        "rope_theta": meta_f64(f, &k("rope.freq_base"), 10000.0),
+        "tie_word_embeddings": f.tensor("output.weight").is_none(),
+        "hidden_act": "silu",
+    });
+    if let Some(hd) = f.get(&k("attention.key_length")).and_then(Value::as_u64) {
+        c["head_dim"] = json!(hd);
+    }
+    if experts > 1 {
+        c["num_local_experts"] = json!(experts);
+        c["num_experts_per_tok"] = json!(meta_u64(f, &k("expert_used_count"))?);
+        if let Some(ff) = f
+            .get(&k("expert_feed_forward_length"))
+            .and_then(Value::as_u64)
+        {
+            c["intermediate_size"] = json!(ff);
+        }
+    }
+    Ok(c)
+}
+
+/// GGUF's name of a Hugging Face tensor name (llama architecture).
+fn gguf_name(hf: &str) -> Option<String> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(s) = fixed {
+        return Some(s.into());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (l, part) = rest.split_once('.')?;
+    let g = match part {
+        "input_layernorm.weight" => "attn_norm.weight",
+        "post_attention_layernorm.weight" => "ffn_norm.weight",
+        "self_attn.q_proj.weight" => "attn_q.weight",
+        "self_attn.k_proj.weight" => "attn_k.weight",
+        "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.o_proj.weight" => "attn_output.weight",
+        "mlp.gate_proj.weight" => "ffn_gate.weight",
+        "mlp.up_proj.weight" => "ffn_up.weight",
+        "mlp.down_proj.weight" => "ffn_down.weight",
+        "mlp.gate.weight" => "ffn_gate_inp.weight",
+        "mlp.experts.down_proj" => "ffn_down_exps.weight",
+        _ => return None,
+    };
+    Some(format!("blk.{l}.{g}"))
+}
+
+/// Undoes convert_hf_to_gguf.py's permutation of q/k rows (llama.cpp's RoPE pairs
+/// adjacent elements, Hugging Face's pairs halves): GGUF row `h*hd + 2i + j` is Hugging
+/// Face row `h*hd + j*hd/2 + i`.
+fn unpermute(w: &[f32], n_head: usize, cols: usize) -> Vec<f32> {
+    let rows = w.len() / cols;
+    let hd = rows / n_head;
+    let mut out = vec![0f32; w.len()];
+    for h in 0..n_head {
+        for i in 0..hd / 2 {
+            for j in 0..2 {
+                let src = (h * hd + 2 * i + j) * cols;
+                let dst = (h * hd + j * hd / 2 + i) * cols;
+                out[dst..dst + cols].copy_from_slice(&w[src..src + cols]);
+            }
+        }
+    }
+    out
+}
+
+fn load_weights(f: &GgufFile, hf: &HfModel, layout: &Layout) -> Result<Vec<f32>> {
+    let c = &hf.config;
+    let mut failed = None;
+    let get = |name: &str| -> Result<Option<Vec<f32>>> {
+        // fused experts: per expert, its gate rows then its up rows
+        if let Some(l) = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.strip_suffix(".mlp.experts.gate_up_proj"))
+        {
+            let (Some(g), Some(u)) = (
+                f.f32(&format!("blk.{l}.ffn_gate_exps.weight"))?,
+                f.f32(&format!("blk.{l}.ffn_up_exps.weight"))?,
+            ) else {
+                return Ok(None);
+            };
+            let per = g.len() / c.n_experts;
+            let mut v = Vec::with_capacity(2 * g.len());
+            for e in 0..c.n_experts {
+                v.extend_from_slice(&g[e * per..(e + 1) * per]);
+                v.extend_from_slice(&u[e * per..(e + 1) * per]);
+            }
+            return Ok(Some(v));
+        }
+        let Some(g) = gguf_name(name) else {
+            return Ok(None);
+        };
+        let Some(w) = f.f32(&g)? else {
+            return Ok(None);
+        };
+        Ok(Some(if name.ends_with("self_attn.q_proj.weight") {
+            unpermute(&w, c.n_heads, c.d_model)
+        } else if name.ends_with("self_attn.k_proj.weight") {
+            unpermute(&w, c.n_kv_heads, c.d_model)
+        } else {
+            w
+        }))
+    };
+    let out = hf.assemble(layout, |name| match get(name) {
+        Ok(v) => v,
+        Err(e) => {
+            failed.get_or_insert(e);
+            None
+        }
+    });
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    out.map_err(|e| ferr(&f.path, e.to_string()))
+}
+
+/// The chat format from `tokenizer.chat_template` and the EOS (plus, as llama.cpp does,
+/// the end-of-turn token `tokenizer.ggml.eot_token_id` when set).
+fn chat_spec(f: &GgufFile, tok: &::tokenizer::Tokenizer) -> ChatSpec {
+    let tname = |key: &str| {
+        f.get(key)
+            .and_then(Value::as_u64)
+            .and_then(|id| tok.id_to_token(id as u32))
+    };
+    let bos = tname("tokenizer.ggml.bos_token_id").unwrap_or_default();
+    let eos = tname("tokenizer.ggml.eos_token_id").unwrap_or_default();
+    let mut stop = vec![];
+    for s in [Some(eos.clone()), tname("tokenizer.ggml.eot_token_id")]
+        .into_iter()
+        .flatten()
+    {
+        if !s.is_empty() && !stop.contains(&s) {
+            stop.push(s);
+        }
+    }
+    let think = match (tok.special("<think>"), tok.special("</think>")) {
+        (Some(_), Some(_)) => Some(["<think>".to_string(), "</think>".to_string()]),
+        _ => None,
+    };
+    ChatSpec {
+        template: f
+            .get("tokenizer.chat_template")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
+        bos_token: bos,
+        eos_token: eos,
+        stop,
+        think,
+        prefix: tok
+            .text_prefix()
+            .into_iter()
+            .filter_map(|id| tok.id_to_token(id))
+            .collect(),
+    }
+}
