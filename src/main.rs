@@ -90,6 +90,9 @@ enum Cmd {
     /// Import a Hugging Face model dir or a GGUF file as a run (its weights, tokenizer and chat template).
     #[command(after_help = cmd::import::EXAMPLES)]
     Import(cmd::import::ImportArgs),
+    /// Turn a dense run into a Mixture-of-Experts run whose experts start as copies of its FFN.
+    #[command(after_help = cmd::upcycle::EXAMPLES)]
+    Upcycle(cmd::upcycle::UpcycleArgs),
     /// Weights hash (sha256 of the tensors in name order) of a run's latest checkpoint.
     #[command(after_help = cmd::hash::EXAMPLES)]
     Hash(cmd::hash::HashArgs),
@@ -124,6 +127,7 @@ fn main() {
         Cmd::Distill(c) => cmd::distill::run(c),
         Cmd::Hash(a) => cmd::hash::run(a),
         Cmd::Import(a) => cmd::import::run(a),
+        Cmd::Upcycle(a) => cmd::upcycle::run(a),
         Cmd::Verify(a) => cmd::verify::run(a),
         Cmd::Report(a) => cmd::report::run(a),
     };

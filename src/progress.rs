@@ -8,7 +8,7 @@ use model::Config;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use train::trainer::{
-    run as train_run, EvalReport, Outcome, Reporter, RunSpec, Source, StepReport, TeacherSpec,
+    run as train_run, EvalReport, Init, Outcome, Reporter, RunSpec, Source, StepReport, TeacherSpec,
 };
 
 struct Bar {
@@ -80,8 +80,9 @@ pub fn train_with_progress(
     teacher: Option<TeacherSpec>,
     out: &Path,
     resume: bool,
+    init: Option<Init>,
 ) -> Result<Outcome> {
-    train_with(cfg, source, teacher, out, resume, None)
+    train_with(cfg, source, teacher, out, resume, init, None)
 }
 
 /// One process of a data-parallel group (only rank 0 draws progress).
@@ -90,9 +91,10 @@ pub fn train_in_group(
     source: Source,
     out: &Path,
     resume: bool,
+    init: Option<Init>,
     comm: &dyn train::dist::Comm,
 ) -> Result<Outcome> {
-    train_with(cfg, source, None, out, resume, Some(comm))
+    train_with(cfg, source, None, out, resume, init, Some(comm))
 }
 
 /// Whether `sig` is set to be ignored (as `nohup` sets SIGHUP).
@@ -110,6 +112,7 @@ fn train_with(
     teacher: Option<TeacherSpec>,
     out: &Path,
     resume: bool,
+    init: Option<Init>,
     comm: Option<&dyn train::dist::Comm>,
 ) -> Result<Outcome> {
     let quiet = comm.is_some_and(|c| c.rank() > 0);
@@ -157,6 +160,7 @@ fn train_with(
         teacher,
         run_dir: out.to_path_buf(),
         resume,
+        init,
         stop: &STOP,
         opts: train::trainer::RunOptions {
             comm,

@@ -2,15 +2,17 @@
 //! run's or a data dir's tokenizer, the `--split` parser, and the progress bar of task
 //! generation. Commands import this module, never each other.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use infer::chat::ChatFormat;
+use infer::chat::{ChatFormat, ChatSpec};
 use infer::tasks::Reasoner;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 use tokenizer::Tokenizer;
 use train::load_run;
+use train::manifest::InitRecord;
+use train::trainer::Init;
 
 /// A run dir (its latest checkpoint) or a checkpoint dir, with its tokenizer, ready to
 /// generate.
@@ -41,6 +43,122 @@ pub fn chat_format(path: &Path, r: &Reasoner) -> Result<ChatFormat> {
     let tok_path = run_tokenizer_path(path, &r.checkpoint)?;
     let run_dir = tok_path.parent().unwrap_or(Path::new("."));
     ChatFormat::load(run_dir, Arc::new(r.tok.clone())).map_err(anyhow::Error::msg)
+}
+
+/// Whether `p` is a file starting with GGUF's magic.
+pub fn is_gguf(p: &Path) -> bool {
+    use std::io::Read;
+    let mut m = [0u8; 4];
+    p.is_file()
+        && std::fs::File::open(p)
+            .and_then(|mut f| f.read_exact(&mut m))
+            .is_ok()
+        && &m == interop::gguf::file::MAGIC
+}
+
+/// What `train --init` starts from.
+pub struct InitSource {
+    pub init: Init,
+    pub model: model::ModelConfig,
+    pub tok: Tokenizer,
+    /// An imported model's chat format (the new run keeps it).
+    pub chat: Option<ChatSpec>,
+}
+
+/// Initial weights for `train --init` from a run or checkpoint dir, a Hugging Face model
+/// dir or a GGUF file (imported in memory), with the model shape, tokenizer and chat format
+/// they belong to.
+pub fn load_init(path: &Path) -> Result<InitSource> {
+    let abs = std::fs::canonicalize(path)
+        .with_context(|| format!("--init {}: no such file or dir", path.display()))?;
+    let is_hf = path.join("config.json").exists() && !path.join("config.toml").exists();
+    let (cfg, params, tok, source_sha256, chat) = if is_hf || is_gguf(path) {
+        let imp = if is_hf {
+            interop::hf::import_dir(path, None)?
+        } else {
+            interop::gguf::import_file(path, None)?
+        };
+        let tok = Tokenizer::from_bytes(path, &imp.tokenizer_json)?;
+        (imp.config, imp.params, tok, imp.source.sha256, imp.chat)
+    } else {
+        let run = load_run(path)?;
+        let tok = run_tokenizer(path, &run.checkpoint)?;
+        let dir = run_tokenizer_path(path, &run.checkpoint)?;
+        let import = dir.with_file_name(interop::run::IMPORT_FILE);
+        let sha = std::fs::read(&import)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<interop::run::Source>(&b).ok())
+            .map(|s| s.sha256)
+            .unwrap_or_default();
+        let chat = std::fs::read(dir.with_file_name(infer::chat::CHAT_FILE))
+            .ok()
+            .map(|b| serde_json::from_slice::<ChatSpec>(&b))
+            .transpose()
+            .context("the --init run's chat.json")?;
+        (run.cfg.model, run.params, tok, sha, chat)
+    };
+    let hash = model::io::weights_hash(&model::Layout::new(&cfg), &params);
+    let init = Init {
+        params,
+        record: InitRecord {
+            path: abs.display().to_string(),
+            weights_hash: hash,
+            source_sha256,
+        },
+    };
+    Ok(InitSource {
+        init,
+        model: cfg,
+        tok,
+        chat,
+    })
+}
+
+/// Refuses a config whose model lays out other tensors than the initial weights'.
+pub fn check_init_fits(
+    init: &Init,
+    init_model: &model::ModelConfig,
+    model: &model::ModelConfig,
+) -> Result<()> {
+    let shapes = |c: &model::ModelConfig| -> Vec<(String, Vec<usize>)> {
+        model::Layout::new(c)
+            .tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.shape.clone()))
+            .collect()
+    };
+    let (a, b) = (shapes(init_model), shapes(model));
+    if a != b {
+        let what = match a.iter().zip(&b).find(|(x, y)| x != y) {
+            Some((x, y)) => format!(
+                "{} {:?} in the initial model, {} {:?} in the config",
+                x.0, x.1, y.0, y.1
+            ),
+            None => format!(
+                "{} tensors in the initial model, {} in the config",
+                a.len(),
+                b.len()
+            ),
+        };
+        bail!(
+            "--init {}: the config's model has another shape ({what}); leave out --config to train the initial model's own shape",
+            init.record.path,
+        );
+    }
+    Ok(())
+}
+
+/// Refuses data encoded with another tokenizer than the initial model's.
+pub fn check_data_tokenizer(data: &Path, tok: &Tokenizer) -> Result<()> {
+    let p = data.join("tokenizer.json");
+    let theirs = Tokenizer::from_file(&p)?;
+    if theirs.to_json()? != tok.to_json()? {
+        bail!(
+            "{} was prepared with another tokenizer than the initial model's; prepare it with `moelab prepare --corpus ... --tokenizer` and the --init run",
+            data.display()
+        );
+    }
+    Ok(())
 }
 
 pub fn run_tokenizer(run: &Path, ckpt: &Path) -> Result<Tokenizer> {

@@ -864,7 +864,12 @@ fn imported_models_serve_the_logprobs_transformers_computes() {
     let d = tmpdir("import");
     for name in variants {
         let run = d.join(name);
-        ok(&["import", root.join(name).to_str().unwrap(), "--out", run.to_str().unwrap()]);
+        ok(&[
+            "import",
+            root.join(name).to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+        ]);
         let exp = json(&std::fs::read_to_string(root.join(name).join("expected.json")).unwrap());
         let tok = tokenizer::Tokenizer::from_file(&run.join("tokenizer.json")).unwrap();
         let text = |id: u64| String::from_utf8_lossy(&tok.token_bytes(id as u32)).into_owned();
@@ -872,7 +877,8 @@ fn imported_models_serve_the_logprobs_transformers_computes() {
 
         // completions: the prompt as token ids, the legacy logprobs shape
         let ids = &exp["text"]["ids"];
-        let body = format!(r#"{{"prompt": {ids}, "max_tokens": 1, "temperature": 0, "logprobs": 5}}"#);
+        let body =
+            format!(r#"{{"prompt": {ids}, "max_tokens": 1, "temperature": 0, "logprobs": 5}}"#);
         let (status, resp) = srv.request("POST", "/v1/completions", &body, None);
         assert_eq!(status, 200, "{name}: {resp}");
         let resp = json(&resp);
@@ -886,15 +892,23 @@ fn imported_models_serve_the_logprobs_transformers_computes() {
                 continue;
             }
             let want = pair[1].as_f64().unwrap();
-            let got = top[t].as_f64().unwrap_or_else(|| panic!("{name}: {t:?} not in {top}"));
-            assert!((got - want).abs() < 1e-3, "{name}: {t:?}: served {got}, transformers {want}");
+            let got = top[t]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{name}: {t:?} not in {top}"));
+            assert!(
+                (got - want).abs() < 1e-3,
+                "{name}: {t:?}: served {got}, transformers {want}"
+            );
         }
         // the reported token is transformers' most likely one (greedy), with its logprob
         let lp = &resp["choices"][0]["logprobs"];
         assert_eq!(lp["tokens"][0], texts[0], "{name}");
         let got = lp["token_logprobs"][0].as_f64().unwrap();
         let want = want5[0][1].as_f64().unwrap();
-        assert!((got - want).abs() < 1e-3, "{name}: served {got}, transformers {want}");
+        assert!(
+            (got - want).abs() < 1e-3,
+            "{name}: served {got}, transformers {want}"
+        );
 
         // chat: the model's own template renders the conversation; the first reply token's
         // alternatives are transformers' (unless the reply starts with a control token)
@@ -912,9 +926,16 @@ fn imported_models_serve_the_logprobs_transformers_computes() {
             let alts = entry["top_logprobs"].as_array().unwrap();
             for (k, pair) in exp["chat"]["top5"].as_array().unwrap().iter().enumerate() {
                 let (id, want) = (pair[0].as_u64().unwrap(), pair[1].as_f64().unwrap());
-                assert_eq!(alts[k]["bytes"], serde_json::json!(tok.token_bytes(id as u32)), "{name}: {k}");
+                assert_eq!(
+                    alts[k]["bytes"],
+                    serde_json::json!(tok.token_bytes(id as u32)),
+                    "{name}: {k}"
+                );
                 let got = alts[k]["logprob"].as_f64().unwrap();
-                assert!((got - want).abs() < 1e-3, "{name}: chat id {id}: served {got}, transformers {want}");
+                assert!(
+                    (got - want).abs() < 1e-3,
+                    "{name}: chat id {id}: served {got}, transformers {want}"
+                );
             }
         }
     }
@@ -926,12 +947,36 @@ fn logprobs_and_token_id_prompts_are_checked() {
     let d = tmpdir("logprobs-bad");
     let srv = Server::start(&d.join("k.db"), &[]);
     for (path, body, needle) in [
-        ("/v1/completions", r#"{"prompt": "1+1", "logprobs": 21}"#, "logprobs must be between 0 and 20"),
-        ("/v1/completions", r#"{"prompt": [1, 999999]}"#, "prompt[1] = 999999 is not a token id"),
-        ("/v1/completions", r#"{"prompt": []}"#, "prompt must not be empty"),
-        ("/v1/completions", r#"{"prompt": [[1], [2]]}"#, "only one prompt"),
-        ("/v1/chat/completions", r#"{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}"#, "top_logprobs needs logprobs"),
-        ("/v1/chat/completions", r#"{"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": -1}"#, "top_logprobs must be between"),
+        (
+            "/v1/completions",
+            r#"{"prompt": "1+1", "logprobs": 21}"#,
+            "logprobs must be between 0 and 20",
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": [1, 999999]}"#,
+            "prompt[1] = 999999 is not a token id",
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": []}"#,
+            "prompt must not be empty",
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": [[1], [2]]}"#,
+            "only one prompt",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}"#,
+            "top_logprobs needs logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": -1}"#,
+            "top_logprobs must be between",
+        ),
     ] {
         let (status, resp) = srv.request("POST", path, body, None);
         assert_eq!(status, 400, "{body}: {resp}");

@@ -77,7 +77,7 @@ fn stage(i: usize, msg: &str, start: Instant) {
 
 fn train(config: &str, steps: u64, seed: u64, source: Source, out: &Path) -> Result<()> {
     let cfg = resolve_config(config, Some(steps), Some(seed))?;
-    if train_with_progress(cfg, source, None, out, false)? == Outcome::Stopped {
+    if train_with_progress(cfg, source, None, out, false, None)? == Outcome::Stopped {
         bail!("demo interrupted");
     }
     Ok(())

@@ -233,6 +233,7 @@ pub fn train(a: TrainArgs) -> Result<train::trainer::Outcome> {
         teacher,
         &a.out,
         a.resume,
+        None,
     )?;
     // what the student learned from, next to its config
     data::write_atomic(

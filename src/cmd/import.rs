@@ -24,16 +24,6 @@ pub struct ImportArgs {
     context: Option<usize>,
 }
 
-/// Whether `p` starts with GGUF's magic.
-fn is_gguf(p: &std::path::Path) -> bool {
-    use std::io::Read;
-    let mut m = [0u8; 4];
-    std::fs::File::open(p)
-        .and_then(|mut f| f.read_exact(&mut m))
-        .is_ok()
-        && &m == interop::gguf::file::MAGIC
-}
-
 pub fn run(a: ImportArgs) -> Result<()> {
     if a.context == Some(0) {
         bail!("--context must be at least 1");
@@ -44,7 +34,7 @@ pub fn run(a: ImportArgs) -> Result<()> {
     eprintln!("reading {}", a.src.display());
     let imp = if a.src.is_dir() {
         interop::hf::import_dir(&a.src, a.context)?
-    } else if is_gguf(&a.src) {
+    } else if crate::runs::is_gguf(&a.src) {
         interop::gguf::import_file(&a.src, a.context)?
     } else {
         bail!(

@@ -15,4 +15,5 @@ pub mod report;
 pub mod sample;
 pub mod serve;
 pub mod train;
+pub mod upcycle;
 pub mod verify;

@@ -1,12 +1,13 @@
 //! `moelab prepare --corpus PATH... --out DATA_DIR` (pretraining text) and
 //! `moelab prepare --task NAME[,NAME...] --out DATA_DIR` (generated reasoning problems).
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use data::prepare::{prepare_corpus, prepare_tasks, PrepareOpts, TaskOpts};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::time::Duration;
+use tokenizer::Tokenizer;
 
 /// `--help` examples.
 pub const EXAMPLES: &str = "Examples:\n  moelab prepare --corpus plays/ --out data/shk\n  moelab prepare --corpus a.txt b.jsonl --out data/mix --vocab-size 8192\n  moelab prepare --task all --n 20000 --out data/tasks\n  moelab prepare --task add,mul --no-reasoning --out data/tasks-answers";
@@ -42,12 +43,43 @@ pub struct PrepareArgs {
     /// length); default: each task's range.
     #[arg(long)]
     difficulty: Option<u32>,
-    /// --task: reuse this tokenizer.json (e.g. a teacher's) instead of training one.
+    /// Reuse this tokenizer instead of training one: a tokenizer.json or a run dir (e.g. a
+    /// teacher's for --task; an imported model's for --corpus, to fine-tune it with
+    /// `train --init`: documents then end with the model's own end-of-text token).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Replace an existing data dir.
     #[arg(long)]
     force: bool,
+}
+
+/// The tokenizer at `p` (a tokenizer.json or a run dir) and the id that ends a document:
+/// `<|end|>` for moelab's tokenizers, the EOS of the run's chat.json for an imported model.
+fn corpus_tokenizer(p: &std::path::Path) -> Result<(Tokenizer, u32)> {
+    let path = crate::runs::tokenizer_path(p);
+    let tok = Tokenizer::from_file(&path)?;
+    if tok.is_moelab() {
+        let end = tok.special("<|end|>").expect("moelab tokenizer");
+        return Ok((tok, end));
+    }
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let spec = dir.join(infer::chat::CHAT_FILE);
+    let eos = std::fs::read(&spec)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<infer::chat::ChatSpec>(&b).ok())
+        .map(|s| s.eos_token)
+        .filter(|s| !s.is_empty())
+        .with_context(|| {
+            format!(
+                "{}: not a moelab tokenizer and no {} beside it names its end-of-text token; pass an imported run dir",
+                path.display(),
+                spec.display()
+            )
+        })?;
+    let end = tok
+        .special(&eos)
+        .with_context(|| format!("{}: eos_token {eos:?} is not one token", spec.display()))?;
+    Ok((tok, end))
 }
 
 pub fn run(a: PrepareArgs) -> Result<()> {
@@ -89,6 +121,7 @@ pub fn run(a: PrepareArgs) -> Result<()> {
         vocab_size: a.vocab_size,
         val_fraction: a.val_fraction,
         force: a.force,
+        tokenizer: a.tokenizer.as_deref().map(corpus_tokenizer).transpose()?,
     };
     let meta = prepare_corpus(&a.corpus, &a.out, &opts, &progress);
     bar.finish_and_clear();

@@ -6,16 +6,17 @@ use anyhow::Result;
 use clap::Args;
 use model::Config;
 use std::path::{Path, PathBuf};
-use train::trainer::{Outcome, Source};
+use train::trainer::{Init, Outcome, Source};
 
 /// `--help` examples.
-pub const EXAMPLES: &str = "Examples:\n  moelab train --config small-moe --data data/shk --out runs/shk\n  moelab train --config small-moe --data data/shk --out runs/shk --resume\n  mpirun -np 2 moelab train --config small-moe --grad-accum 2 --data data/shk --out runs/dp   (--features mpi)\n\nOne process trains in a run dir at a time (RUN_DIR/train.lock). --resume continues the same run: a changed config ([train] included) or other data is refused.";
+pub const EXAMPLES: &str = "Examples:\n  moelab train --config small-moe --data data/shk --out runs/shk\n  moelab train --init runs/smollm2 --data data/mine --out runs/smollm2-mine --steps 200\n  moelab train --config small-moe --data data/shk --out runs/shk --resume\n  mpirun -np 2 moelab train --config small-moe --grad-accum 2 --data data/shk --out runs/dp   (--features mpi)\n\nOne process trains in a run dir at a time (RUN_DIR/train.lock). --resume continues the same run: a changed config ([train] included) or other data is refused.";
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// Config file or preset name (tiny, small-dense, small-moe, teacher, student).
-    #[arg(long)]
-    config: String,
+    /// Config file or preset name (tiny, small-dense, small-moe, teacher, student). With
+    /// --init it may be left out: the initial model's shape and default [train] settings.
+    #[arg(long, required_unless_present = "init")]
+    config: Option<String>,
     /// Data dir written by `moelab prepare`.
     #[arg(long)]
     data: PathBuf,
@@ -42,25 +43,67 @@ pub struct TrainArgs {
     /// refused, since the run could no longer be replayed by `moelab verify`.
     #[arg(long)]
     resume: bool,
+    /// Start from these weights instead of a random init: a run dir or checkpoint dir (e.g.
+    /// `moelab import`'s), a Hugging Face model dir or a GGUF file. The config's [model]
+    /// must lay out the same tensors (dropout and context length may differ); the data must
+    /// use its tokenizer (`moelab prepare --corpus ... --tokenizer RUN`). The manifest
+    /// records the initial weights' hash, so `moelab verify` can replay the run from them.
+    #[arg(long, conflicts_with = "resume")]
+    init: Option<PathBuf>,
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    let mut cfg = resolve_config(&a.config, a.steps, a.seed)?;
+    let init = a.init.as_deref().map(crate::runs::load_init).transpose()?;
+    let mut cfg = match (&a.config, &init) {
+        (Some(c), _) => resolve_config(c, a.steps, a.seed)?,
+        (None, Some(src)) => {
+            let mut cfg = model::Config {
+                model: src.model.clone(),
+                train: Default::default(),
+            };
+            cfg.train.seq_len = cfg.train.seq_len.min(cfg.model.max_seq_len);
+            if let Some(s) = a.steps {
+                cfg.train.steps = s;
+            }
+            if let Some(s) = a.seed {
+                cfg.train.seed = s;
+            }
+            cfg.validate()?;
+            cfg
+        }
+        (None, None) => unreachable!("clap requires --config without --init"),
+    };
     if let Some(g) = a.grad_accum {
         cfg.train.grad_accum = g;
         cfg.validate()?;
     }
+    let (init, chat) = match init {
+        Some(src) => {
+            crate::runs::check_init_fits(&src.init, &src.model, &cfg.model)?;
+            crate::runs::check_data_tokenizer(&a.data, &src.tok)?;
+            (Some(src.init), src.chat)
+        }
+        None => (None, None),
+    };
+    // an imported model's chat format goes with its weights
+    let keep_chat = |out: &Path| -> Result<()> {
+        if let Some(c) = &chat {
+            let json = serde_json::to_string_pretty(c)?;
+            data::write_atomic(&out.join(infer::chat::CHAT_FILE), json.as_bytes())?;
+        }
+        Ok(())
+    };
     let group = crate::comm::world()?;
     if let Some(n) = a.replicas.map(|n| n as usize).filter(|&n| n > 1) {
         if group.is_some() {
             anyhow::bail!("--replicas splits one process; under mpirun use -np instead");
         }
-        train_replicas(cfg, &a.data, &a.out, a.resume, n)?;
-        return Ok(());
+        train_replicas(cfg, &a.data, &a.out, a.resume, init, n)?;
+        return keep_chat(&a.out);
     }
     let Some(comm) = group.as_deref() else {
-        train_with_progress(cfg, Source::Dir(a.data), None, &a.out, a.resume)?;
-        return Ok(());
+        train_with_progress(cfg, Source::Dir(a.data), None, &a.out, a.resume, init)?;
+        return keep_chat(&a.out);
     };
     // data-parallel: every process trains; rank 0 reports and writes
     let (rank, size) = (comm.rank(), comm.size());
@@ -70,7 +113,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
             cfg.train.grad_accum / size as u64
         );
     }
-    match train_in_group(cfg, Source::Dir(a.data), &a.out, a.resume, comm) {
+    match train_in_group(cfg, Source::Dir(a.data), &a.out, a.resume, init, comm) {
+        Ok(_) if rank == 0 => keep_chat(&a.out),
         Ok(_) => Ok(()),
         Err(e) => {
             // the others would wait for this process forever
@@ -81,7 +125,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
 }
 
 /// `--replicas N`: N threads, each a rank of an in-process group with its own thread pool.
-fn train_replicas(cfg: Config, data: &Path, out: &Path, resume: bool, n: usize) -> Result<Outcome> {
+fn train_replicas(
+    cfg: Config,
+    data: &Path,
+    out: &Path,
+    resume: bool,
+    init: Option<Init>,
+    n: usize,
+) -> Result<Outcome> {
     let threads = (rayon::current_num_threads() / n).max(1);
     eprintln!(
         "{n} replicas x {threads} threads: {} micro-batches per step each",
@@ -91,14 +142,21 @@ fn train_replicas(cfg: Config, data: &Path, out: &Path, resume: bool, n: usize) 
         let handles: Vec<_> = train::dist::Local::group(n)
             .into_iter()
             .map(|comm| {
-                let cfg = cfg.clone();
+                let (cfg, init) = (cfg.clone(), init.clone());
                 s.spawn(move || -> Result<Outcome> {
                     let rank = train::dist::Comm::rank(&comm);
                     let pool = rayon::ThreadPoolBuilder::new()
                         .num_threads(threads)
                         .build()?;
                     let r = pool.install(|| {
-                        train_in_group(cfg, Source::Dir(data.to_path_buf()), out, resume, &comm)
+                        train_in_group(
+                            cfg,
+                            Source::Dir(data.to_path_buf()),
+                            out,
+                            resume,
+                            init,
+                            &comm,
+                        )
                     });
                     if let Err(e) = &r {
                         // the other replicas would wait for this one forever

@@ -190,6 +190,29 @@ pub fn run(a: VerifyArgs) -> Result<()> {
         losses: BTreeMap::new(),
         first_bad: None,
     };
+    // a run started from other weights replays from the same weights, found where the
+    // manifest says and checked by their hash
+    let init = match &m.init {
+        None => None,
+        Some(rec) => {
+            let init = crate::runs::load_init(std::path::Path::new(&rec.path))
+                .with_context(|| format!("the run started from {} (train --init)", rec.path))?
+                .init;
+            if init.record.weights_hash != rec.weights_hash {
+                bail!(
+                    "the run started from {} with weights hash {}, but it now holds {}: the initial weights changed",
+                    rec.path,
+                    rec.weights_hash,
+                    init.record.weights_hash
+                );
+            }
+            println!(
+                "starting from {} (weights hash {})",
+                rec.path, rec.weights_hash
+            );
+            Some(init)
+        }
+    };
     let never = AtomicBool::new(false);
     let spec = RunSpec {
         cfg: cfg.clone(),
@@ -197,6 +220,7 @@ pub fn run(a: VerifyArgs) -> Result<()> {
         teacher: None,
         run_dir: run.clone(),
         resume: false,
+        init,
         stop: &never,
         opts: RunOptions {
             stop_at: Some(n),

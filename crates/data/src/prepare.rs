@@ -23,6 +23,9 @@ pub struct PrepareOpts {
     pub val_fraction: f64,
     /// Replace an existing data dir.
     pub force: bool,
+    /// Encode with this tokenizer (e.g. an imported model's) instead of training one, and
+    /// end each document with this id (its end-of-text token).
+    pub tokenizer: Option<(Tokenizer, u32)>,
 }
 
 /// Splits documents so the last `frac` of the bytes are validation, cutting at a line break.
@@ -275,14 +278,20 @@ pub fn prepare_corpus(
             "corpus too small to split into train and validation".into(),
         ));
     }
-    progress(&format!(
-        "training a {}-token BPE tokenizer",
-        opts.vocab_size
-    ));
-    let tok = Tokenizer::train(train_docs.iter(), opts.vocab_size)?;
-    let end = tok
-        .special("<|end|>")
-        .expect("moelab tokenizers have <|end|>");
+    let (tok, end) = match &opts.tokenizer {
+        Some((t, end)) => (t.clone(), *end),
+        None => {
+            progress(&format!(
+                "training a {}-token BPE tokenizer",
+                opts.vocab_size
+            ));
+            let tok = Tokenizer::train(train_docs.iter(), opts.vocab_size)?;
+            let end = tok
+                .special("<|end|>")
+                .expect("moelab tokenizers have <|end|>");
+            (tok, end)
+        }
+    };
     progress("encoding");
     let encode = |docs: &[String]| -> Vec<u32> {
         let parts: Vec<Vec<u32>> = docs.par_iter().map(|d| tok.encode(d)).collect();

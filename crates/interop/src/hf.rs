@@ -97,7 +97,7 @@ pub fn import_dir(dir: &Path, context: Option<usize>) -> Result<Imported> {
         config,
         params,
         tokenizer_json: tok_bytes,
-        chat,
+        chat: Some(chat),
         source: Source {
             format: "hf".into(),
             family: hf.family.name().into(),

@@ -11,6 +11,7 @@
 pub mod gguf;
 pub mod hf;
 pub mod run;
+pub mod upcycle;
 
 use std::path::PathBuf;
 

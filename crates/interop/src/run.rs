@@ -17,7 +17,7 @@ pub const IMPORT_FILE: &str = "import.json";
 /// Where imported weights came from.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Source {
-    /// "hf" (a Hugging Face model dir) or "gguf".
+    /// "hf" (a Hugging Face model dir), "gguf" or "upcycle" (a moelab run made sparse).
     pub format: String,
     /// The family (`model_type` / `general.architecture`).
     pub family: String,
@@ -35,7 +35,8 @@ pub struct Imported {
     pub params: Vec<f32>,
     /// The tokenizer.json bytes.
     pub tokenizer_json: Vec<u8>,
-    pub chat: ChatSpec,
+    /// The chat format (None: moelab's own, for a model moelab trained).
+    pub chat: Option<ChatSpec>,
     pub source: Source,
 }
 
@@ -80,8 +81,10 @@ fn write_into(dir: &Path, imp: &Imported) -> Result<()> {
     let put = |name: &str, bytes: &[u8]| data::write_atomic(&dir.join(name), bytes);
     put("config.toml", cfg.to_toml().as_bytes()).map_err(map_data)?;
     put("tokenizer.json", &imp.tokenizer_json).map_err(map_data)?;
-    let chat = serde_json::to_string_pretty(&imp.chat).expect("serialises");
-    put(CHAT_FILE, chat.as_bytes()).map_err(map_data)?;
+    if let Some(c) = &imp.chat {
+        let chat = serde_json::to_string_pretty(c).expect("serialises");
+        put(CHAT_FILE, chat.as_bytes()).map_err(map_data)?;
+    }
     let src = serde_json::to_string_pretty(&imp.source).expect("serialises");
     put(IMPORT_FILE, src.as_bytes()).map_err(map_data)?;
     let mut m = Model::new(&imp.config, 1, 1, 0);

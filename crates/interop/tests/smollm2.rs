@@ -52,7 +52,7 @@ fn smol() -> &'static Smol {
             cfg: imp.config,
             params: imp.params,
             tok: Arc::new(tok),
-            chat: imp.chat,
+            chat: imp.chat.unwrap(),
         }
     })
 }

@@ -77,6 +77,17 @@ pub struct Tokenizer {
     moelab: bool,
 }
 
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Tokenizer({} ids{})",
+            self.vocab_size(),
+            if self.moelab { ", moelab" } else { "" }
+        )
+    }
+}
+
 impl Tokenizer {
     /// Trains on `texts` to `vocab_size` entries (special tokens and byte symbols included).
     pub fn train<I, S>(texts: I, vocab_size: usize) -> Result<Tokenizer>

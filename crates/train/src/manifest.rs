@@ -36,6 +36,18 @@ pub struct DataRecord {
     pub sha256: BTreeMap<String, String>,
 }
 
+/// Where a run's initial weights came from (`moelab train --init`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InitRecord {
+    /// The run dir, checkpoint or imported file, absolute.
+    pub path: String,
+    /// Weights hash of the initial weights (what `verify` checks before replaying).
+    pub weights_hash: String,
+    /// sha256 of the source files an imported model came from (its import.json's).
+    #[serde(default)]
+    pub source_sha256: BTreeMap<String, String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Segment {
     /// The step this segment started from (0, or the checkpoint it resumed).
@@ -59,6 +71,9 @@ pub struct Manifest {
     /// Whether a teacher's logits were distilled (`moelab verify` cannot replay that).
     #[serde(default)]
     pub teacher: bool,
+    /// The weights training started from (`train --init`), None for a random init.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<InitRecord>,
     pub segments: Vec<Segment>,
     /// Weights hash of every checkpoint written, by step.
     pub checkpoints: BTreeMap<u64, String>,

@@ -80,9 +80,18 @@ pub struct RunSpec<'a> {
     pub teacher: Option<TeacherSpec>,
     pub run_dir: PathBuf,
     pub resume: bool,
+    /// Start from these weights instead of a random init (`train --init`).
+    pub init: Option<Init>,
     /// Set (e.g. by Ctrl-C) to checkpoint after the current step and return.
     pub stop: &'a AtomicBool,
     pub opts: RunOptions<'a>,
+}
+
+/// Initial weights for a new run, laid out by the run's model config.
+#[derive(Clone)]
+pub struct Init {
+    pub params: Vec<f32>,
+    pub record: crate::manifest::InitRecord,
 }
 
 /// Less common ways to run.
@@ -399,6 +408,17 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
         skip_steps: vec![],
         checksum: String::new(),
     };
+    if let (Some(init), false) = (&spec.init, spec.resume) {
+        if init.params.len() != model.params.len() {
+            return Err(Error::Usage(format!(
+                "the initial weights ({}) hold {} values but the config's model has {}",
+                init.record.path,
+                init.params.len(),
+                model.params.len()
+            )));
+        }
+        model.params.copy_from_slice(&init.params);
+    }
     if spec.resume {
         let (dir, notes) = checkpoint::latest_good(run)?.expect("checked by check_run_dir");
         for n in notes {
@@ -692,6 +712,11 @@ fn start_manifest(
         steps: spec.cfg.train.steps,
         grad_accum: spec.cfg.train.grad_accum,
         teacher: spec.teacher.is_some(),
+        // a resume keeps what the run started from
+        init: match &old {
+            Some(o) => o.init.clone(),
+            None => spec.init.as_ref().map(|i| i.record.clone()),
+        },
         segments: old.as_ref().map(|o| o.segments.clone()).unwrap_or_default(),
         checkpoints: old.map(|o| o.checkpoints).unwrap_or_default(),
     };

@@ -82,6 +82,7 @@ fn stop_and_resume_equals_uninterrupted() {
     let root = tmp("exact");
     let data = root.join("data");
     let opts = PrepareOpts {
+        tokenizer: None,
         vocab_size: 400,
         val_fraction: 0.1,
         force: false,
@@ -95,6 +96,7 @@ fn stop_and_resume_equals_uninterrupted() {
         teacher: None,
         run_dir: root.join("a"),
         resume: false,
+        init: None,
         stop: &never,
         opts: Default::default(),
     };
@@ -117,6 +119,7 @@ fn stop_and_resume_equals_uninterrupted() {
         teacher: None,
         run_dir: root.join("b"),
         resume: false,
+        init: None,
         stop: &stop,
         opts: Default::default(),
     };
@@ -138,6 +141,7 @@ fn stop_and_resume_equals_uninterrupted() {
         teacher: None,
         run_dir: root.join("b"),
         resume: true,
+        init: None,
         stop: &stop2,
         opts: Default::default(),
     };
@@ -189,6 +193,7 @@ fn stop_and_resume_equals_uninterrupted() {
         teacher: None,
         run_dir: root.join("b"),
         resume: true,
+        init: None,
         stop: &st,
         opts: Default::default(),
     };
@@ -209,6 +214,7 @@ fn stop_and_resume_equals_uninterrupted() {
         teacher: None,
         run_dir: root.join("b"),
         resume: false,
+        init: None,
         stop: &st,
         opts: Default::default(),
     };

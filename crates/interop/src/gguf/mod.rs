@@ -65,7 +65,7 @@ pub fn import_file(path: &Path, context: Option<usize>) -> Result<Imported> {
         config,
         params,
         tokenizer_json,
-        chat,
+        chat: Some(chat),
         source: Source {
             format: "gguf".into(),
             family: hf.family.name().into(),

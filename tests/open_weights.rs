@@ -1,0 +1,290 @@
+//! Issue 13 end to end through the CLI: an imported model is fine-tuned with
+//! `train --init` (and replayed by `verify`), a dense model is upcycled to a
+//! Mixture-of-Experts that computes what it computed, and the real SmolLM2 GGUF fine-tunes.
+
+mod common;
+
+use common::{moelab, s, text, tmpdir};
+use model::decode::Decoder;
+use std::path::{Path, PathBuf};
+
+fn golden(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/import")
+        .join(name)
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = moelab(args);
+    assert!(o.status.success(), "moelab {args:?} failed:\n{}", text(&o));
+    text(&o)
+}
+
+fn err(args: &[&str]) -> String {
+    let o = moelab(args);
+    assert!(
+        !o.status.success(),
+        "moelab {args:?} should fail:\n{}",
+        text(&o)
+    );
+    text(&o)
+}
+
+/// A small corpus of words the tiny tokenizers know.
+fn corpus(d: &Path) -> PathBuf {
+    let words = [
+        "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "experts",
+    ];
+    let mut t = String::new();
+    for i in 0..600 {
+        for j in 0..10 {
+            t += words[(i * 7 + j * 3 + i / 5) % words.len()];
+            t += " ";
+        }
+        t += "\n";
+    }
+    let p = d.join("corpus.txt");
+    std::fs::write(&p, t).unwrap();
+    p
+}
+
+/// Logits after feeding `prompt` to the run at `run`.
+fn logits(run: &Path, prompt: &[u32]) -> Vec<f32> {
+    let lr = train::load_run(run).unwrap();
+    let mut d = Decoder::new(&lr.cfg.model);
+    let mut out = vec![];
+    for &t in prompt {
+        out = d.step(&lr.params, t).to_vec();
+    }
+    out
+}
+
+/// The run's config.toml with a small [train] section (one short row per step).
+fn small_config(run: &Path, to: &Path, steps: u64) -> PathBuf {
+    let c = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    let c = c
+        .replace("batch_size = 16", "batch_size = 2")
+        .replace("seq_len = 64", "seq_len = 32")
+        .replace("seq_len = 128", "seq_len = 32")
+        .replace("steps = 1000", &format!("steps = {steps}"))
+        .replace("warmup_steps = 100", "warmup_steps = 1")
+        .replace("eval_batches = 20", "eval_batches = 1");
+    std::fs::write(to, c).unwrap();
+    to.to_path_buf()
+}
+
+#[test]
+fn an_imported_model_fine_tunes_with_init_and_verify_replays_it() {
+    let d = tmpdir("open-weights", "init");
+    let run = d.join("llama");
+    ok(&["import", s(&golden("llama")), "--out", s(&run)]);
+    let data = d.join("data");
+    let out = ok(&[
+        "prepare",
+        "--corpus",
+        s(&corpus(&d)),
+        "--tokenizer",
+        s(&run),
+        "--out",
+        s(&data),
+    ]);
+    assert!(out.contains("vocab 320"), "{out}");
+    let ft = d.join("ft");
+    ok(&[
+        "train",
+        "--init",
+        s(&run),
+        "--data",
+        s(&data),
+        "--out",
+        s(&ft),
+        "--steps",
+        "3",
+    ]);
+    // the imported model's chat format goes with it; the manifest names the start
+    assert_eq!(
+        std::fs::read(run.join("chat.json")).unwrap(),
+        std::fs::read(ft.join("chat.json")).unwrap()
+    );
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ft.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["init"]["weights_hash"], common::hash(&run).as_str());
+    let v = ok(&["verify", s(&ft)]);
+    assert!(
+        v.contains("verified: 3 steps reproduce the run bit for bit"),
+        "{v}"
+    );
+    assert!(v.contains("starting from"), "{v}");
+
+    // data encoded by another tokenizer, a config of another shape: refused by name
+    let other = d.join("other-data");
+    ok(&[
+        "prepare",
+        "--corpus",
+        s(&corpus(&d)),
+        "--vocab-size",
+        "300",
+        "--out",
+        s(&other),
+    ]);
+    let e = err(&[
+        "train",
+        "--init",
+        s(&run),
+        "--data",
+        s(&other),
+        "--out",
+        s(&d.join("x")),
+    ]);
+    assert!(e.contains("another tokenizer"), "{e}");
+    let e = err(&[
+        "train",
+        "--init",
+        s(&run),
+        "--data",
+        s(&data),
+        "--config",
+        "tiny",
+        "--out",
+        s(&d.join("y")),
+    ]);
+    assert!(
+        e.contains("another shape") && e.contains("embed.weight"),
+        "{e}"
+    );
+    assert!(!d.join("x").exists() && !d.join("y").exists());
+}
+
+#[test]
+fn an_upcycled_model_computes_what_the_dense_one_did_then_trains() {
+    let d = tmpdir("open-weights", "upcycle");
+    let dense = d.join("dense");
+    ok(&["import", s(&golden("llama")), "--out", s(&dense)]);
+    let prompt = [1u32, 85, 91, 85, 268, 79, 201, 59, 81, 87];
+    let want = logits(&dense, &prompt);
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    for (name, shared) in [("moe", "0"), ("moe-shared", "1")] {
+        let moe = d.join(name);
+        let out = ok(&[
+            "upcycle",
+            s(&dense),
+            "--experts",
+            "4",
+            "--top-k",
+            "2",
+            "--shared",
+            shared,
+            "--out",
+            s(&moe),
+        ]);
+        assert!(out.contains("4 experts (top 2"), "{out}");
+        let cfg = std::fs::read_to_string(moe.join("config.toml")).unwrap();
+        assert!(
+            cfg.contains("n_experts = 4") && cfg.contains("top_k = 2"),
+            "{cfg}"
+        );
+        let got = logits(&moe, &prompt);
+        let diff = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            diff <= 1e-5 * scale,
+            "{name}: step-0 logits differ by {diff} (scale {scale})"
+        );
+    }
+    // and it trains like any run
+    let data = d.join("data");
+    ok(&[
+        "prepare",
+        "--corpus",
+        s(&corpus(&d)),
+        "--tokenizer",
+        s(&dense),
+        "--out",
+        s(&data),
+    ]);
+    let moe = d.join("moe");
+    let cfg = small_config(&moe, &d.join("moe.toml"), 4);
+    let ft = d.join("moe-ft");
+    ok(&[
+        "train",
+        "--init",
+        s(&moe),
+        "--config",
+        s(&cfg),
+        "--data",
+        s(&data),
+        "--out",
+        s(&ft),
+    ]);
+    assert_ne!(common::hash(&ft), common::hash(&moe));
+    // refusals: an MoE model is not upcycled again; top-k above the experts
+    let e = err(&[
+        "upcycle",
+        s(&moe),
+        "--experts",
+        "4",
+        "--top-k",
+        "2",
+        "--out",
+        s(&d.join("z")),
+    ]);
+    assert!(e.contains("already a Mixture-of-Experts"), "{e}");
+    let e = err(&[
+        "upcycle",
+        s(&dense),
+        "--experts",
+        "2",
+        "--top-k",
+        "3",
+        "--out",
+        s(&d.join("z")),
+    ]);
+    assert!(e.contains("top-k"), "{e}");
+    assert!(!d.join("z").exists());
+}
+
+#[test]
+fn smollm2_from_its_gguf_fine_tunes_a_few_steps() {
+    let gguf = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        gguf.exists(),
+        "{} is missing: run scripts/fetch-smollm2.sh (scripts/test.sh does)",
+        gguf.display()
+    );
+    let d = tmpdir("open-weights", "smollm2");
+    let run = d.join("smol");
+    ok(&["import", s(&gguf), "--out", s(&run), "--context", "256"]);
+    let data = d.join("data");
+    ok(&[
+        "prepare",
+        "--corpus",
+        s(&corpus(&d)),
+        "--tokenizer",
+        s(&run),
+        "--out",
+        s(&data),
+    ]);
+    let cfg = small_config(&run, &d.join("smol.toml"), 2);
+    let ft = d.join("ft");
+    let out = ok(&[
+        "train",
+        "--init",
+        s(&run),
+        "--config",
+        s(&cfg),
+        "--data",
+        s(&data),
+        "--out",
+        s(&ft),
+    ]);
+    assert!(out.contains("done"), "{out}");
+    let metrics = std::fs::read_to_string(ft.join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    // a trained model starts far below a random one's ln(49152) = 10.8 on plain English
+    let loss = first["loss"].as_f64().unwrap();
+    assert!(loss.is_finite() && loss < 8.0, "step 1 loss {loss}");
+    assert!(ft.join("chat.json").exists());
+}
