@@ -90,6 +90,9 @@ enum Cmd {
     /// Import a Hugging Face model dir or a GGUF file as a run (its weights, tokenizer and chat template).
     #[command(after_help = cmd::import::EXAMPLES)]
     Import(cmd::import::ImportArgs),
+    /// Export a run as a Hugging Face model dir (config.json, safetensors, tokenizer, chat template).
+    #[command(after_help = cmd::export::EXAMPLES)]
+    Export(cmd::export::ExportArgs),
     /// Turn a dense run into a Mixture-of-Experts run whose experts start as copies of its FFN.
     #[command(after_help = cmd::upcycle::EXAMPLES)]
     Upcycle(cmd::upcycle::UpcycleArgs),
@@ -128,6 +131,7 @@ fn main() {
         Cmd::Hash(a) => cmd::hash::run(a),
         Cmd::Import(a) => cmd::import::run(a),
         Cmd::Upcycle(a) => cmd::upcycle::run(a),
+        Cmd::Export(a) => cmd::export::run(a),
         Cmd::Verify(a) => cmd::verify::run(a),
         Cmd::Report(a) => cmd::report::run(a),
     };

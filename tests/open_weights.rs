@@ -219,6 +219,30 @@ fn an_upcycled_model_computes_what_the_dense_one_did_then_trains() {
         s(&ft),
     ]);
     assert_ne!(common::hash(&ft), common::hash(&moe));
+    // and exports: an upcycled Llama is a Mixtral, with the imported chat template
+    let hf = d.join("moe-ft-hf");
+    let out = ok(&[
+        "export",
+        s(&ft),
+        "--format",
+        "hf",
+        "--dtype",
+        "bf16",
+        "--out",
+        s(&hf),
+    ]);
+    assert!(out.contains("a mixtral model"), "{out}");
+    let tc = std::fs::read_to_string(hf.join("tokenizer_config.json")).unwrap();
+    assert!(tc.contains("<|im_start|>"), "{tc}");
+    let e = err(&[
+        "export",
+        s(&ft),
+        "--format",
+        "gguf",
+        "--out",
+        s(&d.join("g")),
+    ]);
+    assert!(e.contains("not implemented yet"), "{e}");
     // refusals: an MoE model is not upcycled again; top-k above the experts
     let e = err(&[
         "upcycle",

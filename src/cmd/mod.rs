@@ -7,6 +7,7 @@ pub mod chat;
 pub mod demo;
 pub mod distill;
 pub mod eval;
+pub mod export;
 pub mod hash;
 pub mod import;
 pub mod keys;

@@ -8,6 +8,7 @@
 //! The tensor mapping of each family is `model::hf`'s (proved against transformers by the
 //! golden tests); this crate reads files and writes runs.
 
+pub mod export;
 pub mod gguf;
 pub mod hf;
 pub mod run;

@@ -419,3 +419,233 @@ impl HfModel {
         Ok(out)
     }
 }
+
+/// A tensor in Hugging Face terms: name, shape, row-major values.
+pub type HfTensor = (String, Vec<usize>, Vec<f32>);
+
+/// The Hugging Face family and `config.json` that express `cfg`, or the reason none does.
+/// Mixture-of-Experts models choose by their parts: shared experts -> Qwen2-MoE (an
+/// ungated shared expert is written with a zero gate, sigmoid(0) = 1/2, and its down
+/// projection doubled), per-head q/k norm -> Qwen3-MoE, whole-projection q/k norm -> OLMoE,
+/// otherwise Mixtral; dense models -> Llama.
+pub fn to_hf(cfg: &ModelConfig) -> Result<HfModel> {
+    let v = hf_config_json(cfg)?;
+    let family = config_from_hf(&v)?.family;
+    Ok(HfModel {
+        family,
+        config: cfg.clone(),
+    })
+}
+
+/// The `config.json` of [`to_hf`].
+pub fn hf_config_json(cfg: &ModelConfig) -> Result<Value> {
+    let c = cfg;
+    let moe_layers: Vec<bool> = (0..c.n_layers).map(|l| c.is_moe_layer(l)).collect();
+    let any_moe = moe_layers.iter().any(|&m| m);
+    let no = |what: &str, why: &str| {
+        Err(cfg_err(
+            what,
+            format!("{why}: no Hugging Face family moelab exports expresses it"),
+        ))
+    };
+    if any_moe {
+        if c.router_score != RouterScore::Softmax {
+            return no("model.router_score", "sigmoid routing (DeepSeek-V3)");
+        }
+        if c.routed_scaling_factor != 1.0 || c.n_group != 1 {
+            return no(
+                "model.routed_scaling_factor",
+                "scaled or group-limited routing",
+            );
+        }
+    }
+    let family = match (any_moe, c.n_shared_experts > 0, c.qk_norm) {
+        (false, _, QkNorm::None) if !c.qkv_bias => Family::Llama,
+        (false, _, _) => {
+            return no(
+                "model.qk_norm",
+                "a dense model with q/k norm or q/k/v biases",
+            )
+        }
+        (true, true, QkNorm::None) => Family::Qwen2Moe,
+        (true, false, QkNorm::None) if !c.qkv_bias => Family::Mixtral,
+        (true, false, QkNorm::Head) if !c.qkv_bias => Family::Qwen3Moe,
+        (true, false, QkNorm::Projection) if !c.qkv_bias => Family::Olmoe,
+        _ => {
+            return no(
+                "model.qk_norm",
+                "this combination of shared experts, q/k norm and biases",
+            )
+        }
+    };
+    let all_moe = moe_layers.iter().all(|&m| m);
+    if matches!(family, Family::Mixtral | Family::Olmoe) && !all_moe {
+        return no(
+            "model.moe_every",
+            "dense blocks in a Mixtral or OLMoE model",
+        );
+    }
+    if matches!(family, Family::Mixtral) && !c.renormalize {
+        return no("model.renormalize", "Mixtral without renormalised weights");
+    }
+    let mut v = serde_json::json!({
+        "model_type": family.name(),
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.d_model,
+        "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads,
+        "num_key_value_heads": c.n_kv_heads,
+        "head_dim": c.head_dim(),
+        "max_position_embeddings": c.max_seq_len,
+        "rms_norm_eps": c.norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "tie_word_embeddings": c.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": false,
+        "attention_dropout": 0.0,
+        "initializer_range": c.init_std,
+        "use_cache": true,
+    });
+    let o = v.as_object_mut().expect("object");
+    let arch = match family {
+        Family::Llama => "LlamaForCausalLM",
+        Family::Mixtral => "MixtralForCausalLM",
+        Family::Qwen2Moe => "Qwen2MoeForCausalLM",
+        Family::Qwen3Moe => "Qwen3MoeForCausalLM",
+        Family::Olmoe => "OlmoeForCausalLM",
+    };
+    o.insert("architectures".into(), serde_json::json!([arch]));
+    let mlp_only: Vec<usize> = (0..c.n_layers).filter(|&l| !moe_layers[l]).collect();
+    match family {
+        Family::Llama => {
+            o.insert("intermediate_size".into(), c.ffn_hidden.into());
+            o.insert("mlp_bias".into(), false.into());
+        }
+        Family::Mixtral => {
+            o.insert("intermediate_size".into(), c.expert_hidden.into());
+            o.insert("num_local_experts".into(), c.n_experts.into());
+            o.insert("num_experts_per_tok".into(), c.top_k.into());
+            o.insert("router_aux_loss_coef".into(), c.aux_loss_coef.into());
+            o.insert("sliding_window".into(), Value::Null);
+        }
+        Family::Qwen2Moe | Family::Qwen3Moe | Family::Olmoe => {
+            let inter = if family == Family::Olmoe {
+                c.expert_hidden
+            } else {
+                c.ffn_hidden
+            };
+            o.insert("intermediate_size".into(), inter.into());
+            o.insert("moe_intermediate_size".into(), c.expert_hidden.into());
+            o.insert("num_experts".into(), c.n_experts.into());
+            o.insert("num_experts_per_tok".into(), c.top_k.into());
+            o.insert("norm_topk_prob".into(), c.renormalize.into());
+            o.insert("router_aux_loss_coef".into(), c.aux_loss_coef.into());
+            o.insert("output_router_logits".into(), false.into());
+            if family != Family::Olmoe {
+                o.insert("decoder_sparse_step".into(), 1.into());
+                o.insert("mlp_only_layers".into(), serde_json::json!(mlp_only));
+                o.insert("use_sliding_window".into(), false.into());
+                o.insert("sliding_window".into(), Value::Null);
+            }
+            if family == Family::Qwen2Moe {
+                o.insert(
+                    "shared_expert_intermediate_size".into(),
+                    c.shared_hidden().into(),
+                );
+                o.insert("qkv_bias".into(), c.qkv_bias.into());
+            }
+        }
+    }
+    // what the config says must read back as this model
+    let back = config_from_hf(&v)?;
+    let same = |a: &ModelConfig, b: &ModelConfig| {
+        let shapes = |x: &ModelConfig| -> Vec<(String, Vec<usize>)> {
+            Layout::new(x)
+                .tensors
+                .iter()
+                .map(|t| (t.name.clone(), t.shape.clone()))
+                .collect()
+        };
+        let mut a2 = a.clone();
+        // an ungated shared expert is exported behind a zero gate
+        a2.shared_expert_gate = b.shared_expert_gate;
+        a2.shared_expert_hidden = b.shared_expert_hidden;
+        a2.n_shared_experts = b.n_shared_experts;
+        shapes(&a2) == shapes(b)
+            && a.shared_hidden() == b.shared_hidden()
+            && (a.rope_theta, a.norm_eps, a.renormalize, a.top_k)
+                == (b.rope_theta, b.norm_eps, b.renormalize, b.top_k)
+            && (0..a.n_layers).all(|l| a.is_moe_layer(l) == b.is_moe_layer(l))
+    };
+    if !same(cfg, &back.config) {
+        return Err(cfg_err(
+            "model",
+            format!(
+                "exports as {} but does not read back the same",
+                family.name()
+            ),
+        ));
+    }
+    Ok(v)
+}
+
+impl HfModel {
+    /// moelab's parameters (laid out by `layout`) as Hugging Face tensors, experts one per
+    /// expert as `save_pretrained` writes them.
+    pub fn disassemble(&self, layout: &Layout, params: &[f32]) -> Vec<HfTensor> {
+        let c = &self.config;
+        let (h, g, d) = (c.n_heads, c.n_kv_heads, c.head_dim());
+        let mut out: Vec<HfTensor> = vec![];
+        for t in &layout.tensors {
+            if t.name.ends_with("moe.router.bias") {
+                continue; // the selection bias (balance = "bias") is not exported
+            }
+            let alts = self.source_alternatives(&t.name);
+            let srcs = alts.last().expect("every tensor maps").clone();
+            let vals = &params[t.offset..t.offset + t.len];
+            let cols = *t.shape.last().expect("a shape");
+            let rows = t.len / cols;
+            let one_d = t.shape.len() == 1;
+            // rows of each source: q/k/v split by heads, the rest equally
+            let parts: Vec<usize> =
+                if t.name.ends_with("attn.wqkv.weight") || t.name.ends_with("attn.bqkv") {
+                    vec![h * d, g * d, g * d]
+                } else {
+                    let n = srcs.len();
+                    let per = if one_d { t.len / n } else { rows / n };
+                    vec![per; n]
+                };
+            let ungated = self.family == Family::Qwen2Moe && !c.shared_expert_gate;
+            let mut at = 0;
+            for (name, r) in srcs.iter().zip(parts) {
+                let (shape, len) = if one_d {
+                    (vec![r], r)
+                } else {
+                    (vec![r, cols], r * cols)
+                };
+                let mut v = vals[at..at + len].to_vec();
+                at += len;
+                if ungated && t.name.ends_with("moe.shared.w_down.weight") {
+                    // behind sigmoid(0) = 1/2: doubled (exact in binary floating point)
+                    v.iter_mut().for_each(|x| *x *= 2.0);
+                }
+                let shape = if srcs.len() == 1 && !one_d {
+                    t.shape.clone()
+                } else {
+                    shape
+                };
+                out.push((name.clone(), shape, v));
+            }
+            if ungated && t.name.ends_with("moe.shared.w_down.weight") {
+                let l = t.name.split('.').nth(1).expect("layers.L");
+                out.push((
+                    format!("model.layers.{l}.mlp.shared_expert_gate.weight"),
+                    vec![1, c.d_model],
+                    vec![0.0; c.d_model],
+                ));
+            }
+        }
+        out
+    }
+}
