@@ -1,6 +1,6 @@
 //! `moelab sample`: text from a trained run, streamed (KV-cache decoding).
 
-use crate::runs::run_tokenizer;
+use crate::runs::{run_tokenizer, run_tokenizer_path};
 use anyhow::{bail, Result};
 use clap::Args;
 use infer::{Sampler, SamplingParams};
@@ -38,9 +38,16 @@ pub struct SampleArgs {
 pub fn run(a: SampleArgs) -> Result<()> {
     let lr = load_run(&a.run)?;
     let tok = run_tokenizer(&a.run, &lr.checkpoint)?;
-    let end = tok.special("<|end|>").expect("moelab tokenizer");
-    // Documents are separated by <|end|> in training data, so it also marks a document start.
-    let mut prompt = vec![end];
+    // the format's document start and ends: moelab's <|end|> (documents are separated by
+    // it in training data, so it also marks a start), an imported model's BOS and EOS
+    let tok_dir = run_tokenizer_path(&a.run, &lr.checkpoint)?;
+    let chat = infer::chat::ChatFormat::load(
+        tok_dir.parent().unwrap_or(std::path::Path::new(".")),
+        std::sync::Arc::new(tok.clone()),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let stops = chat.stop_tokens();
+    let mut prompt = chat.prefix().to_vec();
     prompt.extend(tok.encode(&a.prompt));
     let mut dec = Decoder::new(&lr.cfg.model);
     if prompt.len() >= dec.remaining() {
@@ -66,7 +73,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let mut printed = 0;
     for _ in 0..a.max_tokens {
         let next = sampler.sample(&logits);
-        if next == end || dec.remaining() == 0 {
+        if stops.contains(&next) || dec.remaining() == 0 {
             break;
         }
         generated.push(next);
