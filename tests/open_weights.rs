@@ -234,15 +234,24 @@ fn an_upcycled_model_computes_what_the_dense_one_did_then_trains() {
     assert!(out.contains("a mixtral model"), "{out}");
     let tc = std::fs::read_to_string(hf.join("tokenizer_config.json")).unwrap();
     assert!(tc.contains("<|im_start|>"), "{tc}");
+    // and to GGUF, which imports back to the same weights
+    let g = d.join("moe-ft.gguf");
+    let out = ok(&["export", s(&ft), "--format", "gguf", "--out", s(&g)]);
+    assert!(out.contains("llama-architecture GGUF"), "{out}");
+    let back = d.join("moe-ft-back");
+    ok(&["import", s(&g), "--out", s(&back)]);
+    assert_eq!(common::hash(&back), common::hash(&ft));
     let e = err(&[
         "export",
         s(&ft),
         "--format",
         "gguf",
+        "--dtype",
+        "bf16",
         "--out",
-        s(&d.join("g")),
+        s(&d.join("g2")),
     ]);
-    assert!(e.contains("not implemented yet"), "{e}");
+    assert!(e.contains("f32 or f16"), "{e}");
     // refusals: an MoE model is not upcycled again; top-k above the experts
     let e = err(&[
         "upcycle",

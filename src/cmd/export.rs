@@ -1,9 +1,11 @@
-//! `moelab export`: a run as a Hugging Face model dir that transformers loads.
+//! `moelab export`: a run as a Hugging Face model dir that transformers loads, or a GGUF
+//! file that llama.cpp loads.
 
 /// `--help` examples.
 pub const EXAMPLES: &str = "Examples:
   moelab export runs/shk --format hf --out exports/shk
   moelab export runs/smollm2-ft --format hf --dtype bf16 --out exports/smollm2-ft
+  moelab export runs/smollm2-ft --format gguf --dtype f16 --out exports/smollm2-ft.gguf
 
   then, in Python: AutoModelForCausalLM.from_pretrained(\"exports/shk\")";
 
@@ -16,10 +18,11 @@ use std::path::PathBuf;
 pub struct ExportArgs {
     /// Run dir (its latest checkpoint) or checkpoint dir.
     run: PathBuf,
-    /// Output format: hf (a Hugging Face model dir). GGUF export is not implemented yet.
+    /// Output format: hf (a Hugging Face model dir) or gguf (one file for llama.cpp; dense
+    /// and Mixtral-style models).
     #[arg(long, default_value = "hf")]
     format: String,
-    /// Weight dtype: f32, f16 or bf16.
+    /// Weight dtype: f32, f16 or bf16 (gguf: f32 or f16).
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// The dir to create (must not exist).
@@ -31,12 +34,36 @@ pub fn run(a: ExportArgs) -> Result<()> {
     let Some(dtype) = ExportDtype::parse(&a.dtype) else {
         bail!("--dtype {}: expected f32, f16 or bf16", a.dtype);
     };
+    let src = crate::runs::load_init(&a.run)?;
     match a.format.as_str() {
         "hf" => {}
-        "gguf" => bail!("--format gguf is not implemented yet (export --format hf, then llama.cpp's convert_hf_to_gguf.py)"),
-        f => bail!("--format {f}: expected hf"),
+        "gguf" => {
+            if dtype == ExportDtype::Bf16 {
+                bail!("--dtype bf16: GGUF export writes f32 or f16");
+            }
+            if a.out.exists() {
+                bail!("{}: already exists; choose a new --out", a.out.display());
+            }
+            let bytes = interop::gguf::write::export(
+                &src.model,
+                &src.init.params,
+                &src.tok,
+                src.chat.as_ref(),
+                dtype == ExportDtype::F16,
+                &a.out,
+            )?;
+            data::write_atomic(&a.out, &bytes)?;
+            println!(
+                "{}: a llama-architecture GGUF ({} parameters, {}, {} bytes) for llama.cpp",
+                a.out.display(),
+                src.init.params.len(),
+                a.dtype,
+                bytes.len()
+            );
+            return Ok(());
+        }
+        f => bail!("--format {f}: expected hf or gguf"),
     }
-    let src = crate::runs::load_init(&a.run)?;
     let family = write_hf(
         &src.model,
         &src.init.params,

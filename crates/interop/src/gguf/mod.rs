@@ -13,6 +13,7 @@
 pub mod file;
 pub mod quant;
 mod tokenizer;
+pub mod write;
 
 pub use tokenizer::build as tokenizer;
 

@@ -1,0 +1,435 @@
+//! Writing GGUF (version 3) for llama.cpp: a moelab model of the llama architecture (dense,
+//! or Mixtral-style routed experts) with its byte-level BPE tokenizer and chat template.
+//!
+//! The inverse of the import: q/k rows permuted back to llama.cpp's RoPE pairing, experts
+//! stacked into `ffn_{gate,up,down}_exps`, norms in F32 and matrices in F32 or F16.
+
+use super::quant;
+use crate::{ferr, Result};
+use infer::chat::ChatSpec;
+use model::config::{QkNorm, RouterScore};
+use model::{Layout, ModelConfig};
+use serde_json::Value as Json;
+use std::path::Path;
+use tokenizer::Tokenizer;
+
+/// A metadata value to write.
+pub enum Meta {
+    U32(u32),
+    F32(f32),
+    Bool(bool),
+    Str(String),
+    Strs(Vec<String>),
+    I32s(Vec<i32>),
+}
+
+fn put_str(b: &mut Vec<u8>, s: &str) {
+    b.extend((s.len() as u64).to_le_bytes());
+    b.extend(s.as_bytes());
+}
+
+fn put_meta(b: &mut Vec<u8>, key: &str, v: &Meta) {
+    put_str(b, key);
+    match v {
+        Meta::U32(x) => {
+            b.extend(4u32.to_le_bytes());
+            b.extend(x.to_le_bytes());
+        }
+        Meta::F32(x) => {
+            b.extend(6u32.to_le_bytes());
+            b.extend(x.to_le_bytes());
+        }
+        Meta::Bool(x) => {
+            b.extend(7u32.to_le_bytes());
+            b.push(*x as u8);
+        }
+        Meta::Str(s) => {
+            b.extend(8u32.to_le_bytes());
+            put_str(b, s);
+        }
+        Meta::Strs(v) => {
+            b.extend(9u32.to_le_bytes());
+            b.extend(8u32.to_le_bytes());
+            b.extend((v.len() as u64).to_le_bytes());
+            for s in v {
+                put_str(b, s);
+            }
+        }
+        Meta::I32s(v) => {
+            b.extend(9u32.to_le_bytes());
+            b.extend(5u32.to_le_bytes());
+            b.extend((v.len() as u64).to_le_bytes());
+            for x in v {
+                b.extend(x.to_le_bytes());
+            }
+        }
+    }
+}
+
+/// A tensor to write: GGUF name, ggml dims (row length first), type, data.
+pub struct Tensor {
+    pub name: String,
+    pub dims: Vec<u64>,
+    pub ggml_type: u32,
+    pub data: Vec<u8>,
+}
+
+const ALIGN: usize = 32;
+
+/// The bytes of a GGUF v3 file.
+pub fn encode(meta: &[(String, Meta)], tensors: &[Tensor]) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend(super::file::MAGIC);
+    b.extend(3u32.to_le_bytes());
+    b.extend((tensors.len() as u64).to_le_bytes());
+    b.extend((meta.len() as u64).to_le_bytes());
+    for (k, v) in meta {
+        put_meta(&mut b, k, v);
+    }
+    let mut offset = 0usize;
+    for t in tensors {
+        put_str(&mut b, &t.name);
+        b.extend((t.dims.len() as u32).to_le_bytes());
+        for d in &t.dims {
+            b.extend(d.to_le_bytes());
+        }
+        b.extend(t.ggml_type.to_le_bytes());
+        b.extend((offset as u64).to_le_bytes());
+        offset += t.data.len().div_ceil(ALIGN) * ALIGN;
+    }
+    b.resize(b.len().div_ceil(ALIGN) * ALIGN, 0);
+    for t in tensors {
+        b.extend(&t.data);
+        b.resize(b.len().div_ceil(ALIGN) * ALIGN, 0);
+    }
+    b
+}
+
+/// The `tokenizer.ggml.pre` of a tokenizer.json's pre-tokenizer, if llama.cpp has one for it.
+fn pre_name(tok_json: &Json) -> Option<&'static str> {
+    let p = &tok_json["pre_tokenizer"];
+    let byte_level = |x: &Json| x["type"] == "ByteLevel" && x["use_regex"] != false;
+    match p["type"].as_str()? {
+        "ByteLevel" if byte_level(p) => Some("gpt2"),
+        "Sequence" => {
+            let s = p["pretokenizers"].as_array()?;
+            match &s[..] {
+                [d, bl]
+                    if d["type"] == "Digits"
+                        && d["individual_digits"] == true
+                        && byte_level(bl) =>
+                {
+                    Some("smollm")
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// GGUF bytes of `cfg` / `params` with tokenizer `tok` and chat format `chat` (None:
+/// moelab's, written as Jinja), matrices in `f16` or F32.
+pub fn export(
+    cfg: &ModelConfig,
+    params: &[f32],
+    tok: &Tokenizer,
+    chat: Option<&ChatSpec>,
+    f16: bool,
+    what: &Path,
+) -> Result<Vec<u8>> {
+    let c = cfg;
+    let refuse = |why: &str| {
+        Err(ferr(
+            what,
+            format!("cannot export to GGUF: {why} (moelab writes llama.cpp's llama architecture: dense or Mixtral-style routed experts)"),
+        ))
+    };
+    let moe: Vec<bool> = (0..c.n_layers).map(|l| c.is_moe_layer(l)).collect();
+    if c.qkv_bias || c.qk_norm != QkNorm::None {
+        return refuse("q/k/v biases or q/k norm");
+    }
+    if moe.iter().any(|&m| m) {
+        if !moe.iter().all(|&m| m) {
+            return refuse("dense and MoE blocks mixed");
+        }
+        if c.n_shared_experts > 0 {
+            return refuse("shared experts");
+        }
+        if c.router_score != RouterScore::Softmax
+            || !c.renormalize
+            || c.routed_scaling_factor != 1.0
+            || c.n_group != 1
+        {
+            return refuse("routing other than softmax top-k renormalised");
+        }
+    }
+    let tj: Json = serde_json::from_str(&tok.to_json()?).expect("tokenizer JSON");
+    if tj["model"]["type"] != "BPE" {
+        return refuse("a tokenizer that is not byte-level BPE");
+    }
+    let Some(pre) = pre_name(&tj) else {
+        return refuse("a pre-tokenizer llama.cpp has no name for");
+    };
+    // vocabulary: every id's token string; ids past the tokenizer (a padded embedding) are
+    // unused placeholders
+    let mut tokens = vec![];
+    let mut types = vec![];
+    for id in 0..c.vocab_size as u32 {
+        match tok.id_to_token(id) {
+            Some(t) if (id as usize) < tok.vocab_size() => {
+                types.push(if tok.is_control(id) {
+                    3
+                } else if tok.special(&t) == Some(id) {
+                    4
+                } else {
+                    1
+                });
+                tokens.push(t);
+            }
+            _ => {
+                tokens.push(format!("[PAD{id}]"));
+                types.push(5);
+            }
+        }
+    }
+    let merges: Vec<String> = tj["model"]["merges"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|m| match m {
+                    Json::String(s) => Some(s.clone()),
+                    Json::Array(p) => Some(format!("{} {}", p[0].as_str()?, p[1].as_str()?)),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let (template, bos, eos, eot) = match chat {
+        Some(ch) => (
+            ch.template.clone(),
+            tok.special(&ch.bos_token),
+            tok.special(&ch.eos_token),
+            ch.stop.iter().find_map(|s| tok.special(s)),
+        ),
+        None => (
+            crate::export::MOELAB_TEMPLATE.to_string(),
+            None,
+            tok.special("<|end|>"),
+            tok.special("<|end|>"),
+        ),
+    };
+    let d = c.head_dim();
+    let a = "llama";
+    let mut meta: Vec<(String, Meta)> = vec![
+        ("general.architecture".into(), Meta::Str(a.into())),
+        (
+            "general.name".into(),
+            Meta::Str(
+                what.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            ),
+        ),
+        (
+            "general.file_type".into(),
+            Meta::U32(if f16 { 1 } else { 0 }),
+        ),
+        (format!("{a}.vocab_size"), Meta::U32(c.vocab_size as u32)),
+        (
+            format!("{a}.context_length"),
+            Meta::U32(c.max_seq_len as u32),
+        ),
+        (format!("{a}.embedding_length"), Meta::U32(c.d_model as u32)),
+        (format!("{a}.block_count"), Meta::U32(c.n_layers as u32)),
+        (
+            format!("{a}.feed_forward_length"),
+            Meta::U32(if moe[0] {
+                c.expert_hidden
+            } else {
+                c.ffn_hidden
+            } as u32),
+        ),
+        (
+            format!("{a}.attention.head_count"),
+            Meta::U32(c.n_heads as u32),
+        ),
+        (
+            format!("{a}.attention.head_count_kv"),
+            Meta::U32(c.n_kv_heads as u32),
+        ),
+        (format!("{a}.attention.key_length"), Meta::U32(d as u32)),
+        (format!("{a}.attention.value_length"), Meta::U32(d as u32)),
+        (format!("{a}.rope.dimension_count"), Meta::U32(d as u32)),
+        (format!("{a}.rope.freq_base"), Meta::F32(c.rope_theta)),
+        (
+            format!("{a}.attention.layer_norm_rms_epsilon"),
+            Meta::F32(c.norm_eps),
+        ),
+        ("tokenizer.ggml.model".into(), Meta::Str("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Meta::Str(pre.into())),
+        ("tokenizer.ggml.tokens".into(), Meta::Strs(tokens)),
+        ("tokenizer.ggml.token_type".into(), Meta::I32s(types)),
+        ("tokenizer.ggml.merges".into(), Meta::Strs(merges)),
+        (
+            "tokenizer.ggml.add_bos_token".into(),
+            Meta::Bool(!tok.text_prefix().is_empty()),
+        ),
+        ("tokenizer.chat_template".into(), Meta::Str(template)),
+    ];
+    if moe[0] {
+        meta.push((format!("{a}.expert_count"), Meta::U32(c.n_experts as u32)));
+        meta.push((format!("{a}.expert_used_count"), Meta::U32(c.top_k as u32)));
+    }
+    for (k, id) in [
+        ("tokenizer.ggml.bos_token_id", bos),
+        ("tokenizer.ggml.eos_token_id", eos),
+        ("tokenizer.ggml.eot_token_id", eot),
+    ] {
+        if let Some(id) = id {
+            meta.push((k.into(), Meta::U32(id)));
+        }
+    }
+
+    let layout = Layout::new(c);
+    let get = |name: &str| -> &[f32] {
+        let t = layout
+            .tensors
+            .iter()
+            .find(|t| t.name == name)
+            .expect("in layout");
+        &params[t.offset..t.offset + t.len]
+    };
+    let mat = |name: String, dims: Vec<u64>, v: &[f32]| Tensor {
+        name,
+        dims,
+        ggml_type: if f16 { quant::F16 } else { quant::F32 },
+        data: if f16 {
+            v.iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect()
+        } else {
+            v.iter().flat_map(|x| x.to_le_bytes()).collect()
+        },
+    };
+    let vec32 = |name: String, v: &[f32]| Tensor {
+        name,
+        dims: vec![v.len() as u64],
+        ggml_type: quant::F32,
+        data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    };
+    let (cm, v, h, g) = (
+        c.d_model as u64,
+        c.vocab_size as u64,
+        c.n_heads,
+        c.n_kv_heads,
+    );
+    let mut ts = vec![mat(
+        "token_embd.weight".into(),
+        vec![cm, v],
+        get("embed.weight"),
+    )];
+    for (l, &is_moe) in moe.iter().enumerate() {
+        let p = format!("layers.{l}");
+        let b = format!("blk.{l}");
+        ts.push(vec32(
+            format!("{b}.attn_norm.weight"),
+            get(&format!("{p}.attn_norm.weight")),
+        ));
+        let qkv = get(&format!("{p}.attn.wqkv.weight"));
+        let (q, rest) = qkv.split_at(h * d * c.d_model);
+        let (k, vv) = rest.split_at(g * d * c.d_model);
+        ts.push(mat(
+            format!("{b}.attn_q.weight"),
+            vec![cm, (h * d) as u64],
+            &permute(q, h, c.d_model),
+        ));
+        ts.push(mat(
+            format!("{b}.attn_k.weight"),
+            vec![cm, (g * d) as u64],
+            &permute(k, g, c.d_model),
+        ));
+        ts.push(mat(
+            format!("{b}.attn_v.weight"),
+            vec![cm, (g * d) as u64],
+            vv,
+        ));
+        ts.push(mat(
+            format!("{b}.attn_output.weight"),
+            vec![(h * d) as u64, cm],
+            get(&format!("{p}.attn.wo.weight")),
+        ));
+        ts.push(vec32(
+            format!("{b}.ffn_norm.weight"),
+            get(&format!("{p}.ffn_norm.weight")),
+        ));
+        if is_moe {
+            let (e, f) = (c.n_experts, c.expert_hidden);
+            ts.push(mat(
+                format!("{b}.ffn_gate_inp.weight"),
+                vec![cm, e as u64],
+                get(&format!("{p}.moe.router.weight")),
+            ));
+            let gu = get(&format!("{p}.moe.experts.w_gate_up"));
+            let per = 2 * f * c.d_model;
+            let (mut gate, mut up) = (vec![], vec![]);
+            for x in gu.chunks_exact(per) {
+                gate.extend_from_slice(&x[..per / 2]);
+                up.extend_from_slice(&x[per / 2..]);
+            }
+            let dims = vec![cm, f as u64, e as u64];
+            ts.push(mat(
+                format!("{b}.ffn_gate_exps.weight"),
+                dims.clone(),
+                &gate,
+            ));
+            ts.push(mat(format!("{b}.ffn_up_exps.weight"), dims, &up));
+            ts.push(mat(
+                format!("{b}.ffn_down_exps.weight"),
+                vec![f as u64, cm, e as u64],
+                get(&format!("{p}.moe.experts.w_down")),
+            ));
+        } else {
+            let f = c.ffn_hidden;
+            let gu = get(&format!("{p}.mlp.w_gate_up.weight"));
+            let (gate, up) = gu.split_at(f * c.d_model);
+            ts.push(mat(
+                format!("{b}.ffn_gate.weight"),
+                vec![cm, f as u64],
+                gate,
+            ));
+            ts.push(mat(format!("{b}.ffn_up.weight"), vec![cm, f as u64], up));
+            ts.push(mat(
+                format!("{b}.ffn_down.weight"),
+                vec![f as u64, cm],
+                get(&format!("{p}.mlp.w_down.weight")),
+            ));
+        }
+    }
+    ts.push(vec32("output_norm.weight".into(), get("norm.weight")));
+    if !c.tie_embeddings {
+        ts.push(mat(
+            "output.weight".into(),
+            vec![cm, v],
+            get("lm_head.weight"),
+        ));
+    }
+    Ok(encode(&meta, &ts))
+}
+
+/// Hugging Face q/k rows to llama.cpp's RoPE pairing (convert_hf_to_gguf.py's permute):
+/// Hugging Face row `h*hd + j*hd/2 + i` becomes row `h*hd + 2i + j`.
+fn permute(w: &[f32], n_head: usize, cols: usize) -> Vec<f32> {
+    let hd = w.len() / cols / n_head;
+    let mut out = vec![0f32; w.len()];
+    for h in 0..n_head {
+        for i in 0..hd / 2 {
+            for j in 0..2 {
+                let src = (h * hd + j * hd / 2 + i) * cols;
+                let dst = (h * hd + 2 * i + j) * cols;
+                out[dst..dst + cols].copy_from_slice(&w[src..src + cols]);
+            }
+        }
+    }
+    out
+}
