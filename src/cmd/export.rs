@@ -6,6 +6,7 @@ pub const EXAMPLES: &str = "Examples:
   moelab export runs/shk --format hf --out exports/shk
   moelab export runs/smollm2-ft --format hf --dtype bf16 --out exports/smollm2-ft
   moelab export runs/smollm2-ft --format gguf --dtype f16 --out exports/smollm2-ft.gguf
+  moelab export runs/smollm2-ft --format gguf --quant q4_1 --out exports/smollm2-ft.q4_1.gguf
 
   then, in Python: AutoModelForCausalLM.from_pretrained(\"exports/shk\")";
 
@@ -25,6 +26,10 @@ pub struct ExportArgs {
     /// Weight dtype: f32, f16 or bf16 (gguf: f32 or f16).
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// gguf: quantize the matrices to q8_0, q4_0 or q4_1 (norms stay f32; matrices whose
+    /// rows are not whole 32-value blocks are f16).
+    #[arg(long)]
+    quant: Option<String>,
     /// The dir to create (must not exist).
     #[arg(long)]
     out: PathBuf,
@@ -35,12 +40,24 @@ pub fn run(a: ExportArgs) -> Result<()> {
         bail!("--dtype {}: expected f32, f16 or bf16", a.dtype);
     };
     let src = crate::runs::load_init(&a.run)?;
+    if a.quant.is_some() && a.format != "gguf" {
+        bail!("--quant applies to --format gguf");
+    }
     match a.format.as_str() {
         "hf" => {}
         "gguf" => {
             if dtype == ExportDtype::Bf16 {
                 bail!("--dtype bf16: GGUF export writes f32 or f16");
             }
+            use interop::gguf::quant;
+            let mat_type = match a.quant.as_deref() {
+                None if dtype == ExportDtype::F16 => quant::F16,
+                None => quant::F32,
+                Some("q8_0") => quant::Q8_0,
+                Some("q4_0") => quant::Q4_0,
+                Some("q4_1") => quant::Q4_1,
+                Some(q) => bail!("--quant {q}: expected q8_0, q4_0 or q4_1"),
+            };
             if a.out.exists() {
                 bail!("{}: already exists; choose a new --out", a.out.display());
             }
@@ -49,7 +66,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
                 &src.init.params,
                 &src.tok,
                 src.chat.as_ref(),
-                dtype == ExportDtype::F16,
+                mat_type,
                 &a.out,
             )?;
             data::write_atomic(&a.out, &bytes)?;
@@ -57,7 +74,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
                 "{}: a llama-architecture GGUF ({} parameters, {}, {} bytes) for llama.cpp",
                 a.out.display(),
                 src.init.params.len(),
-                a.dtype,
+                a.quant.as_deref().unwrap_or(&a.dtype),
                 bytes.len()
             );
             return Ok(());

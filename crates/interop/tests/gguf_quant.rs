@@ -48,3 +48,49 @@ fn dequantization_matches_gguf_py() {
         "{e}"
     );
 }
+
+#[test]
+fn quantization_matches_gguf_py_byte_for_byte() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/golden/quant/blocks.safetensors");
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    for (name, t) in [
+        ("Q8_0", quant::Q8_0),
+        ("Q4_0", quant::Q4_0),
+        ("Q4_1", quant::Q4_1),
+    ] {
+        let x: Vec<f32> = st
+            .tensor(&format!("quantize.{name}.input"))
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let want = st
+            .tensor(&format!("quantize.{name}.bytes"))
+            .unwrap()
+            .data()
+            .to_vec();
+        let got = quant::quantize(t, &x).unwrap();
+        assert_eq!(got, want, "{name}");
+        // and dequantizes to within half a step of each block
+        let back = quant::dequantize(t, &got, x.len()).unwrap();
+        for (b, (xs, ys)) in x.chunks(32).zip(back.chunks(32)).enumerate() {
+            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let step = if name == "Q8_0" {
+                amax / 127.0
+            } else {
+                2.0 * amax / 15.0
+            };
+            for (a, c) in xs.iter().zip(ys) {
+                assert!(
+                    (a - c).abs() <= step * 0.51 + 1e-3 * amax,
+                    "{name} block {b}: {a} -> {c}"
+                );
+            }
+        }
+    }
+    assert!(quant::quantize(quant::Q4_K, &[0.0; 256]).is_err());
+    assert!(quant::quantize(quant::Q8_0, &[0.0; 31]).is_err());
+}

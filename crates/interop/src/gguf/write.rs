@@ -129,15 +129,31 @@ fn pre_name(tok_json: &Json) -> Option<&'static str> {
 }
 
 /// GGUF bytes of `cfg` / `params` with tokenizer `tok` and chat format `chat` (None:
-/// moelab's, written as Jinja), matrices in `f16` or F32.
+/// moelab's, written as Jinja), matrices as `mat_type` (F32, F16, Q8_0, Q4_0 or Q4_1;
+/// a quantized type applies to matrices whose rows are whole 32-value blocks, the others
+/// are F16), norms in F32.
 pub fn export(
     cfg: &ModelConfig,
     params: &[f32],
     tok: &Tokenizer,
     chat: Option<&ChatSpec>,
-    f16: bool,
+    mat_type: u32,
     what: &Path,
 ) -> Result<Vec<u8>> {
+    if ![
+        quant::F32,
+        quant::F16,
+        quant::Q8_0,
+        quant::Q4_0,
+        quant::Q4_1,
+    ]
+    .contains(&mat_type)
+    {
+        return Err(ferr(
+            what,
+            format!("cannot write matrices as {}", quant::type_name(mat_type)),
+        ));
+    }
     let c = cfg;
     let refuse = |why: &str| {
         Err(ferr(
@@ -233,7 +249,14 @@ pub fn export(
         ),
         (
             "general.file_type".into(),
-            Meta::U32(if f16 { 1 } else { 0 }),
+            // llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q4_0, MOSTLY_Q4_1, MOSTLY_Q8_0
+            Meta::U32(match mat_type {
+                quant::F32 => 0,
+                quant::F16 => 1,
+                quant::Q4_0 => 2,
+                quant::Q4_1 => 3,
+                _ => 7,
+            }),
         ),
         (format!("{a}.vocab_size"), Meta::U32(c.vocab_size as u32)),
         (
@@ -300,17 +323,26 @@ pub fn export(
             .expect("in layout");
         &params[t.offset..t.offset + t.len]
     };
-    let mat = |name: String, dims: Vec<u64>, v: &[f32]| Tensor {
-        name,
-        dims,
-        ggml_type: if f16 { quant::F16 } else { quant::F32 },
-        data: if f16 {
-            v.iter()
+    let mat = |name: String, dims: Vec<u64>, v: &[f32]| {
+        let t = match mat_type {
+            quant::F32 | quant::F16 => mat_type,
+            q if dims[0].is_multiple_of(32) => q,
+            _ => quant::F16,
+        };
+        let data = match t {
+            quant::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            quant::F16 => v
+                .iter()
                 .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
-                .collect()
-        } else {
-            v.iter().flat_map(|x| x.to_le_bytes()).collect()
-        },
+                .collect(),
+            q => quant::quantize(q, v).expect("whole blocks"),
+        };
+        Tensor {
+            name,
+            dims,
+            ggml_type: t,
+            data,
+        }
     };
     let vec32 = |name: String, v: &[f32]| Tensor {
         name,
