@@ -6,7 +6,7 @@
 
 use crate::{ferr, Result};
 use infer::chat::{ChatSpec, CHAT_FILE};
-use model::{Config, Model, ModelConfig, Optimizer};
+use model::{Config, Model, ModelConfig};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -87,14 +87,9 @@ fn write_into(dir: &Path, imp: &Imported) -> Result<()> {
     }
     let src = serde_json::to_string_pretty(&imp.source).expect("serialises");
     put(IMPORT_FILE, src.as_bytes()).map_err(map_data)?;
-    let mut m = Model::new(&imp.config, 1, 1, 0);
-    assert_eq!(
-        m.params.len(),
-        imp.params.len(),
-        "params laid out by the config"
-    );
-    m.params.copy_from_slice(&imp.params);
-    let opt = Optimizer::new(&m);
+    let layout = model::Layout::new(&imp.config);
+    assert_eq!(layout.total, imp.params.len(), "params laid out by the config");
+    let m = Model::with_params(&imp.config, layout, imp.params.clone(), 1, 1);
     let state = train::checkpoint::State {
         format_version: train::checkpoint::FORMAT_VERSION,
         step: 0,
@@ -108,7 +103,8 @@ fn write_into(dir: &Path, imp: &Imported) -> Result<()> {
         skip_steps: vec![],
         checksum: String::new(),
     };
-    train::checkpoint::save(dir, &m, &opt, &state, 1)?;
+    // weights only: an import is never resumed, `train --init` starts fresh moments
+    train::checkpoint::save(dir, &m, None, &state, 1)?;
     Ok(())
 }
 

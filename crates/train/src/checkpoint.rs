@@ -66,10 +66,12 @@ fn fsync_dir(dir: &Path) -> Result<()> {
 }
 
 /// Writes a checkpoint for `state.step` and points `latest` at it; keeps the newest `keep`.
+/// Without `opt` the checkpoint holds weights only (an imported model: it is read for
+/// inference and as `train --init`'s start, never resumed, so it has no optimizer state).
 pub fn save(
     run: &Path,
     model: &Model,
-    opt: &Optimizer,
+    opt: Option<&Optimizer>,
     state: &State,
     keep: usize,
 ) -> Result<PathBuf> {
@@ -100,19 +102,23 @@ pub fn save(
 }
 
 /// The checkpoint's files in `tmp`, each fsync'd (state.json last: it vouches for the others).
-fn write_files(tmp: &Path, model: &Model, opt: &Optimizer, state: &State) -> Result<()> {
+fn write_files(tmp: &Path, model: &Model, opt: Option<&Optimizer>, state: &State) -> Result<()> {
     let step = state.step;
     fault::point("enospc-model", step, tmp)?;
     io::save(&model.layout, &model.params, &tmp.join("model.safetensors"))?;
     fault::point("ckpt-model", step, tmp)?;
-    io::save_prefixed(
-        &model.layout,
-        &[("m.", &opt.m), ("v.", &opt.v)],
-        &tmp.join("optim.safetensors"),
-    )?;
+    let mut files = vec!["model.safetensors"];
+    if let Some(opt) = opt {
+        io::save_prefixed(
+            &model.layout,
+            &[("m.", &opt.m), ("v.", &opt.v)],
+            &tmp.join("optim.safetensors"),
+        )?;
+        files.push("optim.safetensors");
+    }
     fault::point("enospc-state", step, tmp)?;
     let mut st = state.clone();
-    for f in ["model.safetensors", "optim.safetensors"] {
+    for f in files {
         let p = tmp.join(f);
         // NOTE: a failed fsync is never retried (after one, the kernel may have dropped the
         // dirty pages and a second fsync "succeeds"): the checkpoint is abandoned instead.

@@ -651,7 +651,7 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
         {
             state.weights_hash = io::weights_hash(&model.layout, &model.params);
             if writer {
-                let dir = checkpoint::save(run, &model, &opt, &state, tc.keep_checkpoints)?;
+                let dir = checkpoint::save(run, &model, Some(&opt), &state, tc.keep_checkpoints)?;
                 if let Some(m) = manifest.as_mut() {
                     m.checkpoints.insert(state.step, state.weights_hash.clone());
                     m.save(run)?;
