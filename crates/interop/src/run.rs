@@ -88,7 +88,11 @@ fn write_into(dir: &Path, imp: &Imported) -> Result<()> {
     let src = serde_json::to_string_pretty(&imp.source).expect("serialises");
     put(IMPORT_FILE, src.as_bytes()).map_err(map_data)?;
     let layout = model::Layout::new(&imp.config);
-    assert_eq!(layout.total, imp.params.len(), "params laid out by the config");
+    assert_eq!(
+        layout.total,
+        imp.params.len(),
+        "params laid out by the config"
+    );
     let m = Model::with_params(&imp.config, layout, imp.params.clone(), 1, 1);
     let state = train::checkpoint::State {
         format_version: train::checkpoint::FORMAT_VERSION,
