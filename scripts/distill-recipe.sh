@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The distillation recipe behind the numbers in README.md and BENCHMARKS.md (77 minutes on
-# a 2-core machine shared with other work; not yet timed idle). Every stage is one moelab
+# The distillation recipe behind the numbers in README.md and BENCHMARKS.md (about two hours
+# on a 2-core machine shared with other work; not yet timed idle). Every stage is one moelab
 # command; rerunning skips finished stages.
 #
 #   scripts/distill-recipe.sh [OUT_DIR]        (default: runs/distill)
