@@ -307,3 +307,78 @@ fn distillation_pipeline_end_to_end() {
         "a refused run must not create its run dir"
     );
 }
+
+/// Issue 13: `distill train --init` starts the student from another run's weights (here an
+/// earlier student), records their hash, and refuses another shape.
+#[test]
+fn distill_train_init_starts_from_a_run() {
+    let d = tmpdir("init");
+    let data = d.join("data");
+    ok(&[
+        "prepare",
+        "--task",
+        "add",
+        "--n",
+        "300",
+        "--vocab-size",
+        "384",
+        "--out",
+        s(&data),
+    ]);
+    let traces = data.join("train.jsonl");
+    let tok = data.join("tokenizer.json");
+    let first = d.join("s1");
+    ok(&[
+        "distill",
+        "train",
+        "--config",
+        STUDENT,
+        "--traces",
+        s(&traces),
+        "--tokenizer",
+        s(&tok),
+        "--steps",
+        "2",
+        "--out",
+        s(&first),
+    ]);
+    let second = d.join("s2");
+    ok(&[
+        "distill",
+        "train",
+        "--config",
+        STUDENT,
+        "--traces",
+        s(&traces),
+        "--tokenizer",
+        s(&tok),
+        "--steps",
+        "2",
+        "--init",
+        s(&first),
+        "--out",
+        s(&second),
+    ]);
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(second.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["init"]["weights_hash"], common::hash(&first).as_str());
+    // the same steps from a random init give other weights
+    assert_ne!(common::hash(&second), common::hash(&first));
+    fails(
+        &[
+            "distill",
+            "train",
+            "--config",
+            TEACHER,
+            "--traces",
+            s(&traces),
+            "--tokenizer",
+            s(&tok),
+            "--init",
+            s(&first),
+            "--out",
+            s(&d.join("s3")),
+        ],
+        "another shape",
+    );
+}

@@ -89,6 +89,11 @@ pub struct TrainArgs {
     /// Continue the student run in --out (same config and traces; a change is refused).
     #[arg(long)]
     resume: bool,
+    /// Start the student from these weights (a run or checkpoint dir of the same shape and
+    /// tokenizer, e.g. an earlier student) instead of a random init; the manifest records
+    /// their hash.
+    #[arg(long, conflicts_with = "resume")]
+    init: Option<PathBuf>,
 }
 
 pub fn run(cmd: DistillCmd) -> Result<()> {
@@ -185,6 +190,21 @@ pub fn train(a: TrainArgs) -> Result<train::trainer::Outcome> {
             tokenizer.display()
         );
     }
+    let init = match &a.init {
+        None => None,
+        Some(p) => {
+            let src = crate::runs::load_init(p)?;
+            crate::runs::check_init_fits(&src.init, &src.model, &cfg.model)?;
+            if tokenizer::Tokenizer::from_file(&tokenizer)?.to_json()? != src.tok.to_json()? {
+                bail!(
+                    "--init {}: its tokenizer is not the traces' ({}); the student must keep its vocabulary",
+                    p.display(),
+                    tokenizer.display()
+                );
+            }
+            Some(src.init)
+        }
+    };
     let teacher = match &a.teacher {
         None => None,
         Some(t) => {
@@ -233,7 +253,7 @@ pub fn train(a: TrainArgs) -> Result<train::trainer::Outcome> {
         teacher,
         &a.out,
         a.resume,
-        None,
+        init,
     )?;
     // what the student learned from, next to its config
     data::write_atomic(
