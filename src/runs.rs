@@ -40,9 +40,14 @@ pub fn load_task_reasoner(path: &Path) -> Result<Reasoner> {
 /// The chat format of the run `path` was loaded from (`r`): its `chat.json` (an imported
 /// model's template) or moelab's.
 pub fn chat_format(path: &Path, r: &Reasoner) -> Result<ChatFormat> {
-    let tok_path = run_tokenizer_path(path, &r.checkpoint)?;
+    run_chat_format(path, &r.checkpoint, r.tok.clone())
+}
+
+/// The chat format of the run at `path` (checkpoint `ckpt`) with its tokenizer `tok`.
+pub fn run_chat_format(path: &Path, ckpt: &Path, tok: Tokenizer) -> Result<ChatFormat> {
+    let tok_path = run_tokenizer_path(path, ckpt)?;
     let run_dir = tok_path.parent().unwrap_or(Path::new("."));
-    ChatFormat::load(run_dir, Arc::new(r.tok.clone())).map_err(anyhow::Error::msg)
+    ChatFormat::load(run_dir, Arc::new(tok)).map_err(anyhow::Error::msg)
 }
 
 /// Whether `p` is a file starting with GGUF's magic.

@@ -1,6 +1,6 @@
 //! `moelab sample`: text from a trained run, streamed (KV-cache decoding).
 
-use crate::runs::{run_tokenizer, run_tokenizer_path};
+use crate::runs::{run_chat_format, run_tokenizer};
 use anyhow::{bail, Result};
 use clap::Args;
 use infer::{Sampler, SamplingParams};
@@ -40,12 +40,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let tok = run_tokenizer(&a.run, &lr.checkpoint)?;
     // the format's document start and ends: moelab's <|end|> (documents are separated by
     // it in training data, so it also marks a start), an imported model's BOS and EOS
-    let tok_dir = run_tokenizer_path(&a.run, &lr.checkpoint)?;
-    let chat = infer::chat::ChatFormat::load(
-        tok_dir.parent().unwrap_or(std::path::Path::new(".")),
-        std::sync::Arc::new(tok.clone()),
-    )
-    .map_err(anyhow::Error::msg)?;
+    let chat = run_chat_format(&a.run, &lr.checkpoint, tok.clone())?;
     let stops = chat.stop_tokens();
     let mut prompt = chat.prefix().to_vec();
     prompt.extend(tok.encode(&a.prompt));

@@ -319,14 +319,6 @@ impl ReplyParser {
         }
     }
 
-    /// A parser for raw text completions: everything is the answer (no reasoning block).
-    pub fn plain(tok: Arc<Tokenizer>, stops: Vec<String>) -> ReplyParser {
-        ReplyParser {
-            part: Part::Content,
-            ..ReplyParser::new(tok, stops)
-        }
-    }
-
     /// Tokens of the think block so far, its markers included.
     pub fn reasoning_tokens(&self) -> usize {
         self.reasoning_tokens

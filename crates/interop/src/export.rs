@@ -71,11 +71,12 @@ pub fn write_hf(
     dtype: ExportDtype,
     out: &Path,
 ) -> Result<&'static str> {
-    let hf = to_hf(cfg).map_err(|e| ferr(out, format!("cannot export: {e}")))?;
+    let (hf, mut config) = to_hf(cfg).map_err(|e| ferr(out, format!("cannot export: {e}")))?;
     if out.exists() {
         return Err(ferr(out, "already exists; choose a new --out"));
     }
-    let mut config = to_hf_json(&hf, dtype);
+    config["dtype"] = json!(dtype.torch());
+    config["transformers_version"] = json!("5.24.0");
     // special tokens: moelab's format, or the imported model's own
     let (template, bos, eos, stops): (String, String, String, Vec<String>) = match chat {
         Some(c) => (
@@ -177,11 +178,4 @@ pub fn write_hf(
         let _ = std::fs::remove_dir_all(&tmp);
     }
     res.map(|_| hf.family.name())
-}
-
-fn to_hf_json(hf: &model::hf::HfModel, dtype: ExportDtype) -> serde_json::Value {
-    let mut v = model::hf::hf_config_json(&hf.config).expect("to_hf accepted it");
-    v["dtype"] = json!(dtype.torch());
-    v["transformers_version"] = json!("5.24.0");
-    v
 }

@@ -63,14 +63,7 @@ pub fn upcycle(
     moe.validate().map_err(|e| ferr(what, e.to_string()))?;
 
     let (src, dst) = (Layout::new(cfg), Layout::new(&moe));
-    let get = |name: &str| -> &[f32] {
-        let t = src
-            .tensors
-            .iter()
-            .find(|t| t.name == name)
-            .expect("dense layout has it");
-        &dense[t.offset..t.offset + t.len]
-    };
+    let get = |name: &str| src.slice(dense, name);
     // random init (the router's), then every tensor the dense model has copied over
     let mut out = model::Model::new(&moe, 1, 1, u.seed).params;
     let (c, f) = (cfg.d_model, cfg.ffn_hidden);

@@ -8,39 +8,21 @@
 //! requires the same bytes, so llama.cpp's tokens hold for today's exporter, then requires
 //! moelab's greedy tokens to be llama.cpp's. Every export also imports back unchanged.
 
-use model::decode::Decoder;
-use model::ModelConfig;
-use serde_json::Value;
+mod common;
+
+use common::{config, greedy, ids, read_json, tokenizer};
 use std::path::PathBuf;
 use tokenizer::Tokenizer;
 
 fn golden(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/golden/export-gguf")
-        .join(name)
-}
-
-fn tokenizer() -> Tokenizer {
-    let text = "The quick brown fox jumps over the lazy dog. What is 12 + 34? It is 46. \
-                Mixture of experts routes each token to a few experts.";
-    Tokenizer::train_with([text; 8].into_iter(), 300, true).unwrap()
-}
-
-fn config(moe: bool, vocab: usize) -> ModelConfig {
-    let toml = if moe {
-        "[model]\nvocab_size = V\nd_model = 32\nn_layers = 2\nn_heads = 4\nn_kv_heads = 2\nmax_seq_len = 64\nffn_hidden = 64\nn_experts = 8\ntop_k = 2\nexpert_hidden = 16\nrouter_score = \"softmax\"\nrenormalize = true\ninit_std = 0.2\n"
-    } else {
-        "[model]\nvocab_size = V\nd_model = 32\nn_layers = 2\nn_heads = 4\nn_kv_heads = 2\nmax_seq_len = 64\nffn_hidden = 64\nn_experts = 0\ntie_embeddings = true\ninit_std = 0.2\n"
-    };
-    let toml = toml.replace('V', &vocab.to_string()) + "[train]\nseq_len = 32\n";
-    model::Config::from_toml(&toml).unwrap().model
+    common::golden("export-gguf", name)
 }
 
 #[test]
 fn moelab_models_export_to_gguf_that_llama_cpp_runs_the_same() {
     let tok = tokenizer();
     for name in ["dense", "moe-routed"] {
-        let cfg = config(name != "dense", tok.vocab_size());
+        let cfg = config(name != "dense", 0, tok.vocab_size());
         let params = model::Model::new(&cfg, 1, 1, 7).params;
         let file = golden(&format!("{name}.gguf"));
         let bytes = interop::gguf::write::export(
@@ -76,35 +58,14 @@ fn moelab_models_export_to_gguf_that_llama_cpp_runs_the_same() {
             assert_eq!(t2.encode(text), tok.encode(text), "{name}: {text:?}");
         }
         // llama.cpp's greedy continuation is moelab's
-        let exp: Value =
-            serde_json::from_slice(&std::fs::read(golden(&format!("{name}.json"))).unwrap())
-                .unwrap();
-        let ids = |v: &Value| -> Vec<u32> {
-            v.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        };
+        let exp = read_json(&golden(&format!("{name}.json")));
         let prompt = ids(&exp["prompt_ids"]);
         assert_eq!(
             tok.encode(exp["prompt"].as_str().unwrap()),
             prompt,
             "{name}: llama.cpp's ids"
         );
-        let mut d = Decoder::new(&cfg);
-        let mut logits = vec![];
-        for &t in &prompt {
-            logits = d.step(&params, t).to_vec();
-        }
-        let mut got = vec![];
-        for _ in 0..ids(&exp["greedy"]).len() {
-            let t = (0..logits.len())
-                .max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)))
-                .unwrap() as u32;
-            got.push(t);
-            logits = d.step(&params, t).to_vec();
-        }
+        let got = greedy(&cfg, &params, &prompt, ids(&exp["greedy"]).len());
         assert_eq!(
             got,
             ids(&exp["greedy"]),
@@ -116,7 +77,7 @@ fn moelab_models_export_to_gguf_that_llama_cpp_runs_the_same() {
 #[test]
 fn what_llama_cpp_cannot_express_is_refused() {
     let tok = tokenizer();
-    let mut cfg = config(true, tok.vocab_size());
+    let mut cfg = config(true, 0, tok.vocab_size());
     cfg.n_shared_experts = 1;
     let p = vec![0.0; model::Layout::new(&cfg).total];
     let e = interop::gguf::write::export(
@@ -136,7 +97,7 @@ fn what_llama_cpp_cannot_express_is_refused() {
 fn quantized_exports_import_back_as_their_dequantized_weights() {
     use interop::gguf::quant;
     let tok = tokenizer();
-    let cfg = config(true, tok.vocab_size());
+    let cfg = config(true, 0, tok.vocab_size());
     let params = model::Model::new(&cfg, 1, 1, 7).params;
     let layout = model::Layout::new(&cfg);
     for q in [quant::Q8_0, quant::Q4_0, quant::Q4_1] {

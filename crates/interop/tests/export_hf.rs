@@ -11,52 +11,17 @@
 //! chat-template ids with transformers'. Exports of imported models of every family are
 //! round-tripped too.
 
-use infer::chat::{ChatFormat, Message, Role};
+mod common;
+
+use common::{config, ids, logprobs, messages, read_json, tmp, tokenizer};
+use infer::chat::ChatFormat;
 use interop::export::{write_hf, ExportDtype};
-use model::decode::Decoder;
-use model::ModelConfig;
-use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokenizer::Tokenizer;
 
 fn golden(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/golden/export")
-        .join(name)
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("moelab-export-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-fn tokenizer() -> Tokenizer {
-    let text = "The quick brown fox jumps over the lazy dog. What is 12 + 34? It is 46. \
-                Mixture of experts routes each token to a few experts.";
-    Tokenizer::train_with([text; 8].into_iter(), 300, true).unwrap()
-}
-
-fn config(moe: bool, vocab: usize) -> ModelConfig {
-    let toml = if moe {
-        "[model]\nvocab_size = V\nd_model = 32\nn_layers = 2\nn_heads = 4\nn_kv_heads = 2\nmax_seq_len = 64\nffn_hidden = 64\nn_experts = 8\ntop_k = 2\nexpert_hidden = 16\nn_shared_experts = 2\nrouter_score = \"softmax\"\nrenormalize = true\ninit_std = 0.2\n"
-    } else {
-        "[model]\nvocab_size = V\nd_model = 32\nn_layers = 2\nn_heads = 4\nn_kv_heads = 2\nmax_seq_len = 64\nffn_hidden = 64\nn_experts = 0\ntie_embeddings = true\ninit_std = 0.2\n"
-    };
-    let toml = toml.replace('V', &vocab.to_string()) + "[train]\nseq_len = 32\n";
-    model::Config::from_toml(&toml).unwrap().model
-}
-
-fn logprobs(cfg: &ModelConfig, params: &[f32], ids: &[u32]) -> Vec<f64> {
-    let mut d = Decoder::new(cfg);
-    let mut l = vec![];
-    for &t in ids {
-        l = d.step(params, t).to_vec();
-    }
-    let m = l.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
-    let z: f64 = l.iter().map(|&x| (x as f64 - m).exp()).sum();
-    l.iter().map(|&x| x as f64 - m - z.ln()).collect()
+    common::golden("export", name)
 }
 
 fn files(d: &Path) -> Vec<(String, Vec<u8>)> {
@@ -79,7 +44,7 @@ fn files(d: &Path) -> Vec<(String, Vec<u8>)> {
 fn moelab_models_export_to_what_transformers_computes() {
     let tok = tokenizer();
     for (name, moe, family) in [("moe-shared", true, "qwen2_moe"), ("dense", false, "llama")] {
-        let cfg = config(moe, tok.vocab_size());
+        let cfg = config(moe, 2, tok.vocab_size());
         let params = model::Model::new(&cfg, 1, 1, 7).params;
         let out = tmp(name);
         let fam = write_hf(&cfg, &params, &tok, None, ExportDtype::F32, &out).unwrap();
@@ -96,31 +61,14 @@ fn moelab_models_export_to_what_transformers_computes() {
             files(&out) == files(&g),
             "{name}: the export differs from tests/golden/export/{name}: if intended, re-bless (MOELAB_BLESS=1) and re-run reference/make_hf_export.py"
         );
-        let exp: Value =
-            serde_json::from_slice(&std::fs::read(g.join("expected.json")).unwrap()).unwrap();
+        let exp = read_json(&g.join("expected.json"));
         // moelab's chat format, written as Jinja, renders in transformers what moelab renders
         let chat = ChatFormat::moelab(Arc::new(tok.clone())).unwrap();
-        let msgs: Vec<Message> = exp["chat"]["messages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| {
-                let role = match m["role"].as_str().unwrap() {
-                    "system" => Role::System,
-                    "user" => Role::User,
-                    _ => Role::Assistant,
-                };
-                Message::new(role, m["content"].as_str().unwrap())
-            })
-            .collect();
-        let ids: Vec<u32> = exp["chat"]["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect();
+        let msgs = messages(&exp["chat"]["messages"]);
+        let ids = ids(&exp["chat"]["ids"]);
         assert_eq!(chat.render(&msgs).unwrap(), ids, "{name}: chat template");
-        // every position's log-probabilities: transformers' within 1e-4
+        // the next token's log-probabilities over the whole vocabulary: transformers' within
+        // 1e-4
         let want = exp["logprobs"].as_array().unwrap();
         let got = logprobs(&cfg, &params, &ids);
         let mut worst = 0f64;
@@ -137,7 +85,7 @@ fn moelab_models_export_to_what_transformers_computes() {
 
 #[test]
 fn imported_models_of_every_family_export_and_import_back_unchanged() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/import");
+    let root = common::root().join("tests/golden/import");
     for name in [
         "llama",
         "mixtral-sharded",
@@ -170,7 +118,7 @@ fn imported_models_of_every_family_export_and_import_back_unchanged() {
 #[test]
 fn what_no_family_expresses_is_refused() {
     let tok = tokenizer();
-    let mut cfg = config(true, tok.vocab_size());
+    let mut cfg = config(true, 2, tok.vocab_size());
     cfg.router_score = model::RouterScore::Sigmoid;
     let out = tmp("refused");
     let e = write_hf(

@@ -4,8 +4,10 @@
 //! transformers (chat template included) and give its top-5 next-token log-probabilities.
 //! The HTTP API's logprobs are checked against the same numbers in the root suite.
 
-use infer::chat::{ChatFormat, Message, Role};
-use model::decode::Decoder;
+mod common;
+
+use common::{ids, messages, read_json, tmp};
+use infer::chat::ChatFormat;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,36 +24,13 @@ const VARIANTS: [&str; 7] = [
 ];
 
 fn golden(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/golden/import")
-        .join(name)
+    common::golden("import", name)
 }
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("moelab-import-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-/// Log-softmax of the logits after feeding `prompt`.
+/// Log-softmax of the logits of the run at `run` after feeding `prompt`.
 fn logprobs(run: &Path, prompt: &[u32]) -> Vec<f64> {
     let lr = train::load_run(run).unwrap();
-    let mut d = Decoder::new(&lr.cfg.model);
-    let mut logits = vec![];
-    for &t in prompt {
-        logits = d.step(&lr.params, t).to_vec();
-    }
-    let m = logits.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
-    let z: f64 = logits.iter().map(|&x| (x as f64 - m).exp()).sum();
-    logits.iter().map(|&x| x as f64 - m - z.ln()).collect()
+    common::logprobs(&lr.cfg.model, &lr.params, prompt)
 }
 
 fn check_top5(name: &str, got: &[f64], want: &Value) {
@@ -86,24 +65,11 @@ fn every_family_imports_and_computes_what_transformers_computes() {
         let out = tmp(name);
         let imp = interop::hf::import_dir(&src, None).unwrap();
         interop::run::write_run(&out, &imp).unwrap();
-        let exp: Value =
-            serde_json::from_slice(&std::fs::read(src.join("expected.json")).unwrap()).unwrap();
+        let exp = read_json(&src.join("expected.json"));
 
         let tok = Arc::new(Tokenizer::from_file(&out.join("tokenizer.json")).unwrap());
         let chat = ChatFormat::load(&out, tok.clone()).unwrap();
-        let msgs: Vec<Message> = exp["chat"]["messages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| {
-                let role = match m["role"].as_str().unwrap() {
-                    "system" => Role::System,
-                    "user" => Role::User,
-                    _ => Role::Assistant,
-                };
-                Message::new(role, m["content"].as_str().unwrap())
-            })
-            .collect();
+        let msgs = messages(&exp["chat"]["messages"]);
         let chat_ids = chat.render(&msgs).unwrap();
         assert_eq!(
             chat_ids,

@@ -8,20 +8,17 @@
 //! are compared with transformers' closely (1e-3) and with llama.cpp's (which quantizes
 //! activations to 8 bits in its matmuls) on the probability of the top token.
 
-use infer::chat::{ChatFormat, ChatSpec, Message, Role};
-use model::decode::Decoder;
+mod common;
+
+use common::{ids, messages, read_json, root};
+use infer::chat::{ChatFormat, ChatSpec};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use tokenizer::Tokenizer;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 fn reference() -> Value {
-    let p = root().join("tests/golden/smollm2/reference.json");
-    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    read_json(&common::golden("smollm2", "reference.json"))
 }
 
 struct Smol {
@@ -57,24 +54,9 @@ fn smol() -> &'static Smol {
     })
 }
 
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
 fn logprobs(prompt: &[u32]) -> Vec<f64> {
     let s = smol();
-    let mut d = Decoder::new(&s.cfg);
-    let mut logits = vec![];
-    for &t in prompt {
-        logits = d.step(&s.params, t).to_vec();
-    }
-    let m = logits.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
-    let z: f64 = logits.iter().map(|&x| (x as f64 - m).exp()).sum();
-    logits.iter().map(|&x| x as f64 - m - z.ln()).collect()
+    common::logprobs(&s.cfg, &s.params, prompt)
 }
 
 #[test]
@@ -100,13 +82,10 @@ fn next_token_log_probabilities_match_transformers_and_llama_cpp() {
     for case in r["next_token"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let prompt = ids(&case["ids"]);
-        if let Some(msgs) = case["messages"].as_array() {
+        if case["messages"].is_array() {
             // the GGUF's own chat template renders the same ids
             let chat = ChatFormat::from_spec(s.tok.clone(), &s.chat).unwrap();
-            let m: Vec<Message> = msgs
-                .iter()
-                .map(|m| Message::new(Role::User, m["content"].as_str().unwrap()))
-                .collect();
+            let m = messages(&case["messages"]);
             assert_eq!(chat.render(&m).unwrap(), prompt, "{name}: chat template");
         }
         let lp = logprobs(&prompt);
@@ -147,19 +126,7 @@ fn next_token_log_probabilities_match_transformers_and_llama_cpp() {
 fn greedy_decoding_follows_transformers() {
     let s = smol();
     let g = &reference()["greedy"];
-    let mut d = Decoder::new(&s.cfg);
-    let mut logits = vec![];
-    for &t in &ids(&g["prompt_ids"]) {
-        logits = d.step(&s.params, t).to_vec();
-    }
     let want = ids(&g["transformers"]);
-    let mut got = vec![];
-    for _ in 0..want.len() {
-        let t = (0..logits.len())
-            .max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)))
-            .unwrap() as u32;
-        got.push(t);
-        logits = d.step(&s.params, t).to_vec();
-    }
+    let got = common::greedy(&s.cfg, &s.params, &ids(&g["prompt_ids"]), want.len());
     assert_eq!(s.tok.decode(&got), s.tok.decode(&want));
 }

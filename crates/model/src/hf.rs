@@ -350,18 +350,7 @@ impl HfModel {
         layout: &Layout,
         st: &crate::tensors::SafetensorsDir,
     ) -> Result<Vec<f32>> {
-        let mut failed = None;
-        let out = self.assemble(layout, |name| match st.get_f32(name) {
-            Ok(v) => v,
-            Err(e) => {
-                failed.get_or_insert(e);
-                None
-            }
-        });
-        match failed {
-            Some(e) => Err(e),
-            None => out,
-        }
+        self.try_assemble(layout, |name| st.get_f32(name))
     }
 
     /// Builds a buffer laid out by `layout` from Hugging Face tensors: `get(name)` returns a
@@ -372,6 +361,16 @@ impl HfModel {
         layout: &Layout,
         mut get: impl FnMut(&str) -> Option<Vec<T>>,
     ) -> Result<Vec<T>> {
+        self.try_assemble(layout, |name| Ok::<_, crate::Error>(get(name)))
+    }
+
+    /// [`HfModel::assemble`] with a getter that can fail (a file that cannot be read, a
+    /// dtype that cannot be converted): its first error is returned.
+    pub fn try_assemble<T: Copy + Default, E: From<crate::Error>>(
+        &self,
+        layout: &Layout,
+        mut get: impl FnMut(&str) -> std::result::Result<Option<Vec<T>>, E>,
+    ) -> std::result::Result<Vec<T>, E> {
         let mut out = vec![T::default(); layout.total];
         for t in &layout.tensors {
             let alts = self.source_alternatives(&t.name);
@@ -379,32 +378,32 @@ impl HfModel {
                 return Err(cfg_err(
                     &t.name,
                     format!("no {} tensor maps onto it", self.family.name()),
-                ));
+                )
+                .into());
             }
             // the first spelling whose first tensor is present (else the preferred one, so
             // the error names it)
             let mut chosen = None;
             for srcs in &alts {
-                if let Some(first) = get(&srcs[0]) {
+                if let Some(first) = get(&srcs[0])? {
                     chosen = Some((srcs.clone(), first));
                     break;
                 }
             }
             let Some((srcs, first)) = chosen else {
-                return Err(cfg_err(&alts[0][0], "missing from the weights"));
+                return Err(cfg_err(&alts[0][0], "missing from the weights").into());
             };
             let mut first = Some(first);
             let mut at = t.offset;
             for s in &srcs {
                 let vals = match first.take() {
                     Some(v) => v,
-                    None => get(s).ok_or_else(|| cfg_err(s, "missing from the weights"))?,
+                    None => get(s)?.ok_or_else(|| cfg_err(s, "missing from the weights"))?,
                 };
                 if at + vals.len() > t.offset + t.len {
-                    return Err(cfg_err(
-                        s,
-                        format!("too large for {} {:?}", t.name, t.shape),
-                    ));
+                    return Err(
+                        cfg_err(s, format!("too large for {} {:?}", t.name, t.shape)).into(),
+                    );
                 }
                 out[at..at + vals.len()].copy_from_slice(&vals);
                 at += vals.len();
@@ -413,7 +412,8 @@ impl HfModel {
                 return Err(cfg_err(
                     &t.name,
                     format!("{srcs:?} fill {} of its {} values", at - t.offset, t.len),
-                ));
+                )
+                .into());
             }
         }
         Ok(out)
@@ -428,17 +428,7 @@ pub type HfTensor = (String, Vec<usize>, Vec<f32>);
 /// ungated shared expert is written with a zero gate, sigmoid(0) = 1/2, and its down
 /// projection doubled), per-head q/k norm -> Qwen3-MoE, whole-projection q/k norm -> OLMoE,
 /// otherwise Mixtral; dense models -> Llama.
-pub fn to_hf(cfg: &ModelConfig) -> Result<HfModel> {
-    let v = hf_config_json(cfg)?;
-    let family = config_from_hf(&v)?.family;
-    Ok(HfModel {
-        family,
-        config: cfg.clone(),
-    })
-}
-
-/// The `config.json` of [`to_hf`].
-pub fn hf_config_json(cfg: &ModelConfig) -> Result<Value> {
+pub fn to_hf(cfg: &ModelConfig) -> Result<(HfModel, Value)> {
     let c = cfg;
     let moe_layers: Vec<bool> = (0..c.n_layers).map(|l| c.is_moe_layer(l)).collect();
     let any_moe = moe_layers.iter().any(|&m| m);
@@ -587,7 +577,13 @@ pub fn hf_config_json(cfg: &ModelConfig) -> Result<Value> {
             ),
         ));
     }
-    Ok(v)
+    Ok((
+        HfModel {
+            family: back.family,
+            config: cfg.clone(),
+        },
+        v,
+    ))
 }
 
 impl HfModel {

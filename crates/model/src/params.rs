@@ -239,6 +239,15 @@ impl Layout {
         self.tensors.iter().find(|t| t.name == name)
     }
 
+    /// Tensor `name`'s values in `buf` (a buffer laid out by this layout). Panics when the
+    /// layout has no such tensor.
+    pub fn slice<'a>(&self, buf: &'a [f32], name: &str) -> &'a [f32] {
+        let t = self
+            .get(name)
+            .unwrap_or_else(|| panic!("no tensor {name} in the layout"));
+        &buf[t.offset..t.offset + t.len]
+    }
+
     /// Number of stored parameters (excluding non-trainable state).
     pub fn n_params(&self) -> usize {
         self.tensors

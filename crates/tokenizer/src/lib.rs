@@ -280,11 +280,6 @@ impl Tokenizer {
     /// Id of an added token such as `"<|end|>"` or `"<|im_start|>"` (None when the string
     /// is not one token of this tokenizer's added vocabulary).
     pub fn special(&self, s: &str) -> Option<u32> {
-        if self.moelab {
-            if let Some(i) = SPECIAL_TOKENS.iter().position(|x| *x == s) {
-                return Some(i as u32);
-            }
-        }
         let id = self.inner.token_to_id(s)?;
         self.added.binary_search(&id).is_ok().then_some(id)
     }

@@ -194,7 +194,6 @@ fn unpermute(w: &[f32], n_head: usize, cols: usize) -> Vec<f32> {
 
 fn load_weights(f: &GgufFile, hf: &HfModel, layout: &Layout) -> Result<Vec<f32>> {
     let c = &hf.config;
-    let mut failed = None;
     let get = |name: &str| -> Result<Option<Vec<f32>>> {
         // fused experts: per expert, its gate rows then its up rows
         if let Some(l) = name
@@ -229,17 +228,11 @@ fn load_weights(f: &GgufFile, hf: &HfModel, layout: &Layout) -> Result<Vec<f32>>
             w
         }))
     };
-    let out = hf.assemble(layout, |name| match get(name) {
-        Ok(v) => v,
-        Err(e) => {
-            failed.get_or_insert(e);
-            None
-        }
-    });
-    if let Some(e) = failed {
-        return Err(e);
-    }
-    out.map_err(|e| ferr(&f.path, e.to_string()))
+    // a mapping error (a missing or misshapen tensor) names the file
+    hf.try_assemble(layout, get).map_err(|e| match e {
+        crate::Error::Model(m) => ferr(&f.path, m.to_string()),
+        e => e,
+    })
 }
 
 /// The chat format from `tokenizer.chat_template` and the EOS (plus, as llama.cpp does,

@@ -315,14 +315,7 @@ pub fn export(
     }
 
     let layout = Layout::new(c);
-    let get = |name: &str| -> &[f32] {
-        let t = layout
-            .tensors
-            .iter()
-            .find(|t| t.name == name)
-            .expect("in layout");
-        &params[t.offset..t.offset + t.len]
-    };
+    let get = |name: &str| layout.slice(params, name);
     let mat = |name: String, dims: Vec<u64>, v: &[f32]| {
         let t = match mat_type {
             quant::F32 | quant::F16 => mat_type,
