@@ -19,28 +19,15 @@ use train::trainer::Init;
 pub fn load_reasoner(path: &Path) -> Result<Reasoner> {
     let run = load_run(path)?;
     let tok = run_tokenizer(path, &run.checkpoint)?;
+    let chat = Arc::new(run_chat_format(path, &run.checkpoint, tok.clone())?);
     Ok(Reasoner {
         cfg: run.cfg.model,
         params: run.params,
         tok,
+        chat,
         checkpoint: run.checkpoint,
         step: run.state.step,
     })
-}
-
-/// As [`load_reasoner`], for the work that speaks moelab's chat format (task evaluation,
-/// distillation): a run whose tokenizer lacks moelab's chat tokens (an imported model) is
-/// refused with the reason.
-pub fn load_task_reasoner(path: &Path) -> Result<Reasoner> {
-    let r = load_reasoner(path)?;
-    r.tok.require_moelab(path)?;
-    Ok(r)
-}
-
-/// The chat format of the run `path` was loaded from (`r`): its `chat.json` (an imported
-/// model's template) or moelab's.
-pub fn chat_format(path: &Path, r: &Reasoner) -> Result<ChatFormat> {
-    run_chat_format(path, &r.checkpoint, r.tok.clone())
 }
 
 /// The chat format of the run at `path` (checkpoint `ckpt`) with its tokenizer `tok`.
@@ -103,6 +90,14 @@ pub fn load_init(path: &Path) -> Result<InitSource> {
         (run.cfg.model, run.params, tok, sha, chat)
     };
     let hash = model::io::weights_hash(&model::Layout::new(&cfg), &params);
+    // an imported model's chat format goes with its weights
+    let files = match &chat {
+        Some(c) => vec![(
+            infer::chat::CHAT_FILE.to_string(),
+            serde_json::to_string_pretty(c)?.into_bytes(),
+        )],
+        None => vec![],
+    };
     let init = Init {
         params,
         record: InitRecord {
@@ -110,6 +105,7 @@ pub fn load_init(path: &Path) -> Result<InitSource> {
             weights_hash: hash,
             source_sha256,
         },
+        files,
     };
     Ok(InitSource {
         init,

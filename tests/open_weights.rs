@@ -156,6 +156,126 @@ fn an_imported_model_fine_tunes_with_init_and_verify_replays_it() {
 }
 
 #[test]
+fn an_imported_model_evaluates_tasks_and_writes_traces_in_its_own_template() {
+    let d = tmpdir("open-weights", "tasks");
+    let run = d.join("llama");
+    ok(&[
+        "import",
+        s(&golden("llama")),
+        "--out",
+        s(&run),
+        "--context",
+        "160",
+    ]);
+    // eval --task poses the problems through the model's ChatML template (the tiny random
+    // model answers nothing right, but every problem is posed and scored)
+    let out = ok(&[
+        "eval",
+        "--run",
+        s(&run),
+        "--task",
+        "add",
+        "--n",
+        "6",
+        "--split",
+        "dev",
+    ]);
+    let all = out
+        .lines()
+        .find(|l| l.starts_with("all "))
+        .unwrap_or_else(|| panic!("no total row:\n{out}"));
+    assert!(all.split_whitespace().any(|w| w == "6"), "n = 6: {all}");
+    // distill generate: the imported model as a teacher writes (unverified) traces
+    let traces = d.join("traces.jsonl");
+    ok(&[
+        "distill",
+        "generate",
+        "--teacher",
+        s(&run),
+        "--task",
+        "add",
+        "--n",
+        "3",
+        "--k",
+        "2",
+        "--temperature",
+        "1.0",
+        "--out",
+        s(&traces),
+    ]);
+    let lines = std::fs::read_to_string(&traces).unwrap();
+    assert_eq!(lines.lines().count(), 6, "{lines}");
+    for l in lines.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert!(v["prompt"].as_str().unwrap().starts_with("What is"), "{l}");
+        assert_eq!(v["verified"], false, "{l}");
+    }
+}
+
+#[test]
+fn an_imported_student_learns_answers_in_its_own_template() {
+    let d = tmpdir("open-weights", "distill");
+    let run = d.join("llama");
+    ok(&[
+        "import",
+        s(&golden("llama")),
+        "--out",
+        s(&run),
+        "--context",
+        "160",
+    ]);
+    // answer-only examples outside the task suite (kept whatever their split)
+    let colors = ["red", "blue", "green", "gold"];
+    let line = |i: usize, reasoning: &str| {
+        serde_json::json!({
+            "prompt": format!("Name color {i}."),
+            "reasoning": reasoning,
+            "answer": colors[i % 4],
+            "verified": true,
+            "teacher": s(&run),
+        })
+        .to_string()
+    };
+    let traces = d.join("traces.jsonl");
+    let all: Vec<String> = (0..48).map(|i| line(i, "")).collect();
+    std::fs::write(&traces, all.join("\n") + "\n").unwrap();
+    let cfg = small_config(&run, &d.join("student.toml"), 3);
+    let c = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, c.replace("seq_len = 32", "seq_len = 96")).unwrap();
+    let student = d.join("student");
+    let args = |traces: &Path, out: &Path| {
+        vec![
+            "distill".to_string(),
+            "train".into(),
+            "--config".into(),
+            s(&cfg).into(),
+            "--init".into(),
+            s(&run).into(),
+            "--traces".into(),
+            s(traces).into(),
+            "--out".into(),
+            s(out).into(),
+        ]
+    };
+    let a = args(&traces, &student);
+    ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    // the student keeps the imported chat format, and its weights moved
+    assert_eq!(
+        std::fs::read(run.join("chat.json")).unwrap(),
+        std::fs::read(student.join("chat.json")).unwrap()
+    );
+    assert_ne!(common::hash(&run), common::hash(&student));
+    // reasoning traces need reasoning markers, which this template lacks
+    let with_reasoning = d.join("reasoning.jsonl");
+    let all: Vec<String> = (0..48).map(|i| line(i, "it is a color")).collect();
+    std::fs::write(&with_reasoning, all.join("\n") + "\n").unwrap();
+    let a = args(&with_reasoning, &d.join("student2"));
+    let e = err(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(e.contains("no reasoning markers"), "{e}");
+    assert!(!d.join("student2").exists(), "nothing written");
+}
+
+#[test]
 fn an_upcycled_model_computes_what_the_dense_one_did_then_trains() {
     let d = tmpdir("open-weights", "upcycle");
     let dense = d.join("dense");

@@ -3,7 +3,7 @@
 //! the answer. History is kept (earlier answers, not their reasoning) and the oldest turns
 //! are dropped when the conversation outgrows the model's context.
 
-use crate::runs::{chat_format, load_reasoner};
+use crate::runs::load_reasoner;
 use anyhow::{bail, Result};
 use clap::Args;
 use infer::chat::{ChatFormat, Delta, Message, Role};
@@ -42,7 +42,7 @@ const HELP: &str =
 
 pub fn run(a: ChatArgs) -> Result<()> {
     let r = load_reasoner(&a.run)?;
-    let chat = chat_format(&a.run, &r)?;
+    let chat = r.chat.clone();
     let cfg = r.cfg.clone();
     let engine = Engine::start(
         &cfg,

@@ -181,6 +181,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         a.student_steps,
         a.seed,
         Source::Examples {
+            rendered: None,
             train: verified,
             val: vec![],
             tokenizer: data.join("tokenizer.json"),

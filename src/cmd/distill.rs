@@ -3,13 +3,14 @@
 
 use crate::presets::resolve_config;
 use crate::progress::train_with_progress;
-use crate::runs::{load_task_reasoner, task_bar};
+use crate::runs::{load_reasoner, task_bar};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use data::chat::{self, Example};
 use data::tasks::{self, Split};
-use infer::tasks::{attempt, Score};
+use infer::tasks::{attempt, render_example, Score};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use train::trainer::{Source, TeacherSpec};
 
 #[derive(Subcommand)]
@@ -190,10 +191,29 @@ pub fn train(a: TrainArgs) -> Result<train::trainer::Outcome> {
             tokenizer.display()
         );
     }
+    let mut rendered = None;
     let init = match &a.init {
         None => None,
         Some(p) => {
             let src = crate::runs::load_init(p)?;
+            // an imported student learns in its own chat template
+            if let Some(spec) = &src.chat {
+                let fmt = infer::chat::ChatFormat::from_spec(Arc::new(src.tok.clone()), spec)
+                    .map_err(anyhow::Error::msg)?;
+                let render = |ex: &[Example]| -> Result<Vec<(Vec<u32>, usize)>> {
+                    ex.iter()
+                        .map(|e| {
+                            render_example(&fmt, e)
+                                .map_err(|m| anyhow::anyhow!("--init {}: {m}", p.display()))
+                        })
+                        .collect()
+                };
+                rendered = Some(train::dataset::Rendered {
+                    train: render(&train)?,
+                    val: render(&val)?,
+                    pad: fmt.stop_tokens()[0],
+                });
+            }
             crate::runs::check_init_fits(&src.init, &src.model, &cfg.model)?;
             if tokenizer::Tokenizer::from_file(&tokenizer)?.to_json()? != src.tok.to_json()? {
                 bail!(
@@ -208,7 +228,7 @@ pub fn train(a: TrainArgs) -> Result<train::trainer::Outcome> {
     let teacher = match &a.teacher {
         None => None,
         Some(t) => {
-            let r = load_task_reasoner(t)?;
+            let r = load_reasoner(t)?;
             if tokenizer::Tokenizer::from_file(&tokenizer)?.to_json()? != r.tok.to_json()? {
                 bail!(
                     "the teacher {} and the student (tokenizer {}) use different tokenizers; distillation needs one vocabulary: drop --tokenizer or pass the teacher's",
@@ -248,6 +268,7 @@ pub fn train(a: TrainArgs) -> Result<train::trainer::Outcome> {
         Source::Examples {
             train,
             val,
+            rendered,
             tokenizer,
         },
         teacher,
@@ -280,7 +301,7 @@ fn generate_cmd(
     if k == 0 || n == 0 {
         bail!("--n and --k must be at least 1");
     }
-    let r = load_task_reasoner(teacher)?;
+    let r = load_reasoner(teacher)?;
     // NOTE: traces are training data, so they come from the train split only.
     let prompts: Vec<String> = tasks::generate_mix(&task_list, n, seed, difficulty, Split::Train)
         .into_iter()

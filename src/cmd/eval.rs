@@ -1,7 +1,7 @@
 //! `moelab eval`: a run's validation loss on a data dir, or its accuracy on held-out
 //! reasoning problems (`--task`).
 
-use crate::runs::{load_task_reasoner, run_tokenizer_path, task_bar};
+use crate::runs::{load_reasoner, run_tokenizer_path, task_bar};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use data::tasks::{self, Split};
@@ -110,7 +110,7 @@ fn eval_task(
     if n == 0 {
         bail!("--n must be at least 1");
     }
-    let r = load_task_reasoner(run)?;
+    let r = load_reasoner(run)?;
     let (bar, mut tick) = task_bar("eval", n);
     let e =
         infer::tasks::evaluate_tasks(&r, &task_list, n, seed, difficulty, split, slots, &mut tick);
@@ -123,13 +123,16 @@ fn eval_task(
     );
     println!("active matmul params per token: {}\n", r.active_params());
     for a in e.attempts.iter().take(show) {
-        println!(
-            "[{}] {}\n<think>\n{}\n</think>\n{}\n",
-            if a.verified { "correct" } else { "wrong" },
-            a.prompt,
-            a.reasoning,
-            a.answer
-        );
+        let mark = if a.verified { "correct" } else { "wrong" };
+        // a format without reasoning markers (an imported model's) has no think block
+        if r.chat.think_ids().is_some() {
+            println!(
+                "[{mark}] {}\n<think>\n{}\n</think>\n{}\n",
+                a.prompt, a.reasoning, a.answer
+            );
+        } else {
+            println!("[{mark}] {}\n{}\n", a.prompt, a.answer);
+        }
     }
     print!("{}", e.score.table());
     println!(

@@ -19,8 +19,8 @@ use std::path::PathBuf;
 pub struct ExportArgs {
     /// Run dir (its latest checkpoint) or checkpoint dir.
     run: PathBuf,
-    /// Output format: hf (a Hugging Face model dir) or gguf (one file for llama.cpp; dense
-    /// and Mixtral-style models).
+    /// Output format: hf (a Hugging Face model dir) or gguf (one file for llama.cpp, as its
+    /// llama, bailingmoe, qwen2moe or qwen3moe architecture).
     #[arg(long, default_value = "hf")]
     format: String,
     /// Weight dtype: f32, f16 or bf16 (gguf: f32 or f16).
@@ -71,8 +71,11 @@ pub fn run(a: ExportArgs) -> Result<()> {
             )?;
             data::write_atomic(&a.out, &bytes)?;
             println!(
-                "{}: a llama-architecture GGUF ({} parameters, {}, {} bytes) for llama.cpp",
+                "{}: a {}-architecture GGUF ({} parameters, {}, {} bytes) for llama.cpp",
                 a.out.display(),
+                interop::gguf::write::Arch::of(&src.model)
+                    .map(|x| x.name())
+                    .unwrap_or("?"),
                 src.init.params.len(),
                 a.quant.as_deref().unwrap_or(&a.dtype),
                 bytes.len()

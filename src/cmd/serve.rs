@@ -1,6 +1,6 @@
 //! `moelab serve`: the OpenAI-compatible server of the `server` crate on a trained run.
 
-use crate::runs::{chat_format, load_reasoner, KEYS_DB};
+use crate::runs::{load_reasoner, KEYS_DB};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use infer::{Engine, EngineConfig};
@@ -68,7 +68,7 @@ fn seconds(flag: &str, secs: f64) -> Result<Duration> {
 
 pub fn run(a: ServeArgs) -> Result<()> {
     let r = load_reasoner(&a.run)?;
-    let chat = chat_format(&a.run, &r)?;
+    let chat = r.chat.clone();
     let keys = KeyStore::open(&a.keys_db)?;
     let n_keys = keys.list()?.iter().filter(|k| k.revoked.is_none()).count();
     let name = a.model_name.clone().unwrap_or_else(|| {

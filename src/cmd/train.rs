@@ -77,21 +77,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
         cfg.train.grad_accum = g;
         cfg.validate()?;
     }
-    let (init, chat) = match init {
+    // (an imported model's chat.json goes with its weights: Init::files)
+    let init = match init {
         Some(src) => {
             crate::runs::check_init_fits(&src.init, &src.model, &cfg.model)?;
             crate::runs::check_data_tokenizer(&a.data, &src.tok)?;
-            (Some(src.init), src.chat)
+            Some(src.init)
         }
-        None => (None, None),
-    };
-    // an imported model's chat format goes with its weights
-    let keep_chat = |out: &Path| -> Result<()> {
-        if let Some(c) = &chat {
-            let json = serde_json::to_string_pretty(c)?;
-            data::write_atomic(&out.join(infer::chat::CHAT_FILE), json.as_bytes())?;
-        }
-        Ok(())
+        None => None,
     };
     let group = crate::comm::world()?;
     if let Some(n) = a.replicas.map(|n| n as usize).filter(|&n| n > 1) {
@@ -99,11 +92,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
             anyhow::bail!("--replicas splits one process; under mpirun use -np instead");
         }
         train_replicas(cfg, &a.data, &a.out, a.resume, init, n)?;
-        return keep_chat(&a.out);
+        return Ok(());
     }
     let Some(comm) = group.as_deref() else {
         train_with_progress(cfg, Source::Dir(a.data), None, &a.out, a.resume, init)?;
-        return keep_chat(&a.out);
+        return Ok(());
     };
     // data-parallel: every process trains; rank 0 reports and writes
     let (rank, size) = (comm.rank(), comm.size());
@@ -114,7 +107,6 @@ pub fn run(a: TrainArgs) -> Result<()> {
         );
     }
     match train_in_group(cfg, Source::Dir(a.data), &a.out, a.resume, init, comm) {
-        Ok(_) if rank == 0 => keep_chat(&a.out),
         Ok(_) => Ok(()),
         Err(e) => {
             // the others would wait for this process forever

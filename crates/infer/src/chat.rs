@@ -145,6 +145,11 @@ impl ChatFormat {
         self.stops.clone()
     }
 
+    /// The reasoning block's opening and closing ids, when the format has one.
+    pub fn think_ids(&self) -> Option<(u32, u32)> {
+        self.think
+    }
+
     /// Ids put before a raw completion prompt.
     pub fn prefix(&self) -> &[u32] {
         &self.prefix

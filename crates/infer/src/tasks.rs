@@ -3,12 +3,14 @@
 //! intervals, and held-out evaluation. Used by `moelab eval --task`, `distill generate` and
 //! the demo; progress is reported through a callback (the CLI draws it).
 
+use crate::chat::{ChatFormat, Message, Role};
 use crate::{generate, Request, SamplingParams};
 use data::chat::{self, Example};
 use data::tasks::{self, Split, Task};
 use model::ModelConfig;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 use tokenizer::Tokenizer;
 
@@ -21,6 +23,8 @@ pub struct Reasoner {
     pub cfg: ModelConfig,
     pub params: Vec<f32>,
     pub tok: Tokenizer,
+    /// How the model chats: moelab's format, or an imported model's template (`chat.json`).
+    pub chat: Arc<ChatFormat>,
     /// The checkpoint the weights came from, and its step (for reports).
     pub checkpoint: PathBuf,
     pub step: u64,
@@ -74,9 +78,10 @@ pub fn attempt(
     progress: &mut dyn FnMut(usize, usize),
 ) -> (Vec<Attempt>, f64) {
     let max_seq = r.cfg.max_seq_len;
+    let fmt = &r.chat;
     let mut reqs = vec![];
     for p in prompts {
-        let ids = chat::prompt_ids(&r.tok, p);
+        let ids = task_prompt(fmt, p);
         for c in 0..k {
             reqs.push(Request {
                 max_tokens: max_seq.saturating_sub(ids.len()),
@@ -90,10 +95,16 @@ pub fn attempt(
             });
         }
     }
-    let ids = chat::ChatIds::of(&r.tok);
+    // moelab's format ends a reply at <|end|> only (what its published numbers used); an
+    // imported template at any of its stop tokens
+    let stops = if fmt.is_moelab() {
+        vec![chat::ChatIds::of(&r.tok).end]
+    } else {
+        fmt.stop_tokens()
+    };
     let start = Instant::now();
     let (mut produced, mut done) = (0usize, 0usize);
-    let out = generate(&r.cfg, &r.params, &reqs, slots, &[ids.end], &mut |_, g| {
+    let out = generate(&r.cfg, &r.params, &reqs, slots, &stops, &mut |_, g| {
         produced += g.tokens.len();
         done += 1;
         progress(done, produced);
@@ -104,22 +115,98 @@ pub fn attempt(
         .enumerate()
         .map(|(i, g)| {
             let prompt = prompts[i / k].clone();
-            let (reasoning, answer, finished) = chat::parse_assistant(&r.tok, &g.tokens);
-            let rt = g
-                .tokens
-                .iter()
-                .position(|&t| t == ids.end_think)
-                .map_or(g.tokens.len(), |e| e.saturating_sub(1));
+            let reply = split_reply(&r.tok, fmt.think_ids(), &stops, &g.tokens);
             Attempt {
-                verified: finished && tasks::verify(&prompt, &answer),
+                verified: reply.finished && tasks::verify(&prompt, &reply.answer),
                 prompt,
-                reasoning: reasoning.trim().to_string(),
-                answer: answer.trim().to_string(),
-                reasoning_tokens: rt,
+                reasoning: reply.reasoning.trim().to_string(),
+                answer: reply.answer.trim().to_string(),
+                reasoning_tokens: reply.reasoning_tokens,
             }
         })
         .collect();
     (attempts, produced as f64 / secs.max(1e-9))
+}
+
+/// The tokens of a task prompt as a user turn in `fmt`, up to where the reply starts.
+pub fn task_prompt(fmt: &ChatFormat, prompt: &str) -> Vec<u32> {
+    if fmt.is_moelab() {
+        return chat::prompt_ids(&fmt.tok, prompt);
+    }
+    // a template error on one user message is the template's fault, not the prompt's: the
+    // prompt is then sent as plain text
+    fmt.render(&[Message::new(Role::User, prompt)])
+        .unwrap_or_else(|_| fmt.tok.encode(prompt))
+}
+
+/// A training example as tokens in `fmt` and the index of its first assistant token: the
+/// user turn as the template renders it, then the reasoning block between the format's
+/// markers, the answer and the end-of-turn token (what [`split_reply`] reads back). A format
+/// without reasoning markers takes answer-only examples; one with reasoning is refused.
+pub fn render_example(fmt: &ChatFormat, ex: &Example) -> Result<(Vec<u32>, usize), String> {
+    if fmt.is_moelab() {
+        return Ok(chat::render(&fmt.tok, ex));
+    }
+    let tok = &fmt.tok;
+    let mut v = fmt.render(&[Message::new(Role::User, ex.prompt.as_str())])?;
+    let start = v.len();
+    match fmt.think_ids() {
+        Some((open, close)) => {
+            v.push(open);
+            v.extend(tok.encode(&ex.reasoning));
+            v.push(close);
+        }
+        None if !ex.reasoning.is_empty() => {
+            return Err("the student's chat format has no reasoning markers (chat.json `think`), so it cannot learn reasoning traces; train on answers only (`moelab prepare --task ... --no-reasoning`) or set `think` to two tokens of its vocabulary".into());
+        }
+        None => {}
+    }
+    v.extend(tok.encode(&ex.answer));
+    v.push(fmt.stop_tokens()[0]);
+    Ok((v, start))
+}
+
+/// A generated reply split into its parts.
+pub struct Reply {
+    pub reasoning: String,
+    pub answer: String,
+    /// A stop token ended it (not the length limit).
+    pub finished: bool,
+    /// Tokens between the reasoning markers (all of them when the block never closed).
+    pub reasoning_tokens: usize,
+}
+
+/// Splits generated `ids` at the first stop token and the reasoning markers `think`
+/// (None: the whole reply is the answer).
+pub fn split_reply(
+    tok: &Tokenizer,
+    think: Option<(u32, u32)>,
+    stops: &[u32],
+    ids: &[u32],
+) -> Reply {
+    let end = ids.iter().position(|t| stops.contains(t));
+    let body = &ids[..end.unwrap_or(ids.len())];
+    let (r, a, rt): (&[u32], &[u32], usize) = match think {
+        None => (&[], body, 0),
+        Some((open, close)) => {
+            let b = body.strip_prefix(&[open]).unwrap_or(body);
+            let rt = ids
+                .iter()
+                .position(|&t| t == close)
+                .map_or(ids.len(), |e| e.saturating_sub(1));
+            match b.iter().position(|&t| t == close) {
+                Some(i) => (&b[..i], &b[i + 1..], rt),
+                // a reasoning block that never closed holds no answer
+                None => (b, &[], rt),
+            }
+        }
+    };
+    Reply {
+        reasoning: tok.decode(r),
+        answer: tok.decode(a),
+        finished: end.is_some(),
+        reasoning_tokens: rt,
+    }
 }
 
 /// Accuracy by (task, difficulty).
@@ -248,7 +335,95 @@ pub fn evaluate_tasks(
 
 #[cfg(test)]
 mod tests {
-    use super::wilson;
+    use super::{render_example, split_reply, task_prompt, wilson};
+    use crate::chat::{ChatFormat, ChatSpec};
+    use std::sync::Arc;
+    use tokenizer::Tokenizer;
+
+    fn chatml() -> ChatFormat {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/golden/import/llama");
+        let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+        let spec = ChatSpec {
+            template: std::fs::read_to_string(dir.join("chat_template.jinja")).unwrap(),
+            bos_token: String::new(),
+            eos_token: "<|im_end|>".into(),
+            stop: vec!["<|im_end|>".into()],
+            think: None,
+            prefix: vec![],
+        };
+        ChatFormat::from_spec(Arc::new(tok), &spec).unwrap()
+    }
+
+    #[test]
+    fn task_prompts_are_a_user_turn_in_the_models_template() {
+        let f = chatml();
+        let t = &f.tok;
+        let ids = task_prompt(&f, "What is 2 + 3?");
+        let mut want = vec![t.special("<|im_start|>").unwrap()];
+        want.extend(t.encode("user\nWhat is 2 + 3?"));
+        want.push(t.special("<|im_end|>").unwrap());
+        want.extend(t.encode("\n"));
+        want.push(t.special("<|im_start|>").unwrap());
+        want.extend(t.encode("assistant\n"));
+        assert_eq!(ids, want, "{:?}", t.decode(&ids));
+        // text that spells a control token stays text
+        let ids = task_prompt(&f, "<|im_end|>");
+        let end = t.special("<|im_end|>").unwrap();
+        assert_eq!(ids.iter().filter(|&&i| i == end).count(), 1);
+    }
+
+    #[test]
+    fn examples_render_in_the_students_template() {
+        let f = chatml();
+        let t = &f.tok;
+        let mut ex = data::chat::Example {
+            prompt: "Name a color.".into(),
+            reasoning: String::new(),
+            answer: "red".into(),
+            verified: true,
+            teacher: String::new(),
+            task: String::new(),
+            difficulty: 0,
+        };
+        let (ids, start) = render_example(&f, &ex).unwrap();
+        let prompt = task_prompt(&f, "Name a color.");
+        assert_eq!(start, prompt.len());
+        let mut want = prompt;
+        want.extend(t.encode("red"));
+        want.push(t.special("<|im_end|>").unwrap());
+        assert_eq!(ids, want);
+        ex.reasoning = "a warm one".into();
+        let e = render_example(&f, &ex).unwrap_err();
+        assert!(e.contains("no reasoning markers"), "{e}");
+    }
+
+    #[test]
+    fn replies_split_at_the_stop_token_and_reasoning_markers() {
+        let f = chatml();
+        let t = &f.tok;
+        let end = t.special("<|im_end|>").unwrap();
+        let mut ids = t.encode("The answer is 5.");
+        ids.push(end);
+        ids.extend(t.encode("ignored"));
+        let r = split_reply(t, None, &[end], &ids);
+        assert_eq!(r.answer, "The answer is 5.");
+        assert_eq!(
+            (r.reasoning.as_str(), r.finished, r.reasoning_tokens),
+            ("", true, 0)
+        );
+        // markers (any two ids): reasoning between them, the answer after
+        let (open, close) = (t.special("<|im_start|>").unwrap(), end);
+        let stop = t.special("<|endoftext|>").unwrap_or(0);
+        let mut ids = vec![open];
+        ids.extend(t.encode("2 plus 3"));
+        let n = ids.len() - 1;
+        ids.push(close);
+        ids.extend(t.encode("5"));
+        let r = split_reply(t, Some((open, close)), &[stop], &ids);
+        assert_eq!((r.reasoning.as_str(), r.answer.as_str()), ("2 plus 3", "5"));
+        assert_eq!((r.finished, r.reasoning_tokens), (false, n));
+    }
 
     #[test]
     fn wilson_interval_matches_published_values() {

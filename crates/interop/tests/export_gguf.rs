@@ -1,6 +1,9 @@
 //! `moelab export --format gguf`, checked against llama.cpp: a dense model with tied
-//! embeddings and a Mixtral-style MoE (8 routed experts, top-2), each with a moelab
-//! tokenizer. The exported files are committed (tests/golden/export-gguf, MOELAB_BLESS=1
+//! embeddings (llama), a Mixtral-style MoE (8 routed experts, top-2: llama), small-moe's
+//! kind of block (2 shared experts beside the routed ones: bailingmoe), a Qwen2-MoE block
+//! (gated shared expert, q/k/v biases, weights not renormalised: qwen2moe) and a Qwen3-MoE
+//! one (per-head q/k norm, head_dim 16 of d_model 32 with 4 heads: qwen3moe), each with a
+//! moelab tokenizer. The exported files are committed (tests/golden/export-gguf, MOELAB_BLESS=1
 //! rewrites them) with llama.cpp's greedy continuation of a prompt (<name>.json, by
 //! reference/make_gguf_export.py with llama-cpp-python 0.3.36 and an f32 KV cache; its
 //! default f16 cache moves these tiny models' logits by ~2e-4 and flips a near tie in the
@@ -10,7 +13,7 @@
 
 mod common;
 
-use common::{config, greedy, ids, read_json, tokenizer};
+use common::{config, greedy, ids, logprobs, read_json, tokenizer};
 use std::path::PathBuf;
 use tokenizer::Tokenizer;
 
@@ -18,12 +21,60 @@ fn golden(name: &str) -> PathBuf {
     common::golden("export-gguf", name)
 }
 
+/// The tiny model of each fixture and the architecture llama.cpp runs it as.
+fn fixture(name: &str, vocab: usize) -> (model::ModelConfig, &'static str) {
+    match name {
+        "dense" => (config(false, 0, vocab), "llama"),
+        "moe-routed" => (config(true, 0, vocab), "llama"),
+        "moe-shared" => (config(true, 2, vocab), "bailingmoe"),
+        "qwen2moe" => {
+            let mut c = config(true, 1, vocab);
+            c.shared_expert_gate = true;
+            c.shared_expert_hidden = Some(24);
+            c.renormalize = false;
+            c.qkv_bias = true;
+            (c, "qwen2moe")
+        }
+        "qwen3moe" => {
+            let mut c = config(true, 0, vocab);
+            c.qk_norm = model::config::QkNorm::Head;
+            c.head_dim = Some(16);
+            (c, "qwen3moe")
+        }
+        _ => unreachable!(),
+    }
+}
+
+const FIXTURES: [&str; 5] = ["dense", "moe-routed", "moe-shared", "qwen2moe", "qwen3moe"];
+
 #[test]
 fn moelab_models_export_to_gguf_that_llama_cpp_runs_the_same() {
-    let tok = tokenizer();
-    for name in ["dense", "moe-routed"] {
-        let cfg = config(name != "dense", 0, tok.vocab_size());
-        let params = model::Model::new(&cfg, 1, 1, 7).params;
+    for name in FIXTURES {
+        // the dense model's tokenizer has plain GPT-2 pre-tokenization (moelab prepare's
+        // default), the others split digits (SmolLM's)
+        let tok = if name == "dense" {
+            common::plain_tokenizer()
+        } else {
+            tokenizer()
+        };
+        let (cfg, arch) = fixture(name, tok.vocab_size());
+        cfg.validate().unwrap();
+        let mut params = model::Model::new(&cfg, 1, 1, 7).params;
+        // norms, biases and gates start at constants: random ones test their mapping
+        let layout = model::Layout::new(&cfg);
+        let mut r = 1u64;
+        for t in layout
+            .tensors
+            .iter()
+            .filter(|t| t.shape.len() == 1 || t.shape[0] == 1)
+        {
+            for x in &mut params[t.offset..t.offset + t.len] {
+                r = r
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                *x += ((r >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.4;
+            }
+        }
         let file = golden(&format!("{name}.gguf"));
         let bytes = interop::gguf::write::export(
             &cfg,
@@ -43,12 +94,43 @@ fn moelab_models_export_to_gguf_that_llama_cpp_runs_the_same() {
             "{name}: the export differs from {}: if intended, re-bless (MOELAB_BLESS=1) and re-run reference/make_gguf_export.py",
             file.display()
         );
-        // the import reads back the same weights and tokenizer
-        let back = interop::gguf::import_file(&file, None).unwrap();
-        assert!(
-            back.params == params,
-            "{name}: weights changed in the round trip"
+        let f = interop::gguf::file::GgufFile::open(&file).unwrap();
+        assert_eq!(
+            f.get("general.architecture").and_then(|v| v.as_str()),
+            Some(arch),
+            "{name}"
         );
+        // the import reads back the same model, weights and tokenizer (a tied output
+        // matrix that the architecture requires comes back untied, same values)
+        let back = interop::gguf::import_file(&file, None).unwrap();
+        let mut want = cfg.clone();
+        if back.config.tie_embeddings != cfg.tie_embeddings {
+            want.tie_embeddings = false;
+        }
+        // training-only settings are not in a GGUF file
+        let b = &back.config;
+        want.max_seq_len = b.max_seq_len;
+        want.balance = b.balance;
+        want.aux_loss_coef = b.aux_loss_coef;
+        want.z_loss_coef = b.z_loss_coef;
+        want.bias_update_rate = b.bias_update_rate;
+        want.init_std = b.init_std;
+        want.dropout = b.dropout;
+        if cfg.n_experts > 0 {
+            want.ffn_hidden = b.ffn_hidden; // unused: every block is MoE
+        }
+        assert_eq!(
+            back.config, want,
+            "{name}: config changed in the round trip"
+        );
+        let bl = model::Layout::new(&back.config);
+        for t in &layout.tensors {
+            assert!(
+                bl.slice(&back.params, &t.name) == layout.slice(&params, &t.name),
+                "{name}: {} changed in the round trip",
+                t.name
+            );
+        }
         let t2 = Tokenizer::from_bytes(&file, &back.tokenizer_json).unwrap();
         for text in [
             "What is 12 + 34?",
@@ -65,6 +147,24 @@ fn moelab_models_export_to_gguf_that_llama_cpp_runs_the_same() {
             prompt,
             "{name}: llama.cpp's ids"
         );
+        // and its next-token distribution after the prompt
+        let want_lp: Vec<f64> = exp["logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let got_lp = logprobs(&cfg, &params, &prompt);
+        assert_eq!(got_lp.len(), want_lp.len());
+        let worst = got_lp
+            .iter()
+            .zip(&want_lp)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f64, f64::max);
+        assert!(
+            worst < 1e-4,
+            "{name}: log-probabilities differ from llama.cpp's by {worst}"
+        );
         let got = greedy(&cfg, &params, &prompt, ids(&exp["greedy"]).len());
         assert_eq!(
             got,
@@ -77,20 +177,36 @@ fn moelab_models_export_to_gguf_that_llama_cpp_runs_the_same() {
 #[test]
 fn what_llama_cpp_cannot_express_is_refused() {
     let tok = tokenizer();
-    let mut cfg = config(true, 0, tok.vocab_size());
-    cfg.n_shared_experts = 1;
-    let p = vec![0.0; model::Layout::new(&cfg).total];
-    let e = interop::gguf::write::export(
-        &cfg,
-        &p,
-        &tok,
-        None,
-        interop::gguf::quant::F32,
-        "x.gguf".as_ref(),
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(e.contains("shared experts"), "{e}");
+    type Edit = fn(&mut model::ModelConfig);
+    let cases: [(&str, Edit); 4] = [
+        ("whole projection", |c| {
+            c.qk_norm = model::config::QkNorm::Projection
+        }),
+        ("softmax", |c| {
+            c.router_score = model::config::RouterScore::Sigmoid
+        }),
+        ("gated shared expert", |c| {
+            c.n_shared_experts = 1;
+            c.shared_expert_gate = true;
+        }),
+        ("mixed", |c| c.first_dense_layers = 1),
+    ];
+    for (why, edit) in cases {
+        let mut cfg = config(true, 0, tok.vocab_size());
+        edit(&mut cfg);
+        let p = vec![0.0; model::Layout::new(&cfg).total];
+        let e = interop::gguf::write::export(
+            &cfg,
+            &p,
+            &tok,
+            None,
+            interop::gguf::quant::F32,
+            "x.gguf".as_ref(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(why), "{why}: {e}");
+    }
 }
 
 #[test]

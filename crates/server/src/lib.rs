@@ -100,10 +100,11 @@ pub struct AppState {
 impl AppState {
     pub fn new(
         engine: Engine,
-        chat: ChatFormat,
+        chat: impl Into<Arc<ChatFormat>>,
         keys: KeyStore,
         cfg: ServerConfig,
     ) -> Arc<AppState> {
+        let chat = chat.into();
         let tok = chat.tok.clone();
         let keys = Arc::new(keys);
         let (ledger, rx) = mpsc::channel::<UsageRecord>();
@@ -118,7 +119,7 @@ impl AppState {
             engine,
             max_token_bytes: tok.max_token_bytes(),
             tok,
-            chat: Arc::new(chat),
+            chat,
             keys,
             cfg,
             metrics: Arc::new(Metrics::default()),

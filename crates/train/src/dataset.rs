@@ -122,16 +122,20 @@ impl Dataset {
         })
     }
 
-    /// Chat examples (e.g. verified traces) encoded with the tokenizer at `tokenizer`.
+    /// Chat examples (e.g. verified traces) encoded with the tokenizer at `tokenizer`, in
+    /// moelab's chat format, or as `rendered` (another model's template) when given.
     pub fn from_examples(
         train: &[Example],
         val: &[Example],
+        rendered: Option<&Rendered>,
         tokenizer: &Path,
         vocab_size: usize,
         seq_len: usize,
     ) -> Result<Dataset> {
         let tok = Tokenizer::from_file(tokenizer).map_err(data::Error::from)?;
-        tok.require_moelab(tokenizer).map_err(data::Error::from)?;
+        if rendered.is_none() {
+            tok.require_moelab(tokenizer).map_err(data::Error::from)?;
+        }
         check_vocab(
             &tokenizer.display().to_string(),
             tok.vocab_size(),
@@ -148,13 +152,27 @@ impl Dataset {
         };
         Ok(Dataset {
             meta: None,
-            train: Split::Chat(pack_examples(&tok, train, seq_len)),
-            val: Split::Chat(pack_examples(&tok, val, seq_len)),
+            train: Split::Chat(match rendered {
+                Some(r) => Packed::new(&r.train, seq_len, r.pad),
+                None => pack_examples(&tok, train, seq_len),
+            }),
+            val: Split::Chat(match rendered {
+                Some(r) => Packed::new(&r.val, seq_len, r.pad),
+                None => pack_examples(&tok, val, seq_len),
+            }),
             tokenizer_sha256: data::sha256_hex(&tokenizer_json),
             tokenizer_json,
             sha256: [("train".to_string(), h(train)), ("val".to_string(), h(val))].into(),
         })
     }
+}
+
+/// Chat examples already rendered as token ids in a model's own template: (ids, index of
+/// the first assistant token) per example, and the id that pads a row (its end of turn).
+pub struct Rendered {
+    pub train: Vec<(Vec<u32>, usize)>,
+    pub val: Vec<(Vec<u32>, usize)>,
+    pub pad: u32,
 }
 
 /// Renders and packs chat examples into rows of `seq_len`.

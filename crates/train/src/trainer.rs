@@ -68,6 +68,8 @@ pub enum Source {
     Examples {
         train: Vec<Example>,
         val: Vec<Example>,
+        /// The examples in the student's own chat template (None: moelab's format).
+        rendered: Option<crate::dataset::Rendered>,
         tokenizer: PathBuf,
     },
 }
@@ -92,6 +94,9 @@ pub struct RunSpec<'a> {
 pub struct Init {
     pub params: Vec<f32>,
     pub record: crate::manifest::InitRecord,
+    /// Files the new run dir keeps from where the weights came from (an imported model's
+    /// `chat.json`), written with config.toml before the first step.
+    pub files: Vec<(String, Vec<u8>)>,
 }
 
 /// Less common ways to run.
@@ -314,6 +319,9 @@ fn write_run_dir(spec: &RunSpec, tokenizer_json: &[u8], plan: RunDirPlan) -> Res
     }
     data::write_atomic(&run.join("config.toml"), spec.cfg.to_toml().as_bytes())?;
     data::write_atomic(&run.join("tokenizer.json"), tokenizer_json)?;
+    for (name, bytes) in spec.init.iter().flat_map(|i| &i.files) {
+        data::write_atomic(&run.join(name), bytes)?;
+    }
     Ok(())
 }
 
@@ -326,8 +334,16 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
         Source::Examples {
             train,
             val,
+            rendered,
             tokenizer,
-        } => Dataset::from_examples(train, val, tokenizer, cfg.model.vocab_size, tc.seq_len)?,
+        } => Dataset::from_examples(
+            train,
+            val,
+            rendered.as_ref(),
+            tokenizer,
+            cfg.model.vocab_size,
+            tc.seq_len,
+        )?,
     };
     let (b, t) = (tc.batch_size, tc.seq_len);
     let loader = match &ds.train {

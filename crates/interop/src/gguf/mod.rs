@@ -8,7 +8,8 @@
 //! tests prove against transformers.
 //!
 //! Architectures: `llama` (Llama, SmolLM, Mistral-style dense models and Mixtral, which
-//! GGUF stores as llama with experts). Others are refused by name.
+//! GGUF stores as llama with experts), `qwen2moe`, `qwen3moe` and `bailingmoe` (what moelab
+//! writes for its shared-expert models). Others are refused by name.
 
 pub mod file;
 pub mod quant;
@@ -36,15 +37,16 @@ pub fn import_file(path: &Path, context: Option<usize>) -> Result<Imported> {
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
-    if arch != "llama" {
+    let Some(arch) = write::Arch::from_name(&arch) else {
         return Err(ferr(
             path,
-            format!("general.architecture \"{arch}\" is not supported (moelab reads llama: Llama, SmolLM, Mixtral)"),
+            format!("general.architecture \"{arch}\" is not supported (moelab reads llama: Llama, SmolLM, Mixtral; qwen2moe; qwen3moe; bailingmoe)"),
         ));
-    }
+    };
     let tok = tokenizer::build(&f)?;
-    let hf_json = hf_config(&f, &arch, tok.vocab_size())?;
-    let hf = config_from_hf(&hf_json).map_err(|e| ferr(path, e.to_string()))?;
+    let hf_json = hf_config(&f, arch, tok.vocab_size())?;
+    let mut hf = config_from_hf(&hf_json).map_err(|e| ferr(path, e.to_string()))?;
+    adapt_config(&f, arch, &mut hf.config)?;
     let mut config = hf.config.clone();
     config.max_seq_len = match context {
         Some(c) => c,
@@ -52,7 +54,7 @@ pub fn import_file(path: &Path, context: Option<usize>) -> Result<Imported> {
     };
     config.validate().map_err(|e| ferr(path, e.to_string()))?;
     let layout = Layout::new(&config);
-    let params = load_weights(&f, &hf, &layout)?;
+    let params = load_weights(&f, &hf, arch, &layout)?;
     let tokenizer_json = tok
         .to_json()
         .map_err(|e| ferr(path, e.to_string()))?
@@ -69,7 +71,10 @@ pub fn import_file(path: &Path, context: Option<usize>) -> Result<Imported> {
         chat: Some(chat),
         source: Source {
             format: "gguf".into(),
-            family: hf.family.name().into(),
+            family: match arch {
+                write::Arch::BailingMoe => arch.name().into(),
+                _ => hf.family.name().into(),
+            },
             path: std::fs::canonicalize(path)
                 .unwrap_or_else(|_| path.to_path_buf())
                 .display()
@@ -93,9 +98,12 @@ fn meta_f64(f: &GgufFile, key: &str, default: f64) -> f64 {
     f.get(key).and_then(Value::as_f64).unwrap_or(default)
 }
 
-/// The metadata as the Hugging Face `config.json` of the same model.
-fn hf_config(f: &GgufFile, arch: &str, vocab: usize) -> Result<serde_json::Value> {
-    let k = |s: &str| format!("{arch}.{s}");
+/// The metadata as the Hugging Face `config.json` of the same model (bailingmoe reads as
+/// Qwen2-MoE, whose tensor names it shares; `adapt_config` then makes its shared experts
+/// ungated).
+fn hf_config(f: &GgufFile, arch: write::Arch, vocab: usize) -> Result<serde_json::Value> {
+    use write::Arch;
+    let k = |s: &str| format!("{}.{s}", arch.name());
     if let Some(t) = f.get(&k("rope.scaling.type")).and_then(Value::as_str) {
         if t != "none" {
             return Err(ferr(
@@ -113,8 +121,14 @@ fn hf_config(f: &GgufFile, arch: &str, vocab: usize) -> Result<serde_json::Value
         .and_then(Value::as_u64)
         .unwrap_or(0);
     let hidden = meta_u64(f, &k("embedding_length"))?;
+    let model_type = match arch {
+        Arch::Llama if experts > 1 => "mixtral",
+        Arch::Llama => "llama",
+        Arch::Qwen2Moe | Arch::BailingMoe => "qwen2_moe",
+        Arch::Qwen3Moe => "qwen3_moe",
+    };
     let mut c = json!({
-        "model_type": if experts > 1 { "mixtral" } else { "llama" },
+        "model_type": model_type,
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": meta_u64(f, &k("feed_forward_length"))?,
@@ -130,17 +144,76 @@ fn hf_config(f: &GgufFile, arch: &str, vocab: usize) -> Result<serde_json::Value
     if let Some(hd) = f.get(&k("attention.key_length")).and_then(Value::as_u64) {
         c["head_dim"] = json!(hd);
     }
-    if experts > 1 {
+    if arch != Arch::Llama && experts == 0 {
+        return Err(ferr(
+            &f.path,
+            format!("{}: an MoE architecture without experts", k("expert_count")),
+        ));
+    }
+    if experts > 1 || arch != Arch::Llama {
         c["num_local_experts"] = json!(experts);
         c["num_experts_per_tok"] = json!(meta_u64(f, &k("expert_used_count"))?);
-        if let Some(ff) = f
+        let ff = f
             .get(&k("expert_feed_forward_length"))
-            .and_then(Value::as_u64)
-        {
-            c["intermediate_size"] = json!(ff);
+            .and_then(Value::as_u64);
+        match arch {
+            Arch::Llama => {
+                if let Some(ff) = ff {
+                    c["intermediate_size"] = json!(ff);
+                }
+            }
+            _ => {
+                c["moe_intermediate_size"] =
+                    json!(ff.unwrap_or(c["intermediate_size"].as_u64().unwrap_or(0)))
+            }
+        }
+        let ff = c["moe_intermediate_size"].as_u64().unwrap_or(0);
+        match arch {
+            Arch::Qwen2Moe => {
+                c["norm_topk_prob"] = json!(false);
+                c["shared_expert_intermediate_size"] = json!(f
+                    .get(&k("expert_shared_feed_forward_length"))
+                    .and_then(Value::as_u64)
+                    .unwrap_or(c["intermediate_size"].as_u64().unwrap_or(0)));
+            }
+            Arch::BailingMoe => {
+                c["norm_topk_prob"] = json!(f
+                    .get(&k("expert_weights_norm"))
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false));
+                c["shared_expert_intermediate_size"] =
+                    json!(meta_u64(f, &k("expert_shared_count"))? * ff);
+            }
+            Arch::Qwen3Moe => c["norm_topk_prob"] = json!(true),
+            Arch::Llama => {}
         }
     }
     Ok(c)
+}
+
+/// What the Hugging Face config cannot say: bailingmoe's shared experts are ungated (and
+/// counted, and its routed weights scaled); q/k/v biases are there when their tensors are.
+fn adapt_config(f: &GgufFile, arch: write::Arch, c: &mut model::ModelConfig) -> Result<()> {
+    let k = |s: &str| format!("{}.{s}", arch.name());
+    if arch == write::Arch::BailingMoe {
+        if meta_u64(f, &k("leading_dense_block_count")).unwrap_or(0) != 0 {
+            return Err(ferr(
+                &f.path,
+                format!(
+                    "{}: leading dense blocks are not supported",
+                    k("leading_dense_block_count")
+                ),
+            ));
+        }
+        c.shared_expert_gate = false;
+        c.n_shared_experts = meta_u64(f, &k("expert_shared_count"))? as usize;
+        c.shared_expert_hidden = None;
+        let scale = meta_f64(f, &k("expert_weights_scale"), 0.0) as f32;
+        // llama.cpp scales only by a factor other than 0 and 1
+        c.routed_scaling_factor = if scale == 0.0 { 1.0 } else { scale };
+    }
+    c.qkv_bias = f.tensor("blk.0.attn_q.bias").is_some();
+    Ok(())
 }
 
 /// GGUF's name of a Hugging Face tensor name (llama architecture).
@@ -163,6 +236,15 @@ fn gguf_name(hf: &str) -> Option<String> {
         "self_attn.k_proj.weight" => "attn_k.weight",
         "self_attn.v_proj.weight" => "attn_v.weight",
         "self_attn.o_proj.weight" => "attn_output.weight",
+        "self_attn.q_proj.bias" => "attn_q.bias",
+        "self_attn.k_proj.bias" => "attn_k.bias",
+        "self_attn.v_proj.bias" => "attn_v.bias",
+        "self_attn.q_norm.weight" => "attn_q_norm.weight",
+        "self_attn.k_norm.weight" => "attn_k_norm.weight",
+        "mlp.shared_expert.gate_proj.weight" => "ffn_gate_shexp.weight",
+        "mlp.shared_expert.up_proj.weight" => "ffn_up_shexp.weight",
+        "mlp.shared_expert.down_proj.weight" => "ffn_down_shexp.weight",
+        "mlp.shared_expert_gate.weight" => "ffn_gate_inp_shexp.weight",
         "mlp.gate_proj.weight" => "ffn_gate.weight",
         "mlp.up_proj.weight" => "ffn_up.weight",
         "mlp.down_proj.weight" => "ffn_down.weight",
@@ -192,7 +274,12 @@ fn unpermute(w: &[f32], n_head: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-fn load_weights(f: &GgufFile, hf: &HfModel, layout: &Layout) -> Result<Vec<f32>> {
+fn load_weights(
+    f: &GgufFile,
+    hf: &HfModel,
+    arch: write::Arch,
+    layout: &Layout,
+) -> Result<Vec<f32>> {
     let c = &hf.config;
     let get = |name: &str| -> Result<Option<Vec<f32>>> {
         // fused experts: per expert, its gate rows then its up rows
@@ -220,10 +307,15 @@ fn load_weights(f: &GgufFile, hf: &HfModel, layout: &Layout) -> Result<Vec<f32>>
         let Some(w) = f.f32(&g)? else {
             return Ok(None);
         };
-        Ok(Some(if name.ends_with("self_attn.q_proj.weight") {
-            unpermute(&w, c.n_heads, c.d_model)
-        } else if name.ends_with("self_attn.k_proj.weight") {
-            unpermute(&w, c.n_kv_heads, c.d_model)
+        let heads = if name.contains("self_attn.q_proj.") {
+            c.n_heads
+        } else if name.contains("self_attn.k_proj.") {
+            c.n_kv_heads
+        } else {
+            0
+        };
+        Ok(Some(if heads > 0 && arch.pairs_adjacent() {
+            unpermute(&w, heads, w.len() / (heads * c.head_dim()))
         } else {
             w
         }))

@@ -1,8 +1,16 @@
-//! Writing GGUF (version 3) for llama.cpp: a moelab model of the llama architecture (dense,
-//! or Mixtral-style routed experts) with its byte-level BPE tokenizer and chat template.
+//! Writing GGUF (version 3) for llama.cpp: a moelab model with its byte-level BPE tokenizer
+//! and chat template, as the llama.cpp architecture that computes the same function:
 //!
-//! The inverse of the import: q/k rows permuted back to llama.cpp's RoPE pairing, experts
-//! stacked into `ffn_{gate,up,down}_exps`, norms in F32 and matrices in F32 or F16.
+//! - `llama`: dense, or Mixtral-style routed experts (softmax top-k, renormalised);
+//! - `bailingmoe`: routed experts plus always-on shared experts (moelab's DeepSeekMoE
+//!   blocks, small-moe), renormalised or not, with a routed scaling factor;
+//! - `qwen2moe`: a shared expert behind a sigmoid gate, weights not renormalised
+//!   (Qwen1.5/Qwen2-MoE);
+//! - `qwen3moe`: per-head q/k RMSNorm, routed experts renormalised (Qwen3-MoE).
+//!
+//! The inverse of the import: q/k rows permuted back to llama.cpp's RoPE pairing where the
+//! architecture pairs adjacent elements (llama, bailingmoe), experts stacked into
+//! `ffn_{gate,up,down}_exps`, norms in F32 and matrices in F32, F16 or a block format.
 
 use super::quant;
 use crate::{ferr, Result};
@@ -110,7 +118,7 @@ fn pre_name(tok_json: &Json) -> Option<&'static str> {
     let p = &tok_json["pre_tokenizer"];
     let byte_level = |x: &Json| x["type"] == "ByteLevel" && x["use_regex"] != false;
     match p["type"].as_str()? {
-        "ByteLevel" if byte_level(p) => Some("gpt2"),
+        "ByteLevel" if byte_level(p) => Some("gpt-2"),
         "Sequence" => {
             let s = p["pretokenizers"].as_array()?;
             match &s[..] {
@@ -158,28 +166,13 @@ pub fn export(
     let refuse = |why: &str| {
         Err(ferr(
             what,
-            format!("cannot export to GGUF: {why} (moelab writes llama.cpp's llama architecture: dense or Mixtral-style routed experts)"),
+            format!("cannot export to GGUF: {why} (llama.cpp runs moelab models as llama, bailingmoe, qwen2moe or qwen3moe)"),
         ))
     };
-    let moe: Vec<bool> = (0..c.n_layers).map(|l| c.is_moe_layer(l)).collect();
-    if c.qkv_bias || c.qk_norm != QkNorm::None {
-        return refuse("q/k/v biases or q/k norm");
-    }
-    if moe.iter().any(|&m| m) {
-        if !moe.iter().all(|&m| m) {
-            return refuse("dense and MoE blocks mixed");
-        }
-        if c.n_shared_experts > 0 {
-            return refuse("shared experts");
-        }
-        if c.router_score != RouterScore::Softmax
-            || !c.renormalize
-            || c.routed_scaling_factor != 1.0
-            || c.n_group != 1
-        {
-            return refuse("routing other than softmax top-k renormalised");
-        }
-    }
+    let arch = match Arch::of(c) {
+        Ok(a) => a,
+        Err(why) => return refuse(&why),
+    };
     let tj: Json = serde_json::from_str(&tok.to_json()?).expect("tokenizer JSON");
     if tj["model"]["type"] != "BPE" {
         return refuse("a tokenizer that is not byte-level BPE");
@@ -230,13 +223,16 @@ pub fn export(
         ),
         None => (
             crate::export::MOELAB_TEMPLATE.to_string(),
-            None,
+            // moelab starts a text with <|end|> (documents are separated by it in
+            // training): llama.cpp adds it as the BOS token
+            tok.special("<|end|>"),
             tok.special("<|end|>"),
             tok.special("<|end|>"),
         ),
     };
     let d = c.head_dim();
-    let a = "llama";
+    let moe = c.n_experts > 0;
+    let a = arch.name();
     let mut meta: Vec<(String, Meta)> = vec![
         ("general.architecture".into(), Meta::Str(a.into())),
         (
@@ -267,11 +263,7 @@ pub fn export(
         (format!("{a}.block_count"), Meta::U32(c.n_layers as u32)),
         (
             format!("{a}.feed_forward_length"),
-            Meta::U32(if moe[0] {
-                c.expert_hidden
-            } else {
-                c.ffn_hidden
-            } as u32),
+            Meta::U32(if moe { c.expert_hidden } else { c.ffn_hidden } as u32),
         ),
         (
             format!("{a}.attention.head_count"),
@@ -296,13 +288,39 @@ pub fn export(
         ("tokenizer.ggml.merges".into(), Meta::Strs(merges)),
         (
             "tokenizer.ggml.add_bos_token".into(),
-            Meta::Bool(!tok.text_prefix().is_empty()),
+            Meta::Bool(chat.is_none() || !tok.text_prefix().is_empty()),
         ),
         ("tokenizer.chat_template".into(), Meta::Str(template)),
     ];
-    if moe[0] {
+    if moe {
         meta.push((format!("{a}.expert_count"), Meta::U32(c.n_experts as u32)));
         meta.push((format!("{a}.expert_used_count"), Meta::U32(c.top_k as u32)));
+        meta.push((
+            format!("{a}.expert_feed_forward_length"),
+            Meta::U32(c.expert_hidden as u32),
+        ));
+    }
+    match arch {
+        Arch::BailingMoe => {
+            meta.push((
+                format!("{a}.expert_shared_count"),
+                Meta::U32((c.shared_hidden() / c.expert_hidden) as u32),
+            ));
+            meta.push((
+                format!("{a}.expert_weights_norm"),
+                Meta::Bool(c.renormalize),
+            ));
+            meta.push((
+                format!("{a}.expert_weights_scale"),
+                Meta::F32(c.routed_scaling_factor),
+            ));
+            meta.push((format!("{a}.leading_dense_block_count"), Meta::U32(0)));
+        }
+        Arch::Qwen2Moe => meta.push((
+            format!("{a}.expert_shared_feed_forward_length"),
+            Meta::U32(c.shared_hidden() as u32),
+        )),
+        Arch::Llama | Arch::Qwen3Moe => {}
     }
     for (k, id) in [
         ("tokenizer.ggml.bos_token_id", bos),
@@ -354,7 +372,15 @@ pub fn export(
         vec![cm, v],
         get("embed.weight"),
     )];
-    for (l, &is_moe) in moe.iter().enumerate() {
+    // q/k rows (and biases) in llama.cpp's RoPE pairing where it pairs adjacent elements
+    let rope = |w: &[f32], heads: usize, cols: usize| {
+        if arch.pairs_adjacent() {
+            permute(w, heads, cols)
+        } else {
+            w.to_vec()
+        }
+    };
+    for l in 0..c.n_layers {
         let p = format!("layers.{l}");
         let b = format!("blk.{l}");
         ts.push(vec32(
@@ -367,18 +393,34 @@ pub fn export(
         ts.push(mat(
             format!("{b}.attn_q.weight"),
             vec![cm, (h * d) as u64],
-            &permute(q, h, c.d_model),
+            &rope(q, h, c.d_model),
         ));
         ts.push(mat(
             format!("{b}.attn_k.weight"),
             vec![cm, (g * d) as u64],
-            &permute(k, g, c.d_model),
+            &rope(k, g, c.d_model),
         ));
         ts.push(mat(
             format!("{b}.attn_v.weight"),
             vec![cm, (g * d) as u64],
             vv,
         ));
+        if c.qkv_bias {
+            let bias = get(&format!("{p}.attn.bqkv"));
+            let (bq, rest) = bias.split_at(h * d);
+            let (bk, bv) = rest.split_at(g * d);
+            ts.push(vec32(format!("{b}.attn_q.bias"), &rope(bq, h, 1)));
+            ts.push(vec32(format!("{b}.attn_k.bias"), &rope(bk, g, 1)));
+            ts.push(vec32(format!("{b}.attn_v.bias"), bv));
+        }
+        if c.qk_norm == QkNorm::Head {
+            for x in ["q", "k"] {
+                ts.push(vec32(
+                    format!("{b}.attn_{x}_norm.weight"),
+                    get(&format!("{p}.attn.{x}_norm.weight")),
+                ));
+            }
+        }
         ts.push(mat(
             format!("{b}.attn_output.weight"),
             vec![(h * d) as u64, cm],
@@ -388,7 +430,7 @@ pub fn export(
             format!("{b}.ffn_norm.weight"),
             get(&format!("{p}.ffn_norm.weight")),
         ));
-        if is_moe {
+        if moe {
             let (e, f) = (c.n_experts, c.expert_hidden);
             ts.push(mat(
                 format!("{b}.ffn_gate_inp.weight"),
@@ -414,6 +456,32 @@ pub fn export(
                 vec![f as u64, cm, e as u64],
                 get(&format!("{p}.moe.experts.w_down")),
             ));
+            if c.n_shared_experts > 0 {
+                let fs = c.shared_hidden();
+                let gu = get(&format!("{p}.moe.shared.w_gate_up.weight"));
+                let (gate, up) = gu.split_at(fs * c.d_model);
+                ts.push(mat(
+                    format!("{b}.ffn_gate_shexp.weight"),
+                    vec![cm, fs as u64],
+                    gate,
+                ));
+                ts.push(mat(
+                    format!("{b}.ffn_up_shexp.weight"),
+                    vec![cm, fs as u64],
+                    up,
+                ));
+                ts.push(mat(
+                    format!("{b}.ffn_down_shexp.weight"),
+                    vec![fs as u64, cm],
+                    get(&format!("{p}.moe.shared.w_down.weight")),
+                ));
+                if c.shared_expert_gate {
+                    ts.push(vec32(
+                        format!("{b}.ffn_gate_inp_shexp.weight"),
+                        get(&format!("{p}.moe.shared.gate.weight")),
+                    ));
+                }
+            }
         } else {
             let f = c.ffn_hidden;
             let gu = get(&format!("{p}.mlp.w_gate_up.weight"));
@@ -432,14 +500,106 @@ pub fn export(
         }
     }
     ts.push(vec32("output_norm.weight".into(), get("norm.weight")));
-    if !c.tie_embeddings {
-        ts.push(mat(
-            "output.weight".into(),
-            vec![cm, v],
-            get("lm_head.weight"),
-        ));
+    // bailingmoe and qwen2moe require an output matrix: a tied one is written out
+    if !c.tie_embeddings || arch.needs_output() {
+        let name = if c.tie_embeddings {
+            "embed.weight"
+        } else {
+            "lm_head.weight"
+        };
+        ts.push(mat("output.weight".into(), vec![cm, v], get(name)));
     }
     Ok(encode(&meta, &ts))
+}
+
+/// The llama.cpp architecture a model is written as.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Arch {
+    Llama,
+    BailingMoe,
+    Qwen2Moe,
+    Qwen3Moe,
+}
+
+impl Arch {
+    /// `general.architecture`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::BailingMoe => "bailingmoe",
+            Arch::Qwen2Moe => "qwen2moe",
+            Arch::Qwen3Moe => "qwen3moe",
+        }
+    }
+
+    /// The architecture named `name`, if moelab reads it.
+    pub fn from_name(name: &str) -> Option<Arch> {
+        [
+            Arch::Llama,
+            Arch::BailingMoe,
+            Arch::Qwen2Moe,
+            Arch::Qwen3Moe,
+        ]
+        .into_iter()
+        .find(|a| a.name() == name)
+    }
+
+    /// llama.cpp's RoPE for it pairs adjacent elements (LLAMA_ROPE_TYPE_NORM), so q/k rows
+    /// are stored permuted; the Qwen ones pair halves as Hugging Face does (NEOX).
+    pub fn pairs_adjacent(self) -> bool {
+        matches!(self, Arch::Llama | Arch::BailingMoe)
+    }
+
+    fn needs_output(self) -> bool {
+        matches!(self, Arch::BailingMoe | Arch::Qwen2Moe)
+    }
+
+    /// The architecture that computes `c`'s function, or why none does.
+    pub fn of(c: &ModelConfig) -> std::result::Result<Arch, String> {
+        let moe: Vec<bool> = (0..c.n_layers).map(|l| c.is_moe_layer(l)).collect();
+        let any_moe = moe.iter().any(|&m| m);
+        if any_moe && !moe.iter().all(|&m| m) {
+            return Err("dense and MoE blocks mixed".into());
+        }
+        if c.qk_norm == QkNorm::Projection {
+            return Err("q/k norm over the whole projection (OLMoE)".into());
+        }
+        if any_moe && (c.router_score != RouterScore::Softmax || c.n_group != 1) {
+            return Err("routing other than softmax top-k".into());
+        }
+        let plain = c.renormalize && c.routed_scaling_factor == 1.0;
+        if c.qk_norm == QkNorm::Head {
+            return match (any_moe, c.n_shared_experts, plain) {
+                (true, 0, true) => Ok(Arch::Qwen3Moe),
+                (false, ..) => Err("per-head q/k norm in a dense model".into()),
+                (_, 0, _) => {
+                    Err("per-head q/k norm with routing weights not renormalised or scaled".into())
+                }
+                _ => Err("per-head q/k norm with shared experts".into()),
+            };
+        }
+        if !any_moe {
+            return Ok(Arch::Llama);
+        }
+        if c.n_shared_experts == 0 {
+            return if plain {
+                Ok(Arch::Llama)
+            } else {
+                Err("routed experts whose weights are not renormalised, or scaled, without shared experts".into())
+            };
+        }
+        if c.shared_expert_gate {
+            return if !c.renormalize && c.routed_scaling_factor == 1.0 {
+                Ok(Arch::Qwen2Moe)
+            } else {
+                Err("a gated shared expert with renormalised or scaled routing weights".into())
+            };
+        }
+        if !c.shared_hidden().is_multiple_of(c.expert_hidden) {
+            return Err("shared experts whose width is not a whole number of experts".into());
+        }
+        Ok(Arch::BailingMoe)
+    }
 }
 
 /// Hugging Face q/k rows to llama.cpp's RoPE pairing (convert_hf_to_gguf.py's permute):

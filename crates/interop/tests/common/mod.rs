@@ -57,9 +57,16 @@ pub fn messages(v: &Value) -> Vec<Message> {
 
 /// A moelab tokenizer (digits split) trained on a fixed text: the same bytes every run.
 pub fn tokenizer() -> Tokenizer {
-    let text = "The quick brown fox jumps over the lazy dog. What is 12 + 34? It is 46. \
-                Mixture of experts routes each token to a few experts.";
-    Tokenizer::train_with([text; 8].into_iter(), 300, true).unwrap()
+    Tokenizer::train_with([TEXT; 8].into_iter(), 300, true).unwrap()
+}
+
+const TEXT: &str = "The quick brown fox jumps over the lazy dog. What is 12 + 34? It is 46. \
+                    Mixture of experts routes each token to a few experts.";
+
+/// As [`tokenizer`] without splitting digits: GPT-2's pre-tokenization.
+#[allow(dead_code)]
+pub fn plain_tokenizer() -> Tokenizer {
+    Tokenizer::train_with([TEXT; 8].into_iter(), 300, false).unwrap()
 }
 
 /// A tiny model: dense with tied embeddings, or 8 routed experts (top-2) with `shared`
