@@ -52,6 +52,17 @@ VARIANTS = [
     ("qwen3_moe", "qwen3_moe", torch.float32, None, False),
     ("olmoe", "olmoe", torch.float32, None, False),
 ]
+# RoPE scaling (issue 15): a Llama per rope_type, its frequencies stretched for a context 4x
+# the original; the short prompts already see every frequency changed
+ROPE = {
+    "llama-rope-linear": {"rope_type": "linear", "factor": 4.0},
+    "llama-rope-yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    "llama-rope-yarn-af": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32,
+                           "beta_fast": 16.0, "beta_slow": 2.0, "attention_factor": 1.3,
+                           "truncate": False},
+    "llama-rope-llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+}
 CONVERSATION = [
     {"role": "system", "content": "You are brief."},
     {"role": "user", "content": "What is 12 + 34?"},
@@ -88,8 +99,10 @@ def top5(model, ids):
     return [[int(a), float(b)] for a, b in zip(i, v)]
 
 
-def write(name, family, dtype, shard, fused):
+def write(name, family, dtype, shard, fused, rope=None):
     cfg_name, model_name, extra = FAMILIES[family]
+    if rope is not None:
+        extra = {**extra, "rope_parameters": {"rope_theta": 10000.0, **rope}}
     tok = tokenizer()
     torch.manual_seed(4321)
     common = {k: v for k, v in COMMON.items() if k != "experts_implementation"}
@@ -136,5 +149,10 @@ def write(name, family, dtype, shard, fused):
 
 
 if __name__ == "__main__":
+    only = sys.argv[1:]
     for v in VARIANTS:
-        write(*v)
+        if not only or v[0] in only:
+            write(*v)
+    for name, rope in ROPE.items():
+        if not only or name in only:
+            write(name, "llama", torch.float32, None, False, rope)

@@ -64,6 +64,12 @@ pub struct TrainBench {
     /// Also print where the time goes: wall-clock per kernel group over the timed steps.
     #[arg(long)]
     profile: bool,
+    /// Sequence length T (overrides train.seq_len; the model's context grows to fit).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Sequences per step B (overrides train.batch_size).
+    #[arg(long)]
+    batch_size: Option<usize>,
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
@@ -93,7 +99,15 @@ fn measured_peak_per_core() -> f64 {
 }
 
 fn train(a: TrainBench) -> Result<()> {
-    let cfg = load_config(&a.config)?;
+    let mut cfg = load_config(&a.config)?;
+    if let Some(t) = a.seq_len {
+        cfg.train.seq_len = t;
+        cfg.model.max_seq_len = cfg.model.max_seq_len.max(t);
+    }
+    if let Some(b) = a.batch_size {
+        cfg.train.batch_size = b;
+    }
+    cfg.validate()?;
     let (b, t) = (cfg.train.batch_size, cfg.train.seq_len);
     let threads = rayon::current_num_threads();
     let mut model = Model::new(&cfg.model, b, t, cfg.train.seed);

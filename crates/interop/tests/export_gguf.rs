@@ -178,7 +178,10 @@ fn moelab_models_export_to_gguf_that_llama_cpp_runs_the_same() {
 fn what_llama_cpp_cannot_express_is_refused() {
     let tok = tokenizer();
     type Edit = fn(&mut model::ModelConfig);
-    let cases: [(&str, Edit); 4] = [
+    let cases: [(&str, Edit); 5] = [
+        ("RoPE scaling", |c| {
+            c.rope_scaling = Some(model::config::RopeScaling::Linear { factor: 2.0 })
+        }),
         ("whole projection", |c| {
             c.qk_norm = model::config::QkNorm::Projection
         }),

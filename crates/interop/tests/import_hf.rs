@@ -13,8 +13,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokenizer::Tokenizer;
 
-const VARIANTS: [&str; 7] = [
+const VARIANTS: [&str; 11] = [
     "llama",
+    "llama-rope-linear",
+    "llama-rope-yarn",
+    "llama-rope-yarn-af",
+    "llama-rope-llama3",
     "llama-bf16-sharded",
     "mixtral-sharded",
     "mixtral-fused",
@@ -82,6 +86,19 @@ fn every_family_imports_and_computes_what_transformers_computes() {
 
         check_top5(name, &logprobs(&out, &chat_ids), &exp["chat"]["top5"]);
         check_top5(name, &logprobs(&out, &text_ids), &exp["text"]["top5"]);
+        if name.contains("rope") {
+            // the same weights as "llama" (same seed): a RoPE-scaling-blind import would
+            // compute llama's numbers, which differ
+            let plain = read_json(&golden("llama").join("expected.json"));
+            let (a, b) = (&plain["text"]["top5"][0][1], &exp["text"]["top5"][0][1]);
+            let gap = (a.as_f64().unwrap() - b.as_f64().unwrap()).abs();
+            assert!(
+                gap > 1e-3,
+                "{name}: scaling changes the top log-probability by {gap}"
+            );
+            let back = interop::hf::import_dir(&src, None).unwrap().config;
+            assert!(back.rope_scaling.is_some(), "{name}");
+        }
         std::fs::remove_dir_all(&out).unwrap();
     }
 }

@@ -23,6 +23,7 @@ pub mod attention;
 pub mod dispatch;
 pub mod dropout;
 pub mod embedding;
+pub mod flash;
 pub mod loss;
 pub mod matmul;
 pub mod par;

@@ -13,17 +13,27 @@ pub struct RopeTable {
 
 impl RopeTable {
     pub fn new(max_t: usize, d: usize, theta: f32) -> Self {
+        let half = d / 2;
+        let inv: Vec<f64> = (0..half)
+            .map(|i| 1.0 / (theta as f64).powf((2 * i) as f64 / d as f64))
+            .collect();
+        RopeTable::from_inv_freq(max_t, d, &inv, 1.0)
+    }
+
+    /// The table of inverse frequencies `inv` (one per dim pair, e.g. stretched by a RoPE
+    /// scaling), cos and sin multiplied by `scale` (YaRN's attention factor).
+    pub fn from_inv_freq(max_t: usize, d: usize, inv: &[f64], scale: f64) -> Self {
         assert!(d.is_multiple_of(2), "head dim {d} must be even for RoPE");
         let half = d / 2;
+        assert_eq!(inv.len(), half);
         let mut cos = vec![0.0; max_t * half];
         let mut sin = vec![0.0; max_t * half];
         for t in 0..max_t {
-            for i in 0..half {
+            for (i, f) in inv.iter().enumerate() {
                 // Computed in f64 so the table does not depend on libm's f32 rounding.
-                let inv = 1.0 / (theta as f64).powf((2 * i) as f64 / d as f64);
-                let a = t as f64 * inv;
-                cos[t * half + i] = a.cos() as f32;
-                sin[t * half + i] = a.sin() as f32;
+                let a = t as f64 * f;
+                cos[t * half + i] = (a.cos() * scale) as f32;
+                sin[t * half + i] = (a.sin() * scale) as f32;
             }
         }
         RopeTable { cos, sin, half }

@@ -57,7 +57,14 @@ pub(crate) struct Dims {
     pub routed_scale: f32,
     pub n_group: usize,
     pub topk_group: usize,
+    /// Attention by tiles with an online softmax (memory O(T)) instead of stored (T, T)
+    /// probabilities: for sequences of [`FLASH_MIN_T`] tokens and more, where it is also
+    /// the faster of the two (measured, `kernels::flash` timing test).
+    pub flash: bool,
 }
+
+/// Shortest sequence trained with the tiled attention kernel.
+pub const FLASH_MIN_T: usize = 256;
 
 impl Dims {
     /// The sizes of `cfg` for micro-batches of `b` sequences of `t` tokens.
@@ -85,6 +92,7 @@ impl Dims {
             routed_scale: cfg.routed_scaling_factor,
             n_group: cfg.n_group,
             topk_group: cfg.topk_group,
+            flash: t >= FLASH_MIN_T,
         }
     }
 
@@ -153,7 +161,7 @@ pub(crate) struct AttnActs {
     pub ln: Normed,
     pub qk: Option<QkActs>,
     pub qkv: Vec<f32>,  // (N,R) after RoPE
-    pub att: Vec<f32>,  // (B,H,T,T)
+    pub att: Vec<f32>,  // (B,H,T,T), or (B,H,T) log-sum-exps when flash
     pub o: Vec<f32>,    // (N,HD)
     pub mask: Vec<f32>, // (N,C) dropout only
 }
@@ -218,7 +226,7 @@ impl AttnActs {
             ln: Normed::new(s),
             qk: QkActs::new(s, n),
             qkv: vec![0.0; n * s.r],
-            att: vec![0.0; s.b * s.h * s.t * s.t],
+            att: vec![0.0; s.b * s.h * s.t * if s.flash { 1 } else { s.t }],
             o: vec![0.0; n * s.h * s.d],
             mask: vec![0.0; if dropout { n * c } else { 0 }],
         }
@@ -299,7 +307,7 @@ impl Scratch {
         Scratch {
             dh: z(n * s.c),
             dqkv: z(n * s.r),
-            datt: z(s.b * s.h * s.t * s.t),
+            datt: z(if s.flash { 0 } else { s.b * s.h * s.t * s.t }),
             do_: z(n * s.h * s.d),
             dgu: z(2 * max_gu),
             da: z(max_gu),
@@ -565,7 +573,11 @@ pub(crate) fn attention_forward(
     }
     rope_apply(&mut a.qkv, s.r, 0, s.h + s.g, s.t, rope, false);
     prof.lap("rope");
-    attn_k::attention_forward(&mut a.o, &mut a.att, &a.qkv, s.attn());
+    if s.flash {
+        kernels::flash::flash_forward(&mut a.o, &mut a.att, &a.qkv, s.attn(), 0);
+    } else {
+        attn_k::attention_forward(&mut a.o, &mut a.att, &a.qkv, s.attn());
+    }
     prof.lap("attention: softmax, QK^T, PV");
     if drop.on {
         linear_forward(br, &a.o, w.wo, n, hd, c);
@@ -607,14 +619,18 @@ pub(crate) fn attention_backward(
     let dy: &[f32] = if drop { dbr } else { dres };
     linear_backward(Some(&mut sc.do_), g.wo, dy, &a.o, w.wo, n, hd, c, false);
     prof.lap("matmul: attention bwd");
-    attn_k::attention_backward(
-        &mut sc.dqkv,
-        &mut sc.datt,
-        &sc.do_,
-        &a.qkv,
-        &a.att,
-        s.attn(),
-    );
+    if s.flash {
+        kernels::flash::flash_backward(&mut sc.dqkv, &sc.do_, &a.qkv, &a.o, &a.att, s.attn(), 0);
+    } else {
+        attn_k::attention_backward(
+            &mut sc.dqkv,
+            &mut sc.datt,
+            &sc.do_,
+            &a.qkv,
+            &a.att,
+            s.attn(),
+        );
+    }
     prof.lap("attention: softmax, QK^T, PV bwd");
     rope_apply(&mut sc.dqkv, s.r, 0, s.h + s.g, s.t, rope, true);
     prof.lap("rope bwd");

@@ -48,6 +48,10 @@ pub struct ModelConfig {
     /// RoPE base frequency.
     #[serde(default = "default_rope_theta")]
     pub rope_theta: f32,
+    /// RoPE scaling for contexts past the one a model was trained at (`[model.rope_scaling]`
+    /// with `type = "linear" | "yarn" | "llama3"`, fields as in Hugging Face configs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
     /// RMSNorm epsilon.
     #[serde(default = "default_norm_eps")]
     pub norm_eps: f32,
@@ -171,6 +175,162 @@ pub struct TrainConfig {
     /// What an anomalous step does: "skip" (drop its update, go on with the next batch) or
     /// "rollback" (return to the last checkpoint and replay, skipping that step).
     pub on_anomaly: OnAnomaly,
+}
+
+/// How RoPE frequencies are stretched (Hugging Face's `rope_type`), computed as transformers'
+/// `modeling_rope_utils` does.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RopeScaling {
+    /// Position interpolation (Chen et al. 2023): every frequency divided by `factor`.
+    Linear { factor: f32 },
+    /// YaRN (Peng et al. 2023): high frequencies kept, low ones interpolated by `factor`, a
+    /// linear ramp between the dims that turn `beta_fast` and `beta_slow` times over the
+    /// original context; cos and sin scaled by `attention_factor` (default
+    /// 0.1 ln(factor) + 1).
+    Yarn {
+        factor: f32,
+        original_max_seq_len: usize,
+        #[serde(default = "default_beta_fast")]
+        beta_fast: f32,
+        #[serde(default = "default_one_f32")]
+        beta_slow: f32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        attention_factor: Option<f32>,
+        /// Round the ramp's ends outwards to whole dims (transformers' `truncate`).
+        #[serde(default = "default_true")]
+        truncate: bool,
+    },
+    /// Llama 3.1: wavelengths longer than original/low_freq_factor divided by `factor`,
+    /// shorter than original/high_freq_factor kept, a smooth blend between.
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_seq_len: usize,
+    },
+}
+
+fn default_beta_fast() -> f32 {
+    32.0
+}
+
+impl RopeScaling {
+    /// The inverse frequencies of a head of `d` dims (one per pair) and the factor on cos
+    /// and sin.
+    pub fn inv_freq(scaling: Option<&RopeScaling>, d: usize, theta: f32) -> (Vec<f64>, f64) {
+        let base = theta as f64;
+        let plain: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / base.powf((2 * i) as f64 / d as f64))
+            .collect();
+        match scaling {
+            None => (plain, 1.0),
+            Some(RopeScaling::Linear { factor }) => {
+                (plain.iter().map(|f| f / *factor as f64).collect(), 1.0)
+            }
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_seq_len,
+            }) => {
+                let (factor, lo, hi) = (
+                    *factor as f64,
+                    *low_freq_factor as f64,
+                    *high_freq_factor as f64,
+                );
+                let old = *original_max_seq_len as f64;
+                let (low_wl, high_wl) = (old / lo, old / hi);
+                let f = plain
+                    .iter()
+                    .map(|&f| {
+                        let wl = 2.0 * std::f64::consts::PI / f;
+                        if wl < high_wl {
+                            f
+                        } else if wl > low_wl {
+                            f / factor
+                        } else {
+                            let smooth = (old / wl - lo) / (hi - lo);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect();
+                (f, 1.0)
+            }
+            Some(RopeScaling::Yarn {
+                factor,
+                original_max_seq_len,
+                beta_fast,
+                beta_slow,
+                attention_factor,
+                truncate,
+            }) => {
+                let factor = *factor as f64;
+                let dim = d as f64;
+                let corr = |rot: f64| {
+                    dim * (*original_max_seq_len as f64 / (rot * 2.0 * std::f64::consts::PI)).ln()
+                        / (2.0 * base.ln())
+                };
+                let (mut lo, mut hi) = (corr(*beta_fast as f64), corr(*beta_slow as f64));
+                if *truncate {
+                    (lo, hi) = (lo.floor(), hi.ceil());
+                }
+                let (lo, mut hi) = (lo.max(0.0), hi.min(dim - 1.0));
+                if lo == hi {
+                    hi += 0.001;
+                }
+                let f = plain
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &f)| {
+                        let ramp = ((i as f64 - lo) / (hi - lo)).clamp(0.0, 1.0);
+                        let extra = 1.0 - ramp;
+                        f / factor * (1.0 - extra) + f * extra
+                    })
+                    .collect();
+                let af = attention_factor
+                    .map(|a| a as f64)
+                    .unwrap_or(if factor <= 1.0 {
+                        1.0
+                    } else {
+                        0.1 * factor.ln() + 1.0
+                    });
+                (f, af)
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let (factor, orig) = match self {
+            RopeScaling::Linear { factor } => (*factor, 1),
+            RopeScaling::Yarn {
+                factor,
+                original_max_seq_len,
+                ..
+            } => (*factor, *original_max_seq_len),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_seq_len,
+            } => {
+                if !(*low_freq_factor > 0.0 && high_freq_factor > low_freq_factor) {
+                    return Err(cfg_err(
+                        "model.rope_scaling",
+                        "needs 0 < low_freq_factor < high_freq_factor",
+                    ));
+                }
+                (*factor, *original_max_seq_len)
+            }
+        };
+        if !(factor.is_finite() && factor > 0.0) || orig == 0 {
+            return Err(cfg_err(
+                "model.rope_scaling",
+                "factor must be > 0 and original_max_seq_len >= 1",
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn default_rope_theta() -> f32 {
@@ -467,6 +627,13 @@ fn field_at(before: &str, line: &str) -> Option<String> {
 }
 
 impl ModelConfig {
+    /// The RoPE cos/sin table for positions below `max_t`, with the config's scaling.
+    pub fn rope_table(&self, max_t: usize) -> kernels::rope::RopeTable {
+        let d = self.head_dim();
+        let (inv, scale) = RopeScaling::inv_freq(self.rope_scaling.as_ref(), d, self.rope_theta);
+        kernels::rope::RopeTable::from_inv_freq(max_t, d, &inv, scale)
+    }
+
     pub fn validate(&self) -> Result<()> {
         let nonzero = [
             ("model.vocab_size", self.vocab_size),
@@ -520,6 +687,9 @@ impl ModelConfig {
         }
         if self.vocab_size > u32::MAX as usize - 1 {
             return Err(cfg_err("model.vocab_size", "too large"));
+        }
+        if let Some(r) = &self.rope_scaling {
+            r.validate()?;
         }
         if !positive(self.rope_theta) {
             return Err(cfg_err("model.rope_theta", "must be > 0"));

@@ -62,7 +62,7 @@ impl BatchDecoder {
             .max(cfg.shared_hidden());
         let (e, k) = (cfg.n_experts.max(1), cfg.top_k.max(1));
         BatchDecoder {
-            rope: RopeTable::new(t, d, cfg.rope_theta),
+            rope: cfg.rope_table(t),
             dims,
             qk: QkActs::new(&dims, s),
             slots: s,

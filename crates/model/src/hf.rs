@@ -13,7 +13,7 @@
 //! is refused naming the field (Llama's attention biases, RoPE scaling, sliding windows,
 //! q/k/v clipping).
 
-use crate::config::{ModelConfig, QkNorm, RouterScore};
+use crate::config::{ModelConfig, QkNorm, RopeScaling, RouterScore};
 use crate::error::{cfg_err, Result};
 use crate::params::Layout;
 use serde_json::Value;
@@ -85,6 +85,132 @@ fn refuse_if(cond: bool, key: &str, why: &str) -> Result<()> {
     }
 }
 
+/// The RoPE scaling of a `rope_parameters` (transformers 5) or `rope_scaling` (4.x) object.
+fn rope_scaling_from_hf(r: Option<&Value>, max_pos: Option<u64>) -> Result<Option<RopeScaling>> {
+    let Some(r) = r else { return Ok(None) };
+    let key = "rope_parameters.rope_type";
+    let kind = field(r, "rope_type")
+        .or(field(r, "type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let num = |k: &str| -> Result<f32> {
+        field(r, k)
+            .and_then(Value::as_f64)
+            .map(|x| x as f32)
+            .ok_or_else(|| cfg_err(k, format!("rope {kind}: missing or not a number")))
+    };
+    let orig = || -> Result<usize> {
+        field(r, "original_max_position_embeddings")
+            .and_then(Value::as_u64)
+            .or(max_pos)
+            .map(|x| x as usize)
+            .ok_or_else(|| cfg_err("original_max_position_embeddings", "missing"))
+    };
+    Ok(match kind {
+        "default" => None,
+        "linear" => Some(RopeScaling::Linear {
+            factor: num("factor")?,
+        }),
+        "llama3" => Some(RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_seq_len: orig()?,
+        }),
+        "yarn" => {
+            let factor = num("factor")?;
+            // DeepSeek's mscale pair sets the attention factor when it is not given
+            let mscale = |m: f64| {
+                if factor <= 1.0 {
+                    1.0
+                } else {
+                    0.1 * m * (factor as f64).ln() + 1.0
+                }
+            };
+            let attention_factor = match (
+                field(r, "attention_factor").and_then(Value::as_f64),
+                field(r, "mscale").and_then(Value::as_f64),
+                field(r, "mscale_all_dim").and_then(Value::as_f64),
+            ) {
+                (Some(a), ..) => Some(a as f32),
+                (None, Some(m), Some(ma)) if m != 0.0 && ma != 0.0 => {
+                    Some((mscale(m) / mscale(ma)) as f32)
+                }
+                _ => None,
+            };
+            let or = |k: &str, d: f32| field(r, k).and_then(Value::as_f64).map_or(d, |x| x as f32);
+            Some(RopeScaling::Yarn {
+                factor,
+                original_max_seq_len: orig()?,
+                beta_fast: or("beta_fast", 32.0),
+                beta_slow: or("beta_slow", 1.0),
+                attention_factor,
+                truncate: field(r, "truncate")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(true),
+            })
+        }
+        other => {
+            return Err(cfg_err(
+                key,
+                format!(
+                    "RoPE scaling \"{other}\": not supported by moelab yet (linear, yarn, llama3)"
+                ),
+            ))
+        }
+    })
+}
+
+/// The `rope_parameters` of transformers 5 for `c`.
+fn rope_parameters(c: &ModelConfig) -> Value {
+    let mut p = serde_json::json!({"rope_type": "default", "rope_theta": c.rope_theta});
+    let o = p.as_object_mut().expect("object");
+    match &c.rope_scaling {
+        None => {}
+        Some(RopeScaling::Linear { factor }) => {
+            o.insert("rope_type".into(), "linear".into());
+            o.insert("factor".into(), (*factor).into());
+        }
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_seq_len,
+        }) => {
+            o.insert("rope_type".into(), "llama3".into());
+            o.insert("factor".into(), (*factor).into());
+            o.insert("low_freq_factor".into(), (*low_freq_factor).into());
+            o.insert("high_freq_factor".into(), (*high_freq_factor).into());
+            o.insert(
+                "original_max_position_embeddings".into(),
+                (*original_max_seq_len).into(),
+            );
+        }
+        Some(RopeScaling::Yarn {
+            factor,
+            original_max_seq_len,
+            beta_fast,
+            beta_slow,
+            attention_factor,
+            truncate,
+        }) => {
+            o.insert("rope_type".into(), "yarn".into());
+            o.insert("factor".into(), (*factor).into());
+            o.insert(
+                "original_max_position_embeddings".into(),
+                (*original_max_seq_len).into(),
+            );
+            o.insert("beta_fast".into(), (*beta_fast).into());
+            o.insert("beta_slow".into(), (*beta_slow).into());
+            if let Some(a) = attention_factor {
+                o.insert("attention_factor".into(), (*a).into());
+            }
+            o.insert("truncate".into(), (*truncate).into());
+        }
+    }
+    p
+}
+
 /// Reads a Hugging Face `config.json` (transformers 4 or 5 keys).
 pub fn config_from_hf(v: &Value) -> Result<HfModel> {
     let model_type = field(v, "model_type").and_then(Value::as_str).unwrap_or("");
@@ -145,19 +271,14 @@ pub fn config_from_hf(v: &Value) -> Result<HfModel> {
     };
     // transformers 5 keeps RoPE settings in `rope_parameters`; 4.x in rope_theta/rope_scaling
     let rope = field(v, "rope_parameters");
-    let rope_type = rope
-        .and_then(|r| field(r, "rope_type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
-    refuse_if(
-        rope_type != "default" || field(v, "rope_scaling").is_some(),
-        "rope_parameters.rope_type",
-        &format!("RoPE scaling \"{rope_type}\""),
-    )?;
     let rope_theta = match rope {
         Some(r) => f32_or(r, "rope_theta", 10000.0)?,
         None => f32_or(v, "rope_theta", 10000.0)?,
     };
+    let rope_scaling = rope_scaling_from_hf(
+        rope.or(field(v, "rope_scaling")),
+        field(v, "max_position_embeddings").and_then(Value::as_u64),
+    )?;
     let (c, heads) = (
         usize_of(v, "hidden_size")?,
         usize_of(v, "num_attention_heads")?,
@@ -218,6 +339,7 @@ pub fn config_from_hf(v: &Value) -> Result<HfModel> {
         },
         max_seq_len: usize_of(v, "max_position_embeddings")?,
         rope_theta,
+        rope_scaling,
         norm_eps: f32_or(v, "rms_norm_eps", 1e-6)?,
         tie_embeddings: flag("tie_word_embeddings"),
         ffn_hidden: inter,
@@ -489,7 +611,7 @@ pub fn to_hf(cfg: &ModelConfig) -> Result<(HfModel, Value)> {
         "max_position_embeddings": c.max_seq_len,
         "rms_norm_eps": c.norm_eps,
         "rope_theta": c.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "rope_parameters": rope_parameters(c),
         "tie_word_embeddings": c.tie_embeddings,
         "hidden_act": "silu",
         "attention_bias": false,

@@ -11,6 +11,7 @@
 //! Not here: data loading, training loops, sampling, terminals (see the crates above this).
 
 pub(crate) mod block;
+pub use block::FLASH_MIN_T;
 pub mod config;
 pub mod decode;
 pub mod error;

@@ -124,7 +124,7 @@ impl Model {
         );
         assert_eq!(params.len(), layout.total, "parameter buffer size");
         let n = b * t;
-        let (c, v, d) = (cfg.d_model, cfg.vocab_size, cfg.head_dim());
+        let (c, v) = (cfg.d_model, cfg.vocab_size);
         let dims = Dims::of(cfg, b, t);
         let z = |len: usize| vec![0.0f32; len];
         let dropout = cfg.dropout > 0.0;
@@ -148,7 +148,7 @@ impl Model {
         Model {
             dims,
             balance: cfg.balance,
-            rope: RopeTable::new(cfg.max_seq_len, d, cfg.rope_theta),
+            rope: cfg.rope_table(cfg.max_seq_len),
             grads: vec![0.0; layout.total],
             cfg: cfg.clone(),
             layout,
@@ -177,6 +177,19 @@ impl Model {
     }
 
     /// (B, T) the buffers are sized for.
+    /// Chooses the attention kernel whatever T says: tiled with an online softmax (`true`)
+    /// or stored (T, T) probabilities. For tests that hold the two to each other and
+    /// benchmarks that time them; a model picks by T ([`crate::block::FLASH_MIN_T`]).
+    pub fn set_flash_attention(&mut self, flash: bool) {
+        let s = &mut self.dims;
+        s.flash = flash;
+        let att = s.b * s.h * s.t * if flash { 1 } else { s.t };
+        for a in &mut self.acts {
+            a.attn.att = vec![0.0; att];
+        }
+        self.sc.datt = vec![0.0; if flash { 0 } else { s.b * s.h * s.t * s.t }];
+    }
+
     pub fn batch_shape(&self) -> (usize, usize) {
         (self.dims.b, self.dims.t)
     }

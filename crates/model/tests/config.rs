@@ -247,3 +247,36 @@ fn expert_groups_and_scaling() {
 fn wrong_type() {
     refused(set("d_model", "\"wide\""), "model.d_model: invalid type");
 }
+
+#[test]
+fn rope_scaling_reads_from_toml_and_round_trips() {
+    let text = "[model]\nvocab_size = 64\nd_model = 32\nn_layers = 1\nn_heads = 4\nn_kv_heads = 4\nmax_seq_len = 256\nffn_hidden = 64\n[model.rope_scaling]\ntype = \"yarn\"\nfactor = 4.0\noriginal_max_seq_len = 64\n[train]\nseq_len = 256\n";
+    let cfg = model::Config::from_toml(text).unwrap();
+    match &cfg.model.rope_scaling {
+        Some(model::config::RopeScaling::Yarn {
+            factor,
+            original_max_seq_len,
+            beta_fast,
+            beta_slow,
+            attention_factor,
+            truncate,
+        }) => {
+            assert_eq!((*factor, *original_max_seq_len), (4.0, 64));
+            assert_eq!(
+                (*beta_fast, *beta_slow, *attention_factor, *truncate),
+                (32.0, 1.0, None, true)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let back = model::Config::from_toml(&cfg.to_toml()).unwrap();
+    assert_eq!(back, cfg);
+    // the default attention factor, 0.1 ln 4 + 1, scales cos and sin
+    let t = cfg.model.rope_table(2);
+    assert!((t.cos[0] as f64 - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-6);
+    let bad = text.replace("factor = 4.0", "factor = 0.0");
+    let e = model::Config::from_toml(&bad).unwrap_err().to_string();
+    assert!(e.contains("rope_scaling"), "{e}");
+    let bad = text.replace("\"yarn\"", "\"dynamic\"");
+    assert!(model::Config::from_toml(&bad).is_err());
+}

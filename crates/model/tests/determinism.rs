@@ -77,6 +77,18 @@ fn same_hash_any_thread_count_mid_moe_bias() {
     check("mid", MID);
 }
 
+/// Sequences long enough for the tiled attention kernel (T = 320 >= FLASH_MIN_T): four
+/// query tiles, skipped key tiles, grouped heads.
+#[test]
+fn same_hash_any_thread_count_long_sequences() {
+    const { assert!(320 >= model::FLASH_MIN_T) };
+    let text = MID
+        .replace("max_seq_len = 64", "max_seq_len = 320")
+        .replace("seq_len = 64", "seq_len = 320")
+        .replace("batch_size = 8", "batch_size = 2");
+    check("long", &text);
+}
+
 /// Saving the same weights gives the same bytes: the file sha256 recorded in `state.json`
 /// is as reproducible as the weights hash (safetensors writes its metadata map in random
 /// order; with two keys, 8 saves agree by chance with probability 1/128), and the file

@@ -83,54 +83,62 @@ fn run(name: &str, family: Family) {
     let tokens: Vec<u32> = tokens.iter().map(|&x| x as u32).collect();
     let targets: Vec<u32> = i32s(&exp, "targets").1.iter().map(|&x| x as u32).collect(); // -1 -> IGNORE_INDEX
 
-    let mut m = Model::with_params(&cfg, layout.clone(), params, b, t);
-    let losses = m.forward(&tokens, &targets);
-    let le = norm_err(m.logits(), &f64s(&exp, "logits").unwrap());
-    println!("[{name}] logits: max normalised error {le:.2e}");
-    assert!(le <= 1e-5, "[{name}] logits error {le:.2e} > 1e-5");
-    let want = f64s(&exp, "loss").unwrap()[0];
-    let rel = (losses.total as f64 - want).abs() / want;
-    println!(
-        "[{name}] loss: moelab {:.7} transformers {want:.7} rel err {rel:.2e}",
-        losses.total
-    );
-    assert!(rel <= 1e-5, "[{name}] loss rel err {rel:.2e} > 1e-5");
-    let mut moe_layers = 0;
-    for l in 0..cfg.n_layers {
-        if let Some(idx) = m.router_choices(l) {
-            let want: Vec<u32> = i32s(&exp, &format!("router_idx.{l}"))
-                .1
-                .iter()
-                .map(|&x| x as u32)
-                .collect();
-            assert_eq!(idx, want.as_slice(), "[{name}] router choices of layer {l}");
-            moe_layers += 1;
+    // both attention kernels: stored probabilities and tiles with an online softmax
+    for flash in [false, true] {
+        let name = format!(
+            "{name}, {} attention",
+            if flash { "tiled" } else { "stored" }
+        );
+        let mut m = Model::with_params(&cfg, layout.clone(), params.clone(), b, t);
+        m.set_flash_attention(flash);
+        let losses = m.forward(&tokens, &targets);
+        let le = norm_err(m.logits(), &f64s(&exp, "logits").unwrap());
+        println!("[{name}] logits: max normalised error {le:.2e}");
+        assert!(le <= 1e-5, "[{name}] logits error {le:.2e} > 1e-5");
+        let want = f64s(&exp, "loss").unwrap()[0];
+        let rel = (losses.total as f64 - want).abs() / want;
+        println!(
+            "[{name}] loss: moelab {:.7} transformers {want:.7} rel err {rel:.2e}",
+            losses.total
+        );
+        assert!(rel <= 1e-5, "[{name}] loss rel err {rel:.2e} > 1e-5");
+        let mut moe_layers = 0;
+        for l in 0..cfg.n_layers {
+            if let Some(idx) = m.router_choices(l) {
+                let want: Vec<u32> = i32s(&exp, &format!("router_idx.{l}"))
+                    .1
+                    .iter()
+                    .map(|&x| x as u32)
+                    .collect();
+                assert_eq!(idx, want.as_slice(), "[{name}] router choices of layer {l}");
+                moe_layers += 1;
+            }
         }
-    }
-    assert_eq!(
-        moe_layers > 0,
-        family != Family::Llama,
-        "[{name}] MoE layers"
-    );
+        assert_eq!(
+            moe_layers > 0,
+            family != Family::Llama,
+            "[{name}] MoE layers"
+        );
 
-    m.zero_grad();
-    m.backward(1.0);
-    let want = hf
-        .assemble(&layout, |n| f64s(&exp, &format!("grad.{n}")))
-        .unwrap();
-    let mut worst = (0.0f64, String::new());
-    for ts in layout.tensors.iter().filter(|t| t.trainable) {
-        let r = ts.offset..ts.offset + ts.len;
-        let e = norm_err(&m.grads[r.clone()], &want[r]);
-        if e >= worst.0 {
-            worst = (e, ts.name.clone());
+        m.zero_grad();
+        m.backward(1.0);
+        let want = hf
+            .assemble(&layout, |n| f64s(&exp, &format!("grad.{n}")))
+            .unwrap();
+        let mut worst = (0.0f64, String::new());
+        for ts in layout.tensors.iter().filter(|t| t.trainable) {
+            let r = ts.offset..ts.offset + ts.len;
+            let e = norm_err(&m.grads[r.clone()], &want[r]);
+            if e >= worst.0 {
+                worst = (e, ts.name.clone());
+            }
+            assert!(e <= 1e-4, "[{name}] grad {} error {e:.2e} > 1e-4", ts.name);
         }
-        assert!(e <= 1e-4, "[{name}] grad {} error {e:.2e} > 1e-4", ts.name);
+        println!(
+            "[{name}] gradients: worst normalised error {:.2e} ({})",
+            worst.0, worst.1
+        );
     }
-    println!(
-        "[{name}] gradients: worst normalised error {:.2e} ({})",
-        worst.0, worst.1
-    );
 }
 
 #[test]
@@ -175,7 +183,7 @@ fn unsupported_features_are_refused_by_name() {
         ("sliding_window", serde_json::json!(4096), "sliding_window"),
         (
             "rope_parameters",
-            serde_json::json!({"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}),
+            serde_json::json!({"rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0}),
             "rope_parameters.rope_type",
         ),
         ("model_type", serde_json::json!("gpt2"), "model_type"),

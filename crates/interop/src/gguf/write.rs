@@ -561,6 +561,9 @@ impl Arch {
         if any_moe && !moe.iter().all(|&m| m) {
             return Err("dense and MoE blocks mixed".into());
         }
+        if c.rope_scaling.is_some() {
+            return Err("RoPE scaling (not written to GGUF yet)".into());
+        }
         if c.qk_norm == QkNorm::Projection {
             return Err("q/k norm over the whole projection (OLMoE)".into());
         }
