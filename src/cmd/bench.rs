@@ -70,6 +70,10 @@ pub struct TrainBench {
     /// Sequences per step B (overrides train.batch_size).
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Attention kernel: auto (by T, as training picks), tiled (online softmax, memory
+    /// O(T)) or stored ((T, T) probabilities kept for the backward).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "tiled", "stored"])]
+    attention: String,
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
@@ -111,6 +115,11 @@ fn train(a: TrainBench) -> Result<()> {
     let (b, t) = (cfg.train.batch_size, cfg.train.seq_len);
     let threads = rayon::current_num_threads();
     let mut model = Model::new(&cfg.model, b, t, cfg.train.seed);
+    match a.attention.as_str() {
+        "tiled" => model.set_flash_attention(true),
+        "stored" => model.set_flash_attention(false),
+        _ => {}
+    }
     let mut opt = Optimizer::new(&model);
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.train.seed);
     let v = cfg.model.vocab_size as u32;
