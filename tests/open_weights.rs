@@ -59,6 +59,20 @@ fn logits(run: &Path, prompt: &[u32]) -> Vec<f32> {
     out
 }
 
+/// The tiny ChatML Llama imported into `d/llama` with a context of 160 tokens.
+fn import_llama(d: &Path) -> PathBuf {
+    let run = d.join("llama");
+    ok(&[
+        "import",
+        s(&golden("llama")),
+        "--out",
+        s(&run),
+        "--context",
+        "160",
+    ]);
+    run
+}
+
 /// The run's config.toml with a small [train] section (one short row per step).
 fn small_config(run: &Path, to: &Path, steps: u64) -> PathBuf {
     let c = std::fs::read_to_string(run.join("config.toml")).unwrap();
@@ -158,15 +172,7 @@ fn an_imported_model_fine_tunes_with_init_and_verify_replays_it() {
 #[test]
 fn an_imported_model_evaluates_tasks_and_writes_traces_in_its_own_template() {
     let d = tmpdir("open-weights", "tasks");
-    let run = d.join("llama");
-    ok(&[
-        "import",
-        s(&golden("llama")),
-        "--out",
-        s(&run),
-        "--context",
-        "160",
-    ]);
+    let run = import_llama(&d);
     // eval --task poses the problems through the model's ChatML template (the tiny random
     // model answers nothing right, but every problem is posed and scored)
     let out = ok(&[
@@ -215,15 +221,7 @@ fn an_imported_model_evaluates_tasks_and_writes_traces_in_its_own_template() {
 #[test]
 fn an_imported_student_learns_answers_in_its_own_template() {
     let d = tmpdir("open-weights", "distill");
-    let run = d.join("llama");
-    ok(&[
-        "import",
-        s(&golden("llama")),
-        "--out",
-        s(&run),
-        "--context",
-        "160",
-    ]);
+    let run = import_llama(&d);
     // answer-only examples outside the task suite (kept whatever their split)
     let colors = ["red", "blue", "green", "gold"];
     let line = |i: usize, reasoning: &str| {
@@ -440,4 +438,60 @@ fn smollm2_from_its_gguf_fine_tunes_a_few_steps() {
     let loss = first["loss"].as_f64().unwrap();
     assert!(loss.is_finite() && loss < 8.0, "step 1 loss {loss}");
     assert!(ft.join("chat.json").exists());
+}
+
+/// A copy of `bytes` with the ggml type of tensor `name` (its header entry) set to `ty`, or
+/// its name replaced by `rename` (same length).
+fn patch_gguf(bytes: &[u8], name: &str, ty: Option<u32>, rename: Option<&str>) -> Vec<u8> {
+    let mut b = bytes.to_vec();
+    let mut key = (name.len() as u64).to_le_bytes().to_vec();
+    key.extend(name.as_bytes());
+    let at = b
+        .windows(key.len())
+        .position(|w| w == key.as_slice())
+        .expect("tensor entry");
+    let end = at + key.len();
+    if let Some(r) = rename {
+        assert_eq!(r.len(), name.len());
+        b[at + 8..end].copy_from_slice(r.as_bytes());
+    }
+    if let Some(t) = ty {
+        let dims = u32::from_le_bytes(b[end..end + 4].try_into().unwrap()) as usize;
+        let p = end + 4 + 8 * dims;
+        b[p..p + 4].copy_from_slice(&t.to_le_bytes());
+    }
+    b
+}
+
+#[test]
+fn bad_gguf_files_are_refused_in_one_line_and_nothing_is_written() {
+    let d = tmpdir("open-weights", "bad-gguf");
+    let good = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/export-gguf/dense.gguf"),
+    )
+    .unwrap();
+    let cases: [(&str, Vec<u8>, &str); 4] = [
+        ("truncated", good[..good.len() / 2].to_vec(), "truncated"),
+        ("header-only", good[..40].to_vec(), "truncated"),
+        (
+            "unknown-type",
+            patch_gguf(&good, "blk.0.attn_q.weight", Some(99), None),
+            "blk.0.attn_q.weight",
+        ),
+        (
+            "llama3-rope",
+            patch_gguf(&good, "token_embd.weight", None, Some("rope_freqs.weight")),
+            "rope_freqs.weight",
+        ),
+    ];
+    for (name, bytes, want) in cases {
+        let f = d.join(format!("{name}.gguf"));
+        std::fs::write(&f, bytes).unwrap();
+        let out = d.join(name);
+        let e = err(&["import", s(&f), "--out", s(&out)]);
+        let errs: Vec<&str> = e.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errs.len(), 1, "{name}: one error line: {e}");
+        assert!(errs[0].contains(want), "{name}: {e}");
+        assert!(!out.exists(), "{name}: nothing written");
+    }
 }

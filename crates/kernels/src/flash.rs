@@ -41,6 +41,13 @@ fn visible(r: usize, window: usize) -> (usize, usize) {
     (lo, r + 1)
 }
 
+/// The keys query `r` sees within the key tile `c0..c1`, relative to `c0` (empty: lo >= hi).
+#[inline]
+fn visible_in(r: usize, window: usize, c0: usize, c1: usize) -> (usize, usize) {
+    let (lo, hi) = visible(r, window);
+    (lo.clamp(c0, c1) - c0, hi.clamp(c0, c1) - c0)
+}
+
 /// Key tiles that query rows `r0..r1` touch.
 fn key_tiles(r0: usize, r1: usize, window: usize) -> impl Iterator<Item = (usize, usize)> {
     let lo = visible(r0, window).0 / BC * BC;
@@ -129,8 +136,7 @@ pub fn flash_forward(out: &mut [f32], lse: &mut [f32], qkv: &[f32], s: AttnShape
                         // SAFETY: sb is this task's scratch, BR x BC at stride BC.
                         unsafe { matmul_raw(sb.as_mut_ptr(), BC, q, kt, nr, nc, d, false) };
                         for i in 0..nr {
-                            let (lo, hi_) = visible(r0 + i, window);
-                            let (lo, hi_) = (lo.clamp(c0, c1) - c0, hi_.clamp(c0, c1) - c0);
+                            let (lo, hi_) = visible_in(r0 + i, window, c0, c1);
                             let row = &mut sb[i * BC..i * BC + nc];
                             if lo >= hi_ {
                                 row.fill(0.0);
@@ -255,8 +261,7 @@ pub fn flash_backward(
                     }
                     for i in 0..nr {
                         let r = r0 + i;
-                        let (lo, hi_) = visible(r, window);
-                        let (lo, hi_) = (lo.clamp(c0, c1) - c0, hi_.clamp(c0, c1) - c0);
+                        let (lo, hi_) = visible_in(r, window, c0, c1);
                         let (srow, drow) =
                             (&mut sb[i * BC..i * BC + nc], &mut dp[i * BC..i * BC + nc]);
                         if lo >= hi_ {

@@ -115,6 +115,13 @@ fn hf_config(f: &GgufFile, arch: write::Arch, vocab: usize) -> Result<serde_json
             ));
         }
     }
+    // Llama 3.1's RoPE scaling travels as per-frequency divisors (convert_hf_to_gguf.py)
+    if f.tensor("rope_freqs.weight").is_some() {
+        return Err(ferr(
+            &f.path,
+            "rope_freqs.weight: Llama 3 RoPE scaling from a GGUF file is not supported yet (import the Hugging Face dir instead)",
+        ));
+    }
     let heads = meta_u64(f, &k("attention.head_count"))?;
     let experts = f
         .get(&k("expert_count"))
