@@ -104,13 +104,18 @@ impl ChatFormat {
             .map(|s| id(s))
             .collect::<Result<Vec<_>, _>>()?;
         let t = JinjaTemplate::new(&spec.template, &spec.bos_token, &spec.eos_token)?;
-        Ok(ChatFormat {
+        let f = ChatFormat {
             tok,
             template: Template::Jinja(Box::new(t)),
             stops,
             think,
             prefix,
-        })
+        };
+        // message text reaches the template as a placeholder, so whether a lone user turn
+        // renders does not depend on its text: checked once here (task prompts rely on it)
+        f.render(&[Message::new(Role::User, "?")])
+            .map_err(|e| format!("chat template cannot render a user message: {e}"))?;
+        Ok(f)
     }
 
     /// The format of the run in `run_dir`: its `chat.json`, or moelab's.

@@ -133,10 +133,8 @@ pub fn task_prompt(fmt: &ChatFormat, prompt: &str) -> Vec<u32> {
     if fmt.is_moelab() {
         return chat::prompt_ids(&fmt.tok, prompt);
     }
-    // a template error on one user message is the template's fault, not the prompt's: the
-    // prompt is then sent as plain text
     fmt.render(&[Message::new(Role::User, prompt)])
-        .unwrap_or_else(|_| fmt.tok.encode(prompt))
+        .expect("ChatFormat::from_spec checked that a user message renders")
 }
 
 /// A training example as tokens in `fmt` and the index of its first assistant token: the
