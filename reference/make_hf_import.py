@@ -63,6 +63,14 @@ ROPE = {
     "llama-rope-llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                           "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
 }
+# Sliding windows (issue 15): shorter than the chat prompt, so the cache wraps around; the
+# Qwen2-MoE window applies to the blocks transformers derives from max_window_layers
+# (layer_types: sliding, full, sliding), Mixtral's to every block
+WINDOW = {
+    "mixtral-window": ("mixtral", {"sliding_window": 4}),
+    "qwen2_moe-window": ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 5,
+                                       "max_window_layers": 3}),
+}
 CONVERSATION = [
     {"role": "system", "content": "You are brief."},
     {"role": "user", "content": "What is 12 + 34?"},
@@ -99,8 +107,9 @@ def top5(model, ids):
     return [[int(a), float(b)] for a, b in zip(i, v)]
 
 
-def write(name, family, dtype, shard, fused, rope=None):
+def write(name, family, dtype, shard, fused, rope=None, more=None):
     cfg_name, model_name, extra = FAMILIES[family]
+    extra = {**extra, **(more or {})}
     if rope is not None:
         extra = {**extra, "rope_parameters": {"rope_theta": 10000.0, **rope}}
     tok = tokenizer()
@@ -156,3 +165,6 @@ if __name__ == "__main__":
     for name, rope in ROPE.items():
         if not only or name in only:
             write(name, "llama", torch.float32, None, False, rope)
+    for name, (family, more) in WINDOW.items():
+        if not only or name in only:
+            write(name, family, torch.float32, None, False, None, more)

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokenizer::Tokenizer;
 
-const VARIANTS: [&str; 11] = [
+const VARIANTS: [&str; 13] = [
     "llama",
     "llama-rope-linear",
     "llama-rope-yarn",
@@ -25,6 +25,8 @@ const VARIANTS: [&str; 11] = [
     "qwen2_moe-bf16",
     "qwen3_moe",
     "olmoe",
+    "mixtral-window",
+    "qwen2_moe-window",
 ];
 
 fn golden(name: &str) -> PathBuf {
@@ -99,8 +101,41 @@ fn every_family_imports_and_computes_what_transformers_computes() {
             let back = interop::hf::import_dir(&src, None).unwrap().config;
             assert!(back.rope_scaling.is_some(), "{name}");
         }
+        if name.contains("window") {
+            check_window(name, &out, &chat_ids, &exp["chat"]["top5"]);
+        }
         std::fs::remove_dir_all(&out).unwrap();
     }
+}
+
+/// A sliding-window model: the training forward (the tiled kernel with the window) gives
+/// transformers' numbers as the ring-buffer KV cache does, and the window matters: without
+/// it the prompt's top log-probability moves.
+fn check_window(name: &str, run: &Path, prompt: &[u32], want: &Value) {
+    let lr = train::load_run(run).unwrap();
+    let cfg = &lr.cfg.model;
+    assert!(
+        cfg.sliding_window > 0 && cfg.sliding_window < prompt.len(),
+        "{name}"
+    );
+    let t = prompt.len();
+    let mut m = model::Model::with_params(cfg, model::Layout::new(cfg), lr.params.clone(), 1, t);
+    m.forward(prompt, &vec![0; t]);
+    let v = cfg.vocab_size;
+    let last = &m.logits()[(t - 1) * v..t * v];
+    let mx = last.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
+    let z: f64 = last.iter().map(|&x| (x as f64 - mx).exp()).sum();
+    let got: Vec<f64> = last.iter().map(|&x| x as f64 - mx - z.ln()).collect();
+    check_top5(&format!("{name} (forward)"), &got, want);
+    let mut blind = cfg.clone();
+    blind.sliding_window = 0;
+    blind.full_attention_layers.clear();
+    let id = want[0][0].as_u64().unwrap() as usize;
+    let gap = (common::logprobs(&blind, &lr.params, prompt)[id] - got[id]).abs();
+    assert!(
+        gap > 1e-3,
+        "{name}: the window changes the top log-probability by {gap}"
+    );
 }
 
 /// A copy of golden dir `name` in a temp dir, to break.

@@ -262,13 +262,17 @@ pub struct KvShape {
     pub h: usize,
     pub g: usize,
     pub d: usize,
+    /// Positions a slot's cache holds: position p lives at index p % tmax.
     pub tmax: usize,
+    /// Sliding window: a query sees itself and the `window - 1` positions before it (0: every
+    /// position). With a window, the cache may be a ring buffer of `tmax >= window` entries.
+    pub window: usize,
 }
 
 /// Attention of one new query row per sequence over its cached keys and values (the
 /// current position's already appended): row i of `qkv (n, (H+2G)D)` attends over the
-/// first `rows[i].1` positions of slot `rows[i].0`. Writes `out (n, HD)`; `scores (n, H*tmax)`
-/// is scratch. Each row is computed on its own with fixed-order sums, so a row's result
+/// first `rows[i].1` positions of slot `rows[i].0` (the last `window` of them with a
+/// window), oldest first. Writes `out (n, HD)`; `scores (n, H*tmax)` is scratch. Each row is computed on its own with fixed-order sums, so a row's result
 /// does not depend on the other rows.
 pub fn decode_attention(
     out: &mut [f32],
@@ -289,14 +293,26 @@ pub fn decode_attention(
         .enumerate()
         .for_each(|(i, (o, sc))| {
             let (slot, len) = rows[i];
-            let kc = &k_cache[slot * tmax * gd..(slot * tmax + len) * gd];
-            let vc = &v_cache[slot * tmax * gd..(slot * tmax + len) * gd];
+            let lo = if s.window > 0 {
+                len.saturating_sub(s.window)
+            } else {
+                0
+            };
+            assert!(
+                len - lo <= tmax,
+                "{} positions in a cache of {tmax}",
+                len - lo
+            );
+            let kc = &k_cache[slot * tmax * gd..(slot + 1) * tmax * gd];
+            let vc = &v_cache[slot * tmax * gd..(slot + 1) * tmax * gd];
+            // cache index of the j-th visible position
+            let at = |j: usize| ((lo + j) % tmax) * gd;
             for hi in 0..h {
                 let gi = hi / hpg;
                 let q = &qkv[i * r + hi * d..i * r + (hi + 1) * d];
-                let sc = &mut sc[hi * tmax..hi * tmax + len];
+                let sc = &mut sc[hi * tmax..hi * tmax + len - lo];
                 for (j, sj) in sc.iter_mut().enumerate() {
-                    *sj = dot(q, &kc[j * gd + gi * d..j * gd + (gi + 1) * d]) * scale;
+                    *sj = dot(q, &kc[at(j) + gi * d..at(j) + (gi + 1) * d]) * scale;
                 }
                 let mx = max(sc);
                 let mut sum = 0.0;
@@ -308,7 +324,7 @@ pub fn decode_attention(
                 o.fill(0.0);
                 for (j, sj) in sc.iter().enumerate() {
                     let pj = sj / sum;
-                    let vv = &vc[j * gd + gi * d..j * gd + (gi + 1) * d];
+                    let vv = &vc[at(j) + gi * d..at(j) + (gi + 1) * d];
                     for (oo, vv) in o.iter_mut().zip(vv) {
                         *oo += pj * vv;
                     }

@@ -92,7 +92,7 @@ impl Dims {
             routed_scale: cfg.routed_scaling_factor,
             n_group: cfg.n_group,
             topk_group: cfg.topk_group,
-            flash: t >= FLASH_MIN_T,
+            flash: t >= FLASH_MIN_T || cfg.sliding_window > 0,
         }
     }
 
@@ -336,6 +336,7 @@ pub(crate) struct AttnW<'a> {
     pub bqkv: Option<&'a [f32]>,                 // (R)
     pub qk_norm: Option<(&'a [f32], &'a [f32])>, // (D),(D) per head or (HD),(GD)
     pub wo: &'a [f32],                           // (C,HD)
+    pub window: usize,                           // sliding window (0: none)
 }
 
 pub(crate) struct AttnG<'a> {
@@ -486,6 +487,7 @@ impl LayerIdx {
             bqkv: self.bqkv.map(|_| b),
             qk_norm,
             wo,
+            window: self.window,
         }
     }
 
@@ -574,8 +576,9 @@ pub(crate) fn attention_forward(
     rope_apply(&mut a.qkv, s.r, 0, s.h + s.g, s.t, rope, false);
     prof.lap("rope");
     if s.flash {
-        kernels::flash::flash_forward(&mut a.o, &mut a.att, &a.qkv, s.attn(), 0);
+        kernels::flash::flash_forward(&mut a.o, &mut a.att, &a.qkv, s.attn(), w.window);
     } else {
+        assert_eq!(w.window, 0, "sliding windows need the tiled kernel");
         attn_k::attention_forward(&mut a.o, &mut a.att, &a.qkv, s.attn());
     }
     prof.lap("attention: softmax, QK^T, PV");
@@ -620,7 +623,15 @@ pub(crate) fn attention_backward(
     linear_backward(Some(&mut sc.do_), g.wo, dy, &a.o, w.wo, n, hd, c, false);
     prof.lap("matmul: attention bwd");
     if s.flash {
-        kernels::flash::flash_backward(&mut sc.dqkv, &sc.do_, &a.qkv, &a.o, &a.att, s.attn(), 0);
+        kernels::flash::flash_backward(
+            &mut sc.dqkv,
+            &sc.do_,
+            &a.qkv,
+            &a.o,
+            &a.att,
+            s.attn(),
+            w.window,
+        );
     } else {
         attn_k::attention_backward(
             &mut sc.dqkv,

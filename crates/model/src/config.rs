@@ -52,6 +52,14 @@ pub struct ModelConfig {
     /// with `type = "linear" | "yarn" | "llama3"`, fields as in Hugging Face configs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeScaling>,
+    /// Sliding-window attention (Mistral, Qwen2): a query sees itself and the
+    /// `sliding_window - 1` keys before it; 0: every earlier key.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub sliding_window: usize,
+    /// With a sliding window, the blocks that still attend to every earlier key (Qwen2-MoE's
+    /// `layer_types` "full_attention"); empty: every block uses the window.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub full_attention_layers: Vec<usize>,
     /// RMSNorm epsilon.
     #[serde(default = "default_norm_eps")]
     pub norm_eps: f32,
@@ -351,6 +359,10 @@ fn is_false(b: &bool) -> bool {
 fn default_one() -> usize {
     1
 }
+fn is_zero(k: &usize) -> bool {
+    *k == 0
+}
+
 fn is_one(k: &usize) -> bool {
     *k == 1
 }
@@ -643,6 +655,22 @@ impl ModelConfig {
             ("model.n_kv_heads", self.n_kv_heads),
             ("model.max_seq_len", self.max_seq_len),
         ];
+        if !self.full_attention_layers.is_empty() && self.sliding_window == 0 {
+            return Err(cfg_err(
+                "model.full_attention_layers",
+                "needs a sliding_window (the other blocks' window)",
+            ));
+        }
+        if let Some(l) = self
+            .full_attention_layers
+            .iter()
+            .find(|&&l| l >= self.n_layers)
+        {
+            return Err(cfg_err(
+                "model.full_attention_layers",
+                format!("block {l} does not exist (n_layers {})", self.n_layers),
+            ));
+        }
         for (name, v) in nonzero {
             if v == 0 {
                 return Err(cfg_err(name, "must be at least 1"));
@@ -820,6 +848,15 @@ impl ModelConfig {
     /// Head dim D: `head_dim` when set, else d_model / n_heads.
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.d_model / self.n_heads)
+    }
+
+    /// The sliding window of block `l`'s attention (0: full causal attention).
+    pub fn window(&self, l: usize) -> usize {
+        if self.full_attention_layers.contains(&l) {
+            0
+        } else {
+            self.sliding_window
+        }
     }
 
     /// Whether block `l` has an MoE FFN.

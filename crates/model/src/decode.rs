@@ -28,8 +28,10 @@ pub struct BatchDecoder {
     qk: Option<QkActs>,
     rope: RopeTable,
     slots: usize,
-    k: Vec<Vec<f32>>, // per block (slots, Tmax, G*D)
+    k: Vec<Vec<f32>>, // per block (slots, cap, G*D): position p at p % cap
     v: Vec<Vec<f32>>,
+    /// Positions each block's cache holds: max_seq_len, or its sliding window (a ring buffer).
+    cap: Vec<usize>,
     pos: Vec<usize>,
     // scratch for up to `slots` rows
     x: Vec<f32>,
@@ -61,17 +63,20 @@ impl BatchDecoder {
             .max(cfg.expert_hidden)
             .max(cfg.shared_hidden());
         let (e, k) = (cfg.n_experts.max(1), cfg.top_k.max(1));
+        let cap: Vec<usize> = (0..cfg.n_layers)
+            .map(|l| match cfg.window(l) {
+                0 => t,
+                w => w.min(t),
+            })
+            .collect();
         BatchDecoder {
             rope: cfg.rope_table(t),
             dims,
             qk: QkActs::new(&dims, s),
             slots: s,
-            k: (0..cfg.n_layers)
-                .map(|_| vec![0.0; s * t * g * d])
-                .collect(),
-            v: (0..cfg.n_layers)
-                .map(|_| vec![0.0; s * t * g * d])
-                .collect(),
+            k: cap.iter().map(|&c| vec![0.0; s * c * g * d]).collect(),
+            v: cap.iter().map(|&c| vec![0.0; s * c * g * d]).collect(),
+            cap,
             pos: vec![0; s],
             x: vec![0.0; s * c],
             h: vec![0.0; s * c],
@@ -146,9 +151,8 @@ impl BatchDecoder {
         }
         let ds = &self.dims;
         let (c, d, h, g) = (ds.c, ds.d, ds.h, ds.g);
-        let (r, tmax) = (ds.r, cfg.max_seq_len);
+        let r = ds.r;
         let gd = g * d;
-        let kv = KvShape { h, g, d, tmax };
         let p = |off: usize, len: usize| &params[off..off + len];
         let lay = &self.layout;
         for (i, &(_, tok)) in inputs.iter().enumerate() {
@@ -171,10 +175,18 @@ impl BatchDecoder {
             if let (Some(wn), Some(qa)) = (w.qk_norm, self.qk.as_mut()) {
                 qk_norm_forward(qkv, n, ds, wn, qa);
             }
+            let tmax = self.cap[l];
+            let kv = KvShape {
+                h,
+                g,
+                d,
+                tmax,
+                window: li.window,
+            };
             for (i, &(s, _)) in inputs.iter().enumerate() {
                 let row = &mut qkv[i * r..(i + 1) * r];
                 rope_apply_at(row, 0, h + g, self.pos[s], &self.rope);
-                let at = (s * tmax + self.pos[s]) * gd;
+                let at = (s * tmax + self.pos[s] % tmax) * gd;
                 self.k[l][at..at + gd].copy_from_slice(&row[h * d..h * d + gd]);
                 self.v[l][at..at + gd].copy_from_slice(&row[h * d + gd..h * d + 2 * gd]);
             }

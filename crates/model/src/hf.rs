@@ -242,12 +242,7 @@ pub fn config_from_hf(v: &Value) -> Result<HfModel> {
         "hidden_act",
         &format!("activation \"{act}\""),
     )?;
-    // Qwen configs carry a window that only `use_sliding_window` turns on
-    let window = match field(v, "use_sliding_window") {
-        Some(u) => u.as_bool().unwrap_or(false),
-        None => field(v, "sliding_window").is_some(),
-    };
-    refuse_if(window, "sliding_window", "sliding-window attention")?;
+    let (sliding_window, full_attention_layers) = windows_from_hf(v, family)?;
     refuse_if(
         field(v, "clip_qkv").is_some(),
         "clip_qkv",
@@ -340,6 +335,8 @@ pub fn config_from_hf(v: &Value) -> Result<HfModel> {
         max_seq_len: usize_of(v, "max_position_embeddings")?,
         rope_theta,
         rope_scaling,
+        sliding_window,
+        full_attention_layers,
         norm_eps: f32_or(v, "rms_norm_eps", 1e-6)?,
         tie_embeddings: flag("tie_word_embeddings"),
         ffn_hidden: inter,
@@ -366,6 +363,67 @@ pub fn config_from_hf(v: &Value) -> Result<HfModel> {
     };
     config.validate()?;
     Ok(HfModel { family, config })
+}
+
+/// The sliding window and the blocks that do not use it, as transformers 5 computes them:
+/// Qwen configs carry a window that only `use_sliding_window` turns on; Mixtral's applies
+/// when it is not null; `layer_types` names each block's kind when present, else Qwen2-MoE
+/// windows the even blocks below `max_window_layers` and the other families every block.
+fn windows_from_hf(v: &Value, family: Family) -> Result<(usize, Vec<usize>)> {
+    let on = match field(v, "use_sliding_window") {
+        Some(u) => u.as_bool().unwrap_or(false),
+        None => field(v, "sliding_window").is_some_and(|w| !w.is_null()),
+    };
+    if !on {
+        return Ok((0, vec![]));
+    }
+    if matches!(family, Family::Llama | Family::Olmoe) {
+        // transformers' Llama and OLMoE ignore the field: a config that sets one was
+        // written for another architecture (Mistral), whose outputs this would not give
+        return Err(cfg_err(
+            "sliding_window",
+            format!(
+                "{} computes no sliding window; this config is for another architecture",
+                family.name()
+            ),
+        ));
+    }
+    let w = usize_of(v, "sliding_window")?;
+    if w == 0 {
+        return Err(cfg_err("sliding_window", "must be at least 1"));
+    }
+    let n = usize_of(v, "num_hidden_layers")?;
+    let full = match field(v, "layer_types") {
+        Some(t) => {
+            let kinds = t
+                .as_array()
+                .filter(|a| a.len() == n)
+                .ok_or_else(|| cfg_err("layer_types", "not a list of one kind per block"))?;
+            let mut full = vec![];
+            for (l, k) in kinds.iter().enumerate() {
+                match k.as_str() {
+                    Some("sliding_attention") => {}
+                    Some("full_attention") => full.push(l),
+                    _ => {
+                        return Err(cfg_err(
+                            "layer_types",
+                            format!("block {l}: {k} is not sliding_attention or full_attention"),
+                        ))
+                    }
+                }
+            }
+            full
+        }
+        None if family == Family::Qwen2Moe => {
+            let below = match field(v, "max_window_layers") {
+                Some(_) => usize_of(v, "max_window_layers")?,
+                None => 28,
+            };
+            (0..n).filter(|&l| l % 2 == 1 || l >= below).collect()
+        }
+        None => vec![],
+    };
+    Ok((w, full))
 }
 
 impl HfModel {
@@ -542,6 +600,15 @@ impl HfModel {
     }
 }
 
+/// A `sliding_window` value: null for none.
+fn window(w: usize) -> Value {
+    if w == 0 {
+        Value::Null
+    } else {
+        w.into()
+    }
+}
+
 /// A tensor in Hugging Face terms: name, shape, row-major values.
 pub type HfTensor = (String, Vec<usize>, Vec<f32>);
 
@@ -590,6 +657,19 @@ pub fn to_hf(cfg: &ModelConfig) -> Result<(HfModel, Value)> {
             )
         }
     };
+    if c.sliding_window > 0 {
+        let ok = match family {
+            Family::Mixtral | Family::Qwen3Moe => c.full_attention_layers.is_empty(),
+            Family::Qwen2Moe => true,
+            Family::Llama | Family::Olmoe => false,
+        };
+        if !ok {
+            return no(
+                "model.sliding_window",
+                &format!("{} with this sliding window", family.name()),
+            );
+        }
+    }
     let all_moe = moe_layers.iter().all(|&m| m);
     if matches!(family, Family::Mixtral | Family::Olmoe) && !all_moe {
         return no(
@@ -639,7 +719,7 @@ pub fn to_hf(cfg: &ModelConfig) -> Result<(HfModel, Value)> {
             o.insert("num_local_experts".into(), c.n_experts.into());
             o.insert("num_experts_per_tok".into(), c.top_k.into());
             o.insert("router_aux_loss_coef".into(), c.aux_loss_coef.into());
-            o.insert("sliding_window".into(), Value::Null);
+            o.insert("sliding_window".into(), window(c.sliding_window));
         }
         Family::Qwen2Moe | Family::Qwen3Moe | Family::Olmoe => {
             let inter = if family == Family::Olmoe {
@@ -657,8 +737,18 @@ pub fn to_hf(cfg: &ModelConfig) -> Result<(HfModel, Value)> {
             if family != Family::Olmoe {
                 o.insert("decoder_sparse_step".into(), 1.into());
                 o.insert("mlp_only_layers".into(), serde_json::json!(mlp_only));
-                o.insert("use_sliding_window".into(), false.into());
-                o.insert("sliding_window".into(), Value::Null);
+                o.insert("use_sliding_window".into(), (c.sliding_window > 0).into());
+                o.insert("sliding_window".into(), window(c.sliding_window));
+            }
+            if family == Family::Qwen2Moe && c.sliding_window > 0 {
+                let kinds: Vec<&str> = (0..c.n_layers)
+                    .map(|l| match c.window(l) {
+                        0 => "full_attention",
+                        _ => "sliding_attention",
+                    })
+                    .collect();
+                o.insert("layer_types".into(), serde_json::json!(kinds));
+                o.insert("max_window_layers".into(), c.n_layers.into());
             }
             if family == Family::Qwen2Moe {
                 o.insert(

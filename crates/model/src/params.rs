@@ -42,6 +42,9 @@ pub struct LayerIdx {
     pub wo: usize,
     pub ffn_norm: usize,
     pub ffn: FfnIdx,
+    /// The attention's sliding window (0: every earlier key): not a tensor, but a property
+    /// of the block every pass over it needs.
+    pub window: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -198,6 +201,7 @@ impl Layout {
                 wo,
                 ffn_norm,
                 ffn,
+                window: cfg.window(l),
             });
         }
         let norm = b.norm("norm.weight".into(), c);

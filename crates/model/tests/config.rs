@@ -280,3 +280,52 @@ fn rope_scaling_reads_from_toml_and_round_trips() {
     let bad = text.replace("\"yarn\"", "\"dynamic\"");
     assert!(model::Config::from_toml(&bad).is_err());
 }
+
+#[test]
+fn sliding_windows_validate_and_round_trip_through_hugging_face_configs() {
+    let base = include_str!("../../../configs/tiny.toml");
+    let with =
+        |extra: &str| base.replace("max_seq_len = 64 ", &format!("{extra}\nmax_seq_len = 64 "));
+    // tiny: a dense block then MoE with a shared expert (exported as Qwen2-MoE)
+    let cfg = model::Config::from_toml(&with("sliding_window = 16\nfull_attention_layers = [1]"))
+        .unwrap();
+    assert_eq!((cfg.model.window(0), cfg.model.window(1)), (16, 0));
+    assert_eq!(model::Config::from_toml(&cfg.to_toml()).unwrap(), cfg);
+    let (_, json) = model::hf::to_hf(&cfg.model).unwrap();
+    assert_eq!(
+        json["layer_types"],
+        serde_json::json!(["sliding_attention", "full_attention"])
+    );
+    let back = model::hf::config_from_hf(&json).unwrap().config;
+    assert_eq!(
+        (back.sliding_window, back.full_attention_layers),
+        (16, vec![1])
+    );
+    // without layer_types, transformers 5 windows Qwen2-MoE's even blocks below
+    // max_window_layers
+    let mut json = json;
+    json.as_object_mut().unwrap().remove("layer_types");
+    json["num_hidden_layers"] = 5.into();
+    json["max_window_layers"] = 4.into();
+    json["mlp_only_layers"] = serde_json::json!([]);
+    let back = model::hf::config_from_hf(&json).unwrap().config;
+    assert_eq!(back.full_attention_layers, vec![1, 3, 4]);
+    json["use_sliding_window"] = false.into();
+    assert_eq!(
+        model::hf::config_from_hf(&json)
+            .unwrap()
+            .config
+            .sliding_window,
+        0
+    );
+    // a dense Llama has no window to export
+    let dense = "[model]\nvocab_size = 64\nd_model = 32\nn_layers = 1\nn_heads = 4\nn_kv_heads = 4\nmax_seq_len = 64\nffn_hidden = 64\nsliding_window = 8\n[train]\nseq_len = 64\n";
+    let e = model::hf::to_hf(&model::Config::from_toml(dense).unwrap().model).unwrap_err();
+    assert!(e.to_string().contains("sliding_window"), "{e}");
+    // a list of full blocks needs a window, and blocks that exist
+    let e = model::Config::from_toml(&with("full_attention_layers = [0]")).unwrap_err();
+    assert!(e.to_string().contains("model.full_attention_layers"), "{e}");
+    let e = model::Config::from_toml(&with("sliding_window = 8\nfull_attention_layers = [2]"))
+        .unwrap_err();
+    assert!(e.to_string().contains("block 2 does not exist"), "{e}");
+}

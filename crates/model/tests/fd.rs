@@ -199,3 +199,13 @@ fn group_limited_scaled_routing() {
 fn baseline_tiny_shape() {
     check("baseline", &HEAD_DIM.replace("head_dim = 12\n", ""));
 }
+
+#[test]
+fn sliding_window_in_some_blocks() {
+    // T = 12 with a window of 5: most queries lose keys; block 0 keeps full attention
+    let cfg = HEAD_DIM.replace(
+        "head_dim = 12\n",
+        "head_dim = 12\nsliding_window = 5\nfull_attention_layers = [0]\n",
+    );
+    check("sliding window", &cfg);
+}

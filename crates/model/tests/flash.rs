@@ -46,3 +46,9 @@ fn tiled_attention_equals_stored_probabilities() {
     let qwen = "[model]\nvocab_size = 300\nd_model = 48\nn_layers = 2\nn_heads = 6\nn_kv_heads = 2\nhead_dim = 12\nqk_norm = \"head\"\nqkv_bias = true\nmax_seq_len = 160\nffn_hidden = 64\n[train]\nseq_len = 160\n";
     check("q/k norm, biases, head_dim 12, T = 150", qwen, 150);
 }
+
+#[test]
+fn tiled_attention_equals_stored_probabilities_at_passkey_width() {
+    let text = "[model]\nvocab_size = 400\nd_model = 128\nn_layers = 4\nn_heads = 4\nn_kv_heads = 4\nmax_seq_len = 512\nffn_hidden = 512\n[train]\nseq_len = 512\n";
+    check("dense d128, T = 512", text, 512);
+}

@@ -564,6 +564,13 @@ impl Arch {
         if c.rope_scaling.is_some() {
             return Err("RoPE scaling (not written to GGUF yet)".into());
         }
+        if c.sliding_window > 0 {
+            // llama.cpp's llama, qwen2moe, qwen3moe and bailingmoe graphs attend to every key
+            return Err(
+                "sliding-window attention (llama.cpp's graphs for these architectures have none)"
+                    .into(),
+            );
+        }
         if c.qk_norm == QkNorm::Projection {
             return Err("q/k norm over the whole projection (OLMoE)".into());
         }
