@@ -12,7 +12,7 @@ use train::eval::evaluate;
 use train::load_run;
 
 /// `--help` examples.
-pub const EXAMPLES: &str = "Examples:\n  moelab eval --run runs/shk --data data/shk\n  moelab eval --run runs/student --task all --n 400";
+pub const EXAMPLES: &str = "Examples:\n  moelab eval --run runs/shk --data data/shk\n  moelab eval --run runs/student --task all --n 400\n  moelab eval --run runs/pk4k --task passkey --context 512,1024,2048,4096 --heatmap pk4k.svg";
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -23,12 +23,31 @@ pub struct EvalArgs {
     #[arg(long, required_unless_present = "task", conflicts_with = "task")]
     data: Option<PathBuf>,
     /// Reasoning tasks (add, mul, expr, sort, comma-separated or all): exact-match accuracy
-    /// of greedy answers on held-out problems.
+    /// of greedy answers on held-out problems. `passkey`: retrieval of a number hidden in
+    /// filler text, by context length (--context) and depth (--depths).
     #[arg(long)]
     task: Option<String>,
-    /// --data: at most N batches (default: the whole split). --task: N problems (default 400).
+    /// --data: at most N batches (default: the whole split). --task: N problems (default
+    /// 400); passkey: N keys per (context, depth) cell (default 10).
     #[arg(long)]
     n: Option<u64>,
+    /// --task passkey: context lengths in tokens, comma-separated (lengths past the model's
+    /// max_seq_len are evaluated as they are).
+    #[arg(long, value_delimiter = ',', default_value = "512,1024,2048,4096")]
+    context: Vec<usize>,
+    /// --task passkey: needle depths in percent of the filler before it, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0,10,20,30,40,50,60,70,80,90,100"
+    )]
+    depths: Vec<f64>,
+    /// --task passkey: also draw the accuracy grid as an SVG heatmap to this file.
+    #[arg(long)]
+    heatmap: Option<PathBuf>,
+    /// --heatmap: its title (default: the run's path).
+    #[arg(long)]
+    title: Option<String>,
     /// --task: which held-out split: `test` (report) or `dev` (tune). Every problem belongs
     /// to one split by a hash of its prompt; training data comes from `train`.
     #[arg(long, default_value = "test", value_parser = crate::runs::parse_split)]
@@ -36,7 +55,8 @@ pub struct EvalArgs {
     /// --task: seed of the problems drawn from the split.
     #[arg(long, default_value_t = infer::tasks::EVAL_SEED)]
     seed: u64,
-    /// --task: sequences decoded together.
+    /// --task: sequences decoded together (passkey: rows per forward pass, at most 65,536
+    /// tokens).
     #[arg(long, default_value_t = 64)]
     batch: usize,
     /// --task: one difficulty for every problem (add: digits, mul: 1-4, expr: depth, sort:
@@ -49,6 +69,9 @@ pub struct EvalArgs {
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
+    if a.task.as_deref() == Some("passkey") {
+        return eval_passkey(&a);
+    }
     if let Some(t) = &a.task {
         let n = a.n.unwrap_or(400) as usize;
         return eval_task(&a.run, t, n, a.seed, a.difficulty, a.split, a.batch, a.show);
@@ -140,4 +163,154 @@ fn eval_task(
         e.tokens_per_s
     );
     Ok(())
+}
+
+/// `moelab eval --run RUN --task passkey [--context ...] [--depths ...] [--heatmap F.svg]`.
+fn eval_passkey(a: &EvalArgs) -> Result<()> {
+    if a.split == Split::Train {
+        bail!("--split train is training data; evaluate on dev (tuning) or test (reporting)");
+    }
+    let n = a.n.unwrap_or(10) as usize;
+    if n == 0 || a.context.is_empty() || a.depths.is_empty() {
+        bail!("--n, --context and --depths need at least one value each");
+    }
+    if let Some(d) = a.depths.iter().find(|d| !(0.0..=100.0).contains(*d)) {
+        bail!("--depths {d}: depths are percentages, 0 to 100");
+    }
+    if let Some(p) = &a.heatmap {
+        if p.extension().and_then(|e| e.to_str()) != Some("svg") {
+            bail!("--heatmap {}: expected a .svg file", p.display());
+        }
+    }
+    let r = load_reasoner(&a.run)?;
+    let end = r.tok.special("<|end|>").unwrap_or(0);
+    let longest = *a.context.iter().max().expect("non-empty");
+    let spec = infer::passkey::Spec {
+        contexts: a.context.clone(),
+        depths: a.depths.iter().map(|d| d / 100.0).collect(),
+        n,
+        seed: a.seed,
+        split: a.split,
+        batch: a.batch.min((65_536 / longest).max(1)),
+    };
+    let rows = n * spec.contexts.len() * spec.depths.len();
+    let (bar, mut tick) = task_bar("passkey", rows);
+    let g = infer::passkey::evaluate(&r.cfg, &r.params, &r.tok, end, &spec, &mut tick)
+        .map_err(anyhow::Error::msg);
+    bar.finish_and_clear();
+    let g = g?;
+    println!(
+        "{} (step {}), passkey retrieval: {n} keys of the {} split per cell (seed {}), greedy",
+        r.checkpoint.display(),
+        r.step,
+        a.split.name(),
+        a.seed
+    );
+    let trained = r.cfg.max_seq_len;
+    let scaling = match &r.cfg.rope_scaling {
+        Some(s) => format!(", RoPE scaling {s:?}"),
+        None => String::new(),
+    };
+    println!("model max_seq_len {trained}{scaling}\n");
+    print!("{}", g.table());
+    println!("\nforward: {:.0} tokens/s", g.tokens_per_s);
+    if let Some(p) = &a.heatmap {
+        let title = a
+            .title
+            .clone()
+            .unwrap_or_else(|| format!("passkey retrieval: {}", a.run.display()));
+        let svg = heatmap(&g, &title)?;
+        data::write_atomic(p, svg.as_bytes())?;
+        println!("heatmap: {}", p.display());
+    }
+    Ok(())
+}
+
+/// The needle-in-a-haystack heatmap: context length across, depth down, each cell coloured
+/// from red (0%) through yellow to green (100%) and labelled with its accuracy.
+fn heatmap(g: &infer::passkey::Grid, title: &str) -> Result<String> {
+    use plotters::prelude::*;
+    use plotters::style::text_anchor::{HPos, Pos, VPos};
+    let (nc, nd) = (g.contexts.len(), g.depths.len());
+    let (cw, ch) = (90i32, 30i32);
+    let (left, top) = (80i32, 50i32);
+    let w = (left + cw * nc as i32 + 20) as u32;
+    let h = (top + ch * nd as i32 + 60) as u32;
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (w, h)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let font = ("sans-serif", 14).into_font();
+        let text = |s: &str, x: i32, y: i32, pos: Pos| {
+            Text::new(s.to_string(), (x, y), font.clone().color(&BLACK).pos(pos))
+        };
+        let centre = Pos::new(HPos::Center, VPos::Center);
+        root.draw(&Text::new(
+            title.to_string(),
+            (w as i32 / 2, 18),
+            ("sans-serif", 16).into_font().color(&BLACK).pos(centre),
+        ))?;
+        for d in 0..nd {
+            let y = top + ch * d as i32;
+            let label = format!("{:.0}%", g.depths[d] * 100.0);
+            root.draw(&text(
+                &label,
+                left - 8,
+                y + ch / 2,
+                Pos::new(HPos::Right, VPos::Center),
+            ))?;
+            for c in 0..nc {
+                let x = left + cw * c as i32;
+                let cell = g.cell(d, c);
+                let acc = cell.correct as f64 / cell.n as f64;
+                root.draw(&Rectangle::new(
+                    [(x, y), (x + cw, y + ch)],
+                    ramp(acc).filled(),
+                ))?;
+                root.draw(&Rectangle::new(
+                    [(x, y), (x + cw, y + ch)],
+                    WHITE.stroke_width(1),
+                ))?;
+                root.draw(&text(
+                    &format!("{:.0}", acc * 100.0),
+                    x + cw / 2,
+                    y + ch / 2,
+                    centre,
+                ))?;
+            }
+        }
+        let bottom = top + ch * nd as i32;
+        for (c, ctx) in g.contexts.iter().enumerate() {
+            let x = left + cw * c as i32 + cw / 2;
+            root.draw(&text(&ctx.to_string(), x, bottom + 14, centre))?;
+        }
+        root.draw(&text(
+            "context length (tokens)",
+            left + cw * nc as i32 / 2,
+            bottom + 40,
+            centre,
+        ))?;
+        root.draw(&text(
+            "depth",
+            8,
+            top - 14,
+            Pos::new(HPos::Left, VPos::Center),
+        ))?;
+        root.present()?;
+    }
+    Ok(svg)
+}
+
+/// Red at 0, yellow at 0.5, green at 1.
+fn ramp(x: f64) -> plotters::style::RGBColor {
+    let x = x.clamp(0.0, 1.0);
+    let (r, g) = if x < 0.5 {
+        (230.0, 80.0 + 2.0 * x * 140.0)
+    } else {
+        (
+            230.0 - (x - 0.5) * 2.0 * 170.0,
+            220.0 - (x - 0.5) * 2.0 * 40.0,
+        )
+    };
+    plotters::style::RGBColor(r as u8, g as u8, 90)
 }

@@ -1,25 +1,36 @@
 //! `moelab prepare --corpus PATH... --out DATA_DIR` (pretraining text) and
-//! `moelab prepare --task NAME[,NAME...] --out DATA_DIR` (generated reasoning problems).
+//! `moelab prepare --task NAME[,NAME...] --out DATA_DIR` (generated reasoning problems) and
+//! `moelab prepare --passkey --context N --out DATA_DIR` (long-context retrieval documents).
 
 use anyhow::{Context, Result};
 use clap::Args;
-use data::prepare::{prepare_corpus, prepare_tasks, PrepareOpts, TaskOpts};
+use data::prepare::{
+    prepare_corpus, prepare_passkey, prepare_tasks, PasskeyOpts, PrepareOpts, TaskOpts,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::time::Duration;
 use tokenizer::Tokenizer;
 
 /// `--help` examples.
-pub const EXAMPLES: &str = "Examples:\n  moelab prepare --corpus plays/ --out data/shk\n  moelab prepare --corpus a.txt b.jsonl --out data/mix --vocab-size 8192\n  moelab prepare --task all --n 20000 --out data/tasks\n  moelab prepare --task add,mul --no-reasoning --out data/tasks-answers";
+pub const EXAMPLES: &str = "Examples:\n  moelab prepare --corpus plays/ --out data/shk\n  moelab prepare --corpus a.txt b.jsonl --out data/mix --vocab-size 8192\n  moelab prepare --task all --n 20000 --out data/tasks\n  moelab prepare --task add,mul --no-reasoning --out data/tasks-answers\n  moelab prepare --passkey --context 512 --n 20000 --out data/passkey-512\n  moelab prepare --passkey --context 4096 --tokenizer runs/pk512 --out data/passkey-4k";
 
 #[derive(Args)]
 pub struct PrepareArgs {
     /// Text to train on: .txt files, folders of them (recursive), or .jsonl with a "text" field.
-    #[arg(long, num_args = 1.., required_unless_present = "task", conflicts_with = "task")]
+    #[arg(long, num_args = 1.., required_unless_present_any = ["task", "passkey"], conflicts_with_all = ["task", "passkey"])]
     corpus: Vec<PathBuf>,
     /// Reasoning tasks to generate chat data for: add, mul, expr, sort (comma-separated, or all).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "passkey")]
     task: Option<String>,
+    /// Passkey-retrieval documents (a number hidden in filler text, asked for at the end) of
+    /// every length up to --context tokens, every token a training target; the long-context
+    /// check `moelab eval --task passkey` uses held-out keys.
+    #[arg(long)]
+    passkey: bool,
+    /// --passkey: longest document in tokens (the train.seq_len it is for).
+    #[arg(long, default_value_t = 512, requires = "passkey")]
+    context: usize,
     /// Data dir to write (tokenizer.json, then train.bin/val.bin or train.jsonl/val.jsonl, meta.json).
     #[arg(long)]
     out: PathBuf,
@@ -30,10 +41,10 @@ pub struct PrepareArgs {
     /// Fraction of the corpus (its last bytes) kept for validation.
     #[arg(long, default_value_t = 0.1)]
     val_fraction: f64,
-    /// --task: number of training problems (validation gets n/20, at least 64).
+    /// --task, --passkey: number of training problems (validation gets n/20, at least 64).
     #[arg(long, default_value_t = 20000)]
     n: usize,
-    /// --task: generator seed (held-out evaluation uses other seeds).
+    /// --task, --passkey: generator seed (held-out evaluation uses other seeds).
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// --task: answers only, with an empty think block (the no-reasoning baseline).
@@ -87,6 +98,30 @@ pub fn run(a: PrepareArgs) -> Result<()> {
     bar.set_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")?);
     bar.enable_steady_tick(Duration::from_millis(120));
     let progress = |m: &str| bar.set_message(m.to_string());
+    if a.passkey {
+        let opts = PasskeyOpts {
+            n: a.n,
+            context: a.context,
+            seed: a.seed,
+            vocab_size: a.vocab_size,
+            tokenizer: a.tokenizer.map(|p| crate::runs::tokenizer_path(&p)),
+            force: a.force,
+        };
+        let meta = prepare_passkey(&a.out, &opts, &progress);
+        bar.finish_and_clear();
+        let meta = meta?;
+        let pk = meta.passkey.as_ref().expect("passkey data");
+        println!(
+            "{}: {} train / {} val passkey documents of up to {} tokens, {} train tokens, vocab {}",
+            a.out.display(),
+            pk.train_docs,
+            pk.val_docs,
+            pk.context,
+            meta.train_tokens,
+            meta.vocab_size
+        );
+        return Ok(());
+    }
     if let Some(spec) = &a.task {
         let tasks = data::tasks::parse_list(spec).map_err(anyhow::Error::msg)?;
         let opts = TaskOpts {

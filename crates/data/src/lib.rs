@@ -11,6 +11,7 @@ pub mod chat;
 pub mod corpus;
 pub mod loader;
 pub mod meta;
+pub mod passkey;
 pub mod prepare;
 pub mod shard;
 pub mod tasks;

@@ -22,13 +22,27 @@ pub struct Meta {
     pub train_bytes: usize,
     pub val_bytes: usize,
     pub val_fraction: f64,
-    /// "corpus" (token shards `train.bin`/`val.bin`) or "chat" (`train.jsonl`/`val.jsonl`
-    /// from `moelab prepare --task`).
+    /// "corpus" (token shards `train.bin`/`val.bin`), "chat" (`train.jsonl`/`val.jsonl`
+    /// from `moelab prepare --task`) or "documents" (token shards of whole documents, each
+    /// ending with `<|end|>`, packed into rows so none is cut: `moelab prepare --passkey`).
     #[serde(default = "corpus_kind")]
     pub kind: String,
     /// Chat data: the tasks, generator seed and whether reasoning is included.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tasks: Option<TaskData>,
+    /// Passkey data: how it was generated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passkey: Option<PasskeyData>,
+}
+
+/// How a passkey data dir was generated (`moelab prepare --passkey`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PasskeyData {
+    /// Longest document, in row positions (a training `seq_len` it fits).
+    pub context: usize,
+    pub seed: u64,
+    pub train_docs: usize,
+    pub val_docs: usize,
 }
 
 fn corpus_kind() -> String {

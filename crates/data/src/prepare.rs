@@ -323,6 +323,7 @@ pub fn prepare_corpus(
         val_fraction: opts.val_fraction,
         kind: "corpus".into(),
         tasks: None,
+        passkey: None,
     };
     meta.save(tmp)?;
     stage.commit()?;
@@ -436,6 +437,105 @@ pub fn prepare_tasks(
             difficulty: opts.difficulty,
             train_examples: train.len(),
             val_examples: val.len(),
+        }),
+        passkey: None,
+    };
+    meta.save(tmp)?;
+    stage.commit()?;
+    Ok(meta)
+}
+
+/// Options of `moelab prepare --passkey`.
+#[derive(Debug, Clone)]
+pub struct PasskeyOpts {
+    /// Training documents (validation gets a twentieth, at least 64).
+    pub n: usize,
+    /// Longest document in row positions: the `seq_len` the data is for.
+    pub context: usize,
+    pub seed: u64,
+    pub vocab_size: usize,
+    /// Reuse this tokenizer.json (e.g. the run to extend) instead of training one.
+    pub tokenizer: Option<PathBuf>,
+    pub force: bool,
+}
+
+/// Prepares a "documents" data dir of passkey documents ([`crate::passkey`]): training keys
+/// from the train split, validation keys from dev; the test split is only evaluated.
+pub fn prepare_passkey(out: &Path, opts: &PasskeyOpts, progress: &dyn Fn(&str)) -> Result<Meta> {
+    use crate::passkey::{self, Pieces};
+    use rand::SeedableRng;
+    if opts.n == 0 {
+        return Err(Error::Other("--n must be at least 1".into()));
+    }
+    check_out(out, opts.force)?;
+    let tok = match &opts.tokenizer {
+        Some(p) => {
+            let t = Tokenizer::from_file(p)?;
+            t.require_moelab(p)?;
+            t
+        }
+        None => {
+            progress("training the tokenizer");
+            let texts = (0..64u32).map(|i| {
+                let key = 10_000 + i * 1_409;
+                format!(
+                    "{}{}{}{}{} {key}.\n",
+                    passkey::INTRO,
+                    passkey::FILLER,
+                    passkey::needle(key),
+                    passkey::FILLER,
+                    passkey::QUESTION
+                )
+            });
+            Tokenizer::train_with(texts, opts.vocab_size, true)?
+        }
+    };
+    let end = tok
+        .special("<|end|>")
+        .expect("moelab tokenizers have <|end|>");
+    let pieces = Pieces::new(&tok, end);
+    if opts.context < pieces.min_context() + 2 {
+        return Err(Error::Other(format!(
+            "--context {} is too short for a passkey document (at least {} tokens with this tokenizer)",
+            opts.context,
+            pieces.min_context() + 2
+        )));
+    }
+    progress("generating documents");
+    let n_val = (opts.n / 20).max(64);
+    let docs = |n: usize, seed: u64, split: Split| -> Vec<u32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        passkey::generate(&pieces, n, opts.context, split, &mut rng)
+            .iter()
+            .flat_map(|d| d.tokens())
+            .collect()
+    };
+    let train = docs(opts.n, opts.seed, Split::Train);
+    let val = docs(n_val, val_seed(opts.seed), Split::Dev);
+    progress("writing");
+    let stage = Staging::new(out)?;
+    let tmp = &stage.tmp;
+    tok.save(&tmp.join("tokenizer.json"))?;
+    shard::write(&tmp.join("train.bin"), &train, tok.vocab_size())?;
+    shard::write(&tmp.join("val.bin"), &val, tok.vocab_size())?;
+    let outputs = output_hashes(tmp, &["tokenizer.json", "train.bin", "val.bin"])?;
+    let meta = Meta {
+        format_version: FORMAT_VERSION,
+        vocab_size: tok.vocab_size(),
+        inputs: vec![],
+        outputs,
+        train_tokens: train.len(),
+        val_tokens: val.len(),
+        train_bytes: 0,
+        val_bytes: 0,
+        val_fraction: n_val as f64 / (opts.n + n_val) as f64,
+        kind: "documents".into(),
+        tasks: None,
+        passkey: Some(crate::meta::PasskeyData {
+            context: opts.context,
+            seed: opts.seed,
+            train_docs: opts.n,
+            val_docs: n_val,
         }),
     };
     meta.save(tmp)?;

@@ -8,6 +8,7 @@ pub mod batch;
 pub mod chat;
 pub mod engine;
 pub mod generate;
+pub mod passkey;
 pub mod sampling;
 pub mod tasks;
 pub mod template;

@@ -112,10 +112,24 @@ impl Dataset {
             Ok(shard::parse(&dir.join(name), &bytes)?.tokens)
         };
         let (train, val) = (read("train.bin")?, read("val.bin")?);
+        let (train, val) = if meta.kind == "documents" {
+            let end = tok.special("<|end|>").ok_or_else(|| {
+                Error::Usage(format!(
+                    "{}: a documents data dir needs a moelab tokenizer (with <|end|>)",
+                    tok_path.display()
+                ))
+            })?;
+            (
+                Split::Chat(pack_documents(&train, end, seq_len)),
+                Split::Chat(pack_documents(&val, end, seq_len)),
+            )
+        } else {
+            (Split::Tokens(train), Split::Tokens(val))
+        };
         Ok(Dataset {
             meta: Some(meta),
-            train: Split::Tokens(train),
-            val: Split::Tokens(val),
+            train,
+            val,
             tokenizer_json,
             tokenizer_sha256,
             sha256,
@@ -180,6 +194,18 @@ pub fn pack_examples(tok: &Tokenizer, ex: &[Example], seq_len: usize) -> Packed 
     use rayon::prelude::*;
     let rendered: Vec<(Vec<u32>, usize)> = ex.par_iter().map(|e| chat::render(tok, e)).collect();
     Packed::new(&rendered, seq_len, chat::ChatIds::of(tok).end)
+}
+
+/// Packs a stream of whole documents, each ending with `end`, into rows of `seq_len` with
+/// every token a target: a document never straddles two rows (one longer than a row is left
+/// out, counted in `too_long`).
+pub fn pack_documents(stream: &[u32], end: u32, seq_len: usize) -> Packed {
+    let docs: Vec<(Vec<u32>, usize)> = stream
+        .split_inclusive(|&t| t == end)
+        .filter(|d| d.len() >= 2)
+        .map(|d| (d.to_vec(), 0))
+        .collect();
+    Packed::new(&docs, seq_len, end)
 }
 
 /// Training batches of either kind of split.
