@@ -11,8 +11,10 @@
 //! end (about 40% fewer FLOPs than a full T x T product at T = 128).
 //!
 //! [`decode_attention`] is the one-query-per-row case over a KV cache (incremental
-//! decoding). Not here: the cache itself (slots and positions belong to the model crate's
-//! decoder) or flash-style tiling (T is small enough that T x T probabilities fit in cache).
+//! decoding); a row with more than [`DECODE_CHUNK`] visible positions is split into chunks
+//! computed in parallel and merged by log-sum-exp rescaling (flash-decoding). Not here: the
+//! cache itself (slots and positions belong to the model crate's decoder) or training-time
+//! tiling (`crate::flash`).
 
 use crate::matmul::{matmul_raw, View};
 use crate::par::SendPtr;
@@ -269,6 +271,14 @@ pub struct KvShape {
     pub window: usize,
 }
 
+/// Visible positions per chunk of a long cache row: flash-decoding (Dao et al. 2023) splits a
+/// row's visible positions into chunks of this many, computes each chunk for all query heads
+/// of one KV group (its keys and values read once) as a parallel task, and merges the chunks
+/// by log-sum-exp rescaling in chunk order. The split depends on the row's length only, so
+/// the bits do not depend on the thread count or on the other rows; a row of at most this
+/// many positions keeps the one-pass path and its bits.
+pub const DECODE_CHUNK: usize = 256;
+
 /// Attention of one new query row per sequence over its cached keys and values (the
 /// current position's already appended): row i of `qkv (n, (H+2G)D)` attends over the
 /// first `rows[i].1` positions of slot `rows[i].0` (the last `window` of them with a
@@ -287,24 +297,40 @@ pub fn decode_attention(
     let (gd, hpg, r) = (s.g * d, h / s.g, (h + 2 * s.g) * d);
     let n = rows.len();
     let scale = 1.0 / (d as f32).sqrt();
+    // the visible positions of row i: lo..len, position p at cache index p % tmax
+    let visible = |i: usize| {
+        let (_, len) = rows[i];
+        let lo = if s.window > 0 {
+            len.saturating_sub(s.window)
+        } else {
+            0
+        };
+        assert!(
+            len - lo <= tmax,
+            "{} positions in a cache of {tmax}",
+            len - lo
+        );
+        (lo, len)
+    };
+    let kv = |i: usize| {
+        let slot = rows[i].0;
+        (
+            &k_cache[slot * tmax * gd..(slot + 1) * tmax * gd],
+            &v_cache[slot * tmax * gd..(slot + 1) * tmax * gd],
+        )
+    };
+    let long = |i: usize| {
+        let (lo, len) = visible(i);
+        len - lo > DECODE_CHUNK
+    };
     out[..n * h * d]
         .par_chunks_mut(h * d)
         .zip(scores[..n * h * tmax].par_chunks_mut(h * tmax))
         .enumerate()
+        .filter(|(i, _)| !long(*i))
         .for_each(|(i, (o, sc))| {
-            let (slot, len) = rows[i];
-            let lo = if s.window > 0 {
-                len.saturating_sub(s.window)
-            } else {
-                0
-            };
-            assert!(
-                len - lo <= tmax,
-                "{} positions in a cache of {tmax}",
-                len - lo
-            );
-            let kc = &k_cache[slot * tmax * gd..(slot + 1) * tmax * gd];
-            let vc = &v_cache[slot * tmax * gd..(slot + 1) * tmax * gd];
+            let (lo, len) = visible(i);
+            let (kc, vc) = kv(i);
             // cache index of the j-th visible position
             let at = |j: usize| ((lo + j) % tmax) * gd;
             for hi in 0..h {
@@ -331,4 +357,80 @@ pub fn decode_attention(
                 }
             }
         });
+    // flash-decoding of the long rows: one task per (row, kv group, chunk), each writing
+    // (max, sum of exps, unnormalised output) per head of its group
+    let tasks: Vec<(usize, usize, usize)> = (0..n)
+        .filter(|&i| long(i))
+        .flat_map(|i| {
+            let (lo, len) = visible(i);
+            let chunks = (len - lo).div_ceil(DECODE_CHUNK);
+            (0..s.g).flat_map(move |gi| (0..chunks).map(move |c| (i, gi, c)))
+        })
+        .collect();
+    if tasks.is_empty() {
+        return;
+    }
+    let part = hpg * (d + 2);
+    let mut partial = vec![0.0f32; tasks.len() * part];
+    partial
+        .par_chunks_mut(part)
+        .zip(&tasks)
+        .for_each(|(pt, &(i, gi, c))| {
+            let (lo, len) = visible(i);
+            let (kc, vc) = kv(i);
+            let (c0, c1) = (
+                lo + c * DECODE_CHUNK,
+                (lo + (c + 1) * DECODE_CHUNK).min(len),
+            );
+            let at = |p: usize| (p % tmax) * gd + gi * d;
+            let mut sc = [0.0f32; DECODE_CHUNK];
+            let sc = &mut sc[..c1 - c0];
+            for (hj, pt) in pt.chunks_mut(d + 2).enumerate() {
+                let hi = gi * hpg + hj;
+                let q = &qkv[i * r + hi * d..i * r + (hi + 1) * d];
+                for (sj, p) in sc.iter_mut().zip(c0..c1) {
+                    *sj = dot(q, &kc[at(p)..at(p) + d]) * scale;
+                }
+                let mx = max(sc);
+                let mut sum = 0.0;
+                for sj in sc.iter_mut() {
+                    *sj = exp(*sj - mx);
+                    sum += *sj;
+                }
+                let (ms, acc) = pt.split_at_mut(2);
+                ms[0] = mx;
+                ms[1] = sum;
+                acc.fill(0.0);
+                for (sj, p) in sc.iter().zip(c0..c1) {
+                    for (a, vv) in acc.iter_mut().zip(&vc[at(p)..at(p) + d]) {
+                        *a += sj * vv;
+                    }
+                }
+            }
+        });
+    // merge each long row's chunks in order
+    let mut t = 0;
+    for i in (0..n).filter(|&i| long(i)) {
+        let (lo, len) = visible(i);
+        let chunks = (len - lo).div_ceil(DECODE_CHUNK);
+        for gi in 0..s.g {
+            let group = &partial[(t + gi * chunks) * part..(t + (gi + 1) * chunks) * part];
+            for hj in 0..hpg {
+                let hi = gi * hpg + hj;
+                let head =
+                    |c: usize| &group[c * part + hj * (d + 2)..c * part + (hj + 1) * (d + 2)];
+                let m = (0..chunks).map(|c| head(c)[0]).fold(f32::MIN, f32::max);
+                let l: f32 = (0..chunks).map(|c| head(c)[1] * exp(head(c)[0] - m)).sum();
+                let o = &mut out[i * h * d + hi * d..i * h * d + (hi + 1) * d];
+                o.fill(0.0);
+                for c in 0..chunks {
+                    let w = exp(head(c)[0] - m) / l;
+                    for (oo, a) in o.iter_mut().zip(&head(c)[2..]) {
+                        *oo += w * a;
+                    }
+                }
+            }
+        }
+        t += s.g * chunks;
+    }
 }

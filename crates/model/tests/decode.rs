@@ -181,3 +181,55 @@ fn batched_decode_equals_per_sequence() {
     // so sharing a step with other sequences changes no bit
     assert_eq!(worst, 0.0, "batched decode differs: {worst:.2e}");
 }
+
+/// Long caches: past `kernels::attention::DECODE_CHUNK` positions a step splits the cache
+/// into chunks merged by log-sum-exp (flash-decoding), and a sliding window keeps a ring
+/// buffer of its entries; both still give the full forward's logits at every position, and
+/// the same bits on 1 and 2 threads.
+#[test]
+fn long_and_windowed_caches_equal_full_recompute() {
+    let chunk = kernels::attention::DECODE_CHUNK;
+    let tiny = include_str!("../../../configs/tiny.toml");
+    let long = tiny
+        .replace(
+            "max_seq_len = 64 ",
+            &format!("max_seq_len = {} ", 2 * chunk + 37),
+        )
+        .replace("seq_len = 64", "seq_len = 32");
+    let mut last = vec![];
+    for (name, text) in [
+        ("tiny, 2.1 chunks", long.clone()),
+        (
+            "tiny, window 300 in block 1",
+            long.replace(
+                "n_kv_heads = 2",
+                "n_kv_heads = 2\nsliding_window = 300\nfull_attention_layers = [0]",
+            ),
+        ),
+    ] {
+        let cfg = Config::from_toml(&text).unwrap();
+        let m = Model::new(&cfg.model, 1, 1, 5);
+        check(&cfg, m.params.clone(), name);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut dec = Decoder::new(&cfg.model);
+                let mut last = vec![];
+                for i in 0..cfg.model.max_seq_len {
+                    last = dec.step(&m.params, (i * 13 % 500) as u32).to_vec();
+                }
+                last
+            })
+        };
+        let one = run(1);
+        assert_eq!(one, run(2), "[{name}] thread count changed the bits");
+        last.push(one);
+    }
+    assert_ne!(
+        last[0], last[1],
+        "the window changes the last position's logits"
+    );
+}
