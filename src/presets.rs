@@ -11,6 +11,12 @@ pub const PRESETS: &[(&str, &str)] = &[
     ("small-moe", include_str!("../configs/small-moe.toml")),
     ("teacher", include_str!("../configs/teacher.toml")),
     ("student", include_str!("../configs/student.toml")),
+    ("passkey-128", include_str!("../configs/passkey-128.toml")),
+    ("passkey-512", include_str!("../configs/passkey-512.toml")),
+    (
+        "passkey-4096-yarn",
+        include_str!("../configs/passkey-4096-yarn.toml"),
+    ),
 ];
 
 /// Loads `spec` as a TOML file if it exists, else as a preset name.

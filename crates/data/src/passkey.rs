@@ -7,28 +7,56 @@
 //! and evaluation (`moelab eval --task passkey`):
 //!
 //! ```text
-//! INTRO  FILLER × a  NEEDLE(key)  FILLER × b  QUESTION  " key"  ".\n"  <|end|>
+//! INTRO  sentence × a  NEEDLE(key)  sentence × b  QUESTION  " key"  ".\n"  <|end|>
 //! ```
 //!
-//! `depth` is the share of the filler before the needle (0: right after the intro, 1: right
-//! before the question). Keys are held out by construction: a key's split is a hash of the key
-//! ([`key_split`]), so no test key is ever trained on, whatever the seed.
+//! The haystack is [`SENTENCES`] drawn at random, not the original's one sentence group
+//! repeated: a strictly periodic filler lets a small model find the key by position
+//! patterns that alias with RoPE (measured: a model trained that way retrieved at some
+//! distances and failed at others in between), where drawn sentences leave only the
+//! content to match.
+//!
+//! `depth` is the share of the haystack's tokens before the needle (0: right after the intro,
+//! 1: right before the question). Keys are held out by construction: a key's split is a hash
+//! of the key ([`key_split`]), so no test key is ever trained on, whatever the seed.
 
 use crate::tasks::Split;
 use rand::Rng;
 use tokenizer::Tokenizer;
 
 pub const INTRO: &str = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the important information there.\n";
-pub const FILLER: &str =
-    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n";
-pub const QUESTION: &str = "What is the pass key? The pass key is";
+/// The haystack's sentences (the original filler's five and more of their kind).
+pub const SENTENCES: [&str; 12] = [
+    "The grass is green. ",
+    "The sky is blue. ",
+    "The sun is yellow. ",
+    "Here we go. ",
+    "There and back again. ",
+    "The sea is deep. ",
+    "The night is dark and still. ",
+    "Birds fly south in winter. ",
+    "The river runs to the sea. ",
+    "Snow falls on the hills. ",
+    "The old road winds through the woods. ",
+    "A cold wind blows from the north. ",
+];
+pub const QUESTION: &str = "\nWhat is the pass key? The pass key is";
 
 /// Keys are five-digit numbers.
 pub const KEYS: std::ops::RangeInclusive<u32> = 10_000..=99_999;
 
 /// The sentence that hides `key`.
 pub fn needle(key: u32) -> String {
-    format!("The pass key is {key}. Remember it. {key} is the pass key.\n")
+    format!("The pass key is {key}. Remember it. {key} is the pass key. ")
+}
+
+/// Text of every piece, for training a tokenizer that knows them all.
+pub fn sample_text(key: u32) -> String {
+    format!(
+        "{INTRO}{}{}{QUESTION} {key}.\n",
+        SENTENCES.concat(),
+        needle(key)
+    )
 }
 
 /// The split `key` belongs to (80% train, 10% dev, 10% test), by the hash [`Split::of`] gives
@@ -56,7 +84,7 @@ pub struct Doc {
     pub answer: Vec<u32>,
     /// What ends a training document: `".\n"` and the end-of-text id.
     pub tail: Vec<u32>,
-    /// Filler pieces before and after the needle.
+    /// Haystack tokens before and after the needle.
     pub before: usize,
     pub after: usize,
 }
@@ -72,7 +100,7 @@ impl Doc {
 pub struct Pieces<'a> {
     tok: &'a Tokenizer,
     intro: Vec<u32>,
-    filler: Vec<u32>,
+    sentences: Vec<Vec<u32>>,
     question: Vec<u32>,
     tail: Vec<u32>,
 }
@@ -84,61 +112,77 @@ impl<'a> Pieces<'a> {
         tail.push(end);
         Pieces {
             intro: tok.encode(INTRO),
-            filler: tok.encode(FILLER),
+            sentences: SENTENCES.iter().map(|s| tok.encode(s)).collect(),
             question: tok.encode(QUESTION),
             tail,
             tok,
         }
     }
 
-    /// Tokens of one filler piece (the granularity of lengths and depths).
-    pub fn filler_len(&self) -> usize {
-        self.filler.len()
+    /// Tokens after the answer in a training document (`".\n"` and the end id).
+    pub fn tail_len(&self) -> usize {
+        self.tail.len()
     }
 
-    /// Prompt + answer tokens of a document with `fillers` filler pieces (keys all tokenize
-    /// to the same length when digits are split; otherwise this is for `key`).
-    fn len_with(&self, fillers: usize, key: u32) -> usize {
-        self.intro.len()
-            + fillers * self.filler.len()
-            + self.tok.encode(&needle(key)).len()
-            + self.question.len()
-            + self.tok.encode(&format!(" {key}")).len()
+    /// Tokens of the longest haystack sentence (the granularity of lengths and depths).
+    pub fn sentence_max(&self) -> usize {
+        self.sentences.iter().map(Vec::len).max().unwrap_or(1)
     }
 
     /// The document hiding `key` at `depth` (0..=1) whose prompt and answer take at most
-    /// `context` tokens (as many filler pieces as fit). None when not even one piece of
-    /// filler fits.
-    pub fn build(&self, key: u32, depth: f64, context: usize) -> Option<Doc> {
-        let fixed = self.len_with(0, key);
-        if context < fixed + self.filler.len() {
+    /// `context` tokens, with as many sentences drawn from `rng` as fit. None when `context`
+    /// is below [`Pieces::min_context`].
+    pub fn build(&self, key: u32, depth: f64, context: usize, rng: &mut impl Rng) -> Option<Doc> {
+        let needle = self.tok.encode(&needle(key));
+        let answer = self.tok.encode(&format!(" {key}"));
+        let fixed = self.intro.len() + needle.len() + self.question.len() + answer.len();
+        if context < fixed + self.sentence_max() {
             return None;
         }
-        let fillers = (context - fixed) / self.filler.len();
-        let before = ((depth.clamp(0.0, 1.0) * fillers as f64).round() as usize).min(fillers);
-        let after = fillers - before;
+        let budget = context - fixed;
+        let mut hay: Vec<&[u32]> = vec![];
+        let mut used = 0;
+        loop {
+            let s = &self.sentences[rng.gen_range(0..self.sentences.len())];
+            if used + s.len() > budget {
+                break;
+            }
+            used += s.len();
+            hay.push(s);
+        }
+        // the sentence boundary whose share of the haystack is nearest the depth
+        let want = depth.clamp(0.0, 1.0) * used as f64;
+        let (mut at, mut before, mut best) = (0, 0, want);
+        let mut cum = 0;
+        for (i, s) in hay.iter().enumerate() {
+            cum += s.len();
+            if (cum as f64 - want).abs() < best {
+                (at, before, best) = (i + 1, cum, (cum as f64 - want).abs());
+            }
+        }
         let mut prompt = Vec::with_capacity(context);
         prompt.extend_from_slice(&self.intro);
-        for _ in 0..before {
-            prompt.extend_from_slice(&self.filler);
-        }
-        prompt.extend(self.tok.encode(&needle(key)));
-        for _ in 0..after {
-            prompt.extend_from_slice(&self.filler);
-        }
+        hay[..at].iter().for_each(|s| prompt.extend_from_slice(s));
+        prompt.extend(needle);
+        hay[at..].iter().for_each(|s| prompt.extend_from_slice(s));
         prompt.extend_from_slice(&self.question);
         Some(Doc {
             prompt,
-            answer: self.tok.encode(&format!(" {key}")),
+            answer,
             tail: self.tail.clone(),
             before,
-            after,
+            after: used - before,
         })
     }
 
-    /// The shortest context a document can have (one filler piece).
+    /// The shortest context a document can have (room for the longest sentence).
     pub fn min_context(&self) -> usize {
-        self.len_with(1, *KEYS.start())
+        let key = *KEYS.start();
+        self.intro.len()
+            + self.tok.encode(&needle(key)).len()
+            + self.question.len()
+            + self.tok.encode(&format!(" {key}")).len()
+            + self.sentence_max()
     }
 }
 
@@ -159,7 +203,9 @@ pub fn generate(
             let key = draw_key(rng, split);
             let len = rng.gen_range(lo..=hi);
             let depth: f64 = rng.gen_range(0.0..=1.0);
-            pieces.build(key, depth, len).expect("len >= min_context")
+            pieces
+                .build(key, depth, len, rng)
+                .expect("len >= min_context")
         })
         .collect()
 }
@@ -171,13 +217,7 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     fn tok() -> Tokenizer {
-        let texts = (0..50).map(|i| {
-            format!(
-                "{INTRO}{FILLER}{}{FILLER}{QUESTION} {}.\n",
-                needle(10_000 + i * 1789),
-                10_000 + i * 1789
-            )
-        });
+        let texts = (0..50).map(|i| sample_text(10_000 + i * 1789));
         Tokenizer::train_with(texts, 400, true).unwrap()
     }
 
@@ -186,11 +226,12 @@ mod tests {
         let t = tok();
         let end = t.special("<|end|>").unwrap();
         let p = Pieces::new(&t, end);
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
         for (context, depth) in [(200, 0.0), (200, 1.0), (513, 0.5), (4096, 0.25)] {
-            let d = p.build(54_321, depth, context).unwrap();
+            let d = p.build(54_321, depth, context, &mut rng).unwrap();
             let len = d.prompt.len() + d.answer.len();
             assert!(
-                len <= context && len + p.filler_len() > context,
+                len <= context && len + p.sentence_max() > context,
                 "{len} vs {context}"
             );
             let text = t.decode(&d.prompt);
@@ -198,25 +239,24 @@ mod tests {
                 text.starts_with(INTRO) && text.ends_with(QUESTION),
                 "{text}"
             );
-            // the share of the filler text before the needle is the depth
-            let at = text.find(&needle(54_321)).unwrap() - INTRO.len();
-            let filler = text.len() - INTRO.len() - needle(54_321).len() - QUESTION.len();
-            assert_eq!(at % FILLER.len(), 0);
-            let fillers = filler / FILLER.len();
-            assert_eq!(
-                (d.before, d.after),
-                (at / FILLER.len(), fillers - at / FILLER.len())
-            );
-            let share = at as f64 / filler as f64;
-            assert!(
-                (share - depth).abs() <= 0.5 / fillers as f64 + 1e-9,
-                "{share} for {depth}"
-            );
+            assert_eq!(text.matches("54321").count(), 2);
+            // the share of the haystack's tokens before the needle is the depth
+            let share = d.before as f64 / (d.before + d.after) as f64;
+            let tol = p.sentence_max() as f64 / (d.before + d.after) as f64;
+            assert!((share - depth).abs() <= tol, "{share} for {depth}");
+            let hay = d.prompt.len() - p.intro.len() - p.question.len();
+            assert_eq!(d.before + d.after + t.encode(&needle(54_321)).len(), hay);
             assert_eq!(t.decode(&d.answer), " 54321");
             assert_eq!(*d.tail.last().unwrap(), end);
         }
-        assert!(p.build(54_321, 0.5, p.min_context() - 1).is_none());
-        assert!(p.build(54_321, 0.5, p.min_context()).is_some());
+        // the haystack is drawn: two documents of one key, depth and length differ
+        let a = p.build(54_321, 0.5, 600, &mut rng).unwrap();
+        let b = p.build(54_321, 0.5, 600, &mut rng).unwrap();
+        assert_ne!(a.prompt, b.prompt);
+        assert!(p
+            .build(54_321, 0.5, p.min_context() - 1, &mut rng)
+            .is_none());
+        assert!(p.build(54_321, 0.5, p.min_context(), &mut rng).is_some());
     }
 
     #[test]
@@ -240,7 +280,7 @@ mod tests {
         let lens: Vec<usize> = docs.iter().map(|d| d.tokens().len()).collect();
         assert!(lens.iter().all(|&l| l <= 601));
         assert!(lens.iter().min().unwrap() + 200 < *lens.iter().max().unwrap());
-        assert!(docs.iter().any(|d| d.before == 0) || docs.iter().any(|d| d.before > d.after));
-        assert!(docs.iter().any(|d| d.after > d.before));
+        assert!(docs.iter().any(|d| d.before > 2 * d.after));
+        assert!(docs.iter().any(|d| d.after > 2 * d.before));
     }
 }

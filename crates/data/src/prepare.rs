@@ -476,17 +476,7 @@ pub fn prepare_passkey(out: &Path, opts: &PasskeyOpts, progress: &dyn Fn(&str)) 
         }
         None => {
             progress("training the tokenizer");
-            let texts = (0..64u32).map(|i| {
-                let key = 10_000 + i * 1_409;
-                format!(
-                    "{}{}{}{}{} {key}.\n",
-                    passkey::INTRO,
-                    passkey::FILLER,
-                    passkey::needle(key),
-                    passkey::FILLER,
-                    passkey::QUESTION
-                )
-            });
+            let texts = (0..64u32).map(|i| passkey::sample_text(10_000 + i * 1_409));
             Tokenizer::train_with(texts, opts.vocab_size, true)?
         }
     };
@@ -494,11 +484,13 @@ pub fn prepare_passkey(out: &Path, opts: &PasskeyOpts, progress: &dyn Fn(&str)) 
         .special("<|end|>")
         .expect("moelab tokenizers have <|end|>");
     let pieces = Pieces::new(&tok, end);
-    if opts.context < pieces.min_context() + 2 {
+    // a document of min_context prompt-and-answer tokens and its tail fits a row of
+    // `context` positions
+    let least = pieces.min_context() + pieces.tail_len() - 1;
+    if opts.context < least {
         return Err(Error::Other(format!(
-            "--context {} is too short for a passkey document (at least {} tokens with this tokenizer)",
-            opts.context,
-            pieces.min_context() + 2
+            "--context {} is too short for a passkey document (at least {least} tokens with this tokenizer)",
+            opts.context
         )));
     }
     progress("generating documents");

@@ -133,7 +133,7 @@ pub fn evaluate(
             for _ in 0..spec.n {
                 let key = draw_key(&mut rng, spec.split);
                 let mut d = pieces
-                    .build(key, depth, context - prefix.len())
+                    .build(key, depth, context - prefix.len(), &mut rng)
                     .expect("context checked");
                 d.prompt.splice(0..0, prefix.iter().copied());
                 docs.push((di, d));
