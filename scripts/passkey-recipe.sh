@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Context extension, measured: a small model trained at T = 512 and extended with YaRN to
 # 4,096 by a short fine-tune, both evaluated on passkey retrieval at 512 ... 4,096 tokens.
-# The numbers and heatmaps in README.md ("Long context") come from this script. Every stage
-# is one moelab command; rerunning skips finished stages.
+# The numbers and heatmaps in README.md ("Long context") come from this script (33 minutes
+# on 2 cores; docs/long-context/ holds that run's outputs). Every stage is one moelab
+# command; rerunning skips finished stages.
 #
 #   scripts/passkey-recipe.sh [OUT_DIR]        (default: runs/passkey)
 #
@@ -48,6 +49,7 @@ train yarn $M train --init "$OUT/base" --config passkey-4096-yarn --data "$OUT/d
 stage "4. passkey retrieval, $SPLIT split"
 for run in base yarn; do
     [ -f "$OUT/eval-$run.txt" ] && continue
+    echo "eval-$run" >> "$OUT/times.txt"
     timed $M eval --run "$OUT/$run" --task passkey --split "$SPLIT" --n "$N" \
         --context 512,1024,2048,4096 --heatmap "$OUT/passkey-$run.svg" \
         --title "$run: passkey retrieval (% of $N keys per cell)" > "$OUT/eval-$run.txt.tmp"
