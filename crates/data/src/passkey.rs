@@ -25,20 +25,22 @@ use rand::Rng;
 use tokenizer::Tokenizer;
 
 pub const INTRO: &str = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the important information there.\n";
-/// The haystack's sentences (the original filler's five and more of their kind).
+/// The haystack's sentences (the original filler's five and more of their kind). Each starts
+/// with its space, so pieces join at word boundaries and a document's tokens are what the
+/// tokenizer gives its text (what `moelab sample` or `chat` would feed).
 pub const SENTENCES: [&str; 12] = [
-    "The grass is green. ",
-    "The sky is blue. ",
-    "The sun is yellow. ",
-    "Here we go. ",
-    "There and back again. ",
-    "The sea is deep. ",
-    "The night is dark and still. ",
-    "Birds fly south in winter. ",
-    "The river runs to the sea. ",
-    "Snow falls on the hills. ",
-    "The old road winds through the woods. ",
-    "A cold wind blows from the north. ",
+    " The grass is green.",
+    " The sky is blue.",
+    " The sun is yellow.",
+    " Here we go.",
+    " There and back again.",
+    " The sea is deep.",
+    " The night is dark and still.",
+    " Birds fly south in winter.",
+    " The river runs to the sea.",
+    " Snow falls on the hills.",
+    " The old road winds through the woods.",
+    " A cold wind blows from the north.",
 ];
 pub const QUESTION: &str = "\nWhat is the pass key? The pass key is";
 
@@ -47,7 +49,7 @@ pub const KEYS: std::ops::RangeInclusive<u32> = 10_000..=99_999;
 
 /// The sentence that hides `key`.
 pub fn needle(key: u32) -> String {
-    format!("The pass key is {key}. Remember it. {key} is the pass key. ")
+    format!(" The pass key is {key}. Remember it. {key} is the pass key.")
 }
 
 /// Text of every piece, for training a tokenizer that knows them all.
@@ -257,6 +259,21 @@ mod tests {
             .build(54_321, 0.5, p.min_context() - 1, &mut rng)
             .is_none());
         assert!(p.build(54_321, 0.5, p.min_context(), &mut rng).is_some());
+    }
+
+    /// The pieces join where the tokenizer splits words: a document's tokens are exactly the
+    /// tokenizer's for its text, so a model trained on documents answers the same text typed
+    /// into `moelab sample`.
+    #[test]
+    fn documents_tokenize_as_their_text() {
+        let t = tok();
+        let p = Pieces::new(&t, t.special("<|end|>").unwrap());
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        for (context, depth) in [(120, 0.0), (300, 0.3), (700, 1.0)] {
+            let d = p.build(70_123, depth, context, &mut rng).unwrap();
+            let ids = [&d.prompt[..], &d.answer].concat();
+            assert_eq!(t.encode(&t.decode(&ids)), ids, "context {context}");
+        }
     }
 
     #[test]
