@@ -305,13 +305,7 @@ pub fn prepare_corpus(
     let train = encode(&train_docs);
     let val = encode(&val_docs);
     progress("writing");
-    let stage = Staging::new(out)?;
-    let tmp = &stage.tmp;
-    tok.save(&tmp.join("tokenizer.json"))?;
-    shard::write(&tmp.join("train.bin"), &train, tok.vocab_size())?;
-    shard::write(&tmp.join("val.bin"), &val, tok.vocab_size())?;
-    let outputs = output_hashes(tmp, &["tokenizer.json", "train.bin", "val.bin"])?;
-    let meta = Meta {
+    write_shard_dir(out, &tok, &train, &val, |outputs| Meta {
         format_version: FORMAT_VERSION,
         vocab_size: tok.vocab_size(),
         inputs,
@@ -324,7 +318,27 @@ pub fn prepare_corpus(
         kind: "corpus".into(),
         tasks: None,
         passkey: None,
-    };
+    })
+}
+
+/// Writes a token-shard data dir at `out` as one atomic step: tokenizer.json, train.bin,
+/// val.bin, and the meta.json that `meta` makes from their sha256s.
+fn write_shard_dir(
+    out: &Path,
+    tok: &Tokenizer,
+    train: &[u32],
+    val: &[u32],
+    meta: impl FnOnce(BTreeMap<String, String>) -> Meta,
+) -> Result<Meta> {
+    let stage = Staging::new(out)?;
+    let tmp = &stage.tmp;
+    tok.save(&tmp.join("tokenizer.json"))?;
+    shard::write(&tmp.join("train.bin"), train, tok.vocab_size())?;
+    shard::write(&tmp.join("val.bin"), val, tok.vocab_size())?;
+    let meta = meta(output_hashes(
+        tmp,
+        &["tokenizer.json", "train.bin", "val.bin"],
+    )?);
     meta.save(tmp)?;
     stage.commit()?;
     Ok(meta)
@@ -505,13 +519,7 @@ pub fn prepare_passkey(out: &Path, opts: &PasskeyOpts, progress: &dyn Fn(&str)) 
     let train = docs(opts.n, opts.seed, Split::Train);
     let val = docs(n_val, val_seed(opts.seed), Split::Dev);
     progress("writing");
-    let stage = Staging::new(out)?;
-    let tmp = &stage.tmp;
-    tok.save(&tmp.join("tokenizer.json"))?;
-    shard::write(&tmp.join("train.bin"), &train, tok.vocab_size())?;
-    shard::write(&tmp.join("val.bin"), &val, tok.vocab_size())?;
-    let outputs = output_hashes(tmp, &["tokenizer.json", "train.bin", "val.bin"])?;
-    let meta = Meta {
+    write_shard_dir(out, &tok, &train, &val, |outputs| Meta {
         format_version: FORMAT_VERSION,
         vocab_size: tok.vocab_size(),
         inputs: vec![],
@@ -529,10 +537,7 @@ pub fn prepare_passkey(out: &Path, opts: &PasskeyOpts, progress: &dyn Fn(&str)) 
             train_docs: opts.n,
             val_docs: n_val,
         }),
-    };
-    meta.save(tmp)?;
-    stage.commit()?;
-    Ok(meta)
+    })
 }
 
 #[cfg(test)]
