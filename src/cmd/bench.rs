@@ -46,7 +46,8 @@ pub struct ReduceBench {
 
 #[derive(Args)]
 pub struct TrainBench {
-    /// Config file or preset name (tiny, small-dense, small-moe, teacher, student).
+    /// Config file or preset name (tiny, small-dense, small-moe, teacher, student,
+    /// passkey-128, passkey-512, passkey-4096-yarn).
     #[arg(long)]
     config: String,
     /// Timed steps.
