@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Context extension, measured: a small model trained at T = 512 and extended with YaRN to
 # 4,096 by a short fine-tune, both evaluated on passkey retrieval at 512 ... 4,096 tokens.
-# The numbers and heatmaps in README.md ("Long context") come from this script (33 minutes
-# on 2 cores; docs/long-context/ holds that run's outputs). Every stage is one moelab
+# The numbers and heatmaps in README.md ("Long context") come from this script (40 minutes
+# on 2 cores shared with a CI run; docs/long-context/ holds its outputs). Every stage is one moelab
 # command; rerunning skips finished stages.
 #
 #   scripts/passkey-recipe.sh [OUT_DIR]        (default: runs/passkey)
