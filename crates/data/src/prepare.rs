@@ -409,20 +409,10 @@ pub fn prepare_tasks(
         opts.difficulty,
         Split::Dev,
     );
-    let tok = match &opts.tokenizer {
-        Some(p) => {
-            let t = Tokenizer::from_file(p)?;
-            t.require_moelab(p)?;
-            t
-        }
-        None => {
-            progress("training the tokenizer");
-            let texts = train_p
-                .iter()
-                .map(|p| format!("{}\n{}\n{}", p.prompt, p.reasoning, p.answer));
-            Tokenizer::train_with(texts, opts.vocab_size, true)?
-        }
-    };
+    let texts = train_p
+        .iter()
+        .map(|p| format!("{}\n{}\n{}", p.prompt, p.reasoning, p.answer));
+    let tok = given_or_trained(opts.tokenizer.as_deref(), texts, opts.vocab_size, progress)?;
     let (train, val) = (to_examples(train_p), to_examples(val_p));
     let count =
         |ex: &[Example]| -> usize { ex.par_iter().map(|e| chat::render(&tok, e).0.len()).sum() };
@@ -459,6 +449,22 @@ pub fn prepare_tasks(
     Ok(meta)
 }
 
+/// The moelab tokenizer at `given`, or one trained (digits split) on `texts`.
+fn given_or_trained<S: AsRef<str> + Send>(
+    given: Option<&Path>,
+    texts: impl Iterator<Item = S> + Send,
+    vocab_size: usize,
+    progress: &dyn Fn(&str),
+) -> Result<Tokenizer> {
+    if let Some(p) = given {
+        let t = Tokenizer::from_file(p)?;
+        t.require_moelab(p)?;
+        return Ok(t);
+    }
+    progress("training the tokenizer");
+    Ok(Tokenizer::train_with(texts, vocab_size, true)?)
+}
+
 /// Options of `moelab prepare --passkey`.
 #[derive(Debug, Clone)]
 pub struct PasskeyOpts {
@@ -482,18 +488,8 @@ pub fn prepare_passkey(out: &Path, opts: &PasskeyOpts, progress: &dyn Fn(&str)) 
         return Err(Error::Other("--n must be at least 1".into()));
     }
     check_out(out, opts.force)?;
-    let tok = match &opts.tokenizer {
-        Some(p) => {
-            let t = Tokenizer::from_file(p)?;
-            t.require_moelab(p)?;
-            t
-        }
-        None => {
-            progress("training the tokenizer");
-            let texts = (0..64u32).map(|i| passkey::sample_text(10_000 + i * 1_409));
-            Tokenizer::train_with(texts, opts.vocab_size, true)?
-        }
-    };
+    let texts = (0..64u32).map(|i| passkey::sample_text(10_000 + i * 1_409));
+    let tok = given_or_trained(opts.tokenizer.as_deref(), texts, opts.vocab_size, progress)?;
     let end = tok
         .special("<|end|>")
         .expect("moelab tokenizers have <|end|>");
