@@ -1,4 +1,6 @@
 //! `moelab bench train`: training throughput of one config on random tokens.
+//! `moelab bench decode`: inference throughput of a run or a GGUF file, prefill and decode,
+//! measured as llama.cpp's `llama-bench` does (random tokens; decode from an empty cache).
 //!
 //! MFU = achieved FLOP/s / peak FLOP/s, with training FLOPs per token from
 //! `ModelConfig::train_flops_per_token` (6 per active matmul weight + attention) and the fp32
@@ -32,6 +34,36 @@ pub enum BenchCmd {
         after_help = "Example:\n  mpirun -np 2 moelab bench reduce --config small-moe   (needs --features mpi)"
     )]
     Reduce(ReduceBench),
+    /// Time inference: a prompt of random tokens in batched forwards (prefill, as
+    /// `llama-bench -p`) and single-stream decoding from an empty cache (as `llama-bench -n`).
+    #[command(
+        after_help = "Examples:\n  moelab bench decode --run runs/student\n  RAYON_NUM_THREADS=2 moelab bench decode --run SmolLM2-135M-Instruct.Q4_1.gguf --prompt-tokens 512 --gen-tokens 128 --json\n  moelab bench decode --run runs/student --prompt-tokens 200 --gen-tokens 0 --prefill stepwise"
+    )]
+    Decode(DecodeBench),
+}
+
+#[derive(Args)]
+pub struct DecodeBench {
+    /// A run dir (its latest checkpoint), a checkpoint dir, a Hugging Face model dir or a
+    /// GGUF file (imported in memory).
+    #[arg(long)]
+    run: std::path::PathBuf,
+    /// Prompt tokens to prefill (0: skip the prefill test).
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    /// Tokens to decode one at a time after a one-token prompt (0: skip the decode test).
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    /// How the prompt goes in: batched (forwards of many rows, what sample, chat and serve
+    /// do) or stepwise (one decode step per token, to compare).
+    #[arg(long, default_value = "batched", value_parser = ["batched", "stepwise"])]
+    prefill: String,
+    /// Timed repetitions of each test (the median is reported).
+    #[arg(long, default_value_t = 1)]
+    reps: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -81,6 +113,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Train(a) => train(a),
         BenchCmd::Reduce(a) => reduce(a),
+        BenchCmd::Decode(a) => decode(a),
         BenchCmd::Peak => {
             let ghz = cpu_ghz();
             let per_core = measured_peak_per_core();
@@ -279,6 +312,125 @@ fn reduce(a: ReduceBench) -> Result<()> {
             "  canonical / allreduce                     {:>8.2}x",
             c / m
         );
+    }
+    Ok(())
+}
+
+/// A model's config and fp32 parameters from a run or checkpoint dir, a Hugging Face model
+/// dir or a GGUF file, with a context of at least `context` tokens.
+fn load_model(path: &std::path::Path, context: usize) -> Result<(model::ModelConfig, Vec<f32>)> {
+    let is_hf = path.join("config.json").exists() && !path.join("config.toml").exists();
+    let (mut cfg, params) = if is_hf {
+        let imp = interop::hf::import_dir(path, Some(context))?;
+        (imp.config, imp.params)
+    } else if crate::runs::is_gguf(path) {
+        let imp = interop::gguf::import_file(path, Some(context))?;
+        (imp.config, imp.params)
+    } else {
+        let lr = train::load_run(path)?;
+        (lr.cfg.model, lr.params)
+    };
+    if cfg.max_seq_len < context {
+        // positions past the trained context decode (the cache only grows); the numbers
+        // measure speed, not quality
+        cfg.max_seq_len = context;
+    }
+    Ok((cfg, params))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn decode(a: DecodeBench) -> Result<()> {
+    use model::decode::Decoder;
+    if a.prompt_tokens == 0 && a.gen_tokens == 0 {
+        anyhow::bail!("nothing to time: --prompt-tokens and --gen-tokens are both 0");
+    }
+    let reps = a.reps.max(1);
+    let t0 = Instant::now();
+    let (cfg, params) = load_model(&a.run, a.prompt_tokens.max(a.gen_tokens + 1))?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let v = cfg.vocab_size as u32;
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let prompt: Vec<u32> = (0..a.prompt_tokens).map(|_| rng.gen_range(0..v)).collect();
+    let mut dec = Decoder::new(&cfg);
+    let stepwise = a.prefill == "stepwise";
+    let prefill = |dec: &mut Decoder, toks: &[u32]| {
+        dec.reset();
+        if stepwise {
+            for &t in toks {
+                dec.step(&params, t);
+            }
+        } else {
+            dec.feed(&params, toks);
+        }
+    };
+    // warm-up (pages the weights in, spins up the thread pool), as llama-bench does
+    prefill(&mut dec, &[1, 2]);
+    let mut pp = vec![];
+    for _ in 0..if a.prompt_tokens > 0 { reps } else { 0 } {
+        let t = Instant::now();
+        prefill(&mut dec, &prompt);
+        pp.push(a.prompt_tokens as f64 / t.elapsed().as_secs_f64());
+    }
+    let mut tg = vec![];
+    for _ in 0..if a.gen_tokens > 0 { reps } else { 0 } {
+        dec.reset();
+        let t = Instant::now();
+        let mut tok = 1 % v;
+        for _ in 0..a.gen_tokens {
+            let logits = dec.step(&params, tok);
+            tok = (0..logits.len())
+                .max_by(|&i, &j| logits[i].total_cmp(&logits[j]))
+                .unwrap_or(0) as u32;
+        }
+        tg.push(a.gen_tokens as f64 / t.elapsed().as_secs_f64());
+    }
+    let (pp, tg) = (median(pp), median(tg));
+    let threads = rayon::current_num_threads();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "run": a.run.display().to_string(),
+                "threads": threads,
+                "prompt_tokens": a.prompt_tokens,
+                "gen_tokens": a.gen_tokens,
+                "prefill": a.prefill,
+                "reps": reps,
+                "load_s": load_s,
+                "prefill_tokens_per_s": if pp.is_nan() { None } else { Some(pp) },
+                "decode_tokens_per_s": if tg.is_nan() { None } else { Some(tg) },
+                "peak_rss_mib": peak_rss_mib(),
+            })
+        );
+    } else {
+        println!(
+            "{}: {} parameters, {} threads, loaded in {load_s:.2} s",
+            a.run.display(),
+            params.len(),
+            threads
+        );
+        if !pp.is_nan() {
+            println!(
+                "prefill ({}) pp{}: {pp:.1} tokens/s ({:.1} ms to the first token)",
+                a.prefill,
+                a.prompt_tokens,
+                1e3 * a.prompt_tokens as f64 / pp
+            );
+        }
+        if !tg.is_nan() {
+            println!("decode tg{}: {tg:.1} tokens/s", a.gen_tokens);
+        }
     }
     Ok(())
 }

@@ -58,10 +58,11 @@ pub fn run(a: SampleArgs) -> Result<()> {
         top_p: a.top_p,
         seed: a.seed,
     });
-    let mut logits = vec![];
-    for &t in &prompt {
-        logits = dec.step(&lr.params, t).to_vec();
+    if prompt.is_empty() {
+        bail!("nothing to continue: this model has no start token; give --prompt");
     }
+    // the prompt in batched forwards (prefill), not one token per step
+    let mut logits = dec.feed(&lr.params, &prompt).to_vec();
     let mut out = std::io::stdout().lock();
     write!(out, "{}", a.prompt)?;
     let mut generated: Vec<u32> = vec![];

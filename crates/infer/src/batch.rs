@@ -1,6 +1,7 @@
 //! The continuous-batching core shared by [`crate::generate`] (offline, all requests known)
 //! and [`crate::Engine`] (online, requests arrive on a channel): a [`BatchDecoder`] whose
-//! slots are taken by sequences that are fed their prompt and then their own samples, one
+//! slots are taken by sequences that are fed their prompt (in chunks of a batched forward,
+//! sharing each step with the other slots' decode rows) and then their own samples, one
 //! token per step, and leave as soon as they finish, when the next sequence may take the slot.
 //!
 //! Each sequence samples with its own seeded [`Sampler`], and the decoder computes every row
@@ -8,7 +9,7 @@
 //! others in the batch: batched generation gives the same tokens as generating alone.
 
 use crate::sampling::{Sampler, SamplingParams};
-use model::decode::BatchDecoder;
+use model::decode::{BatchDecoder, PREFILL_CHUNK};
 use model::ModelConfig;
 
 /// Why a sequence ended.
@@ -103,7 +104,8 @@ struct Active<K> {
 pub struct Batch<K> {
     dec: BatchDecoder,
     active: Vec<Option<Active<K>>>,
-    inputs: Vec<(usize, u32)>,
+    /// This step's inputs: (slot, tokens fed), the tokens from the prompt or `next`.
+    inputs: Vec<(usize, usize)>,
 }
 
 impl<K: Copy> Batch<K> {
@@ -154,31 +156,47 @@ impl<K: Copy> Batch<K> {
         Ok(())
     }
 
-    /// One decode step over every active sequence. `on(key, event)` receives each generated
-    /// token and then the end of each sequence that finished; returning `false` from a token
-    /// event cancels that sequence (it is then reported `Done(Cancelled)`).
+    /// One decode step over every active sequence: a sequence still reading its prompt is
+    /// fed its next chunk (the prompts share [`PREFILL_CHUNK`] extra rows per step, in slot
+    /// order), the others their next token. `on(key, event)` receives each generated token
+    /// and then the end of each sequence that finished; returning `false` from a token event
+    /// cancels that sequence (it is then reported `Done(Cancelled)`).
     pub fn step(&mut self, params: &[f32], on: &mut dyn FnMut(K, Event) -> bool) {
         let (v, max_seq_len) = {
             let c = self.dec.config();
             (c.vocab_size, c.max_seq_len)
         };
         self.inputs.clear();
-        self.inputs.extend(
-            self.active
-                .iter()
-                .enumerate()
-                .filter_map(|(s, a)| a.as_ref().map(|a| (s, a.next))),
-        );
+        let mut extra = PREFILL_CHUNK;
+        for (s, a) in self.active.iter().enumerate() {
+            let Some(a) = a else { continue };
+            let left = a.seq.prompt.len().saturating_sub(a.fed);
+            let take = left.clamp(1, 1 + extra);
+            extra -= take - 1;
+            self.inputs.push((s, take));
+        }
         if self.inputs.is_empty() {
             return;
         }
-        let logits = self.dec.step(params, &self.inputs);
-        for (row, &(s, _)) in self.inputs.iter().enumerate() {
+        let feeds: Vec<(usize, &[u32])> = self
+            .inputs
+            .iter()
+            .map(|&(s, take)| {
+                let a = self.active[s].as_ref().expect("active slot");
+                let toks = if a.fed < a.seq.prompt.len() {
+                    &a.seq.prompt[a.fed..a.fed + take]
+                } else {
+                    std::slice::from_ref(&a.next)
+                };
+                (s, toks)
+            })
+            .collect();
+        let logits = self.dec.forward(params, &feeds, false);
+        for (row, &(s, take)) in self.inputs.iter().enumerate() {
             let a = self.active[s].as_mut().expect("active slot");
-            a.fed += 1;
+            a.fed += take;
             if a.fed < a.seq.prompt.len() {
                 // still reading the prompt
-                a.next = a.seq.prompt[a.fed];
                 continue;
             }
             let row = &logits[row * v..(row + 1) * v];

@@ -5,6 +5,11 @@
 //! are read once per step, not once per sequence) and sequences can join and leave between
 //! steps (continuous batching). [`Decoder`] is the one-slot case.
 //!
+//! A step may also feed several tokens to a slot (a prompt, [`BatchDecoder::forward`]): its
+//! rows go through every matmul together with the other slots' rows, each attending over the
+//! cache up to its own position, so a prompt costs one batched forward instead of one step
+//! per token, and gives the same bits as feeding it token by token.
+//!
 //! "Every path agrees": for every position, the logits equal those of a full forward over
 //! the sequence so far, and a slot's logits do not depend on which other slots share its
 //! steps (`tests/decode.rs`).
@@ -19,6 +24,10 @@ use kernels::rope::{rope_apply_at, RopeTable};
 use kernels::router;
 use kernels::swiglu::swiglu_forward;
 
+/// Rows one forward takes beyond one per slot: prompts are fed in chunks of at most this
+/// many tokens (in all) per step, interleaved with the other slots' decode rows.
+pub const PREFILL_CHUNK: usize = 64;
+
 /// KV-cache decoder for up to `slots` sequences at once.
 pub struct BatchDecoder {
     cfg: ModelConfig,
@@ -28,9 +37,12 @@ pub struct BatchDecoder {
     qk: Option<QkActs>,
     rope: RopeTable,
     slots: usize,
+    /// Rows one forward takes at most: slots + PREFILL_CHUNK.
+    max_rows: usize,
     k: Vec<Vec<f32>>, // per block (slots, cap, G*D): position p at p % cap
     v: Vec<Vec<f32>>,
-    /// Positions each block's cache holds: max_seq_len, or its sliding window (a ring buffer).
+    /// Positions each block's cache holds: max_seq_len, or its sliding window plus the rows
+    /// of one forward (a ring buffer: a chunk's rows are all written before any attends).
     cap: Vec<usize>,
     pos: Vec<usize>,
     // scratch for up to `slots` rows
@@ -55,6 +67,7 @@ impl BatchDecoder {
     pub fn new(cfg: &ModelConfig, slots: usize) -> BatchDecoder {
         let layout = Layout::new(cfg);
         let s = slots.max(1);
+        let mr = s + PREFILL_CHUNK;
         let dims = Dims::of(cfg, s, 1);
         let (c, d, g, t) = (cfg.d_model, cfg.head_dim(), cfg.n_kv_heads, cfg.max_seq_len);
         let r = (cfg.n_heads + 2 * g) * d;
@@ -66,33 +79,34 @@ impl BatchDecoder {
         let cap: Vec<usize> = (0..cfg.n_layers)
             .map(|l| match cfg.window(l) {
                 0 => t,
-                w => w.min(t),
+                w => (w + mr).min(t),
             })
             .collect();
         BatchDecoder {
             rope: cfg.rope_table(t),
             dims,
-            qk: QkActs::new(&dims, s),
+            qk: QkActs::new(&dims, mr),
             slots: s,
+            max_rows: mr,
             k: cap.iter().map(|&c| vec![0.0; s * c * g * d]).collect(),
             v: cap.iter().map(|&c| vec![0.0; s * c * g * d]).collect(),
             cap,
             pos: vec![0; s],
-            x: vec![0.0; s * c],
-            h: vec![0.0; s * c],
-            rstd: vec![0.0; s],
-            qkv: vec![0.0; s * r],
-            o: vec![0.0; s * cfg.n_heads * d],
-            scores: vec![0.0; s * cfg.n_heads * t],
-            gu: vec![0.0; s * 2 * fmax],
-            a: vec![0.0; s * fmax],
-            hx: vec![0.0; s * c],
-            y: vec![0.0; s * c],
-            r_logits: vec![0.0; s * e],
-            r_scores: vec![0.0; s * e],
-            r_idx: vec![0; s * k],
-            r_w: vec![0.0; s * k],
-            logits: vec![0.0; s * cfg.vocab_size],
+            x: vec![0.0; mr * c],
+            h: vec![0.0; mr * c],
+            rstd: vec![0.0; mr],
+            qkv: vec![0.0; mr * r],
+            o: vec![0.0; mr * cfg.n_heads * d],
+            scores: vec![0.0; mr * cfg.n_heads * t],
+            gu: vec![0.0; mr * 2 * fmax],
+            a: vec![0.0; mr * fmax],
+            hx: vec![0.0; mr * c],
+            y: vec![0.0; mr * c],
+            r_logits: vec![0.0; mr * e],
+            r_scores: vec![0.0; mr * e],
+            r_idx: vec![0; mr * k],
+            r_w: vec![0.0; mr * k],
+            logits: vec![0.0; mr * cfg.vocab_size],
             cfg: cfg.clone(),
             layout,
         }
@@ -121,48 +135,89 @@ impl BatchDecoder {
         self.pos[slot] = 0;
     }
 
+    /// Rows one [`BatchDecoder::forward`] takes at most (tokens over all its inputs).
+    pub fn max_rows(&self) -> usize {
+        self.max_rows
+    }
+
     /// Feeds `inputs[i] = (slot, token)` (distinct slots) at each slot's next position and
     /// returns the logits (len(inputs), V), row i for the token after `inputs[i]`.
     /// Panics when a slot's cache is full (check [`BatchDecoder::remaining`]).
     pub fn step(&mut self, params: &[f32], inputs: &[(usize, u32)]) -> &[f32] {
+        let toks: Vec<u32> = inputs.iter().map(|&(_, t)| t).collect();
+        let feeds: Vec<(usize, &[u32])> = inputs
+            .iter()
+            .zip(toks.chunks(1))
+            .map(|(&(s, _), t)| (s, t))
+            .collect();
+        self.forward(params, &feeds, false)
+    }
+
+    /// Feeds `inputs[i] = (slot, tokens)` (distinct slots, at most [`BatchDecoder::max_rows`]
+    /// tokens in all) at each slot's next positions in one batched forward. Returns the logits
+    /// of each input's last token (len(inputs), V), or with `all` of every token (rows in input
+    /// order). The bits equal feeding the tokens one step at a time.
+    /// Panics when a slot's cache would overflow (check [`BatchDecoder::remaining`]).
+    pub fn forward(&mut self, params: &[f32], inputs: &[(usize, &[u32])], all: bool) -> &[f32] {
         let cfg = &self.cfg;
-        let n = inputs.len();
-        assert!(n <= self.slots, "{n} inputs for {} slots", self.slots);
+        assert!(
+            inputs.len() <= self.slots,
+            "{} inputs for {} slots",
+            inputs.len(),
+            self.slots
+        );
         assert_eq!(
             params.len(),
             self.layout.total,
             "parameter buffer does not match the config"
         );
-        for (i, &(s, tok)) in inputs.iter().enumerate() {
+        for (i, &(s, toks)) in inputs.iter().enumerate() {
             assert!(s < self.slots, "slot {s} out of range");
+            assert!(!toks.is_empty(), "no tokens for slot {s}");
             assert!(
                 inputs[..i].iter().all(|&(o, _)| o != s),
                 "slot {s} given twice"
             );
             assert!(
-                self.pos[s] < cfg.max_seq_len,
+                self.pos[s] + toks.len() <= cfg.max_seq_len,
                 "KV cache of slot {s} full ({} tokens)",
                 cfg.max_seq_len
             );
-            assert!(
-                (tok as usize) < cfg.vocab_size,
-                "token {tok} outside the vocab"
-            );
+            for &tok in toks {
+                assert!(
+                    (tok as usize) < cfg.vocab_size,
+                    "token {tok} outside the vocab"
+                );
+            }
         }
+        // one row per token: (slot, position, token)
+        let trows: Vec<(usize, usize, u32)> = inputs
+            .iter()
+            .flat_map(|&(s, toks)| {
+                let p0 = self.pos[s];
+                toks.iter().enumerate().map(move |(j, &t)| (s, p0 + j, t))
+            })
+            .collect();
+        let n = trows.len();
+        assert!(
+            n <= self.max_rows,
+            "{n} tokens in one forward (at most {})",
+            self.max_rows
+        );
         let ds = &self.dims;
         let (c, d, h, g) = (ds.c, ds.d, ds.h, ds.g);
         let r = ds.r;
         let gd = g * d;
         let p = |off: usize, len: usize| &params[off..off + len];
         let lay = &self.layout;
-        for (i, &(_, tok)) in inputs.iter().enumerate() {
+        for (i, &(_, _, tok)) in trows.iter().enumerate() {
             self.x[i * c..(i + 1) * c].copy_from_slice(p(lay.embed + tok as usize * c, c));
         }
         let x = &mut self.x[..n * c];
         let hb = &mut self.h[..n * c];
         let rstd = &mut self.rstd[..n];
         // (slot, cached positions including this one) per row
-        let rows: Vec<(usize, usize)> = inputs.iter().map(|&(s, _)| (s, self.pos[s] + 1)).collect();
+        let rows: Vec<(usize, usize)> = trows.iter().map(|&(s, p, _)| (s, p + 1)).collect();
         for (l, li) in lay.layers.iter().enumerate() {
             // attention: x += o_proj(attn(rope(qkv_proj(rmsnorm(x)))))
             let w = li.attn_w(params, ds);
@@ -183,10 +238,10 @@ impl BatchDecoder {
                 tmax,
                 window: li.window,
             };
-            for (i, &(s, _)) in inputs.iter().enumerate() {
+            for (i, &(s, pos, _)) in trows.iter().enumerate() {
                 let row = &mut qkv[i * r..(i + 1) * r];
-                rope_apply_at(row, 0, h + g, self.pos[s], &self.rope);
-                let at = (s * tmax + self.pos[s] % tmax) * gd;
+                rope_apply_at(row, 0, h + g, pos, &self.rope);
+                let at = (s * tmax + pos % tmax) * gd;
                 self.k[l][at..at + gd].copy_from_slice(&row[h * d..h * d + gd]);
                 self.v[l][at..at + gd].copy_from_slice(&row[h * d + gd..h * d + 2 * gd]);
             }
@@ -270,21 +325,33 @@ impl BatchDecoder {
                 }
             }
         }
+        // the head over the rows whose logits are wanted (each input's last, or all)
+        let nl = if all {
+            n
+        } else {
+            let mut end = 0;
+            for (i, &(_, toks)) in inputs.iter().enumerate() {
+                end += toks.len();
+                x.copy_within((end - 1) * c..end * c, i * c);
+            }
+            inputs.len()
+        };
+        let (x, hb, rstd) = (&x[..nl * c], &mut hb[..nl * c], &mut rstd[..nl]);
         rmsnorm_forward(hb, rstd, x, p(lay.norm, c), cfg.norm_eps);
         let v = cfg.vocab_size;
         linear_rows(
-            &mut self.logits[..n * v],
+            &mut self.logits[..nl * v],
             hb,
             p(lay.lm_head, v * c),
-            n,
+            nl,
             c,
             v,
             false,
         );
-        for &(s, _) in inputs {
-            self.pos[s] += 1;
+        for &(s, toks) in inputs {
+            self.pos[s] += toks.len();
         }
-        &self.logits[..n * v]
+        &self.logits[..nl * v]
     }
 }
 
@@ -340,5 +407,18 @@ impl Decoder {
     /// Panics when the cache is full (check [`Decoder::remaining`]).
     pub fn step(&mut self, params: &[f32], token: u32) -> &[f32] {
         self.inner.step(params, &[(0, token)])
+    }
+
+    /// Feeds `tokens` (a prompt) in batched forwards of up to [`BatchDecoder::max_rows`] rows
+    /// and returns the logits (V) after the last one: the same bits as stepping through them.
+    /// Panics when `tokens` is empty or does not fit (check [`Decoder::remaining`]).
+    pub fn feed(&mut self, params: &[f32], tokens: &[u32]) -> &[f32] {
+        assert!(!tokens.is_empty(), "nothing to feed");
+        let m = self.inner.max_rows();
+        let last = (tokens.len() - 1) / m * m;
+        for chunk in tokens[..last].chunks(m) {
+            self.inner.forward(params, &[(0, chunk)], false);
+        }
+        self.inner.forward(params, &[(0, &tokens[last..])], false)
     }
 }

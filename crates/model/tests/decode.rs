@@ -233,3 +233,90 @@ fn long_and_windowed_caches_equal_full_recompute() {
         "the window changes the last position's logits"
     );
 }
+
+/// Prefill: a prompt fed as batched forwards (`Decoder::feed`, `BatchDecoder::forward`) gives
+/// exactly the bits of feeding it one token per step, for a plain cache, a cache long enough
+/// for flash-decoding and a sliding-window ring buffer; and prompt chunks sharing a forward
+/// with other slots' decode rows change none of their bits either.
+#[test]
+fn prefill_equals_token_by_token() {
+    let chunk = kernels::attention::DECODE_CHUNK;
+    let tiny = include_str!("../../../configs/tiny.toml");
+    let long = tiny
+        .replace(
+            "max_seq_len = 64 ",
+            &format!("max_seq_len = {} ", chunk + 90),
+        )
+        .replace("seq_len = 64", "seq_len = 32");
+    let windowed = long.replace(
+        "n_kv_heads = 2",
+        "n_kv_heads = 2\nsliding_window = 40\nfull_attention_layers = [0]",
+    );
+    let dense = tiny
+        .replace("n_experts = 4", "n_experts = 1")
+        .replace("top_k = 2 ", "top_k = 1 ");
+    for (name, text) in [
+        ("tiny", tiny.to_string()),
+        ("tiny, long", long),
+        ("tiny, window 40", windowed),
+        ("tiny, dense", dense),
+    ] {
+        let cfg = Config::from_toml(&text).unwrap().model;
+        let params = Model::new(&cfg, 1, 1, 9).params;
+        let v = cfg.vocab_size;
+        let t = cfg.max_seq_len;
+        let toks: Vec<u32> = (0..t - 3).map(|i| ((i * 29 + 11) % v) as u32).collect();
+        let mut one = Decoder::new(&cfg);
+        let stepped: Vec<Vec<f32>> = toks
+            .iter()
+            .map(|&x| one.step(&params, x).to_vec())
+            .collect();
+        // the whole prompt at once (several chunks), then one more token
+        let mut d = Decoder::new(&cfg);
+        assert_eq!(
+            d.feed(&params, &toks[..t - 4]),
+            &stepped[t - 5][..],
+            "[{name}] feed"
+        );
+        assert_eq!(
+            d.step(&params, toks[t - 4]),
+            &stepped[t - 4][..],
+            "[{name}] step after feed"
+        );
+        // every row's logits of one forward equal the stepped ones
+        let mut b = model::decode::BatchDecoder::new(&cfg, 2);
+        let all = b.forward(&params, &[(1, &toks[..30])], true).to_vec();
+        for i in 0..30 {
+            assert_eq!(
+                &all[i * v..(i + 1) * v],
+                &stepped[i][..],
+                "[{name}] row {i}"
+            );
+        }
+        // slot 0 prefills in chunks of 7 while slot 1 decodes one token per forward
+        let mut fed = [0usize, 30];
+        while fed[0] + 7 <= 56 {
+            let a = &toks[fed[0]..fed[0] + 7];
+            let c = &toks[fed[1]..fed[1] + 1];
+            let got = b.forward(&params, &[(0, a), (1, c)], false).to_vec();
+            fed[0] += 7;
+            fed[1] += 1;
+            assert_eq!(
+                &got[..v],
+                &stepped[fed[0] - 1][..],
+                "[{name}] chunk at {}",
+                fed[0]
+            );
+            assert_eq!(
+                &got[v..],
+                &stepped[fed[1] - 1][..],
+                "[{name}] decode at {}",
+                fed[1]
+            );
+        }
+        if name.contains("long") || name.contains("window") {
+            // past the flash-decoding chunk and around the ring buffer
+            assert!(t - 4 > chunk);
+        }
+    }
+}

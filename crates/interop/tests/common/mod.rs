@@ -85,10 +85,7 @@ pub fn config(moe: bool, shared: usize, vocab: usize) -> ModelConfig {
 /// Log-softmax (f64) of the logits after feeding `prompt`.
 pub fn logprobs(cfg: &ModelConfig, params: &[f32], prompt: &[u32]) -> Vec<f64> {
     let mut d = Decoder::new(cfg);
-    let mut l = vec![];
-    for &t in prompt {
-        l = d.step(params, t).to_vec();
-    }
+    let l = d.feed(params, prompt).to_vec();
     let m = l.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
     let z: f64 = l.iter().map(|&x| (x as f64 - m).exp()).sum();
     l.iter().map(|&x| x as f64 - m - z.ln()).collect()
@@ -97,10 +94,7 @@ pub fn logprobs(cfg: &ModelConfig, params: &[f32], prompt: &[u32]) -> Vec<f64> {
 /// `n` greedy tokens after `prompt` (ties: the lower id).
 pub fn greedy(cfg: &ModelConfig, params: &[f32], prompt: &[u32], n: usize) -> Vec<u32> {
     let mut d = Decoder::new(cfg);
-    let mut logits = vec![];
-    for &t in prompt {
-        logits = d.step(params, t).to_vec();
-    }
+    let mut logits = d.feed(params, prompt).to_vec();
     let mut out = vec![];
     for _ in 0..n {
         let t = (0..logits.len())
