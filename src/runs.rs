@@ -37,6 +37,56 @@ pub fn run_chat_format(path: &Path, ckpt: &Path, tok: Tokenizer) -> Result<ChatF
     ChatFormat::load(run_dir, Arc::new(tok)).map_err(anyhow::Error::msg)
 }
 
+/// The quantized types an imported run's source held its matrices in (`import.json`;
+/// empty for other runs).
+pub fn source_quant(run: &Path, ckpt: &Path) -> std::collections::BTreeMap<String, String> {
+    run_tokenizer_path(run, ckpt)
+        .ok()
+        .and_then(|p| std::fs::read(p.with_file_name(interop::run::IMPORT_FILE)).ok())
+        .and_then(|b| serde_json::from_slice::<interop::run::Source>(&b).ok())
+        .map(|s| s.quant)
+        .unwrap_or_default()
+}
+
+/// `--quant`: the matrices inference multiplies by. `auto`: the source's quantized types
+/// (`source`, by tensor name; none: f32); `f32`; or one of q8_0, q4_0, q4_1 for every matrix.
+pub fn quant_weights(
+    cfg: &model::ModelConfig,
+    params: &[f32],
+    source: &std::collections::BTreeMap<String, String>,
+    flag: &str,
+) -> Result<Option<Arc<model::quant::QuantWeights>>> {
+    use kernels::quant::QType;
+    use model::quant::QuantWeights;
+    let q = match flag {
+        "f32" => None,
+        "auto" if source.is_empty() => None,
+        "auto" => Some(QuantWeights::new(cfg, params, |n| {
+            source.get(n).and_then(|t| QType::parse(t))
+        })),
+        t => match QType::parse(t) {
+            Some(ty) => Some(QuantWeights::uniform(cfg, params, ty)),
+            None => bail!("--quant {t}: expected auto, f32, q8_0, q4_0 or q4_1"),
+        },
+    };
+    Ok(q.map(Arc::new))
+}
+
+/// "f32", or the quantized matrices by type, e.g. "q4_1 x 210 + q8_0 x 1".
+pub fn describe_quant(q: Option<&model::quant::QuantWeights>) -> String {
+    match q {
+        None => "f32".into(),
+        Some(q) => {
+            let parts: Vec<String> = q
+                .summary()
+                .iter()
+                .map(|(t, n, _)| format!("{t} x {n}"))
+                .collect();
+            format!("{} matrices, the rest f32", parts.join(" + "))
+        }
+    }
+}
+
 /// Whether `p` is a file starting with GGUF's magic.
 pub fn is_gguf(p: &Path) -> bool {
     use std::io::Read;

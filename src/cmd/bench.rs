@@ -61,6 +61,10 @@ pub struct DecodeBench {
     /// Timed repetitions of each test (the median is reported).
     #[arg(long, default_value_t = 1)]
     reps: usize,
+    /// Weights to multiply by: auto (a GGUF file's, or an imported run's, quantized types;
+    /// otherwise f32), f32, q8_0, q4_0 or q4_1.
+    #[arg(long, default_value = "auto")]
+    quant: String,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -316,26 +320,34 @@ fn reduce(a: ReduceBench) -> Result<()> {
     Ok(())
 }
 
-/// A model's config and fp32 parameters from a run or checkpoint dir, a Hugging Face model
-/// dir or a GGUF file, with a context of at least `context` tokens.
-fn load_model(path: &std::path::Path, context: usize) -> Result<(model::ModelConfig, Vec<f32>)> {
+/// A model's config, fp32 parameters and source quantization (see
+/// [`crate::runs::quant_weights`]) from a run or checkpoint dir, a Hugging Face model dir or
+/// a GGUF file, with a context of at least `context` tokens.
+type Loaded = (
+    model::ModelConfig,
+    Vec<f32>,
+    std::collections::BTreeMap<String, String>,
+);
+
+fn load_model(path: &std::path::Path, context: usize) -> Result<Loaded> {
     let is_hf = path.join("config.json").exists() && !path.join("config.toml").exists();
-    let (mut cfg, params) = if is_hf {
+    let (mut cfg, params, quant) = if is_hf {
         let imp = interop::hf::import_dir(path, Some(context))?;
-        (imp.config, imp.params)
+        (imp.config, imp.params, imp.source.quant)
     } else if crate::runs::is_gguf(path) {
         let imp = interop::gguf::import_file(path, Some(context))?;
-        (imp.config, imp.params)
+        (imp.config, imp.params, imp.source.quant)
     } else {
         let lr = train::load_run(path)?;
-        (lr.cfg.model, lr.params)
+        let quant = crate::runs::source_quant(path, &lr.checkpoint);
+        (lr.cfg.model, lr.params, quant)
     };
     if cfg.max_seq_len < context {
         // positions past the trained context decode (the cache only grows); the numbers
         // measure speed, not quality
         cfg.max_seq_len = context;
     }
-    Ok((cfg, params))
+    Ok((cfg, params, quant))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -357,12 +369,15 @@ fn decode(a: DecodeBench) -> Result<()> {
     }
     let reps = a.reps.max(1);
     let t0 = Instant::now();
-    let (cfg, params) = load_model(&a.run, a.prompt_tokens.max(a.gen_tokens + 1))?;
+    let (cfg, params, source) = load_model(&a.run, a.prompt_tokens.max(a.gen_tokens + 1))?;
+    let quant = crate::runs::quant_weights(&cfg, &params, &source, &a.quant)?;
     let load_s = t0.elapsed().as_secs_f64();
+    let weights = crate::runs::describe_quant(quant.as_deref());
     let v = cfg.vocab_size as u32;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let prompt: Vec<u32> = (0..a.prompt_tokens).map(|_| rng.gen_range(0..v)).collect();
     let mut dec = Decoder::new(&cfg);
+    dec.set_quant(quant);
     let stepwise = a.prefill == "stepwise";
     let prefill = |dec: &mut Decoder, toks: &[u32]| {
         dec.reset();
@@ -407,6 +422,7 @@ fn decode(a: DecodeBench) -> Result<()> {
                 "gen_tokens": a.gen_tokens,
                 "prefill": a.prefill,
                 "reps": reps,
+                "weights": weights,
                 "load_s": load_s,
                 "prefill_tokens_per_s": if pp.is_nan() { None } else { Some(pp) },
                 "decode_tokens_per_s": if tg.is_nan() { None } else { Some(tg) },
@@ -415,7 +431,7 @@ fn decode(a: DecodeBench) -> Result<()> {
         );
     } else {
         println!(
-            "{}: {} parameters, {} threads, loaded in {load_s:.2} s",
+            "{}: {} parameters ({weights}), {} threads, loaded in {load_s:.2} s",
             a.run.display(),
             params.len(),
             threads

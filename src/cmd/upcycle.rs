@@ -61,6 +61,7 @@ pub fn run(a: UpcycleArgs) -> Result<()> {
             )]
             .into(),
             code_version: train::manifest::code_version(),
+            quant: Default::default(),
         },
     };
     interop::run::write_run(&a.out, &imp)?;

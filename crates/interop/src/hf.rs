@@ -107,6 +107,7 @@ pub fn import_dir(dir: &Path, context: Option<usize>) -> Result<Imported> {
                 .to_string(),
             sha256,
             code_version: train::manifest::code_version(),
+            quant: Default::default(),
         },
     })
 }

@@ -27,6 +27,11 @@ pub struct Source {
     pub sha256: BTreeMap<String, String>,
     /// The moelab version that imported it.
     pub code_version: String,
+    /// The quantized types the source held its matrices in, by moelab tensor name (a GGUF
+    /// file's Q8_0 / Q4_0 / Q4_1 matrices): inference runs on them by default, with the
+    /// same weights as the file.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub quant: BTreeMap<String, String>,
 }
 
 /// A model read from another format, ready to become a run dir.

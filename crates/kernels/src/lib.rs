@@ -28,6 +28,7 @@ pub mod loss;
 pub mod matmul;
 pub mod par;
 pub mod peak;
+pub mod quant;
 pub mod rmsnorm;
 pub mod rope;
 pub mod router;

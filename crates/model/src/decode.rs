@@ -17,12 +17,15 @@
 use crate::block::{add_bias, qk_norm_forward, Dims, FfnWKind, QkActs};
 use crate::config::ModelConfig;
 use crate::params::Layout;
+use crate::quant::QuantWeights;
 use kernels::attention::{decode_attention, KvShape};
 use kernels::matmul::linear_rows;
+use kernels::quant::{qlinear_rows, QActs};
 use kernels::rmsnorm::rmsnorm_forward;
 use kernels::rope::{rope_apply_at, RopeTable};
 use kernels::router;
 use kernels::swiglu::swiglu_forward;
+use std::sync::Arc;
 
 /// Rows one forward takes beyond one per slot: prompts are fed in chunks of at most this
 /// many tokens (in all) per step, interleaved with the other slots' decode rows.
@@ -32,6 +35,10 @@ pub const PREFILL_CHUNK: usize = 64;
 pub struct BatchDecoder {
     cfg: ModelConfig,
     layout: Layout,
+    /// Quantized matrices used in place of the f32 ones (None: all f32).
+    quant: Option<Arc<QuantWeights>>,
+    /// Scratch: the activation rows of a quantized matmul.
+    acts: QActs,
     /// Sizes for the weight views (B = slots, T = 1).
     dims: Dims,
     qk: Option<QkActs>,
@@ -109,7 +116,15 @@ impl BatchDecoder {
             logits: vec![0.0; mr * cfg.vocab_size],
             cfg: cfg.clone(),
             layout,
+            quant: None,
+            acts: QActs::new(),
         }
+    }
+
+    /// Multiplies by these quantized matrices instead of the f32 ones they were made from
+    /// (the `params` of every later step must be those).
+    pub fn set_quant(&mut self, q: Option<Arc<QuantWeights>>) {
+        self.quant = q;
     }
 
     pub fn slots(&self) -> usize {
@@ -210,6 +225,11 @@ impl BatchDecoder {
         let gd = g * d;
         let p = |off: usize, len: usize| &params[off..off + len];
         let lay = &self.layout;
+        let mut mm = Mm {
+            params,
+            quant: self.quant.as_deref(),
+            acts: &mut self.acts,
+        };
         for (i, &(_, _, tok)) in trows.iter().enumerate() {
             self.x[i * c..(i + 1) * c].copy_from_slice(p(lay.embed + tok as usize * c, c));
         }
@@ -223,7 +243,7 @@ impl BatchDecoder {
             let w = li.attn_w(params, ds);
             rmsnorm_forward(hb, rstd, x, w.norm, cfg.norm_eps);
             let qkv = &mut self.qkv[..n * r];
-            linear_rows(qkv, hb, w.wqkv, n, c, r, false);
+            mm.linear(qkv, hb, w.wqkv, n, c, r, false);
             if let Some(b) = w.bqkv {
                 add_bias(qkv, b);
             }
@@ -254,13 +274,13 @@ impl BatchDecoder {
                 &rows,
                 kv,
             );
-            linear_rows(x, &self.o[..n * h * d], w.wo, n, h * d, c, true);
+            mm.linear(x, &self.o[..n * h * d], w.wo, n, h * d, c, true);
             // FFN: x += ffn(rmsnorm(x))
             let w = li.ffn_w(params, ds);
             rmsnorm_forward(hb, rstd, x, w.norm, cfg.norm_eps);
             match &w.kind {
                 FfnWKind::Dense(m) => {
-                    swiglu_rows(x, hb, m.w_gu, m.w_down, ds.f, &mut self.gu, &mut self.a);
+                    mm.swiglu(x, hb, m.w_gu, m.w_down, ds.f, &mut self.gu, &mut self.a);
                 }
                 FfnWKind::Moe(m) => {
                     let (e, k, f) = (ds.e, ds.k, ds.fe);
@@ -276,13 +296,13 @@ impl BatchDecoder {
                     );
                     match (m.shared, m.shared_gate) {
                         (Some((sg, sd)), None) => {
-                            swiglu_rows(x, hb, sg, sd, ds.fs, &mut self.gu, &mut self.a);
+                            mm.swiglu(x, hb, sg, sd, ds.fs, &mut self.gu, &mut self.a);
                         }
                         (Some((sg, sd)), Some(gw)) => {
                             // x += sigmoid(h . w_gate) * shared(h) (Qwen2-MoE)
                             let y = &mut self.y[..n * c];
                             y.fill(0.0);
-                            swiglu_rows(y, hb, sg, sd, ds.fs, &mut self.gu, &mut self.a);
+                            mm.swiglu(y, hb, sg, sd, ds.fs, &mut self.gu, &mut self.a);
                             for ((xr, yr), hr) in x.chunks_mut(c).zip(y.chunks(c)).zip(hb.chunks(c))
                             {
                                 let z: f32 = hr.iter().zip(gw).map(|(a, b)| a * b).sum();
@@ -307,7 +327,7 @@ impl BatchDecoder {
                         }
                         let y = &mut self.y[..mr * c];
                         y.fill(0.0);
-                        swiglu_rows(
+                        mm.swiglu(
                             y,
                             &self.hx[..mr * c],
                             &m.w_gu[j * 2 * f * c..(j + 1) * 2 * f * c],
@@ -339,7 +359,7 @@ impl BatchDecoder {
         let (x, hb, rstd) = (&x[..nl * c], &mut hb[..nl * c], &mut rstd[..nl]);
         rmsnorm_forward(hb, rstd, x, p(lay.norm, c), cfg.norm_eps);
         let v = cfg.vocab_size;
-        linear_rows(
+        mm.linear(
             &mut self.logits[..nl * v],
             hb,
             p(lay.lm_head, v * c),
@@ -355,21 +375,53 @@ impl BatchDecoder {
     }
 }
 
-/// `x (M,C) += SwiGLU(h (M,C))` through `w_gu (2F,C)` and `w_down (C,F)`.
-fn swiglu_rows(
-    x: &mut [f32],
-    h: &[f32],
-    w_gu: &[f32],
-    w_down: &[f32],
-    f: usize,
-    gu: &mut [f32],
-    a: &mut [f32],
-) {
-    let c = w_down.len() / f;
-    let m = h.len() / c;
-    linear_rows(&mut gu[..m * 2 * f], h, w_gu, m, c, 2 * f, false);
-    swiglu_forward(&mut a[..m * f], &gu[..m * 2 * f], f);
-    linear_rows(x, &a[..m * f], w_down, m, f, c, true);
+/// The decoder's matmuls: by a matrix's quantized copy when there is one, else f32.
+struct Mm<'a> {
+    params: &'a [f32],
+    quant: Option<&'a QuantWeights>,
+    acts: &'a mut QActs,
+}
+
+impl Mm<'_> {
+    /// `out (N,O) [+]= x (N,I) @ w (O,I)^T`, `w` a view into the parameters.
+    #[allow(clippy::too_many_arguments)]
+    fn linear(
+        &mut self,
+        out: &mut [f32],
+        x: &[f32],
+        w: &[f32],
+        n: usize,
+        i: usize,
+        o: usize,
+        accumulate: bool,
+    ) {
+        match self.quant.and_then(|q| q.find(self.params, w)) {
+            Some((m, row0)) => {
+                self.acts.quantize(x, i);
+                qlinear_rows(out, self.acts, m, row0, o, accumulate);
+            }
+            None => linear_rows(out, x, w, n, i, o, accumulate),
+        }
+    }
+
+    /// `x (M,C) += SwiGLU(h (M,C))` through `w_gu (2F,C)` and `w_down (C,F)`.
+    #[allow(clippy::too_many_arguments)]
+    fn swiglu(
+        &mut self,
+        x: &mut [f32],
+        h: &[f32],
+        w_gu: &[f32],
+        w_down: &[f32],
+        f: usize,
+        gu: &mut [f32],
+        a: &mut [f32],
+    ) {
+        let c = w_down.len() / f;
+        let m = h.len() / c;
+        self.linear(&mut gu[..m * 2 * f], h, w_gu, m, c, 2 * f, false);
+        swiglu_forward(&mut a[..m * f], &gu[..m * 2 * f], f);
+        self.linear(x, &a[..m * f], w_down, m, f, c, true);
+    }
 }
 
 /// KV-cache decoder for one sequence.
@@ -401,6 +453,11 @@ impl Decoder {
     /// Empties the cache.
     pub fn reset(&mut self) {
         self.inner.reset(0);
+    }
+
+    /// See [`BatchDecoder::set_quant`].
+    pub fn set_quant(&mut self, q: Option<Arc<QuantWeights>>) {
+        self.inner.set_quant(q);
     }
 
     /// Feeds `token` at the next position and returns the logits (V) for the one after it.

@@ -22,6 +22,7 @@ pub mod moe;
 pub mod optim;
 pub mod params;
 pub mod profile;
+pub mod quant;
 pub mod tensors;
 
 pub use config::{Balance, Config, ModelConfig, OnAnomaly, QkNorm, RouterScore, TrainConfig};

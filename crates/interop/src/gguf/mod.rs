@@ -81,6 +81,7 @@ pub fn import_file(path: &Path, context: Option<usize>) -> Result<Imported> {
                 .to_string(),
             sha256: BTreeMap::from([(name, f.sha256())]),
             code_version: train::manifest::code_version(),
+            quant: matrix_types(&f, &layout),
         },
     })
 }
@@ -96,6 +97,69 @@ fn meta_u64(f: &GgufFile, key: &str) -> Result<u64> {
 
 fn meta_f64(f: &GgufFile, key: &str, default: f64) -> f64 {
     f.get(key).and_then(Value::as_f64).unwrap_or(default)
+}
+
+/// The quantized type each moelab matrix takes to run as the file holds it: a fused matrix
+/// (q/k/v, gate/up) takes the most precise of its parts' types; Q8_0, Q4_0 and Q4_1 are
+/// kept, other quantized types run as Q8_0 (at least as precise), float tensors stay f32.
+fn matrix_types(f: &GgufFile, layout: &Layout) -> BTreeMap<String, String> {
+    use kernels::quant::QType;
+    // precision rank: f32 (None) above Q8_0 above Q4_1 above Q4_0
+    let rank = |q: Option<QType>| match q {
+        None => 3,
+        Some(QType::Q8_0) => 2,
+        Some(QType::Q4_1) => 1,
+        Some(QType::Q4_0) => 0,
+    };
+    let of = |name: &str| -> Option<Option<QType>> {
+        let t = f.tensor(name)?.ggml_type;
+        Some(match t {
+            quant::F32 | quant::F16 | quant::BF16 => None,
+            _ => Some(QType::from_ggml(t).unwrap_or(QType::Q8_0)),
+        })
+    };
+    let mut out = BTreeMap::new();
+    for t in &layout.tensors {
+        let head = t.offset == layout.lm_head;
+        let name = if head {
+            "lm_head.weight"
+        } else {
+            t.name.as_str()
+        };
+        let parts: Vec<String> = if head {
+            let o = if f.tensor("output.weight").is_some() {
+                "output.weight"
+            } else {
+                "token_embd.weight"
+            };
+            vec![o.to_string()]
+        } else {
+            let Some((l, part)) = t
+                .name
+                .strip_prefix("layers.")
+                .and_then(|r| r.split_once('.'))
+            else {
+                continue;
+            };
+            let g: &[&str] = match part {
+                "attn.wqkv.weight" => &["attn_q", "attn_k", "attn_v"],
+                "attn.wo.weight" => &["attn_output"],
+                "mlp.w_gate_up.weight" => &["ffn_gate", "ffn_up"],
+                "mlp.w_down.weight" => &["ffn_down"],
+                "moe.experts.w_gate_up" => &["ffn_gate_exps", "ffn_up_exps"],
+                "moe.experts.w_down" => &["ffn_down_exps"],
+                "moe.shared.w_gate_up.weight" => &["ffn_gate_shexp", "ffn_up_shexp"],
+                "moe.shared.w_down.weight" => &["ffn_down_shexp"],
+                _ => continue,
+            };
+            g.iter().map(|p| format!("blk.{l}.{p}.weight")).collect()
+        };
+        let types: Option<Vec<Option<QType>>> = parts.iter().map(|p| of(p)).collect();
+        if let Some(Some(q)) = types.and_then(|ts| ts.into_iter().max_by_key(|&q| rank(q))) {
+            out.insert(name.to_string(), q.name().to_string());
+        }
+    }
+    out
 }
 
 /// The metadata as the Hugging Face `config.json` of the same model (bailingmoe reads as

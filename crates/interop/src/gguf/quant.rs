@@ -224,60 +224,21 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 
 /// Quantizes `x` (a whole number of 32-element blocks) to Q8_0, Q4_0 or Q4_1 as ggml's
 /// reference `quantize_row_*_ref` does (gguf-py's too: `tests/gguf_quant.rs` checks the
-/// bytes).
+/// bytes); the block codecs are `kernels::quant`'s, which inference runs on.
 pub fn quantize(t: u32, x: &[f32]) -> Result<Vec<u8>, String> {
+    let ty = kernels::quant::QType::from_ggml(t).ok_or_else(|| {
+        format!(
+            "moelab quantizes to Q8_0, Q4_0 and Q4_1, not {}",
+            type_name(t)
+        )
+    })?;
     if !x.len().is_multiple_of(QK) {
         return Err(format!(
             "{} values is not a whole number of 32-value blocks",
             x.len()
         ));
     }
-    let f16b = |v: f32| half::f16::from_f32(v).to_le_bytes();
-    let mut out = Vec::with_capacity(x.len());
-    for b in x.chunks_exact(QK) {
-        match t {
-            Q8_0 => {
-                let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let d = amax / 127.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                out.extend(f16b(d));
-                out.extend(b.iter().map(|v| (v * id).round() as i8 as u8));
-            }
-            Q4_0 => {
-                // the value of largest magnitude (the first of equals), with its sign
-                let mut max = 0f32;
-                for &v in b {
-                    if v.abs() > max.abs() {
-                        max = v;
-                    }
-                }
-                let d = max / -8.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                out.extend(f16b(d));
-                let q = |v: f32| ((v * id + 8.5) as i32).clamp(0, 15) as u8;
-                for j in 0..QK / 2 {
-                    out.push(q(b[j]) | (q(b[j + QK / 2]) << 4));
-                }
-            }
-            Q4_1 => {
-                let min = b.iter().fold(f32::INFINITY, |m, &v| m.min(v));
-                let max = b.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                let d = (max - min) / 15.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                out.extend(f16b(d));
-                out.extend(f16b(min));
-                let q = |v: f32| (((v - min) * id + 0.5) as i32).clamp(0, 15) as u8;
-                for j in 0..QK / 2 {
-                    out.push(q(b[j]) | (q(b[j + QK / 2]) << 4));
-                }
-            }
-            _ => {
-                return Err(format!(
-                    "moelab quantizes to Q8_0, Q4_0 and Q4_1, not {}",
-                    type_name(t)
-                ))
-            }
-        }
-    }
+    let mut out = Vec::with_capacity(x.len() / QK * ty.block_bytes());
+    kernels::quant::quantize_row(ty, x, &mut out);
     Ok(out)
 }

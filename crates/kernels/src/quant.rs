@@ -1,0 +1,565 @@
+//! Quantized weights for inference: ggml's Q8_0, Q4_0 and Q4_1 blocks (32 weights with an
+//! f16 scale, and an f16 minimum for Q4_1), kept quantized in memory, times activations
+//! quantized per 32-value block to int8 (an f32 scale each), as llama.cpp's CPU backend
+//! does. A block's products are summed in integers (exact); the per-block scaling and the
+//! sum over blocks are float, in a fixed order of 8 lanes:
+//!
+//! - lane k of a block holds the integer sum of its elements 4k..4k+3, converted to f32 and
+//!   added into lane accumulator k with one fused multiply-add by `d_w * d_x`;
+//! - the 8 lanes are summed as `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))` (ggml's `hsum_float_8`);
+//! - Q4_1's offset term `m_w * d_x * sum(q_x)` is summed over blocks in a separate f32 scalar
+//!   and added last.
+//!
+//! [`dot_ref`] is the portable statement of that order; the AVX2 kernel computes the same
+//! operations in registers, so both give the same bits (`tests` check random blocks), and a
+//! row's result does not depend on the other rows, on the thread count or on how outputs are
+//! split into tasks. Block layouts and the weight quantizers are ggml's reference ones
+//! (`quantize_row_*_ref`), so a GGUF file's blocks survive dequantize + quantize unchanged.
+
+use half::f16;
+use rayon::prelude::*;
+
+/// Values per block.
+pub const QK: usize = 32;
+
+/// A quantized weight format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QType {
+    Q8_0,
+    Q4_0,
+    Q4_1,
+}
+
+impl QType {
+    pub const ALL: [QType; 3] = [QType::Q8_0, QType::Q4_0, QType::Q4_1];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QType::Q8_0 => "q8_0",
+            QType::Q4_0 => "q4_0",
+            QType::Q4_1 => "q4_1",
+        }
+    }
+
+    /// `q8_0`, `q4_0` or `q4_1` (any case).
+    pub fn parse(s: &str) -> Option<QType> {
+        QType::ALL
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(s))
+    }
+
+    /// Bytes of one block of [`QK`] values.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QType::Q8_0 => 34,
+            QType::Q4_0 => 18,
+            QType::Q4_1 => 20,
+        }
+    }
+
+    /// ggml's type id (as in GGUF tensor infos).
+    pub fn ggml_type(self) -> u32 {
+        match self {
+            QType::Q8_0 => 8,
+            QType::Q4_0 => 2,
+            QType::Q4_1 => 3,
+        }
+    }
+
+    pub fn from_ggml(t: u32) -> Option<QType> {
+        QType::ALL.into_iter().find(|q| q.ggml_type() == t)
+    }
+}
+
+fn f16_bytes(v: f32) -> [u8; 2] {
+    f16::from_f32(v).to_le_bytes()
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// Appends the blocks of `x` (a whole number of [`QK`]-value blocks) quantized as ggml's
+/// reference `quantize_row_*_ref` does.
+pub fn quantize_row(ty: QType, x: &[f32], out: &mut Vec<u8>) {
+    assert!(
+        x.len().is_multiple_of(QK),
+        "{} values is not a whole number of 32-value blocks",
+        x.len()
+    );
+    for b in x.chunks_exact(QK) {
+        match ty {
+            QType::Q8_0 => {
+                let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(f16_bytes(d));
+                out.extend(b.iter().map(|v| (v * id).round() as i8 as u8));
+            }
+            QType::Q4_0 => {
+                // the value of largest magnitude (the first of equals), with its sign
+                let mut max = 0f32;
+                for &v in b {
+                    if v.abs() > max.abs() {
+                        max = v;
+                    }
+                }
+                let d = max / -8.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(f16_bytes(d));
+                let q = |v: f32| ((v * id + 8.5) as i32).clamp(0, 15) as u8;
+                for j in 0..QK / 2 {
+                    out.push(q(b[j]) | (q(b[j + QK / 2]) << 4));
+                }
+            }
+            QType::Q4_1 => {
+                let min = b.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+                let max = b.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let d = (max - min) / 15.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(f16_bytes(d));
+                out.extend(f16_bytes(min));
+                let q = |v: f32| (((v - min) * id + 0.5) as i32).clamp(0, 15) as u8;
+                for j in 0..QK / 2 {
+                    out.push(q(b[j]) | (q(b[j + QK / 2]) << 4));
+                }
+            }
+        }
+    }
+}
+
+/// The integer values of a block and its scale (and Q4_1's minimum): `x_i = d * q_i (+ m)`.
+fn block_ints(ty: QType, blk: &[u8]) -> ([i32; QK], f32, f32) {
+    let mut q = [0i32; QK];
+    let nib = |off: usize, i: usize| -> i32 {
+        if i < QK / 2 {
+            (blk[off + i] & 0xF) as i32
+        } else {
+            (blk[off + i - QK / 2] >> 4) as i32
+        }
+    };
+    match ty {
+        QType::Q8_0 => {
+            for (i, v) in q.iter_mut().enumerate() {
+                *v = blk[2 + i] as i8 as i32;
+            }
+            (q, f16_at(blk, 0), 0.0)
+        }
+        QType::Q4_0 => {
+            for (i, v) in q.iter_mut().enumerate() {
+                *v = nib(2, i) - 8;
+            }
+            (q, f16_at(blk, 0), 0.0)
+        }
+        QType::Q4_1 => {
+            for (i, v) in q.iter_mut().enumerate() {
+                *v = nib(4, i);
+            }
+            (q, f16_at(blk, 0), f16_at(blk, 2))
+        }
+    }
+}
+
+/// Dequantizes whole blocks of `bytes` into `out` (QK values per block).
+pub fn dequantize_row(ty: QType, bytes: &[u8], out: &mut [f32]) {
+    let bb = ty.block_bytes();
+    assert_eq!(bytes.len() / bb * QK, out.len(), "dequantize_row sizes");
+    for (blk, o) in bytes.chunks_exact(bb).zip(out.chunks_exact_mut(QK)) {
+        let (q, d, m) = block_ints(ty, blk);
+        for (o, q) in o.iter_mut().zip(q) {
+            *o = q as f32 * d + m;
+        }
+    }
+}
+
+/// A (rows, cols) weight matrix of quantized rows (cols a multiple of [`QK`]), row-major
+/// blocks as in a GGUF tensor.
+#[derive(Clone, Debug)]
+pub struct QMatrix {
+    pub ty: QType,
+    pub rows: usize,
+    pub cols: usize,
+    data: Vec<u8>,
+}
+
+impl QMatrix {
+    /// Quantizes `w (rows, cols)`.
+    pub fn quantize(ty: QType, w: &[f32], rows: usize, cols: usize) -> QMatrix {
+        assert_eq!(w.len(), rows * cols, "QMatrix::quantize sizes");
+        assert!(
+            cols.is_multiple_of(QK),
+            "{cols} columns is not a whole number of {QK}-value blocks"
+        );
+        let rb = cols / QK * ty.block_bytes();
+        let mut data = vec![0u8; rows * rb];
+        data.par_chunks_mut(rb.max(1))
+            .zip(w.par_chunks(cols.max(1)))
+            .for_each(|(o, r)| {
+                let mut v = Vec::with_capacity(rb);
+                quantize_row(ty, r, &mut v);
+                o.copy_from_slice(&v);
+            });
+        QMatrix {
+            ty,
+            rows,
+            cols,
+            data,
+        }
+    }
+
+    /// Bytes of one row.
+    pub fn row_bytes(&self) -> usize {
+        self.cols / QK * self.ty.block_bytes()
+    }
+
+    /// The raw blocks (GGUF's layout).
+    pub fn bytes(&self) -> &[u8] {
+        &self.data
+    }
+
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.rows * self.cols];
+        dequantize_row(self.ty, &self.data, &mut out);
+        out
+    }
+}
+
+/// Activation rows quantized per block for the dot kernels: int8 values, the scale `d` and
+/// `d * sum(q)` of every block.
+#[derive(Clone, Debug, Default)]
+pub struct QActs {
+    q: Vec<i8>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+    cols: usize,
+}
+
+impl QActs {
+    pub fn new() -> QActs {
+        QActs::default()
+    }
+
+    /// Quantizes `x (n, cols)`: per block `d = max|x| / 127`, `q = round(x / d)`.
+    pub fn quantize(&mut self, x: &[f32], cols: usize) {
+        assert!(cols.is_multiple_of(QK) && cols > 0, "QActs: {cols} columns");
+        assert!(x.len().is_multiple_of(cols), "QActs: ragged rows");
+        let nb = x.len() / QK;
+        self.cols = cols;
+        self.q.resize(x.len(), 0);
+        self.d.resize(nb, 0.0);
+        self.s.resize(nb, 0.0);
+        for (b, xb) in x.chunks_exact(QK).enumerate() {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let mut sum = 0i32;
+            for (q, &v) in self.q[b * QK..(b + 1) * QK].iter_mut().zip(xb) {
+                *q = (v * id).round() as i8;
+                sum += *q as i32;
+            }
+            self.d[b] = d;
+            self.s[b] = d * sum as f32;
+        }
+    }
+
+    /// Rows held.
+    pub fn rows(&self) -> usize {
+        self.q.len().checked_div(self.cols).unwrap_or(0)
+    }
+}
+
+/// The fixed final sum of the 8 lane accumulators (ggml's `hsum_float_8`).
+fn hsum8(a: [f32; 8]) -> f32 {
+    let b = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+    (b[0] + b[2]) + (b[1] + b[3])
+}
+
+/// Portable reference of the dot of quantized weight row `w` (`cols / QK` blocks) with row
+/// `r` of `x`, in the order the module doc states.
+pub fn dot_ref(ty: QType, w: &[u8], x: &QActs, r: usize) -> f32 {
+    let nb = x.cols / QK;
+    let bb = ty.block_bytes();
+    assert_eq!(w.len(), nb * bb, "dot_ref: weight row of {} bytes", w.len());
+    let mut acc = [0f32; 8];
+    let mut summs = 0f32;
+    for b in 0..nb {
+        let (q, dw, m) = block_ints(ty, &w[b * bb..(b + 1) * bb]);
+        let xb = r * nb + b;
+        let qx = &x.q[xb * QK..(xb + 1) * QK];
+        let d = dw * x.d[xb];
+        for (k, a) in acc.iter_mut().enumerate() {
+            let isum: i32 = (4 * k..4 * k + 4).map(|i| q[i] * qx[i] as i32).sum();
+            *a = d.mul_add(isum as f32, *a);
+        }
+        if ty == QType::Q4_1 {
+            summs += m * x.s[xb];
+        }
+    }
+    hsum8(acc) + summs
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+}
+
+/// The AVX2 dot of weight row `w` with `R` activation rows at once (the weight block is
+/// unpacked once for all of them); each row's arithmetic is [`dot_ref`]'s.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be present; `w` holds `x.cols / QK` blocks of type `T`; every
+/// row in `rows` is below `x.rows()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_avx2<const T: u8, const R: usize>(w: &[u8], x: &QActs, rows: [usize; R]) -> [f32; R] {
+    use std::arch::x86_64::*;
+    const Q8_0: u8 = 0;
+    const Q4_1: u8 = 2;
+    let nb = x.cols / QK;
+    let bb = match T {
+        Q8_0 => 34,
+        Q4_1 => 20,
+        _ => 18,
+    };
+    let h = |p: *const u8| -> f32 {
+        let bits = (p as *const u16).read_unaligned();
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    };
+    let mask = _mm256_set1_epi8(0xF);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut summs = [0f32; R];
+    let wp = w.as_ptr();
+    let (xq, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
+    for b in 0..nb {
+        let p = wp.add(b * bb);
+        let dw = h(p);
+        // the block's 32 weights as bytes, element order
+        let qw = match T {
+            Q8_0 => _mm256_loadu_si256(p.add(2) as *const __m256i),
+            _ => {
+                let off = if T == Q4_1 { 4 } else { 2 };
+                let t = _mm_loadu_si128(p.add(off) as *const __m128i);
+                let both = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
+                let nib = _mm256_and_si256(both, mask);
+                if T == Q4_1 {
+                    nib
+                } else {
+                    _mm256_sub_epi8(nib, _mm256_set1_epi8(8))
+                }
+            }
+        };
+        let aw = _mm256_sign_epi8(qw, qw);
+        for i in 0..R {
+            let xb = rows[i] * nb + b;
+            let qx = _mm256_loadu_si256(xq.add(xb * QK) as *const __m256i);
+            let prod = if T == Q4_1 {
+                _mm256_maddubs_epi16(qw, qx)
+            } else {
+                _mm256_maddubs_epi16(aw, _mm256_sign_epi8(qx, qw))
+            };
+            let isum = _mm256_madd_epi16(prod, ones);
+            let d = _mm256_set1_ps(dw * *xd.add(xb));
+            acc[i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum), acc[i]);
+            if T == Q4_1 {
+                summs[i] += h(p.add(2)) * *xs.add(xb);
+            }
+        }
+    }
+    let mut out = [0f32; R];
+    for i in 0..R {
+        let mut a = [0f32; 8];
+        _mm256_storeu_ps(a.as_mut_ptr(), acc[i]);
+        out[i] = hsum8(a) + summs[i];
+    }
+    out
+}
+
+/// Output columns per parallel task of [`qlinear_rows`] (at least).
+const QCOLS_PER_TASK: usize = 16;
+
+/// `out (N,O) [+]= x (N,I) @ w[row0..row0+O]^T` with quantized weights: `x` holds the N
+/// activation rows quantized ([`QActs::quantize`] with I columns), output column c uses
+/// weight row `row0 + c`. Every output is one [`dot_ref`]-ordered dot, so the bits do not
+/// depend on N, on the thread count or on the CPU's path (AVX2 or portable).
+pub fn qlinear_rows(
+    out: &mut [f32],
+    x: &QActs,
+    w: &QMatrix,
+    row0: usize,
+    o: usize,
+    accumulate: bool,
+) {
+    let n = x.rows();
+    assert_eq!(
+        x.cols, w.cols,
+        "qlinear_rows: activations of {} columns",
+        x.cols
+    );
+    assert!(
+        row0 + o <= w.rows,
+        "qlinear_rows: rows {row0}+{o} of {}",
+        w.rows
+    );
+    assert_eq!(out.len(), n * o, "qlinear_rows out len");
+    let rb = w.row_bytes();
+    let ptr = crate::par::SendPtr(out.as_mut_ptr());
+    let threads = rayon::current_num_threads().max(1);
+    let per = o.div_ceil(threads * 4).max(QCOLS_PER_TASK);
+    let tasks = o.div_ceil(per);
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = has_avx2();
+    let run = |t: usize| {
+        let (c0, c1) = (t * per, ((t + 1) * per).min(o));
+        let put = |r: usize, c: usize, v: f32| {
+            // SAFETY: column c is in c0..c1, owned by this task; r < n.
+            let dst = unsafe { &mut *ptr.get().add(r * o + c) };
+            *dst = if accumulate { *dst + v } else { v };
+        };
+        for c in c0..c1 {
+            let wr = &w.data[(row0 + c) * rb..(row0 + c + 1) * rb];
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                let mut r = 0;
+                while r + 4 <= n {
+                    let rows = [r, r + 1, r + 2, r + 3];
+                    // SAFETY: AVX2/FMA/F16C checked; wr is one row; rows < n.
+                    let v = unsafe {
+                        match w.ty {
+                            QType::Q8_0 => dot_avx2::<0, 4>(wr, x, rows),
+                            QType::Q4_0 => dot_avx2::<1, 4>(wr, x, rows),
+                            QType::Q4_1 => dot_avx2::<2, 4>(wr, x, rows),
+                        }
+                    };
+                    for (i, v) in v.into_iter().enumerate() {
+                        put(r + i, c, v);
+                    }
+                    r += 4;
+                }
+                while r < n {
+                    // SAFETY: as above.
+                    let [v] = unsafe {
+                        match w.ty {
+                            QType::Q8_0 => dot_avx2::<0, 1>(wr, x, [r]),
+                            QType::Q4_0 => dot_avx2::<1, 1>(wr, x, [r]),
+                            QType::Q4_1 => dot_avx2::<2, 1>(wr, x, [r]),
+                        }
+                    };
+                    put(r, c, v);
+                    r += 1;
+                }
+                continue;
+            }
+            for r in 0..n {
+                put(r, c, dot_ref(w.ty, wr, x, r));
+            }
+        }
+    };
+    if tasks <= 1 || n * o * w.cols < 1 << 15 || crate::par::in_worker() {
+        (0..tasks).for_each(run);
+    } else {
+        (0..tasks).into_par_iter().for_each(run);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..n)
+            .map(|i| {
+                // mixed magnitudes, some exact zeros, a constant block
+                if i / QK == 3 {
+                    0.25
+                } else if i % 17 == 0 {
+                    0.0
+                } else {
+                    rng.gen_range(-1.0f32..1.0) * if i % 5 == 0 { 4.0 } else { 1.0 }
+                }
+            })
+            .collect()
+    }
+
+    /// Dequantize then quantize gives back the same blocks: a GGUF file's weights survive
+    /// moelab's f32 import and re-quantization unchanged.
+    #[test]
+    fn quantize_dequantize_round_trip_is_exact() {
+        for ty in QType::ALL {
+            let w = random(64 * QK, 1);
+            let m = QMatrix::quantize(ty, &w, 8, 8 * QK);
+            let back = QMatrix::quantize(ty, &m.dequantize(), 8, 8 * QK);
+            assert_eq!(m.bytes(), back.bytes(), "{ty:?}");
+            // and the dequantized values are close to the originals
+            let err = m
+                .dequantize()
+                .iter()
+                .zip(&w)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            // half a step (Q4_0: a whole one where +8 steps clamp to +7); blocks reach |4|
+            let tol = match ty {
+                QType::Q8_0 => 0.02,
+                QType::Q4_0 => 0.55,
+                QType::Q4_1 => 0.3,
+            };
+            assert!(err < tol, "{ty:?}: worst error {err}");
+        }
+    }
+
+    /// Every dot equals the portable reference bit for bit (AVX2 where present), for any
+    /// number of rows; the block integer sums are exact and the result is close to the f64
+    /// dot of the dequantized values.
+    #[test]
+    fn qlinear_rows_equals_reference() {
+        let (n, i, o) = (7, 5 * QK, 37);
+        let x = random(n * i, 2);
+        let w = random(o * i, 3);
+        let mut acts = QActs::new();
+        acts.quantize(&x, i);
+        for ty in QType::ALL {
+            let m = QMatrix::quantize(ty, &w, o, i);
+            let mut got = vec![0.0; n * o];
+            qlinear_rows(&mut got, &acts, &m, 0, o, false);
+            let wd = m.dequantize();
+            for r in 0..n {
+                for c in 0..o {
+                    let rb = m.row_bytes();
+                    let want = dot_ref(ty, &m.bytes()[c * rb..(c + 1) * rb], &acts, r);
+                    assert_eq!(got[r * o + c].to_bits(), want.to_bits(), "{ty:?} ({r},{c})");
+                    let exact: f64 = (0..i)
+                        .map(|k| wd[c * i + k] as f64 * x[r * i + k] as f64)
+                        .sum();
+                    let scale: f64 = (0..i)
+                        .map(|k| (wd[c * i + k] as f64 * x[r * i + k] as f64).abs())
+                        .sum();
+                    assert!(
+                        (want as f64 - exact).abs() <= 0.02 * scale + 1e-6,
+                        "{ty:?} ({r},{c}): {want} vs {exact}"
+                    );
+                }
+            }
+            // one row alone, a row range of the matrix, and accumulation
+            let mut one = QActs::new();
+            one.quantize(&x[2 * i..3 * i], i);
+            let mut part = vec![1.0; 5];
+            qlinear_rows(&mut part, &one, &m, 30, 5, true);
+            for c in 0..5 {
+                assert_eq!(part[c], 1.0 + got[2 * o + 30 + c], "{ty:?} row range");
+            }
+            // thread count does not matter
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(3)
+                .build()
+                .unwrap();
+            let mut three = vec![0.0; n * o];
+            pool.install(|| qlinear_rows(&mut three, &acts, &m, 0, o, false));
+            assert_eq!(three, got, "{ty:?} threads");
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! Quantized copies of a model's matrices for inference ([`kernels::quant`]): the decoder
+//! multiplies by them instead of the f32 matrices they were made from. Which matrices:
+//! the attention projections, the dense, expert and shared-expert FFN matrices and the
+//! output head; routers, gates, norms and the embedding table (looked up, not multiplied;
+//! unless tied to the head) stay f32, as llama.cpp keeps them.
+
+use crate::config::ModelConfig;
+use crate::params::Layout;
+use kernels::quant::{QMatrix, QType, QK};
+use std::collections::BTreeMap;
+
+/// Quantized matrices by their offset in the parameter buffer they were made from.
+#[derive(Clone, Debug)]
+pub struct QuantWeights {
+    mats: BTreeMap<usize, (String, QMatrix)>,
+    total: usize,
+}
+
+impl QuantWeights {
+    /// Quantizes each matrix the decoder multiplies by to `pick(tensor name)` (None: keeps
+    /// it f32). A matrix whose rows are not whole blocks of 32 stays f32.
+    pub fn new(
+        cfg: &ModelConfig,
+        params: &[f32],
+        pick: impl Fn(&str) -> Option<QType>,
+    ) -> QuantWeights {
+        let lay = Layout::new(cfg);
+        assert_eq!(
+            params.len(),
+            lay.total,
+            "parameter buffer does not match the config"
+        );
+        let mut mats = BTreeMap::new();
+        for t in &lay.tensors {
+            let head = t.offset == lay.lm_head;
+            let name = if head {
+                "lm_head.weight"
+            } else {
+                t.name.as_str()
+            };
+            let multiplied = head
+                || [
+                    ".attn.wqkv.weight",
+                    ".attn.wo.weight",
+                    ".w_gate_up.weight",
+                    ".w_down.weight",
+                    ".experts.w_gate_up",
+                    ".experts.w_down",
+                ]
+                .iter()
+                .any(|s| t.name.ends_with(s));
+            let cols = *t.shape.last().unwrap_or(&0);
+            if !multiplied || t.shape.len() < 2 || cols == 0 || !cols.is_multiple_of(QK) {
+                continue;
+            }
+            if let Some(ty) = pick(name) {
+                let rows = t.len / cols;
+                let w = &params[t.offset..t.offset + t.len];
+                mats.insert(
+                    t.offset,
+                    (name.to_string(), QMatrix::quantize(ty, w, rows, cols)),
+                );
+            }
+        }
+        QuantWeights {
+            mats,
+            total: lay.total,
+        }
+    }
+
+    /// Every eligible matrix as `ty`.
+    pub fn uniform(cfg: &ModelConfig, params: &[f32], ty: QType) -> QuantWeights {
+        QuantWeights::new(cfg, params, |_| Some(ty))
+    }
+
+    /// The quantized matrix holding the f32 weight rows `w` (a subslice of `params`) and the
+    /// index of their first row, when `w` is whole rows of one.
+    pub fn find(&self, params: &[f32], w: &[f32]) -> Option<(&QMatrix, usize)> {
+        assert_eq!(
+            params.len(),
+            self.total,
+            "quantized weights of another model"
+        );
+        let base = params.as_ptr() as usize;
+        let at = (w.as_ptr() as usize).checked_sub(base)? / std::mem::size_of::<f32>();
+        let (&off, (_, m)) = self.mats.range(..=at).next_back()?;
+        let (rel, cols) = (at - off, m.cols);
+        (rel.is_multiple_of(cols) && w.len().is_multiple_of(cols) && rel + w.len() <= m.rows * cols)
+            .then_some((m, rel / cols))
+    }
+
+    /// Bytes of the quantized matrices.
+    pub fn bytes(&self) -> usize {
+        self.mats.values().map(|(_, m)| m.bytes().len()).sum()
+    }
+
+    /// Matrices quantized, by type: (type name, count, values).
+    pub fn summary(&self) -> Vec<(&'static str, usize, usize)> {
+        let mut out: Vec<(&'static str, usize, usize)> = vec![];
+        for (_, m) in self.mats.values() {
+            match out.iter_mut().find(|e| e.0 == m.ty.name()) {
+                Some(e) => {
+                    e.1 += 1;
+                    e.2 += m.rows * m.cols;
+                }
+                None => out.push((m.ty.name(), 1, m.rows * m.cols)),
+            }
+        }
+        out
+    }
+
+    /// The tensor names quantized, with their type.
+    pub fn names(&self) -> impl Iterator<Item = (&str, QType)> {
+        self.mats.values().map(|(n, m)| (n.as_str(), m.ty))
+    }
+}
