@@ -363,10 +363,19 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn decode(a: DecodeBench) -> Result<()> {
-    use model::decode::Decoder;
     if a.prompt_tokens == 0 && a.gen_tokens == 0 {
         anyhow::bail!("nothing to time: --prompt-tokens and --gen-tokens are both 0");
     }
+    // decode on a worker of a pool, as the serving engine does: parallel regions started
+    // from a worker avoid a cross-thread wake-up each
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(rayon::current_num_threads())
+        .build()?;
+    pool.install(|| decode_on_pool(a))
+}
+
+fn decode_on_pool(a: DecodeBench) -> Result<()> {
+    use model::decode::Decoder;
     let reps = a.reps.max(1);
     let t0 = Instant::now();
     let (cfg, params, source) = load_model(&a.run, a.prompt_tokens.max(a.gen_tokens + 1))?;

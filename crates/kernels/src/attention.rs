@@ -279,6 +279,54 @@ pub struct KvShape {
 /// many positions keeps the one-pass path and its bits.
 pub const DECODE_CHUNK: usize = 256;
 
+simd! {
+    /// One query head `q (D)` over cache entries `segs` (ranges of entry indices, oldest
+    /// first; entry e's key at `kc[e * gd + off..][..D]`, value likewise in `vc`): the scores
+    /// `sc` (scaled), then `acc = sum_j w_j v_j` with `w_j = exp(s_j - max)`, divided by
+    /// their sum when `norm`. Returns (max, sum of exps). Fixed order throughout.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_head(
+        q: &[f32],
+        kc: &[f32],
+        vc: &[f32],
+        gd: usize,
+        off: usize,
+        segs: [(usize, usize); 2],
+        scale: f32,
+        sc: &mut [f32],
+        acc: &mut [f32],
+        norm: bool,
+    ) -> (f32, f32) {
+        let d = q.len();
+        let entries = || segs.iter().flat_map(|&(a, b)| a..b);
+        for (sj, e) in sc.iter_mut().zip(entries()) {
+            *sj = dot(q, &kc[e * gd + off..e * gd + off + d]) * scale;
+        }
+        let mx = max(sc);
+        let mut total = 0.0;
+        for sj in sc.iter_mut() {
+            *sj = exp(*sj - mx);
+            total += *sj;
+        }
+        acc.fill(0.0);
+        for (&sj, e) in sc.iter().zip(entries()) {
+            let w = if norm { sj / total } else { sj };
+            for (a, vv) in acc.iter_mut().zip(&vc[e * gd + off..e * gd + off + d]) {
+                *a += w * vv;
+            }
+        }
+        (mx, total)
+    }
+}
+
+/// Cache entries of positions `lo..hi` in a ring of `tmax` entries (position p at p % tmax),
+/// as at most two ranges, oldest first.
+fn ring_segments(lo: usize, hi: usize, tmax: usize) -> [(usize, usize); 2] {
+    let start = lo % tmax;
+    let first = (hi - lo).min(tmax - start);
+    [(start, start + first), (0, hi - lo - first)]
+}
+
 /// Attention of one new query row per sequence over its cached keys and values (the
 /// current position's already appended): row i of `qkv (n, (H+2G)D)` attends over the
 /// first `rows[i].1` positions of slot `rows[i].0` (the last `window` of them with a
@@ -331,30 +379,13 @@ pub fn decode_attention(
         .for_each(|(i, (o, sc))| {
             let (lo, len) = visible(i);
             let (kc, vc) = kv(i);
-            // cache index of the j-th visible position
-            let at = |j: usize| ((lo + j) % tmax) * gd;
+            let segs = ring_segments(lo, len, tmax);
             for hi in 0..h {
                 let gi = hi / hpg;
                 let q = &qkv[i * r + hi * d..i * r + (hi + 1) * d];
                 let sc = &mut sc[hi * tmax..hi * tmax + len - lo];
-                for (j, sj) in sc.iter_mut().enumerate() {
-                    *sj = dot(q, &kc[at(j) + gi * d..at(j) + (gi + 1) * d]) * scale;
-                }
-                let mx = max(sc);
-                let mut sum = 0.0;
-                for sj in sc.iter_mut() {
-                    *sj = exp(*sj - mx);
-                    sum += *sj;
-                }
                 let o = &mut o[hi * d..(hi + 1) * d];
-                o.fill(0.0);
-                for (j, sj) in sc.iter().enumerate() {
-                    let pj = sj / sum;
-                    let vv = &vc[at(j) + gi * d..at(j) + (gi + 1) * d];
-                    for (oo, vv) in o.iter_mut().zip(vv) {
-                        *oo += pj * vv;
-                    }
-                }
+                attend_head(q, kc, vc, gd, gi * d, segs, scale, sc, o, true);
             }
         });
     // flash-decoding of the long rows: one task per (row, kv group, chunk), each writing
@@ -382,30 +413,16 @@ pub fn decode_attention(
                 lo + c * DECODE_CHUNK,
                 (lo + (c + 1) * DECODE_CHUNK).min(len),
             );
-            let at = |p: usize| (p % tmax) * gd + gi * d;
+            let segs = ring_segments(c0, c1, tmax);
             let mut sc = [0.0f32; DECODE_CHUNK];
             let sc = &mut sc[..c1 - c0];
             for (hj, pt) in pt.chunks_mut(d + 2).enumerate() {
                 let hi = gi * hpg + hj;
                 let q = &qkv[i * r + hi * d..i * r + (hi + 1) * d];
-                for (sj, p) in sc.iter_mut().zip(c0..c1) {
-                    *sj = dot(q, &kc[at(p)..at(p) + d]) * scale;
-                }
-                let mx = max(sc);
-                let mut sum = 0.0;
-                for sj in sc.iter_mut() {
-                    *sj = exp(*sj - mx);
-                    sum += *sj;
-                }
                 let (ms, acc) = pt.split_at_mut(2);
+                let (mx, total) = attend_head(q, kc, vc, gd, gi * d, segs, scale, sc, acc, false);
                 ms[0] = mx;
-                ms[1] = sum;
-                acc.fill(0.0);
-                for (sj, p) in sc.iter().zip(c0..c1) {
-                    for (a, vv) in acc.iter_mut().zip(&vc[at(p)..at(p) + d]) {
-                        *a += sj * vv;
-                    }
-                }
+                ms[1] = total;
             }
         });
     // merge each long row's chunks in order

@@ -384,7 +384,9 @@ pub fn linear_rows(
         // SAFETY: tasks own disjoint column ranges of `out`.
         unsafe { rows_block(ptr.get(), x, w, n, i, o, c0, c1, accumulate) }
     };
-    if n * o * i < 1 << 16 || crate::par::in_worker() {
+    // NOTE: parallel also inside a rayon worker (the serving engine decodes on one): a
+    // decode step has no outer parallel loop to leave the other cores to.
+    if n * o * i < 1 << 16 {
         (0..tasks).for_each(run);
     } else {
         (0..tasks).into_par_iter().for_each(run);

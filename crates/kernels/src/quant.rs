@@ -305,15 +305,22 @@ fn has_avx2() -> bool {
         && std::arch::is_x86_feature_detected!("f16c")
 }
 
-/// The AVX2 dot of weight row `w` with `R` activation rows at once (the weight block is
-/// unpacked once for all of them); each row's arithmetic is [`dot_ref`]'s.
+/// The AVX2 dots of `C` weight rows (`w`, consecutive rows of `rb` bytes) with `R`
+/// activation rows at once: a weight block is unpacked once for the R rows, an activation
+/// block loaded once for the C weight rows, and the C x R accumulator chains are independent.
+/// Each output's arithmetic is [`dot_ref`]'s; out[c][r] is weight row c with row `rows[r]`.
 ///
 /// # Safety
-/// AVX2, FMA and F16C must be present; `w` holds `x.cols / QK` blocks of type `T`; every
-/// row in `rows` is below `x.rows()`.
+/// AVX2, FMA and F16C must be present; `w` holds `C` rows of `x.cols / QK` blocks of type
+/// `T` at stride `rb`; every row in `rows` is below `x.rows()`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_avx2<const T: u8, const R: usize>(w: &[u8], x: &QActs, rows: [usize; R]) -> [f32; R] {
+unsafe fn dot_avx2<const T: u8, const C: usize, const R: usize>(
+    w: &[u8],
+    rb: usize,
+    x: &QActs,
+    rows: [usize; R],
+) -> [[f32; R]; C] {
     use std::arch::x86_64::*;
     const Q8_0: u8 = 0;
     const Q4_1: u8 = 2;
@@ -323,58 +330,95 @@ unsafe fn dot_avx2<const T: u8, const R: usize>(w: &[u8], x: &QActs, rows: [usiz
         Q4_1 => 20,
         _ => 18,
     };
+    debug_assert!(w.len() >= (C - 1) * rb + nb * bb);
     let h = |p: *const u8| -> f32 {
         let bits = (p as *const u16).read_unaligned();
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     };
     let mask = _mm256_set1_epi8(0xF);
     let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut summs = [0f32; R];
+    let mut acc = [[_mm256_setzero_ps(); R]; C];
+    let mut summs = [[0f32; R]; C];
     let wp = w.as_ptr();
     let (xq, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
     for b in 0..nb {
-        let p = wp.add(b * bb);
-        let dw = h(p);
-        // the block's 32 weights as bytes, element order
-        let qw = match T {
-            Q8_0 => _mm256_loadu_si256(p.add(2) as *const __m256i),
-            _ => {
-                let off = if T == Q4_1 { 4 } else { 2 };
-                let t = _mm_loadu_si128(p.add(off) as *const __m128i);
-                let both = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
-                let nib = _mm256_and_si256(both, mask);
-                if T == Q4_1 {
-                    nib
-                } else {
-                    _mm256_sub_epi8(nib, _mm256_set1_epi8(8))
+        let mut qxs = [_mm256_setzero_si256(); R];
+        for (i, q) in qxs.iter_mut().enumerate() {
+            *q = _mm256_loadu_si256(xq.add((rows[i] * nb + b) * QK) as *const __m256i);
+        }
+        for c in 0..C {
+            let p = wp.add(c * rb + b * bb);
+            let dw = h(p);
+            // the block's 32 weights as bytes, element order
+            let qw = match T {
+                Q8_0 => _mm256_loadu_si256(p.add(2) as *const __m256i),
+                _ => {
+                    let off = if T == Q4_1 { 4 } else { 2 };
+                    let t = _mm_loadu_si128(p.add(off) as *const __m128i);
+                    let both = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
+                    let nib = _mm256_and_si256(both, mask);
+                    if T == Q4_1 {
+                        nib
+                    } else {
+                        _mm256_sub_epi8(nib, _mm256_set1_epi8(8))
+                    }
                 }
-            }
-        };
-        let aw = _mm256_sign_epi8(qw, qw);
-        for i in 0..R {
-            let xb = rows[i] * nb + b;
-            let qx = _mm256_loadu_si256(xq.add(xb * QK) as *const __m256i);
-            let prod = if T == Q4_1 {
-                _mm256_maddubs_epi16(qw, qx)
-            } else {
-                _mm256_maddubs_epi16(aw, _mm256_sign_epi8(qx, qw))
             };
-            let isum = _mm256_madd_epi16(prod, ones);
-            let d = _mm256_set1_ps(dw * *xd.add(xb));
-            acc[i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum), acc[i]);
-            if T == Q4_1 {
-                summs[i] += h(p.add(2)) * *xs.add(xb);
+            let aw = _mm256_sign_epi8(qw, qw);
+            let m = if T == Q4_1 { h(p.add(2)) } else { 0.0 };
+            for i in 0..R {
+                let xb = rows[i] * nb + b;
+                let prod = if T == Q4_1 {
+                    _mm256_maddubs_epi16(qw, qxs[i])
+                } else {
+                    _mm256_maddubs_epi16(aw, _mm256_sign_epi8(qxs[i], qw))
+                };
+                let isum = _mm256_madd_epi16(prod, ones);
+                let d = _mm256_set1_ps(dw * *xd.add(xb));
+                acc[c][i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum), acc[c][i]);
+                if T == Q4_1 {
+                    summs[c][i] += m * *xs.add(xb);
+                }
             }
         }
     }
-    let mut out = [0f32; R];
-    for i in 0..R {
-        let mut a = [0f32; 8];
-        _mm256_storeu_ps(a.as_mut_ptr(), acc[i]);
-        out[i] = hsum8(a) + summs[i];
+    let mut out = [[0f32; R]; C];
+    for c in 0..C {
+        for i in 0..R {
+            let mut a = [0f32; 8];
+            _mm256_storeu_ps(a.as_mut_ptr(), acc[c][i]);
+            out[c][i] = hsum8(a) + summs[c][i];
+        }
     }
     out
+}
+
+/// [`dot_avx2`] for type `ty` over weight rows `c..c+C` and activation rows `r..r+R`, stored.
+///
+/// # Safety
+/// As [`dot_avx2`]; `put` writes output (row, column).
+#[cfg(target_arch = "x86_64")]
+unsafe fn tile_avx2<const C: usize, const R: usize>(
+    w: &QMatrix,
+    row0: usize,
+    x: &QActs,
+    c: usize,
+    r: usize,
+    put: &impl Fn(usize, usize, f32),
+) {
+    let rb = w.row_bytes();
+    let ws = &w.data[(row0 + c) * rb..(row0 + c + C) * rb];
+    let rows: [usize; R] = std::array::from_fn(|i| r + i);
+    let v = match w.ty {
+        QType::Q8_0 => dot_avx2::<0, C, R>(ws, rb, x, rows),
+        QType::Q4_0 => dot_avx2::<1, C, R>(ws, rb, x, rows),
+        QType::Q4_1 => dot_avx2::<2, C, R>(ws, rb, x, rows),
+    };
+    for (ci, vc) in v.iter().enumerate() {
+        for (ri, &val) in vc.iter().enumerate() {
+            put(r + ri, c + ci, val);
+        }
+    }
 }
 
 /// Output columns per parallel task of [`qlinear_rows`] (at least).
@@ -418,46 +462,52 @@ pub fn qlinear_rows(
             let dst = unsafe { &mut *ptr.get().add(r * o + c) };
             *dst = if accumulate { *dst + v } else { v };
         };
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // tiles of 4 weight rows x 1 activation row (decoding: independent chains),
+            // or 2 x 4 (prefill: each block unpacked once for 4 rows); edges one by one
+            // SAFETY: AVX2/FMA/F16C checked; tiles stay inside columns c0..c1 of rows
+            // row0.. of w and rows 0..n of x.
+            unsafe {
+                let mut c = c0;
+                if n < 4 {
+                    while c + 4 <= c1 {
+                        for r in 0..n {
+                            tile_avx2::<4, 1>(w, row0, x, c, r, &put);
+                        }
+                        c += 4;
+                    }
+                } else {
+                    while c + 2 <= c1 {
+                        let mut r = 0;
+                        while r + 4 <= n {
+                            tile_avx2::<2, 4>(w, row0, x, c, r, &put);
+                            r += 4;
+                        }
+                        for r in r..n {
+                            tile_avx2::<2, 1>(w, row0, x, c, r, &put);
+                        }
+                        c += 2;
+                    }
+                }
+                for c in c..c1 {
+                    for r in 0..n {
+                        tile_avx2::<1, 1>(w, row0, x, c, r, &put);
+                    }
+                }
+            }
+            return;
+        }
         for c in c0..c1 {
             let wr = &w.data[(row0 + c) * rb..(row0 + c + 1) * rb];
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                let mut r = 0;
-                while r + 4 <= n {
-                    let rows = [r, r + 1, r + 2, r + 3];
-                    // SAFETY: AVX2/FMA/F16C checked; wr is one row; rows < n.
-                    let v = unsafe {
-                        match w.ty {
-                            QType::Q8_0 => dot_avx2::<0, 4>(wr, x, rows),
-                            QType::Q4_0 => dot_avx2::<1, 4>(wr, x, rows),
-                            QType::Q4_1 => dot_avx2::<2, 4>(wr, x, rows),
-                        }
-                    };
-                    for (i, v) in v.into_iter().enumerate() {
-                        put(r + i, c, v);
-                    }
-                    r += 4;
-                }
-                while r < n {
-                    // SAFETY: as above.
-                    let [v] = unsafe {
-                        match w.ty {
-                            QType::Q8_0 => dot_avx2::<0, 1>(wr, x, [r]),
-                            QType::Q4_0 => dot_avx2::<1, 1>(wr, x, [r]),
-                            QType::Q4_1 => dot_avx2::<2, 1>(wr, x, [r]),
-                        }
-                    };
-                    put(r, c, v);
-                    r += 1;
-                }
-                continue;
-            }
             for r in 0..n {
                 put(r, c, dot_ref(w.ty, wr, x, r));
             }
         }
     };
-    if tasks <= 1 || n * o * w.cols < 1 << 15 || crate::par::in_worker() {
+    // NOTE: parallel also inside a rayon worker (the serving engine decodes on one): a
+    // decode step has no outer parallel loop to leave the other cores to.
+    if tasks <= 1 || n * o * w.cols < 1 << 15 {
         (0..tasks).for_each(run);
     } else {
         (0..tasks).into_par_iter().for_each(run);
