@@ -15,14 +15,17 @@ use train::manifest::InitRecord;
 use train::trainer::Init;
 
 /// A run dir (its latest checkpoint) or a checkpoint dir, with its tokenizer, ready to
-/// generate.
-pub fn load_reasoner(path: &Path) -> Result<Reasoner> {
+/// generate; `quant` as [`quant_weights`]' flag (`auto`: an imported file's own types).
+pub fn load_reasoner(path: &Path, quant: &str) -> Result<Reasoner> {
     let run = load_run(path)?;
     let tok = run_tokenizer(path, &run.checkpoint)?;
     let chat = Arc::new(run_chat_format(path, &run.checkpoint, tok.clone())?);
+    let source = source_quant(path, &run.checkpoint);
+    let quant = quant_weights(&run.cfg.model, &run.params, &source, quant)?;
     Ok(Reasoner {
         cfg: run.cfg.model,
         params: run.params,
+        quant,
         tok,
         chat,
         checkpoint: run.checkpoint,

@@ -19,6 +19,10 @@ pub struct ChatArgs {
     /// Run dir (its latest checkpoint) or a checkpoint dir.
     #[arg(long)]
     run: PathBuf,
+    /// Matrices to multiply by: auto (an imported GGUF model's own quantized types, else
+    /// f32), f32, or q8_0 / q4_0 / q4_1 for every matrix (quantized in memory at load).
+    #[arg(long, default_value = "auto")]
+    quant: String,
     /// Do not print the reasoning, only the answer.
     #[arg(long)]
     hide_reasoning: bool,
@@ -41,12 +45,13 @@ const HELP: &str =
     "Type a message and press Enter. /reset forgets the conversation, /exit (or Ctrl-D) quits.";
 
 pub fn run(a: ChatArgs) -> Result<()> {
-    let r = load_reasoner(&a.run)?;
+    let r = load_reasoner(&a.run, &a.quant)?;
     let chat = r.chat.clone();
     let cfg = r.cfg.clone();
-    let engine = Engine::start(
+    let engine = Engine::start_quant(
         &cfg,
         r.params,
+        r.quant,
         EngineConfig {
             slots: 1,
             max_queue: 1,

@@ -150,7 +150,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         "the teacher solves fresh problems; the verifier keeps the correct solutions",
         start,
     );
-    let t = load_reasoner(&teacher)?;
+    let t = load_reasoner(&teacher, "auto")?;
     let prompts: Vec<String> =
         tasks::generate_mix(&task_list, a.prompts, a.seed + 1, None, Split::Train)
             .into_iter()
@@ -217,7 +217,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         ("student (distilled)", &student),
         ("student (answers only)", &baseline),
     ] {
-        let r = load_reasoner(dir)?;
+        let r = load_reasoner(dir, "auto")?;
         let (bar, mut tick) = task_bar("eval", a.eval_n);
         let e = evaluate_tasks(
             &r,

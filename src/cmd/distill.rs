@@ -228,7 +228,7 @@ pub fn train(a: TrainArgs) -> Result<train::trainer::Outcome> {
     let teacher = match &a.teacher {
         None => None,
         Some(t) => {
-            let r = load_reasoner(t)?;
+            let r = load_reasoner(t, "auto")?;
             if tokenizer::Tokenizer::from_file(&tokenizer)?.to_json()? != r.tok.to_json()? {
                 bail!(
                     "the teacher {} and the student (tokenizer {}) use different tokenizers; distillation needs one vocabulary: drop --tokenizer or pass the teacher's",
@@ -301,7 +301,7 @@ fn generate_cmd(
     if k == 0 || n == 0 {
         bail!("--n and --k must be at least 1");
     }
-    let r = load_reasoner(teacher)?;
+    let r = load_reasoner(teacher, "auto")?;
     // NOTE: traces are training data, so they come from the train split only.
     let prompts: Vec<String> = tasks::generate_mix(&task_list, n, seed, difficulty, Split::Train)
         .into_iter()

@@ -133,7 +133,7 @@ fn eval_task(
     if n == 0 {
         bail!("--n must be at least 1");
     }
-    let r = load_reasoner(run)?;
+    let r = load_reasoner(run, "auto")?;
     let (bar, mut tick) = task_bar("eval", n);
     let e =
         infer::tasks::evaluate_tasks(&r, &task_list, n, seed, difficulty, split, slots, &mut tick);
@@ -182,7 +182,7 @@ fn eval_passkey(a: &EvalArgs) -> Result<()> {
             bail!("--heatmap {}: expected a .svg file", p.display());
         }
     }
-    let r = load_reasoner(&a.run)?;
+    let r = load_reasoner(&a.run, "auto")?;
     let end = r.tok.special("<|end|>").unwrap_or(0);
     let longest = *a.context.iter().max().expect("non-empty");
     let spec = infer::passkey::Spec {

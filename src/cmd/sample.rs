@@ -17,6 +17,10 @@ pub struct SampleArgs {
     /// Run dir (its latest checkpoint) or a checkpoint dir.
     #[arg(long)]
     run: PathBuf,
+    /// Matrices to multiply by: auto (an imported GGUF model's own quantized types, else
+    /// f32), f32, or q8_0 / q4_0 / q4_1 for every matrix (quantized in memory at load).
+    #[arg(long, default_value = "auto")]
+    quant: String,
     /// Text to continue.
     #[arg(long, default_value = "")]
     prompt: String,
@@ -44,7 +48,10 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let stops = chat.stop_tokens();
     let mut prompt = chat.prefix().to_vec();
     prompt.extend(tok.encode(&a.prompt));
+    let source = crate::runs::source_quant(&a.run, &lr.checkpoint);
+    let quant = crate::runs::quant_weights(&lr.cfg.model, &lr.params, &source, &a.quant)?;
     let mut dec = Decoder::new(&lr.cfg.model);
+    dec.set_quant(quant);
     if prompt.len() >= dec.remaining() {
         bail!(
             "the prompt is {} tokens; this model's context is {} tokens",

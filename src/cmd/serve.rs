@@ -17,6 +17,10 @@ pub struct ServeArgs {
     /// Run dir (its latest checkpoint) or a checkpoint dir.
     #[arg(long)]
     run: PathBuf,
+    /// Matrices to multiply by: auto (an imported GGUF model's own quantized types, else
+    /// f32), f32, or q8_0 / q4_0 / q4_1 for every matrix (quantized in memory at load).
+    #[arg(long, default_value = "auto")]
+    quant: String,
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: String,
     /// API keys and usage ledger (SQLite). While it holds no key, the API is open.
@@ -67,7 +71,7 @@ fn seconds(flag: &str, secs: f64) -> Result<Duration> {
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
-    let r = load_reasoner(&a.run)?;
+    let r = load_reasoner(&a.run, &a.quant)?;
     let chat = r.chat.clone();
     let keys = KeyStore::open(&a.keys_db)?;
     let n_keys = keys.list()?.iter().filter(|k| k.revoked.is_none()).count();
@@ -87,9 +91,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let header_timeout = seconds("--header-timeout", a.header_timeout)?;
     let body_timeout = seconds("--body-timeout", a.body_timeout)?;
     let cfg = r.cfg.clone();
-    let engine = Engine::start(
+    let engine = Engine::start_quant(
         &cfg,
         r.params,
+        r.quant,
         EngineConfig {
             slots: a.slots,
             max_queue: a.max_queue,

@@ -119,6 +119,11 @@ impl<K: Copy> Batch<K> {
         }
     }
 
+    /// Multiply by quantized copies of the matrices ([`BatchDecoder::set_quant`]).
+    pub fn set_quant(&mut self, q: Option<std::sync::Arc<model::quant::QuantWeights>>) {
+        self.dec.set_quant(q);
+    }
+
     /// Sequences decoding now.
     pub fn len(&self) -> usize {
         self.active.iter().filter(|a| a.is_some()).count()

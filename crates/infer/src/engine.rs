@@ -7,6 +7,7 @@
 //! What it is not: HTTP, tokenization or the chat template (see `chat.rs`).
 
 use crate::batch::{Batch, Event, Seq};
+use model::quant::QuantWeights;
 use model::ModelConfig;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -82,6 +83,16 @@ pub struct Engine {
 impl Engine {
     /// Starts the worker thread for a model's config and parameters.
     pub fn start(cfg: &ModelConfig, params: Vec<f32>, ec: EngineConfig) -> Engine {
+        Engine::start_quant(cfg, params, None, ec)
+    }
+
+    /// [`Engine::start`] multiplying by quantized copies of the matrices (`quant`).
+    pub fn start_quant(
+        cfg: &ModelConfig,
+        params: Vec<f32>,
+        quant: Option<Arc<QuantWeights>>,
+        ec: EngineConfig,
+    ) -> Engine {
         let (tx, rx) = mpsc::channel::<Job>();
         let shared = Arc::new(Shared::default());
         let worker = {
@@ -98,7 +109,7 @@ impl Engine {
                         .thread_name(|i| format!("moelab-decode-{i}"))
                         .build()
                         .expect("build the decode thread pool");
-                    pool.install(|| run(cfg, params, ec, rx, shared))
+                    pool.install(|| run(cfg, params, quant, ec, rx, shared))
                 })
                 .expect("spawn the engine thread")
         };
@@ -171,11 +182,13 @@ impl Drop for Engine {
 fn run(
     cfg: ModelConfig,
     params: Vec<f32>,
+    quant: Option<Arc<QuantWeights>>,
     ec: EngineConfig,
     rx: mpsc::Receiver<Job>,
     shared: Arc<Shared>,
 ) {
     let mut batch: Batch<u64> = Batch::new(&cfg, ec.slots);
+    batch.set_quant(quant);
     let mut sinks: HashMap<u64, Sink> = HashMap::new();
     let mut pending: VecDeque<Job> = VecDeque::new();
     let mut next_id = 0u64;

@@ -4,6 +4,7 @@
 
 use crate::batch::{Batch, Event, Finish, Seq};
 use crate::sampling::SamplingParams;
+use model::quant::QuantWeights;
 use model::ModelConfig;
 use std::collections::VecDeque;
 
@@ -22,18 +23,21 @@ pub struct Generated {
     pub finish: Finish,
 }
 
-/// Generates every request with up to `slots` in flight. `stop` tokens end a request.
+/// Generates every request with up to `slots` in flight, multiplying by `quant` where it
+/// has a matrix (None: f32 throughout). `stop` tokens end a request.
 /// `on_done(i, &g)` is called as request i finishes (for progress bars). A prompt that does
 /// not fit in the context (or is empty) finishes at once with no tokens and `Length`.
 pub fn generate(
     cfg: &ModelConfig,
     params: &[f32],
+    quant: Option<&std::sync::Arc<QuantWeights>>,
     reqs: &[Request],
     slots: usize,
     stop: &[u32],
     on_done: &mut dyn FnMut(usize, &Generated),
 ) -> Vec<Generated> {
     let mut batch = Batch::new(cfg, slots.max(1).min(reqs.len().max(1)));
+    batch.set_quant(quant.cloned());
     let mut out: Vec<Vec<u32>> = vec![vec![]; reqs.len()];
     let mut results: Vec<Option<Generated>> = vec![None; reqs.len()];
     let mut queue: VecDeque<usize> = (0..reqs.len()).collect();

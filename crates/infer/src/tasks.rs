@@ -22,6 +22,8 @@ pub const EVAL_SEED: u64 = 1000;
 pub struct Reasoner {
     pub cfg: ModelConfig,
     pub params: Vec<f32>,
+    /// Quantized copies of the matrices inference multiplies by (None: f32).
+    pub quant: Option<Arc<model::quant::QuantWeights>>,
     pub tok: Tokenizer,
     /// How the model chats: moelab's format, or an imported model's template (`chat.json`).
     pub chat: Arc<ChatFormat>,
@@ -104,11 +106,19 @@ pub fn attempt(
     };
     let start = Instant::now();
     let (mut produced, mut done) = (0usize, 0usize);
-    let out = generate(&r.cfg, &r.params, &reqs, slots, &stops, &mut |_, g| {
-        produced += g.tokens.len();
-        done += 1;
-        progress(done, produced);
-    });
+    let out = generate(
+        &r.cfg,
+        &r.params,
+        r.quant.as_ref(),
+        &reqs,
+        slots,
+        &stops,
+        &mut |_, g| {
+            produced += g.tokens.len();
+            done += 1;
+            progress(done, produced);
+        },
+    );
     let secs = start.elapsed().as_secs_f64();
     let attempts = out
         .iter()

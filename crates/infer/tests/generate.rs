@@ -33,6 +33,7 @@ fn batched_generation_equals_one_at_a_time() {
             generate(
                 &cfg.model,
                 &params,
+                None,
                 std::slice::from_ref(r),
                 1,
                 &[],
@@ -43,7 +44,7 @@ fn batched_generation_equals_one_at_a_time() {
         .collect();
     for slots in [2, 3, 8] {
         let mut done = vec![];
-        let batched = generate(&cfg.model, &params, &reqs, slots, &[], &mut |i, _| {
+        let batched = generate(&cfg.model, &params, None, &reqs, slots, &[], &mut |i, _| {
             done.push(i)
         });
         done.sort();
@@ -60,7 +61,15 @@ fn batched_generation_equals_one_at_a_time() {
     }
     // a stop token ends a request right after it is generated
     let stop = alone[1].tokens[2];
-    let g = generate(&cfg.model, &params, &reqs[1..2], 1, &[stop], &mut |_, _| {});
+    let g = generate(
+        &cfg.model,
+        &params,
+        None,
+        &reqs[1..2],
+        1,
+        &[stop],
+        &mut |_, _| {},
+    );
     let first = alone[1].tokens.iter().position(|&t| t == stop).unwrap();
     assert_eq!(g[0].tokens, alone[1].tokens[..=first]);
     assert_eq!(g[0].finish, Finish::Stop);
@@ -69,7 +78,7 @@ fn batched_generation_equals_one_at_a_time() {
         prompt: vec![1; cfg.model.max_seq_len],
         ..reqs[0].clone()
     };
-    let g = generate(&cfg.model, &params, &[long], 2, &[], &mut |_, _| {});
+    let g = generate(&cfg.model, &params, None, &[long], 2, &[], &mut |_, _| {});
     assert!(g[0].tokens.is_empty() && g[0].finish == Finish::Length);
 }
 
@@ -109,7 +118,7 @@ fn engine_requests_from_many_threads_equal_generation_alone() {
     let cfg = Config::from_toml(include_str!("../../../configs/tiny.toml")).unwrap();
     let params = Model::new(&cfg.model, 1, 1, 9).params;
     let reqs = requests(cfg.model.vocab_size as u32);
-    let alone = generate(&cfg.model, &params, &reqs, 1, &[], &mut |_, _| {});
+    let alone = generate(&cfg.model, &params, None, &reqs, 1, &[], &mut |_, _| {});
     let engine = Engine::start(
         &cfg.model,
         params.clone(),

@@ -320,3 +320,65 @@ fn prefill_equals_token_by_token() {
         }
     }
 }
+
+/// Quantized decoding (Q8_0, Q4_0, Q4_1 matrices): the same bits for 1, 2 and 4 threads,
+/// for a prompt fed in one forward or token by token, and alone or batched with another
+/// sequence; the logits stay near the f32 decoder's.
+#[test]
+fn quantized_decode_is_deterministic_and_near_f32() {
+    use kernels::quant::QType;
+    use model::quant::QuantWeights;
+    use std::sync::Arc;
+    let cfg = Config::from_toml(include_str!("../../../configs/tiny.toml"))
+        .unwrap()
+        .model;
+    let params = Model::new(&cfg, 1, 1, 11).params;
+    let v = cfg.vocab_size;
+    let toks: Vec<u32> = (0..40).map(|i| ((i * 37 + 5) % v) as u32).collect();
+    let mut f32_dec = Decoder::new(&cfg);
+    let want = f32_dec.feed(&params, &toks).to_vec();
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    for ty in QType::ALL {
+        let q = Arc::new(QuantWeights::uniform(&cfg, &params, ty));
+        // every multiplied matrix of the tiny model has whole blocks
+        assert!(q.names().any(|(n, _)| n == "lm_head.weight"));
+        assert!(q.names().any(|(n, _)| n.ends_with("experts.w_down")));
+        let run = |threads: usize, batched: bool| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut d = Decoder::new(&cfg);
+                d.set_quant(Some(q.clone()));
+                if batched {
+                    d.feed(&params, &toks).to_vec()
+                } else {
+                    let mut last = vec![];
+                    for &t in &toks {
+                        last = d.step(&params, t).to_vec();
+                    }
+                    last
+                }
+            })
+        };
+        let one = run(1, true);
+        assert_eq!(one, run(2, true), "{ty:?}: 2 threads");
+        assert_eq!(one, run(4, false), "{ty:?}: 4 threads, token by token");
+        // beside another sequence in a batch
+        let mut b = model::decode::BatchDecoder::new(&cfg, 2);
+        b.set_quant(Some(q.clone()));
+        b.forward(&params, &[(1, &toks[..7])], false);
+        let got = b.forward(&params, &[(0, &toks[..]), (1, &toks[7..9])], false)[..v].to_vec();
+        assert_eq!(one, got, "{ty:?}: batched");
+        let worst = one
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+            / scale;
+        println!("{ty:?}: worst logit error {worst:.3} of the largest logit");
+        let tol = if ty == QType::Q8_0 { 0.02 } else { 0.25 };
+        assert!(worst < tol, "{ty:?}: quantized logits off by {worst}");
+    }
+}
