@@ -46,8 +46,11 @@ pub enum BenchCmd {
 pub struct DecodeBench {
     /// A run dir (its latest checkpoint), a checkpoint dir, a Hugging Face model dir or a
     /// GGUF file (imported in memory).
+    #[arg(long, required_unless_present = "config", conflicts_with = "config")]
+    run: Option<std::path::PathBuf>,
+    /// Or a config file or preset with random weights (speed does not depend on them).
     #[arg(long)]
-    run: std::path::PathBuf,
+    config: Option<String>,
     /// Prompt tokens to prefill (0: skip the prefill test).
     #[arg(long, default_value_t = 512)]
     prompt_tokens: usize,
@@ -378,7 +381,21 @@ fn decode_on_pool(a: DecodeBench) -> Result<()> {
     use model::decode::Decoder;
     let reps = a.reps.max(1);
     let t0 = Instant::now();
-    let (cfg, params, source) = load_model(&a.run, a.prompt_tokens.max(a.gen_tokens + 1))?;
+    let context = a.prompt_tokens.max(a.gen_tokens + 1);
+    let (cfg, params, source) = match (&a.run, &a.config) {
+        (Some(run), _) => load_model(run, context)?,
+        (None, Some(c)) => {
+            let mut cfg = load_config(c)?.model;
+            cfg.max_seq_len = cfg.max_seq_len.max(context);
+            let params = Model::new(&cfg, 1, 1, 0).params;
+            (cfg, params, Default::default())
+        }
+        (None, None) => anyhow::bail!("give --run or --config"),
+    };
+    let what = match (&a.run, &a.config) {
+        (Some(r), _) => r.display().to_string(),
+        (None, c) => format!("{} (random weights)", c.as_deref().unwrap_or("")),
+    };
     let quant = crate::runs::quant_weights(&cfg, &params, &source, &a.quant)?;
     let load_s = t0.elapsed().as_secs_f64();
     let weights = crate::runs::describe_quant(quant.as_deref());
@@ -425,7 +442,7 @@ fn decode_on_pool(a: DecodeBench) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "run": a.run.display().to_string(),
+                "model": what,
                 "threads": threads,
                 "prompt_tokens": a.prompt_tokens,
                 "gen_tokens": a.gen_tokens,
@@ -440,8 +457,7 @@ fn decode_on_pool(a: DecodeBench) -> Result<()> {
         );
     } else {
         println!(
-            "{}: {} parameters ({weights}), {} threads, loaded in {load_s:.2} s",
-            a.run.display(),
+            "{what}: {} parameters ({weights}), {} threads, loaded in {load_s:.2} s",
             params.len(),
             threads
         );

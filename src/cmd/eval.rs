@@ -1,5 +1,6 @@
 //! `moelab eval`: a run's validation loss on a data dir, or its accuracy on held-out
-//! reasoning problems (`--task`).
+//! reasoning problems (`--task`), passkey retrieval, or perplexity on a text file computed
+//! as llama.cpp's `llama-perplexity` does.
 
 use crate::runs::{load_reasoner, run_tokenizer_path, task_bar};
 use anyhow::{bail, Context, Result};
@@ -12,7 +13,7 @@ use train::eval::evaluate;
 use train::load_run;
 
 /// `--help` examples.
-pub const EXAMPLES: &str = "Examples:\n  moelab eval --run runs/shk --data data/shk\n  moelab eval --run runs/student --task all --n 400\n  moelab eval --run runs/pk4k --task passkey --context 512,1024,2048,4096 --heatmap pk4k.svg";
+pub const EXAMPLES: &str = "Examples:\n  moelab eval --run runs/shk --data data/shk\n  moelab eval --run runs/student --task all --n 400\n  moelab eval --run runs/pk4k --task passkey --context 512,1024,2048,4096 --heatmap pk4k.svg\n  moelab eval --run runs/smollm2 --task perplexity --text valid.txt --context 512 --quant f32";
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -24,15 +25,24 @@ pub struct EvalArgs {
     data: Option<PathBuf>,
     /// Reasoning tasks (add, mul, expr, sort, comma-separated or all): exact-match accuracy
     /// of greedy answers on held-out problems. `passkey`: retrieval of a number hidden in
-    /// filler text, by context length (--context) and depth (--depths).
+    /// filler text, by context length (--context) and depth (--depths). `perplexity`: of a
+    /// text file (--text), as llama.cpp's llama-perplexity computes it.
     #[arg(long)]
     task: Option<String>,
+    /// --task perplexity: the text file.
+    #[arg(long)]
+    text: Option<PathBuf>,
+    /// --task perplexity: matrices to multiply by: auto (an imported GGUF model's own
+    /// quantized types, else f32), f32, q8_0, q4_0 or q4_1.
+    #[arg(long, default_value = "auto")]
+    quant: String,
     /// --data: at most N batches (default: the whole split). --task: N problems (default
     /// 400); passkey: N keys per (context, depth) cell (default 10).
     #[arg(long)]
     n: Option<u64>,
     /// --task passkey: context lengths in tokens, comma-separated (lengths past the model's
-    /// max_seq_len are evaluated as they are).
+    /// max_seq_len are evaluated as they are). --task perplexity: the first is the chunk
+    /// length.
     #[arg(long, value_delimiter = ',', default_value = "512,1024,2048,4096")]
     context: Vec<usize>,
     /// --task passkey: needle depths in percent of the filler before it, comma-separated.
@@ -71,6 +81,9 @@ pub struct EvalArgs {
 pub fn run(a: EvalArgs) -> Result<()> {
     if a.task.as_deref() == Some("passkey") {
         return eval_passkey(&a);
+    }
+    if a.task.as_deref() == Some("perplexity") {
+        return eval_perplexity(&a);
     }
     if let Some(t) = &a.task {
         let n = a.n.unwrap_or(400) as usize;
@@ -116,6 +129,97 @@ pub fn run(a: EvalArgs) -> Result<()> {
 
 /// `moelab eval --run RUN --task NAMES [--split dev|test]`.
 #[allow(clippy::too_many_arguments)]
+/// Perplexity of a text as llama.cpp's `llama-perplexity` computes it: the text's tokens in
+/// chunks of `--context` (the last partial chunk dropped; a one-token start prefix, such as
+/// moelab's <|end|> or an imported model's BOS, replaces each chunk's first token), every
+/// chunk on an empty cache, and each token of a chunk's second half scored given all before
+/// it in the chunk. Prints `PPL = x +/- e` (e from the variance of the token NLLs).
+fn eval_perplexity(a: &EvalArgs) -> Result<()> {
+    let path = a
+        .text
+        .as_ref()
+        .context("--task perplexity needs --text FILE")?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--text {}: cannot read it as UTF-8 text", path.display()))?;
+    let ctx = a.context[0];
+    if ctx < 4 {
+        bail!("--context {ctx}: too short a chunk");
+    }
+    let r = load_reasoner(&a.run, &a.quant)?;
+    if ctx > r.cfg.max_seq_len {
+        bail!(
+            "--context {ctx} exceeds the model's context of {} tokens",
+            r.cfg.max_seq_len
+        );
+    }
+    let toks = r.tok.encode(&text);
+    let mut chunks = toks.len() / ctx;
+    if let Some(n) = a.n {
+        chunks = chunks.min(n as usize);
+    }
+    if chunks == 0 {
+        bail!(
+            "--text {}: {} tokens, fewer than one chunk of {ctx}",
+            path.display(),
+            toks.len()
+        );
+    }
+    let start = match r.chat.prefix() {
+        [t] => Some(*t),
+        _ => None,
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(rayon::current_num_threads())
+        .build()?;
+    let (bar, mut tick) = task_bar("perplexity", chunks);
+    let t0 = std::time::Instant::now();
+    let (nll, nll2, count) = pool.install(|| {
+        let mut dec = model::decode::Decoder::new(&r.cfg);
+        dec.set_quant(r.quant.clone());
+        let (mut nll, mut nll2, mut count) = (0f64, 0f64, 0usize);
+        let first = ctx / 2;
+        for c in 0..chunks {
+            let orig = &toks[c * ctx..(c + 1) * ctx];
+            let mut chunk = orig.to_vec();
+            if let Some(s) = start {
+                chunk[0] = s;
+            }
+            dec.reset();
+            let logits = dec.logits_all(&r.params, &chunk);
+            let v = r.cfg.vocab_size;
+            for j in first..ctx - 1 {
+                let row = &logits[j * v..(j + 1) * v];
+                let m = row.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
+                let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
+                let lp = row[orig[j + 1] as usize] as f64 - m - z.ln();
+                nll -= lp;
+                nll2 += lp * lp;
+                count += 1;
+            }
+            tick(c + 1, (c + 1) * ctx);
+        }
+        (nll, nll2, count)
+    });
+    bar.finish_and_clear();
+    let mean = nll / count as f64;
+    let ppl = mean.exp();
+    let var = nll2 / count as f64 - mean * mean;
+    let err = if var > 0.0 && count > 1 {
+        (var / (count - 1) as f64).sqrt() * ppl
+    } else {
+        0.0
+    };
+    println!(
+        "{}: {} ({}), {chunks} chunks of {ctx} tokens, {count} tokens scored ({:.1} s)",
+        path.display(),
+        a.run.display(),
+        crate::runs::describe_quant(r.quant.as_deref()),
+        t0.elapsed().as_secs_f64()
+    );
+    println!("PPL = {ppl:.4} +/- {err:.5}");
+    Ok(())
+}
+
 fn eval_task(
     run: &Path,
     task_spec: &str,

@@ -466,6 +466,17 @@ impl Decoder {
         self.inner.step(params, &[(0, token)])
     }
 
+    /// Feeds `tokens` like [`Decoder::feed`] and returns the logits after every one of them
+    /// (len(tokens), V).
+    pub fn logits_all(&mut self, params: &[f32], tokens: &[u32]) -> Vec<f32> {
+        let m = self.inner.max_rows();
+        let mut out = Vec::with_capacity(tokens.len() * self.inner.cfg.vocab_size);
+        for chunk in tokens.chunks(m) {
+            out.extend_from_slice(self.inner.forward(params, &[(0, chunk)], true));
+        }
+        out
+    }
+
     /// Feeds `tokens` (a prompt) in batched forwards of up to [`BatchDecoder::max_rows`] rows
     /// and returns the logits (V) after the last one: the same bits as stepping through them.
     /// Panics when `tokens` is empty or does not fit (check [`Decoder::remaining`]).
