@@ -239,7 +239,9 @@ impl QActs {
         QActs::default()
     }
 
-    /// Quantizes `x (n, cols)`: per block `d = max|x| / 127`, `q = round(x / d)`.
+    /// Quantizes `x (n, cols)`: per block `d = max|x| / 127` and `q = round(x * 127 / max|x|)`
+    /// (ties to even), as llama.cpp's AVX2 quantizer computes them (it then stores `d` as f16;
+    /// here it stays f32).
     pub fn quantize(&mut self, x: &[f32], cols: usize) {
         assert!(cols.is_multiple_of(QK) && cols > 0, "QActs: {cols} columns");
         assert!(x.len().is_multiple_of(cols), "QActs: ragged rows");
@@ -248,23 +250,35 @@ impl QActs {
         self.q.resize(x.len(), 0);
         self.d.resize(nb, 0.0);
         self.s.resize(nb, 0.0);
-        for (b, xb) in x.chunks_exact(QK).enumerate() {
-            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, &v) in self.q[b * QK..(b + 1) * QK].iter_mut().zip(xb) {
-                *q = (v * id).round() as i8;
-                sum += *q as i32;
-            }
-            self.d[b] = d;
-            self.s[b] = d * sum as f32;
-        }
+        quantize_acts(x, &mut self.q, &mut self.d, &mut self.s);
     }
 
     /// Rows held.
     pub fn rows(&self) -> usize {
         self.q.len().checked_div(self.cols).unwrap_or(0)
+    }
+}
+
+crate::simd! {
+    /// [`QActs::quantize`]'s blocks.
+    fn quantize_acts(x: &[f32], q: &mut [i8], ds: &mut [f32], ss: &mut [f32]) {
+        for (((xb, qb), d), s) in x
+            .chunks_exact(QK)
+            .zip(q.chunks_exact_mut(QK))
+            .zip(ds.iter_mut())
+            .zip(ss.iter_mut())
+        {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let dd = amax / 127.0;
+            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+            let mut sum = 0i32;
+            for (q, &v) in qb.iter_mut().zip(xb) {
+                *q = (v * id).round_ties_even() as i8;
+                sum += *q as i32;
+            }
+            *d = dd;
+            *s = dd * sum as f32;
+        }
     }
 }
 
