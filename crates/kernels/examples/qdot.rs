@@ -25,10 +25,10 @@ fn main() {
                     a.quantize(&x, cols);
                     let mut out = vec![0.0; n * rows];
                     let reps = (200_000_000 / (rows * cols * n)).max(1);
-                    qlinear_rows(&mut out, &a, &m, 0, rows, false);
+                    qlinear_rows(&mut out, &a, m.view(), 0, rows, false);
                     let t = Instant::now();
                     for _ in 0..reps {
-                        qlinear_rows(&mut out, &a, &m, 0, rows, false);
+                        qlinear_rows(&mut out, &a, m.view(), 0, rows, false);
                     }
                     let s = t.elapsed().as_secs_f64() / reps as f64;
                     let gmac = (rows * cols * n) as f64 / s / 1e9;

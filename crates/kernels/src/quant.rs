@@ -185,20 +185,8 @@ pub struct QMatrix {
 impl QMatrix {
     /// Quantizes `w (rows, cols)`.
     pub fn quantize(ty: QType, w: &[f32], rows: usize, cols: usize) -> QMatrix {
-        assert_eq!(w.len(), rows * cols, "QMatrix::quantize sizes");
-        assert!(
-            cols.is_multiple_of(QK),
-            "{cols} columns is not a whole number of {QK}-value blocks"
-        );
-        let rb = cols / QK * ty.block_bytes();
-        let mut data = vec![0u8; rows * rb];
-        data.par_chunks_mut(rb.max(1))
-            .zip(w.par_chunks(cols.max(1)))
-            .for_each(|(o, r)| {
-                let mut v = Vec::with_capacity(rb);
-                quantize_row(ty, r, &mut v);
-                o.copy_from_slice(&v);
-            });
+        let mut data = vec![0u8; QMatrix::size(ty, rows, cols)];
+        quantize_into(ty, w, rows, cols, &mut data);
         QMatrix {
             ty,
             rows,
@@ -207,9 +195,24 @@ impl QMatrix {
         }
     }
 
+    /// Bytes of a (rows, cols) matrix of type `ty`.
+    pub fn size(ty: QType, rows: usize, cols: usize) -> usize {
+        rows * (cols / QK) * ty.block_bytes()
+    }
+
     /// Bytes of one row.
     pub fn row_bytes(&self) -> usize {
         self.cols / QK * self.ty.block_bytes()
+    }
+
+    /// The matrix as the kernels take it.
+    pub fn view(&self) -> QView<'_> {
+        QView {
+            ty: self.ty,
+            rows: self.rows,
+            cols: self.cols,
+            data: &self.data,
+        }
     }
 
     /// The raw blocks (GGUF's layout).
@@ -221,6 +224,110 @@ impl QMatrix {
         let mut out = vec![0.0; self.rows * self.cols];
         dequantize_row(self.ty, &self.data, &mut out);
         out
+    }
+}
+
+/// Quantizes `w (rows, cols)` into `out` ([`QMatrix::size`] bytes), rows in parallel.
+pub fn quantize_into(ty: QType, w: &[f32], rows: usize, cols: usize, out: &mut [u8]) {
+    assert_eq!(w.len(), rows * cols, "quantize_into sizes");
+    assert!(
+        cols.is_multiple_of(QK),
+        "{cols} columns is not a whole number of {QK}-value blocks"
+    );
+    let rb = cols / QK * ty.block_bytes();
+    assert_eq!(out.len(), rows * rb, "quantize_into output size");
+    out.par_chunks_mut(rb.max(1))
+        .zip(w.par_chunks(cols.max(1)))
+        .for_each(|(o, r)| {
+            let mut v = Vec::with_capacity(rb);
+            quantize_row(ty, r, &mut v);
+            o.copy_from_slice(&v);
+        });
+}
+
+/// A borrowed quantized matrix: what [`qlinear_rows`] multiplies by.
+#[derive(Clone, Copy, Debug)]
+pub struct QView<'a> {
+    pub ty: QType,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: &'a [u8],
+}
+
+impl QView<'_> {
+    fn row_bytes(&self) -> usize {
+        self.cols / QK * self.ty.block_bytes()
+    }
+}
+
+/// A byte buffer for weights that are streamed once per token: 2 MiB-aligned and advised
+/// to the kernel as transparent-huge-page memory (Linux), so that streaming it crosses no
+/// 4 KiB page boundaries (where hardware prefetchers stop) and misses the TLB rarely.
+/// Zero-filled.
+pub struct WeightBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: WeightBuf owns its allocation like a Vec<u8>.
+unsafe impl Send for WeightBuf {}
+unsafe impl Sync for WeightBuf {}
+
+const HUGE: usize = 2 << 20;
+
+impl WeightBuf {
+    pub fn new(len: usize) -> WeightBuf {
+        if len == 0 {
+            return WeightBuf {
+                ptr: std::ptr::NonNull::dangling().as_ptr(),
+                len: 0,
+            };
+        }
+        let layout = WeightBuf::layout(len);
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc(layout) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        #[cfg(target_os = "linux")]
+        // SAFETY: [ptr, ptr + size) is this allocation; madvise only advises (a failure
+        // leaves ordinary pages).
+        unsafe {
+            libc::madvise(ptr as *mut libc::c_void, layout.size(), libc::MADV_HUGEPAGE);
+        }
+        // SAFETY: the allocation holds layout.size() >= len bytes; zeroing after the advice
+        // makes the first touch fault in huge pages.
+        unsafe { std::ptr::write_bytes(ptr, 0, len) };
+        WeightBuf { ptr, len }
+    }
+
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(len.next_multiple_of(HUGE), HUGE)
+            .expect("weight buffer layout")
+    }
+}
+
+impl std::ops::Deref for WeightBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr holds len initialised bytes (or is dangling with len 0).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for WeightBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as Deref, and &mut self is unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for WeightBuf {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: allocated in `new` with this layout.
+            unsafe { std::alloc::dealloc(self.ptr, WeightBuf::layout(self.len)) };
+        }
     }
 }
 
@@ -413,7 +520,7 @@ unsafe fn dot_avx2<const T: u8, const C: usize, const R: usize>(
 /// As [`dot_avx2`]; `put` writes output (row, column).
 #[cfg(target_arch = "x86_64")]
 unsafe fn tile_avx2<const C: usize, const R: usize>(
-    w: &QMatrix,
+    w: QView,
     row0: usize,
     x: &QActs,
     c: usize,
@@ -442,14 +549,7 @@ const QCOLS_PER_TASK: usize = 16;
 /// activation rows quantized ([`QActs::quantize`] with I columns), output column c uses
 /// weight row `row0 + c`. Every output is one [`dot_ref`]-ordered dot, so the bits do not
 /// depend on N, on the thread count or on the CPU's path (AVX2 or portable).
-pub fn qlinear_rows(
-    out: &mut [f32],
-    x: &QActs,
-    w: &QMatrix,
-    row0: usize,
-    o: usize,
-    accumulate: bool,
-) {
+pub fn qlinear_rows(out: &mut [f32], x: &QActs, w: QView, row0: usize, o: usize, accumulate: bool) {
     let n = x.rows();
     assert_eq!(
         x.cols, w.cols,
@@ -589,7 +689,7 @@ mod tests {
         for ty in QType::ALL {
             let m = QMatrix::quantize(ty, &w, o, i);
             let mut got = vec![0.0; n * o];
-            qlinear_rows(&mut got, &acts, &m, 0, o, false);
+            qlinear_rows(&mut got, &acts, m.view(), 0, o, false);
             let wd = m.dequantize();
             for r in 0..n {
                 for c in 0..o {
@@ -612,7 +712,7 @@ mod tests {
             let mut one = QActs::new();
             one.quantize(&x[2 * i..3 * i], i);
             let mut part = vec![1.0; 5];
-            qlinear_rows(&mut part, &one, &m, 30, 5, true);
+            qlinear_rows(&mut part, &one, m.view(), 30, 5, true);
             for c in 0..5 {
                 assert_eq!(part[c], 1.0 + got[2 * o + 30 + c], "{ty:?} row range");
             }
@@ -622,7 +722,7 @@ mod tests {
                 .build()
                 .unwrap();
             let mut three = vec![0.0; n * o];
-            pool.install(|| qlinear_rows(&mut three, &acts, &m, 0, o, false));
+            pool.install(|| qlinear_rows(&mut three, &acts, m.view(), 0, o, false));
             assert_eq!(three, got, "{ty:?} threads");
         }
     }

@@ -6,13 +6,23 @@
 
 use crate::config::ModelConfig;
 use crate::params::Layout;
-use kernels::quant::{QMatrix, QType, QK};
+use kernels::quant::{quantize_into, QMatrix, QType, QView, WeightBuf, QK};
 use std::collections::BTreeMap;
 
-/// Quantized matrices by their offset in the parameter buffer they were made from.
-#[derive(Clone, Debug)]
+/// One quantized matrix: its tensor name, shape and bytes in the buffer.
+struct Entry {
+    name: String,
+    ty: QType,
+    rows: usize,
+    cols: usize,
+    start: usize,
+}
+
+/// Quantized matrices by their offset in the parameter buffer they were made from, all in
+/// one [`WeightBuf`] (huge pages: decoding streams every byte of it per token).
 pub struct QuantWeights {
-    mats: BTreeMap<usize, (String, QMatrix)>,
+    mats: BTreeMap<usize, Entry>,
+    buf: WeightBuf,
     total: usize,
 }
 
@@ -31,6 +41,7 @@ impl QuantWeights {
             "parameter buffer does not match the config"
         );
         let mut mats = BTreeMap::new();
+        let mut size = 0;
         for t in &lay.tensors {
             let head = t.offset == lay.lm_head;
             let name = if head {
@@ -55,15 +66,28 @@ impl QuantWeights {
             }
             if let Some(ty) = pick(name) {
                 let rows = t.len / cols;
-                let w = &params[t.offset..t.offset + t.len];
                 mats.insert(
                     t.offset,
-                    (name.to_string(), QMatrix::quantize(ty, w, rows, cols)),
+                    Entry {
+                        name: name.to_string(),
+                        ty,
+                        rows,
+                        cols,
+                        start: size,
+                    },
                 );
+                size += QMatrix::size(ty, rows, cols);
             }
+        }
+        let mut buf = WeightBuf::new(size);
+        for (&off, e) in &mats {
+            let len = QMatrix::size(e.ty, e.rows, e.cols);
+            let w = &params[off..off + e.rows * e.cols];
+            quantize_into(e.ty, w, e.rows, e.cols, &mut buf[e.start..e.start + len]);
         }
         QuantWeights {
             mats,
+            buf,
             total: lay.total,
         }
     }
@@ -75,7 +99,7 @@ impl QuantWeights {
 
     /// The quantized matrix holding the f32 weight rows `w` (a subslice of `params`) and the
     /// index of their first row, when `w` is whole rows of one.
-    pub fn find(&self, params: &[f32], w: &[f32]) -> Option<(&QMatrix, usize)> {
+    pub fn find(&self, params: &[f32], w: &[f32]) -> Option<(QView<'_>, usize)> {
         assert_eq!(
             params.len(),
             self.total,
@@ -83,21 +107,27 @@ impl QuantWeights {
         );
         let base = params.as_ptr() as usize;
         let at = (w.as_ptr() as usize).checked_sub(base)? / std::mem::size_of::<f32>();
-        let (&off, (_, m)) = self.mats.range(..=at).next_back()?;
-        let (rel, cols) = (at - off, m.cols);
-        (rel.is_multiple_of(cols) && w.len().is_multiple_of(cols) && rel + w.len() <= m.rows * cols)
-            .then_some((m, rel / cols))
+        let (&off, e) = self.mats.range(..=at).next_back()?;
+        let (rel, cols) = (at - off, e.cols);
+        let view = QView {
+            ty: e.ty,
+            rows: e.rows,
+            cols,
+            data: &self.buf[e.start..e.start + QMatrix::size(e.ty, e.rows, cols)],
+        };
+        (rel.is_multiple_of(cols) && w.len().is_multiple_of(cols) && rel + w.len() <= e.rows * cols)
+            .then_some((view, rel / cols))
     }
 
     /// Bytes of the quantized matrices.
     pub fn bytes(&self) -> usize {
-        self.mats.values().map(|(_, m)| m.bytes().len()).sum()
+        self.buf.len()
     }
 
     /// Matrices quantized, by type: (type name, count, values).
     pub fn summary(&self) -> Vec<(&'static str, usize, usize)> {
         let mut out: Vec<(&'static str, usize, usize)> = vec![];
-        for (_, m) in self.mats.values() {
+        for m in self.mats.values() {
             match out.iter_mut().find(|e| e.0 == m.ty.name()) {
                 Some(e) => {
                     e.1 += 1;
@@ -111,6 +141,6 @@ impl QuantWeights {
 
     /// The tensor names quantized, with their type.
     pub fn names(&self) -> impl Iterator<Item = (&str, QType)> {
-        self.mats.values().map(|(n, m)| (n.as_str(), m.ty))
+        self.mats.values().map(|e| (e.name.as_str(), e.ty))
     }
 }
