@@ -259,6 +259,7 @@ simd! {
         use crate::vmath::{combine, LANES};
         let full = k / LANES * LANES;
         let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+        let avx = std::arch::is_x86_feature_detected!("avx");
         let finish = |acc: [f32; LANES], xr: &[f32], wc: &[f32]| -> f32 {
             let mut tail = [0.0f32; LANES];
             for j in full..k {
@@ -266,13 +267,20 @@ simd! {
             }
             combine(acc, &tail[..k - full], |a, b| a + b)
         };
+        // NOTE: one accumulator array for all blocks, only the entries a block uses zeroed
+        // (a fresh 1 KiB array per block was a memset as costly as a one-row block's FLOPs)
+        let mut acc = [[0.0f32; LANES]; 16];
         let mut r = 0;
         while r < n {
             let rn = (n - r).min(4);
             let mut c = c0;
             while c < c1 {
                 let cn = (c1 - c).min(4);
-                let mut acc = [[0.0f32; LANES]; 16];
+                for ri in 0..rn {
+                    for ci in 0..cn {
+                        acc[ri * 4 + ci] = [0.0; LANES];
+                    }
+                }
                 if rn == 4 && cn == 4 && avx512 {
                     // SAFETY: AVX-512F is present (checked), indices are in bounds
                     // (4 rows from r, 4 columns from c, `full` <= k).
@@ -291,6 +299,14 @@ simd! {
                             }
                         }
                         p += LANES;
+                    }
+                } else if cn == 4 && avx {
+                    // fewer than 4 rows (decoding): each row against 4 columns with the
+                    // 4 x 16 accumulators in registers (independent add chains)
+                    for ri in 0..rn {
+                        // SAFETY: AVX is present (checked), row r + ri and columns c..c+4
+                        // hold `full` <= k elements.
+                        unsafe { block1x4_avx(&mut acc, ri, x, w, r + ri, c, k, full) };
                     }
                 } else {
                     for ri in 0..rn {
@@ -355,6 +371,43 @@ unsafe fn block4x4_avx512(
     }
     for (dst, v) in acc.iter_mut().zip(a) {
         _mm512_storeu_ps(dst.as_mut_ptr(), v);
+    }
+}
+
+/// One row (`r`) against 4 columns of [`rows_block`], the 4 x 16 accumulators in AVX
+/// registers, into `acc[ri * 4..ri * 4 + 4]`. Multiply then add, never fused, as the
+/// portable code computes.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx")]
+unsafe fn block1x4_avx(
+    acc: &mut [[f32; crate::vmath::LANES]; 16],
+    ri: usize,
+    x: &[f32],
+    w: &[f32],
+    r: usize,
+    c: usize,
+    k: usize,
+    full: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut a = [_mm256_setzero_ps(); 8];
+    let (xp, wp) = (x.as_ptr().add(r * k), w.as_ptr().add(c * k));
+    let mut p = 0;
+    while p < full {
+        let x0 = _mm256_loadu_ps(xp.add(p));
+        let x1 = _mm256_loadu_ps(xp.add(p + 8));
+        for ci in 0..4 {
+            let wc = wp.add(ci * k + p);
+            a[2 * ci] = _mm256_add_ps(a[2 * ci], _mm256_mul_ps(x0, _mm256_loadu_ps(wc)));
+            a[2 * ci + 1] =
+                _mm256_add_ps(a[2 * ci + 1], _mm256_mul_ps(x1, _mm256_loadu_ps(wc.add(8))));
+        }
+        p += 16;
+    }
+    for ci in 0..4 {
+        let dst = acc[ri * 4 + ci].as_mut_ptr();
+        _mm256_storeu_ps(dst, a[2 * ci]);
+        _mm256_storeu_ps(dst.add(8), a[2 * ci + 1]);
     }
 }
 

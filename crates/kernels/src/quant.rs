@@ -621,7 +621,7 @@ pub fn qlinear_rows(out: &mut [f32], x: &QActs, w: QView, row0: usize, o: usize,
     };
     // NOTE: parallel also inside a rayon worker (the serving engine decodes on one): a
     // decode step has no outer parallel loop to leave the other cores to.
-    if tasks <= 1 || n * o * w.cols < 1 << 15 {
+    if tasks <= 1 || n * o * w.cols < 1 << 17 {
         (0..tasks).for_each(run);
     } else {
         (0..tasks).into_par_iter().for_each(run);
