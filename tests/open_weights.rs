@@ -495,3 +495,92 @@ fn bad_gguf_files_are_refused_in_one_line_and_nothing_is_written() {
         assert!(!out.exists(), "{name}: nothing written");
     }
 }
+
+/// Issue 14 through the CLI: a GGUF model runs on its own quantized weights by default
+/// (`import` records them), `bench decode` times prefill and decode on the file, `sample`
+/// answers with them, and `eval --task perplexity` scores a text quantized and in f32.
+#[test]
+fn smollm2_runs_on_its_quantized_weights() {
+    let gguf = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        gguf.exists(),
+        "{} is missing: run scripts/fetch-smollm2.sh",
+        gguf.display()
+    );
+    let d = tmpdir("open-weights", "smollm2-quant");
+    let run = d.join("smol");
+    ok(&["import", s(&gguf), "--out", s(&run), "--context", "256"]);
+    let import: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("import.json")).unwrap()).unwrap();
+    assert_eq!(import["quant"]["layers.0.attn.wqkv.weight"], "q4_1");
+    assert_eq!(import["quant"]["lm_head.weight"], "q8_0");
+    let j = ok(&[
+        "bench",
+        "decode",
+        "--run",
+        s(&gguf),
+        "--prompt-tokens",
+        "64",
+        "--gen-tokens",
+        "8",
+        "--json",
+    ]);
+    let j: serde_json::Value = serde_json::from_str(j.lines().last().unwrap()).unwrap();
+    assert!(j["weights"].as_str().unwrap().contains("q4_1 x 120"), "{j}");
+    assert!(j["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(j["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    let out = ok(&[
+        "sample",
+        "--run",
+        s(&run),
+        "--prompt",
+        "The capital of France is",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "3",
+    ]);
+    assert!(out.contains("Paris"), "{out}");
+    let text = d.join("text.txt");
+    std::fs::write(
+        &text,
+        "The cat sat on the mat and looked at the door. The dog came in from the garden, \
+         shook the rain from its coat and lay down by the fire. Outside, the wind went on \
+         blowing through the trees, and the children watched the clouds roll over the hills \
+         until their mother called them in for supper. "
+            .repeat(4),
+    )
+    .unwrap();
+    let ppl = |quant: &str| -> f64 {
+        let out = ok(&[
+            "eval",
+            "--run",
+            s(&run),
+            "--task",
+            "perplexity",
+            "--text",
+            s(&text),
+            "--context",
+            "128",
+            "--quant",
+            quant,
+        ]);
+        let line = out.lines().find(|l| l.starts_with("PPL = ")).expect(&out);
+        line[6..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (q, f) = (ppl("auto"), ppl("f32"));
+    // repeated text: low perplexity, and the 4-bit weights within 10% of their f32 forward
+    assert!(q < 20.0 && f < 20.0, "quantized {q}, f32 {f}");
+    assert!((q / f - 1.0).abs() < 0.1, "quantized {q} vs f32 {f}");
+    let e = err(&["sample", "--run", s(&run), "--quant", "q5_k"]);
+    assert!(
+        e.contains("--quant q5_k: expected auto, f32, q8_0, q4_0 or q4_1"),
+        "{e}"
+    );
+}
