@@ -472,26 +472,46 @@ pub fn decode_attention(
     }
     let part = hpg * (d + 2);
     let mut partial = vec![0.0f32; tasks.len() * part];
-    partial
-        .par_chunks_mut(part)
-        .zip(&tasks)
-        .for_each(|(pt, &(i, gi, c))| {
-            let (lo, len) = visible(i);
-            let (kc, vc) = kv(i);
-            let (c0, c1) = (
-                lo + c * DECODE_CHUNK,
-                (lo + (c + 1) * DECODE_CHUNK).min(len),
-            );
-            let segs = ring_segments(c0, c1, tmax);
+    // Jobs: the tasks of one (slot, kv group, chunk) over consecutive rows of that slot (a
+    // prompt's rows in prefill), so that a chunk's keys and values are read from memory once
+    // for all of them and stay in cache. Each task computes exactly as alone.
+    let mut jobs: std::collections::BTreeMap<(usize, usize, usize), Vec<usize>> =
+        std::collections::BTreeMap::new();
+    let mut run = 0;
+    for (t, &(i, gi, c)) in tasks.iter().enumerate() {
+        if i == 0 || rows[i - 1].0 != rows[i].0 || !long(i - 1) {
+            run = i;
+        }
+        jobs.entry((run, gi, c)).or_default().push(t);
+    }
+    let ptr = SendPtr(partial.as_mut_ptr());
+    jobs.into_values()
+        .collect::<Vec<_>>()
+        .par_iter()
+        .for_each(|ts| {
             let mut sc = [0.0f32; DECODE_CHUNK];
-            let sc = &mut sc[..c1 - c0];
-            for (hj, pt) in pt.chunks_mut(d + 2).enumerate() {
-                let hi = gi * hpg + hj;
-                let q = &qkv[i * r + hi * d..i * r + (hi + 1) * d];
-                let (ms, acc) = pt.split_at_mut(2);
-                let (mx, total) = attend_head(q, kc, vc, gd, gi * d, segs, scale, sc, acc, false);
-                ms[0] = mx;
-                ms[1] = total;
+            for &t in ts {
+                let (i, gi, c) = tasks[t];
+                // SAFETY: every task index belongs to one job, so its part of `partial`
+                // is written by this thread alone.
+                let pt = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(t * part), part) };
+                let (lo, len) = visible(i);
+                let (kc, vc) = kv(i);
+                let (c0, c1) = (
+                    lo + c * DECODE_CHUNK,
+                    (lo + (c + 1) * DECODE_CHUNK).min(len),
+                );
+                let segs = ring_segments(c0, c1, tmax);
+                let sc = &mut sc[..c1 - c0];
+                for (hj, pt) in pt.chunks_mut(d + 2).enumerate() {
+                    let hi = gi * hpg + hj;
+                    let q = &qkv[i * r + hi * d..i * r + (hi + 1) * d];
+                    let (ms, acc) = pt.split_at_mut(2);
+                    let (mx, total) =
+                        attend_head(q, kc, vc, gd, gi * d, segs, scale, sc, acc, false);
+                    ms[0] = mx;
+                    ms[1] = total;
+                }
             }
         });
     // merge each long row's chunks in order
