@@ -184,9 +184,10 @@ fn kill_9_anywhere_then_resume_gives_the_uninterrupted_weights() {
                 break (status, landed);
             }
             // the run finished before the moment came (a busy machine runs slower than the
-            // reference did): try again earlier
+            // reference did), or an aimed kill found the checkpoint write already done (a
+            // fast disk writes one in a few ms): try again, earlier
             retries += 1;
-            assert!(retries <= 10, "kill {i}: the run keeps finishing first");
+            assert!(retries <= 30, "kill {i}: the run keeps finishing first");
             at /= 2;
         };
         assert_eq!(
