@@ -75,6 +75,11 @@ pub fn quant_weights(
     Ok(q.map(Arc::new))
 }
 
+/// `--kv-cache`: f32, f16 or bf16.
+pub fn parse_kv(s: &str) -> std::result::Result<model::decode::KvType, String> {
+    model::decode::KvType::parse(s).ok_or_else(|| format!("{s:?}: expected f32, f16 or bf16"))
+}
+
 /// "f32", or the quantized matrices by type, e.g. "q4_1 x 210 + q8_0 x 1".
 pub fn describe_quant(q: Option<&model::quant::QuantWeights>) -> String {
     match q {

@@ -37,7 +37,7 @@ pub enum BenchCmd {
     /// Time inference: a prompt of random tokens in batched forwards (prefill, as
     /// `llama-bench -p`) and single-stream decoding from an empty cache (as `llama-bench -n`).
     #[command(
-        after_help = "Examples:\n  moelab bench decode --run runs/student\n  RAYON_NUM_THREADS=2 moelab bench decode --run SmolLM2-135M-Instruct.Q4_1.gguf --prompt-tokens 512 --gen-tokens 128 --json\n  moelab bench decode --run runs/student --prompt-tokens 200 --gen-tokens 0 --prefill stepwise"
+        after_help = "Examples:\n  moelab bench decode --run runs/student\n  RAYON_NUM_THREADS=2 moelab bench decode --run SmolLM2-135M-Instruct.Q4_1.gguf --prompt-tokens 512 --gen-tokens 128 --json\n  moelab bench decode --run runs/student --prompt-tokens 200 --gen-tokens 0 --prefill stepwise\n  moelab bench decode --run SmolLM2-135M-Instruct.Q4_1.gguf --prompt-tokens 0 --depth 4096 --kv-cache f16"
     )]
     Decode(DecodeBench),
 }
@@ -57,6 +57,10 @@ pub struct DecodeBench {
     /// Tokens to decode one at a time after a one-token prompt (0: skip the decode test).
     #[arg(long, default_value_t = 128)]
     gen_tokens: usize,
+    /// Tokens already in the cache when the decode test starts (llama-bench's `-d`):
+    /// decoding at long context.
+    #[arg(long, default_value_t = 0)]
+    depth: usize,
     /// How the prompt goes in: batched (forwards of many rows, what sample, chat and serve
     /// do) or stepwise (one decode step per token, to compare).
     #[arg(long, default_value = "batched", value_parser = ["batched", "stepwise"])]
@@ -68,6 +72,10 @@ pub struct DecodeBench {
     /// otherwise f32), f32, q8_0, q4_0 or q4_1.
     #[arg(long, default_value = "auto")]
     quant: String,
+    /// Element type of the KV cache: f32, or f16 / bf16 (half the memory; keys and values
+    /// rounded when cached, attention computed in f32).
+    #[arg(long = "kv-cache", default_value = "f32", value_parser = crate::runs::parse_kv)]
+    kv_cache: model::decode::KvType,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -381,7 +389,7 @@ fn decode_on_pool(a: DecodeBench) -> Result<()> {
     use model::decode::Decoder;
     let reps = a.reps.max(1);
     let t0 = Instant::now();
-    let context = a.prompt_tokens.max(a.gen_tokens + 1);
+    let context = a.prompt_tokens.max(a.depth + a.gen_tokens + 1);
     let (cfg, params, source) = match (&a.run, &a.config) {
         (Some(run), _) => load_model(run, context)?,
         (None, Some(c)) => {
@@ -401,9 +409,12 @@ fn decode_on_pool(a: DecodeBench) -> Result<()> {
     let weights = crate::runs::describe_quant(quant.as_deref());
     let v = cfg.vocab_size as u32;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let prompt: Vec<u32> = (0..a.prompt_tokens).map(|_| rng.gen_range(0..v)).collect();
+    let prompt: Vec<u32> = (0..a.prompt_tokens.max(a.depth))
+        .map(|_| rng.gen_range(0..v))
+        .collect();
     let mut dec = Decoder::new(&cfg);
     dec.set_quant(quant);
+    dec.set_kv_type(a.kv_cache);
     let stepwise = a.prefill == "stepwise";
     let prefill = |dec: &mut Decoder, toks: &[u32]| {
         dec.reset();
@@ -420,12 +431,15 @@ fn decode_on_pool(a: DecodeBench) -> Result<()> {
     let mut pp = vec![];
     for _ in 0..if a.prompt_tokens > 0 { reps } else { 0 } {
         let t = Instant::now();
-        prefill(&mut dec, &prompt);
+        prefill(&mut dec, &prompt[..a.prompt_tokens]);
         pp.push(a.prompt_tokens as f64 / t.elapsed().as_secs_f64());
     }
     let mut tg = vec![];
     for _ in 0..if a.gen_tokens > 0 { reps } else { 0 } {
         dec.reset();
+        if a.depth > 0 {
+            dec.feed(&params, &prompt[..a.depth]);
+        }
         let t = Instant::now();
         let mut tok = 1 % v;
         for _ in 0..a.gen_tokens {
@@ -446,6 +460,8 @@ fn decode_on_pool(a: DecodeBench) -> Result<()> {
                 "threads": threads,
                 "prompt_tokens": a.prompt_tokens,
                 "gen_tokens": a.gen_tokens,
+                "depth": a.depth,
+                "kv_cache": a.kv_cache.name(),
                 "prefill": a.prefill,
                 "reps": reps,
                 "weights": weights,
@@ -470,7 +486,16 @@ fn decode_on_pool(a: DecodeBench) -> Result<()> {
             );
         }
         if !tg.is_nan() {
-            println!("decode tg{}: {tg:.1} tokens/s", a.gen_tokens);
+            let at = if a.depth > 0 {
+                format!(" @ d{}", a.depth)
+            } else {
+                String::new()
+            };
+            println!(
+                "decode tg{}{at}: {tg:.1} tokens/s ({} KV cache)",
+                a.gen_tokens,
+                a.kv_cache.name()
+            );
         }
     }
     Ok(())

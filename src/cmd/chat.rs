@@ -23,6 +23,10 @@ pub struct ChatArgs {
     /// f32), f32, or q8_0 / q4_0 / q4_1 for every matrix (quantized in memory at load).
     #[arg(long, default_value = "auto")]
     quant: String,
+    /// Element type of the KV cache: f32, or f16 / bf16 (half the memory; keys and values
+    /// rounded when cached, attention computed in f32).
+    #[arg(long = "kv-cache", default_value = "f32", value_parser = crate::runs::parse_kv)]
+    kv_cache: model::decode::KvType,
     /// Do not print the reasoning, only the answer.
     #[arg(long)]
     hide_reasoning: bool,
@@ -55,6 +59,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
         EngineConfig {
             slots: 1,
             max_queue: 1,
+            kv: a.kv_cache,
         },
     );
     let tty = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();

@@ -36,6 +36,10 @@ pub struct EvalArgs {
     /// quantized types, else f32), f32, q8_0, q4_0 or q4_1.
     #[arg(long, default_value = "auto")]
     quant: String,
+    /// --task perplexity: element type of the KV cache: f32, or f16 / bf16 (half the memory; keys and values
+    /// rounded when cached, attention computed in f32).
+    #[arg(long = "kv-cache", default_value = "f32", value_parser = crate::runs::parse_kv)]
+    kv_cache: model::decode::KvType,
     /// --data: at most N batches (default: the whole split). --task: N problems (default
     /// 400); passkey: N keys per (context, depth) cell (default 10).
     #[arg(long)]
@@ -176,6 +180,7 @@ fn eval_perplexity(a: &EvalArgs) -> Result<()> {
     let (nll, nll2, count) = pool.install(|| {
         let mut dec = model::decode::Decoder::new(&r.cfg);
         dec.set_quant(r.quant.clone());
+        dec.set_kv_type(a.kv_cache);
         let (mut nll, mut nll2, mut count) = (0f64, 0f64, 0usize);
         let first = ctx / 2;
         for c in 0..chunks {

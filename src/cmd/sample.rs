@@ -21,6 +21,10 @@ pub struct SampleArgs {
     /// f32), f32, or q8_0 / q4_0 / q4_1 for every matrix (quantized in memory at load).
     #[arg(long, default_value = "auto")]
     quant: String,
+    /// Element type of the KV cache: f32, or f16 / bf16 (half the memory; keys and values
+    /// rounded when cached, attention computed in f32).
+    #[arg(long = "kv-cache", default_value = "f32", value_parser = crate::runs::parse_kv)]
+    kv_cache: model::decode::KvType,
     /// Text to continue.
     #[arg(long, default_value = "")]
     prompt: String,
@@ -52,6 +56,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let quant = crate::runs::quant_weights(&lr.cfg.model, &lr.params, &source, &a.quant)?;
     let mut dec = Decoder::new(&lr.cfg.model);
     dec.set_quant(quant);
+    dec.set_kv_type(a.kv_cache);
     if prompt.len() >= dec.remaining() {
         bail!(
             "the prompt is {} tokens; this model's context is {} tokens",

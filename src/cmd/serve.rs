@@ -21,6 +21,10 @@ pub struct ServeArgs {
     /// f32), f32, or q8_0 / q4_0 / q4_1 for every matrix (quantized in memory at load).
     #[arg(long, default_value = "auto")]
     quant: String,
+    /// Element type of the KV cache: f32, or f16 / bf16 (half the memory; keys and values
+    /// rounded when cached, attention computed in f32).
+    #[arg(long = "kv-cache", default_value = "f32", value_parser = crate::runs::parse_kv)]
+    kv_cache: model::decode::KvType,
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: String,
     /// API keys and usage ledger (SQLite). While it holds no key, the API is open.
@@ -98,6 +102,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         EngineConfig {
             slots: a.slots,
             max_queue: a.max_queue,
+            kv: a.kv_cache,
         },
     );
     let state = AppState::new(

@@ -124,6 +124,15 @@ impl<K: Copy> Batch<K> {
         self.dec.set_quant(q);
     }
 
+    /// Keep keys and values as `t` ([`BatchDecoder::set_kv_type`]); before any sequence.
+    pub fn set_kv_type(&mut self, t: model::decode::KvType) {
+        assert!(
+            self.is_empty(),
+            "the KV cache type changes before any sequence"
+        );
+        self.dec.set_kv_type(t);
+    }
+
     /// Sequences decoding now.
     pub fn len(&self) -> usize {
         self.active.iter().filter(|a| a.is_some()).count()

@@ -24,6 +24,8 @@ pub struct EngineConfig {
     pub slots: usize,
     /// Requests waiting for a slot at most; more are refused with [`SubmitError::QueueFull`].
     pub max_queue: usize,
+    /// Element type of the KV caches.
+    pub kv: model::decode::KvType,
 }
 
 impl Default for EngineConfig {
@@ -31,6 +33,7 @@ impl Default for EngineConfig {
         EngineConfig {
             slots: 16,
             max_queue: 64,
+            kv: model::decode::KvType::F32,
         }
     }
 }
@@ -189,6 +192,7 @@ fn run(
 ) {
     let mut batch: Batch<u64> = Batch::new(&cfg, ec.slots);
     batch.set_quant(quant);
+    batch.set_kv_type(ec.kv);
     let mut sinks: HashMap<u64, Sink> = HashMap::new();
     let mut pending: VecDeque<Job> = VecDeque::new();
     let mut next_id = 0u64;

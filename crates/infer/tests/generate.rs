@@ -125,6 +125,7 @@ fn engine_requests_from_many_threads_equal_generation_alone() {
         EngineConfig {
             slots: 3,
             max_queue: 64,
+            ..Default::default()
         },
     );
     let seq = |r: &Request| Seq {
@@ -178,6 +179,7 @@ fn engine_queue_is_bounded() {
         EngineConfig {
             slots: 1,
             max_queue: 2,
+            ..Default::default()
         },
     );
     // a slow first request holds the only slot while the queue fills

@@ -20,6 +20,8 @@ use crate::matmul::{matmul_raw, View};
 use crate::par::SendPtr;
 use crate::simd;
 use crate::vmath::{dot, exp, max, sum};
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 simd! {
@@ -349,6 +351,12 @@ fn dot8(a: &[f32], b: &[f32]) -> f32 {
     for (j, (x, y)) in a[full..].iter().zip(&b[full..]).enumerate() {
         acc[j] += x * y;
     }
+    hsum8(&acc)
+}
+
+/// Lanes summed as ((0+4)+(2+6))+((1+5)+(3+7)).
+#[inline(always)]
+fn hsum8(acc: &[f32; 8]) -> f32 {
     let h = [
         acc[0] + acc[4],
         acc[1] + acc[5],
@@ -388,6 +396,406 @@ unsafe fn dot8_avx(acc: &mut [f32; 8], a: &[f32], b: &[f32]) {
     _mm256_storeu_ps(acc.as_mut_ptr(), v);
 }
 
+/// Element type of a KV cache: f32, or f16 / bf16 (half the memory; keys and values are
+/// rounded to nearest-even when written and widened exactly to f32 when read, so attention
+/// computes in f32 on the rounded values with the f32 cache's fixed order).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvType {
+    #[default]
+    F32,
+    F16,
+    Bf16,
+}
+
+impl KvType {
+    /// `f32`, `f16` or `bf16`.
+    pub fn parse(s: &str) -> Option<KvType> {
+        match s {
+            "f32" => Some(KvType::F32),
+            "f16" => Some(KvType::F16),
+            "bf16" => Some(KvType::Bf16),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F32 => "f32",
+            KvType::F16 => "f16",
+            KvType::Bf16 => "bf16",
+        }
+    }
+
+    /// Bytes per element.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvType::F32 => 4,
+            KvType::F16 | KvType::Bf16 => 2,
+        }
+    }
+}
+
+/// The storage of a KV cache (keys or values of one block) in its element type.
+#[derive(Clone, Debug)]
+pub enum KvBuf {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    Bf16(Vec<bf16>),
+}
+
+impl KvBuf {
+    pub fn zeros(t: KvType, n: usize) -> KvBuf {
+        match t {
+            KvType::F32 => KvBuf::F32(vec![0.0; n]),
+            KvType::F16 => KvBuf::F16(vec![f16::ZERO; n]),
+            KvType::Bf16 => KvBuf::Bf16(vec![bf16::ZERO; n]),
+        }
+    }
+
+    /// Stores `src` at element `at` (rounded to nearest-even in a 16-bit cache).
+    pub fn write(&mut self, at: usize, src: &[f32]) {
+        let r = at..at + src.len();
+        match self {
+            KvBuf::F32(b) => b[r].copy_from_slice(src),
+            KvBuf::F16(b) => b[r].convert_from_f32_slice(src),
+            KvBuf::Bf16(b) => b[r].convert_from_f32_slice(src),
+        }
+    }
+
+    pub fn view(&self) -> KvRef<'_> {
+        match self {
+            KvBuf::F32(b) => KvRef::F32(b),
+            KvBuf::F16(b) => KvRef::F16(b),
+            KvBuf::Bf16(b) => KvRef::Bf16(b),
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match self {
+            KvBuf::F32(b) => b.len() * 4,
+            KvBuf::F16(b) => b.len() * 2,
+            KvBuf::Bf16(b) => b.len() * 2,
+        }
+    }
+}
+
+/// A borrowed KV cache in its element type.
+#[derive(Clone, Copy, Debug)]
+pub enum KvRef<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    Bf16(&'a [bf16]),
+}
+
+impl<'a> KvRef<'a> {
+    fn slice(self, r: std::ops::Range<usize>) -> KvRef<'a> {
+        match self {
+            KvRef::F32(b) => KvRef::F32(&b[r]),
+            KvRef::F16(b) => KvRef::F16(&b[r]),
+            KvRef::Bf16(b) => KvRef::Bf16(&b[r]),
+        }
+    }
+}
+
+/// One query head over a 16-bit cache: exactly [`attend_head`]'s operations and order on
+/// the widened values (conversion to f32 is exact), the widening fused into the loads.
+#[allow(clippy::too_many_arguments)]
+fn attend_head_half<T: HalfKv>(
+    q: &[f32],
+    kc: &[T],
+    vc: &[T],
+    gd: usize,
+    off: usize,
+    segs: [(usize, usize); 2],
+    scale: f32,
+    sc: &mut [f32],
+    acc: &mut [f32],
+    norm: bool,
+) -> (f32, f32) {
+    T::scores(q, kc, gd, off, segs, scale, sc);
+    let (mx, total) = exps_in_place(sc);
+    T::values(vc, gd, off, segs, sc, norm.then_some(total), acc);
+    (mx, total)
+}
+
+simd! {
+    /// The max of `sc`, then `sc[j] = exp(sc[j] - max)` and their fixed-order sum, as in
+    /// [`attend_head`].
+    fn exps_in_place(sc: &mut [f32]) -> (f32, f32) {
+        let mx = max(sc);
+        for sj in sc.iter_mut() {
+            *sj = exp(*sj - mx);
+        }
+        (mx, sum(sc))
+    }
+}
+
+/// A 16-bit cache element: scores and weighted values computed as [`attend_head`] does,
+/// in AVX2 registers where present.
+trait HalfKv: Copy + Send + Sync {
+    fn to_f32(self) -> f32;
+
+    #[allow(clippy::too_many_arguments)]
+    fn scores(
+        q: &[f32],
+        kc: &[Self],
+        gd: usize,
+        off: usize,
+        segs: [(usize, usize); 2],
+        scale: f32,
+        sc: &mut [f32],
+    );
+
+    /// `acc = sum_j w_j v_j` with `w_j = sc[j]`, or `sc[j] / total` when given.
+    fn values(
+        vc: &[Self],
+        gd: usize,
+        off: usize,
+        segs: [(usize, usize); 2],
+        sc: &[f32],
+        total: Option<f32>,
+        acc: &mut [f32],
+    );
+}
+
+/// Portable [`HalfKv::scores`]: each key widened, then [`dot8`].
+#[allow(clippy::too_many_arguments)]
+fn scores_portable<T: HalfKv>(
+    q: &[f32],
+    kc: &[T],
+    gd: usize,
+    off: usize,
+    segs: [(usize, usize); 2],
+    scale: f32,
+    sc: &mut [f32],
+) {
+    let d = q.len();
+    let mut k = vec![0f32; d];
+    let mut j = 0;
+    for &(a, b) in &segs {
+        for e in a..b {
+            for (x, y) in k.iter_mut().zip(&kc[e * gd + off..e * gd + off + d]) {
+                *x = y.to_f32();
+            }
+            sc[j] = dot8(q, &k) * scale;
+            j += 1;
+        }
+    }
+}
+
+/// Portable [`HalfKv::values`].
+fn values_portable<T: HalfKv>(
+    vc: &[T],
+    gd: usize,
+    off: usize,
+    segs: [(usize, usize); 2],
+    sc: &[f32],
+    total: Option<f32>,
+    acc: &mut [f32],
+) {
+    let d = acc.len();
+    acc.fill(0.0);
+    let mut j = 0;
+    for &(a, b) in &segs {
+        for e in a..b {
+            let w = total.map_or(sc[j], |t| sc[j] / t);
+            for (a, vv) in acc.iter_mut().zip(&vc[e * gd + off..e * gd + off + d]) {
+                *a += w * vv.to_f32();
+            }
+            j += 1;
+        }
+    }
+}
+
+/// AVX2 versions of [`scores_portable`] and [`values_portable`] (the same operations in
+/// the same order; `$load` widens 8 elements at a pointer into a register).
+macro_rules! half_kv_avx2 {
+    ($t:ty, $scores:ident, $values:ident, $feat:literal, $load:ident) => {
+        /// # Safety
+        /// The CPU has the enabled features; the entries of `segs` lie in `kc`.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $scores(
+            q: &[f32],
+            kc: &[$t],
+            gd: usize,
+            off: usize,
+            segs: [(usize, usize); 2],
+            scale: f32,
+            sc: &mut [f32],
+        ) {
+            use std::arch::x86_64::*;
+            let d = q.len();
+            let full = d / 8 * 8;
+            let mut j = 0;
+            for &(a, b) in &segs {
+                assert!(b == a || (b - 1) * gd + off + d <= kc.len());
+                for e in a..b {
+                    let kp = kc.as_ptr().add(e * gd + off);
+                    let mut v = _mm256_setzero_ps();
+                    let mut i = 0;
+                    while i < full {
+                        v = _mm256_add_ps(
+                            v,
+                            _mm256_mul_ps(_mm256_loadu_ps(q.as_ptr().add(i)), $load!(kp.add(i))),
+                        );
+                        i += 8;
+                    }
+                    let mut lanes = [0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+                    for t in full..d {
+                        lanes[t - full] += q[t] * (*kp.add(t)).to_f32();
+                    }
+                    sc[j] = hsum8(&lanes) * scale;
+                    j += 1;
+                }
+            }
+        }
+
+        /// # Safety
+        /// The CPU has the enabled features; the entries of `segs` lie in `vc`.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feat)]
+        unsafe fn $values(
+            vc: &[$t],
+            gd: usize,
+            off: usize,
+            segs: [(usize, usize); 2],
+            sc: &[f32],
+            total: Option<f32>,
+            acc: &mut [f32],
+        ) {
+            use std::arch::x86_64::*;
+            let d = acc.len();
+            let full = d / 8 * 8;
+            acc.fill(0.0);
+            let ap = acc.as_mut_ptr();
+            let mut j = 0;
+            for &(a, b) in &segs {
+                assert!(b == a || (b - 1) * gd + off + d <= vc.len());
+                for e in a..b {
+                    let w = total.map_or(sc[j], |t| sc[j] / t);
+                    let wv = _mm256_set1_ps(w);
+                    let vp = vc.as_ptr().add(e * gd + off);
+                    let mut i = 0;
+                    while i < full {
+                        let x = _mm256_add_ps(
+                            _mm256_loadu_ps(ap.add(i)),
+                            _mm256_mul_ps(wv, $load!(vp.add(i))),
+                        );
+                        _mm256_storeu_ps(ap.add(i), x);
+                        i += 8;
+                    }
+                    for t in full..d {
+                        *ap.add(t) += w * (*vp.add(t)).to_f32();
+                    }
+                    j += 1;
+                }
+            }
+        }
+
+        impl HalfKv for $t {
+            fn to_f32(self) -> f32 {
+                <$t>::to_f32(self)
+            }
+
+            fn scores(
+                q: &[f32],
+                kc: &[Self],
+                gd: usize,
+                off: usize,
+                segs: [(usize, usize); 2],
+                scale: f32,
+                sc: &mut [f32],
+            ) {
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("f16c")
+                {
+                    // SAFETY: the features were detected; `$scores` checks the bounds.
+                    unsafe { $scores(q, kc, gd, off, segs, scale, sc) };
+                    return;
+                }
+                scores_portable(q, kc, gd, off, segs, scale, sc);
+            }
+
+            fn values(
+                vc: &[Self],
+                gd: usize,
+                off: usize,
+                segs: [(usize, usize); 2],
+                sc: &[f32],
+                total: Option<f32>,
+                acc: &mut [f32],
+            ) {
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("f16c")
+                {
+                    // SAFETY: the features were detected; `$values` checks the bounds.
+                    unsafe { $values(vc, gd, off, segs, sc, total, acc) };
+                    return;
+                }
+                values_portable(vc, gd, off, segs, sc, total, acc);
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+macro_rules! load_f16 {
+    ($p:expr) => {
+        _mm256_cvtph_ps(_mm_loadu_si128($p as *const __m128i))
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+macro_rules! load_bf16 {
+    ($p:expr) => {
+        _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128($p as *const __m128i)),
+            16,
+        ))
+    };
+}
+
+half_kv_avx2!(f16, scores_f16_avx2, values_f16_avx2, "avx2,f16c", load_f16);
+half_kv_avx2!(
+    bf16,
+    scores_bf16_avx2,
+    values_bf16_avx2,
+    "avx2,f16c",
+    load_bf16
+);
+
+/// One query head over keys and values of any cache type (see [`attend_head`]).
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    q: &[f32],
+    kc: KvRef<'_>,
+    vc: KvRef<'_>,
+    gd: usize,
+    off: usize,
+    segs: [(usize, usize); 2],
+    scale: f32,
+    sc: &mut [f32],
+    acc: &mut [f32],
+    norm: bool,
+) -> (f32, f32) {
+    match (kc, vc) {
+        (KvRef::F32(k), KvRef::F32(v)) => attend_head(q, k, v, gd, off, segs, scale, sc, acc, norm),
+        (KvRef::F16(k), KvRef::F16(v)) => {
+            attend_head_half(q, k, v, gd, off, segs, scale, sc, acc, norm)
+        }
+        (KvRef::Bf16(k), KvRef::Bf16(v)) => {
+            attend_head_half(q, k, v, gd, off, segs, scale, sc, acc, norm)
+        }
+        _ => panic!("keys and values of different cache types"),
+    }
+}
+
 /// Cache entries of positions `lo..hi` in a ring of `tmax` entries (position p at p % tmax),
 /// as at most two ranges, oldest first.
 fn ring_segments(lo: usize, hi: usize, tmax: usize) -> [(usize, usize); 2] {
@@ -399,14 +807,16 @@ fn ring_segments(lo: usize, hi: usize, tmax: usize) -> [(usize, usize); 2] {
 /// Attention of one new query row per sequence over its cached keys and values (the
 /// current position's already appended): row i of `qkv (n, (H+2G)D)` attends over the
 /// first `rows[i].1` positions of slot `rows[i].0` (the last `window` of them with a
-/// window), oldest first. Writes `out (n, HD)`; `scores (n, H*tmax)` is scratch. Each row is computed on its own with fixed-order sums, so a row's result
-/// does not depend on the other rows.
+/// window), oldest first. Writes `out (n, HD)`; `scores (n, H*tmax)` is scratch. Each row
+/// is computed on its own with fixed-order sums, so a row's result does not depend on the
+/// other rows. A 16-bit cache gives exactly the bits of an f32 cache holding its (rounded)
+/// values: its elements are widened to f32 as they are loaded.
 pub fn decode_attention(
     out: &mut [f32],
     scores: &mut [f32],
     qkv: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: KvRef<'_>,
+    v_cache: KvRef<'_>,
     rows: &[(usize, usize)],
     s: KvShape,
 ) {
@@ -430,11 +840,8 @@ pub fn decode_attention(
         (lo, len)
     };
     let kv = |i: usize| {
-        let slot = rows[i].0;
-        (
-            &k_cache[slot * tmax * gd..(slot + 1) * tmax * gd],
-            &v_cache[slot * tmax * gd..(slot + 1) * tmax * gd],
-        )
+        let at = rows[i].0 * tmax * gd..(rows[i].0 + 1) * tmax * gd;
+        (k_cache.slice(at.clone()), v_cache.slice(at))
     };
     let long = |i: usize| {
         let (lo, len) = visible(i);
@@ -454,7 +861,7 @@ pub fn decode_attention(
                 let q = &qkv[i * r + hi * d..i * r + (hi + 1) * d];
                 let sc = &mut sc[hi * tmax..hi * tmax + len - lo];
                 let o = &mut o[hi * d..(hi + 1) * d];
-                attend_head(q, kc, vc, gd, gi * d, segs, scale, sc, o, true);
+                attend(q, kc, vc, gd, gi * d, segs, scale, sc, o, true);
             }
         });
     // flash-decoding of the long rows: one task per (row, kv group, chunk), each writing
@@ -470,6 +877,15 @@ pub fn decode_attention(
     if tasks.is_empty() {
         return;
     }
+    // the positions of task t
+    let bounds = |t: usize| {
+        let (i, _, c) = tasks[t];
+        let (lo, len) = visible(i);
+        (
+            lo + c * DECODE_CHUNK,
+            (lo + (c + 1) * DECODE_CHUNK).min(len),
+        )
+    };
     let part = hpg * (d + 2);
     let mut partial = vec![0.0f32; tasks.len() * part];
     // Jobs: the tasks of one (slot, kv group, chunk) over consecutive rows of that slot (a
@@ -491,24 +907,19 @@ pub fn decode_attention(
         .for_each(|ts| {
             let mut sc = [0.0f32; DECODE_CHUNK];
             for &t in ts {
-                let (i, gi, c) = tasks[t];
+                let (i, gi, _) = tasks[t];
+                let (kc, vc) = kv(i);
                 // SAFETY: every task index belongs to one job, so its part of `partial`
                 // is written by this thread alone.
                 let pt = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(t * part), part) };
-                let (lo, len) = visible(i);
-                let (kc, vc) = kv(i);
-                let (c0, c1) = (
-                    lo + c * DECODE_CHUNK,
-                    (lo + (c + 1) * DECODE_CHUNK).min(len),
-                );
+                let (c0, c1) = bounds(t);
                 let segs = ring_segments(c0, c1, tmax);
                 let sc = &mut sc[..c1 - c0];
                 for (hj, pt) in pt.chunks_mut(d + 2).enumerate() {
                     let hi = gi * hpg + hj;
                     let q = &qkv[i * r + hi * d..i * r + (hi + 1) * d];
                     let (ms, acc) = pt.split_at_mut(2);
-                    let (mx, total) =
-                        attend_head(q, kc, vc, gd, gi * d, segs, scale, sc, acc, false);
+                    let (mx, total) = attend(q, kc, vc, gd, gi * d, segs, scale, sc, acc, false);
                     ms[0] = mx;
                     ms[1] = total;
                 }
@@ -538,5 +949,102 @@ pub fn decode_attention(
             }
         }
         t += s.g * chunks;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// The dispatched (AVX2 where present) 16-bit score and value loops equal the portable
+    /// ones bit for bit, for head dims with and without a tail past the last 8 lanes.
+    #[test]
+    fn half_kernels_equal_portable() {
+        fn check<T: HalfKv + std::fmt::Debug>(conv: impl Fn(f32) -> T) {
+            let mut rng = ChaCha8Rng::seed_from_u64(9);
+            for d in [8, 13, 64, 100] {
+                let (gd, off, n) = (3 * d, d, 40);
+                let q: Vec<f32> = (0..d).map(|_| rng.gen_range(-2.0..2.0)).collect();
+                let c: Vec<T> = (0..n * gd)
+                    .map(|_| conv(rng.gen_range(-2.0..2.0)))
+                    .collect();
+                let segs = [(30, 40), (0, 25)];
+                let (mut a, mut b) = (vec![0.0; 35], vec![0.0; 35]);
+                T::scores(&q, &c, gd, off, segs, 0.3, &mut a);
+                scores_portable(&q, &c, gd, off, segs, 0.3, &mut b);
+                assert_eq!(a, b, "scores, d {d}");
+                for total in [None, Some(7.5)] {
+                    let (mut x, mut y) = (vec![0.0; d], vec![0.0; d]);
+                    T::values(&c, gd, off, segs, &a, total, &mut x);
+                    values_portable(&c, gd, off, segs, &a, total, &mut y);
+                    assert_eq!(x, y, "values, d {d}");
+                }
+            }
+        }
+        check(f16::from_f32);
+        check(bf16::from_f32);
+    }
+
+    /// A 16-bit cache gives exactly the bits of an f32 cache holding its rounded values:
+    /// short rows, rows split into flash-decoding chunks (several rows of one slot sharing
+    /// them, as in prefill), and a sliding-window ring buffer.
+    #[test]
+    fn half_precision_cache_equals_f32_cache_of_rounded_values() {
+        let (h, g, d) = (6, 2, 16);
+        let gd = g * d;
+        let r = (h + 2 * g) * d;
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for (tmax, window, rows) in [
+            (64, 0, vec![(0, 5), (1, 64), (1, 1)]),
+            (
+                700,
+                0,
+                vec![(1, 600), (0, 300), (0, 301), (0, 302), (1, 17)],
+            ),
+            (300, 200, vec![(0, 650), (0, 651), (1, 199), (1, 260)]),
+            (300, 280, vec![(1, 900), (1, 901), (1, 902), (0, 3)]),
+        ] {
+            let s = KvShape {
+                h,
+                g,
+                d,
+                tmax,
+                window,
+            };
+            let n = rows.len();
+            let qkv: Vec<f32> = (0..n * r).map(|_| rng.gen_range(-2.0..2.0)).collect();
+            let k: Vec<f32> = (0..2 * tmax * gd)
+                .map(|_| rng.gen_range(-2.0..2.0))
+                .collect();
+            let v: Vec<f32> = (0..2 * tmax * gd)
+                .map(|_| rng.gen_range(-2.0..2.0))
+                .collect();
+            let run = |kc: KvRef, vc: KvRef| {
+                let mut out = vec![0.0; n * h * d];
+                let mut sc = vec![0.0; n * h * tmax];
+                decode_attention(&mut out, &mut sc, &qkv, kc, vc, &rows, s);
+                out
+            };
+            for t in [KvType::F16, KvType::Bf16] {
+                let (mut kb, mut vb) = (KvBuf::zeros(t, k.len()), KvBuf::zeros(t, v.len()));
+                kb.write(0, &k);
+                vb.write(0, &v);
+                let widen = |b: &KvBuf| -> Vec<f32> {
+                    match b {
+                        KvBuf::F16(x) => x.iter().map(|y| y.to_f32()).collect(),
+                        KvBuf::Bf16(x) => x.iter().map(|y| y.to_f32()).collect(),
+                        KvBuf::F32(x) => x.clone(),
+                    }
+                };
+                let (kr, vr) = (widen(&kb), widen(&vb));
+                assert_ne!(kr, k, "{t:?} rounds");
+                let want = run(KvRef::F32(&kr), KvRef::F32(&vr));
+                let got = run(kb.view(), vb.view());
+                assert_eq!(got, want, "{t:?}, tmax {tmax}, window {window}");
+                assert_eq!(kb.bytes(), k.len() * t.bytes());
+            }
+        }
     }
 }

@@ -18,7 +18,8 @@ use crate::block::{add_bias, qk_norm_forward, Dims, FfnWKind, QkActs};
 use crate::config::ModelConfig;
 use crate::params::Layout;
 use crate::quant::QuantWeights;
-use kernels::attention::{decode_attention, KvShape};
+pub use kernels::attention::KvType;
+use kernels::attention::{decode_attention, KvBuf, KvShape};
 use kernels::matmul::linear_rows;
 use kernels::quant::{qlinear_rows, QActs};
 use kernels::rmsnorm::rmsnorm_forward;
@@ -46,8 +47,10 @@ pub struct BatchDecoder {
     slots: usize,
     /// Rows one forward takes at most: slots + PREFILL_CHUNK.
     max_rows: usize,
-    k: Vec<Vec<f32>>, // per block (slots, cap, G*D): position p at p % cap
-    v: Vec<Vec<f32>>,
+    /// Element type of the caches.
+    kv_type: KvType,
+    k: Vec<KvBuf>, // per block (slots, cap, G*D): position p at p % cap
+    v: Vec<KvBuf>,
     /// Positions each block's cache holds: max_seq_len, or its sliding window plus the rows
     /// of one forward (a ring buffer: a chunk's rows are all written before any attends).
     cap: Vec<usize>,
@@ -95,8 +98,15 @@ impl BatchDecoder {
             qk: QkActs::new(&dims, mr),
             slots: s,
             max_rows: mr,
-            k: cap.iter().map(|&c| vec![0.0; s * c * g * d]).collect(),
-            v: cap.iter().map(|&c| vec![0.0; s * c * g * d]).collect(),
+            kv_type: KvType::F32,
+            k: cap
+                .iter()
+                .map(|&c| KvBuf::zeros(KvType::F32, s * c * g * d))
+                .collect(),
+            v: cap
+                .iter()
+                .map(|&c| KvBuf::zeros(KvType::F32, s * c * g * d))
+                .collect(),
             cap,
             pos: vec![0; s],
             x: vec![0.0; mr * c],
@@ -125,6 +135,27 @@ impl BatchDecoder {
     /// (the `params` of every later step must be those).
     pub fn set_quant(&mut self, q: Option<Arc<QuantWeights>>) {
         self.quant = q;
+    }
+
+    /// Keeps keys and values as `t` (f32 by default; f16 / bf16 halve the cache). Empties
+    /// every slot.
+    pub fn set_kv_type(&mut self, t: KvType) {
+        let gd = self.cfg.n_kv_heads * self.cfg.head_dim();
+        for (l, &c) in self.cap.iter().enumerate() {
+            self.k[l] = KvBuf::zeros(t, self.slots * c * gd);
+            self.v[l] = KvBuf::zeros(t, self.slots * c * gd);
+        }
+        self.kv_type = t;
+        self.pos.fill(0);
+    }
+
+    pub fn kv_type(&self) -> KvType {
+        self.kv_type
+    }
+
+    /// Bytes of all KV caches.
+    pub fn cache_bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(KvBuf::bytes).sum()
     }
 
     pub fn slots(&self) -> usize {
@@ -262,15 +293,15 @@ impl BatchDecoder {
                 let row = &mut qkv[i * r..(i + 1) * r];
                 rope_apply_at(row, 0, h + g, pos, &self.rope);
                 let at = (s * tmax + pos % tmax) * gd;
-                self.k[l][at..at + gd].copy_from_slice(&row[h * d..h * d + gd]);
-                self.v[l][at..at + gd].copy_from_slice(&row[h * d + gd..h * d + 2 * gd]);
+                self.k[l].write(at, &row[h * d..h * d + gd]);
+                self.v[l].write(at, &row[h * d + gd..h * d + 2 * gd]);
             }
             decode_attention(
                 &mut self.o,
                 &mut self.scores,
                 &self.qkv[..n * r],
-                &self.k[l],
-                &self.v[l],
+                self.k[l].view(),
+                self.v[l].view(),
                 &rows,
                 kv,
             );
@@ -453,6 +484,16 @@ impl Decoder {
     /// Empties the cache.
     pub fn reset(&mut self) {
         self.inner.reset(0);
+    }
+
+    /// See [`BatchDecoder::set_kv_type`].
+    pub fn set_kv_type(&mut self, t: KvType) {
+        self.inner.set_kv_type(t);
+    }
+
+    /// See [`BatchDecoder::cache_bytes`].
+    pub fn cache_bytes(&self) -> usize {
+        self.inner.cache_bytes()
     }
 
     /// See [`BatchDecoder::set_quant`].

@@ -2,7 +2,7 @@
 //! position, for a dense model and both MoE variants (tolerance: 1e-4 of the largest logit
 //! magnitude; the two paths differ only in float32 summation order).
 
-use model::decode::Decoder;
+use model::decode::{Decoder, KvType};
 use model::{io, Config, Layout, Model};
 use std::path::PathBuf;
 
@@ -237,9 +237,16 @@ fn long_and_windowed_caches_equal_full_recompute() {
 /// Prefill: a prompt fed as batched forwards (`Decoder::feed`, `BatchDecoder::forward`) gives
 /// exactly the bits of feeding it one token per step, for a plain cache, a cache long enough
 /// for flash-decoding and a sliding-window ring buffer; and prompt chunks sharing a forward
-/// with other slots' decode rows change none of their bits either.
+/// with other slots' decode rows change none of their bits either. All of it holds with
+/// f16 and bf16 caches too.
 #[test]
 fn prefill_equals_token_by_token() {
+    for kv in [KvType::F32, KvType::F16, KvType::Bf16] {
+        prefill_equals_token_by_token_with(kv);
+    }
+}
+
+fn prefill_equals_token_by_token_with(kv: KvType) {
     let chunk = kernels::attention::DECODE_CHUNK;
     let tiny = include_str!("../../../configs/tiny.toml");
     let long = tiny
@@ -266,13 +273,16 @@ fn prefill_equals_token_by_token() {
         let v = cfg.vocab_size;
         let t = cfg.max_seq_len;
         let toks: Vec<u32> = (0..t - 3).map(|i| ((i * 29 + 11) % v) as u32).collect();
+        let name = format!("{name}, {} cache", kv.name());
         let mut one = Decoder::new(&cfg);
+        one.set_kv_type(kv);
         let stepped: Vec<Vec<f32>> = toks
             .iter()
             .map(|&x| one.step(&params, x).to_vec())
             .collect();
         // the whole prompt at once (several chunks), then one more token
         let mut d = Decoder::new(&cfg);
+        d.set_kv_type(kv);
         assert_eq!(
             d.feed(&params, &toks[..t - 4]),
             &stepped[t - 5][..],
@@ -285,6 +295,7 @@ fn prefill_equals_token_by_token() {
         );
         // every row's logits of one forward equal the stepped ones
         let mut b = model::decode::BatchDecoder::new(&cfg, 2);
+        b.set_kv_type(kv);
         let all = b.forward(&params, &[(1, &toks[..30])], true).to_vec();
         for i in 0..30 {
             assert_eq!(
@@ -380,5 +391,59 @@ fn quantized_decode_is_deterministic_and_near_f32() {
         println!("{ty:?}: worst logit error {worst:.3} of the largest logit");
         let tol = if ty == QType::Q8_0 { 0.02 } else { 0.25 };
         assert!(worst < tol, "{ty:?}: quantized logits off by {worst}");
+    }
+}
+
+/// f16 / bf16 KV caches: half the bytes of the f32 cache, the same bits for 1, 2 and 4
+/// threads (also past the flash-decoding chunk), and logits near the f32 cache's.
+#[test]
+fn half_precision_kv_cache_is_deterministic_and_near_f32() {
+    let chunk = kernels::attention::DECODE_CHUNK;
+    let text = include_str!("../../../configs/tiny.toml")
+        .replace(
+            "max_seq_len = 64 ",
+            &format!("max_seq_len = {} ", chunk + 40),
+        )
+        .replace("seq_len = 64", "seq_len = 32");
+    let cfg = Config::from_toml(&text).unwrap().model;
+    let params = Model::new(&cfg, 1, 1, 13).params;
+    let v = cfg.vocab_size;
+    let toks: Vec<u32> = (0..chunk + 30).map(|i| ((i * 41 + 3) % v) as u32).collect();
+    let run = |kv: KvType, threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut d = Decoder::new(&cfg);
+            d.set_kv_type(kv);
+            let bytes = d.cache_bytes();
+            let mut out = d.feed(&params, &toks[..chunk + 20]).to_vec();
+            for &t in &toks[chunk + 20..] {
+                out.extend_from_slice(d.step(&params, t));
+            }
+            (out, bytes)
+        })
+    };
+    let (want, f32_bytes) = run(KvType::F32, 2);
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    for kv in [KvType::F16, KvType::Bf16] {
+        let (one, bytes) = run(kv, 1);
+        assert_eq!(bytes * 2, f32_bytes, "{kv:?}: half the bytes");
+        assert_eq!(one, run(kv, 2).0, "{kv:?}: 2 threads");
+        assert_eq!(one, run(kv, 4).0, "{kv:?}: 4 threads");
+        assert_ne!(one, want, "{kv:?}: rounding the cache changes some bits");
+        let worst = one
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+            / scale;
+        println!(
+            "{kv:?} cache: worst logit error {worst:.2e} of the largest logit over {} positions",
+            want.len() / v
+        );
+        let tol = if kv == KvType::F16 { 2e-3 } else { 2e-2 };
+        assert!(worst < tol, "{kv:?}: logits off by {worst}");
     }
 }

@@ -50,6 +50,7 @@ fn default_fixture(name: &str) -> Fixture {
         EngineConfig {
             slots: 4,
             max_queue: 16,
+            ..Default::default()
         },
         ServerConfig {
             model_name: "tiny".into(),
@@ -372,6 +373,7 @@ async fn rate_limits_and_a_full_queue_answer_429() {
         EngineConfig {
             slots: 1,
             max_queue: 16,
+            ..Default::default()
         },
         ServerConfig {
             rate_limit_rpm: 2,
@@ -404,6 +406,7 @@ async fn rate_limits_and_a_full_queue_answer_429() {
         EngineConfig {
             slots: 1,
             max_queue: 0,
+            ..Default::default()
         },
         ServerConfig::default(),
     );
@@ -419,6 +422,7 @@ async fn a_client_that_goes_away_cancels_its_generation() {
         EngineConfig {
             slots: 2,
             max_queue: 4,
+            ..Default::default()
         },
         ServerConfig {
             max_tokens_cap: 900,
