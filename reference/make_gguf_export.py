@@ -12,7 +12,7 @@ CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX5
 host without AVX-512, built with -DGGML_AVX512=OFF -DGGML_AVX2=ON -DGGML_FMA=ON
 -DGGML_F16C=ON and the AMX options off):
 
-    ENV/bin/python reference/make_gguf_export.py
+    ENV/bin/python reference/make_gguf_export.py [NAME ...]   (default: every <name>.gguf)
 """
 import glob
 import json
@@ -25,7 +25,12 @@ from llama_cpp import Llama
 ROOT = os.path.join(os.path.dirname(__file__), "..", "tests", "golden", "export-gguf")
 PROMPT = "What is 12 + 34? It is"
 
+import sys
+
+names = sys.argv[1:]
 for path in sorted(glob.glob(os.path.join(ROOT, "*.gguf"))):
+    if names and os.path.basename(path)[: -len(".gguf")] not in names:
+        continue
     llm = Llama(model_path=path, n_ctx=64, n_threads=2, logits_all=True, verbose=False,
                 type_k=0, type_v=0)  # GGML_TYPE_F32
     ids = llm.tokenize(PROMPT.encode(), add_bos=False, special=False)

@@ -2,7 +2,9 @@
 //! embeddings (llama), a Mixtral-style MoE (8 routed experts, top-2: llama), small-moe's
 //! kind of block (2 shared experts beside the routed ones: bailingmoe), a Qwen2-MoE block
 //! (gated shared expert, q/k/v biases, weights not renormalised: qwen2moe) and a Qwen3-MoE
-//! one (per-head q/k norm, head_dim 16 of d_model 32 with 4 heads: qwen3moe), each with a
+//! one (per-head q/k norm, head_dim 16 of d_model 32 with 4 heads: qwen3moe), and dense
+//! llamas with linear, YaRN (an attention factor set) and Llama 3 RoPE scaling (metadata, and
+//! a rope_freqs tensor), each with a
 //! moelab tokenizer. The exported files are committed (tests/golden/export-gguf, MOELAB_BLESS=1
 //! rewrites them) with llama.cpp's greedy continuation of a prompt (<name>.json, by
 //! reference/make_gguf_export.py with llama-cpp-python 0.3.36 and an f32 KV cache; its
@@ -14,6 +16,7 @@
 mod common;
 
 use common::{config, greedy, ids, logprobs, read_json, tokenizer};
+use model::config::RopeScaling;
 use std::path::PathBuf;
 use tokenizer::Tokenizer;
 
@@ -41,11 +44,50 @@ fn fixture(name: &str, vocab: usize) -> (model::ModelConfig, &'static str) {
             c.head_dim = Some(16);
             (c, "qwen3moe")
         }
+        // RoPE scaling (issue 15): positions past the scaled wavelengths of these tiny heads
+        "llama-linear" => {
+            let mut c = config(false, 0, vocab);
+            c.rope_scaling = Some(RopeScaling::Linear { factor: 4.0 });
+            (c, "llama")
+        }
+        "llama-yarn" => {
+            let mut c = config(false, 0, vocab);
+            c.head_dim = Some(16);
+            c.rope_scaling = Some(RopeScaling::Yarn {
+                factor: 4.0,
+                original_max_seq_len: 16,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                attention_factor: Some(1.25),
+                truncate: true,
+            });
+            (c, "llama")
+        }
+        "llama3" => {
+            let mut c = config(false, 0, vocab);
+            c.head_dim = Some(16);
+            c.rope_scaling = Some(RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_seq_len: 64,
+            });
+            (c, "llama")
+        }
         _ => unreachable!(),
     }
 }
 
-const FIXTURES: [&str; 5] = ["dense", "moe-routed", "moe-shared", "qwen2moe", "qwen3moe"];
+const FIXTURES: [&str; 8] = [
+    "dense",
+    "moe-routed",
+    "moe-shared",
+    "qwen2moe",
+    "qwen3moe",
+    "llama-linear",
+    "llama-yarn",
+    "llama3",
+];
 
 #[test]
 fn moelab_models_export_to_gguf_that_llama_cpp_runs_the_same() {
@@ -119,6 +161,22 @@ fn moelab_models_export_to_gguf_that_llama_cpp_runs_the_same() {
         if cfg.n_experts > 0 {
             want.ffn_hidden = b.ffn_hidden; // unused: every block is MoE
         }
+        // YaRN's attention factor and Llama 3's low/high factors come back through f32
+        // arithmetic (llama.cpp's attn_factor, fitted divisors): the same frequencies and
+        // scale to 1e-6
+        if let (Some(a), Some(z)) = (&cfg.rope_scaling, &b.rope_scaling) {
+            let d = cfg.head_dim();
+            let (fa, sa) = RopeScaling::inv_freq(Some(a), d, cfg.rope_theta);
+            let (fz, sz) = RopeScaling::inv_freq(Some(z), d, cfg.rope_theta);
+            assert!(
+                (sa - sz).abs() < 1e-6,
+                "{name}: attention factor {sa} -> {sz}"
+            );
+            for (x, y) in fa.iter().zip(&fz) {
+                assert!((x / y - 1.0).abs() < 1e-6, "{name}: {a:?} -> {z:?}");
+            }
+            want.rope_scaling = b.rope_scaling.clone();
+        }
         assert_eq!(
             back.config, want,
             "{name}: config changed in the round trip"
@@ -165,6 +223,20 @@ fn moelab_models_export_to_gguf_that_llama_cpp_runs_the_same() {
             worst < 1e-4,
             "{name}: log-probabilities differ from llama.cpp's by {worst}"
         );
+        if cfg.rope_scaling.is_some() {
+            // the scaling matters: without it the distribution is not llama.cpp's
+            let mut plain = cfg.clone();
+            plain.rope_scaling = None;
+            let off = logprobs(&plain, &params, &prompt)
+                .iter()
+                .zip(&want_lp)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f64, f64::max);
+            assert!(
+                off > 1e-2,
+                "{name}: RoPE scaling changes too little ({off})"
+            );
+        }
         let got = greedy(&cfg, &params, &prompt, ids(&exp["greedy"]).len());
         assert_eq!(
             got,
@@ -178,9 +250,24 @@ fn moelab_models_export_to_gguf_that_llama_cpp_runs_the_same() {
 fn what_llama_cpp_cannot_express_is_refused() {
     let tok = tokenizer();
     type Edit = fn(&mut model::ModelConfig);
-    let cases: [(&str, Edit); 5] = [
-        ("RoPE scaling", |c| {
-            c.rope_scaling = Some(model::config::RopeScaling::Linear { factor: 2.0 })
+    let cases: [(&str, Edit); 6] = [
+        ("Llama 3 RoPE scaling in an MoE", |c| {
+            c.rope_scaling = Some(RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_seq_len: 64,
+            })
+        }),
+        ("beta_fast", |c| {
+            c.rope_scaling = Some(RopeScaling::Yarn {
+                factor: 4.0,
+                original_max_seq_len: 16,
+                beta_fast: 16.0,
+                beta_slow: 1.0,
+                attention_factor: None,
+                truncate: true,
+            })
         }),
         ("whole projection", |c| {
             c.qk_norm = model::config::QkNorm::Projection
@@ -252,4 +339,58 @@ fn quantized_exports_import_back_as_their_dequantized_weights() {
             }
         }
     }
+}
+
+/// Llama 3's RoPE parameters come back from the divisors a GGUF file holds: Llama 3.1's
+/// own (head dim 128, base 500,000: seven frequencies in the blend), one with a single
+/// frequency in the blend and one with none; divisors that follow no such rule are refused.
+#[test]
+fn llama3_rope_parameters_from_gguf_divisors() {
+    use interop::gguf::llama3_from_divisors;
+    let cases = [
+        (128, 500_000.0, 8.0, 1.0, 4.0, 8192),
+        (8, 10_000.0, 8.0, 1.0, 4.0, 64),
+        (8, 10_000.0, 2.0, 1.0, 1.5, 64),
+        (16, 10_000.0, 8.0, 1.0, 4.0, 64),
+    ];
+    for (d, theta, factor, lo, hi, orig) in cases {
+        let s = RopeScaling::Llama3 {
+            factor,
+            low_freq_factor: lo,
+            high_freq_factor: hi,
+            original_max_seq_len: orig,
+        };
+        let (plain, _) = RopeScaling::inv_freq(None, d, theta);
+        let (want, _) = RopeScaling::inv_freq(Some(&s), d, theta);
+        let div: Vec<f32> = plain
+            .iter()
+            .zip(&want)
+            .map(|(p, w)| (p / w) as f32)
+            .collect();
+        let got = llama3_from_divisors(&div, d, theta, orig)
+            .expect("a Llama 3 rule fits")
+            .expect("scaled");
+        let (back, _) = RopeScaling::inv_freq(Some(&got), d, theta);
+        for (x, y) in want.iter().zip(&back) {
+            assert!((x / y - 1.0).abs() < 1e-6, "d {d}: {s:?} -> {got:?}");
+        }
+        if d == 128 {
+            let RopeScaling::Llama3 {
+                low_freq_factor,
+                high_freq_factor,
+                ..
+            } = got
+            else {
+                unreachable!()
+            };
+            assert!((low_freq_factor - 1.0).abs() < 1e-3 && (high_freq_factor - 4.0).abs() < 1e-3);
+        }
+    }
+    assert_eq!(llama3_from_divisors(&[1.0; 4], 8, 10_000.0, 64), Some(None));
+    // not monotone in frequency: no Llama 3 rule
+    assert_eq!(
+        llama3_from_divisors(&[1.0, 3.0, 1.5, 8.0], 8, 10_000.0, 64),
+        None
+    );
+    assert_eq!(llama3_from_divisors(&[1.0, 0.5], 4, 10_000.0, 64), None);
 }

@@ -314,18 +314,12 @@ simd! {
             *sj = exp(*sj - mx);
         }
         let total = sum(sc);
-        acc.fill(0.0);
-        let mut j = 0;
-        for &(a, b) in &segs {
-            for e in a..b {
-                let w = if norm { sc[j] / total } else { sc[j] };
-                let vv = &vc[e * gd + off..e * gd + off + d];
-                for (a, vv) in acc.iter_mut().zip(vv) {
-                    *a += w * vv;
-                }
-                j += 1;
+        if norm {
+            for sj in sc.iter_mut() {
+                *sj /= total;
             }
         }
+        values_f32(vc, gd, off, segs, sc, acc);
         (mx, total)
     }
 }
@@ -501,7 +495,7 @@ impl<'a> KvRef<'a> {
 /// One query head over a 16-bit cache: exactly [`attend_head`]'s operations and order on
 /// the widened values (conversion to f32 is exact), the widening fused into the loads.
 #[allow(clippy::too_many_arguments)]
-fn attend_head_half<T: HalfKv>(
+fn attend_head_half<T: KvElem>(
     q: &[f32],
     kc: &[T],
     vc: &[T],
@@ -514,28 +508,35 @@ fn attend_head_half<T: HalfKv>(
     norm: bool,
 ) -> (f32, f32) {
     T::scores(q, kc, gd, off, segs, scale, sc);
-    let (mx, total) = exps_in_place(sc);
-    T::values(vc, gd, off, segs, sc, norm.then_some(total), acc);
+    let (mx, total) = exps_in_place(sc, norm);
+    T::values(vc, gd, off, segs, sc, acc);
     (mx, total)
 }
 
 simd! {
-    /// The max of `sc`, then `sc[j] = exp(sc[j] - max)` and their fixed-order sum, as in
-    /// [`attend_head`].
-    fn exps_in_place(sc: &mut [f32]) -> (f32, f32) {
+    /// The max of `sc`, then `sc[j] = exp(sc[j] - max)`, their fixed-order sum, and (with
+    /// `norm`) `sc[j] /= sum`, as in [`attend_head`].
+    fn exps_in_place(sc: &mut [f32], norm: bool) -> (f32, f32) {
         let mx = max(sc);
         for sj in sc.iter_mut() {
             *sj = exp(*sj - mx);
         }
-        (mx, sum(sc))
+        let total = sum(sc);
+        if norm {
+            for sj in sc.iter_mut() {
+                *sj /= total;
+            }
+        }
+        (mx, total)
     }
 }
 
-/// A 16-bit cache element: scores and weighted values computed as [`attend_head`] does,
-/// in AVX2 registers where present.
-trait HalfKv: Copy + Send + Sync {
+/// A cache element: scores and weighted values computed as [`attend_head`] does, in AVX2
+/// registers where present.
+trait KvElem: Copy + Send + Sync {
     fn to_f32(self) -> f32;
 
+    /// `sc[j] = dot8(q, key j) * scale` for the entries of `segs` in order.
     #[allow(clippy::too_many_arguments)]
     fn scores(
         q: &[f32],
@@ -547,21 +548,20 @@ trait HalfKv: Copy + Send + Sync {
         sc: &mut [f32],
     );
 
-    /// `acc = sum_j w_j v_j` with `w_j = sc[j]`, or `sc[j] / total` when given.
+    /// `acc = sum_j w_j v_j`, summed over the entries of `segs` in order per element.
     fn values(
         vc: &[Self],
         gd: usize,
         off: usize,
         segs: [(usize, usize); 2],
-        sc: &[f32],
-        total: Option<f32>,
+        w: &[f32],
         acc: &mut [f32],
     );
 }
 
-/// Portable [`HalfKv::scores`]: each key widened, then [`dot8`].
+/// Portable [`KvElem::scores`]: each key widened, then [`dot8`].
 #[allow(clippy::too_many_arguments)]
-fn scores_portable<T: HalfKv>(
+fn scores_portable<T: KvElem>(
     q: &[f32],
     kc: &[T],
     gd: usize,
@@ -584,14 +584,13 @@ fn scores_portable<T: HalfKv>(
     }
 }
 
-/// Portable [`HalfKv::values`].
-fn values_portable<T: HalfKv>(
+/// Portable [`KvElem::values`].
+fn values_portable<T: KvElem>(
     vc: &[T],
     gd: usize,
     off: usize,
     segs: [(usize, usize); 2],
-    sc: &[f32],
-    total: Option<f32>,
+    w: &[f32],
     acc: &mut [f32],
 ) {
     let d = acc.len();
@@ -599,21 +598,93 @@ fn values_portable<T: HalfKv>(
     let mut j = 0;
     for &(a, b) in &segs {
         for e in a..b {
-            let w = total.map_or(sc[j], |t| sc[j] / t);
             for (a, vv) in acc.iter_mut().zip(&vc[e * gd + off..e * gd + off + d]) {
-                *a += w * vv.to_f32();
+                *a += w[j] * vv.to_f32();
             }
             j += 1;
         }
     }
 }
 
-/// AVX2 versions of [`scores_portable`] and [`values_portable`] (the same operations in
-/// the same order; `$load` widens 8 elements at a pointer into a register).
-macro_rules! half_kv_avx2 {
-    ($t:ty, $scores:ident, $values:ident, $feat:literal, $load:ident) => {
+/// The AVX2 weighted sum of values: each element summed over the entries in order (as
+/// [`values_portable`]), 64 columns at a time in eight registers that stay in registers
+/// across the entries (`$load` widens 8 elements at a pointer).
+macro_rules! values_avx2 {
+    ($t:ty, $values:ident, $feat:literal, $load:ident) => {
         /// # Safety
-        /// The CPU has the enabled features; the entries of `segs` lie in `kc`.
+        /// The CPU has the enabled features.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feat)]
+        unsafe fn $values(
+            vc: &[$t],
+            gd: usize,
+            off: usize,
+            segs: [(usize, usize); 2],
+            w: &[f32],
+            acc: &mut [f32],
+        ) {
+            use std::arch::x86_64::*;
+            let d = acc.len();
+            let full = d / 8 * 8;
+            let n: usize = segs.iter().map(|&(a, b)| b - a).sum();
+            assert!(w.len() >= n);
+            for &(a, b) in &segs {
+                assert!(b == a || (b - 1) * gd + off + d <= vc.len());
+            }
+            let base = vc.as_ptr().add(off);
+            let ap = acc.as_mut_ptr();
+            let mut cb = 0;
+            while cb + 64 <= full {
+                let mut r = [_mm256_setzero_ps(); 8];
+                let mut j = 0;
+                for &(a, b) in &segs {
+                    for e in a..b {
+                        let wv = _mm256_set1_ps(*w.get_unchecked(j));
+                        let p = base.add(e * gd + cb);
+                        for (k, r) in r.iter_mut().enumerate() {
+                            *r = _mm256_add_ps(*r, _mm256_mul_ps(wv, $load!(p.add(8 * k))));
+                        }
+                        j += 1;
+                    }
+                }
+                for (k, r) in r.iter().enumerate() {
+                    _mm256_storeu_ps(ap.add(cb + 8 * k), *r);
+                }
+                cb += 64;
+            }
+            while cb + 8 <= full {
+                let mut r = _mm256_setzero_ps();
+                let mut j = 0;
+                for &(a, b) in &segs {
+                    for e in a..b {
+                        let wv = _mm256_set1_ps(*w.get_unchecked(j));
+                        r = _mm256_add_ps(r, _mm256_mul_ps(wv, $load!(base.add(e * gd + cb))));
+                        j += 1;
+                    }
+                }
+                _mm256_storeu_ps(ap.add(cb), r);
+                cb += 8;
+            }
+            for t in full..d {
+                let mut x = 0f32;
+                let mut j = 0;
+                for &(a, b) in &segs {
+                    for e in a..b {
+                        x += w[j] * (*base.add(e * gd + t)).to_f32();
+                        j += 1;
+                    }
+                }
+                *ap.add(t) = x;
+            }
+        }
+    };
+}
+
+/// The AVX2 scores over a 16-bit cache (see [`KvElem::scores`]).
+macro_rules! scores_avx2 {
+    ($t:ty, $scores:ident, $feat:literal, $load:ident) => {
+        /// # Safety
+        /// The CPU has the enabled features.
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $feat)]
         #[allow(clippy::too_many_arguments)]
@@ -653,94 +724,13 @@ macro_rules! half_kv_avx2 {
                 }
             }
         }
+    };
+}
 
-        /// # Safety
-        /// The CPU has the enabled features; the entries of `segs` lie in `vc`.
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $feat)]
-        unsafe fn $values(
-            vc: &[$t],
-            gd: usize,
-            off: usize,
-            segs: [(usize, usize); 2],
-            sc: &[f32],
-            total: Option<f32>,
-            acc: &mut [f32],
-        ) {
-            use std::arch::x86_64::*;
-            let d = acc.len();
-            let full = d / 8 * 8;
-            acc.fill(0.0);
-            let ap = acc.as_mut_ptr();
-            let mut j = 0;
-            for &(a, b) in &segs {
-                assert!(b == a || (b - 1) * gd + off + d <= vc.len());
-                for e in a..b {
-                    let w = total.map_or(sc[j], |t| sc[j] / t);
-                    let wv = _mm256_set1_ps(w);
-                    let vp = vc.as_ptr().add(e * gd + off);
-                    let mut i = 0;
-                    while i < full {
-                        let x = _mm256_add_ps(
-                            _mm256_loadu_ps(ap.add(i)),
-                            _mm256_mul_ps(wv, $load!(vp.add(i))),
-                        );
-                        _mm256_storeu_ps(ap.add(i), x);
-                        i += 8;
-                    }
-                    for t in full..d {
-                        *ap.add(t) += w * (*vp.add(t)).to_f32();
-                    }
-                    j += 1;
-                }
-            }
-        }
-
-        impl HalfKv for $t {
-            fn to_f32(self) -> f32 {
-                <$t>::to_f32(self)
-            }
-
-            fn scores(
-                q: &[f32],
-                kc: &[Self],
-                gd: usize,
-                off: usize,
-                segs: [(usize, usize); 2],
-                scale: f32,
-                sc: &mut [f32],
-            ) {
-                #[cfg(target_arch = "x86_64")]
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("f16c")
-                {
-                    // SAFETY: the features were detected; `$scores` checks the bounds.
-                    unsafe { $scores(q, kc, gd, off, segs, scale, sc) };
-                    return;
-                }
-                scores_portable(q, kc, gd, off, segs, scale, sc);
-            }
-
-            fn values(
-                vc: &[Self],
-                gd: usize,
-                off: usize,
-                segs: [(usize, usize); 2],
-                sc: &[f32],
-                total: Option<f32>,
-                acc: &mut [f32],
-            ) {
-                #[cfg(target_arch = "x86_64")]
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("f16c")
-                {
-                    // SAFETY: the features were detected; `$values` checks the bounds.
-                    unsafe { $values(vc, gd, off, segs, sc, total, acc) };
-                    return;
-                }
-                values_portable(vc, gd, off, segs, sc, total, acc);
-            }
-        }
+#[cfg(target_arch = "x86_64")]
+macro_rules! load_f32 {
+    ($p:expr) => {
+        _mm256_loadu_ps($p)
     };
 }
 
@@ -761,14 +751,128 @@ macro_rules! load_bf16 {
     };
 }
 
-half_kv_avx2!(f16, scores_f16_avx2, values_f16_avx2, "avx2,f16c", load_f16);
-half_kv_avx2!(
-    bf16,
-    scores_bf16_avx2,
-    values_bf16_avx2,
-    "avx2,f16c",
-    load_bf16
-);
+values_avx2!(f32, values_f32_avx2, "avx2,f16c", load_f32);
+values_avx2!(f16, values_f16_avx2, "avx2,f16c", load_f16);
+values_avx2!(bf16, values_bf16_avx2, "avx2,f16c", load_bf16);
+scores_avx2!(f16, scores_f16_avx2, "avx2,f16c", load_f16);
+scores_avx2!(bf16, scores_bf16_avx2, "avx2,f16c", load_bf16);
+
+/// True where the AVX2 kernels run.
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+macro_rules! kv_elem {
+    ($t:ty, $scores:ident, $values:ident) => {
+        impl KvElem for $t {
+            fn to_f32(self) -> f32 {
+                <$t>::to_f32(self)
+            }
+
+            fn scores(
+                q: &[f32],
+                kc: &[Self],
+                gd: usize,
+                off: usize,
+                segs: [(usize, usize); 2],
+                scale: f32,
+                sc: &mut [f32],
+            ) {
+                #[cfg(target_arch = "x86_64")]
+                if has_avx2() {
+                    // SAFETY: the features were detected; the kernel checks the bounds.
+                    unsafe { $scores(q, kc, gd, off, segs, scale, sc) };
+                    return;
+                }
+                scores_portable(q, kc, gd, off, segs, scale, sc);
+            }
+
+            fn values(
+                vc: &[Self],
+                gd: usize,
+                off: usize,
+                segs: [(usize, usize); 2],
+                w: &[f32],
+                acc: &mut [f32],
+            ) {
+                #[cfg(target_arch = "x86_64")]
+                if has_avx2() {
+                    // SAFETY: the features were detected; the kernel checks the bounds.
+                    unsafe { $values(vc, gd, off, segs, w, acc) };
+                    return;
+                }
+                values_portable(vc, gd, off, segs, w, acc);
+            }
+        }
+    };
+}
+
+kv_elem!(f16, scores_f16_avx2, values_f16_avx2);
+
+impl KvElem for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    fn scores(
+        q: &[f32],
+        kc: &[Self],
+        gd: usize,
+        off: usize,
+        segs: [(usize, usize); 2],
+        scale: f32,
+        sc: &mut [f32],
+    ) {
+        scores_portable(q, kc, gd, off, segs, scale, sc);
+    }
+
+    fn values(
+        vc: &[Self],
+        gd: usize,
+        off: usize,
+        segs: [(usize, usize); 2],
+        w: &[f32],
+        acc: &mut [f32],
+    ) {
+        values_f32(vc, gd, off, segs, w, acc);
+    }
+}
+kv_elem!(bf16, scores_bf16_avx2, values_bf16_avx2);
+
+/// An f32 cache's weighted values (its scores are [`attend_head`]'s own).
+fn values_f32(
+    vc: &[f32],
+    gd: usize,
+    off: usize,
+    segs: [(usize, usize); 2],
+    w: &[f32],
+    acc: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the features were detected; the kernel checks the bounds.
+        unsafe { values_f32_avx2(vc, gd, off, segs, w, acc) };
+        return;
+    }
+    acc.fill(0.0);
+    let d = acc.len();
+    let mut j = 0;
+    for &(a, b) in &segs {
+        for e in a..b {
+            for (a, vv) in acc.iter_mut().zip(&vc[e * gd + off..e * gd + off + d]) {
+                *a += w[j] * vv;
+            }
+            j += 1;
+        }
+    }
+}
 
 /// One query head over keys and values of any cache type (see [`attend_head`]).
 #[allow(clippy::too_many_arguments)]
@@ -962,9 +1066,9 @@ mod tests {
     /// ones bit for bit, for head dims with and without a tail past the last 8 lanes.
     #[test]
     fn half_kernels_equal_portable() {
-        fn check<T: HalfKv + std::fmt::Debug>(conv: impl Fn(f32) -> T) {
+        fn check<T: KvElem + std::fmt::Debug>(conv: impl Fn(f32) -> T) {
             let mut rng = ChaCha8Rng::seed_from_u64(9);
-            for d in [8, 13, 64, 100] {
+            for d in [8, 13, 64, 100, 128, 200] {
                 let (gd, off, n) = (3 * d, d, 40);
                 let q: Vec<f32> = (0..d).map(|_| rng.gen_range(-2.0..2.0)).collect();
                 let c: Vec<T> = (0..n * gd)
@@ -975,16 +1079,15 @@ mod tests {
                 T::scores(&q, &c, gd, off, segs, 0.3, &mut a);
                 scores_portable(&q, &c, gd, off, segs, 0.3, &mut b);
                 assert_eq!(a, b, "scores, d {d}");
-                for total in [None, Some(7.5)] {
-                    let (mut x, mut y) = (vec![0.0; d], vec![0.0; d]);
-                    T::values(&c, gd, off, segs, &a, total, &mut x);
-                    values_portable(&c, gd, off, segs, &a, total, &mut y);
-                    assert_eq!(x, y, "values, d {d}");
-                }
+                let (mut x, mut y) = (vec![1.0; d], vec![2.0; d]);
+                T::values(&c, gd, off, segs, &a, &mut x);
+                values_portable(&c, gd, off, segs, &a, &mut y);
+                assert_eq!(x, y, "values, d {d}");
             }
         }
         check(f16::from_f32);
         check(bf16::from_f32);
+        check(|x| x);
     }
 
     /// A 16-bit cache gives exactly the bits of an f32 cache holding its rounded values:

@@ -162,30 +162,209 @@ fn matrix_types(f: &GgufFile, layout: &Layout) -> BTreeMap<String, String> {
     out
 }
 
+/// A GGUF file's RoPE scaling as a Hugging Face `rope_scaling` object: linear and YaRN
+/// from the metadata (llama.cpp's YaRN multiplies cos and sin by `attn_factor * (1 + 0.1 ln
+/// factor)`, transformers' by `attention_factor`), Llama 3's from the per-frequency
+/// divisors of a `rope_freqs` tensor (the parameters that reproduce them; refused when none
+/// do).
+fn rope_scaling(
+    f: &GgufFile,
+    k: &dyn Fn(&str) -> String,
+    heads: u64,
+    hidden: u64,
+) -> Result<Option<serde_json::Value>> {
+    let refuse = |key: &str, why: String| Err(ferr(&f.path, format!("{}: {why}", k(key))));
+    let ctx = f.get(&k("context_length")).and_then(Value::as_u64);
+    let orig = f
+        .get(&k("rope.scaling.original_context_length"))
+        .and_then(Value::as_u64)
+        .or(ctx);
+    let factor = f
+        .get(&k("rope.scaling.factor"))
+        .or(f.get(&k("rope.scale_linear")))
+        .and_then(Value::as_f64)
+        .filter(|&x| x != 0.0);
+    let kind = f
+        .get(&k("rope.scaling.type"))
+        .and_then(Value::as_str)
+        .unwrap_or("linear");
+    let scaled = match (kind, factor) {
+        ("none", _) | ("linear", None) => None,
+        ("linear", Some(x)) if x == 1.0 => None,
+        ("linear", Some(x)) => Some(json!({"rope_type": "linear", "factor": x})),
+        ("yarn", Some(x)) => {
+            if f
+                .get(&k("rope.scaling.yarn_log_multiplier"))
+                .and_then(Value::as_f64)
+                .is_some_and(|m| m != 0.0)
+            {
+                return refuse(
+                    "rope.scaling.yarn_log_multiplier",
+                    "DeepSeek's YaRN attention scaling is not supported yet".into(),
+                );
+            }
+            let mut r = json!({"rope_type": "yarn", "factor": x});
+            if let Some(o) = orig {
+                r["original_max_position_embeddings"] = json!(o);
+            }
+            if let Some(af) = f.get(&k("rope.scaling.attn_factor")).and_then(Value::as_f64) {
+                if af != 1.0 {
+                    r["attention_factor"] = json!(af * (1.0 + 0.1 * x.ln()));
+                }
+            }
+            for (key, name) in [
+                ("rope.scaling.yarn_beta_fast", "beta_fast"),
+                ("rope.scaling.yarn_beta_slow", "beta_slow"),
+            ] {
+                if let Some(b) = f.get(&k(key)).and_then(Value::as_f64) {
+                    r[name] = json!(b);
+                }
+            }
+            Some(r)
+        }
+        (t, _) => {
+            return refuse(
+                "rope.scaling.type",
+                format!("RoPE scaling \"{t}\" is not supported yet (linear, yarn, and Llama 3's rope_freqs)"),
+            )
+        }
+    };
+    let Some(div) = f.f32("rope_freqs.weight")? else {
+        return Ok(scaled);
+    };
+    if scaled.is_some() {
+        return refuse(
+            "rope.scaling.type",
+            "both scaling metadata and a rope_freqs tensor".into(),
+        );
+    }
+    let d = f
+        .get(&k("rope.dimension_count"))
+        .and_then(Value::as_u64)
+        .unwrap_or(if heads > 0 { hidden / heads } else { 0 }) as usize;
+    let theta = meta_f64(f, &k("rope.freq_base"), 10000.0) as f32;
+    match llama3_from_divisors(&div, d, theta, orig.unwrap_or(8192) as usize) {
+        Some(None) => Ok(None),
+        Some(Some(s)) => {
+            let model::config::RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_seq_len,
+            } = s
+            else {
+                unreachable!()
+            };
+            Ok(Some(json!({
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_seq_len,
+            })))
+        }
+        None => Err(ferr(
+            &f.path,
+            "rope_freqs.weight: per-frequency RoPE divisors that do not follow Llama 3's rule are not supported",
+        )),
+    }
+}
+
+/// Llama 3's RoPE scaling parameters that give the per-frequency divisors `div` (of head
+/// dim `d`, base `theta`), with `original_max_seq_len` = `orig` (any value gives the same
+/// frequencies with matching low/high factors). `Some(None)`: all divisors are 1; `None`:
+/// no parameters reproduce them (to 1e-4).
+pub fn llama3_from_divisors(
+    div: &[f32],
+    d: usize,
+    theta: f32,
+    orig: usize,
+) -> Option<Option<model::config::RopeScaling>> {
+    use model::config::RopeScaling;
+    if div.len() != d / 2 || div.is_empty() || div.iter().any(|&x| !(x >= 1.0 && x.is_finite())) {
+        return None;
+    }
+    let factor = div.iter().fold(1.0f32, |m, &x| m.max(x)) as f64;
+    if factor == 1.0 {
+        return Some(None);
+    }
+    let (plain, _) = RopeScaling::inv_freq(None, d, theta);
+    // x = 1 / wavelength; the blend s = (1/r - 1/factor) / (1 - 1/factor) is linear in x
+    // between the kept (r = 1, high x) and the divided (r = factor, low x) frequencies
+    let x: Vec<f64> = plain
+        .iter()
+        .map(|f| f / (2.0 * std::f64::consts::PI))
+        .collect();
+    let r: Vec<f64> = div.iter().map(|&v| v as f64).collect();
+    let tol = 1e-5 * factor;
+    let mid: Vec<usize> = (0..r.len())
+        .filter(|&i| r[i] > 1.0 + tol && r[i] < factor - tol)
+        .collect();
+    let blend = |i: usize| (1.0 / r[i] - 1.0 / factor) / (1.0 - 1.0 / factor);
+    let divided_x = (0..r.len())
+        .filter(|&i| r[i] >= factor - tol)
+        .map(|i| x[i])
+        .fold(f64::MIN, f64::max);
+    let kept_x = (0..r.len())
+        .filter(|&i| r[i] <= 1.0 + tol)
+        .map(|i| x[i])
+        .fold(f64::MAX, f64::min);
+    let lo_x = if divided_x == f64::MIN {
+        x.iter().fold(f64::MAX, |m, &v| m.min(v)) / 2.0
+    } else {
+        divided_x
+    };
+    let hi_x = if kept_x == f64::MAX {
+        x.iter().fold(0.0, |m: f64, &v| m.max(v)) * 2.0
+    } else {
+        kept_x
+    };
+    // where the blend is 0 (x0) and 1 (x1)
+    let (x0, x1) = match mid.len() {
+        0 => (lo_x + (hi_x - lo_x) / 3.0, lo_x + 2.0 * (hi_x - lo_x) / 3.0),
+        1 => {
+            let (p, sp) = (x[mid[0]], blend(mid[0]));
+            let delta = 0.5 * (p - lo_x).min(hi_x - p);
+            (p - sp * delta, p + (1.0 - sp) * delta)
+        }
+        n => {
+            // least squares s = a x - b
+            let (mx, ms) = (
+                mid.iter().map(|&i| x[i]).sum::<f64>() / n as f64,
+                mid.iter().map(|&i| blend(i)).sum::<f64>() / n as f64,
+            );
+            let cov: f64 = mid.iter().map(|&i| (x[i] - mx) * (blend(i) - ms)).sum();
+            let var: f64 = mid.iter().map(|&i| (x[i] - mx).powi(2)).sum();
+            let a = cov / var;
+            let b = a * mx - ms;
+            (b / a, (1.0 + b) / a)
+        }
+    };
+    if !(x0 > 0.0 && x1 > x0) {
+        return None;
+    }
+    let o = orig as f64;
+    let s = RopeScaling::Llama3 {
+        factor: factor as f32,
+        low_freq_factor: (x0 * o) as f32,
+        high_freq_factor: (x1 * o) as f32,
+        original_max_seq_len: orig,
+    };
+    let (scaled, _) = RopeScaling::inv_freq(Some(&s), d, theta);
+    let fits = plain
+        .iter()
+        .zip(&scaled)
+        .zip(&r)
+        .all(|((p, q), r)| ((p / q) / r - 1.0).abs() < 1e-4);
+    fits.then_some(Some(s))
+}
+
 /// The metadata as the Hugging Face `config.json` of the same model (bailingmoe reads as
 /// Qwen2-MoE, whose tensor names it shares; `adapt_config` then makes its shared experts
 /// ungated).
 fn hf_config(f: &GgufFile, arch: write::Arch, vocab: usize) -> Result<serde_json::Value> {
     use write::Arch;
     let k = |s: &str| format!("{}.{s}", arch.name());
-    if let Some(t) = f.get(&k("rope.scaling.type")).and_then(Value::as_str) {
-        if t != "none" {
-            return Err(ferr(
-                &f.path,
-                format!(
-                    "{}: RoPE scaling \"{t}\" is not supported yet",
-                    k("rope.scaling.type")
-                ),
-            ));
-        }
-    }
-    // Llama 3.1's RoPE scaling travels as per-frequency divisors (convert_hf_to_gguf.py)
-    if f.tensor("rope_freqs.weight").is_some() {
-        return Err(ferr(
-            &f.path,
-            "rope_freqs.weight: Llama 3 RoPE scaling from a GGUF file is not supported yet (import the Hugging Face dir instead)",
-        ));
-    }
     let heads = meta_u64(f, &k("attention.head_count"))?;
     let experts = f
         .get(&k("expert_count"))
@@ -214,6 +393,9 @@ fn hf_config(f: &GgufFile, arch: write::Arch, vocab: usize) -> Result<serde_json
     });
     if let Some(hd) = f.get(&k("attention.key_length")).and_then(Value::as_u64) {
         c["head_dim"] = json!(hd);
+    }
+    if let Some(r) = rope_scaling(f, &k, heads, hidden)? {
+        c["rope_scaling"] = r;
     }
     if arch != Arch::Llama && experts == 0 {
         return Err(ferr(

@@ -15,7 +15,7 @@
 use super::quant;
 use crate::{ferr, Result};
 use infer::chat::ChatSpec;
-use model::config::{QkNorm, RouterScore};
+use model::config::{QkNorm, RopeScaling, RouterScore};
 use model::{Layout, ModelConfig};
 use serde_json::Value as Json;
 use std::path::Path;
@@ -300,6 +300,35 @@ pub fn export(
             Meta::U32(c.expert_hidden as u32),
         ));
     }
+    // RoPE scaling as llama.cpp reads it: linear and YaRN as metadata (llama.cpp's YaRN
+    // multiplies cos and sin by attn_factor * (1 + 0.1 ln factor)); Llama 3's as per-frequency
+    // divisors in a rope_freqs tensor (below), as convert_hf_to_gguf.py writes it
+    match &c.rope_scaling {
+        None | Some(RopeScaling::Llama3 { .. }) => {}
+        Some(RopeScaling::Linear { factor }) => {
+            meta.push((format!("{a}.rope.scaling.type"), Meta::Str("linear".into())));
+            meta.push((format!("{a}.rope.scaling.factor"), Meta::F32(*factor)));
+        }
+        Some(RopeScaling::Yarn {
+            factor,
+            original_max_seq_len,
+            attention_factor,
+            ..
+        }) => {
+            meta.push((format!("{a}.rope.scaling.type"), Meta::Str("yarn".into())));
+            meta.push((format!("{a}.rope.scaling.factor"), Meta::F32(*factor)));
+            meta.push((
+                format!("{a}.rope.scaling.original_context_length"),
+                Meta::U32(*original_max_seq_len as u32),
+            ));
+            if let Some(af) = attention_factor {
+                meta.push((
+                    format!("{a}.rope.scaling.attn_factor"),
+                    Meta::F32(af / (1.0 + 0.1 * factor.ln())),
+                ));
+            }
+        }
+    }
     match arch {
         Arch::BailingMoe => {
             meta.push((
@@ -500,6 +529,16 @@ pub fn export(
         }
     }
     ts.push(vec32("output_norm.weight".into(), get("norm.weight")));
+    if let Some(s @ RopeScaling::Llama3 { .. }) = &c.rope_scaling {
+        let (plain, _) = RopeScaling::inv_freq(None, d, c.rope_theta);
+        let (scaled, _) = RopeScaling::inv_freq(Some(s), d, c.rope_theta);
+        let div: Vec<f32> = plain
+            .iter()
+            .zip(&scaled)
+            .map(|(p, s)| (p / s) as f32)
+            .collect();
+        ts.push(vec32("rope_freqs.weight".into(), &div));
+    }
     // bailingmoe and qwen2moe require an output matrix: a tied one is written out
     if !c.tie_embeddings || arch.needs_output() {
         let name = if c.tie_embeddings {
@@ -561,8 +600,20 @@ impl Arch {
         if any_moe && !moe.iter().all(|&m| m) {
             return Err("dense and MoE blocks mixed".into());
         }
-        if c.rope_scaling.is_some() {
-            return Err("RoPE scaling (not written to GGUF yet)".into());
+        match &c.rope_scaling {
+            Some(RopeScaling::Yarn {
+                factor,
+                beta_fast,
+                beta_slow,
+                truncate,
+                ..
+            }) if *factor < 1.0 || *beta_fast != 32.0 || *beta_slow != 1.0 || !*truncate => {
+                return Err("YaRN with a factor below 1, beta_fast/beta_slow other than 32/1 or truncate = false (llama.cpp reads none of them from a GGUF file)".into());
+            }
+            Some(RopeScaling::Llama3 { .. }) if moe.iter().any(|&m| m) => {
+                return Err("Llama 3 RoPE scaling in an MoE model (llama.cpp reads its frequency factors for llama blocks only)".into());
+            }
+            _ => {}
         }
         if c.sliding_window > 0 {
             // llama.cpp's llama, qwen2moe, qwen3moe and bailingmoe graphs attend to every key
