@@ -300,14 +300,7 @@ simd! {
         acc: &mut [f32],
         norm: bool,
     ) -> (f32, f32) {
-        let d = q.len();
-        let mut j = 0;
-        for &(a, b) in &segs {
-            for e in a..b {
-                sc[j] = dot8(q, &kc[e * gd + off..e * gd + off + d]) * scale;
-                j += 1;
-            }
-        }
+        scores_f32(q, kc, gd, off, segs, scale, sc);
         let mx = max(sc);
         // exps first (a loop the compiler vectorises), then their fixed-order sum
         for sj in sc.iter_mut() {
@@ -703,7 +696,71 @@ macro_rules! scores_avx2 {
             let mut j = 0;
             for &(a, b) in &segs {
                 assert!(b == a || (b - 1) * gd + off + d <= kc.len());
-                for e in a..b {
+                let mut e = a;
+                // eight keys at a time: eight lane accumulators reduced together, each
+                // in hsum8's order (halves, then pairs of lanes, then the last pair)
+                while full == d && e + 8 <= b {
+                    let mut r = [_mm256_setzero_ps(); 8];
+                    let mut i = 0;
+                    while i < d {
+                        let qv = _mm256_loadu_ps(q.as_ptr().add(i));
+                        for (t, r) in r.iter_mut().enumerate() {
+                            let kp = kc.as_ptr().add((e + t) * gd + off + i);
+                            *r = _mm256_add_ps(*r, _mm256_mul_ps(qv, $load!(kp)));
+                        }
+                        i += 8;
+                    }
+                    // [T_t | T_t+4] with T = low half + high half: lanes (0+4, 1+5, 2+6, 3+7)
+                    let x = _mm256_add_ps(
+                        _mm256_permute2f128_ps(r[0], r[4], 0x20),
+                        _mm256_permute2f128_ps(r[0], r[4], 0x31),
+                    );
+                    let y = _mm256_add_ps(
+                        _mm256_permute2f128_ps(r[1], r[5], 0x20),
+                        _mm256_permute2f128_ps(r[1], r[5], 0x31),
+                    );
+                    let z = _mm256_add_ps(
+                        _mm256_permute2f128_ps(r[2], r[6], 0x20),
+                        _mm256_permute2f128_ps(r[2], r[6], 0x31),
+                    );
+                    let w = _mm256_add_ps(
+                        _mm256_permute2f128_ps(r[3], r[7], 0x20),
+                        _mm256_permute2f128_ps(r[3], r[7], 0x31),
+                    );
+                    // (0+4)+(2+6) and (1+5)+(3+7) per key
+                    let xy = _mm256_add_ps(
+                        _mm256_castpd_ps(_mm256_unpacklo_pd(
+                            _mm256_castps_pd(x),
+                            _mm256_castps_pd(y),
+                        )),
+                        _mm256_castpd_ps(_mm256_unpackhi_pd(
+                            _mm256_castps_pd(x),
+                            _mm256_castps_pd(y),
+                        )),
+                    );
+                    let zw = _mm256_add_ps(
+                        _mm256_castpd_ps(_mm256_unpacklo_pd(
+                            _mm256_castps_pd(z),
+                            _mm256_castps_pd(w),
+                        )),
+                        _mm256_castpd_ps(_mm256_unpackhi_pd(
+                            _mm256_castps_pd(z),
+                            _mm256_castps_pd(w),
+                        )),
+                    );
+                    let h = _mm256_add_ps(
+                        _mm256_shuffle_ps(xy, zw, 0b10_00_10_00),
+                        _mm256_shuffle_ps(xy, zw, 0b11_01_11_01),
+                    );
+                    assert!(j + 8 <= sc.len());
+                    _mm256_storeu_ps(
+                        sc.as_mut_ptr().add(j),
+                        _mm256_mul_ps(h, _mm256_set1_ps(scale)),
+                    );
+                    j += 8;
+                    e += 8;
+                }
+                for e in e..b {
                     let kp = kc.as_ptr().add(e * gd + off);
                     let mut v = _mm256_setzero_ps();
                     let mut i = 0;
@@ -754,6 +811,7 @@ macro_rules! load_bf16 {
 values_avx2!(f32, values_f32_avx2, "avx2,f16c", load_f32);
 values_avx2!(f16, values_f16_avx2, "avx2,f16c", load_f16);
 values_avx2!(bf16, values_bf16_avx2, "avx2,f16c", load_bf16);
+scores_avx2!(f32, scores_f32_avx2, "avx2,f16c", load_f32);
 scores_avx2!(f16, scores_f16_avx2, "avx2,f16c", load_f16);
 scores_avx2!(bf16, scores_bf16_avx2, "avx2,f16c", load_bf16);
 
@@ -830,7 +888,7 @@ impl KvElem for f32 {
         scale: f32,
         sc: &mut [f32],
     ) {
-        scores_portable(q, kc, gd, off, segs, scale, sc);
+        scores_f32(q, kc, gd, off, segs, scale, sc);
     }
 
     fn values(
@@ -846,7 +904,27 @@ impl KvElem for f32 {
 }
 kv_elem!(bf16, scores_bf16_avx2, values_bf16_avx2);
 
-/// An f32 cache's weighted values (its scores are [`attend_head`]'s own).
+/// An f32 cache's scores (see [`KvElem::scores`]).
+#[allow(clippy::too_many_arguments)]
+fn scores_f32(
+    q: &[f32],
+    kc: &[f32],
+    gd: usize,
+    off: usize,
+    segs: [(usize, usize); 2],
+    scale: f32,
+    sc: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the features were detected; the kernel checks the bounds.
+        unsafe { scores_f32_avx2(q, kc, gd, off, segs, scale, sc) };
+        return;
+    }
+    scores_portable(q, kc, gd, off, segs, scale, sc);
+}
+
+/// An f32 cache's weighted values.
 fn values_f32(
     vc: &[f32],
     gd: usize,
