@@ -190,7 +190,7 @@ fn rope_scaling(
         .unwrap_or("linear");
     let scaled = match (kind, factor) {
         ("none", _) | ("linear", None) => None,
-        ("linear", Some(x)) if x == 1.0 => None,
+        ("linear", Some(1.0)) => None,
         ("linear", Some(x)) => Some(json!({"rope_type": "linear", "factor": x})),
         ("yarn", Some(x)) => {
             if f
@@ -241,7 +241,7 @@ fn rope_scaling(
     let d = f
         .get(&k("rope.dimension_count"))
         .and_then(Value::as_u64)
-        .unwrap_or(if heads > 0 { hidden / heads } else { 0 }) as usize;
+        .unwrap_or(hidden.checked_div(heads).unwrap_or(0)) as usize;
     let theta = meta_f64(f, &k("rope.freq_base"), 10000.0) as f32;
     match llama3_from_divisors(&div, d, theta, orig.unwrap_or(8192) as usize) {
         Some(None) => Ok(None),
