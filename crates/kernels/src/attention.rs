@@ -300,7 +300,7 @@ simd! {
         acc: &mut [f32],
         norm: bool,
     ) -> (f32, f32) {
-        scores_f32(q, kc, gd, off, segs, scale, sc);
+        f32::scores(q, kc, gd, off, segs, scale, sc);
         let mx = max(sc);
         // exps first (a loop the compiler vectorises), then their fixed-order sum
         for sj in sc.iter_mut() {
@@ -312,7 +312,7 @@ simd! {
                 *sj /= total;
             }
         }
-        values_f32(vc, gd, off, segs, sc, acc);
+        f32::values(vc, gd, off, segs, sc, acc);
         (mx, total)
     }
 }
@@ -828,10 +828,10 @@ fn has_avx2() -> bool {
 }
 
 macro_rules! kv_elem {
-    ($t:ty, $scores:ident, $values:ident) => {
+    ($t:ty, $to_f32:expr, $scores:ident, $values:ident) => {
         impl KvElem for $t {
             fn to_f32(self) -> f32 {
-                <$t>::to_f32(self)
+                $to_f32(self)
             }
 
             fn scores(
@@ -872,85 +872,10 @@ macro_rules! kv_elem {
     };
 }
 
-kv_elem!(f16, scores_f16_avx2, values_f16_avx2);
+kv_elem!(f32, |x: f32| x, scores_f32_avx2, values_f32_avx2);
+kv_elem!(f16, f16::to_f32, scores_f16_avx2, values_f16_avx2);
 
-impl KvElem for f32 {
-    fn to_f32(self) -> f32 {
-        self
-    }
-
-    fn scores(
-        q: &[f32],
-        kc: &[Self],
-        gd: usize,
-        off: usize,
-        segs: [(usize, usize); 2],
-        scale: f32,
-        sc: &mut [f32],
-    ) {
-        scores_f32(q, kc, gd, off, segs, scale, sc);
-    }
-
-    fn values(
-        vc: &[Self],
-        gd: usize,
-        off: usize,
-        segs: [(usize, usize); 2],
-        w: &[f32],
-        acc: &mut [f32],
-    ) {
-        values_f32(vc, gd, off, segs, w, acc);
-    }
-}
-kv_elem!(bf16, scores_bf16_avx2, values_bf16_avx2);
-
-/// An f32 cache's scores (see [`KvElem::scores`]).
-#[allow(clippy::too_many_arguments)]
-fn scores_f32(
-    q: &[f32],
-    kc: &[f32],
-    gd: usize,
-    off: usize,
-    segs: [(usize, usize); 2],
-    scale: f32,
-    sc: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the features were detected; the kernel checks the bounds.
-        unsafe { scores_f32_avx2(q, kc, gd, off, segs, scale, sc) };
-        return;
-    }
-    scores_portable(q, kc, gd, off, segs, scale, sc);
-}
-
-/// An f32 cache's weighted values.
-fn values_f32(
-    vc: &[f32],
-    gd: usize,
-    off: usize,
-    segs: [(usize, usize); 2],
-    w: &[f32],
-    acc: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the features were detected; the kernel checks the bounds.
-        unsafe { values_f32_avx2(vc, gd, off, segs, w, acc) };
-        return;
-    }
-    acc.fill(0.0);
-    let d = acc.len();
-    let mut j = 0;
-    for &(a, b) in &segs {
-        for e in a..b {
-            for (a, vv) in acc.iter_mut().zip(&vc[e * gd + off..e * gd + off + d]) {
-                *a += w[j] * vv;
-            }
-            j += 1;
-        }
-    }
-}
+kv_elem!(bf16, bf16::to_f32, scores_bf16_avx2, values_bf16_avx2);
 
 /// One query head over keys and values of any cache type (see [`attend_head`]).
 #[allow(clippy::too_many_arguments)]
