@@ -426,170 +426,239 @@ fn has_avx2() -> bool {
         && std::arch::is_x86_feature_detected!("f16c")
 }
 
-/// The AVX2 dots of `C` weight rows (`w`, consecutive rows of `rb` bytes) with `R`
-/// activation rows at once: a weight block is unpacked once for the R rows, an activation
-/// block loaded once for the C weight rows, and the C x R accumulator chains are independent.
-/// Each output's arithmetic is [`dot_ref`]'s; out[c][r] is weight row c with row `rows[r]`.
-///
-/// # Safety
-/// AVX2, FMA and F16C must be present; `w` holds `C` rows of `x.cols / QK` blocks of type
-/// `T` at stride `rb`; every row in `rows` is below `x.rows()`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn dot_avx2<const T: u8, const C: usize, const R: usize>(
-    w: &[u8],
-    rb: usize,
-    x: &QActs,
-    rows: [usize; R],
-) -> [[f32; R]; C] {
-    use std::arch::x86_64::*;
-    const Q8_0: u8 = 0;
-    const Q4_1: u8 = 2;
-    let nb = x.cols / QK;
-    let bb = match T {
-        Q8_0 => 34,
-        Q4_1 => 20,
-        _ => 18,
-    };
-    debug_assert!(w.len() >= (C - 1) * rb + nb * bb);
-    let h = |p: *const u8| -> f32 {
-        let bits = (p as *const u16).read_unaligned();
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-    };
-    let mask = _mm256_set1_epi8(0xF);
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [[_mm256_setzero_ps(); R]; C];
-    let mut summs = [[0f32; R]; C];
-    let wp = w.as_ptr();
-    let (xq, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
-    for b in 0..nb {
-        let mut qxs = [_mm256_setzero_si256(); R];
-        for (i, q) in qxs.iter_mut().enumerate() {
-            *q = _mm256_loadu_si256(xq.add((rows[i] * nb + b) * QK) as *const __m256i);
+/// The kernels a quantized matmul runs: [`dot_ref`] in portable Rust, AVX2, or AVX2 with
+/// AVX512-VNNI's byte dot products. All give the same bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QPath {
+    Portable,
+    Avx2,
+    Vnni,
+}
+
+impl QPath {
+    /// The fastest this CPU runs.
+    pub fn best() -> QPath {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has_avx2() && has!("avx512vnni") && has!("avx512vl") {
+                return QPath::Vnni;
+            }
+            if has_avx2() {
+                return QPath::Avx2;
+            }
         }
-        for c in 0..C {
-            let p = wp.add(c * rb + b * bb);
-            let dw = h(p);
-            // the block's 32 weights as bytes, element order
-            let qw = match T {
-                Q8_0 => _mm256_loadu_si256(p.add(2) as *const __m256i),
-                _ => {
-                    let off = if T == Q4_1 { 4 } else { 2 };
-                    let t = _mm_loadu_si128(p.add(off) as *const __m128i);
-                    let both = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
-                    let nib = _mm256_and_si256(both, mask);
-                    if T == Q4_1 {
-                        nib
-                    } else {
-                        _mm256_sub_epi8(nib, _mm256_set1_epi8(8))
+        QPath::Portable
+    }
+
+    /// The paths this CPU can run.
+    pub fn available() -> Vec<QPath> {
+        let best = QPath::best();
+        let mut v = vec![QPath::Portable];
+        if best != QPath::Portable {
+            v.push(QPath::Avx2);
+        }
+        if best == QPath::Vnni {
+            v.push(QPath::Vnni);
+        }
+        v
+    }
+}
+
+/// The tile kernels for one instruction set: `$isum!(u8 weights, i8 activations, ones)` is
+/// the i32 sums of four adjacent byte products per lane (AVX2: `maddubs` then `madd`, no
+/// saturation at these magnitudes; AVX512-VNNI: one `dpbusd`), the same integers either way.
+macro_rules! quant_tiles {
+    ($dot:ident, $tiles:ident, $tile:ident, $feat:literal, $isum:ident) => {
+        /// The AVX2 dots of `C` weight rows (`w`, consecutive rows of `rb` bytes) with `R`
+        /// activation rows at once: a weight block is unpacked once for the R rows, an activation
+        /// block loaded once for the C weight rows, and the C x R accumulator chains are independent.
+        /// Each output's arithmetic is [`dot_ref`]'s; out[c][r] is weight row c with row `rows[r]`.
+        ///
+        /// # Safety
+        /// AVX2, FMA and F16C must be present; `w` holds `C` rows of `x.cols / QK` blocks of type
+        /// `T` at stride `rb`; every row in `rows` is below `x.rows()`.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn $dot<const T: u8, const C: usize, const R: usize>(
+            w: &[u8],
+            rb: usize,
+            x: &QActs,
+            rows: [usize; R],
+        ) -> [[f32; R]; C] {
+            use std::arch::x86_64::*;
+            const Q8_0: u8 = 0;
+            const Q4_1: u8 = 2;
+            let nb = x.cols / QK;
+            let bb = match T {
+                Q8_0 => 34,
+                Q4_1 => 20,
+                _ => 18,
+            };
+            debug_assert!(w.len() >= (C - 1) * rb + nb * bb);
+            let h = |p: *const u8| -> f32 {
+                let bits = (p as *const u16).read_unaligned();
+                _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+            };
+            let mask = _mm256_set1_epi8(0xF);
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [[_mm256_setzero_ps(); R]; C];
+            let mut summs = [[0f32; R]; C];
+            let wp = w.as_ptr();
+            let (xq, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
+            for b in 0..nb {
+                let mut qxs = [_mm256_setzero_si256(); R];
+                for (i, q) in qxs.iter_mut().enumerate() {
+                    *q = _mm256_loadu_si256(xq.add((rows[i] * nb + b) * QK) as *const __m256i);
+                }
+                for c in 0..C {
+                    let p = wp.add(c * rb + b * bb);
+                    let dw = h(p);
+                    // the block's 32 weights as bytes, element order
+                    let qw = match T {
+                        Q8_0 => _mm256_loadu_si256(p.add(2) as *const __m256i),
+                        _ => {
+                            let off = if T == Q4_1 { 4 } else { 2 };
+                            let t = _mm_loadu_si128(p.add(off) as *const __m128i);
+                            let both = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
+                            let nib = _mm256_and_si256(both, mask);
+                            if T == Q4_1 {
+                                nib
+                            } else {
+                                _mm256_sub_epi8(nib, _mm256_set1_epi8(8))
+                            }
+                        }
+                    };
+                    let aw = _mm256_sign_epi8(qw, qw);
+                    let m = if T == Q4_1 { h(p.add(2)) } else { 0.0 };
+                    for i in 0..R {
+                        let xb = rows[i] * nb + b;
+                        let isum = if T == Q4_1 {
+                            $isum!(qw, qxs[i], ones)
+                        } else {
+                            $isum!(aw, _mm256_sign_epi8(qxs[i], qw), ones)
+                        };
+                        let d = _mm256_set1_ps(dw * *xd.add(xb));
+                        acc[c][i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum), acc[c][i]);
+                        if T == Q4_1 {
+                            summs[c][i] += m * *xs.add(xb);
+                        }
                     }
                 }
-            };
-            let aw = _mm256_sign_epi8(qw, qw);
-            let m = if T == Q4_1 { h(p.add(2)) } else { 0.0 };
-            for i in 0..R {
-                let xb = rows[i] * nb + b;
-                let prod = if T == Q4_1 {
-                    _mm256_maddubs_epi16(qw, qxs[i])
-                } else {
-                    _mm256_maddubs_epi16(aw, _mm256_sign_epi8(qxs[i], qw))
-                };
-                let isum = _mm256_madd_epi16(prod, ones);
-                let d = _mm256_set1_ps(dw * *xd.add(xb));
-                acc[c][i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum), acc[c][i]);
-                if T == Q4_1 {
-                    summs[c][i] += m * *xs.add(xb);
+            }
+            let mut out = [[0f32; R]; C];
+            for c in 0..C {
+                for i in 0..R {
+                    let mut a = [0f32; 8];
+                    _mm256_storeu_ps(a.as_mut_ptr(), acc[c][i]);
+                    out[c][i] = hsum8(a) + summs[c][i];
+                }
+            }
+            out
+        }
+
+        /// Output columns c0..c1 for all `n` rows in tiles of 4 weight rows x 1 activation row
+        /// (decoding: independent chains) or 2 x 4 (prefill: each block unpacked once for 4 rows),
+        /// edges one by one. One AVX2 function, so the tiles inline into it whatever the codegen
+        /// partition (a build once lost 13% of prefill speed to a different inlining).
+        ///
+        /// # Safety
+        /// AVX2, FMA and F16C must be present; columns c0..c1 are rows row0+c0.. of `w`.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feat)]
+        unsafe fn $tiles(
+            w: QView,
+            row0: usize,
+            x: &QActs,
+            c0: usize,
+            c1: usize,
+            n: usize,
+            put: &impl Fn(usize, usize, f32),
+        ) {
+            let mut c = c0;
+            if n < 4 {
+                while c + 4 <= c1 {
+                    for r in 0..n {
+                        $tile::<4, 1>(w, row0, x, c, r, put);
+                    }
+                    c += 4;
+                }
+            } else {
+                while c + 2 <= c1 {
+                    let mut r = 0;
+                    while r + 4 <= n {
+                        $tile::<2, 4>(w, row0, x, c, r, put);
+                        r += 4;
+                    }
+                    for r in r..n {
+                        $tile::<2, 1>(w, row0, x, c, r, put);
+                    }
+                    c += 2;
+                }
+            }
+            for c in c..c1 {
+                for r in 0..n {
+                    $tile::<1, 1>(w, row0, x, c, r, put);
                 }
             }
         }
-    }
-    let mut out = [[0f32; R]; C];
-    for c in 0..C {
-        for i in 0..R {
-            let mut a = [0f32; 8];
-            _mm256_storeu_ps(a.as_mut_ptr(), acc[c][i]);
-            out[c][i] = hsum8(a) + summs[c][i];
-        }
-    }
-    out
-}
 
-/// Output columns c0..c1 for all `n` rows in tiles of 4 weight rows x 1 activation row
-/// (decoding: independent chains) or 2 x 4 (prefill: each block unpacked once for 4 rows),
-/// edges one by one. One AVX2 function, so the tiles inline into it whatever the codegen
-/// partition (a build once lost 13% of prefill speed to a different inlining).
-///
-/// # Safety
-/// AVX2, FMA and F16C must be present; columns c0..c1 are rows row0+c0.. of `w`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tiles_avx2(
-    w: QView,
-    row0: usize,
-    x: &QActs,
-    c0: usize,
-    c1: usize,
-    n: usize,
-    put: &impl Fn(usize, usize, f32),
-) {
-    let mut c = c0;
-    if n < 4 {
-        while c + 4 <= c1 {
-            for r in 0..n {
-                tile_avx2::<4, 1>(w, row0, x, c, r, put);
+        /// [`dot_avx2`] for type `ty` over weight rows `c..c+C` and activation rows `r..r+R`, stored.
+        ///
+        /// # Safety
+        /// As [`dot_avx2`]; `put` writes output (row, column).
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn $tile<const C: usize, const R: usize>(
+            w: QView,
+            row0: usize,
+            x: &QActs,
+            c: usize,
+            r: usize,
+            put: &impl Fn(usize, usize, f32),
+        ) {
+            let rb = w.row_bytes();
+            let ws = &w.data[(row0 + c) * rb..(row0 + c + C) * rb];
+            let rows: [usize; R] = std::array::from_fn(|i| r + i);
+            let v = match w.ty {
+                QType::Q8_0 => $dot::<0, C, R>(ws, rb, x, rows),
+                QType::Q4_0 => $dot::<1, C, R>(ws, rb, x, rows),
+                QType::Q4_1 => $dot::<2, C, R>(ws, rb, x, rows),
+            };
+            for (ci, vc) in v.iter().enumerate() {
+                for (ri, &val) in vc.iter().enumerate() {
+                    put(r + ri, c + ci, val);
+                }
             }
-            c += 4;
         }
-    } else {
-        while c + 2 <= c1 {
-            let mut r = 0;
-            while r + 4 <= n {
-                tile_avx2::<2, 4>(w, row0, x, c, r, put);
-                r += 4;
-            }
-            for r in r..n {
-                tile_avx2::<2, 1>(w, row0, x, c, r, put);
-            }
-            c += 2;
-        }
-    }
-    for c in c..c1 {
-        for r in 0..n {
-            tile_avx2::<1, 1>(w, row0, x, c, r, put);
-        }
-    }
-}
-
-/// [`dot_avx2`] for type `ty` over weight rows `c..c+C` and activation rows `r..r+R`, stored.
-///
-/// # Safety
-/// As [`dot_avx2`]; `put` writes output (row, column).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn tile_avx2<const C: usize, const R: usize>(
-    w: QView,
-    row0: usize,
-    x: &QActs,
-    c: usize,
-    r: usize,
-    put: &impl Fn(usize, usize, f32),
-) {
-    let rb = w.row_bytes();
-    let ws = &w.data[(row0 + c) * rb..(row0 + c + C) * rb];
-    let rows: [usize; R] = std::array::from_fn(|i| r + i);
-    let v = match w.ty {
-        QType::Q8_0 => dot_avx2::<0, C, R>(ws, rb, x, rows),
-        QType::Q4_0 => dot_avx2::<1, C, R>(ws, rb, x, rows),
-        QType::Q4_1 => dot_avx2::<2, C, R>(ws, rb, x, rows),
     };
-    for (ci, vc) in v.iter().enumerate() {
-        for (ri, &val) in vc.iter().enumerate() {
-            put(r + ri, c + ci, val);
-        }
-    }
 }
+
+#[cfg(target_arch = "x86_64")]
+macro_rules! isum_avx2 {
+    ($u:expr, $s:expr, $ones:expr) => {
+        _mm256_madd_epi16(_mm256_maddubs_epi16($u, $s), $ones)
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+macro_rules! isum_vnni {
+    ($u:expr, $s:expr, $ones:expr) => {{
+        let _ = $ones;
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), $u, $s)
+    }};
+}
+
+quant_tiles!(dot_avx2, tiles_avx2, tile_avx2, "avx2,fma,f16c", isum_avx2);
+quant_tiles!(
+    dot_vnni,
+    tiles_vnni,
+    tile_vnni,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    isum_vnni
+);
 
 /// Output columns per parallel task of [`qlinear_rows`] (at least).
 const QCOLS_PER_TASK: usize = 16;
@@ -599,6 +668,23 @@ const QCOLS_PER_TASK: usize = 16;
 /// weight row `row0 + c`. Every output is one [`dot_ref`]-ordered dot, so the bits do not
 /// depend on N, on the thread count or on the CPU's path (AVX2 or portable).
 pub fn qlinear_rows(out: &mut [f32], x: &QActs, w: QView, row0: usize, o: usize, accumulate: bool) {
+    qlinear_rows_on(QPath::best(), out, x, w, row0, o, accumulate);
+}
+
+/// [`qlinear_rows`] on the given kernels (tests compare them).
+pub fn qlinear_rows_on(
+    path: QPath,
+    out: &mut [f32],
+    x: &QActs,
+    w: QView,
+    row0: usize,
+    o: usize,
+    accumulate: bool,
+) {
+    assert!(
+        QPath::available().contains(&path),
+        "{path:?} kernels on this CPU"
+    );
     let n = x.rows();
     assert_eq!(
         x.cols, w.cols,
@@ -616,8 +702,6 @@ pub fn qlinear_rows(out: &mut [f32], x: &QActs, w: QView, row0: usize, o: usize,
     let threads = rayon::current_num_threads().max(1);
     let per = o.div_ceil(threads * 4).max(QCOLS_PER_TASK);
     let tasks = o.div_ceil(per);
-    #[cfg(target_arch = "x86_64")]
-    let avx2 = has_avx2();
     let run = |t: usize| {
         let (c0, c1) = (t * per, ((t + 1) * per).min(o));
         let put = |r: usize, c: usize, v: f32| {
@@ -626,10 +710,11 @@ pub fn qlinear_rows(out: &mut [f32], x: &QActs, w: QView, row0: usize, o: usize,
             *dst = if accumulate { *dst + v } else { v };
         };
         #[cfg(target_arch = "x86_64")]
-        if avx2 {
-            // SAFETY: AVX2/FMA/F16C checked; c0..c1 are columns of this task.
-            unsafe { tiles_avx2(w, row0, x, c0, c1, n, &put) };
-            return;
+        match path {
+            // SAFETY: the features were checked (QPath::available); c0..c1 are this task's.
+            QPath::Vnni => return unsafe { tiles_vnni(w, row0, x, c0, c1, n, &put) },
+            QPath::Avx2 => return unsafe { tiles_avx2(w, row0, x, c0, c1, n, &put) },
+            QPath::Portable => {}
         }
         for c in c0..c1 {
             let wr = &w.data[(row0 + c) * rb..(row0 + c + 1) * rb];
@@ -709,6 +794,12 @@ mod tests {
             let m = QMatrix::quantize(ty, &w, o, i);
             let mut got = vec![0.0; n * o];
             qlinear_rows(&mut got, &acts, m.view(), 0, o, false);
+            // every kernel this CPU runs gives the same bits
+            for path in QPath::available() {
+                let mut p = vec![0.0; n * o];
+                qlinear_rows_on(path, &mut p, &acts, m.view(), 0, o, false);
+                assert_eq!(p, got, "{ty:?}: {path:?} kernels");
+            }
             let wd = m.dequantize();
             for r in 0..n {
                 for c in 0..o {
