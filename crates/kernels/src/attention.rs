@@ -281,42 +281,6 @@ pub struct KvShape {
 /// many positions keeps the one-pass path and its bits.
 pub const DECODE_CHUNK: usize = 256;
 
-simd! {
-    /// One query head `q (D)` over cache entries `segs` (ranges of entry indices, oldest
-    /// first; entry e's key at `kc[e * gd + off..][..D]`, value likewise in `vc`): the scores
-    /// `sc` (scaled), then `acc = sum_j w_j v_j` with `w_j = exp(s_j - max)`, divided by
-    /// their sum ([`sum`]'s order) when `norm`. Returns (max, sum of exps). Fixed order
-    /// throughout.
-    #[allow(clippy::too_many_arguments)]
-    fn attend_head(
-        q: &[f32],
-        kc: &[f32],
-        vc: &[f32],
-        gd: usize,
-        off: usize,
-        segs: [(usize, usize); 2],
-        scale: f32,
-        sc: &mut [f32],
-        acc: &mut [f32],
-        norm: bool,
-    ) -> (f32, f32) {
-        f32::scores(q, kc, gd, off, segs, scale, sc);
-        let mx = max(sc);
-        // exps first (a loop the compiler vectorises), then their fixed-order sum
-        for sj in sc.iter_mut() {
-            *sj = exp(*sj - mx);
-        }
-        let total = sum(sc);
-        if norm {
-            for sj in sc.iter_mut() {
-                *sj /= total;
-            }
-        }
-        f32::values(vc, gd, off, segs, sc, acc);
-        (mx, total)
-    }
-}
-
 /// Dot product of a query and a key in 8 lanes (elements i, i+8, ... in lane i % 8, each a
 /// multiply then an add), lanes summed as ((0+4)+(2+6))+((1+5)+(3+7)): the order of every
 /// decode attention score, in AVX registers where present (the compiler's own vectorisation
@@ -485,10 +449,15 @@ impl<'a> KvRef<'a> {
     }
 }
 
-/// One query head over a 16-bit cache: exactly [`attend_head`]'s operations and order on
-/// the widened values (conversion to f32 is exact), the widening fused into the loads.
+/// One query head `q (D)` over cache entries `segs` (ranges of entry indices, oldest
+/// first; entry e's key at `kc[e * gd + off..][..D]`, value likewise in `vc`): the scores
+/// `sc` (scaled), then `acc = sum_j w_j v_j` with `w_j = exp(s_j - max)`, divided by
+/// their sum ([`sum`]'s order) when `norm`. Returns (max, sum of exps). Fixed order
+/// throughout.
+/// A 16-bit cache is widened to f32 as it is loaded (exactly), so it gives the bits of an f32
+/// cache holding the rounded values.
 #[allow(clippy::too_many_arguments)]
-fn attend_head_half<T: KvElem>(
+fn attend_head<T: KvElem>(
     q: &[f32],
     kc: &[T],
     vc: &[T],
@@ -508,7 +477,7 @@ fn attend_head_half<T: KvElem>(
 
 simd! {
     /// The max of `sc`, then `sc[j] = exp(sc[j] - max)`, their fixed-order sum, and (with
-    /// `norm`) `sc[j] /= sum`, as in [`attend_head`].
+    /// `norm`) `sc[j] /= sum` (the weights of the values).
     fn exps_in_place(sc: &mut [f32], norm: bool) -> (f32, f32) {
         let mx = max(sc);
         for sj in sc.iter_mut() {
@@ -603,11 +572,11 @@ fn values_portable<T: KvElem>(
 /// [`values_portable`]), 64 columns at a time in eight registers that stay in registers
 /// across the entries (`$load` widens 8 elements at a pointer).
 macro_rules! values_avx2 {
-    ($t:ty, $values:ident, $feat:literal, $load:ident) => {
+    ($t:ty, $values:ident, $load:ident) => {
         /// # Safety
         /// The CPU has the enabled features.
         #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $feat)]
+        #[target_feature(enable = "avx2,f16c")]
         unsafe fn $values(
             vc: &[$t],
             gd: usize,
@@ -675,11 +644,11 @@ macro_rules! values_avx2 {
 
 /// The AVX2 scores over a 16-bit cache (see [`KvElem::scores`]).
 macro_rules! scores_avx2 {
-    ($t:ty, $scores:ident, $feat:literal, $load:ident) => {
+    ($t:ty, $scores:ident, $load:ident) => {
         /// # Safety
         /// The CPU has the enabled features.
         #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $feat)]
+        #[target_feature(enable = "avx2,f16c")]
         #[allow(clippy::too_many_arguments)]
         unsafe fn $scores(
             q: &[f32],
@@ -711,43 +680,23 @@ macro_rules! scores_avx2 {
                         i += 8;
                     }
                     // [T_t | T_t+4] with T = low half + high half: lanes (0+4, 1+5, 2+6, 3+7)
-                    let x = _mm256_add_ps(
-                        _mm256_permute2f128_ps(r[0], r[4], 0x20),
-                        _mm256_permute2f128_ps(r[0], r[4], 0x31),
-                    );
-                    let y = _mm256_add_ps(
-                        _mm256_permute2f128_ps(r[1], r[5], 0x20),
-                        _mm256_permute2f128_ps(r[1], r[5], 0x31),
-                    );
-                    let z = _mm256_add_ps(
-                        _mm256_permute2f128_ps(r[2], r[6], 0x20),
-                        _mm256_permute2f128_ps(r[2], r[6], 0x31),
-                    );
-                    let w = _mm256_add_ps(
-                        _mm256_permute2f128_ps(r[3], r[7], 0x20),
-                        _mm256_permute2f128_ps(r[3], r[7], 0x31),
-                    );
+                    let half = |a, b| {
+                        _mm256_add_ps(
+                            _mm256_permute2f128_ps(a, b, 0x20),
+                            _mm256_permute2f128_ps(a, b, 0x31),
+                        )
+                    };
+                    let (x, y) = (half(r[0], r[4]), half(r[1], r[5]));
+                    let (z, w) = (half(r[2], r[6]), half(r[3], r[7]));
                     // (0+4)+(2+6) and (1+5)+(3+7) per key
-                    let xy = _mm256_add_ps(
-                        _mm256_castpd_ps(_mm256_unpacklo_pd(
-                            _mm256_castps_pd(x),
-                            _mm256_castps_pd(y),
-                        )),
-                        _mm256_castpd_ps(_mm256_unpackhi_pd(
-                            _mm256_castps_pd(x),
-                            _mm256_castps_pd(y),
-                        )),
-                    );
-                    let zw = _mm256_add_ps(
-                        _mm256_castpd_ps(_mm256_unpacklo_pd(
-                            _mm256_castps_pd(z),
-                            _mm256_castps_pd(w),
-                        )),
-                        _mm256_castpd_ps(_mm256_unpackhi_pd(
-                            _mm256_castps_pd(z),
-                            _mm256_castps_pd(w),
-                        )),
-                    );
+                    let pairs = |a, b| {
+                        let (a, b) = (_mm256_castps_pd(a), _mm256_castps_pd(b));
+                        _mm256_add_ps(
+                            _mm256_castpd_ps(_mm256_unpacklo_pd(a, b)),
+                            _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)),
+                        )
+                    };
+                    let (xy, zw) = (pairs(x, y), pairs(z, w));
                     let h = _mm256_add_ps(
                         _mm256_shuffle_ps(xy, zw, 0b10_00_10_00),
                         _mm256_shuffle_ps(xy, zw, 0b11_01_11_01),
@@ -808,12 +757,12 @@ macro_rules! load_bf16 {
     };
 }
 
-values_avx2!(f32, values_f32_avx2, "avx2,f16c", load_f32);
-values_avx2!(f16, values_f16_avx2, "avx2,f16c", load_f16);
-values_avx2!(bf16, values_bf16_avx2, "avx2,f16c", load_bf16);
-scores_avx2!(f32, scores_f32_avx2, "avx2,f16c", load_f32);
-scores_avx2!(f16, scores_f16_avx2, "avx2,f16c", load_f16);
-scores_avx2!(bf16, scores_bf16_avx2, "avx2,f16c", load_bf16);
+values_avx2!(f32, values_f32_avx2, load_f32);
+values_avx2!(f16, values_f16_avx2, load_f16);
+values_avx2!(bf16, values_bf16_avx2, load_bf16);
+scores_avx2!(f32, scores_f32_avx2, load_f32);
+scores_avx2!(f16, scores_f16_avx2, load_f16);
+scores_avx2!(bf16, scores_bf16_avx2, load_bf16);
 
 /// True where the AVX2 kernels run.
 fn has_avx2() -> bool {
@@ -893,11 +842,9 @@ fn attend(
 ) -> (f32, f32) {
     match (kc, vc) {
         (KvRef::F32(k), KvRef::F32(v)) => attend_head(q, k, v, gd, off, segs, scale, sc, acc, norm),
-        (KvRef::F16(k), KvRef::F16(v)) => {
-            attend_head_half(q, k, v, gd, off, segs, scale, sc, acc, norm)
-        }
+        (KvRef::F16(k), KvRef::F16(v)) => attend_head(q, k, v, gd, off, segs, scale, sc, acc, norm),
         (KvRef::Bf16(k), KvRef::Bf16(v)) => {
-            attend_head_half(q, k, v, gd, off, segs, scale, sc, acc, norm)
+            attend_head(q, k, v, gd, off, segs, scale, sc, acc, norm)
         }
         _ => panic!("keys and values of different cache types"),
     }
