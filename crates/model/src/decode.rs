@@ -47,8 +47,6 @@ pub struct BatchDecoder {
     slots: usize,
     /// Rows one forward takes at most: slots + PREFILL_CHUNK.
     max_rows: usize,
-    /// Element type of the caches.
-    kv_type: KvType,
     k: Vec<KvBuf>, // per block (slots, cap, G*D): position p at p % cap
     v: Vec<KvBuf>,
     /// Positions each block's cache holds: max_seq_len, or its sliding window plus the rows
@@ -98,7 +96,6 @@ impl BatchDecoder {
             qk: QkActs::new(&dims, mr),
             slots: s,
             max_rows: mr,
-            kv_type: KvType::F32,
             k: cap
                 .iter()
                 .map(|&c| KvBuf::zeros(KvType::F32, s * c * g * d))
@@ -145,12 +142,7 @@ impl BatchDecoder {
             self.k[l] = KvBuf::zeros(t, self.slots * c * gd);
             self.v[l] = KvBuf::zeros(t, self.slots * c * gd);
         }
-        self.kv_type = t;
         self.pos.fill(0);
-    }
-
-    pub fn kv_type(&self) -> KvType {
-        self.kv_type
     }
 
     /// Bytes of all KV caches.
