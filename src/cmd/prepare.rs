@@ -31,11 +31,6 @@ pub struct PrepareArgs {
     /// --passkey: longest document in tokens (the train.seq_len it is for).
     #[arg(long, default_value_t = 512, requires = "passkey")]
     context: usize,
-    /// --passkey: shortest document in tokens (default: as short as one can be). Lengths are
-    /// uniform from here to --context, so a context extension can train mostly on the long
-    /// distances it is for.
-    #[arg(long, default_value_t = 0, requires = "passkey")]
-    min_context: usize,
     /// Data dir to write (tokenizer.json, then train.bin/val.bin or train.jsonl/val.jsonl, meta.json).
     #[arg(long)]
     out: PathBuf,
@@ -107,7 +102,6 @@ pub fn run(a: PrepareArgs) -> Result<()> {
         let opts = PasskeyOpts {
             n: a.n,
             context: a.context,
-            min_context: a.min_context,
             seed: a.seed,
             vocab_size: a.vocab_size,
             tokenizer: a.tokenizer.map(|p| crate::runs::tokenizer_path(&p)),

@@ -40,9 +40,6 @@ pub struct Meta {
 pub struct PasskeyData {
     /// Longest document, in row positions (a training `seq_len` it fits).
     pub context: usize,
-    /// Shortest document asked for (`--min-context`; 0: as short as one can be).
-    #[serde(default)]
-    pub min_context: usize,
     pub seed: u64,
     pub train_docs: usize,
     pub val_docs: usize,

@@ -189,20 +189,17 @@ impl<'a> Pieces<'a> {
 }
 
 /// `n` training documents of `split`'s keys that fit a row of `row` positions (at most
-/// `row + 1` tokens, tail included): prompt-and-answer lengths uniform from `shortest` (or
-/// [`Pieces::min_context`] if that is more) up, depths uniform in 0..=1.
+/// `row + 1` tokens, tail included): prompt-and-answer lengths uniform from
+/// [`Pieces::min_context`] up, depths uniform in 0..=1.
 pub fn generate(
     pieces: &Pieces,
     n: usize,
-    shortest: usize,
     row: usize,
     split: Split,
     rng: &mut impl Rng,
 ) -> Vec<Doc> {
-    let hi = (row + 1)
-        .saturating_sub(pieces.tail.len())
-        .max(pieces.min_context());
-    let lo = shortest.max(pieces.min_context()).min(hi);
+    let lo = pieces.min_context();
+    let hi = (row + 1).saturating_sub(pieces.tail.len()).max(lo);
     (0..n)
         .map(|_| {
             let key = draw_key(rng, split);
@@ -296,22 +293,11 @@ mod tests {
         let t = tok();
         let p = Pieces::new(&t, t.special("<|end|>").unwrap());
         let mut rng = ChaCha8Rng::seed_from_u64(1);
-        let docs = generate(&p, 64, 0, 600, Split::Train, &mut rng);
+        let docs = generate(&p, 64, 600, Split::Train, &mut rng);
         let lens: Vec<usize> = docs.iter().map(|d| d.tokens().len()).collect();
         assert!(lens.iter().all(|&l| l <= 601));
         assert!(lens.iter().min().unwrap() + 200 < *lens.iter().max().unwrap());
         assert!(docs.iter().any(|d| d.before > 2 * d.after));
         assert!(docs.iter().any(|d| d.after > 2 * d.before));
-        // a shortest length: every document reaches it (within a sentence), none passes the row
-        let docs = generate(&p, 64, 450, 600, Split::Train, &mut rng);
-        let lens: Vec<usize> = docs
-            .iter()
-            .map(|d| d.prompt.len() + d.answer.len())
-            .collect();
-        assert!(
-            lens.iter().all(|&l| l + p.sentence_max() > 450 && l <= 601),
-            "{lens:?}"
-        );
-        assert!(lens.iter().any(|&l| l > 550));
     }
 }

@@ -472,8 +472,6 @@ pub struct PasskeyOpts {
     pub n: usize,
     /// Longest document in row positions: the `seq_len` the data is for.
     pub context: usize,
-    /// Shortest document in tokens (0: as short as a document can be).
-    pub min_context: usize,
     pub seed: u64,
     pub vocab_size: usize,
     /// Reuse this tokenizer.json (e.g. the run to extend) instead of training one.
@@ -505,17 +503,11 @@ pub fn prepare_passkey(out: &Path, opts: &PasskeyOpts, progress: &dyn Fn(&str)) 
             opts.context
         )));
     }
-    if opts.min_context > opts.context {
-        return Err(Error::Other(format!(
-            "--min-context {} is longer than --context {}",
-            opts.min_context, opts.context
-        )));
-    }
     progress("generating documents");
     let n_val = (opts.n / 20).max(64);
     let docs = |n: usize, seed: u64, split: Split| -> Vec<u32> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        passkey::generate(&pieces, n, opts.min_context, opts.context, split, &mut rng)
+        passkey::generate(&pieces, n, opts.context, split, &mut rng)
             .iter()
             .flat_map(|d| d.tokens())
             .collect()
@@ -537,7 +529,6 @@ pub fn prepare_passkey(out: &Path, opts: &PasskeyOpts, progress: &dyn Fn(&str)) 
         tasks: None,
         passkey: Some(crate::meta::PasskeyData {
             context: opts.context,
-            min_context: opts.min_context,
             seed: opts.seed,
             train_docs: opts.n,
             val_docs: n_val,
