@@ -132,6 +132,36 @@ fn one_two_and_four_processes_give_identical_weights() {
     );
 }
 
+/// Muon under data parallelism: every process orthogonalises the same all-reduced momentum,
+/// so two processes give one process's weights, and one process verifies the run.
+#[test]
+fn muon_under_two_processes_gives_one_process_weights() {
+    let d = tmpdir("mpi", "muon");
+    let data = prepared_corpus(&d, 11);
+    let cfg = tiny_config(&d, |c| {
+        c.replace("grad_accum = 2", "grad_accum = 4")
+            .replace("steps = 40", "steps = 12")
+            .replace("[train]", "[train]\noptimizer = \"muon\"")
+    });
+    assert!(std::fs::read_to_string(&cfg)
+        .unwrap()
+        .contains("optimizer = \"muon\""));
+    let single = d.join("np1");
+    let o = train(0, &cfg, &data, &single, &[], None);
+    assert!(o.status.success(), "{}", text(&o));
+    let run = d.join("mpi2");
+    let o = train(2, &cfg, &data, &run, &[], None);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(hash(&run), hash(&single), "2 processes differ from one");
+    assert_eq!(losses(&run), losses(&single));
+    let o = moelab(0, &["verify", s(&run)], None);
+    assert!(
+        o.status.success() && text(&o).contains("verified: 12 steps"),
+        "{}",
+        text(&o)
+    );
+}
+
 #[test]
 fn a_drifting_process_is_caught_and_a_bad_split_refused() {
     let (d, data, cfg) = setup("drift");

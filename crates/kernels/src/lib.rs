@@ -26,6 +26,7 @@ pub mod embedding;
 pub mod flash;
 pub mod loss;
 pub mod matmul;
+pub mod muon;
 pub mod par;
 pub mod peak;
 pub mod quant;

@@ -183,6 +183,51 @@ pub struct TrainConfig {
     /// What an anomalous step does: "skip" (drop its update, go on with the next batch) or
     /// "rollback" (return to the last checkpoint and replay, skipping that step).
     pub on_anomaly: OnAnomaly,
+    /// "adamw" for every tensor, or "muon": Muon for the hidden 2-D weights (attention
+    /// projections, dense and expert FFN matrices, each orthogonalised on its own) and AdamW
+    /// (at `lr`) for embeddings, head, norms, biases and routers.
+    #[serde(skip_serializing_if = "OptimizerKind::is_adamw")]
+    pub optimizer: OptimizerKind,
+    /// Muon's peak learning rate (the schedule scales it as it scales `lr`).
+    #[serde(skip_serializing_if = "is_default_muon_lr")]
+    pub muon_lr: f32,
+    /// Muon's momentum (Nesterov).
+    #[serde(skip_serializing_if = "is_default_muon_momentum")]
+    pub muon_momentum: f32,
+    /// Newton–Schulz iterations per Muon update.
+    #[serde(skip_serializing_if = "is_default_ns_steps")]
+    pub muon_ns_steps: usize,
+}
+
+/// `train.optimizer`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    #[default]
+    Adamw,
+    Muon,
+}
+
+impl OptimizerKind {
+    fn is_adamw(&self) -> bool {
+        *self == OptimizerKind::Adamw
+    }
+}
+
+const MUON_LR: f32 = 0.02;
+const MUON_MOMENTUM: f32 = 0.95;
+const MUON_NS_STEPS: usize = 5;
+
+fn is_default_muon_lr(x: &f32) -> bool {
+    *x == MUON_LR
+}
+
+fn is_default_muon_momentum(x: &f32) -> bool {
+    *x == MUON_MOMENTUM
+}
+
+fn is_default_ns_steps(x: &usize) -> bool {
+    *x == MUON_NS_STEPS
 }
 
 /// How RoPE frequencies are stretched (Hugging Face's `rope_type`), computed as transformers'
@@ -405,6 +450,10 @@ impl Default for TrainConfig {
             agree_every: 50,
             spike_factor: 0.0,
             on_anomaly: OnAnomaly::Skip,
+            optimizer: OptimizerKind::Adamw,
+            muon_lr: MUON_LR,
+            muon_momentum: MUON_MOMENTUM,
+            muon_ns_steps: MUON_NS_STEPS,
         }
     }
 }
@@ -534,6 +583,24 @@ impl Config {
         }
         if !positive(t.eps) {
             return Err(cfg_err("train.eps", "must be > 0"));
+        }
+        if !(t.muon_lr.is_finite() && t.muon_lr > 0.0) {
+            return Err(cfg_err(
+                "train.muon_lr",
+                format!("{} must be a finite number > 0", t.muon_lr),
+            ));
+        }
+        if !(0.0..1.0).contains(&t.muon_momentum) {
+            return Err(cfg_err(
+                "train.muon_momentum",
+                format!("{} must be in [0, 1)", t.muon_momentum),
+            ));
+        }
+        if !(1..=50).contains(&t.muon_ns_steps) {
+            return Err(cfg_err(
+                "train.muon_ns_steps",
+                format!("{} must be in 1..=50", t.muon_ns_steps),
+            ));
         }
         if !(t.spike_factor == 0.0 || t.spike_factor > 1.0) {
             return Err(cfg_err("train.spike_factor", "must be 0 (off) or > 1"));

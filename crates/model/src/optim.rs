@@ -1,16 +1,23 @@
-//! Optimizer state over the model's parameter layout: AdamW moments, step count, and the
-//! global-norm clip applied before each update.
+//! Optimizer state over the model's parameter layout: AdamW moments (Muon's momentum lives
+//! in `m` of the tensors it updates), step count, and the global-norm clip applied before
+//! each update.
 
-use crate::config::TrainConfig;
+use crate::config::{OptimizerKind, TrainConfig};
 use crate::model::Model;
 use kernels::adamw::{clip_scale, global_norm, AdamW};
+use kernels::muon::{orthogonalize, Muon};
+use rayon::prelude::*;
 
-/// AdamW state for every trainable tensor of a [`Model`].
+/// Optimizer state for every trainable tensor of a [`Model`]: AdamW's moments, or for the
+/// tensors Muon updates (`train.optimizer = "muon"`) its momentum in `m` (their `v` stays 0),
+/// so a checkpoint has the same two buffers for either optimizer.
 #[derive(Clone)]
 pub struct Optimizer {
     pub m: Vec<f32>,
     pub v: Vec<f32>,
     pub step: u64,
+    /// Muon's updates being orthogonalised (scratch, not state).
+    scratch: Vec<f32>,
 }
 
 impl Optimizer {
@@ -19,11 +26,10 @@ impl Optimizer {
             m: vec![0.0; model.layout.total],
             v: vec![0.0; model.layout.total],
             step: 0,
+            scratch: vec![],
         }
     }
 
-    /// Clips the accumulated gradients to `tc.grad_clip` and applies one AdamW step at `lr`.
-    /// Returns the gradient norm before clipping.
     /// Global L2 norm of the trainable parameters' gradients (what clipping uses).
     pub fn grad_norm(model: &Model) -> f32 {
         global_norm(
@@ -36,6 +42,8 @@ impl Optimizer {
         )
     }
 
+    /// Clips the accumulated gradients to `tc.grad_clip` and applies one step at `lr` (Muon's
+    /// tensors at `tc.muon_lr * lr / tc.lr`). Returns the gradient norm before clipping.
     pub fn step(&mut self, model: &mut Model, tc: &TrainConfig, lr: f32) -> f32 {
         let norm = Optimizer::grad_norm(model);
         self.step_with_norm(model, tc, lr, norm);
@@ -55,7 +63,16 @@ impl Optimizer {
             eps: tc.eps,
             weight_decay: tc.weight_decay,
         };
+        let muon = (tc.optimizer == OptimizerKind::Muon).then(|| Muon {
+            lr: tc.muon_lr * (lr / tc.lr),
+            momentum: tc.muon_momentum,
+            weight_decay: tc.weight_decay,
+            ns_steps: tc.muon_ns_steps,
+        });
         for t in lay.tensors.iter().filter(|t| t.trainable) {
+            if muon.is_some() && !t.blocks.is_empty() {
+                continue;
+            }
             let r = t.offset..t.offset + t.len;
             opt.update(
                 &mut model.params[r.clone()],
@@ -66,6 +83,49 @@ impl Optimizer {
                 t.decay,
                 s,
             );
+        }
+        if let Some(mu) = muon {
+            self.muon_step(model, &mu, s);
+        }
+    }
+
+    /// Muon on every tensor with [`crate::params::TensorSpec::blocks`]: momentum, then each
+    /// block's Nesterov update orthogonalised (the blocks in parallel, each on one thread:
+    /// the same bits for any thread count) and applied.
+    fn muon_step(&mut self, model: &mut Model, mu: &Muon, gscale: f32) {
+        let hidden: Vec<_> = model
+            .layout
+            .tensors
+            .iter()
+            .filter(|t| t.trainable && !t.blocks.is_empty())
+            .collect();
+        let total = hidden.iter().map(|t| t.len).sum();
+        self.scratch.resize(total, 0.0);
+        // (param offset, rows, cols, decay) of each block, and its slice of the scratch
+        let mut blocks = Vec::new();
+        let mut rest = self.scratch.as_mut_slice();
+        for t in &hidden {
+            let r = t.offset..t.offset + t.len;
+            let (u, tail) = rest.split_at_mut(t.len);
+            rest = tail;
+            mu.momentum(u, &mut self.m[r.clone()], &model.grads[r], gscale);
+            let cols = *t.shape.last().expect("a matrix");
+            let mut u = u;
+            let mut at = t.offset;
+            for &rows in &t.blocks {
+                let (b, tail) = u.split_at_mut(rows * cols);
+                u = tail;
+                blocks.push(((at, rows, cols, t.decay), b));
+                at += rows * cols;
+            }
+        }
+        blocks
+            .par_iter_mut()
+            .with_max_len(1)
+            .for_each(|((_, rows, cols, _), u)| orthogonalize(u, *rows, *cols, mu.ns_steps));
+        for ((at, rows, cols, decay), u) in &blocks {
+            let p = &mut model.params[*at..*at + rows * cols];
+            mu.apply(p, u, *rows, *cols, *decay);
         }
     }
 }

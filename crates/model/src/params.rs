@@ -20,6 +20,11 @@ pub struct TensorSpec {
     pub trainable: bool,
     /// Gets weight decay (matrices; not norms, biases or the balancing vector).
     pub decay: bool,
+    /// A hidden weight made of 2-D matrices that Muon orthogonalises one by one: the rows of
+    /// each consecutive block (all `shape.last()` columns wide), e.g. q, k, v of a fused
+    /// projection or gate, up of every expert. Empty: not one (embeddings, head, router,
+    /// norms, biases keep AdamW).
+    pub blocks: Vec<usize>,
     init: Init,
 }
 
@@ -98,6 +103,7 @@ impl Builder {
             len,
             trainable,
             decay,
+            blocks: vec![],
             init,
         });
         self.total += len;
@@ -105,6 +111,15 @@ impl Builder {
     }
     fn matrix(&mut self, name: String, shape: &[usize], std: f32) -> usize {
         self.add(name, shape, Init::Normal(std), true, true)
+    }
+    /// A [`Builder::matrix`] of hidden 2-D blocks with these row counts (see
+    /// [`TensorSpec::blocks`]).
+    fn hidden(&mut self, name: String, shape: &[usize], std: f32, blocks: Vec<usize>) -> usize {
+        let offset = self.matrix(name, shape, std);
+        let t = self.tensors.last_mut().expect("just added");
+        debug_assert_eq!(blocks.iter().sum::<usize>() * shape[shape.len() - 1], t.len);
+        t.blocks = blocks;
+        offset
     }
     fn norm(&mut self, name: String, c: usize) -> usize {
         self.add(name, &[c], Init::Ones, true, false)
@@ -126,7 +141,12 @@ impl Layout {
         for l in 0..cfg.n_layers {
             let p = format!("layers.{l}");
             let attn_norm = b.norm(format!("{p}.attn_norm.weight"), c);
-            let wqkv = b.matrix(format!("{p}.attn.wqkv.weight"), &[(h + 2 * g) * d, c], std);
+            let wqkv = b.hidden(
+                format!("{p}.attn.wqkv.weight"),
+                &[(h + 2 * g) * d, c],
+                std,
+                vec![h * d, g * d, g * d],
+            );
             // NOTE: created after wqkv and only when configured, so the tensors (and init
             // streams) of configs without them do not move
             let bqkv = cfg.qkv_bias.then(|| {
@@ -149,7 +169,12 @@ impl Layout {
                     b.norm(format!("{p}.attn.k_norm.weight"), g * d),
                 )),
             };
-            let wo = b.matrix(format!("{p}.attn.wo.weight"), &[c, h * d], resid_std);
+            let wo = b.hidden(
+                format!("{p}.attn.wo.weight"),
+                &[c, h * d],
+                resid_std,
+                vec![c],
+            );
             let ffn_norm = b.norm(format!("{p}.ffn_norm.weight"), c);
             let ffn = if cfg.is_moe_layer(l) {
                 let (e, f) = (cfg.n_experts, cfg.expert_hidden);
@@ -163,17 +188,33 @@ impl Layout {
                         false,
                     )
                 });
-                let w_gu = b.matrix(format!("{p}.moe.experts.w_gate_up"), &[e, 2 * f, c], std);
-                let w_down = b.matrix(format!("{p}.moe.experts.w_down"), &[e, c, f], resid_std);
+                let w_gu = b.hidden(
+                    format!("{p}.moe.experts.w_gate_up"),
+                    &[e, 2 * f, c],
+                    std,
+                    vec![f; 2 * e],
+                );
+                let w_down = b.hidden(
+                    format!("{p}.moe.experts.w_down"),
+                    &[e, c, f],
+                    resid_std,
+                    vec![c; e],
+                );
                 let shared = (cfg.n_shared_experts > 0).then(|| {
                     let fs = cfg.shared_hidden();
                     (
-                        b.matrix(
+                        b.hidden(
                             format!("{p}.moe.shared.w_gate_up.weight"),
                             &[2 * fs, c],
                             std,
+                            vec![fs, fs],
                         ),
-                        b.matrix(format!("{p}.moe.shared.w_down.weight"), &[c, fs], resid_std),
+                        b.hidden(
+                            format!("{p}.moe.shared.w_down.weight"),
+                            &[c, fs],
+                            resid_std,
+                            vec![c],
+                        ),
                     )
                 });
                 let shared_gate = (cfg.n_shared_experts > 0 && cfg.shared_expert_gate)
@@ -189,8 +230,18 @@ impl Layout {
             } else {
                 let f = cfg.ffn_hidden;
                 FfnIdx::Dense {
-                    w_gu: b.matrix(format!("{p}.mlp.w_gate_up.weight"), &[2 * f, c], std),
-                    w_down: b.matrix(format!("{p}.mlp.w_down.weight"), &[c, f], resid_std),
+                    w_gu: b.hidden(
+                        format!("{p}.mlp.w_gate_up.weight"),
+                        &[2 * f, c],
+                        std,
+                        vec![f, f],
+                    ),
+                    w_down: b.hidden(
+                        format!("{p}.mlp.w_down.weight"),
+                        &[c, f],
+                        resid_std,
+                        vec![c],
+                    ),
                 }
             };
             layers.push(LayerIdx {

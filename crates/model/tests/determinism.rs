@@ -77,6 +77,14 @@ fn same_hash_any_thread_count_mid_moe_bias() {
     check("mid", MID);
 }
 
+/// Muon: every expert's matrices orthogonalised in parallel, one block per task.
+#[test]
+fn same_hash_any_thread_count_mid_moe_muon() {
+    let text = MID.replace("[train]", "[train]\noptimizer = \"muon\"");
+    assert!(text.contains("optimizer = \"muon\""));
+    check("mid-muon", &text);
+}
+
 /// Sequences long enough for the tiled attention kernel (T = 320 >= FLASH_MIN_T): four
 /// query tiles, skipped key tiles, grouped heads.
 #[test]

@@ -79,7 +79,24 @@ fn files_snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 
 #[test]
 fn stop_and_resume_equals_uninterrupted() {
-    let root = tmp("exact");
+    stop_and_resume(false);
+}
+
+/// Muon's momentum (in the optimizer's `m`) round-trips through the checkpoint.
+#[test]
+fn stop_and_resume_equals_uninterrupted_muon() {
+    stop_and_resume(true);
+}
+
+fn stop_and_resume(muon: bool) {
+    let cfg = |steps: u64| {
+        let mut c = cfg(steps);
+        if muon {
+            c.train.optimizer = model::config::OptimizerKind::Muon;
+        }
+        c
+    };
+    let root = tmp(if muon { "exact-muon" } else { "exact" });
     let data = root.join("data");
     let opts = PrepareOpts {
         tokenizer: None,
