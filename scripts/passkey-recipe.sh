@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Context extension, measured: a small model trained at T = 512 and extended with YaRN to
 # 4,096 by a short fine-tune, both evaluated on passkey retrieval at 512 ... 4,096 tokens.
-# The numbers and heatmaps in README.md ("Long context") come from this script (40 minutes
-# on 2 cores shared with a CI run; docs/long-context/ holds its outputs). Every stage is one moelab
+# The numbers and heatmaps in README.md ("Long context") come from this script (27 minutes
+# on 2 cores; docs/long-context/ holds its outputs and stage times). Every stage is one moelab
 # command; rerunning skips finished stages.
 #
 #   scripts/passkey-recipe.sh [OUT_DIR]        (default: runs/passkey)
@@ -11,7 +11,7 @@
 #    evaluation draws keys of the test split, disjoint by a hash of the key)
 # 2. base model: induction (copying the key) learnt at T = 128, then trained at T = 512
 # 3. extension: the base's weights at T = 4,096 with YaRN (factor 8 over 512), a short
-#    fine-tune on documents of up to 4,096 tokens
+#    fine-tune (200 steps) on documents of up to 4,096 tokens
 # 4. both models on the test split: 4 lengths x 11 depths x N keys; OUT_DIR/*.svg
 set -euo pipefail
 cd "$(dirname "$0")/.."
