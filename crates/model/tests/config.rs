@@ -141,6 +141,35 @@ fn bad_enum_values() {
         |t| t.replace("[train]", "[train]\non_anomaly = \"ignore\""),
         "train.on_anomaly: unknown variant",
     );
+    refused(
+        |t| t.replace("[train]", "[train]\noptimizer = \"lion\""),
+        "train.optimizer: unknown variant",
+    );
+}
+
+#[test]
+fn muon_settings() {
+    let muon = |extra: &'static str| {
+        move |t: &str| {
+            t.replace(
+                "[train]",
+                &format!("[train]\noptimizer = \"muon\"\n{extra}"),
+            )
+        }
+    };
+    refused(muon("muon_lr = 0"), "train.muon_lr");
+    refused(muon("muon_lr = nan"), "train.muon_lr");
+    refused(muon("muon_momentum = 1.0"), "train.muon_momentum");
+    refused(muon("muon_ns_steps = 0"), "train.muon_ns_steps");
+    let text = muon("muon_lr = 0.05")(include_str!("../../../configs/tiny.toml"));
+    let cfg = Config::from_toml(&text).unwrap();
+    assert_eq!(cfg.train.optimizer, model::config::OptimizerKind::Muon);
+    assert_eq!((cfg.train.muon_lr, cfg.train.muon_momentum), (0.05, 0.95));
+    // the serialised config keeps them, and an AdamW config stays as it was
+    let again = Config::from_toml(&cfg.to_toml()).unwrap();
+    assert_eq!(again.train, cfg.train);
+    let plain = Config::from_toml(include_str!("../../../configs/tiny.toml")).unwrap();
+    assert!(!plain.to_toml().contains("muon") && !plain.to_toml().contains("optimizer"));
 }
 
 #[test]
