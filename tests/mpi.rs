@@ -149,6 +149,7 @@ fn muon_under_two_processes_gives_one_process_weights() {
     let single = d.join("np1");
     let o = train(0, &cfg, &data, &single, &[], None);
     assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("optimizer: Muon for "), "{}", text(&o));
     let run = d.join("mpi2");
     let o = train(2, &cfg, &data, &run, &[], None);
     assert!(o.status.success(), "{}", text(&o));

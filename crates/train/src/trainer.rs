@@ -450,6 +450,17 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
             state.step
         ));
     }
+    if spec.cfg.train.optimizer == model::config::OptimizerKind::Muon {
+        let trainable = || model.layout.tensors.iter().filter(|t| t.trainable);
+        let hidden = || trainable().filter(|t| !t.blocks.is_empty());
+        let matrices: usize = hidden().map(|t| t.blocks.len()).sum();
+        let muon_params: usize = hidden().map(|t| t.len).sum();
+        let all: usize = trainable().map(|t| t.len).sum();
+        rep.message(&format!(
+            "optimizer: Muon for {matrices} matrices ({muon_params} parameters), AdamW for the other {} parameters",
+            all - muon_params
+        ));
+    }
     let mut manifest = if writer {
         Some(start_manifest(
             spec,
