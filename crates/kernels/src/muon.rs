@@ -54,9 +54,11 @@ simd! {
 }
 
 /// Replaces the (rows, cols) matrix `x` by its Newton–Schulz orthogonalisation: `x / |x|_F`,
-/// then `steps` times `X = a X + (b A + c A A) X` with `A = X X^T`, on the wide orientation
-/// (a tall matrix is transposed first and back after, so `A` is the smaller Gram matrix).
-pub fn orthogonalize(x: &mut [f32], rows: usize, cols: usize, steps: usize) {
+/// then `steps` times `X = a X + B X` with `B = b A + c A A` and `A = X X^T` — or, for a
+/// tall matrix, `X = a X + X B` with `A = X^T X` (the same iteration on `X^T`, so `A` is
+/// always the smaller Gram matrix). In place; `work` is grown to the buffers it needs and
+/// can be reused from call to call.
+pub fn orthogonalize(x: &mut [f32], rows: usize, cols: usize, steps: usize, work: &mut Vec<f32>) {
     assert_eq!(
         x.len(),
         rows * cols,
@@ -64,43 +66,31 @@ pub fn orthogonalize(x: &mut [f32], rows: usize, cols: usize, steps: usize) {
         x.len()
     );
     let tall = rows > cols;
-    let (r, c) = if tall { (cols, rows) } else { (rows, cols) };
-    let mut xw = if tall {
-        transpose(x, rows, cols)
-    } else {
-        x.to_vec()
-    };
-    let inv = 1.0 / (sum_squares(&xw).sqrt() + 1e-7);
-    xw.iter_mut().for_each(|v| *v = (*v as f64 * inv) as f32);
-    let (a, b, cc) = NS_COEFFS;
-    let mut gram = vec![0.0f32; r * r];
-    let mut gram2 = vec![0.0f32; r * r];
-    let mut bx = vec![0.0f32; r * c];
+    let s = rows.min(cols);
+    let inv = 1.0 / (sum_squares(x).sqrt() + 1e-7);
+    x.iter_mut().for_each(|v| *v = (*v as f64 * inv) as f32);
+    work.resize(2 * s * s + x.len(), 0.0);
+    let (gram, rest) = work.split_at_mut(s * s);
+    let (poly, bx) = rest.split_at_mut(s * s);
+    let (a, b, c) = NS_COEFFS;
     for _ in 0..steps {
-        matmul(&mut gram, &xw, false, &xw, true, r, r, c, false);
-        matmul(&mut gram2, &gram, false, &gram, false, r, r, r, false);
-        // gram2 = b A + c A A
-        for (g2, g) in gram2.iter_mut().zip(&gram) {
-            *g2 = b * *g + cc * *g2;
+        if tall {
+            matmul(gram, x, true, x, false, s, s, rows, false);
+        } else {
+            matmul(gram, x, false, x, true, s, s, cols, false);
         }
-        matmul(&mut bx, &gram2, false, &xw, false, r, c, r, false);
-        axpby(&mut xw, a, &bx);
-    }
-    if tall {
-        x.copy_from_slice(&transpose(&xw, r, c));
-    } else {
-        x.copy_from_slice(&xw);
-    }
-}
-
-fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0.0f32; x.len()];
-    for i in 0..rows {
-        for j in 0..cols {
-            t[j * rows + i] = x[i * cols + j];
+        matmul(poly, gram, false, gram, false, s, s, s, false);
+        // poly = b A + c A A (symmetric, so X B = X B^T)
+        for (p, g) in poly.iter_mut().zip(gram.iter()) {
+            *p = b * *g + c * *p;
         }
+        if tall {
+            matmul(bx, x, false, poly, false, rows, cols, s, false);
+        } else {
+            matmul(bx, poly, false, x, false, rows, cols, s, false);
+        }
+        axpby(x, a, bx);
     }
-    t
 }
 
 impl Muon {
@@ -193,7 +183,7 @@ mod tests {
         ] {
             let x = random(rows * cols, (rows * cols + steps) as u64);
             let mut ours = x.clone();
-            orthogonalize(&mut ours, rows, cols, steps);
+            orthogonalize(&mut ours, rows, cols, steps, &mut vec![]);
             let want = orthogonalize_f64(&x, rows, cols, steps);
             let err = ours
                 .iter()
@@ -213,7 +203,7 @@ mod tests {
         // X X^T of the wide result is near the identity: singular values in roughly 0.7..1.2
         let (r, c) = (24, 64);
         let mut x = random(r * c, 3);
-        orthogonalize(&mut x, r, c, 5);
+        orthogonalize(&mut x, r, c, 5, &mut vec![]);
         for i in 0..r {
             let d: f32 = (0..c).map(|k| x[i * c + k] * x[i * c + k]).sum();
             assert!((0.4..1.5).contains(&d), "row {i}: |x_i|^2 = {d}");
@@ -233,7 +223,7 @@ mod tests {
                 .build()
                 .unwrap();
             let mut y = x.clone();
-            pool.install(|| orthogonalize(&mut y, 96, 160, 5));
+            pool.install(|| orthogonalize(&mut y, 96, 160, 5, &mut vec![]));
             y
         };
         let one = run(1);

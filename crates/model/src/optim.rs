@@ -119,10 +119,13 @@ impl Optimizer {
                 at += rows * cols;
             }
         }
+        // one work buffer per rayon job, reused across the blocks it takes
         blocks
             .par_iter_mut()
             .with_max_len(1)
-            .for_each(|((_, rows, cols, _), u)| orthogonalize(u, *rows, *cols, mu.ns_steps));
+            .for_each_init(Vec::new, |work, ((_, rows, cols, _), u)| {
+                orthogonalize(u, *rows, *cols, mu.ns_steps, work)
+            });
         for ((at, rows, cols, decay), u) in &blocks {
             let p = &mut model.params[*at..*at + rows * cols];
             mu.apply(p, u, *rows, *cols, *decay);
