@@ -10,10 +10,15 @@ fn tmpdir(name: &str) -> PathBuf {
 }
 
 fn bench_json(threads: usize, config: &str) -> serde_json::Value {
+    bench_json_with(threads, config, &[])
+}
+
+fn bench_json_with(threads: usize, config: &str, extra: &[&str]) -> serde_json::Value {
     let out = moelab()
         .args([
             "bench", "train", "--config", config, "--steps", "20", "--warmup", "0", "--json",
         ])
+        .args(extra)
         .env("RAYON_NUM_THREADS", threads.to_string())
         .output()
         .unwrap();
@@ -41,6 +46,31 @@ fn weights_hash_independent_of_rayon_num_threads() {
             "hash differs with {threads} threads"
         );
     }
+}
+
+/// The same with bf16 matmuls (their tiles split across threads by the kernel itself), and
+/// not the f32 weights: the bf16 path is the one taken.
+#[test]
+fn bf16_weights_hash_independent_of_rayon_num_threads() {
+    let bf16 = ["--precision", "bf16"];
+    let one = bench_json_with(1, "tiny", &bf16);
+    assert_eq!(one["precision"], "bf16");
+    let hash = one["weights_hash"].as_str().unwrap().to_string();
+    for threads in [2, 4] {
+        let other = bench_json_with(threads, "tiny", &bf16);
+        assert_eq!(
+            other["weights_hash"].as_str().unwrap(),
+            hash,
+            "bf16 hash differs with {threads} threads"
+        );
+    }
+    let f32_run = bench_json(2, "tiny");
+    assert_ne!(f32_run["weights_hash"].as_str().unwrap(), hash);
+    let (lb, lf) = (
+        one["loss"].as_f64().unwrap(),
+        f32_run["loss"].as_f64().unwrap(),
+    );
+    assert!((lb - lf).abs() < 0.02 * lf, "bf16 loss {lb} vs f32 {lf}");
 }
 
 #[test]

@@ -122,6 +122,9 @@ pub struct TrainBench {
     /// O(T)) or stored ((T, T) probabilities kept for the backward).
     #[arg(long, default_value = "auto", value_parser = ["auto", "tiled", "stored"])]
     attention: String,
+    /// Matmul precision, fp32 or bf16 (overrides train.precision).
+    #[arg(long, value_parser = ["fp32", "bf16"])]
+    precision: Option<String>,
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
@@ -160,10 +163,16 @@ fn train(a: TrainBench) -> Result<()> {
     if let Some(b) = a.batch_size {
         cfg.train.batch_size = b;
     }
+    match a.precision.as_deref() {
+        Some("bf16") => cfg.train.precision = model::config::TrainPrecision::Bf16,
+        Some(_) => cfg.train.precision = model::config::TrainPrecision::Fp32,
+        None => {}
+    }
     cfg.validate()?;
     let (b, t) = (cfg.train.batch_size, cfg.train.seq_len);
     let threads = rayon::current_num_threads();
     let mut model = Model::new(&cfg.model, b, t, cfg.train.seed);
+    model.set_precision(cfg.train.precision.kernels());
     match a.attention.as_str() {
         "tiled" => model.set_flash_attention(true),
         "stored" => model.set_flash_attention(false),
@@ -218,7 +227,7 @@ fn train(a: TrainBench) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "config": a.config, "threads": threads, "batch": b, "seq_len": t, "steps": a.steps,
+                "config": a.config, "precision": cfg.train.precision, "threads": threads, "batch": b, "seq_len": t, "steps": a.steps,
                 "tokens_per_s": tok_s, "gflops": gflops, "mfu": mfu, "peak_gflops": peak,
                 "mfu_measured_peak": gflops / measured_peak, "measured_peak_gflops": measured_peak,
                 "peak_rss_mib": mem, "loss": loss, "forward_s": tf, "backward_s": tb, "optimizer_s": to,
@@ -228,8 +237,9 @@ fn train(a: TrainBench) -> Result<()> {
         );
     } else {
         println!(
-            "config {}  threads {threads}  B={b} T={t}  params {:.2}M  active/token {:.2}M",
+            "config {}  precision {:?}  threads {threads}  B={b} T={t}  params {:.2}M  active/token {:.2}M",
             a.config,
+            cfg.train.precision,
             model.layout.n_params() as f64 / 1e6,
             cfg.model.active_matmul_params() as f64 / 1e6
         );

@@ -179,6 +179,70 @@ pub fn linear_backward(
     matmul(dw, dout, true, x, false, o, i, n, true);
 }
 
+/// Arithmetic of the training matmuls: f32, or bf16 operands with f32 accumulation
+/// ([`crate::bf16`]). The free functions of this module are the f32 ones.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    /// [`matmul`] in this precision.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul(
+        self,
+        out: &mut [f32],
+        a: &[f32],
+        ta: bool,
+        b: &[f32],
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        accumulate: bool,
+    ) {
+        match self {
+            Precision::F32 => matmul(out, a, ta, b, tb, m, n, k, accumulate),
+            Precision::Bf16 => crate::bf16::matmul(out, a, ta, b, tb, m, n, k, accumulate),
+        }
+    }
+
+    /// [`linear_forward`] in this precision.
+    pub fn linear_forward(
+        self,
+        out: &mut [f32],
+        x: &[f32],
+        w: &[f32],
+        n: usize,
+        i: usize,
+        o: usize,
+    ) {
+        self.matmul(out, x, false, w, true, n, o, i, false);
+    }
+
+    /// [`linear_backward`] in this precision.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_backward(
+        self,
+        dx: Option<&mut [f32]>,
+        dw: &mut [f32],
+        dout: &[f32],
+        x: &[f32],
+        w: &[f32],
+        n: usize,
+        i: usize,
+        o: usize,
+        accumulate_dx: bool,
+    ) {
+        if let Some(dx) = dx {
+            self.matmul(dx, dout, false, w, false, n, i, o, accumulate_dx);
+        }
+        self.matmul(dw, dout, true, x, false, o, i, n, true);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

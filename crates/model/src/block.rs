@@ -21,7 +21,7 @@ use crate::params::{FfnIdx, LayerIdx};
 use crate::profile::Profiler;
 use kernels::attention::{self as attn_k, AttnShape};
 use kernels::dropout::{apply_mask, dropout_mask};
-use kernels::matmul::{linear_backward, linear_forward, matmul};
+use kernels::matmul::{linear_backward, linear_forward, Precision};
 use kernels::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use kernels::rope::{rope_apply, RopeTable};
 use kernels::router::{self, Route, ScoreFn};
@@ -61,6 +61,9 @@ pub(crate) struct Dims {
     /// probabilities: for sequences of [`FLASH_MIN_T`] tokens and more, where it is also
     /// the faster of the two (measured, `kernels::flash` timing test).
     pub flash: bool,
+    /// Arithmetic of the linear layers' matmuls (`train.precision`); routers and the shared
+    /// expert's gate stay f32.
+    pub precision: Precision,
 }
 
 /// Shortest sequence trained with the tiled attention kernel.
@@ -93,6 +96,7 @@ impl Dims {
             n_group: cfg.n_group,
             topk_group: cfg.topk_group,
             flash: t >= FLASH_MIN_T || cfg.sliding_window > 0,
+            precision: Precision::F32,
         }
     }
 
@@ -136,6 +140,7 @@ impl Dims {
             k: self.k,
             c: self.c,
             f: self.fe,
+            precision: self.precision,
         }
     }
 }
@@ -564,7 +569,8 @@ pub(crate) fn attention_forward(
     let (n, c, hd) = (s.n, s.c, s.h * s.d);
     rmsnorm_forward(&mut a.ln.h, &mut a.ln.rstd, x, w.norm, s.eps);
     prof.lap("rmsnorm");
-    linear_forward(&mut a.qkv, &a.ln.h, w.wqkv, n, c, s.r);
+    s.precision
+        .linear_forward(&mut a.qkv, &a.ln.h, w.wqkv, n, c, s.r);
     if let Some(b) = w.bqkv {
         add_bias(&mut a.qkv, b);
     }
@@ -583,7 +589,7 @@ pub(crate) fn attention_forward(
     }
     prof.lap("attention: softmax, QK^T, PV");
     if drop.on {
-        linear_forward(br, &a.o, w.wo, n, hd, c);
+        s.precision.linear_forward(br, &a.o, w.wo, n, hd, c);
         prof.lap("matmul: attention");
         dropout_mask(&mut a.mask, drop.p, drop.key, drop.stream);
         apply_mask(br, &a.mask);
@@ -593,7 +599,8 @@ pub(crate) fn attention_forward(
         // NOTE: the residual is the output's initial value and the projection accumulates
         // into it; the dropout path adds instead (both kept: their bits differ).
         x_mid.copy_from_slice(x);
-        matmul(x_mid, &a.o, false, w.wo, true, n, c, hd, true);
+        s.precision
+            .matmul(x_mid, &a.o, false, w.wo, true, n, c, hd, true);
         prof.lap("matmul: attention");
     }
 }
@@ -620,7 +627,8 @@ pub(crate) fn attention_backward(
         apply_mask(dbr, &a.mask);
     }
     let dy: &[f32] = if drop { dbr } else { dres };
-    linear_backward(Some(&mut sc.do_), g.wo, dy, &a.o, w.wo, n, hd, c, false);
+    s.precision
+        .linear_backward(Some(&mut sc.do_), g.wo, dy, &a.o, w.wo, n, hd, c, false);
     prof.lap("matmul: attention bwd");
     if s.flash {
         kernels::flash::flash_backward(
@@ -653,7 +661,7 @@ pub(crate) fn attention_backward(
     if let Some(gb) = g.bqkv {
         bias_backward(gb, &sc.dqkv);
     }
-    linear_backward(
+    s.precision.linear_backward(
         Some(&mut sc.dh),
         g.wqkv,
         &sc.dqkv,
@@ -850,11 +858,13 @@ pub(crate) fn mlp_forward(
     prof: &mut Profiler,
 ) {
     let (n, c, f) = (s.n, s.c, s.f);
-    linear_forward(&mut m.gu, h, w.w_gu, n, c, 2 * f);
+    s.precision
+        .linear_forward(&mut m.gu, h, w.w_gu, n, c, 2 * f);
     prof.lap("matmul: ffn");
     swiglu_forward(&mut m.a, &m.gu, f);
     prof.lap("swiglu");
-    matmul(out, &m.a, false, w.w_down, true, n, c, f, true);
+    s.precision
+        .matmul(out, &m.a, false, w.w_down, true, n, c, f, true);
     prof.lap("matmul: ffn");
 }
 
@@ -872,11 +882,13 @@ pub(crate) fn mlp_backward(
 ) {
     let (n, c, f) = (s.n, s.c, s.f);
     let (da, dgu) = (&mut sc.da[..n * f], &mut sc.dgu[..n * 2 * f]);
-    linear_backward(Some(&mut *da), g.w_down, dy, &m.a, w.w_down, n, f, c, false);
+    s.precision
+        .linear_backward(Some(&mut *da), g.w_down, dy, &m.a, w.w_down, n, f, c, false);
     prof.lap("matmul: ffn bwd");
     swiglu_backward(dgu, da, &m.gu, f);
     prof.lap("swiglu bwd");
-    linear_backward(Some(&mut sc.dh), g.w_gu, dgu, h, w.w_gu, n, c, 2 * f, false);
+    s.precision
+        .linear_backward(Some(&mut sc.dh), g.w_gu, dgu, h, w.w_gu, n, c, 2 * f, false);
     prof.lap("matmul: ffn bwd");
 }
 
@@ -913,15 +925,18 @@ pub(crate) fn moe_forward(
     }
     if let Some((sgu_w, sd_w)) = w.shared {
         let fs = s.fs;
-        linear_forward(&mut m.sgu, h, sgu_w, n, c, 2 * fs);
+        s.precision
+            .linear_forward(&mut m.sgu, h, sgu_w, n, c, 2 * fs);
         prof.lap("matmul: ffn");
         swiglu_forward(&mut m.sa, &m.sgu, fs);
         prof.lap("swiglu");
         match w.shared_gate {
-            None => matmul(out, &m.sa, false, sd_w, true, n, c, fs, true),
+            None => s
+                .precision
+                .matmul(out, &m.sa, false, sd_w, true, n, c, fs, true),
             Some(gw) => {
                 // out += sigmoid(h . w_gate) * shared(h), per token (Qwen2-MoE)
-                linear_forward(&mut m.sy, &m.sa, sd_w, n, fs, c);
+                s.precision.linear_forward(&mut m.sy, &m.sa, sd_w, n, fs, c);
                 linear_forward(&mut m.sg, h, gw, n, c, 1);
                 for ((o, y), g) in out.chunks_mut(c).zip(m.sy.chunks(c)).zip(m.sg.iter_mut()) {
                     *g = 1.0 / (1.0 + (-*g).exp());
@@ -982,7 +997,7 @@ pub(crate) fn moe_backward(
             } else {
                 dy
             };
-            linear_backward(
+            s.precision.linear_backward(
                 Some(&mut sc.da[..n * fs]),
                 dsd,
                 dy_shared,
@@ -997,7 +1012,8 @@ pub(crate) fn moe_backward(
             swiglu_backward(&mut sc.dgu[..n * 2 * fs], &sc.da[..n * fs], &m.sgu, fs);
             prof.lap("swiglu bwd");
             let dgu = &sc.dgu[..n * 2 * fs];
-            linear_backward(Some(&mut sc.dh), dsgu, dgu, h, sgu_w, n, c, 2 * fs, false);
+            s.precision
+                .linear_backward(Some(&mut sc.dh), dsgu, dgu, h, sgu_w, n, c, 2 * fs, false);
             if let (Some(dgw), Some(gw)) = (g.shared_gate, w.shared_gate) {
                 linear_backward(Some(&mut sc.dh), dgw, &sc.dsg, h, gw, n, c, 1, true);
             }

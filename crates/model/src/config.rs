@@ -197,6 +197,34 @@ pub struct TrainConfig {
     /// Newton–Schulz iterations per Muon update.
     #[serde(skip_serializing_if = "is_default_ns_steps")]
     pub muon_ns_steps: usize,
+    /// Arithmetic of the linear layers' matmuls: "fp32", or "bf16" (operands rounded to
+    /// bf16, products summed in f32; weights, gradients, optimizer state and activations
+    /// stay f32, routers stay f32). Fast on CPUs with AVX512-BF16; exact but slow elsewhere.
+    #[serde(skip_serializing_if = "TrainPrecision::is_fp32")]
+    pub precision: TrainPrecision,
+}
+
+/// `train.precision`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainPrecision {
+    #[default]
+    Fp32,
+    Bf16,
+}
+
+impl TrainPrecision {
+    fn is_fp32(&self) -> bool {
+        *self == TrainPrecision::Fp32
+    }
+
+    /// The kernels' name for it.
+    pub fn kernels(self) -> kernels::matmul::Precision {
+        match self {
+            TrainPrecision::Fp32 => kernels::matmul::Precision::F32,
+            TrainPrecision::Bf16 => kernels::matmul::Precision::Bf16,
+        }
+    }
 }
 
 /// `train.optimizer`.
@@ -454,6 +482,7 @@ impl Default for TrainConfig {
             muon_lr: MUON_LR,
             muon_momentum: MUON_MOMENTUM,
             muon_ns_steps: MUON_NS_STEPS,
+            precision: TrainPrecision::Fp32,
         }
     }
 }

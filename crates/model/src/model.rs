@@ -19,7 +19,8 @@ use kernels::embedding::{embedding_backward, embedding_forward};
 use kernels::loss::{
     cross_entropy_backward, cross_entropy_distill_backward, cross_entropy_forward, distill_forward,
 };
-use kernels::matmul::{linear_backward, linear_forward};
+use kernels::matmul::Precision;
+
 use kernels::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use kernels::rope::RopeTable;
 use kernels::router;
@@ -176,7 +177,6 @@ impl Model {
         }
     }
 
-    /// (B, T) the buffers are sized for.
     /// Chooses the attention kernel whatever T says: tiled with an online softmax (`true`)
     /// or stored (T, T) probabilities. For tests that hold the two to each other and
     /// benchmarks that time them; a model picks by T ([`crate::block::FLASH_MIN_T`]).
@@ -190,6 +190,17 @@ impl Model {
         self.sc.datt = vec![0.0; if flash { 0 } else { s.b * s.h * s.t * s.t }];
     }
 
+    /// Arithmetic of the linear layers' matmuls (`train.precision`): f32 (the default) or
+    /// bf16 operands with f32 accumulation; weights, gradients and activations stay f32.
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.dims.precision = precision;
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.dims.precision
+    }
+
+    /// (B, T) the buffers are sized for.
     pub fn batch_shape(&self) -> (usize, usize) {
         (self.dims.b, self.dims.t)
     }
@@ -275,7 +286,7 @@ impl Model {
             s.eps,
         );
         prof.lap("rmsnorm");
-        linear_forward(
+        s.precision.linear_forward(
             &mut self.logits,
             &self.xf,
             &params[lay.lm_head..lay.lm_head + v * c],
@@ -362,7 +373,7 @@ impl Model {
         }
         prof.lap("cross-entropy bwd");
         let head = lay.lm_head..lay.lm_head + v * c;
-        linear_backward(
+        self.dims.precision.linear_backward(
             Some(&mut self.dxf),
             &mut grads[head.clone()],
             &self.logits,

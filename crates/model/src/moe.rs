@@ -7,7 +7,7 @@
 use kernels::dispatch::{
     combine_backward, combine_forward, gather_backward, gather_forward, Dispatch,
 };
-use kernels::matmul::{linear_backward, linear_forward};
+use kernels::matmul::Precision;
 use kernels::swiglu::{swiglu_backward, swiglu_forward};
 use rayon::prelude::*;
 
@@ -18,6 +18,7 @@ pub struct ExpertShape {
     pub k: usize,
     pub c: usize,
     pub f: usize,
+    pub precision: Precision,
 }
 
 /// Activations the backward pass needs, allocated once for (N, K).
@@ -82,7 +83,14 @@ pub fn experts_forward(
     s: ExpertShape,
     a: &mut ExpertActs,
 ) {
-    let ExpertShape { e, k, c, f, .. } = s;
+    let ExpertShape {
+        e,
+        k,
+        c,
+        f,
+        precision,
+        ..
+    } = s;
     a.disp.build(idx, e);
     gather_forward(&mut a.xe, h, &a.disp, k, c);
     let d = &a.disp;
@@ -95,7 +103,7 @@ pub fn experts_forward(
         .collect();
     tasks.into_par_iter().for_each(|(j, ((gue, ae), ye))| {
         let ne = d.range(j).len();
-        linear_forward(
+        precision.linear_forward(
             gue,
             rows(xe, d, j, c),
             &w_gu[j * 2 * f * c..(j + 1) * 2 * f * c],
@@ -104,7 +112,7 @@ pub fn experts_forward(
             2 * f,
         );
         swiglu_forward(ae, gue, f);
-        linear_forward(ye, ae, &w_down[j * c * f..(j + 1) * c * f], ne, f, c);
+        precision.linear_forward(ye, ae, &w_down[j * c * f..(j + 1) * c * f], ne, f, c);
     });
     combine_forward(y, &a.ye, w, &a.disp, k, c);
 }
@@ -125,7 +133,14 @@ pub fn experts_backward(
     a: &ExpertActs,
     g: ExpertScratch,
 ) {
-    let ExpertShape { e, k, c, f, .. } = s;
+    let ExpertShape {
+        e,
+        k,
+        c,
+        f,
+        precision,
+        ..
+    } = s;
     let d = &a.disp;
     combine_backward(g.dye, dw, dy, &a.ye, w, d, k, c);
     let dye: &[f32] = g.dye;
@@ -141,7 +156,7 @@ pub fn experts_backward(
         .into_par_iter()
         .for_each(|(j, ((((da, dgu), dxe), dwg), dwd))| {
             let ne = d.range(j).len();
-            linear_backward(
+            precision.linear_backward(
                 Some(da),
                 dwd,
                 rows(dye, d, j, c),
@@ -153,7 +168,7 @@ pub fn experts_backward(
                 false,
             );
             swiglu_backward(dgu, da, rows(&a.gue, d, j, 2 * f), f);
-            linear_backward(
+            precision.linear_backward(
                 Some(dxe),
                 dwg,
                 dgu,

@@ -21,6 +21,7 @@ fn run(cfg: &Config, threads: usize, steps: usize) -> (String, Vec<f32>) {
     pool.install(|| {
         let (b, t) = (cfg.train.batch_size, cfg.train.seq_len);
         let mut m = Model::new(&cfg.model, b, t, cfg.train.seed);
+        m.set_precision(cfg.train.precision.kernels());
         let mut opt = Optimizer::new(&m);
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.train.seed);
         let v = cfg.model.vocab_size as u32;
@@ -83,6 +84,20 @@ fn same_hash_any_thread_count_mid_moe_muon() {
     let text = MID.replace("[train]", "[train]\noptimizer = \"muon\"");
     assert!(text.contains("optimizer = \"muon\""));
     check("mid-muon", &text);
+}
+
+/// bf16 matmuls: the same bits on any thread count, not the f32 bits (the bf16 path is
+/// taken), and a loss curve within 1% of f32's.
+#[test]
+fn same_hash_any_thread_count_mid_moe_bf16() {
+    let text = MID.replace("[train]", "[train]\nprecision = \"bf16\"");
+    check("mid-bf16", &text);
+    let (hb, lb) = run(&Config::from_toml(&text).unwrap(), 2, 20);
+    let (hf, lf) = run(&Config::from_toml(MID).unwrap(), 2, 20);
+    assert_ne!(hb, hf, "bf16 gave the f32 weights");
+    for (b, f) in lb.iter().zip(&lf) {
+        assert!((b - f).abs() < 0.01 * f, "bf16 loss {b} vs f32 {f}");
+    }
 }
 
 /// Sequences long enough for the tiled attention kernel (T = 320 >= FLASH_MIN_T): four

@@ -23,7 +23,7 @@ fn dense(
     r: &[f32],
     s: ExpertShape,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
-    let ExpertShape { n, e, k, c, f } = s;
+    let ExpertShape { n, e, k, c, f, .. } = s;
     let (mut y, mut dh, mut dgu, mut dd, mut dw) = (
         vec![0.0; n * c],
         vec![0.0; n * c],
@@ -104,8 +104,9 @@ fn sparse_dispatch_equals_dense_masked_loop() {
         k: 2,
         c: 12,
         f: 9,
+        precision: Default::default(),
     };
-    let ExpertShape { n, e, k, c, f } = s;
+    let ExpertShape { n, e, k, c, f, .. } = s;
     let mut rng = ChaCha8Rng::seed_from_u64(42);
     let mut v =
         |len: usize| -> Vec<f32> { (0..len).map(|_| rng.gen_range(-1.0f32..1.0)).collect() };

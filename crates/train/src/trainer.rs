@@ -410,6 +410,7 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
     let metrics = run.join("metrics.jsonl");
 
     let mut model = Model::new(&cfg.model, b, t, tc.seed);
+    model.set_precision(tc.precision.kernels());
     let mut opt = Optimizer::new(&model);
     let mut state = State {
         format_version: FORMAT_VERSION,

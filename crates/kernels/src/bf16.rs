@@ -1,0 +1,735 @@
+//! bf16 matrix multiplication with f32 accumulation, for `train.precision = "bf16"`.
+//!
+//! The result is defined exactly, so the AVX512-BF16 kernel, the scalar reference and any
+//! thread count give the same bits:
+//!
+//! - both operands are rounded to bf16: round to nearest even, subnormals to zero, NaN
+//!   quieted ([`round`]);
+//! - every output is one f32 accumulator: it starts at 0 (or at `out` when accumulating, a
+//!   subnormal read as 0) and takes the reduction in pairs, `k = 2p, 2p + 1` in order of `p`
+//!   (a zero pair pads an odd K): `acc = acc + a[2p+1] b[2p+1]`, then `acc = acc + a[2p] b[2p]`,
+//!   each product exact and each sum rounded to nearest even, a subnormal sum flushed to zero
+//!   ([`dot_step`]).
+//!
+//! That is one lane of `vdpbf16ps` as Intel's SDM describes it, and as it measured on an AMD
+//! Zen 4 (random operands over the whole exponent range, subnormals included: every lane
+//! equal). The kernel keeps each accumulator in a register for a block of pairs and in `out`
+//! between blocks (an f32 store and load change nothing), so blocking and threads only decide
+//! who computes an output, never the order it is summed in.
+//!
+//! Layout of the fast path (BLIS style): B is packed per block of [`KCP`] pairs into panels of
+//! [`NR`] columns, `[pair][column]` as u32 (two bf16); A into panels of [`MR`] rows, `[row][pair]`
+//! when A is contiguous along K, `[pair][row]` when along M (so neither needs a transpose);
+//! a 14 x 32 register tile (28 accumulators) broadcasts one A pair per row and multiplies two
+//! B vectors. Hosts without AVX512-BF16 run the scalar reference (exact, slow).
+
+use crate::matmul::View;
+use crate::par::{in_worker, SendPtr};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Rows of the register tile.
+pub const MR: usize = 14;
+/// Columns of the register tile (two 16-lane vectors).
+pub const NR: usize = 32;
+/// K pairs per packed block (a 14 x 128-pair A panel is 7 KiB, a B panel 16 KiB: both stay
+/// in L1 while a tile is computed).
+pub const KCP: usize = 128;
+/// Columns per packed B block.
+const NC: usize = 64 * NR;
+/// Row panels and column panels per parallel task.
+const TASK_ROW_PANELS: usize = 8;
+const TASK_COL_PANELS: usize = 4;
+
+/// f32 to bf16, as `vcvtneps2bf16` rounds: nearest even, subnormals to (signed) zero, NaN
+/// quieted.
+pub fn round(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        ((b >> 16) | 0x40) as u16
+    } else if x.is_subnormal() {
+        ((b >> 16) & 0x8000) as u16
+    } else {
+        ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    }
+}
+
+/// bf16 to f32 (exact).
+pub fn widen(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// Two consecutive K elements as one packed pair: `lo` in the low half.
+fn pair(lo: f32, hi: f32) -> u32 {
+    round(lo) as u32 | (round(hi) as u32) << 16
+}
+
+fn flush(x: f32) -> f32 {
+    if x.is_subnormal() {
+        0.0f32.copysign(x)
+    } else {
+        x
+    }
+}
+
+/// One lane of `vdpbf16ps`: `acc + a.hi b.hi`, rounded, then `+ a.lo b.lo`, rounded.
+///
+/// NOTE: the f64 sum rounds once to f32 exactly: a bf16 product has 16 significant bits, so
+/// the exact sum of it and an f32 either fits in f64's 53 bits or lies so far below the f32
+/// result's last bit that neither rounding can land on an f32 halfway point.
+pub fn dot_step(acc: f32, a: u32, b: u32) -> f32 {
+    let prod = |s: u32| widen((a >> s) as u16) as f64 * widen((b >> s) as u16) as f64;
+    let acc = flush((flush(acc) as f64 + prod(16)) as f32);
+    flush((acc as f64 + prod(0)) as f32)
+}
+
+/// True when this CPU has AVX512-BF16 (the fast path); otherwise the scalar reference runs.
+pub fn has_hardware() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512bf16")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn at(v: &View, i: usize, j: usize) -> f32 {
+    v.data[i * v.rs + j * v.cs]
+}
+
+/// The packed pair `p` of row `i` of A (or column `j` of B with `trans`): zero past K.
+fn pair_at(v: &View, i: usize, p: usize, k: usize, trans: bool) -> u32 {
+    let get = |kk: usize| {
+        if kk >= k {
+            0.0
+        } else if trans {
+            at(v, kk, i)
+        } else {
+            at(v, i, kk)
+        }
+    };
+    pair(get(2 * p), get(2 * p + 1))
+}
+
+/// The scalar definition: `out[i*out_rs + j] [+]= sum_p a(i,p) b(p,j)` in the semantics of the
+/// module doc, one output at a time.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_reference(
+    out: &mut [f32],
+    out_rs: usize,
+    a: View,
+    b: View,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+) {
+    for i in 0..m {
+        reference_row(
+            &mut out[i * out_rs..i * out_rs + n],
+            &a,
+            &b,
+            i,
+            k,
+            accumulate,
+        );
+    }
+}
+
+fn reference_row(row: &mut [f32], a: &View, b: &View, i: usize, k: usize, accumulate: bool) {
+    let kp = k.div_ceil(2);
+    let ap: Vec<u32> = (0..kp).map(|p| pair_at(a, i, p, k, false)).collect();
+    for (j, o) in row.iter_mut().enumerate() {
+        let mut acc = if accumulate { *o } else { 0.0 };
+        for (p, &x) in ap.iter().enumerate() {
+            acc = dot_step(acc, x, pair_at(b, j, p, k, true));
+        }
+        *o = acc;
+    }
+}
+
+/// `out (M,N) [+]= op(a) (M,K) @ op(b) (K,N)` in bf16 with f32 accumulation; the arguments of
+/// [`crate::matmul::matmul`].
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    out: &mut [f32],
+    a: &[f32],
+    ta: bool,
+    b: &[f32],
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+) {
+    assert_eq!(out.len(), m * n, "matmul out len {} != {m}x{n}", out.len());
+    assert_eq!(a.len(), m * k, "matmul a len {} != {m}x{k}", a.len());
+    assert_eq!(b.len(), k * n, "matmul b len {} != {k}x{n}", b.len());
+    let av = View::new(a, if ta { m } else { k }, ta);
+    let bv = View::new(b, if tb { k } else { n }, tb);
+    matmul_strided(out, n, av, bv, m, n, k, accumulate);
+}
+
+/// Strided form of [`matmul`].
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_strided(
+    out: &mut [f32],
+    out_rs: usize,
+    a: View,
+    b: View,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!((m - 1) * out_rs + n <= out.len(), "matmul out too small");
+    if k > 0 {
+        assert!(
+            (m - 1) * a.rs + (k - 1) * a.cs < a.data.len(),
+            "matmul a too small"
+        );
+        assert!(
+            (k - 1) * b.rs + (n - 1) * b.cs < b.data.len(),
+            "matmul b too small"
+        );
+    }
+    let serial = rayon::current_num_threads() <= 1 || in_worker();
+    run(out, out_rs, a, b, m, n, k, accumulate, serial);
+}
+
+/// [`matmul_strided`] after its checks, with the choice of parallelism made by the caller.
+#[allow(clippy::too_many_arguments)]
+fn run(
+    out: &mut [f32],
+    out_rs: usize,
+    a: View,
+    b: View,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+    serial: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_hardware() {
+        // SAFETY: AVX512-BF16 and AVX512-BW are present (checked); `out` is a unique borrow
+        // of (m, n) at stride out_rs and a, b cover their (m, k), (k, n) (asserted).
+        unsafe {
+            fast::matmul(
+                out.as_mut_ptr(),
+                out_rs,
+                &a,
+                &b,
+                m,
+                n,
+                k,
+                accumulate,
+                serial,
+            )
+        };
+        return;
+    }
+    if serial {
+        matmul_reference(out, out_rs, a, b, m, n, k, accumulate);
+    } else {
+        // rows are independent: one task per row
+        let ptr = SendPtr(out.as_mut_ptr());
+        (0..m).into_par_iter().for_each(|i| {
+            // SAFETY: row i of `out` (n elements at i*out_rs) is written by this task only.
+            let row = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(i * out_rs), n) };
+            reference_row(row, &a, &b, i, k, accumulate);
+        });
+    }
+}
+
+thread_local! {
+    /// Packed A and B blocks, kept between calls (a fresh 1 MiB buffer per matmul costs its
+    /// page faults every time).
+    static PACKED: RefCell<(Vec<u32>, Vec<u32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod fast {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// How A is packed: `[row][pair]` (row stride KCP) or `[pair][row]` (pair stride MR).
+    fn a_by_rows(a: &View) -> bool {
+        a.cs == 1 || a.rs != 1
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn matmul(
+        out: *mut f32,
+        out_rs: usize,
+        a: &View,
+        b: &View,
+        m: usize,
+        n: usize,
+        k: usize,
+        accumulate: bool,
+        serial: bool,
+    ) {
+        let kp = k.div_ceil(2);
+        if kp == 0 {
+            if !accumulate {
+                for i in 0..m {
+                    std::slice::from_raw_parts_mut(out.add(i * out_rs), n).fill(0.0);
+                }
+            }
+            return;
+        }
+        let mpan = m.div_ceil(MR);
+        let by_rows = a_by_rows(a);
+        PACKED.with(|cell| {
+            let mut guard = cell.try_borrow_mut();
+            let mut fresh = (Vec::new(), Vec::new());
+            let (abuf, bbuf) = match guard.as_mut() {
+                Ok(g) => {
+                    let (x, y) = &mut **g;
+                    (x, y)
+                }
+                Err(_) => (&mut fresh.0, &mut fresh.1),
+            };
+            let alen = mpan * MR * KCP;
+            if abuf.len() < alen {
+                abuf.resize(alen, 0);
+            }
+            let out = SendPtr(out);
+            for jc in (0..n).step_by(NC) {
+                let nc = NC.min(n - jc);
+                let npan = nc.div_ceil(NR);
+                let blen = npan * KCP * NR;
+                if bbuf.len() < blen {
+                    bbuf.resize(blen, 0);
+                }
+                for pc in (0..kp).step_by(KCP) {
+                    let kcp = KCP.min(kp - pc);
+                    let pack_b_panel = |(pj, dst): (usize, &mut [u32])| {
+                        let cols = NR.min(nc - pj * NR);
+                        // SAFETY: the features of this function are present.
+                        unsafe { pack_b(dst, b, pc, kcp, jc + pj * NR, cols, k) }
+                    };
+                    let pack_a_panel = |(pi, dst): (usize, &mut [u32])| {
+                        let rows = MR.min(m - pi * MR);
+                        // SAFETY: as above.
+                        unsafe { pack_a(dst, a, pc, kcp, pi * MR, rows, k, by_rows) }
+                    };
+                    let bpk = &mut bbuf[..npan * KCP * NR];
+                    let apk = &mut abuf[..alen];
+                    if serial {
+                        bpk.chunks_mut(KCP * NR).enumerate().for_each(pack_b_panel);
+                        apk.chunks_mut(MR * KCP).enumerate().for_each(pack_a_panel);
+                    } else {
+                        bpk.par_chunks_mut(KCP * NR)
+                            .enumerate()
+                            .for_each(pack_b_panel);
+                        apk.par_chunks_mut(MR * KCP)
+                            .enumerate()
+                            .for_each(pack_a_panel);
+                    }
+                    let (apk, bpk) = (&*apk, &*bpk);
+                    let load_c = accumulate || pc > 0;
+                    let row_tasks = mpan.div_ceil(TASK_ROW_PANELS);
+                    let tasks = row_tasks * npan.div_ceil(TASK_COL_PANELS);
+                    let run = |t: usize| {
+                        let (ri, cj) = (t % row_tasks, t / row_tasks);
+                        for pj in cj * TASK_COL_PANELS..((cj + 1) * TASK_COL_PANELS).min(npan) {
+                            let bp = &bpk[pj * KCP * NR..];
+                            let cols = NR.min(nc - pj * NR);
+                            for pi in ri * TASK_ROW_PANELS..((ri + 1) * TASK_ROW_PANELS).min(mpan) {
+                                let rows = MR.min(m - pi * MR);
+                                let ap = &apk[pi * MR * KCP..];
+                                // SAFETY: this task owns output rows of its row panels and
+                                // columns of its column panels; the tile lies inside (m, n).
+                                unsafe {
+                                    let c = out.get().add(pi * MR * out_rs + jc + pj * NR);
+                                    tile(ap, bp, kcp, c, out_rs, rows, cols, load_c, by_rows);
+                                }
+                            }
+                        }
+                    };
+                    if serial {
+                        (0..tasks).for_each(run);
+                    } else {
+                        (0..tasks).into_par_iter().with_max_len(1).for_each(run);
+                    }
+                }
+            }
+        });
+    }
+
+    /// One MR x NR output tile (a partial one through a local buffer).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn tile(
+        ap: &[u32],
+        bp: &[u32],
+        kcp: usize,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        load_c: bool,
+        by_rows: bool,
+    ) {
+        let kernel = |c: *mut f32, ldc: usize| {
+            // SAFETY: the panels hold MR x KCP and KCP x NR pairs; c is an MR x NR tile.
+            unsafe {
+                if by_rows {
+                    kernel::<KCP, 1>(kcp, ap.as_ptr(), bp.as_ptr(), c, ldc, load_c)
+                } else {
+                    kernel::<1, MR>(kcp, ap.as_ptr(), bp.as_ptr(), c, ldc, load_c)
+                }
+            }
+        };
+        if rows == MR && cols == NR {
+            kernel(c, ldc);
+            return;
+        }
+        let mut t = [0.0f32; MR * NR];
+        if load_c {
+            for i in 0..rows {
+                for j in 0..cols {
+                    t[i * NR + j] = *c.add(i * ldc + j);
+                }
+            }
+        }
+        kernel(t.as_mut_ptr(), NR);
+        for i in 0..rows {
+            for j in 0..cols {
+                *c.add(i * ldc + j) = t[i * NR + j];
+            }
+        }
+    }
+
+    /// The register tile: `c (MR, NR) [+]= A panel @ B panel` over `kcp` pairs. A pair of row
+    /// i is at `a[i * AR + p * AP]`, B's at `b[p * NR..p * NR + NR]`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn kernel<const AR: usize, const AP: usize>(
+        kcp: usize,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        load_c: bool,
+    ) {
+        let mut acc = [_mm512_setzero_ps(); 2 * MR];
+        if load_c {
+            for i in 0..MR {
+                acc[2 * i] = _mm512_loadu_ps(c.add(i * ldc));
+                acc[2 * i + 1] = _mm512_loadu_ps(c.add(i * ldc + 16));
+            }
+        }
+        for p in 0..kcp {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_epi32(b.add(p * NR) as *const i32));
+            let b1: __m512bh =
+                std::mem::transmute(_mm512_loadu_epi32(b.add(p * NR + 16) as *const i32));
+            for i in 0..MR {
+                let av: __m512bh =
+                    std::mem::transmute(_mm512_set1_epi32(*a.add(i * AR + p * AP) as i32));
+                acc[2 * i] = _mm512_dpbf16_ps(acc[2 * i], av, b0);
+                acc[2 * i + 1] = _mm512_dpbf16_ps(acc[2 * i + 1], av, b1);
+            }
+        }
+        for i in 0..MR {
+            _mm512_storeu_ps(c.add(i * ldc), acc[2 * i]);
+            _mm512_storeu_ps(c.add(i * ldc + 16), acc[2 * i + 1]);
+        }
+    }
+
+    /// 16 lanes of `lo` and 16 of `hi` rounded to bf16 and interleaved: pair j = (lo[j], hi[j]).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn interleave(lo: __m512, hi: __m512) -> __m512i {
+        let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+        let idx = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
+            4, 19, 3, 18, 2, 17, 1, 16, 0,
+        );
+        _mm512_permutexvar_epi16(idx, both)
+    }
+
+    /// 32 consecutive floats as 16 consecutive pairs.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn pairs16(src: *const f32) -> __m512i {
+        std::mem::transmute(_mm512_cvtne2ps_pbh(
+            _mm512_loadu_ps(src.add(16)),
+            _mm512_loadu_ps(src),
+        ))
+    }
+
+    /// Packs rows r0..r0+rows of A, pairs pc..pc+kcp, into one MR-row panel (zeros past M).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn pack_a(
+        dst: &mut [u32],
+        a: &View,
+        pc: usize,
+        kcp: usize,
+        r0: usize,
+        rows: usize,
+        k: usize,
+        by_rows: bool,
+    ) {
+        let k0 = 2 * pc;
+        let whole = 2 * (pc + kcp) <= k;
+        if by_rows {
+            for i in 0..MR {
+                let d = &mut dst[i * KCP..i * KCP + kcp];
+                if i >= rows {
+                    d.fill(0);
+                    continue;
+                }
+                let mut p = 0;
+                if a.cs == 1 && whole {
+                    let src = a.data.as_ptr().add((r0 + i) * a.rs + k0);
+                    while p + 16 <= kcp {
+                        _mm512_storeu_epi32(
+                            d.as_mut_ptr().add(p) as *mut i32,
+                            pairs16(src.add(2 * p)),
+                        );
+                        p += 16;
+                    }
+                }
+                for (q, x) in d.iter_mut().enumerate().skip(p) {
+                    *x = pair_at(a, r0 + i, pc + q, k, false);
+                }
+            }
+        } else {
+            // a.rs == 1: consecutive rows are consecutive floats
+            let mask: __mmask16 = ((1u32 << rows) - 1) as u16;
+            for p in 0..kcp {
+                let d = &mut dst[p * MR..p * MR + MR];
+                let kk = k0 + 2 * p;
+                if kk + 1 < k {
+                    let src = a.data.as_ptr().add(r0 + kk * a.cs);
+                    let lo = _mm512_maskz_loadu_ps(mask, src);
+                    let hi = _mm512_maskz_loadu_ps(mask, src.add(a.cs));
+                    let mut v = [0u32; 16];
+                    _mm512_storeu_epi32(v.as_mut_ptr() as *mut i32, interleave(lo, hi));
+                    d.copy_from_slice(&v[..MR]);
+                } else {
+                    for (i, x) in d.iter_mut().enumerate() {
+                        *x = if i < rows {
+                            pair_at(a, r0 + i, pc + p, k, false)
+                        } else {
+                            0
+                        };
+                    }
+                }
+            }
+        }
+    }
+
+    /// Packs columns j0..j0+cols of B, pairs pc..pc+kcp, into one NR-column panel
+    /// `[pair][column]` (zeros past N).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn pack_b(
+        dst: &mut [u32],
+        b: &View,
+        pc: usize,
+        kcp: usize,
+        j0: usize,
+        cols: usize,
+        k: usize,
+    ) {
+        let k0 = 2 * pc;
+        let whole = 2 * (pc + kcp) <= k;
+        if b.cs == 1 && cols == NR && whole {
+            for p in 0..kcp {
+                let src = b.data.as_ptr().add((k0 + 2 * p) * b.rs + j0);
+                let d = dst.as_mut_ptr().add(p * NR) as *mut i32;
+                for h in 0..2 {
+                    let lo = _mm512_loadu_ps(src.add(16 * h));
+                    let hi = _mm512_loadu_ps(src.add(b.rs + 16 * h));
+                    _mm512_storeu_epi32(d.add(16 * h), interleave(lo, hi));
+                }
+            }
+        } else if b.rs == 1 && whole && kcp.is_multiple_of(16) {
+            // columns contiguous along K: convert a column's pairs, then transpose
+            let mut col = [0u32; KCP];
+            for j in 0..NR {
+                if j >= cols {
+                    for p in 0..kcp {
+                        dst[p * NR + j] = 0;
+                    }
+                    continue;
+                }
+                let src = b.data.as_ptr().add((j0 + j) * b.cs + k0);
+                for p in (0..kcp).step_by(16) {
+                    _mm512_storeu_epi32(
+                        col.as_mut_ptr().add(p) as *mut i32,
+                        pairs16(src.add(2 * p)),
+                    );
+                }
+                for p in 0..kcp {
+                    dst[p * NR + j] = col[p];
+                }
+            }
+        } else {
+            for p in 0..kcp {
+                for j in 0..NR {
+                    dst[p * NR + j] = if j < cols {
+                        pair_at(b, j0 + j, pc + p, k, true)
+                    } else {
+                        0
+                    };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn random(len: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..len).map(|_| rng.gen_range(-2.0f32..2.0)).collect()
+    }
+
+    #[test]
+    fn round_is_nearest_even_and_flushes_subnormals() {
+        assert_eq!(round(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to even (1.0)
+        assert_eq!(round(1.0 + 1.0 / 256.0), 0x3f80);
+        // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 (odd) and 1 + 2^-6: up
+        assert_eq!(round(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(round(-1e-40), 0x8000);
+        assert!(widen(round(f32::NAN)).is_nan());
+        assert_eq!(widen(round(f32::INFINITY)), f32::INFINITY);
+        assert_eq!(widen(round(f32::MAX)), f32::INFINITY);
+        assert_eq!(widen(round(3.0e38)), 3.0040553e38);
+    }
+
+    #[test]
+    fn dot_step_adds_the_high_product_first() {
+        // acc = 1, hi product = 2^-24 (lost alone: ties to even), lo = 2^-24: lost too.
+        let (one, tiny) = (1.0f32, 2f32.powi(-12));
+        let a = pair(tiny, tiny);
+        let b = pair(tiny, tiny);
+        assert_eq!(dot_step(one, a, b), 1.0);
+        // the same products summed first would have given 1 + 2^-23
+        assert_eq!(one + 2.0 * 2f32.powi(-24), 1.0 + 2f32.powi(-23));
+        // order: hi first: 2^24 + 1 (lost), then - 2^24 leaves 0; lo first would leave 1
+        let a = pair(-4096.0, 1.0);
+        let b = pair(4096.0, 1.0);
+        assert_eq!(dot_step(2f32.powi(24), a, b), 0.0);
+    }
+
+    /// Every layout, odd and even K, partial tiles, K over several blocks, accumulate on and
+    /// off: the fast path (on this host) equals the scalar reference bit for bit.
+    #[test]
+    fn matmul_equals_the_reference_in_every_layout() {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (14, 32, 256),
+            (37, 45, 301),
+            (29, 70, 2 * KCP * 2 + 3),
+            (60, 33, 64),
+            (3, 130, 17),
+        ] {
+            let a = random(m * k, 1 + m as u64);
+            let b = random(k * n, 2 + n as u64);
+            let c0 = random(m * n, 3);
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                for accumulate in [false, true] {
+                    let av = View::new(&a, if ta { m } else { k }, ta);
+                    let bv = View::new(&b, if tb { k } else { n }, tb);
+                    let mut want = c0.clone();
+                    matmul_reference(&mut want, n, av, bv, m, n, k, accumulate);
+                    let mut got = c0.clone();
+                    matmul(&mut got, &a, ta, &b, tb, m, n, k, accumulate);
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "m={m} n={n} k={k} ta={ta} tb={tb} acc={accumulate}");
+                }
+            }
+        }
+    }
+
+    /// Operands over the whole exponent range (products that underflow, sums that overflow,
+    /// subnormal accumulators): the hardware lane and [`dot_step`] agree.
+    #[test]
+    fn extreme_exponents_match_the_reference() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let mut bits = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| {
+                    let x = f32::from_bits(rng.gen::<u32>());
+                    if x.is_finite() {
+                        x
+                    } else {
+                        1.0
+                    }
+                })
+                .collect()
+        };
+        let (m, n, k) = (64, 64, 6);
+        let (a, b, c0) = (bits(m * k), bits(k * n), bits(m * n));
+        let mut want = c0.clone();
+        let (av, bv) = (View::new(&a, k, false), View::new(&b, n, false));
+        matmul_reference(&mut want, n, av, bv, m, n, k, true);
+        let mut got = c0.clone();
+        matmul(&mut got, &a, false, &b, false, m, n, k, true);
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                "{g:e} vs {w:e}"
+            );
+        }
+    }
+
+    #[test]
+    fn matmul_is_close_to_f32() {
+        let (m, n, k) = (40, 50, 300);
+        let a = random(m * k, 7);
+        let b = random(k * n, 8);
+        let mut want = vec![0.0; m * n];
+        crate::matmul::matmul(&mut want, &a, false, &b, false, m, n, k, false);
+        let mut got = vec![0.0; m * n];
+        matmul(&mut got, &a, false, &b, false, m, n, k, false);
+        // bf16 keeps 8 bits: relative error per product ~2^-8, random signs over K terms
+        let scale = (k as f32).sqrt() * 4.0 / 256.0;
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < scale, "{g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn matmul_is_thread_count_independent() {
+        let (m, n, k) = (150, 200, 333);
+        let a = random(m * k, 11);
+        let b = random(n * k, 12);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut out = vec![0.0; m * n];
+            let (av, bv) = (View::new(&a, k, false), View::new(&b, k, true));
+            // parallel inside the pool (whose worker the caller now is)
+            pool.install(|| run(&mut out, n, av, bv, m, n, k, false, threads == 1));
+            out
+        };
+        let one = run(1);
+        let mut serial = vec![0.0; m * n];
+        matmul(&mut serial, &a, false, &b, true, m, n, k, false);
+        for t in [2, 3, 4] {
+            assert_eq!(run(t), one, "{t} threads");
+        }
+        assert_eq!(serial, one);
+    }
+}
