@@ -37,9 +37,8 @@ pub const NR: usize = 32;
 pub const KCP: usize = 128;
 /// Columns per packed B block.
 const NC: usize = 64 * NR;
-/// Row panels and column panels per parallel task.
-const TASK_ROW_PANELS: usize = 8;
-const TASK_COL_PANELS: usize = 4;
+/// Most row panels per parallel task (a 112-row A chunk of 57 KiB, kept in L2).
+const MAX_ROW_PANELS: usize = 8;
 
 /// f32 to bf16, as `vcvtneps2bf16` rounds: nearest even, subnormals to (signed) zero, NaN
 /// quieted.
@@ -249,9 +248,10 @@ fn run(
 }
 
 thread_local! {
-    /// Packed A and B blocks, kept between calls (a fresh 1 MiB buffer per matmul costs its
-    /// page faults every time).
-    static PACKED: RefCell<(Vec<u32>, Vec<u32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// The packed B block of the calling thread and each worker's packed A chunk, kept
+    /// between calls (a fresh 1 MiB buffer per matmul costs its page faults every time).
+    static PACKED_B: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    static PACKED_A: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -288,21 +288,24 @@ mod fast {
         }
         let mpan = m.div_ceil(MR);
         let by_rows = a_by_rows(a);
-        PACKED.with(|cell| {
+        let threads = if serial {
+            1
+        } else {
+            rayon::current_num_threads()
+        };
+        // Row chunks of at most MAX_ROW_PANELS panels, at least about 4 per thread; when
+        // there are too few rows for that, column groups too (their A chunk is packed twice).
+        let chunk_panels = mpan.div_ceil(4 * threads).clamp(1, MAX_ROW_PANELS);
+        let row_tasks = mpan.div_ceil(chunk_panels);
+        let col_tasks = (2 * threads).div_ceil(row_tasks);
+        let out = SendPtr(out);
+        PACKED_B.with(|cell| {
             let mut guard = cell.try_borrow_mut();
-            let mut fresh = (Vec::new(), Vec::new());
-            let (abuf, bbuf) = match guard.as_mut() {
-                Ok(g) => {
-                    let (x, y) = &mut **g;
-                    (x, y)
-                }
-                Err(_) => (&mut fresh.0, &mut fresh.1),
+            let mut fresh = Vec::new();
+            let bbuf = match guard.as_mut() {
+                Ok(g) => &mut **g,
+                Err(_) => &mut fresh,
             };
-            let alen = mpan * MR * KCP;
-            if abuf.len() < alen {
-                abuf.resize(alen, 0);
-            }
-            let out = SendPtr(out);
             for jc in (0..n).step_by(NC) {
                 let nc = NC.min(n - jc);
                 let npan = nc.div_ceil(NR);
@@ -310,6 +313,8 @@ mod fast {
                 if bbuf.len() < blen {
                     bbuf.resize(blen, 0);
                 }
+                let col_tasks = col_tasks.min(npan);
+                let group = npan.div_ceil(col_tasks);
                 for pc in (0..kp).step_by(KCP) {
                     let kcp = KCP.min(kp - pc);
                     let pack_b_panel = |(pj, dst): (usize, &mut [u32])| {
@@ -317,45 +322,57 @@ mod fast {
                         // SAFETY: the features of this function are present.
                         unsafe { pack_b(dst, b, pc, kcp, jc + pj * NR, cols, k) }
                     };
-                    let pack_a_panel = |(pi, dst): (usize, &mut [u32])| {
-                        let rows = MR.min(m - pi * MR);
-                        // SAFETY: as above.
-                        unsafe { pack_a(dst, a, pc, kcp, pi * MR, rows, k, by_rows) }
-                    };
-                    let bpk = &mut bbuf[..npan * KCP * NR];
-                    let apk = &mut abuf[..alen];
+                    let bpk = &mut bbuf[..blen];
                     if serial {
                         bpk.chunks_mut(KCP * NR).enumerate().for_each(pack_b_panel);
-                        apk.chunks_mut(MR * KCP).enumerate().for_each(pack_a_panel);
                     } else {
                         bpk.par_chunks_mut(KCP * NR)
                             .enumerate()
                             .for_each(pack_b_panel);
-                        apk.par_chunks_mut(MR * KCP)
-                            .enumerate()
-                            .for_each(pack_a_panel);
                     }
-                    let (apk, bpk) = (&*apk, &*bpk);
+                    let bpk = &*bpk;
                     let load_c = accumulate || pc > 0;
-                    let row_tasks = mpan.div_ceil(TASK_ROW_PANELS);
-                    let tasks = row_tasks * npan.div_ceil(TASK_COL_PANELS);
+                    // one task: pack a chunk of A's rows (into this thread's buffer, where it
+                    // stays in L2), then every tile of those rows and a group of columns
                     let run = |t: usize| {
                         let (ri, cj) = (t % row_tasks, t / row_tasks);
-                        for pj in cj * TASK_COL_PANELS..((cj + 1) * TASK_COL_PANELS).min(npan) {
-                            let bp = &bpk[pj * KCP * NR..];
-                            let cols = NR.min(nc - pj * NR);
-                            for pi in ri * TASK_ROW_PANELS..((ri + 1) * TASK_ROW_PANELS).min(mpan) {
+                        let p0 = ri * chunk_panels;
+                        let p1 = (p0 + chunk_panels).min(mpan);
+                        PACKED_A.with(|cell| {
+                            let mut guard = cell.try_borrow_mut();
+                            let mut fresh = Vec::new();
+                            let abuf = match guard.as_mut() {
+                                Ok(g) => &mut **g,
+                                Err(_) => &mut fresh,
+                            };
+                            let alen = (p1 - p0) * MR * KCP;
+                            if abuf.len() < alen {
+                                abuf.resize(alen, 0);
+                            }
+                            for (q, dst) in abuf[..alen].chunks_mut(MR * KCP).enumerate() {
+                                let pi = p0 + q;
                                 let rows = MR.min(m - pi * MR);
-                                let ap = &apk[pi * MR * KCP..];
-                                // SAFETY: this task owns output rows of its row panels and
-                                // columns of its column panels; the tile lies inside (m, n).
-                                unsafe {
-                                    let c = out.get().add(pi * MR * out_rs + jc + pj * NR);
-                                    tile(ap, bp, kcp, c, out_rs, rows, cols, load_c, by_rows);
+                                // SAFETY: the features of this function are present.
+                                unsafe { pack_a(dst, a, pc, kcp, pi * MR, rows, k, by_rows) }
+                            }
+                            for pj in cj * group..((cj + 1) * group).min(npan) {
+                                let bp = &bpk[pj * KCP * NR..];
+                                let cols = NR.min(nc - pj * NR);
+                                for pi in p0..p1 {
+                                    let rows = MR.min(m - pi * MR);
+                                    let ap = &abuf[(pi - p0) * MR * KCP..];
+                                    // SAFETY: this task owns the output rows of its row
+                                    // panels and the columns of its column group; the tile
+                                    // lies inside (m, n).
+                                    unsafe {
+                                        let c = out.get().add(pi * MR * out_rs + jc + pj * NR);
+                                        tile(ap, bp, kcp, c, out_rs, rows, cols, load_c, by_rows);
+                                    }
                                 }
                             }
-                        }
+                        });
                     };
+                    let tasks = row_tasks * col_tasks;
                     if serial {
                         (0..tasks).for_each(run);
                     } else {
