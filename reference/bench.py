@@ -1,6 +1,7 @@
-"""Training throughput of the PyTorch reference (eager, fp32) on a moelab config.
+"""Training throughput of the PyTorch reference on a moelab config: eager or torch.compile,
+fp32 or bf16 autocast (fp32 weights, bf16 matmuls, as PyTorch's mixed precision runs on CPU).
 
-Usage: python reference/bench.py CONFIG.toml [--threads 2] [--steps 10] [--warmup 3] [--compile]
+Usage: python reference/bench.py CONFIG.toml [--threads 2] [--steps 10] [--warmup 3] [--compile] [--bf16]
 Prints one JSON line: tokens_per_s and the settings used.
 """
 import argparse
@@ -22,6 +23,7 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="torch.autocast(cpu, bfloat16) around the forward")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     m, t = load_config(a.config)
@@ -36,7 +38,8 @@ def main():
 
     def step():
         opt.zero_grad(set_to_none=True)
-        _, total, _, _, _ = fwd(tokens, targets)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
+            _, total, _, _, _ = fwd(tokens, targets)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
         opt.step()
@@ -50,7 +53,8 @@ def main():
     for _ in range(a.steps):
         loss = step()
     secs = time.perf_counter() - t0
-    print(json.dumps(dict(peer="pytorch" + ("-compile" if a.compile else "-eager"), torch=torch.__version__,
+    peer = "pytorch" + ("-bf16" if a.bf16 else "") + ("-compile" if a.compile else "-eager")
+    print(json.dumps(dict(peer=peer, torch=torch.__version__,
                           threads=a.threads, steps=a.steps, tokens_per_s=a.steps * b * tt / secs, loss=loss)))
 
 
