@@ -135,7 +135,7 @@ class Moe(nn.Module):
             if tok.numel() == 0:
                 continue
             y = swiglu(h[tok], self.experts.w_gate_up[j], self.experts.w_down[j])
-            out.index_add_(0, tok, y * w[tok, slot, None])
+            out.index_add_(0, tok, (y * w[tok, slot, None]).to(out.dtype))  # bf16 under autocast, as HF Mixtral casts
         if self.shared is not None:
             out = out + self.shared(h)
         counts = torch.bincount(idx.flatten(), minlength=e)

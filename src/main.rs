@@ -107,7 +107,12 @@ enum Cmd {
     Demo(cmd::demo::DemoArgs),
 }
 
+/// When this process started (as close to exec as Rust gets): `train --time-budget`
+/// counts from here.
+pub static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
 fn main() {
+    STARTED.get_or_init(std::time::Instant::now);
     keep_freed_memory();
     let cli = Cli::parse();
     sigpipe(&cli.cmd);

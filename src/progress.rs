@@ -82,7 +82,18 @@ pub fn train_with_progress(
     resume: bool,
     init: Option<Init>,
 ) -> Result<Outcome> {
-    train_with(cfg, source, teacher, out, resume, init, None)
+    train_with(cfg, source, teacher, out, resume, init, None, None)
+}
+
+/// A new run whose steps `train --time-budget` chose: the choice goes into its manifest.
+pub fn train_budgeted(
+    cfg: Config,
+    source: Source,
+    out: &Path,
+    init: Option<Init>,
+    budget: train::manifest::TimeBudget,
+) -> Result<Outcome> {
+    train_with(cfg, source, None, out, false, init, None, Some(budget))
 }
 
 /// One process of a data-parallel group (only rank 0 draws progress).
@@ -94,7 +105,7 @@ pub fn train_in_group(
     init: Option<Init>,
     comm: &dyn train::dist::Comm,
 ) -> Result<Outcome> {
-    train_with(cfg, source, None, out, resume, init, Some(comm))
+    train_with(cfg, source, None, out, resume, init, Some(comm), None)
 }
 
 /// Whether `sig` is set to be ignored (as `nohup` sets SIGHUP).
@@ -106,6 +117,7 @@ fn signal_ignored(sig: libc::c_int) -> bool {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn train_with(
     cfg: Config,
     source: Source,
@@ -114,6 +126,7 @@ fn train_with(
     resume: bool,
     init: Option<Init>,
     comm: Option<&dyn train::dist::Comm>,
+    time_budget: Option<train::manifest::TimeBudget>,
 ) -> Result<Outcome> {
     let quiet = comm.is_some_and(|c| c.rank() > 0);
     static STOP: AtomicBool = AtomicBool::new(false);
@@ -164,6 +177,7 @@ fn train_with(
         stop: &STOP,
         opts: train::trainer::RunOptions {
             comm,
+            time_budget,
             ..Default::default()
         },
     };

@@ -136,20 +136,28 @@ fn one_two_and_four_processes_give_identical_weights() {
 /// so two processes give one process's weights, and one process verifies the run.
 #[test]
 fn muon_under_two_processes_gives_one_process_weights() {
-    let d = tmpdir("mpi", "muon");
+    two_processes_give_one_process_weights("muon", "optimizer = \"muon\"", "optimizer: Muon for ");
+}
+
+/// bf16 matmuls under data parallelism, as Muon above.
+#[test]
+fn bf16_under_two_processes_gives_one_process_weights() {
+    two_processes_give_one_process_weights("bf16", "precision = \"bf16\"", "");
+}
+
+fn two_processes_give_one_process_weights(name: &str, setting: &str, says: &str) {
+    let d = tmpdir("mpi", name);
     let data = prepared_corpus(&d, 11);
     let cfg = tiny_config(&d, |c| {
         c.replace("grad_accum = 2", "grad_accum = 4")
             .replace("steps = 40", "steps = 12")
-            .replace("[train]", "[train]\noptimizer = \"muon\"")
+            .replace("[train]", &format!("[train]\n{setting}"))
     });
-    assert!(std::fs::read_to_string(&cfg)
-        .unwrap()
-        .contains("optimizer = \"muon\""));
+    assert!(std::fs::read_to_string(&cfg).unwrap().contains(setting));
     let single = d.join("np1");
     let o = train(0, &cfg, &data, &single, &[], None);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("optimizer: Muon for "), "{}", text(&o));
+    assert!(text(&o).contains(says), "{}", text(&o));
     let run = d.join("mpi2");
     let o = train(2, &cfg, &data, &run, &[], None);
     assert!(o.status.success(), "{}", text(&o));

@@ -38,6 +38,56 @@ fn train(cfg: &Path, data: &Path, run: &Path, extra: &[&str], fault: Option<&str
     moelab(&a, "2", fault)
 }
 
+/// `--time-budget`: the steps come from a measured step time, are written to the run's
+/// config and manifest before the first step, and the run replays bit for bit (the replay
+/// needs no timing). Bad budgets are refused before anything is written.
+#[test]
+fn a_time_budget_run_records_its_steps_and_replays() {
+    let (d, data, cfg) = setup("budget");
+    let cfg_text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("checkpoint_every = 4", "checkpoint_every = 100");
+    std::fs::write(&cfg, cfg_text).unwrap();
+    let run = d.join("run");
+    let o = train(&cfg, &data, &run, &["--time-budget", "4s"], None);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("s per step measured"), "{out}");
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap()).unwrap();
+    let b = &m["time_budget"];
+    assert_eq!(b["seconds"], 4.0, "{m}");
+    let steps = b["steps"].as_u64().unwrap();
+    assert_eq!(m["steps"].as_u64(), Some(steps));
+    assert!(steps > 4, "{m}");
+    assert!(b["spent_seconds"].as_f64().unwrap() < 4.0, "{m}");
+    let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(saved.contains(&format!("steps = {steps}\n")), "{saved}");
+    let o = moelab(&["verify", s(&run)], "1", None);
+    assert!(
+        o.status.success() && text(&o).contains(&format!("verified: {steps} steps")),
+        "{}",
+        text(&o)
+    );
+    for (args, says) in [
+        (&["--time-budget", "10x"][..], "is not a duration"),
+        (&["--time-budget", "0.001s"], "steps fit"),
+        (
+            &["--time-budget", "4s", "--steps", "9"],
+            "cannot be used with",
+        ),
+    ] {
+        let other = d.join("refused");
+        let o = train(&cfg, &data, &other, args, None);
+        assert!(
+            !o.status.success() && text(&o).contains(says),
+            "{args:?}: {}",
+            text(&o)
+        );
+        assert!(!other.exists(), "{args:?} wrote {}", other.display());
+    }
+}
+
 #[test]
 fn a_run_replays_bit_for_bit_with_other_threads_and_after_resume() {
     let (d, data, cfg) = setup("ok");

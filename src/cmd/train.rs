@@ -1,7 +1,7 @@
 //! `moelab train --config FILE --data DATA_DIR --out RUN_DIR [--steps N] [--seed S] [--resume]`.
 
 use crate::presets::resolve_config;
-use crate::progress::{train_in_group, train_with_progress};
+use crate::progress::{train_budgeted, train_in_group, train_with_progress};
 use anyhow::Result;
 use clap::Args;
 use model::Config;
@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use train::trainer::{Init, Outcome, Source};
 
 /// `--help` examples.
-pub const EXAMPLES: &str = "Examples:\n  moelab train --config small-moe --data data/shk --out runs/shk\n  moelab train --init runs/smollm2 --data data/mine --out runs/smollm2-mine --steps 200\n  moelab train --config small-moe --data data/shk --out runs/shk --resume\n  mpirun -np 2 moelab train --config small-moe --grad-accum 2 --data data/shk --out runs/dp   (--features mpi)\n\nOne process trains in a run dir at a time (RUN_DIR/train.lock). --resume continues the same run: a changed config ([train] included) or other data is refused.";
+pub const EXAMPLES: &str = "Examples:\n  moelab train --config small-moe --data data/shk --out runs/shk\n  moelab train --init runs/smollm2 --data data/mine --out runs/smollm2-mine --steps 200\n  moelab train --config small-moe --data data/shk --out runs/shk --resume\n  moelab train --config small-moe --data data/shk --out runs/shk10 --time-budget 10m\n  mpirun -np 2 moelab train --config small-moe --grad-accum 2 --data data/shk --out runs/dp   (--features mpi)\n\nOne process trains in a run dir at a time (RUN_DIR/train.lock). --resume continues the same run: a changed config ([train] included) or other data is refused.";
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -51,6 +51,12 @@ pub struct TrainArgs {
     /// records the initial weights' hash, so `moelab verify` can replay the run from them.
     #[arg(long, conflicts_with = "resume")]
     init: Option<PathBuf>,
+    /// Train for this much wall clock from process start (e.g. 10m, 90s, 1h30m) instead of a
+    /// fixed step count: a few steps are timed first and the steps that fit (evaluations and
+    /// checkpoints included) become train.steps, written to the run's config and manifest,
+    /// so `moelab verify` replays the run exactly on any host.
+    #[arg(long, conflicts_with_all = ["steps", "resume", "replicas"])]
+    time_budget: Option<String>,
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
@@ -88,6 +94,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
         None => None,
     };
     let group = crate::comm::world()?;
+    if let Some(text) = &a.time_budget {
+        if group.is_some() {
+            anyhow::bail!("--time-budget times one process; with mpirun give --steps");
+        }
+        let seconds = train::budget::parse_duration(text)
+            .map_err(|e| anyhow::anyhow!("--time-budget: {e}"))?;
+        let budget = fit_budget(&mut cfg, &a.data, seconds)?;
+        train_budgeted(cfg, Source::Dir(a.data), &a.out, init, budget)?;
+        return Ok(());
+    }
     if let Some(n) = a.replicas.map(|n| n as usize).filter(|&n| n > 1) {
         if group.is_some() {
             anyhow::bail!("--replicas splits one process; under mpirun use -np instead");
@@ -114,6 +130,62 @@ pub fn run(a: TrainArgs) -> Result<()> {
             eprintln!("error (rank {rank} of {size}): {e:#}");
             comm.abort(1)
         }
+    }
+}
+
+/// Sets `cfg.train.steps` to the steps that fit in `seconds` from process start, from a
+/// measured step time (see `train::budget`).
+fn fit_budget(cfg: &mut Config, data: &Path, seconds: f64) -> Result<train::manifest::TimeBudget> {
+    use train::budget::{fit_steps, measure_step, record, Costs};
+    let tc = &cfg.train;
+    // the final evaluation covers the whole validation split
+    let ds = train::dataset::Dataset::open(data, cfg.model.vocab_size, tc.seq_len)?;
+    let val_batches = match &ds.val {
+        train::dataset::Split::Tokens(t) => {
+            data::loader::eval_batches(t, tc.batch_size, tc.seq_len) as u64
+        }
+        train::dataset::Split::Chat(p) => {
+            data::chat::ChatLoader::new(p, tc.batch_size, 0).map_or(0, |l| l.eval_batches() as u64)
+        }
+    };
+    drop(ds);
+    eprintln!(
+        "time budget {}: timing a few steps of this config...",
+        human(seconds)
+    );
+    let step = measure_step(cfg, 2, 5);
+    let params = model::Layout::new(&cfg.model).n_params();
+    let costs = Costs::estimate(tc, step, val_batches, params);
+    let spent = crate::STARTED
+        .get()
+        .map_or(0.0, |t| t.elapsed().as_secs_f64());
+    let steps = fit_steps(tc, &costs, seconds - spent);
+    if steps <= tc.warmup_steps {
+        anyhow::bail!(
+            "--time-budget {}: at {step:.3} s per step only {steps} steps fit, not more than train.warmup_steps = {}; give a longer budget",
+            human(seconds),
+            tc.warmup_steps
+        );
+    }
+    cfg.train.steps = steps;
+    cfg.validate()?;
+    eprintln!(
+        "time budget {}: {step:.3} s per step measured, {spent:.1} s spent: {steps} steps (the LR schedule spans them)",
+        human(seconds)
+    );
+    Ok(record(seconds, spent, &costs, steps))
+}
+
+fn human(seconds: f64) -> String {
+    if seconds < 10.0 {
+        return format!("{seconds}s");
+    }
+    let s = seconds.round() as u64;
+    match (s / 3600, s % 3600 / 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, 0) => format!("{m}m"),
+        (0, m, s) => format!("{m}m{s:02}s"),
+        (h, m, _) => format!("{h}h{m:02}m"),
     }
 }
 

@@ -226,6 +226,7 @@ pub fn run(a: VerifyArgs) -> Result<()> {
             stop_at: Some(n),
             dry: true,
             comm: None,
+            time_budget: None,
         },
     };
     train_run(&spec, &mut rep)?;

@@ -3,6 +3,7 @@
 //!
 //! Not here: terminals. Progress goes to a [`trainer::Reporter`]; the CLI draws it.
 
+pub mod budget;
 pub mod checkpoint;
 pub mod dataset;
 pub mod dist;

@@ -57,6 +57,20 @@ pub struct Segment {
     pub code_version: String,
 }
 
+/// How a `--time-budget` run chose its steps (its config.toml holds the result, so a replay
+/// needs none of this; it says why the run has the steps it has).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TimeBudget {
+    /// The budget, seconds from process start.
+    pub seconds: f64,
+    /// Seconds spent before the steps were fixed (start-up and the measurement).
+    pub spent_seconds: f64,
+    /// Measured seconds per optimizer step on the host that started the run.
+    pub step_seconds: f64,
+    /// The steps chosen (the run's `train.steps`).
+    pub steps: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Manifest {
     pub format_version: u32,
@@ -74,6 +88,9 @@ pub struct Manifest {
     /// The weights training started from (`train --init`), None for a random init.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<InitRecord>,
+    /// `train --time-budget`: how the steps were chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_budget: Option<TimeBudget>,
     pub segments: Vec<Segment>,
     /// Weights hash of every checkpoint written, by step.
     pub checkpoints: BTreeMap<u64, String>,

@@ -109,6 +109,8 @@ pub struct RunOptions<'a> {
     pub dry: bool,
     /// The data-parallel group (None: this process alone).
     pub comm: Option<&'a dyn Comm>,
+    /// How `train --time-budget` chose `train.steps` (recorded in the manifest).
+    pub time_budget: Option<crate::manifest::TimeBudget>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -744,6 +746,10 @@ fn start_manifest(
         init: match &old {
             Some(o) => o.init.clone(),
             None => spec.init.as_ref().map(|i| i.record.clone()),
+        },
+        time_budget: match &old {
+            Some(o) => o.time_budget.clone(),
+            None => spec.opts.time_budget.clone(),
         },
         segments: old.as_ref().map(|o| o.segments.clone()).unwrap_or_default(),
         checkpoints: old.map(|o| o.checkpoints).unwrap_or_default(),

@@ -79,24 +79,34 @@ fn files_snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 
 #[test]
 fn stop_and_resume_equals_uninterrupted() {
-    stop_and_resume(false);
+    stop_and_resume(false, false);
 }
 
 /// Muon's momentum (in the optimizer's `m`) round-trips through the checkpoint.
 #[test]
 fn stop_and_resume_equals_uninterrupted_muon() {
-    stop_and_resume(true);
+    stop_and_resume(true, false);
 }
 
-fn stop_and_resume(muon: bool) {
+/// bf16 matmuls, with each optimizer: a resumed run takes the same precision from its config.
+#[test]
+fn stop_and_resume_equals_uninterrupted_bf16() {
+    stop_and_resume(false, true);
+    stop_and_resume(true, true);
+}
+
+fn stop_and_resume(muon: bool, bf16: bool) {
     let cfg = |steps: u64| {
         let mut c = cfg(steps);
         if muon {
             c.train.optimizer = model::config::OptimizerKind::Muon;
         }
+        if bf16 {
+            c.train.precision = model::config::TrainPrecision::Bf16;
+        }
         c
     };
-    let root = tmp(if muon { "exact-muon" } else { "exact" });
+    let root = tmp(&format!("exact-{muon}-{bf16}"));
     let data = root.join("data");
     let opts = PrepareOpts {
         tokenizer: None,
