@@ -47,7 +47,7 @@ pub fn parse_duration(text: &str) -> Result<f64, String> {
         total += v * unit;
         num.clear();
     }
-    if !num.is_empty() || !(total.is_finite() && total > 0.0) {
+    if !(num.is_empty() && total.is_finite() && total > 0.0) {
         return Err(bad());
     }
     Ok(total)
@@ -118,16 +118,8 @@ impl Costs {
     /// Seconds a run of `steps` steps spends, evaluations and checkpoints included.
     pub fn run_seconds(&self, tc: &TrainConfig, steps: u64) -> f64 {
         // periodic evaluations, the one at the last step being the final one
-        let evals = if tc.eval_every > 0 {
-            (steps - 1) / tc.eval_every
-        } else {
-            0
-        };
-        let checkpoints = if tc.checkpoint_every > 0 {
-            steps / tc.checkpoint_every
-        } else {
-            0
-        } + 1;
+        let evals = (steps - 1).checked_div(tc.eval_every).unwrap_or(0);
+        let checkpoints = steps.checked_div(tc.checkpoint_every).unwrap_or(0) + 1;
         steps as f64 * self.step
             + evals as f64 * self.eval
             + self.final_eval
