@@ -199,13 +199,18 @@ pub fn matmul_strided(
         );
     }
     let serial = rayon::current_num_threads() <= 1 || in_worker();
-    run(out, out_rs, a, b, m, n, k, accumulate, serial);
+    // SAFETY: `out` is a unique borrow of (m, n) at stride out_rs; a, b bounded (asserted).
+    unsafe { run(out.as_mut_ptr(), out_rs, a, b, m, n, k, accumulate, serial) };
 }
 
 /// [`matmul_strided`] after its checks, with the choice of parallelism made by the caller.
+///
+/// # Safety
+/// `out` must be valid for writes at `i*out_rs + j` for i < m, j < n, no other thread may
+/// touch those elements during the call, and a, b must cover (m, k) and (k, n).
 #[allow(clippy::too_many_arguments)]
-fn run(
-    out: &mut [f32],
+unsafe fn run(
+    out: *mut f32,
     out_rs: usize,
     a: View,
     b: View,
@@ -217,33 +222,22 @@ fn run(
 ) {
     #[cfg(target_arch = "x86_64")]
     if has_hardware() {
-        // SAFETY: AVX512-BF16 and AVX512-BW are present (checked); `out` is a unique borrow
-        // of (m, n) at stride out_rs and a, b cover their (m, k), (k, n) (asserted).
-        unsafe {
-            fast::matmul(
-                out.as_mut_ptr(),
-                out_rs,
-                &a,
-                &b,
-                m,
-                n,
-                k,
-                accumulate,
-                serial,
-            )
-        };
+        // SAFETY: AVX512-BF16 and AVX512-BW are present (checked); the caller vouches for
+        // `out`, a and b.
+        unsafe { fast::matmul(out, out_rs, &a, &b, m, n, k, accumulate, serial) };
         return;
     }
+    // rows are independent: one task per row
+    let ptr = SendPtr(out);
+    let row = |i: usize| {
+        // SAFETY: row i of `out` (n elements at i*out_rs) is written by this task only.
+        let row = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(i * out_rs), n) };
+        reference_row(row, &a, &b, i, k, accumulate);
+    };
     if serial {
-        matmul_reference(out, out_rs, a, b, m, n, k, accumulate);
+        (0..m).for_each(row);
     } else {
-        // rows are independent: one task per row
-        let ptr = SendPtr(out.as_mut_ptr());
-        (0..m).into_par_iter().for_each(|i| {
-            // SAFETY: row i of `out` (n elements at i*out_rs) is written by this task only.
-            let row = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(i * out_rs), n) };
-            reference_row(row, &a, &b, i, k, accumulate);
-        });
+        (0..m).into_par_iter().for_each(row);
     }
 }
 
@@ -293,11 +287,7 @@ mod fast {
         } else {
             rayon::current_num_threads()
         };
-        // Row chunks of at most MAX_ROW_PANELS panels, at least about 4 per thread; when
-        // there are too few rows for that, column groups too (their A chunk is packed twice).
-        let chunk_panels = mpan.div_ceil(4 * threads).clamp(1, MAX_ROW_PANELS);
-        let row_tasks = mpan.div_ceil(chunk_panels);
-        let col_tasks = (2 * threads).div_ceil(row_tasks);
+        let kblocks = kp.div_ceil(KCP);
         let out = SendPtr(out);
         PACKED_B.with(|cell| {
             let mut guard = cell.try_borrow_mut();
@@ -309,54 +299,63 @@ mod fast {
             for jc in (0..n).step_by(NC) {
                 let nc = NC.min(n - jc);
                 let npan = nc.div_ceil(NR);
-                let blen = npan * KCP * NR;
+                // all of B's K for these columns, [k block][panel][pair][column]: one pass
+                // (one barrier), then every task runs all its K blocks
+                let blen = kblocks * npan * KCP * NR;
                 if bbuf.len() < blen {
                     bbuf.resize(blen, 0);
                 }
-                let col_tasks = col_tasks.min(npan);
-                let group = npan.div_ceil(col_tasks);
-                for pc in (0..kp).step_by(KCP) {
+                let pack_b_panel = |(q, dst): (usize, &mut [u32])| {
+                    let (kb, pj) = (q / npan, q % npan);
+                    let (pc, cols) = (kb * KCP, NR.min(nc - pj * NR));
                     let kcp = KCP.min(kp - pc);
-                    let pack_b_panel = |(pj, dst): (usize, &mut [u32])| {
-                        let cols = NR.min(nc - pj * NR);
-                        // SAFETY: the features of this function are present.
-                        unsafe { pack_b(dst, b, pc, kcp, jc + pj * NR, cols, k) }
-                    };
-                    let bpk = &mut bbuf[..blen];
-                    if serial {
-                        bpk.chunks_mut(KCP * NR).enumerate().for_each(pack_b_panel);
-                    } else {
-                        bpk.par_chunks_mut(KCP * NR)
-                            .enumerate()
-                            .for_each(pack_b_panel);
-                    }
-                    let bpk = &*bpk;
-                    let load_c = accumulate || pc > 0;
-                    // one task: pack a chunk of A's rows (into this thread's buffer, where it
-                    // stays in L2), then every tile of those rows and a group of columns
-                    let run = |t: usize| {
-                        let (ri, cj) = (t % row_tasks, t / row_tasks);
-                        let p0 = ri * chunk_panels;
-                        let p1 = (p0 + chunk_panels).min(mpan);
-                        PACKED_A.with(|cell| {
-                            let mut guard = cell.try_borrow_mut();
-                            let mut fresh = Vec::new();
-                            let abuf = match guard.as_mut() {
-                                Ok(g) => &mut **g,
-                                Err(_) => &mut fresh,
-                            };
-                            let alen = (p1 - p0) * MR * KCP;
-                            if abuf.len() < alen {
-                                abuf.resize(alen, 0);
-                            }
+                    // SAFETY: the features of this function are present.
+                    unsafe { pack_b(dst, b, pc, kcp, jc + pj * NR, cols, k) }
+                };
+                let bpk = &mut bbuf[..blen];
+                if serial {
+                    bpk.chunks_mut(KCP * NR).enumerate().for_each(pack_b_panel);
+                } else {
+                    bpk.par_chunks_mut(KCP * NR)
+                        .enumerate()
+                        .for_each(pack_b_panel);
+                }
+                let bpk = &*bpk;
+                // tasks: equal runs of row panels (a multiple of the threads, at most
+                // MAX_ROW_PANELS each); too few rows for two per thread: column groups too
+                let row_tasks = mpan
+                    .div_ceil(MAX_ROW_PANELS)
+                    .next_multiple_of(threads)
+                    .min(mpan);
+                let col_tasks = (2 * threads).div_ceil(row_tasks).min(npan);
+                let group = npan.div_ceil(col_tasks);
+                let run = |t: usize| {
+                    let (ri, cj) = (t % row_tasks, t / row_tasks);
+                    let (p0, p1) = (ri * mpan / row_tasks, (ri + 1) * mpan / row_tasks);
+                    PACKED_A.with(|cell| {
+                        let mut guard = cell.try_borrow_mut();
+                        let mut fresh = Vec::new();
+                        let abuf = match guard.as_mut() {
+                            Ok(g) => &mut **g,
+                            Err(_) => &mut fresh,
+                        };
+                        let alen = (p1 - p0) * MR * KCP;
+                        if abuf.len() < alen {
+                            abuf.resize(alen, 0);
+                        }
+                        for kb in 0..kblocks {
+                            let pc = kb * KCP;
+                            let kcp = KCP.min(kp - pc);
+                            // this chunk of A's rows, packed where it stays in L2
                             for (q, dst) in abuf[..alen].chunks_mut(MR * KCP).enumerate() {
                                 let pi = p0 + q;
                                 let rows = MR.min(m - pi * MR);
                                 // SAFETY: the features of this function are present.
                                 unsafe { pack_a(dst, a, pc, kcp, pi * MR, rows, k, by_rows) }
                             }
+                            let load_c = accumulate || kb > 0;
                             for pj in cj * group..((cj + 1) * group).min(npan) {
-                                let bp = &bpk[pj * KCP * NR..];
+                                let bp = &bpk[(kb * npan + pj) * KCP * NR..];
                                 let cols = NR.min(nc - pj * NR);
                                 for pi in p0..p1 {
                                     let rows = MR.min(m - pi * MR);
@@ -370,14 +369,14 @@ mod fast {
                                     }
                                 }
                             }
-                        });
-                    };
-                    let tasks = row_tasks * col_tasks;
-                    if serial {
-                        (0..tasks).for_each(run);
-                    } else {
-                        (0..tasks).into_par_iter().with_max_len(1).for_each(run);
-                    }
+                        }
+                    });
+                };
+                let tasks = row_tasks * col_tasks;
+                if serial {
+                    (0..tasks).for_each(run);
+                } else {
+                    (0..tasks).into_par_iter().with_max_len(1).for_each(run);
                 }
             }
         });
@@ -738,7 +737,10 @@ mod tests {
             let mut out = vec![0.0; m * n];
             let (av, bv) = (View::new(&a, k, false), View::new(&b, k, true));
             // parallel inside the pool (whose worker the caller now is)
-            pool.install(|| run(&mut out, n, av, bv, m, n, k, false, threads == 1));
+            // SAFETY: `out` is (m, n), a and b are (m, k) and (k, n).
+            pool.install(|| unsafe {
+                run(out.as_mut_ptr(), n, av, bv, m, n, k, false, threads == 1)
+            });
             out
         };
         let one = run(1);
