@@ -21,6 +21,7 @@ use data::chat::{self, Example};
 use data::prepare::{prepare_tasks, TaskOpts};
 use data::tasks::{self, Split, Task};
 use infer::tasks::{self as reasoning, evaluate_tasks, Reasoner, TaskEval, EVAL_SEED};
+use model::config::TrainPrecision;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -66,6 +67,10 @@ pub struct DemoArgs {
     /// Seed of everything.
     #[arg(long, default_value_t = 1337)]
     seed: u64,
+    /// Matmul precision of the three training stages: auto (bf16 where the CPU has
+    /// AVX512-BF16, else fp32), fp32 or bf16 (`train.precision`).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "fp32", "bf16"])]
+    precision: String,
 }
 
 fn stage(i: usize, msg: &str, start: Instant) {
@@ -75,8 +80,16 @@ fn stage(i: usize, msg: &str, start: Instant) {
     );
 }
 
-fn train(config: &str, steps: u64, seed: u64, source: Source, out: &Path) -> Result<()> {
-    let cfg = resolve_config(config, Some(steps), Some(seed))?;
+fn train(
+    config: &str,
+    steps: u64,
+    seed: u64,
+    precision: TrainPrecision,
+    source: Source,
+    out: &Path,
+) -> Result<()> {
+    let mut cfg = resolve_config(config, Some(steps), Some(seed))?;
+    cfg.train.precision = precision;
     if train_with_progress(cfg, source, None, out, false, None)? == Outcome::Stopped {
         bail!("demo interrupted");
     }
@@ -85,6 +98,12 @@ fn train(config: &str, steps: u64, seed: u64, source: Source, out: &Path) -> Res
 
 pub fn run(a: DemoArgs) -> Result<()> {
     let start = Instant::now();
+    let precision = match a.precision.as_str() {
+        "bf16" => TrainPrecision::Bf16,
+        "fp32" => TrainPrecision::Fp32,
+        _ if kernels::bf16::has_hardware() => TrainPrecision::Bf16,
+        _ => TrainPrecision::Fp32,
+    };
     let task_list = tasks::parse_list(&a.task).map_err(anyhow::Error::msg)?;
     let out = &a.out;
     if out.exists() {
@@ -99,8 +118,12 @@ pub fn run(a: DemoArgs) -> Result<()> {
     std::fs::create_dir_all(out)?;
     std::fs::write(out.join("demo.txt"), "written by `moelab demo`\n")?;
     println!(
-        "moelab demo: distil step-by-step reasoning from a teacher MoE into a small student ({} threads)",
-        rayon::current_num_threads()
+        "moelab demo: distil step-by-step reasoning from a teacher MoE into a small student ({} threads, {} matmuls)",
+        rayon::current_num_threads(),
+        match precision {
+            TrainPrecision::Bf16 => "bf16",
+            TrainPrecision::Fp32 => "fp32",
+        }
     );
 
     let names: Vec<&str> = task_list.iter().map(|t| t.name()).collect();
@@ -141,6 +164,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         &a.teacher_config,
         a.teacher_steps,
         a.seed,
+        precision,
         Source::Dir(data.clone()),
         &teacher,
     )?;
@@ -180,6 +204,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         &a.student_config,
         a.student_steps,
         a.seed,
+        precision,
         Source::Examples {
             rendered: None,
             train: verified,
@@ -199,6 +224,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         &a.student_config,
         a.student_steps,
         a.seed,
+        precision,
         Source::Dir(answers),
         &baseline,
     )?;

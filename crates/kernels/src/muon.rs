@@ -6,7 +6,7 @@
 //! Every product goes through [`crate::matmul::matmul`] (the same bits on any thread count)
 //! and the normalising norm is summed in f64 in a fixed order, so an update is deterministic.
 
-use crate::matmul::matmul;
+use crate::matmul::Precision;
 use crate::par::sum_squares;
 use crate::simd;
 
@@ -23,6 +23,8 @@ pub struct Muon {
     pub weight_decay: f32,
     /// Newton–Schulz iterations (5 in the speedrun).
     pub ns_steps: usize,
+    /// Arithmetic of the Newton–Schulz products.
+    pub precision: Precision,
 }
 
 simd! {
@@ -57,8 +59,19 @@ simd! {
 /// then `steps` times `X = a X + B X` with `B = b A + c A A` and `A = X X^T` — or, for a
 /// tall matrix, `X = a X + X B` with `A = X^T X` (the same iteration on `X^T`, so `A` is
 /// always the smaller Gram matrix). In place; `work` is grown to the buffers it needs and
-/// can be reused from call to call.
-pub fn orthogonalize(x: &mut [f32], rows: usize, cols: usize, steps: usize, work: &mut Vec<f32>) {
+/// can be reused from call to call. The products run in `precision` (bf16 with f32
+/// accumulation under `train.precision = "bf16"`, as the speedrun runs them in bf16).
+pub fn orthogonalize(
+    x: &mut [f32],
+    rows: usize,
+    cols: usize,
+    steps: usize,
+    precision: Precision,
+    work: &mut Vec<f32>,
+) {
+    let matmul = |out: &mut [f32], a: &[f32], ta, b: &[f32], tb, m, n, k| {
+        precision.matmul(out, a, ta, b, tb, m, n, k, false)
+    };
     assert_eq!(
         x.len(),
         rows * cols,
@@ -75,19 +88,19 @@ pub fn orthogonalize(x: &mut [f32], rows: usize, cols: usize, steps: usize, work
     let (a, b, c) = NS_COEFFS;
     for _ in 0..steps {
         if tall {
-            matmul(gram, x, true, x, false, s, s, rows, false);
+            matmul(gram, x, true, x, false, s, s, rows);
         } else {
-            matmul(gram, x, false, x, true, s, s, cols, false);
+            matmul(gram, x, false, x, true, s, s, cols);
         }
-        matmul(poly, gram, false, gram, false, s, s, s, false);
+        matmul(poly, gram, false, gram, false, s, s, s);
         // poly = b A + c A A (symmetric, so X B = X B^T)
         for (p, g) in poly.iter_mut().zip(gram.iter()) {
             *p = b * *g + c * *p;
         }
         if tall {
-            matmul(bx, x, false, poly, false, rows, cols, s, false);
+            matmul(bx, x, false, poly, false, rows, cols, s);
         } else {
-            matmul(bx, poly, false, x, false, rows, cols, s, false);
+            matmul(bx, poly, false, x, false, rows, cols, s);
         }
         axpby(x, a, bx);
     }
@@ -183,7 +196,7 @@ mod tests {
         ] {
             let x = random(rows * cols, (rows * cols + steps) as u64);
             let mut ours = x.clone();
-            orthogonalize(&mut ours, rows, cols, steps, &mut vec![]);
+            orthogonalize(&mut ours, rows, cols, steps, Precision::F32, &mut vec![]);
             let want = orthogonalize_f64(&x, rows, cols, steps);
             let err = ours
                 .iter()
@@ -198,12 +211,41 @@ mod tests {
         }
     }
 
+    /// In bf16 (operands rounded to 8 bits, sums in f32) the iteration stays within bf16's
+    /// rounding of the float64 one.
+    #[test]
+    fn newton_schulz_in_bf16_stays_near_float64() {
+        for (rows, cols) in [(16, 48), (40, 24), (64, 64)] {
+            let x = random(rows * cols, (rows + cols) as u64);
+            let mut ours = x.clone();
+            orthogonalize(&mut ours, rows, cols, 5, Precision::Bf16, &mut vec![]);
+            let want = orthogonalize_f64(&x, rows, cols, 5);
+            let err = ours
+                .iter()
+                .zip(&want)
+                .map(|(&o, &w)| (o as f64 - w).abs())
+                .fold(0.0, f64::max);
+            let scale = want.iter().map(|w| w.abs()).fold(0.0, f64::max);
+            assert!(err <= 0.05 * scale, "{rows}x{cols}: {err} of {scale}");
+            assert!(
+                err > 0.0,
+                "{rows}x{cols}: bf16 gave the float64 values exactly"
+            );
+        }
+    }
+
     #[test]
     fn five_steps_bring_singular_values_near_one() {
+        for precision in [Precision::F32, Precision::Bf16] {
+            singular_values_near_one(precision);
+        }
+    }
+
+    fn singular_values_near_one(precision: Precision) {
         // X X^T of the wide result is near the identity: singular values in roughly 0.7..1.2
         let (r, c) = (24, 64);
         let mut x = random(r * c, 3);
-        orthogonalize(&mut x, r, c, 5, &mut vec![]);
+        orthogonalize(&mut x, r, c, 5, precision, &mut vec![]);
         for i in 0..r {
             let d: f32 = (0..c).map(|k| x[i * c + k] * x[i * c + k]).sum();
             assert!((0.4..1.5).contains(&d), "row {i}: |x_i|^2 = {d}");
@@ -223,7 +265,7 @@ mod tests {
                 .build()
                 .unwrap();
             let mut y = x.clone();
-            pool.install(|| orthogonalize(&mut y, 96, 160, 5, &mut vec![]));
+            pool.install(|| orthogonalize(&mut y, 96, 160, 5, Precision::F32, &mut vec![]));
             y
         };
         let one = run(1);

@@ -68,6 +68,7 @@ impl Optimizer {
             momentum: tc.muon_momentum,
             weight_decay: tc.weight_decay,
             ns_steps: tc.muon_ns_steps,
+            precision: tc.precision.kernels(),
         });
         for t in lay.tensors.iter().filter(|t| t.trainable) {
             if muon.is_some() && !t.blocks.is_empty() {
@@ -120,12 +121,12 @@ impl Optimizer {
             }
         }
         // one work buffer per rayon job, reused across the blocks it takes
-        blocks
-            .par_iter_mut()
-            .with_max_len(1)
-            .for_each_init(Vec::new, |work, ((_, rows, cols, _), u)| {
-                orthogonalize(u, *rows, *cols, mu.ns_steps, work)
-            });
+        blocks.par_iter_mut().with_max_len(1).for_each_init(
+            Vec::new,
+            |work, ((_, rows, cols, _), u)| {
+                orthogonalize(u, *rows, *cols, mu.ns_steps, mu.precision, work)
+            },
+        );
         for ((at, rows, cols, decay), u) in &blocks {
             let p = &mut model.params[*at..*at + rows * cols];
             mu.apply(p, u, *rows, *cols, *decay);

@@ -59,7 +59,14 @@ fn muon_updates_hidden_blocks_and_adamw_the_rest() {
         for &rows in &ts.blocks {
             let n = rows * cols;
             let mut want = grads[at..at + n].to_vec();
-            kernels::muon::orthogonalize(&mut want, rows, cols, tc.muon_ns_steps, &mut vec![]);
+            kernels::muon::orthogonalize(
+                &mut want,
+                rows,
+                cols,
+                tc.muon_ns_steps,
+                tc.precision.kernels(),
+                &mut vec![],
+            );
             let scale = muon_lr * (rows as f32 / cols as f32).max(1.0).sqrt();
             let mut worst = 0.0f32;
             for i in 0..n {
