@@ -140,11 +140,33 @@ pub fn matmul_reference(
 
 fn reference_row(row: &mut [f32], a: &View, b: &View, i: usize, k: usize, accumulate: bool) {
     let kp = k.div_ceil(2);
+    let bp: Vec<u32> = (0..row.len() * kp)
+        .map(|q| pair_at(b, q / kp, q % kp, k, true))
+        .collect();
+    reference_row_packed(row, a, &bp, i, k, accumulate);
+}
+
+/// [`reference_row`] with B's pairs packed column by column (`bp[j * kp + p]`).
+fn reference_row_packed(
+    row: &mut [f32],
+    a: &View,
+    bp: &[u32],
+    i: usize,
+    k: usize,
+    accumulate: bool,
+) {
+    let kp = k.div_ceil(2);
+    if kp == 0 {
+        if !accumulate {
+            row.fill(0.0);
+        }
+        return;
+    }
     let ap: Vec<u32> = (0..kp).map(|p| pair_at(a, i, p, k, false)).collect();
-    for (j, o) in row.iter_mut().enumerate() {
+    for (o, col) in row.iter_mut().zip(bp.chunks_exact(kp)) {
         let mut acc = if accumulate { *o } else { 0.0 };
-        for (p, &x) in ap.iter().enumerate() {
-            acc = dot_step(acc, x, pair_at(b, j, p, k, true));
+        for (&x, &y) in ap.iter().zip(col) {
+            acc = dot_step(acc, x, y);
         }
         *o = acc;
     }
@@ -227,12 +249,36 @@ unsafe fn run(
         unsafe { fast::matmul(out, out_rs, &a, &b, m, n, k, accumulate, serial) };
         return;
     }
-    // rows are independent: one task per row
+    // SAFETY: as this function's.
+    unsafe { reference_rows(out, out_rs, a, b, m, n, k, accumulate, serial) }
+}
+
+/// The path of CPUs without AVX512-BF16: the definition itself, B's pairs packed once, one
+/// task per row.
+///
+/// # Safety
+/// As [`run`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn reference_rows(
+    out: *mut f32,
+    out_rs: usize,
+    a: View,
+    b: View,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+    serial: bool,
+) {
+    let kp = k.div_ceil(2);
+    let bp: Vec<u32> = (0..n * kp)
+        .map(|q| pair_at(&b, q / kp, q % kp, k, true))
+        .collect();
     let ptr = SendPtr(out);
     let row = |i: usize| {
         // SAFETY: row i of `out` (n elements at i*out_rs) is written by this task only.
         let row = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(i * out_rs), n) };
-        reference_row(row, &a, &b, i, k, accumulate);
+        reference_row_packed(row, &a, &bp, i, k, accumulate);
     };
     if serial {
         (0..m).for_each(row);
@@ -705,6 +751,29 @@ mod tests {
                 g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
                 "{g:e} vs {w:e}"
             );
+        }
+    }
+
+    /// The path of CPUs without AVX512-BF16 gives the definition's bits too.
+    #[test]
+    fn fallback_equals_the_reference() {
+        for &(m, n, k) in &[(5, 7, 0), (9, 33, 41), (20, 3, 64)] {
+            let a = random(m * k, 21);
+            let b = random(k * n, 22);
+            for accumulate in [false, true] {
+                let (av, bv) = (View::new(&a, m, true), View::new(&b, n, false));
+                let c0 = random(m * n, 23);
+                let mut want = c0.clone();
+                matmul_reference(&mut want, n, av, bv, m, n, k, accumulate);
+                for serial in [true, false] {
+                    let mut got = c0.clone();
+                    // SAFETY: `got` is (m, n); a and b are (m, k) and (k, n).
+                    unsafe {
+                        reference_rows(got.as_mut_ptr(), n, av, bv, m, n, k, accumulate, serial)
+                    };
+                    assert_eq!(got, want, "m={m} n={n} k={k} acc={accumulate}");
+                }
+            }
         }
     }
 
