@@ -186,11 +186,7 @@ pub fn matmul(
     k: usize,
     accumulate: bool,
 ) {
-    assert_eq!(out.len(), m * n, "matmul out len {} != {m}x{n}", out.len());
-    assert_eq!(a.len(), m * k, "matmul a len {} != {m}x{k}", a.len());
-    assert_eq!(b.len(), k * n, "matmul b len {} != {k}x{n}", b.len());
-    let av = View::new(a, if ta { m } else { k }, ta);
-    let bv = View::new(b, if tb { k } else { n }, tb);
+    let (av, bv) = crate::matmul::views(out.len(), a, ta, b, tb, m, n, k);
     matmul_strided(out, n, av, bv, m, n, k, accumulate);
 }
 

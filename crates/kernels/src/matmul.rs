@@ -59,12 +59,28 @@ pub fn matmul(
     k: usize,
     accumulate: bool,
 ) {
-    assert_eq!(out.len(), m * n, "matmul out len {} != {m}x{n}", out.len());
+    let (av, bv) = views(out.len(), a, ta, b, tb, m, n, k);
+    matmul_strided(out, n, av, bv, m, n, k, accumulate);
+}
+
+/// The operands of a contiguous matmul as views, their lengths checked (f32 and bf16).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn views<'a>(
+    out_len: usize,
+    a: &'a [f32],
+    ta: bool,
+    b: &'a [f32],
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> (View<'a>, View<'a>) {
+    assert_eq!(out_len, m * n, "matmul out len {out_len} != {m}x{n}");
     assert_eq!(a.len(), m * k, "matmul a len {} != {m}x{k}", a.len());
     assert_eq!(b.len(), k * n, "matmul b len {} != {k}x{n}", b.len());
     let av = View::new(a, if ta { m } else { k }, ta);
     let bv = View::new(b, if tb { k } else { n }, tb);
-    matmul_strided(out, n, av, bv, m, n, k, accumulate);
+    (av, bv)
 }
 
 /// Strided form of [`matmul`]: `out[i*out_rs + j] [+]= sum_p a(i,p) * b(p,j)`.
