@@ -187,41 +187,16 @@ pub fn matmul(
     accumulate: bool,
 ) {
     let (av, bv) = crate::matmul::views(out.len(), a, ta, b, tb, m, n, k);
-    matmul_strided(out, n, av, bv, m, n, k, accumulate);
-}
-
-/// Strided form of [`matmul`].
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_strided(
-    out: &mut [f32],
-    out_rs: usize,
-    a: View,
-    b: View,
-    m: usize,
-    n: usize,
-    k: usize,
-    accumulate: bool,
-) {
     if m == 0 || n == 0 {
         return;
     }
-    assert!((m - 1) * out_rs + n <= out.len(), "matmul out too small");
-    if k > 0 {
-        assert!(
-            (m - 1) * a.rs + (k - 1) * a.cs < a.data.len(),
-            "matmul a too small"
-        );
-        assert!(
-            (k - 1) * b.rs + (n - 1) * b.cs < b.data.len(),
-            "matmul b too small"
-        );
-    }
+    crate::matmul::check_operands(&av, &bv, m, n, k);
     let serial = rayon::current_num_threads() <= 1 || in_worker();
-    // SAFETY: `out` is a unique borrow of (m, n) at stride out_rs; a, b bounded (asserted).
-    unsafe { run(out.as_mut_ptr(), out_rs, a, b, m, n, k, accumulate, serial) };
+    // SAFETY: `out` is a unique borrow of (m, n) (checked by `views`); a, b are bounded.
+    unsafe { run(out.as_mut_ptr(), n, av, bv, m, n, k, accumulate, serial) };
 }
 
-/// [`matmul_strided`] after its checks, with the choice of parallelism made by the caller.
+/// [`matmul`] after its checks, with the choice of parallelism made by the caller.
 ///
 /// # Safety
 /// `out` must be valid for writes at `i*out_rs + j` for i < m, j < n, no other thread may

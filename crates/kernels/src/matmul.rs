@@ -136,14 +136,7 @@ pub unsafe fn matmul_raw(
         }
         return;
     }
-    assert!(
-        (m - 1) * a.rs + (k - 1) * a.cs < a.data.len(),
-        "matmul a too small"
-    );
-    assert!(
-        (k - 1) * b.rs + (n - 1) * b.cs < b.data.len(),
-        "matmul b too small"
-    );
+    check_operands(&a, &b, m, n, k);
     // SAFETY: the asserts above bound every index gemm reads; the caller guarantees `out`.
     unsafe {
         gemm::gemm(
@@ -170,9 +163,25 @@ pub unsafe fn matmul_raw(
     }
 }
 
+/// Asserts that strided operands cover (m, k) and (k, n) (none of m, n, k zero: nothing is
+/// read then).
+pub(crate) fn check_operands(a: &View, b: &View, m: usize, n: usize, k: usize) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    assert!(
+        (m - 1) * a.rs + (k - 1) * a.cs < a.data.len(),
+        "matmul a too small"
+    );
+    assert!(
+        (k - 1) * b.rs + (n - 1) * b.cs < b.data.len(),
+        "matmul b too small"
+    );
+}
+
 /// Linear layer forward, PyTorch convention: `out (N,O) [+]= x (N,I) @ w (O,I)^T`.
 pub fn linear_forward(out: &mut [f32], x: &[f32], w: &[f32], n: usize, i: usize, o: usize) {
-    matmul(out, x, false, w, true, n, o, i, false);
+    Precision::F32.linear_forward(out, x, w, n, i, o);
 }
 
 /// Linear layer backward: `dx (N,I) = dout @ w` (overwritten, or accumulated with
@@ -189,10 +198,7 @@ pub fn linear_backward(
     o: usize,
     accumulate_dx: bool,
 ) {
-    if let Some(dx) = dx {
-        matmul(dx, dout, false, w, false, n, i, o, accumulate_dx);
-    }
-    matmul(dw, dout, true, x, false, o, i, n, true);
+    Precision::F32.linear_backward(dx, dw, dout, x, w, n, i, o, accumulate_dx);
 }
 
 /// Arithmetic of the training matmuls: f32, or bf16 operands with f32 accumulation
