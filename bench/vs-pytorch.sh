@@ -28,21 +28,14 @@ for p in "${peer_list[@]}"; do
   case "$p" in eager|compile|bf16|bf16-compile) ;; *) echo "unknown peer '$p' (eager, compile, bf16, bf16-compile)" >&2; exit 2 ;; esac
 done
 
-py=${TORCH_PYTHON:-}
-if [[ -z "$py" ]]; then
-  if [[ ! -x .venv-bench/bin/python ]]; then
-    echo "creating .venv-bench with PyTorch (large download, once)..." >&2
-    python3 -m venv .venv-bench
-    .venv-bench/bin/pip install -q torch numpy safetensors
-  fi
-  py=.venv-bench/bin/python
-fi
+source bench/lib.sh
+py=$(torch_python)
 cargo build --release -q
 bin=target/release/moelab
 export OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads RAYON_NUM_THREADS=$threads
 tok() { "$py" -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])'; }
 
-echo "# $(date -u +%F) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, threads=$threads, rounds=$rounds, steps=$steps"
+echo "# $(machine_line), threads=$threads, rounds=$rounds, steps=$steps"
 echo "# $("$py" -c 'import torch; print("torch", torch.__version__)'), moelab $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 for cfg in "${configs[@]}"; do
   results=()

@@ -85,15 +85,18 @@ pub fn train_with_progress(
     train_with(cfg, source, teacher, out, resume, init, None, None)
 }
 
-/// A new run whose steps `train --time-budget` chose: the choice goes into its manifest.
+/// A new run whose steps `train --time-budget` chose: the choice goes into its manifest, and
+/// `refit` fits them again from the run's own first steps (see `RunOptions::refit`).
 pub fn train_budgeted(
     cfg: Config,
     source: Source,
     out: &Path,
     init: Option<Init>,
     budget: train::manifest::TimeBudget,
+    refit: &dyn Fn(u64, f64) -> train::manifest::TimeBudget,
 ) -> Result<Outcome> {
-    train_with(cfg, source, None, out, false, init, None, Some(budget))
+    let budget = Some((budget, refit));
+    train_with(cfg, source, None, out, false, init, None, budget)
 }
 
 /// One process of a data-parallel group (only rank 0 draws progress).
@@ -126,7 +129,10 @@ fn train_with(
     resume: bool,
     init: Option<Init>,
     comm: Option<&dyn train::dist::Comm>,
-    time_budget: Option<train::manifest::TimeBudget>,
+    budget: Option<(
+        train::manifest::TimeBudget,
+        &dyn Fn(u64, f64) -> train::manifest::TimeBudget,
+    )>,
 ) -> Result<Outcome> {
     let quiet = comm.is_some_and(|c| c.rank() > 0);
     static STOP: AtomicBool = AtomicBool::new(false);
@@ -177,7 +183,8 @@ fn train_with(
         stop: &STOP,
         opts: train::trainer::RunOptions {
             comm,
-            time_budget,
+            time_budget: budget.as_ref().map(|b| b.0.clone()),
+            refit: budget.map(|b| b.1),
             ..Default::default()
         },
     };

@@ -39,27 +39,34 @@ fn train(cfg: &Path, data: &Path, run: &Path, extra: &[&str], fault: Option<&str
 }
 
 /// `--time-budget`: the steps come from a measured step time, are written to the run's
-/// config and manifest before the first step, and the run replays bit for bit (the replay
-/// needs no timing). Bad budgets are refused before anything is written.
+/// config and manifest before the first step, fitted again from the run's own steps inside
+/// the warm-up, and the run replays bit for bit (the replay needs no timing). Bad budgets are
+/// refused before anything is written.
 #[test]
 fn a_time_budget_run_records_its_steps_and_replays() {
     let (d, data, cfg) = setup("budget");
     let cfg_text = std::fs::read_to_string(&cfg)
         .unwrap()
-        .replace("checkpoint_every = 4", "checkpoint_every = 100");
+        .replace("checkpoint_every = 4", "checkpoint_every = 100")
+        .replace("warmup_steps = 4", "warmup_steps = 12");
     std::fs::write(&cfg, cfg_text).unwrap();
     let run = d.join("run");
     let o = train(&cfg, &data, &run, &["--time-budget", "4s"], None);
     let out = text(&o);
     assert!(o.status.success(), "{out}");
     assert!(out.contains("s per step measured"), "{out}");
+    // the refit: steps 3-11 of the run itself timed (train::trainer::refit_window)
+    assert!(
+        out.contains("s per step over steps 3-11 of this run"),
+        "{out}"
+    );
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap()).unwrap();
     let b = &m["time_budget"];
     assert_eq!(b["seconds"], 4.0, "{m}");
     let steps = b["steps"].as_u64().unwrap();
     assert_eq!(m["steps"].as_u64(), Some(steps));
-    assert!(steps > 4, "{m}");
+    assert!(steps > 12, "{m}");
     assert!(b["spent_seconds"].as_f64().unwrap() < 4.0, "{m}");
     let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
     assert!(saved.contains(&format!("steps = {steps}\n")), "{saved}");

@@ -100,8 +100,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         let seconds = train::budget::parse_duration(text)
             .map_err(|e| anyhow::anyhow!("--time-budget: {e}"))?;
-        let budget = fit_budget(&mut cfg, &a.data, seconds)?;
-        train_budgeted(cfg, Source::Dir(a.data), &a.out, init, budget)?;
+        let (budget, costs) = fit_budget(&mut cfg, &a.data, seconds)?;
+        let tc = cfg.train.clone();
+        let refit = move |done: u64, step: f64| {
+            use train::budget::{fit_steps, record};
+            let costs = costs.with_step(step);
+            let spent = started();
+            let steps = done + fit_steps(&tc, &costs, seconds - spent);
+            record(seconds, spent, &costs, steps)
+        };
+        train_budgeted(cfg, Source::Dir(a.data), &a.out, init, budget, &refit)?;
         return Ok(());
     }
     if let Some(n) = a.replicas.map(|n| n as usize).filter(|&n| n > 1) {
@@ -135,7 +143,20 @@ pub fn run(a: TrainArgs) -> Result<()> {
 
 /// Sets `cfg.train.steps` to the steps that fit in `seconds` from process start, from a
 /// measured step time (see `train::budget`).
-fn fit_budget(cfg: &mut Config, data: &Path, seconds: f64) -> Result<train::manifest::TimeBudget> {
+/// Seconds since the process started.
+fn started() -> f64 {
+    crate::STARTED
+        .get()
+        .map_or(0.0, |t| t.elapsed().as_secs_f64())
+}
+
+/// The first fit of `--time-budget`, from a scratch model's steps; the run fits again from
+/// its own first steps (`RunOptions::refit`), with the costs returned here.
+fn fit_budget(
+    cfg: &mut Config,
+    data: &Path,
+    seconds: f64,
+) -> Result<(train::manifest::TimeBudget, train::budget::Costs)> {
     use train::budget::{fit_steps, measure_step, record, Costs};
     let tc = &cfg.train;
     // the final evaluation covers the whole validation split
@@ -153,12 +174,10 @@ fn fit_budget(cfg: &mut Config, data: &Path, seconds: f64) -> Result<train::mani
         "time budget {}: timing a few steps of this config...",
         human(seconds)
     );
-    let step = measure_step(cfg, 2, 5);
+    let step = measure_step(cfg, 2, 7);
     let params = model::Layout::new(&cfg.model).n_params();
     let costs = Costs::estimate(tc, step, val_batches, params);
-    let spent = crate::STARTED
-        .get()
-        .map_or(0.0, |t| t.elapsed().as_secs_f64());
+    let spent = started();
     let steps = fit_steps(tc, &costs, seconds - spent);
     if steps <= tc.warmup_steps {
         anyhow::bail!(
@@ -173,7 +192,7 @@ fn fit_budget(cfg: &mut Config, data: &Path, seconds: f64) -> Result<train::mani
         "time budget {}: {step:.3} s per step measured, {spent:.1} s spent: {steps} steps (the LR schedule spans them)",
         human(seconds)
     );
-    Ok(record(seconds, spent, &costs, steps))
+    Ok((record(seconds, spent, &costs, steps), costs))
 }
 
 fn human(seconds: f64) -> String {

@@ -227,6 +227,7 @@ pub fn run(a: VerifyArgs) -> Result<()> {
             dry: true,
             comm: None,
             time_budget: None,
+            refit: None,
         },
     };
     train_run(&spec, &mut rep)?;

@@ -4,10 +4,12 @@
 //! Before the run, a few optimizer steps of the run's own config (same shapes, threads and
 //! precision; random tokens, on a scratch model whose weights are thrown away) give seconds
 //! per step. The steps that fit in what is left of the budget, after the evaluations and
-//! checkpoints the config asks for, become `train.steps`: the LR schedule is fixed before the
-//! first real step, written to the run's config.toml and recorded in the manifest
-//! ([`crate::manifest::TimeBudget`]), so `moelab verify` replays the run bit for bit on any
-//! host, however fast.
+//! checkpoints the config asks for, become `train.steps`, written to the run's config.toml
+//! and recorded in the manifest ([`crate::manifest::TimeBudget`]). Inside the warm-up the run
+//! times its own steps and fits again ([`crate::trainer::RunOptions::refit`]): a scratch
+//! model's first steps were 7-15% off the run's (real routing, caches, host drift). The
+//! warm-up's learning rates do not depend on `train.steps`, so `moelab verify` replays the
+//! run with its final steps bit for bit on any host, however fast.
 
 use crate::manifest::TimeBudget;
 use model::optim::train_step;
@@ -53,9 +55,10 @@ pub fn parse_duration(text: &str) -> Result<f64, String> {
     Ok(total)
 }
 
-/// Seconds per optimizer step of `cfg` on this machine: the mean of `timed` steps after
+/// Seconds per optimizer step of `cfg` on this machine: the median of `timed` steps after
 /// `warmup` untimed ones, each `grad_accum` micro-batches, on a scratch model of the run's
-/// shapes and precision with random tokens.
+/// shapes and precision with random tokens. A median, not a mean: the first steps of a
+/// process page in their buffers and one slow step would shorten the whole run.
 pub fn measure_step(cfg: &Config, warmup: usize, timed: usize) -> f64 {
     let tc = &cfg.train;
     let (b, t) = (tc.batch_size, tc.seq_len);
@@ -77,11 +80,16 @@ pub fn measure_step(cfg: &Config, warmup: usize, timed: usize) -> f64 {
     for _ in 0..warmup {
         step();
     }
-    let start = Instant::now();
-    for _ in 0..timed.max(1) {
-        step();
-    }
-    start.elapsed().as_secs_f64() / timed.max(1) as f64
+    let mut times: Vec<f64> = (0..timed.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            step();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let n = times.len();
+    (times[(n - 1) / 2] + times[n / 2]) / 2.0
 }
 
 /// What a run spends besides its steps, per unit of what the config asks for.
@@ -112,6 +120,17 @@ impl Costs {
             eval: periodic as f64 * forward,
             final_eval: val_batches as f64 * forward,
             checkpoint: (params * 3 * 4) as f64 / 200e6,
+        }
+    }
+
+    /// The same costs for another measured step time (evaluations scale with it).
+    pub fn with_step(&self, step: f64) -> Costs {
+        let scale = step / self.step;
+        Costs {
+            step,
+            eval: self.eval * scale,
+            final_eval: self.final_eval * scale,
+            checkpoint: self.checkpoint,
         }
     }
 

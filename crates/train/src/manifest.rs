@@ -63,9 +63,12 @@ pub struct Segment {
 pub struct TimeBudget {
     /// The budget, seconds from process start.
     pub seconds: f64,
-    /// Seconds spent before the steps were fixed (start-up and the measurement).
+    /// Seconds spent before the steps were fixed (start-up, the scratch measurement and the
+    /// run's first steps).
     pub spent_seconds: f64,
-    /// Measured seconds per optimizer step on the host that started the run.
+    /// Measured seconds per optimizer step on the host that started the run: the run's own
+    /// steps inside the warm-up ([`crate::trainer::refit_window`]), or a scratch model's when
+    /// the warm-up is too short to time.
     pub step_seconds: f64,
     /// The steps chosen (the run's `train.steps`).
     pub steps: u64,

@@ -34,4 +34,27 @@ mod tests {
         assert!((lr_at(110, &tc) - 0.1).abs() < 1e-6);
         assert!((lr_at(500, &tc) - 0.1).abs() < 1e-6);
     }
+
+    /// `train --time-budget` changes `steps` inside the warm-up (trainer::refit_window): a
+    /// replay with the final steps is the same run only if no warm-up step's rate depends on
+    /// them.
+    #[test]
+    fn warmup_rates_do_not_depend_on_the_step_count() {
+        let tc = |steps| TrainConfig {
+            lr: 2e-3,
+            warmup_steps: 100,
+            steps,
+            ..TrainConfig::default()
+        };
+        for s in 0..100 {
+            let r = lr_at(s, &tc(101));
+            for steps in [150, 1_000, 123_457] {
+                assert_eq!(lr_at(s, &tc(steps)).to_bits(), r.to_bits(), "step {s}");
+            }
+        }
+        let (from, at) = crate::trainer::refit_window(100).unwrap();
+        assert!(from >= 1 && at < 100 && at - from >= 4);
+        assert_eq!(crate::trainer::refit_window(12), Some((2, 11)));
+        assert_eq!(crate::trainer::refit_window(5), None);
+    }
 }

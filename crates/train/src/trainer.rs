@@ -111,6 +111,19 @@ pub struct RunOptions<'a> {
     pub comm: Option<&'a dyn Comm>,
     /// How `train --time-budget` chose `train.steps` (recorded in the manifest).
     pub time_budget: Option<crate::manifest::TimeBudget>,
+    /// `train --time-budget`: fits `train.steps` again from this run's own speed, given
+    /// the steps done and the seconds each took. Called once, inside the warm-up (whose
+    /// learning rates do not depend on `train.steps`, so a replay with the final steps is
+    /// bit for bit the same run); config.toml and the manifest are rewritten with the result.
+    pub refit: Option<&'a dyn Fn(u64, f64) -> crate::manifest::TimeBudget>,
+}
+
+/// The steps [`RunOptions::refit`] times (`from`..`at`, after the first ones warm the
+/// caches) and the step after which it refits; None when the warm-up is too short to time.
+pub fn refit_window(warmup_steps: u64) -> Option<(u64, u64)> {
+    let at = warmup_steps.saturating_sub(1).min(50);
+    let from = (at / 5).max(1);
+    (at >= from + 4).then_some((from, at))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -330,7 +343,8 @@ fn write_run_dir(spec: &RunSpec, tokenizer_json: &[u8], plan: RunDirPlan) -> Res
 /// Runs (or resumes) training to `cfg.train.steps`.
 pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
     let cfg = &spec.cfg;
-    let tc = &cfg.train;
+    // mutable for `refit` only, which changes `steps` inside the warm-up
+    let mut tc = cfg.train.clone();
     let ds = match &spec.source {
         Source::Dir(d) => Dataset::open(d, cfg.model.vocab_size, tc.seq_len)?,
         Source::Examples {
@@ -493,12 +507,17 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
     let start = Instant::now();
     let start_tokens = state.tokens_seen;
     let mut outcome = Outcome::Finished;
+    let refit = match (spec.opts.refit, spec.resume) {
+        (Some(f), false) => refit_window(tc.warmup_steps).map(|w| (f, w)),
+        _ => None,
+    };
+    let mut timed_from = None;
     while state.step < tc.steps {
         if spec.opts.stop_at.is_some_and(|n| state.step >= n) {
             outcome = Outcome::Stopped;
             break;
         }
-        let lr = lr_at(state.step, tc);
+        let lr = lr_at(state.step, &tc);
         let this_step = state.step + 1;
         model.training = true;
         // this process's micro-batches, each gradient on its own (see dist.rs)
@@ -619,7 +638,7 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
                 "step {this_step}: {kind} (loss {loss}, grad norm {norm}); update skipped"
             ));
         } else {
-            opt.step_with_norm(&mut model, tc, lr, norm);
+            opt.step_with_norm(&mut model, &tc, lr, norm);
             model.apply_load(total_load);
             state.loss_ema = Some(match state.loss_ema {
                 None => loss,
@@ -628,6 +647,33 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
         }
         state.step += 1;
         state.tokens_seen += (tc.grad_accum as usize * b * t) as u64;
+        if let Some((fit, (from, at))) = refit {
+            if state.step == from {
+                timed_from = Some(Instant::now());
+            }
+            if let (true, Some(t0)) = (state.step == at, timed_from) {
+                let per = t0.elapsed().as_secs_f64() / (at - from) as f64;
+                let tb = fit(state.step, per);
+                tc.steps = tb.steps.max(tc.warmup_steps + 1);
+                if writer {
+                    let mut c = cfg.clone();
+                    c.train.steps = tc.steps;
+                    data::write_atomic(&run.join("config.toml"), c.to_toml().as_bytes())?;
+                    if let Some(m) = manifest.as_mut() {
+                        m.steps = tc.steps;
+                        m.config_sha256 = data::sha256_hex(c.to_toml().as_bytes());
+                        m.time_budget = Some(tb.clone());
+                        m.save(run)?;
+                    }
+                }
+                rep.message(&format!(
+                    "time budget: {per:.3} s per step over steps {}-{at} of this run, {:.1} s spent: {} steps",
+                    from + 1,
+                    tb.spent_seconds,
+                    tc.steps
+                ));
+            }
+        }
 
         if fault::active(&format!("corrupt-rank{rank}"), state.step) {
             // a faulty machine: every weight off by a relative 1e-4
