@@ -64,10 +64,19 @@ fi
 vocab=$(sed -n 's/^vocab_size *= *\([0-9]*\).*/\1/p' "$config" | head -n 1)
 [[ -n $vocab ]] || { echo "$config: no [model] vocab_size" >&2; exit 2; }
 data=$work/data-$split-v$vocab
-[[ -f $data/meta.json ]] || "$bin" prepare --corpus "$corpus" --out "$data" --vocab-size "$vocab" >&2
+if [[ ! -f $data/meta.json || ! -f $data.seconds ]]; then
+  t0=$(date +%s.%N)
+  "$bin" prepare --corpus "$corpus" --out "$data" --vocab-size "$vocab" --force >&2
+  awk "BEGIN{print $(date +%s.%N) - $t0}" >"$data.seconds"
+fi
+# nanoGPT encodes its characters inside its budget; moelab's tokenizer training and encoding
+# (`moelab prepare`, once per data dir) come off moelab's budget
+prep=$(cat "$data.seconds")
+moelab_secs=$(awk "BEGIN{print $secs - $prep}")
 
 echo "# $(machine_line), threads=$threads, budget=$budget, split=$split, seeds=$seeds"
 echo "# $("$py" -c 'import torch; print("torch", torch.__version__)'), moelab $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $config"
+echo "# moelab prepare took $prep s: moelab trains with --time-budget $moelab_secs"
 results=()
 run_nanogpt() {
   local seed=$1 log=$work/nanogpt-$split-$1.log
@@ -79,7 +88,7 @@ run_moelab() {
   local seed=$1 run=$work/run-$split-$1 t0 t1
   rm -rf "$run"
   t0=$(date +%s.%N)
-  "$bin" train --config "$config" --data "$data" --out "$run" --time-budget "$budget" \
+  "$bin" train --config "$config" --data "$data" --out "$run" --time-budget "$moelab_secs" \
     --seed "$seed" >"$work/moelab-$split-$seed.log" 2>&1
   t1=$(date +%s.%N)
   results+=("moelab=$("$py" - "$run" "$data" "$seed" "$t0" "$t1" <<'PY'

@@ -9,6 +9,7 @@ pub const PRESETS: &[(&str, &str)] = &[
     ("tiny", include_str!("../configs/tiny.toml")),
     ("small-dense", include_str!("../configs/small-dense.toml")),
     ("small-moe", include_str!("../configs/small-moe.toml")),
+    ("shakespeare", include_str!("../configs/shakespeare.toml")),
     ("teacher", include_str!("../configs/teacher.toml")),
     ("student", include_str!("../configs/student.toml")),
     ("passkey-128", include_str!("../configs/passkey-128.toml")),

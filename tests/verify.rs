@@ -55,9 +55,9 @@ fn a_time_budget_run_records_its_steps_and_replays() {
     let out = text(&o);
     assert!(o.status.success(), "{out}");
     assert!(out.contains("s per step measured"), "{out}");
-    // the refit: steps 3-11 of the run itself timed (train::trainer::refit_window)
+    // the refit: steps 6-11 of the run itself timed (train::trainer::refit_window)
     assert!(
-        out.contains("s per step over steps 3-11 of this run"),
+        out.contains("s per step over steps 6-11 of this run"),
         "{out}"
     );
     let m: serde_json::Value =

@@ -94,7 +94,7 @@ pub struct ReduceBench {
 #[derive(Args)]
 pub struct TrainBench {
     /// Config file or preset name (tiny, small-dense, small-moe, teacher, student,
-    /// passkey-128, passkey-512, passkey-4096-yarn).
+    /// passkey-128, passkey-512, passkey-4096-yarn, shakespeare).
     #[arg(long)]
     config: String,
     /// Timed steps.

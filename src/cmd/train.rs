@@ -14,7 +14,7 @@ pub const EXAMPLES: &str = "Examples:\n  moelab train --config small-moe --data 
 #[derive(Args)]
 pub struct TrainArgs {
     /// Config file or preset name (tiny, small-dense, small-moe, teacher, student,
-    /// passkey-128, passkey-512, passkey-4096-yarn). With
+    /// passkey-128, passkey-512, passkey-4096-yarn, shakespeare). With
     /// --init it may be left out: the initial model's shape and default [train] settings.
     #[arg(long, required_unless_present = "init")]
     config: Option<String>,

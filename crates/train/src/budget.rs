@@ -7,7 +7,7 @@
 //! checkpoints the config asks for, become `train.steps`, written to the run's config.toml
 //! and recorded in the manifest ([`crate::manifest::TimeBudget`]). Inside the warm-up the run
 //! times its own steps and fits again ([`crate::trainer::RunOptions::refit`]): a scratch
-//! model's first steps were 7-15% off the run's (real routing, caches, host drift). The
+//! model's steps were 7-15% off the run's (real routing, caches, host drift). The
 //! warm-up's learning rates do not depend on `train.steps`, so `moelab verify` replays the
 //! run with its final steps bit for bit on any host, however fast.
 

@@ -54,7 +54,8 @@ mod tests {
         }
         let (from, at) = crate::trainer::refit_window(100).unwrap();
         assert!(from >= 1 && at < 100 && at - from >= 4);
-        assert_eq!(crate::trainer::refit_window(12), Some((2, 11)));
+        assert_eq!(crate::trainer::refit_window(12), Some((5, 11)));
+        assert_eq!(crate::trainer::refit_window(100), Some((49, 99)));
         assert_eq!(crate::trainer::refit_window(5), None);
     }
 }
