@@ -93,7 +93,7 @@ pub fn train_budgeted(
     out: &Path,
     init: Option<Init>,
     budget: train::manifest::TimeBudget,
-    refit: &dyn Fn(u64, f64) -> train::manifest::TimeBudget,
+    refit: &train::trainer::Refit,
 ) -> Result<Outcome> {
     let budget = Some((budget, refit));
     train_with(cfg, source, None, out, false, init, None, budget)
@@ -129,10 +129,7 @@ fn train_with(
     resume: bool,
     init: Option<Init>,
     comm: Option<&dyn train::dist::Comm>,
-    budget: Option<(
-        train::manifest::TimeBudget,
-        &dyn Fn(u64, f64) -> train::manifest::TimeBudget,
-    )>,
+    budget: Option<(train::manifest::TimeBudget, &train::trainer::Refit)>,
 ) -> Result<Outcome> {
     let quiet = comm.is_some_and(|c| c.rank() > 0);
     static STOP: AtomicBool = AtomicBool::new(false);

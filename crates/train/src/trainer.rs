@@ -115,8 +115,11 @@ pub struct RunOptions<'a> {
     /// the steps done and the seconds each took. Called once, inside the warm-up (whose
     /// learning rates do not depend on `train.steps`, so a replay with the final steps is
     /// bit for bit the same run); config.toml and the manifest are rewritten with the result.
-    pub refit: Option<&'a dyn Fn(u64, f64) -> crate::manifest::TimeBudget>,
+    pub refit: Option<&'a Refit>,
 }
+
+/// See [`RunOptions::refit`]: (steps done, seconds per step) -> the new choice.
+pub type Refit = dyn Fn(u64, f64) -> crate::manifest::TimeBudget;
 
 /// The steps [`RunOptions::refit`] times (`from`..`at`: the second half of the warm-up) and
 /// the step after which it refits; None when the warm-up is too short to time. Not earlier:
