@@ -93,6 +93,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         None => None,
     };
+    if cfg.train.precision == model::config::TrainPrecision::Bf16 && !kernels::bf16::has_hardware()
+    {
+        eprintln!(
+            "warning: precision = \"bf16\" on a CPU without AVX512-BF16 computes every bf16 product with the exact scalar definition, many times slower than fp32; set precision = \"fp32\" in [train] for speed (the weights will differ)"
+        );
+    }
     let group = crate::comm::world()?;
     if let Some(text) = &a.time_budget {
         if group.is_some() {
