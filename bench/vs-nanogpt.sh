@@ -28,13 +28,15 @@ while (($#)); do
   esac
 done
 case "$split" in test|dev) ;; *) echo "--split must be test or dev" >&2; exit 2 ;; esac
+[[ -f $config ]] || config=configs/$config.toml # a preset name
+[[ -f $config ]] || { echo "--config: no such file or preset" >&2; exit 2; }
 case "$budget" in
   *h) secs=$(awk "BEGIN{print ${budget%h} * 3600}") ;;
   *m) secs=$(awk "BEGIN{print ${budget%m} * 60}") ;;
   *s) secs=${budget%s} ;;
   *) secs=$budget ;;
 esac
-[[ $secs =~ ^[0-9.]+$ ]] || { echo "--budget: '$budget' is not a duration (e.g. 10m, 90s)" >&2; exit 2; }
+[[ $secs =~ ^[0-9.]+$ ]] || { echo "--budget: '$budget' is not a duration (e.g. 10m, 90s, 1.5h, 600)" >&2; exit 2; }
 IFS=, read -ra seed_list <<<"$seeds"
 IFS=, read -ra peer_list <<<"$peers"
 for p in "${peer_list[@]}"; do
@@ -54,6 +56,7 @@ corpus=$work/shakespeare
 if [[ $split == dev ]]; then
   corpus=$work/dev-text
   if [[ ! -d $corpus ]]; then
+    rm -rf "$corpus.tmp"
     mkdir -p "$corpus.tmp"
     "$py" reference/nanogpt.py dev-plays --corpus "$work/shakespeare" | while read -r f; do
       ln -sf "$PWD/$f" "$corpus.tmp/"
@@ -73,6 +76,8 @@ fi
 # (`moelab prepare`, once per data dir) come off moelab's budget
 prep=$(cat "$data.seconds")
 moelab_secs=$(awk "BEGIN{print $secs - $prep}")
+awk "BEGIN{exit !($moelab_secs > 0)}" || { echo "moelab prepare took $prep s, longer than the budget" >&2; exit 2; }
+val_bytes=$(sed -n 's/^ *"val_bytes": *\([0-9]*\).*/\1/p' "$data/meta.json")
 
 echo "# $(machine_line), threads=$threads, budget=$budget, split=$split, seeds=$seeds"
 echo "# $("$py" -c 'import torch; print("torch", torch.__version__)'), moelab $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $config"
@@ -83,6 +88,11 @@ run_nanogpt() {
   "$py" reference/nanogpt.py train --corpus "$corpus" --budget "$secs" --seed "$seed" \
     --threads "$threads" 2>"$log" >"$log.json"
   results+=("nanogpt=$(cat "$log.json")")
+  # both must be scored on the same text: stop now, not after an hour of runs
+  grep -q "\"val_bytes\": $val_bytes," "$log.json" || {
+    echo "nanoGPT scored other validation bytes than $data/meta.json's $val_bytes: $(cat "$log.json")" >&2
+    exit 1
+  }
 }
 run_moelab() {
   local seed=$1 run=$work/run-$split-$1 t0 t1

@@ -46,7 +46,8 @@ def process_age():
 
 
 def read_corpus(path):
-    """The documents of a folder of .txt files in sorted order (recursively), as `moelab prepare` reads them."""
+    """The documents of a folder of .txt files in sorted order, as `moelab prepare` reads a flat
+    folder such as the Shakespeare one (nested folders may sort differently)."""
     files = []
     for root, dirs, names in os.walk(path):
         dirs.sort()
@@ -69,6 +70,8 @@ def split(docs, frac=0.1):
     train, val, first_val = [], [], None
     for i, (_, d) in enumerate(docs):
         if budget == 0:
+            if first_val is None:  # the training bytes ended exactly at a document's end
+                first_val = i
             val.append(d)
         elif len(d) <= budget:
             budget -= len(d)
@@ -104,6 +107,8 @@ def train(a):
     import torch.nn as nn
     from torch.nn import functional as F
 
+    if a.warmup_iters <= 50:
+        sys.exit("--warmup-iters must exceed 50: iterations 10..50 are timed inside the warm-up")
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
 
@@ -238,7 +243,8 @@ def train(a):
         if it == 50 and max_iters is None:
             per_iter = (time.perf_counter() - t_timed) / 40
             left = a.budget * (1 - 0.03) - process_age() - eval_cost
-            max_iters = it + max(0, int(left / per_iter))
+            # at least one iteration past the warm-up, or the cosine would divide by zero
+            max_iters = max(a.warmup_iters + 1, it + int(left / per_iter))
             print(f"fitted: {per_iter * 1e3:.1f} ms/iter, eval {eval_cost:.1f} s -> max_iters {max_iters}", file=sys.stderr)
         lr = get_lr(it, max_iters if max_iters is not None else 10**9)
         for g in opt.param_groups:

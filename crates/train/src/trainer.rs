@@ -513,12 +513,15 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
     let start = Instant::now();
     let start_tokens = state.tokens_seen;
     let mut outcome = Outcome::Finished;
-    let refit = match (spec.opts.refit, spec.resume) {
+    // one refit at most, from the steps' own time (evaluations and checkpoints left out:
+    // `Costs` counts them); a rollback before it keeps the first fit
+    let mut refit = match (spec.opts.refit, spec.resume) {
         (Some(f), false) => refit_window(tc.warmup_steps).map(|w| (f, w)),
         _ => None,
     };
-    let mut timed_from = None;
+    let mut timed = 0.0f64;
     while state.step < tc.steps {
+        let step_start = Instant::now();
         if spec.opts.stop_at.is_some_and(|n| state.step >= n) {
             outcome = Outcome::Stopped;
             break;
@@ -634,6 +637,7 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
                 if writer {
                     truncate_metrics(&metrics, state.step)?;
                 }
+                refit = None;
                 rep.message(&format!(
                     "step {this_step}: {kind} (loss {loss}); rolled back to step {} and will skip step {this_step}",
                     state.step
@@ -654,13 +658,15 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
         state.step += 1;
         state.tokens_seen += (tc.grad_accum as usize * b * t) as u64;
         if let Some((fit, (from, at))) = refit {
-            if state.step == from {
-                timed_from = Some(Instant::now());
+            if state.step > from {
+                timed += step_start.elapsed().as_secs_f64();
             }
-            if let (true, Some(t0)) = (state.step == at, timed_from) {
-                let per = t0.elapsed().as_secs_f64() / (at - from) as f64;
-                let tb = fit(state.step, per);
+            if state.step == at {
+                refit = None;
+                let per = timed / (at - from) as f64;
+                let mut tb = fit(state.step, per);
                 tc.steps = tb.steps.max(tc.warmup_steps + 1);
+                tb.steps = tc.steps;
                 if writer {
                     let mut c = cfg.clone();
                     c.train.steps = tc.steps;
