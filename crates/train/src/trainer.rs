@@ -670,10 +670,11 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
                 if writer {
                     let mut c = cfg.clone();
                     c.train.steps = tc.steps;
-                    data::write_atomic(&run.join("config.toml"), c.to_toml().as_bytes())?;
+                    let toml = c.to_toml();
+                    data::write_atomic(&run.join("config.toml"), toml.as_bytes())?;
                     if let Some(m) = manifest.as_mut() {
                         m.steps = tc.steps;
-                        m.config_sha256 = data::sha256_hex(c.to_toml().as_bytes());
+                        m.config_sha256 = data::sha256_hex(toml.as_bytes());
                         m.time_budget = Some(tb.clone());
                         m.save(run)?;
                     }
