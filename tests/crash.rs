@@ -92,6 +92,30 @@ fn signal(pid: u32, sig: i32) {
     assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
 }
 
+/// Freezes our child with SIGSTOP and waits until the kernel says it is stopped. True: it is
+/// stopped, so it cannot exit or touch the disk until killed. False: it was already on its
+/// way out (a process in its exit path ignores SIGSTOP but is not reaped yet, so `try_wait`
+/// alone cannot tell; a CI run once "killed" such a process and saw it exit 0).
+fn freeze(pid: u32) -> bool {
+    signal(pid, libc::SIGSTOP);
+    let stat = format!("/proc/{pid}/stat");
+    for _ in 0..50_000 {
+        let Ok(text) = std::fs::read_to_string(&stat) else {
+            return false;
+        };
+        // the state is the first field after the command name's closing parenthesis
+        match text
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.trim_start().chars().next())
+        {
+            Some('T' | 't') => return true,
+            Some('Z' | 'X') | None => return false,
+            _ => std::thread::sleep(std::time::Duration::from_micros(100)),
+        }
+    }
+    panic!("process {pid} neither stopped nor exited within 5 s of SIGSTOP");
+}
+
 /// Regression (issue 11): the kill -9 test never checked that the process was still running
 /// when killed, nor how many kills landed inside checkpoint writes. Now every kill is a real
 /// SIGKILL of a live process (its exit status says so), half of the kills are aimed at
@@ -158,7 +182,9 @@ fn kill_9_anywhere_then_resume_gives_the_uninterrupted_weights() {
                         continue;
                     }
                     std::thread::sleep(delay);
-                    signal(pid, libc::SIGSTOP);
+                    if !freeze(pid) {
+                        break;
+                    }
                     if checkpoint_write_in_progress(&run).is_some() {
                         frozen = true;
                         break;
@@ -169,12 +195,10 @@ fn kill_9_anywhere_then_resume_gives_the_uninterrupted_weights() {
                 frozen
             } else {
                 std::thread::sleep(at);
-                signal(pid, libc::SIGSTOP);
-                true
+                freeze(pid)
             };
-            // a stopped process cannot exit: if it has not exited by now, it is alive
-            // when killed
-            let alive = frozen && child.try_wait().unwrap().is_none();
+            // a stopped process cannot exit: it is alive when killed
+            let alive = frozen;
             let landed = checkpoint_write_in_progress(&run);
             if alive {
                 signal(pid, libc::SIGKILL);
