@@ -40,42 +40,60 @@ fn train(cfg: &Path, data: &Path, run: &Path, extra: &[&str], fault: Option<&str
 
 /// `--time-budget`: the steps come from a measured step time, are written to the run's
 /// config and manifest before the first step, fitted again from the run's own steps inside
-/// the warm-up, and the run replays bit for bit (the replay needs no timing). Bad budgets are
-/// refused before anything is written.
+/// the warm-up (and with a "wsd" schedule, again every few steps until the decay starts), and
+/// the run replays bit for bit (the replay needs no timing). Bad budgets are refused before
+/// anything is written.
 #[test]
 fn a_time_budget_run_records_its_steps_and_replays() {
     let (d, data, cfg) = setup("budget");
-    let cfg_text = std::fs::read_to_string(&cfg)
+    let base = std::fs::read_to_string(&cfg)
         .unwrap()
         .replace("checkpoint_every = 4", "checkpoint_every = 100")
         .replace("warmup_steps = 4", "warmup_steps = 12");
-    std::fs::write(&cfg, cfg_text).unwrap();
-    let run = d.join("run");
-    let o = train(&cfg, &data, &run, &["--time-budget", "4s"], None);
-    let out = text(&o);
-    assert!(o.status.success(), "{out}");
-    assert!(out.contains("s per step measured"), "{out}");
-    // the refit: steps 6-11 of the run itself timed (train::trainer::refit_window)
-    assert!(
-        out.contains("s per step over steps 6-11 of this run"),
-        "{out}"
-    );
-    let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap()).unwrap();
-    let b = &m["time_budget"];
-    assert_eq!(b["seconds"], 4.0, "{m}");
-    let steps = b["steps"].as_u64().unwrap();
-    assert_eq!(m["steps"].as_u64(), Some(steps));
-    assert!(steps > 12, "{m}");
-    assert!(b["spent_seconds"].as_f64().unwrap() < 4.0, "{m}");
-    let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
-    assert!(saved.contains(&format!("steps = {steps}\n")), "{saved}");
-    let o = moelab(&["verify", s(&run)], "1", None);
-    assert!(
-        o.status.success() && text(&o).contains(&format!("verified: {steps} steps")),
-        "{}",
-        text(&o)
-    );
+    for schedule in ["cosine", "wsd"] {
+        let cfg = d.join(format!("{schedule}.toml"));
+        let cfg_text = base.replace(
+            "warmup_steps = 12",
+            &format!("warmup_steps = 12\nschedule = \"{schedule}\""),
+        );
+        std::fs::write(&cfg, cfg_text).unwrap();
+        let run = d.join(format!("run-{schedule}"));
+        let o = train(&cfg, &data, &run, &["--time-budget", "4s"], None);
+        let out = text(&o);
+        assert!(o.status.success(), "{out}");
+        assert!(out.contains("s per step measured"), "{out}");
+        // the refit: steps 6-11 of the run itself timed (train::trainer::refit_window)
+        assert!(
+            out.contains("s per step over steps 6-11 of this run"),
+            "{out}"
+        );
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap())
+                .unwrap();
+        let b = &m["time_budget"];
+        assert_eq!(b["seconds"], 4.0, "{m}");
+        let steps = b["steps"].as_u64().unwrap();
+        assert_eq!(m["steps"].as_u64(), Some(steps));
+        assert!(steps > 12, "{m}");
+        assert!(b["spent_seconds"].as_f64().unwrap() < 4.0, "{m}");
+        if schedule == "wsd" {
+            // later windows of 6 steps each, the last one ending before the decay starts
+            let last = out
+                .lines()
+                .find(|l| l.ends_with(&format!(": {steps} steps (final fit)")))
+                .unwrap_or_else(|| panic!("no final fit to {steps} steps: {out}"));
+            let at: u64 = last.split(&['-', ' '][..]).nth(9).unwrap().parse().unwrap();
+            assert!(at > 11 && (at - 11) % 6 == 0 && at < steps, "{last}");
+        }
+        let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+        assert!(saved.contains(&format!("steps = {steps}\n")), "{saved}");
+        let o = moelab(&["verify", s(&run)], "1", None);
+        assert!(
+            o.status.success() && text(&o).contains(&format!("verified: {steps} steps")),
+            "{}",
+            text(&o)
+        );
+    }
     for (args, says) in [
         (&["--time-budget", "10x"][..], "is not a duration"),
         (&["--time-budget", "0.001s"], "steps fit"),

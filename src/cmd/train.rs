@@ -147,8 +147,6 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
 }
 
-/// Sets `cfg.train.steps` to the steps that fit in `seconds` from process start, from a
-/// measured step time (see `train::budget`).
 /// Seconds since the process started.
 fn started() -> f64 {
     crate::STARTED

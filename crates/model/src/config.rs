@@ -160,10 +160,19 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Optimizer steps of a training run.
     pub steps: u64,
-    /// Linear warm-up steps, then cosine decay to `min_lr_ratio * lr` at `steps`.
+    /// Linear warm-up steps, then the decay `schedule` names, to `min_lr_ratio * lr` at
+    /// `steps`.
     pub warmup_steps: u64,
     /// Final learning rate as a fraction of `lr`.
     pub min_lr_ratio: f32,
+    /// After the warm-up: "cosine" decay over all remaining steps, or "wsd"
+    /// (warmup-stable-decay: `lr` held, then a linear decay over the last `decay_frac` of the
+    /// steps after the warm-up).
+    #[serde(skip_serializing_if = "Schedule::is_cosine")]
+    pub schedule: Schedule,
+    /// The share of the post-warm-up steps a "wsd" schedule spends decaying, in (0, 1].
+    #[serde(skip_serializing_if = "is_default_decay_frac")]
+    pub decay_frac: f32,
     /// Micro-batches per optimizer step (gradient accumulation).
     pub grad_accum: u64,
     /// Evaluate on the validation split every N steps (0: only at the end).
@@ -240,6 +249,27 @@ impl OptimizerKind {
     fn is_adamw(&self) -> bool {
         *self == OptimizerKind::Adamw
     }
+}
+
+/// `train.schedule`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    #[default]
+    Cosine,
+    Wsd,
+}
+
+impl Schedule {
+    fn is_cosine(&self) -> bool {
+        *self == Schedule::Cosine
+    }
+}
+
+const DECAY_FRAC: f32 = 0.2;
+
+fn is_default_decay_frac(x: &f32) -> bool {
+    *x == DECAY_FRAC
 }
 
 const MUON_LR: f32 = 0.02;
@@ -470,6 +500,8 @@ impl Default for TrainConfig {
             steps: 1000,
             warmup_steps: 100,
             min_lr_ratio: 0.1,
+            schedule: Schedule::Cosine,
+            decay_frac: DECAY_FRAC,
             grad_accum: 1,
             eval_every: 200,
             eval_batches: 20,
@@ -644,6 +676,12 @@ impl Config {
             return Err(cfg_err(
                 "train.min_lr_ratio",
                 format!("{} must be in [0, 1]", t.min_lr_ratio),
+            ));
+        }
+        if !(t.decay_frac > 0.0 && t.decay_frac <= 1.0) {
+            return Err(cfg_err(
+                "train.decay_frac",
+                format!("{} must be in (0, 1]", t.decay_frac),
             ));
         }
         if !non_negative(t.weight_decay) || !non_negative(t.grad_clip) {

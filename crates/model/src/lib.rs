@@ -25,7 +25,9 @@ pub mod profile;
 pub mod quant;
 pub mod tensors;
 
-pub use config::{Balance, Config, ModelConfig, OnAnomaly, QkNorm, RouterScore, TrainConfig};
+pub use config::{
+    Balance, Config, ModelConfig, OnAnomaly, QkNorm, RouterScore, Schedule, TrainConfig,
+};
 pub use error::{Error, Result};
 pub use model::{Distill, Losses, Model};
 pub use optim::Optimizer;

@@ -1,6 +1,8 @@
-//! Learning-rate schedule: linear warm-up, then cosine decay to `min_lr_ratio * lr`.
+//! Learning-rate schedule: linear warm-up, then a decay to `min_lr_ratio * lr` at `steps`:
+//! cosine over all remaining steps, or warmup-stable-decay (`lr` held, then linear over the
+//! last `decay_frac` of them).
 
-use model::TrainConfig;
+use model::{Schedule, TrainConfig};
 
 /// Learning rate for optimizer step `step` (0-based).
 pub fn lr_at(step: u64, tc: &TrainConfig) -> f32 {
@@ -9,9 +11,35 @@ pub fn lr_at(step: u64, tc: &TrainConfig) -> f32 {
         return tc.lr * (step + 1) as f32 / warm as f32;
     }
     let span = tc.steps.saturating_sub(warm).max(1);
-    let p = ((step - warm) as f64 / span as f64).min(1.0);
     let min = tc.min_lr_ratio as f64;
-    (tc.lr as f64 * (min + (1.0 - min) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos()))) as f32
+    let frac = match tc.schedule {
+        Schedule::Cosine => {
+            let p = ((step - warm) as f64 / span as f64).min(1.0);
+            0.5 * (1.0 + (std::f64::consts::PI * p).cos())
+        }
+        Schedule::Wsd => {
+            let decay = ((tc.decay_frac as f64 * span as f64).round() as u64).clamp(1, span);
+            let start = warm + span - decay;
+            let p = (step.saturating_sub(start) as f64 / decay as f64).min(1.0);
+            1.0 - p
+        }
+    };
+    (tc.lr as f64 * (min + (1.0 - min) * frac)) as f32
+}
+
+/// The first step whose rate depends on `steps`: the end of the warm-up for a cosine
+/// schedule, the start of the decay for "wsd" (at the given step count). A run's step count
+/// may change before this step without changing any rate already used.
+pub fn steps_fixed_from(tc: &TrainConfig) -> u64 {
+    let warm = tc.warmup_steps;
+    match tc.schedule {
+        Schedule::Cosine => warm,
+        Schedule::Wsd => {
+            let span = tc.steps.saturating_sub(warm).max(1);
+            let decay = ((tc.decay_frac as f64 * span as f64).round() as u64).clamp(1, span);
+            warm + span - decay
+        }
+    }
 }
 
 #[cfg(test)]
@@ -33,6 +61,47 @@ mod tests {
         assert!((lr_at(60, &tc) - 0.55).abs() < 1e-6);
         assert!((lr_at(110, &tc) - 0.1).abs() < 1e-6);
         assert!((lr_at(500, &tc) - 0.1).abs() < 1e-6);
+    }
+
+    #[test]
+    fn warmup_stable_then_linear_decay() {
+        let tc = TrainConfig {
+            lr: 1.0,
+            warmup_steps: 10,
+            steps: 110,
+            min_lr_ratio: 0.0,
+            schedule: Schedule::Wsd,
+            decay_frac: 0.2,
+            ..TrainConfig::default()
+        };
+        assert!((lr_at(0, &tc) - 0.1).abs() < 1e-6);
+        assert_eq!(steps_fixed_from(&tc), 90);
+        for s in 9..=90 {
+            assert_eq!(lr_at(s, &tc), 1.0, "step {s}");
+        }
+        assert!((lr_at(100, &tc) - 0.5).abs() < 1e-6);
+        assert!((lr_at(109, &tc) - 0.05).abs() < 1e-6);
+        assert_eq!(lr_at(110, &tc), 0.0);
+        let min = TrainConfig {
+            min_lr_ratio: 0.1,
+            ..tc.clone()
+        };
+        assert!((lr_at(100, &min) - 0.55).abs() < 1e-6);
+        assert!((lr_at(500, &min) - 0.1).abs() < 1e-6);
+        // the stable phase does not depend on the step count either
+        for steps in [100, 1_000, 123_457] {
+            let longer = TrainConfig {
+                steps,
+                ..tc.clone()
+            };
+            for s in 0..steps_fixed_from(&tc).min(steps_fixed_from(&longer)) {
+                assert_eq!(
+                    lr_at(s, &longer).to_bits(),
+                    lr_at(s, &tc).to_bits(),
+                    "step {s}"
+                );
+            }
+        }
     }
 
     /// `train --time-budget` changes `steps` inside the warm-up (trainer::refit_window): a

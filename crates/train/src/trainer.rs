@@ -12,7 +12,7 @@ use crate::dist::{self, Comm, Single};
 use crate::eval::evaluate;
 use crate::fault;
 use crate::manifest::{self, DataRecord, Manifest, Segment};
-use crate::schedule::lr_at;
+use crate::schedule::{self, lr_at};
 use crate::{io_err, Error, Result};
 use data::chat::{ChatLoader, Example};
 use data::loader::Loader;
@@ -112,9 +112,10 @@ pub struct RunOptions<'a> {
     /// How `train --time-budget` chose `train.steps` (recorded in the manifest).
     pub time_budget: Option<crate::manifest::TimeBudget>,
     /// `train --time-budget`: fits `train.steps` again from this run's own speed, given
-    /// the steps done and the seconds each took. Called once, inside the warm-up (whose
-    /// learning rates do not depend on `train.steps`, so a replay with the final steps is
-    /// bit for bit the same run); config.toml and the manifest are rewritten with the result.
+    /// the steps done and the seconds each took. Called at the end of the warm-up and, with
+    /// a "wsd" schedule, after every as many steps again until the decay starts: no learning
+    /// rate before that point depends on `train.steps`, so a replay with the final steps is
+    /// bit for bit the same run. config.toml and the manifest are rewritten each time.
     pub refit: Option<&'a Refit>,
 }
 
@@ -513,12 +514,14 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
     let start = Instant::now();
     let start_tokens = state.tokens_seen;
     let mut outcome = Outcome::Finished;
-    // one refit at most, from the steps' own time (evaluations and checkpoints left out:
-    // `Costs` counts them); a rollback before it keeps the first fit
+    // refits from the steps' own time (evaluations and checkpoints left out: `Costs` counts
+    // them), each over the window of steps since the last; a rollback ends them (the fit
+    // standing then is final)
     let mut refit = match (spec.opts.refit, spec.resume) {
         (Some(f), false) => refit_window(tc.warmup_steps).map(|w| (f, w)),
         _ => None,
     };
+    let mut refits = 0u32;
     let mut timed = 0.0f64;
     while state.step < tc.steps {
         let step_start = Instant::now();
@@ -662,11 +665,19 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
                 timed += step_start.elapsed().as_secs_f64();
             }
             if state.step == at {
-                refit = None;
                 let per = timed / (at - from) as f64;
+                timed = 0.0;
                 let mut tb = fit(state.step, per);
                 tc.steps = tb.steps.max(tc.warmup_steps + 1);
+                // the steps run so far used rates that must not change
+                while schedule::steps_fixed_from(&tc) < state.step {
+                    tc.steps += 1;
+                }
                 tb.steps = tc.steps;
+                let next = at + (at - from);
+                let last = next >= schedule::steps_fixed_from(&tc);
+                refit = (!last).then_some((fit, (at, next)));
+                refits += 1;
                 if writer {
                     let mut c = cfg.clone();
                     c.train.steps = tc.steps;
@@ -679,12 +690,15 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
                         m.save(run)?;
                     }
                 }
-                rep.message(&format!(
-                    "time budget: {per:.3} s per step over steps {}-{at} of this run, {:.1} s spent: {} steps",
-                    from + 1,
-                    tb.spent_seconds,
-                    tc.steps
-                ));
+                if refits == 1 || last {
+                    let what = if refits == 1 { "" } else { " (final fit)" };
+                    rep.message(&format!(
+                        "time budget: {per:.3} s per step over steps {}-{at} of this run, {:.1} s spent: {} steps{what}",
+                        from + 1,
+                        tb.spent_seconds,
+                        tc.steps
+                    ));
+                }
             }
         }
 
