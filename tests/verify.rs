@@ -113,6 +113,54 @@ fn a_time_budget_run_records_its_steps_and_replays() {
     }
 }
 
+/// A budgeted run killed between a refit's two writes (config.toml has the new steps, the
+/// manifest does not yet) resumes with config.toml's steps and replays bit for bit.
+#[test]
+fn a_time_budget_run_killed_inside_a_refit_resumes() {
+    let (d, data, cfg) = setup("budget-kill");
+    let cfg_text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("warmup_steps = 4", "warmup_steps = 12\nschedule = \"wsd\"");
+    std::fs::write(&cfg, cfg_text).unwrap();
+    let run = d.join("run");
+    // killed at a refit after the first (steps 12-17, 18-23, ... timed; checkpoints every 4
+    // steps) that chose other steps than the manifest holds
+    let saved = [17, 23, 29, 35]
+        .into_iter()
+        .find_map(|at| {
+            let _ = std::fs::remove_dir_all(&run);
+            let fault = format!("refit-manifest@{at}");
+            let o = train(&cfg, &data, &run, &["--time-budget", "4s"], Some(&fault));
+            assert!(!o.status.success(), "{fault} did not fire: {}", text(&o));
+            let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+            let m: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap())
+                    .unwrap();
+            let recorded = m["steps"].as_u64().unwrap();
+            (!saved.contains(&format!("steps = {recorded}\n"))).then_some(saved)
+        })
+        .expect("four refits in a row chose the steps the one before had chosen");
+    let o = train(
+        &run.join("config.toml"),
+        &data,
+        &run,
+        &["--resume"],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap()).unwrap();
+    let steps = m["steps"].as_u64().unwrap();
+    assert!(saved.contains(&format!("steps = {steps}\n")), "{saved} vs {m}");
+    assert_eq!(m["time_budget"]["steps"].as_u64(), Some(steps), "{m}");
+    let o = moelab(&["verify", s(&run)], "1", None);
+    assert!(
+        o.status.success() && text(&o).contains(&format!("verified: {steps} steps")),
+        "{}",
+        text(&o)
+    );
+}
+
 #[test]
 fn a_run_replays_bit_for_bit_with_other_threads_and_after_resume() {
     let (d, data, cfg) = setup("ok");

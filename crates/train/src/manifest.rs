@@ -67,8 +67,9 @@ pub struct TimeBudget {
     /// run's first steps).
     pub spent_seconds: f64,
     /// Measured seconds per optimizer step on the host that started the run: the run's own
-    /// steps inside the warm-up ([`crate::trainer::refit_window`]), or a scratch model's when
-    /// the warm-up is too short to time.
+    /// steps inside the warm-up ([`crate::trainer::refit_window`]) or, with a "wsd"
+    /// schedule, the last window of steps timed before the decay; a scratch model's when the
+    /// warm-up is too short to time.
     pub step_seconds: f64,
     /// The steps chosen (the run's `train.steps`).
     pub steps: u64,

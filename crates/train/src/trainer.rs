@@ -241,7 +241,9 @@ fn check_run_dir(
                 ("config.toml", &cfg_bytes, &m.config_sha256),
                 ("tokenizer.json", &tok_bytes, &m.tokenizer_sha256),
             ] {
-                if &data::sha256_hex(bytes) != want {
+                if &data::sha256_hex(bytes) != want
+                    && !(name == "config.toml" && refit_interrupted(&cfg_bytes, m))
+                {
                     return Err(Error::Usage(format!(
                         "cannot resume {}: {name} was changed since training (its sha256 differs from manifest.json); restore the original or train into another --out",
                         run.display()
@@ -683,6 +685,7 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
                     c.train.steps = tc.steps;
                     let toml = c.to_toml();
                     data::write_atomic(&run.join("config.toml"), toml.as_bytes())?;
+                    fault::point("refit-manifest", state.step, run)?;
                     if let Some(m) = manifest.as_mut() {
                         m.steps = tc.steps;
                         m.config_sha256 = data::sha256_hex(toml.as_bytes());
@@ -788,6 +791,22 @@ pub fn data_record(source: &Source, ds: &Dataset) -> Result<DataRecord> {
     })
 }
 
+/// Whether `config.toml` differs from what the manifest vouches for only by a
+/// `--time-budget` refit the process did not live to record: a refit writes config.toml, then
+/// the manifest, and the one differs from the other in `train.steps` alone. The steps run so
+/// far used rates that no refit changes, so resuming with config.toml's steps is the same run
+/// (`start_manifest` then records them).
+fn refit_interrupted(cfg_bytes: &[u8], m: &Manifest) -> bool {
+    let Some(mut c) = m.time_budget.as_ref().and_then(|_| {
+        let text = std::str::from_utf8(cfg_bytes).ok()?;
+        Config::from_toml(text).ok()
+    }) else {
+        return false;
+    };
+    c.train.steps = m.steps;
+    data::sha256_hex(c.to_toml().as_bytes()) == m.config_sha256
+}
+
 /// The run's manifest with a new segment (a fresh run's, or the existing one's on resume).
 fn start_manifest(
     spec: &RunSpec,
@@ -821,7 +840,11 @@ fn start_manifest(
             None => spec.init.as_ref().map(|i| i.record.clone()),
         },
         time_budget: match &old {
-            Some(o) => o.time_budget.clone(),
+            // the steps config.toml holds (see `refit_interrupted`), the rest as recorded
+            Some(o) => o.time_budget.clone().map(|tb| manifest::TimeBudget {
+                steps: spec.cfg.train.steps,
+                ..tb
+            }),
             None => spec.opts.time_budget.clone(),
         },
         segments: old.as_ref().map(|o| o.segments.clone()).unwrap_or_default(),
