@@ -92,28 +92,26 @@ fn signal(pid: u32, sig: i32) {
     assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
 }
 
-/// Freezes our child with SIGSTOP and waits until the kernel says it is stopped. True: it is
-/// stopped, so it cannot exit or touch the disk until killed. False: it was already on its
-/// way out (a process in its exit path ignores SIGSTOP but is not reaped yet, so `try_wait`
-/// alone cannot tell; a CI run once "killed" such a process and saw it exit 0).
+/// Freezes our child with SIGSTOP and waits until the kernel reports it stopped (every
+/// thread: `waitid` with WSTOPPED reports the group stop only when it is complete; WNOWAIT
+/// leaves the child to `Child::wait`). True: it is stopped, so it cannot exit or touch the
+/// disk until killed. False: it exited first (a process already in its exit path ignores
+/// SIGSTOP but is not reaped yet, so `try_wait` alone cannot tell; a CI run once "killed"
+/// such a process and saw it exit 0).
 fn freeze(pid: u32) -> bool {
     signal(pid, libc::SIGSTOP);
-    let stat = format!("/proc/{pid}/stat");
-    for _ in 0..50_000 {
-        let Ok(text) = std::fs::read_to_string(&stat) else {
-            return false;
-        };
-        // the state is the first field after the command name's closing parenthesis
-        match text
-            .rsplit_once(')')
-            .and_then(|(_, r)| r.trim_start().chars().next())
-        {
-            Some('T' | 't') => return true,
-            Some('Z' | 'X') | None => return false,
-            _ => std::thread::sleep(std::time::Duration::from_micros(100)),
-        }
-    }
-    panic!("process {pid} neither stopped nor exited within 5 s of SIGSTOP");
+    // SAFETY: a zeroed siginfo_t is a valid out-parameter; the child is ours and unreaped.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WSTOPPED | libc::WEXITED | libc::WNOWAIT,
+        )
+    };
+    assert_eq!(rc, 0, "waitid: {}", std::io::Error::last_os_error());
+    info.si_code == libc::CLD_STOPPED
 }
 
 /// Regression (issue 11): the kill -9 test never checked that the process was still running

@@ -450,6 +450,11 @@ fn issue_11_nonsense_settings_are_refused_before_a_run_dir_exists() {
         ("batch_size = 4", "batch_size = 0", "train.batch_size"),
         ("\nseq_len = 32", "\nseq_len = 0", "train.seq_len"),
         ("grad_accum = 2", "grad_accum = 0", "train.grad_accum"),
+        (
+            "steps = 40",
+            "steps = 40\nschedule = \"wsd\"\ndecay_frac = 1.5",
+            "train.decay_frac",
+        ),
         ("d_model = 32", "d_model = 0", "model.d_model"),
     ] {
         let text = std::fs::read_to_string(&base).unwrap();

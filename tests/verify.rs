@@ -75,15 +75,20 @@ fn a_time_budget_run_records_its_steps_and_replays() {
         let steps = b["steps"].as_u64().unwrap();
         assert_eq!(m["steps"].as_u64(), Some(steps));
         assert!(steps > 12, "{m}");
-        assert!(b["spent_seconds"].as_f64().unwrap() < 4.0, "{m}");
-        if schedule == "wsd" {
+        if schedule == "cosine" {
+            // (a "wsd" run's last fit comes late in the run: a loaded host may be past 4 s)
+            assert!(b["spent_seconds"].as_f64().unwrap() < 4.0, "{m}");
+        } else {
             // later windows of 6 steps each, the last one ending before the decay starts
             let last = out
                 .lines()
                 .find(|l| l.ends_with(&format!(": {steps} steps (final fit)")))
                 .unwrap_or_else(|| panic!("no final fit to {steps} steps: {out}"));
             let at: u64 = last.split(&['-', ' '][..]).nth(9).unwrap().parse().unwrap();
-            assert!(at > 11 && (at - 11) % 6 == 0 && at < steps, "{last}");
+            assert!(
+                at >= 11 && (at - 11).is_multiple_of(6) && at < steps,
+                "{last}"
+            );
         }
         let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
         assert!(saved.contains(&format!("steps = {steps}\n")), "{saved}");
@@ -131,7 +136,10 @@ fn a_time_budget_run_killed_inside_a_refit_resumes() {
             let _ = std::fs::remove_dir_all(&run);
             let fault = format!("refit-manifest@{at}");
             let o = train(&cfg, &data, &run, &["--time-budget", "4s"], Some(&fault));
-            assert!(!o.status.success(), "{fault} did not fire: {}", text(&o));
+            if o.status.success() {
+                return None; // the run was fitted too few steps to refit at `at`
+            }
+            assert!(text(&o).contains("MOELAB_FAULT: dying"), "{}", text(&o));
             let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
             let m: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap())
@@ -139,19 +147,36 @@ fn a_time_budget_run_killed_inside_a_refit_resumes() {
             let recorded = m["steps"].as_u64().unwrap();
             (!saved.contains(&format!("steps = {recorded}\n"))).then_some(saved)
         })
-        .expect("four refits in a row chose the steps the one before had chosen");
+        .expect("no refit at steps 17-35 chose other steps than the one before it");
+    // a step count that moves a rate already used is not an interrupted refit: refused
+    let other = d.join("edited");
+    copy_dir(&run, &other);
+    std::fs::write(
+        other.join("config.toml"),
+        saved.replace(&format!("steps = {}\n", steps_in(&saved)), "steps = 14\n"),
+    )
+    .unwrap();
     let o = train(
-        &run.join("config.toml"),
+        &other.join("config.toml"),
         &data,
-        &run,
+        &other,
         &["--resume"],
         None,
     );
+    assert!(
+        !o.status.success() && text(&o).contains("config.toml was changed"),
+        "{}",
+        text(&o)
+    );
+    let o = train(&run.join("config.toml"), &data, &run, &["--resume"], None);
     assert!(o.status.success(), "{}", text(&o));
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap()).unwrap();
     let steps = m["steps"].as_u64().unwrap();
-    assert!(saved.contains(&format!("steps = {steps}\n")), "{saved} vs {m}");
+    assert!(
+        saved.contains(&format!("steps = {steps}\n")),
+        "{saved} vs {m}"
+    );
     assert_eq!(m["time_budget"]["steps"].as_u64(), Some(steps), "{m}");
     let o = moelab(&["verify", s(&run)], "1", None);
     assert!(
@@ -159,6 +184,27 @@ fn a_time_budget_run_killed_inside_a_refit_resumes() {
         "{}",
         text(&o)
     );
+}
+
+/// `steps = N` of a saved config.toml.
+fn steps_in(config: &str) -> u64 {
+    config
+        .lines()
+        .find_map(|l| l.strip_prefix("steps = ")?.trim().parse().ok())
+        .unwrap()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
 }
 
 #[test]

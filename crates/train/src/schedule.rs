@@ -27,9 +27,10 @@ pub fn lr_at(step: u64, tc: &TrainConfig) -> f32 {
     (tc.lr as f64 * (min + (1.0 - min) * frac)) as f32
 }
 
-/// The first step whose rate depends on `steps`: the end of the warm-up for a cosine
-/// schedule, the start of the decay for "wsd" (at the given step count). A run's step count
-/// may change before this step without changing any rate already used.
+/// A step up to which (inclusive) no rate depends on `steps`: the end of the warm-up for a
+/// cosine schedule, the start of the decay for "wsd" (at the given step count; the decay's
+/// first step still runs at `lr`, so this is one step cautious). A run's step count may
+/// change before this step without changing any rate already used.
 pub fn steps_fixed_from(tc: &TrainConfig) -> u64 {
     let warm = tc.warmup_steps;
     match tc.schedule {

@@ -122,8 +122,8 @@ pub struct RunOptions<'a> {
 /// See [`RunOptions::refit`]: (steps done, seconds per step) -> the new choice.
 pub type Refit = dyn Fn(u64, f64) -> crate::manifest::TimeBudget;
 
-/// The steps [`RunOptions::refit`] times (`from`..`at`: the second half of the warm-up) and
-/// the step after which it refits; None when the warm-up is too short to time. Not earlier:
+/// The steps [`RunOptions::refit`] first times (`from`..`at`: the second half of the
+/// warm-up) and the step after which it first refits; None when the warm-up is too short to time. Not earlier:
 /// an MoE's experts are loaded unevenly at first (max/mean load 2.5-3.7 at step 10, 2.0 at
 /// step 50, 1.3-1.6 from step 300 on small-moe), and steps 11-50 measured 7-20% slower than
 /// the run's average on Shakespeare.
@@ -204,7 +204,8 @@ enum RunDirPlan {
 /// The LR schedule (it spans `train.steps`), the batch order (`train.seed`) and every
 /// optimizer setting shape the weights; a run whose settings changed mid-way could not be
 /// replayed by `moelab verify` from its one config.toml, so such a resume is refused (it
-/// changes nothing) rather than recorded.
+/// changes nothing) rather than recorded. One exception: a `--time-budget` run killed
+/// between a refit's two writes (see `refit_interrupted`).
 fn check_run_dir(
     spec: &RunSpec,
     ds: &Dataset,
@@ -221,12 +222,16 @@ fn check_run_dir(
         std::fs::read(&p).map_err(io_err(&p))
     };
     if spec.resume {
-        if checkpoint::latest_good(run)?.is_none() {
+        let Some((latest, _)) = checkpoint::latest_good(run)? else {
             return Err(Error::Usage(format!(
                 "nothing to resume in {}: it has no checkpoint; drop --resume to start a new run",
                 run.display()
             )));
-        }
+        };
+        let resumed_step = latest
+            .file_name()
+            .and_then(|n| n.to_str()?.strip_prefix("step-")?.parse::<u64>().ok())
+            .unwrap_or(u64::MAX);
         let cfg_bytes = read("config.toml")?;
         let tok_bytes = read("tokenizer.json")?;
         let old_manifest = if Manifest::path(run).exists() {
@@ -242,7 +247,7 @@ fn check_run_dir(
                 ("tokenizer.json", &tok_bytes, &m.tokenizer_sha256),
             ] {
                 if &data::sha256_hex(bytes) != want
-                    && !(name == "config.toml" && refit_interrupted(&cfg_bytes, m))
+                    && !(name == "config.toml" && refit_interrupted(&cfg_bytes, m, resumed_step))
                 {
                     return Err(Error::Usage(format!(
                         "cannot resume {}: {name} was changed since training (its sha256 differs from manifest.json); restore the original or train into another --out",
@@ -352,7 +357,7 @@ fn write_run_dir(spec: &RunSpec, tokenizer_json: &[u8], plan: RunDirPlan) -> Res
 /// Runs (or resumes) training to `cfg.train.steps`.
 pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
     let cfg = &spec.cfg;
-    // mutable for `refit` only, which changes `steps` inside the warm-up
+    // mutable for `refit` only, which changes `steps` before any rate depends on it
     let mut tc = cfg.train.clone();
     let ds = match &spec.source {
         Source::Dir(d) => Dataset::open(d, cfg.model.vocab_size, tc.seq_len)?,
@@ -693,8 +698,9 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
                         m.save(run)?;
                     }
                 }
+                let wsd = tc.schedule == model::Schedule::Wsd;
                 if refits == 1 || last {
-                    let what = if refits == 1 { "" } else { " (final fit)" };
+                    let what = if last && wsd { " (final fit)" } else { "" };
                     rep.message(&format!(
                         "time budget: {per:.3} s per step over steps {}-{at} of this run, {:.1} s spent: {} steps{what}",
                         from + 1,
@@ -793,18 +799,23 @@ pub fn data_record(source: &Source, ds: &Dataset) -> Result<DataRecord> {
 
 /// Whether `config.toml` differs from what the manifest vouches for only by a
 /// `--time-budget` refit the process did not live to record: a refit writes config.toml, then
-/// the manifest, and the one differs from the other in `train.steps` alone. The steps run so
-/// far used rates that no refit changes, so resuming with config.toml's steps is the same run
-/// (`start_manifest` then records them).
-fn refit_interrupted(cfg_bytes: &[u8], m: &Manifest) -> bool {
-    let Some(mut c) = m.time_budget.as_ref().and_then(|_| {
+/// the manifest, and the one differs from the other in `train.steps` alone, at a step count
+/// under which every step up to the checkpoint resumed from (`resumed_step`) had the same
+/// rate. Resuming with config.toml's steps is then the same run (`start_manifest` records
+/// them); any other change, a changed step count that moves a rate already used included,
+/// is still refused.
+fn refit_interrupted(cfg_bytes: &[u8], m: &Manifest, resumed_step: u64) -> bool {
+    let Some(new) = m.time_budget.as_ref().and_then(|_| {
         let text = std::str::from_utf8(cfg_bytes).ok()?;
         Config::from_toml(text).ok()
     }) else {
         return false;
     };
-    c.train.steps = m.steps;
-    data::sha256_hex(c.to_toml().as_bytes()) == m.config_sha256
+    let mut old = new.clone();
+    old.train.steps = m.steps;
+    data::sha256_hex(old.to_toml().as_bytes()) == m.config_sha256
+        && schedule::steps_fixed_from(&old.train) >= resumed_step
+        && schedule::steps_fixed_from(&new.train) >= resumed_step
 }
 
 /// The run's manifest with a new segment (a fresh run's, or the existing one's on resume).
