@@ -18,8 +18,7 @@ pub fn lr_at(step: u64, tc: &TrainConfig) -> f32 {
             0.5 * (1.0 + (std::f64::consts::PI * p).cos())
         }
         Schedule::Wsd => {
-            let decay = ((tc.decay_frac as f64 * span as f64).round() as u64).clamp(1, span);
-            let start = warm + span - decay;
+            let (start, decay) = wsd_decay(tc);
             let p = (step.saturating_sub(start) as f64 / decay as f64).min(1.0);
             1.0 - p
         }
@@ -32,15 +31,17 @@ pub fn lr_at(step: u64, tc: &TrainConfig) -> f32 {
 /// first step still runs at `lr`, so this is one step cautious). A run's step count may
 /// change before this step without changing any rate already used.
 pub fn steps_fixed_from(tc: &TrainConfig) -> u64 {
-    let warm = tc.warmup_steps;
     match tc.schedule {
-        Schedule::Cosine => warm,
-        Schedule::Wsd => {
-            let span = tc.steps.saturating_sub(warm).max(1);
-            let decay = ((tc.decay_frac as f64 * span as f64).round() as u64).clamp(1, span);
-            warm + span - decay
-        }
+        Schedule::Cosine => tc.warmup_steps,
+        Schedule::Wsd => wsd_decay(tc).0,
     }
+}
+
+/// A "wsd" schedule's decay: its first step and its length in steps (at least 1).
+fn wsd_decay(tc: &TrainConfig) -> (u64, u64) {
+    let span = tc.steps.saturating_sub(tc.warmup_steps).max(1);
+    let decay = ((tc.decay_frac as f64 * span as f64).round() as u64).clamp(1, span);
+    (tc.warmup_steps + span - decay, decay)
 }
 
 #[cfg(test)]
