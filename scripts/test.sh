@@ -37,8 +37,18 @@ cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
+# Tests write their runs (a SmolLM2 fine-tune alone is 2 GB) under one scratch directory,
+# removed when the suite passes and kept for a look when it fails.
+scratch="$PWD/target/test-tmp"
+rm -rf --one-file-system "$scratch"
+mkdir -p "$scratch"
 status=0
-cargo test --workspace --all-targets --all-features --locked 2>&1 | tee "$log" || status=$?
+TMPDIR="$scratch" cargo test --workspace --all-targets --all-features --locked 2>&1 | tee "$log" || status=$?
+if [ "$status" = 0 ]; then
+  rm -rf --one-file-system "$scratch"
+else
+  echo "the failed suite's scratch files: $scratch"
+fi
 # One closing line for the whole suite, summed over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
