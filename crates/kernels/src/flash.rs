@@ -22,7 +22,7 @@ use crate::attention::AttnShape;
 use crate::matmul::{matmul_raw, View};
 use crate::par::SendPtr;
 use crate::simd;
-use crate::vmath::{dot, exp};
+use crate::vmath::{dot, exp, max, sum};
 use rayon::prelude::*;
 
 /// Query rows per tile.
@@ -63,16 +63,17 @@ simd! {
     /// `exp(s * scale - m_new)`, the rest 0; returns (m_new, sum of the row, rescale factor
     /// of what came before `exp(m - m_new)`).
     fn online_row(row: &mut [f32], lo: usize, hi: usize, scale: f32, m: f32) -> (f32, f32, f32) {
-        let mut mx = m;
-        for x in &mut row[lo..hi] {
+        // three passes without a serial reduction, so each vectorises (one fused loop with
+        // a running sum stayed scalar: 12% of a width-128 training step under perf)
+        let vis = &mut row[lo..hi];
+        for x in vis.iter_mut() {
             *x *= scale;
-            mx = mx.max(*x);
         }
-        let mut sum = 0.0;
-        for x in &mut row[lo..hi] {
+        let mx = m.max(max(vis));
+        for x in vis.iter_mut() {
             *x = exp(*x - mx);
-            sum += *x;
         }
+        let sum = sum(vis);
         row[..lo].fill(0.0);
         row[hi..].fill(0.0);
         let alpha = if m == f32::NEG_INFINITY { 0.0 } else { exp(m - mx) };
