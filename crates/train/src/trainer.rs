@@ -124,9 +124,9 @@ pub type Refit = dyn Fn(u64, f64) -> crate::manifest::TimeBudget;
 
 /// The steps [`RunOptions::refit`] first times (`from`..`at`: the second half of the
 /// warm-up) and the step after which it first refits; None when the warm-up is too short to
-/// time. Not earlier: an MoE's experts are loaded unevenly at first (max/mean load 2.5-3.7 at step 10, 2.0 at
-/// step 50, 1.3-1.6 from step 300 on small-moe), and steps 11-50 measured 7-20% slower than
-/// the run's average on Shakespeare.
+/// time. Not earlier: an MoE's experts are loaded unevenly at first (max/mean load 2.5-3.7
+/// at step 10, 2.0 at step 50, 1.3-1.6 from step 300 on small-moe), and steps 11-50
+/// measured 7-20% slower than the run's average on Shakespeare.
 pub fn refit_window(warmup_steps: u64) -> Option<(u64, u64)> {
     let at = warmup_steps.saturating_sub(1);
     let from = (at / 2).max(1);
