@@ -40,7 +40,8 @@ fn train(cfg: &Path, data: &Path, run: &Path, extra: &[&str], fault: Option<&str
 
 /// `--time-budget`: the steps come from a measured step time, are written to the run's
 /// config and manifest before the first step, fitted again from the run's own steps inside
-/// the warm-up (and with a "wsd" schedule, again every few steps until the decay starts), and
+/// the warm-up (and with a "wsd" schedule, again every few steps until the decay starts, its
+/// first window after the warm-up when that is too short to time), and
 /// the run replays bit for bit (the replay needs no timing). Bad budgets are refused before
 /// anything is written.
 #[test]
@@ -50,14 +51,15 @@ fn a_time_budget_run_records_its_steps_and_replays() {
         .unwrap()
         .replace("checkpoint_every = 4", "checkpoint_every = 100")
         .replace("warmup_steps = 4", "warmup_steps = 12");
-    for schedule in ["cosine", "wsd"] {
-        let cfg = d.join(format!("{schedule}.toml"));
+    // (a "wsd" warm-up too short to time: the same window, in the stable phase)
+    for (schedule, warmup) in [("cosine", 12), ("wsd", 12), ("wsd", 2)] {
+        let cfg = d.join(format!("{schedule}-{warmup}.toml"));
         let cfg_text = base.replace(
             "warmup_steps = 12",
-            &format!("warmup_steps = 12\nschedule = \"{schedule}\""),
+            &format!("warmup_steps = {warmup}\nschedule = \"{schedule}\""),
         );
         std::fs::write(&cfg, cfg_text).unwrap();
-        let run = d.join(format!("run-{schedule}"));
+        let run = d.join(format!("run-{schedule}-{warmup}"));
         let o = train(&cfg, &data, &run, &["--time-budget", "4s"], None);
         let out = text(&o);
         assert!(o.status.success(), "{out}");

@@ -58,7 +58,9 @@ pub struct Segment {
 }
 
 /// How a `--time-budget` run chose its steps (its config.toml holds the result, so a replay
-/// needs none of this; it says why the run has the steps it has).
+/// needs none of this; it says why the run has the steps it has). A run killed inside a refit
+/// (config.toml written, the manifest not yet) resumes with config.toml's steps; the times
+/// here are then the fit before that one's, which the process did not live to record.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TimeBudget {
     /// The budget, seconds from process start.
@@ -68,8 +70,8 @@ pub struct TimeBudget {
     pub spent_seconds: f64,
     /// Measured seconds per optimizer step on the host that started the run: the run's own
     /// steps inside the warm-up ([`crate::trainer::refit_window`]) or, with a "wsd"
-    /// schedule, the last window of steps timed before the decay; a scratch model's when the
-    /// warm-up is too short to time.
+    /// schedule, the last window of steps timed before the decay; a scratch model's when no
+    /// window can be timed (a "cosine" warm-up under 6 steps).
     pub step_seconds: f64,
     /// The steps chosen (the run's `train.steps`).
     pub steps: u64,

@@ -123,10 +123,29 @@ mod tests {
                 assert_eq!(lr_at(s, &tc(steps)).to_bits(), r.to_bits(), "step {s}");
             }
         }
-        let (from, at) = crate::trainer::refit_window(100).unwrap();
+        let window = |warmup_steps, schedule| {
+            crate::trainer::refit_window(&TrainConfig {
+                warmup_steps,
+                schedule,
+                ..tc(1_000)
+            })
+        };
+        let (from, at) = window(100, Schedule::Cosine).unwrap();
         assert!(from >= 1 && at < 100 && at - from >= 4);
-        assert_eq!(crate::trainer::refit_window(12), Some((5, 11)));
-        assert_eq!(crate::trainer::refit_window(100), Some((49, 99)));
-        assert_eq!(crate::trainer::refit_window(5), None);
+        for schedule in [Schedule::Cosine, Schedule::Wsd] {
+            assert_eq!(window(12, schedule), Some((5, 11)));
+            assert_eq!(window(100, schedule), Some((49, 99)));
+        }
+        assert_eq!(window(5, Schedule::Cosine), None);
+        // a "wsd" warm-up too short to time: stable steps instead, before the decay
+        assert_eq!(window(5, Schedule::Wsd), Some((5, 11)));
+        assert_eq!(window(0, Schedule::Wsd), Some((5, 11)));
+        let short = TrainConfig {
+            warmup_steps: 2,
+            schedule: Schedule::Wsd,
+            ..tc(10)
+        };
+        assert!(steps_fixed_from(&short) < 11);
+        assert_eq!(crate::trainer::refit_window(&short), None);
     }
 }

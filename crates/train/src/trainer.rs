@@ -123,14 +123,25 @@ pub struct RunOptions<'a> {
 pub type Refit = dyn Fn(u64, f64) -> crate::manifest::TimeBudget;
 
 /// The steps [`RunOptions::refit`] first times (`from`..`at`: the second half of the
-/// warm-up) and the step after which it first refits; None when the warm-up is too short to
-/// time. Not earlier: an MoE's experts are loaded unevenly at first (max/mean load 2.5-3.7
+/// warm-up) and the step after which it first refits; None when no such window exists.
+/// Not earlier: an MoE's experts are loaded unevenly at first (max/mean load 2.5-3.7
 /// at step 10, 2.0 at step 50, 1.3-1.6 from step 300 on small-moe), and steps 11-50
-/// measured 7-20% slower than the run's average on Shakespeare.
-pub fn refit_window(warmup_steps: u64) -> Option<(u64, u64)> {
-    let at = warmup_steps.saturating_sub(1);
+/// measured 7-20% slower than the run's average on Shakespeare. A "wsd" schedule's rates
+/// do not depend on `train.steps` until its decay, so a warm-up too short to time (under 6
+/// steps) still refits, after step 11, when the decay starts later than that.
+pub fn refit_window(tc: &model::TrainConfig) -> Option<(u64, u64)> {
+    let wsd = tc.schedule == model::Schedule::Wsd;
+    let mut at = tc.warmup_steps.saturating_sub(1);
+    if wsd && at < 11 {
+        at = 11;
+    }
     let from = (at / 2).max(1);
-    (at >= from + 4).then_some((from, at))
+    let fixed = if wsd {
+        schedule::steps_fixed_from(tc)
+    } else {
+        tc.warmup_steps
+    };
+    (at >= from + 4 && at <= fixed).then_some((from, at))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -525,7 +536,7 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
     // them), each over the window of steps since the last; a rollback ends them (the fit
     // standing then is final)
     let mut refit = match (spec.opts.refit, spec.resume) {
-        (Some(f), false) => refit_window(tc.warmup_steps).map(|w| (f, w)),
+        (Some(f), false) => refit_window(&tc).map(|w| (f, w)),
         _ => None,
     };
     let mut refits = 0u32;
