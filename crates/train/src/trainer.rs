@@ -136,12 +136,7 @@ pub fn refit_window(tc: &model::TrainConfig) -> Option<(u64, u64)> {
         at = 11;
     }
     let from = (at / 2).max(1);
-    let fixed = if wsd {
-        schedule::steps_fixed_from(tc)
-    } else {
-        tc.warmup_steps
-    };
-    (at >= from + 4 && at <= fixed).then_some((from, at))
+    (at >= from + 4 && at <= schedule::steps_fixed_from(tc)).then_some((from, at))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
