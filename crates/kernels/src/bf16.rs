@@ -792,3 +792,75 @@ mod tests {
         assert_eq!(serial, one);
     }
 }
+
+#[cfg(test)]
+mod timing {
+    type Mm = fn(&mut [f32], &[f32], bool, &[f32], bool, usize, usize, usize, bool);
+
+    /// `RAYON_NUM_THREADS=2 cargo test --release -p kernels bf16_vs_f32_shapes -- --ignored
+    /// --nocapture`: GFLOP/s of the bf16 and f32 matmuls at small-moe's shapes (2,048 tokens,
+    /// 512 rows per expert), operands in cache (repeated calls) and from memory (a 64 MiB
+    /// sweep before the call, as in a training step whose weights do not fit in L3).
+    #[test]
+    #[ignore]
+    fn bf16_vs_f32_shapes() {
+        // (name, m, n, k, ta, tb)
+        let shapes = [
+            ("lm head fwd", 2048, 4096, 256, false, true),
+            ("lm head dx", 2048, 256, 4096, false, false),
+            ("lm head dw", 4096, 256, 2048, true, false),
+            ("qkv fwd", 2048, 768, 256, false, true),
+            ("qkv dw", 768, 256, 2048, true, false),
+            ("expert gu", 512, 512, 256, false, true),
+            ("expert down", 512, 256, 256, false, true),
+            ("expert dw", 512, 256, 512, true, false),
+        ];
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let mut junk = vec![0u8; 64 << 20];
+        for threads in [1, 2] {
+            println!("{threads} thread(s)  (in cache | from memory)");
+            for (name, m, n, k, ta, tb) in shapes {
+                let a: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 7919) % 1000) as f32 / 1e3)
+                    .collect();
+                let b: Vec<f32> = (0..n * k)
+                    .map(|i| ((i * 104729) % 1000) as f32 / 1e3)
+                    .collect();
+                let mut out = vec![0f32; m * n];
+                // [hot, cold] x [bf16, f32]
+                let mut best = [[f64::MAX; 2]; 2];
+                let fs: [Mm; 2] = [crate::bf16::matmul, crate::matmul::matmul];
+                for it in 0..20 {
+                    for (x, f) in fs.iter().enumerate() {
+                        if it % 2 == 1 {
+                            junk.iter_mut().for_each(|v| *v = v.wrapping_add(1));
+                        }
+                        let t0 = std::time::Instant::now();
+                        if threads == 1 {
+                            pool.install(|| f(&mut out, &a, ta, &b, tb, m, n, k, false));
+                        } else {
+                            f(&mut out, &a, ta, &b, tb, m, n, k, false);
+                        }
+                        let dt = t0.elapsed().as_secs_f64();
+                        best[it % 2][x] = best[it % 2][x].min(dt);
+                    }
+                }
+                let gf = 2.0 * (m * n * k) as f64 / 1e9;
+                let [h, c] = best;
+                println!(
+                    "{name:12} {m}x{n}x{k}: bf16 {:3.0} | {:3.0} GFLOP/s, f32 {:3.0} | {:3.0}, \
+                     bf16/f32 {:.2} | {:.2}",
+                    gf / h[0],
+                    gf / c[0],
+                    gf / h[1],
+                    gf / c[1],
+                    h[1] / h[0],
+                    c[1] / c[0]
+                );
+            }
+        }
+    }
+}
