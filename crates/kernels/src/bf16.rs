@@ -196,6 +196,31 @@ pub fn matmul(
     unsafe { run(out.as_mut_ptr(), n, av, bv, m, n, k, accumulate, serial) };
 }
 
+/// [`crate::matmul::matmul_raw`] in bf16: strided operands, a raw destination, parallel only
+/// when called outside a rayon worker (as [`matmul`]).
+///
+/// # Safety
+/// As [`crate::matmul::matmul_raw`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul_raw(
+    out: *mut f32,
+    out_rs: usize,
+    a: View,
+    b: View,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    crate::matmul::check_operands(&a, &b, m, n, k);
+    let serial = rayon::current_num_threads() <= 1 || in_worker();
+    // SAFETY: the caller vouches for `out`; a, b cover (m, k) and (k, n) (checked).
+    unsafe { run(out, out_rs, a, b, m, n, k, accumulate, serial) };
+}
+
 /// [`matmul`] after its checks, with the choice of parallelism made by the caller.
 ///
 /// # Safety
@@ -266,12 +291,12 @@ thread_local! {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod fast {
+pub(crate) mod fast {
     use super::*;
     use std::arch::x86_64::*;
 
     /// How A is packed: `[row][pair]` (row stride KCP) or `[pair][row]` (pair stride MR).
-    fn a_by_rows(a: &View) -> bool {
+    pub(crate) fn a_by_rows(a: &View) -> bool {
         a.cs == 1 || a.rs != 1
     }
 
@@ -402,7 +427,7 @@ mod fast {
     /// One MR x NR output tile (a partial one through a local buffer).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn tile(
+    pub(crate) unsafe fn tile(
         ap: &[u32],
         bp: &[u32],
         kcp: usize,
@@ -501,7 +526,7 @@ mod fast {
     /// Packs rows r0..r0+rows of A, pairs pc..pc+kcp, into one MR-row panel (zeros past M).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn pack_a(
+    pub(crate) unsafe fn pack_a(
         dst: &mut [u32],
         a: &View,
         pc: usize,
@@ -565,7 +590,7 @@ mod fast {
     /// `[pair][column]` (zeros past N).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn pack_b(
+    pub(crate) unsafe fn pack_b(
         dst: &mut [u32],
         b: &View,
         pc: usize,

@@ -19,7 +19,7 @@
 //! `i - window < j <= i`; 0 means no window.
 
 use crate::attention::AttnShape;
-use crate::matmul::{matmul_raw, View};
+use crate::matmul::{Precision, View};
 use crate::par::SendPtr;
 use crate::simd;
 use crate::vmath::{dot, exp, max, sum};
@@ -96,22 +96,199 @@ simd! {
     }
 }
 
-/// `out (N, H*D) = softmax(mask(q k^T / sqrt(D))) v`; writes `lse (B, H, T)`.
-pub fn flash_forward(out: &mut [f32], lse: &mut [f32], qkv: &[f32], s: AttnShape, window: usize) {
+/// The tile products of one (batch, kv-group) task. [`Generic`] multiplies views in the
+/// precision given; with bf16 on AVX512-BF16 hardware, [`crate::flash_bf16::Packed`] rounds and
+/// packs each operand once (K and V per task, Q and dO per query tile) instead of once per
+/// product. Both compute every output as the same sum, so they give the same bits.
+pub(crate) trait Tiles<'a> {
+    /// The task's keys and values: `k`, `v` are (T, D) views.
+    fn task(&mut self, k: View<'a>, v: View<'a>, t: usize, d: usize);
+    /// The query tile of `nr` rows: `q` (nr, D), and `dout` (nr, D) in the backward.
+    fn query(&mut self, q: View<'a>, dout: Option<View<'a>>, nr: usize);
+    /// `out (nr, c1-c0) = Q K[c0..c1]^T`, or `dO V[c0..c1]^T` with `dp`.
+    ///
+    /// # Safety
+    /// `out` is valid for the (nr, c1-c0) tile at row stride `ldc`, owned by the caller.
+    unsafe fn scores(&mut self, out: *mut f32, ldc: usize, c0: usize, c1: usize, dp: bool);
+    /// `out (nr, D) += a (nr, c1-c0) V[c0..c1]`, or `K[c0..c1]` with `keys` (dQ += dS K).
+    ///
+    /// # Safety
+    /// As [`Tiles::scores`], for an (nr, D) tile.
+    unsafe fn times_kv(
+        &mut self,
+        out: *mut f32,
+        ldc: usize,
+        a: View,
+        c0: usize,
+        c1: usize,
+        keys: bool,
+    );
+    /// `out (nc, D) += a (nc, nr) Q`, or `dO` with `dout` (dK += dS^T Q, dV += P^T dO).
+    ///
+    /// # Safety
+    /// As [`Tiles::scores`], for an (nc, D) tile.
+    unsafe fn times_q(&mut self, out: *mut f32, ldc: usize, a: View, nc: usize, dout: bool);
+}
+
+/// [`Tiles`] through [`Precision::matmul_raw`] on the views themselves.
+pub(crate) struct Generic<'a> {
+    pr: Precision,
+    k: Option<View<'a>>,
+    v: Option<View<'a>>,
+    q: Option<View<'a>>,
+    dout: Option<View<'a>>,
+    nr: usize,
+    d: usize,
+}
+
+impl<'a> Generic<'a> {
+    pub(crate) fn new(pr: Precision) -> Self {
+        Generic {
+            pr,
+            k: None,
+            v: None,
+            q: None,
+            dout: None,
+            nr: 0,
+            d: 0,
+        }
+    }
+}
+
+fn rows_from<'a>(v: View<'a>, r: usize) -> View<'a> {
+    View {
+        data: &v.data[r * v.rs..],
+        ..v
+    }
+}
+
+fn transposed(v: View) -> View {
+    View {
+        data: v.data,
+        rs: v.cs,
+        cs: v.rs,
+    }
+}
+
+impl<'a> Tiles<'a> for Generic<'a> {
+    fn task(&mut self, k: View<'a>, v: View<'a>, _t: usize, d: usize) {
+        (self.k, self.v, self.d) = (Some(k), Some(v), d);
+    }
+
+    fn query(&mut self, q: View<'a>, dout: Option<View<'a>>, nr: usize) {
+        (self.q, self.dout, self.nr) = (Some(q), dout, nr);
+    }
+
+    unsafe fn scores(&mut self, out: *mut f32, ldc: usize, c0: usize, c1: usize, dp: bool) {
+        let (a, b) = if dp {
+            (self.dout, self.v)
+        } else {
+            (self.q, self.k)
+        };
+        let b = transposed(rows_from(b.expect("task"), c0));
+        // SAFETY: the caller vouches for `out`.
+        unsafe {
+            self.pr.matmul_raw(
+                out,
+                ldc,
+                a.expect("query"),
+                b,
+                self.nr,
+                c1 - c0,
+                self.d,
+                false,
+            )
+        }
+    }
+
+    unsafe fn times_kv(
+        &mut self,
+        out: *mut f32,
+        ldc: usize,
+        a: View,
+        c0: usize,
+        c1: usize,
+        keys: bool,
+    ) {
+        let b = if keys { self.k } else { self.v };
+        let b = rows_from(b.expect("task"), c0);
+        // SAFETY: the caller vouches for `out`.
+        unsafe {
+            self.pr
+                .matmul_raw(out, ldc, a, b, self.nr, self.d, c1 - c0, true)
+        }
+    }
+
+    unsafe fn times_q(&mut self, out: *mut f32, ldc: usize, a: View, nc: usize, dout: bool) {
+        let b = if dout { self.dout } else { self.q };
+        // SAFETY: the caller vouches for `out`.
+        unsafe {
+            self.pr
+                .matmul_raw(out, ldc, a, b.expect("query"), nc, self.d, self.nr, true)
+        }
+    }
+}
+
+/// The tile engine for `pr` at head width `d`: packed bf16 where the hardware has it (and a
+/// head's pairs fit one packed block).
+fn engine<'a>(pr: Precision, d: usize) -> Box<dyn Tiles<'a> + 'a> {
+    #[cfg(target_arch = "x86_64")]
+    if pr == Precision::Bf16 && crate::bf16::has_hardware() && d <= 2 * crate::bf16::KCP {
+        return Box::new(crate::flash_bf16::Packed::default());
+    }
+    Box::new(Generic::new(pr))
+}
+
+/// `out (N, H*D) = softmax(mask(q k^T / sqrt(D))) v`; writes `lse (B, H, T)`. The products
+/// run in `pr` (softmax statistics and accumulators stay f32).
+pub fn flash_forward(
+    out: &mut [f32],
+    lse: &mut [f32],
+    qkv: &[f32],
+    s: AttnShape,
+    window: usize,
+    pr: Precision,
+) {
+    forward_with(out, lse, qkv, s, window, &|| engine(pr, s.d));
+}
+
+pub(crate) fn forward_with<'a>(
+    out: &mut [f32],
+    lse: &mut [f32],
+    qkv: &'a [f32],
+    s: AttnShape,
+    window: usize,
+    make: &(dyn Fn() -> Box<dyn Tiles<'a> + 'a> + Sync),
+) {
     let AttnShape { b: _, t, h, g, d } = s;
     let hpg = h / g;
-    let rl = (h + 2 * g) * d;
-    let od = h * d;
     assert_eq!(lse.len(), s.b * h * t);
-    assert_eq!(out.len(), s.b * t * od);
-    let scale = 1.0 / (d as f32).sqrt();
+    assert_eq!(out.len(), s.b * t * h * d);
     let out_ptr = SendPtr(out.as_mut_ptr());
     lse.par_chunks_mut(hpg * t)
         .enumerate()
-        .for_each(|(task, lse_g)| {
+        .for_each(|(task, lse_g)| forward_task(task, lse_g, qkv, s, window, &mut *make(), out_ptr));
+}
+
+simd! {
+    /// One (batch, kv-group) task of [`forward_with`] (compiled per SIMD level: its row
+    /// loops are most of the attention's elementwise work).
+    #[allow(clippy::too_many_arguments)]
+    fn forward_task<'a>(task: usize, lse_g: &mut [f32], qkv: &'a [f32], s: AttnShape, window: usize, e: &mut (dyn Tiles<'a> + 'a), out_ptr: SendPtr) {
+        let AttnShape { b: _, t, h, g, d } = s;
+        let hpg = h / g;
+        let rl = (h + 2 * g) * d;
+        let od = h * d;
+        let scale = 1.0 / (d as f32).sqrt();
             let (bi, gi) = (task / g, task % g);
             let rows = &qkv[bi * t * rl..(bi + 1) * t * rl];
             let (kc, vc) = ((h + gi) * d, (h + g + gi) * d);
+            let col = move |c: usize| View {
+                data: &rows[c..],
+                rs: rl,
+                cs: 1,
+            };
+            e.task(col(kc), col(vc), t, d);
             let mut sb = vec![0f32; BR * BC];
             let mut acc = vec![0f32; BR * d];
             let (mut m, mut l) = ([0f32; BR], [0f32; BR]);
@@ -122,20 +299,11 @@ pub fn flash_forward(out: &mut [f32], lse: &mut [f32], qkv: &[f32], s: AttnShape
                     m[..nr].fill(f32::NEG_INFINITY);
                     l[..nr].fill(0.0);
                     acc[..nr * d].fill(0.0);
-                    let q = View {
-                        data: &rows[r0 * rl + hi * d..],
-                        rs: rl,
-                        cs: 1,
-                    };
+                    e.query(rows_from(col(hi * d), r0), None, nr);
                     for (c0, c1) in key_tiles(r0, r1, window) {
                         let nc = c1 - c0;
-                        let kt = View {
-                            data: &rows[c0 * rl + kc..],
-                            rs: 1,
-                            cs: rl,
-                        };
                         // SAFETY: sb is this task's scratch, BR x BC at stride BC.
-                        unsafe { matmul_raw(sb.as_mut_ptr(), BC, q, kt, nr, nc, d, false) };
+                        unsafe { e.scores(sb.as_mut_ptr(), BC, c0, c1, false) };
                         for i in 0..nr {
                             let (lo, hi_) = visible_in(r0 + i, window, c0, c1);
                             let row = &mut sb[i * BC..i * BC + nc];
@@ -155,13 +323,8 @@ pub fn flash_forward(out: &mut [f32], lse: &mut [f32], qkv: &[f32], s: AttnShape
                             rs: BC,
                             cs: 1,
                         };
-                        let v = View {
-                            data: &rows[c0 * rl + vc..],
-                            rs: rl,
-                            cs: 1,
-                        };
                         // SAFETY: acc is this task's scratch, BR x D.
-                        unsafe { matmul_raw(acc.as_mut_ptr(), d, p, v, nr, d, nc, true) };
+                        unsafe { e.times_kv(acc.as_mut_ptr(), d, p, c0, c1, false) };
                     }
                     for i in 0..nr {
                         let inv = 1.0 / l[i];
@@ -179,7 +342,7 @@ pub fn flash_forward(out: &mut [f32], lse: &mut [f32], qkv: &[f32], s: AttnShape
                     }
                 }
             }
-        });
+    }
 }
 
 /// Backward of [`flash_forward`]: `dqkv (N, (H+2G)*D)` is overwritten. `out` and `lse` are
@@ -193,14 +356,39 @@ pub fn flash_backward(
     lse: &[f32],
     s: AttnShape,
     window: usize,
+    pr: Precision,
 ) {
-    let AttnShape { b: _, t, h, g, d } = s;
-    let hpg = h / g;
-    let rl = (h + 2 * g) * d;
-    let od = h * d;
-    let scale = 1.0 / (d as f32).sqrt();
+    backward_with(dqkv, dout, qkv, out, lse, s, window, &|| engine(pr, s.d));
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_with<'a>(
+    dqkv: &mut [f32],
+    dout: &'a [f32],
+    qkv: &'a [f32],
+    out: &[f32],
+    lse: &[f32],
+    s: AttnShape,
+    window: usize,
+    make: &(dyn Fn() -> Box<dyn Tiles<'a> + 'a> + Sync),
+) {
+    let g = s.g;
     let dptr = SendPtr(dqkv.as_mut_ptr());
-    (0..s.b * g).into_par_iter().for_each(|task| {
+    (0..s.b * g)
+        .into_par_iter()
+        .for_each(|task| backward_task(task, dptr, dout, qkv, out, lse, s, window, &mut *make()));
+}
+
+simd! {
+    /// One (batch, kv-group) task of [`backward_with`] (compiled per SIMD level, as
+    /// [`forward_task`]).
+    #[allow(clippy::too_many_arguments)]
+    fn backward_task<'a>(task: usize, dptr: SendPtr, dout: &'a [f32], qkv: &'a [f32], out: &[f32], lse: &[f32], s: AttnShape, window: usize, e: &mut (dyn Tiles<'a> + 'a)) {
+        let AttnShape { b: _, t, h, g, d } = s;
+        let hpg = h / g;
+        let rl = (h + 2 * g) * d;
+        let od = h * d;
+        let scale = 1.0 / (d as f32).sqrt();
         let (bi, gi) = (task / g, task % g);
         let rows = &qkv[bi * t * rl..(bi + 1) * t * rl];
         let drow0 = bi * t * rl;
@@ -214,6 +402,12 @@ pub fn flash_backward(
                 std::slice::from_raw_parts_mut(base.add(vc), d).fill(0.0);
             }
         }
+        let col = move |c: usize| View {
+            data: &rows[c..],
+            rs: rl,
+            cs: 1,
+        };
+        e.task(col(kc), col(vc), t, d);
         let mut sb = vec![0f32; BR * BC];
         let mut dp = vec![0f32; BR * BC];
         let mut delta = vec![0f32; t];
@@ -227,16 +421,12 @@ pub fn flash_backward(
             }
             for (r0, r1) in tiles(t, BR) {
                 let nr = r1 - r0;
-                let q = View {
-                    data: &rows[r0 * rl + hi * d..],
-                    rs: rl,
-                    cs: 1,
-                };
                 let dov = View {
                     data: &dob[r0 * od..],
                     rs: od,
                     cs: 1,
                 };
+                e.query(rows_from(col(hi * d), r0), Some(dov), nr);
                 unsafe {
                     let dq = dptr.get().add(drow0 + r0 * rl + hi * d);
                     for i in 0..nr {
@@ -245,20 +435,10 @@ pub fn flash_backward(
                 }
                 for (c0, c1) in key_tiles(r0, r1, window) {
                     let nc = c1 - c0;
-                    let kt = View {
-                        data: &rows[c0 * rl + kc..],
-                        rs: 1,
-                        cs: rl,
-                    };
-                    let vt = View {
-                        data: &rows[c0 * rl + vc..],
-                        rs: 1,
-                        cs: rl,
-                    };
                     unsafe {
                         // S = Q K^T, dP = dO V^T (this tile)
-                        matmul_raw(sb.as_mut_ptr(), BC, q, kt, nr, nc, d, false);
-                        matmul_raw(dp.as_mut_ptr(), BC, dov, vt, nr, nc, d, false);
+                        e.scores(sb.as_mut_ptr(), BC, c0, c1, false);
+                        e.scores(dp.as_mut_ptr(), BC, c0, c1, true);
                     }
                     for i in 0..nr {
                         let r = r0 + i;
@@ -277,36 +457,26 @@ pub fn flash_backward(
                         rs: BC,
                         cs: 1,
                     };
-                    let dst = View {
-                        data: &dp,
-                        rs: 1,
-                        cs: BC,
-                    };
-                    let pt = View {
-                        data: &sb,
-                        rs: 1,
-                        cs: BC,
-                    };
-                    let k = View {
-                        data: &rows[c0 * rl + kc..],
-                        rs: rl,
-                        cs: 1,
-                    };
                     unsafe {
                         // dQ[r0..r1] += dS K[c0..c1]
                         let dq = dptr.get().add(drow0 + r0 * rl + hi * d);
-                        matmul_raw(dq, rl, ds, k, nr, d, nc, true);
+                        e.times_kv(dq, rl, ds, c0, c1, true);
                         // dK[c0..c1] += dS^T Q[r0..r1]
                         let dk = dptr.get().add(drow0 + c0 * rl + kc);
-                        matmul_raw(dk, rl, dst, q, nc, d, nr, true);
+                        e.times_q(dk, rl, transposed(ds), nc, false);
                         // dV[c0..c1] += P^T dO[r0..r1]
                         let dv = dptr.get().add(drow0 + c0 * rl + vc);
-                        matmul_raw(dv, rl, pt, dov, nc, d, nr, true);
+                        let p = View {
+                            data: &sb,
+                            rs: BC,
+                            cs: 1,
+                        };
+                        e.times_q(dv, rl, transposed(p), nc, true);
                     }
                 }
             }
         }
-    });
+    }
 }
 
 /// Reference: the same attention through explicit probabilities, in f64 (tests).
@@ -366,14 +536,14 @@ mod tests {
     fn fwd(qkv: &[f32], s: AttnShape, w: usize) -> (Vec<f32>, Vec<f32>) {
         let mut out = vec![0f32; s.b * s.t * s.h * s.d];
         let mut lse = vec![0f32; s.b * s.h * s.t];
-        flash_forward(&mut out, &mut lse, qkv, s, w);
+        flash_forward(&mut out, &mut lse, qkv, s, w, Precision::F32);
         (out, lse)
     }
 
     fn bwd(qkv: &[f32], dout: &[f32], s: AttnShape, w: usize) -> Vec<f32> {
         let (out, lse) = fwd(qkv, s, w);
         let mut dqkv = vec![f32::NAN; qkv.len()];
-        flash_backward(&mut dqkv, dout, qkv, &out, &lse, s, w);
+        flash_backward(&mut dqkv, dout, qkv, &out, &lse, s, w, Precision::F32);
         dqkv
     }
 
@@ -465,6 +635,84 @@ mod tests {
         }
     }
 
+    /// Forward (out, lse) and backward (dqkv) through the given tile engine.
+    fn both_with<'a>(
+        qkv: &'a [f32],
+        dout: &'a [f32],
+        s: AttnShape,
+        w: usize,
+        make: &(dyn Fn() -> Box<dyn Tiles<'a> + 'a> + Sync),
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let mut out = vec![0f32; s.b * s.t * s.h * s.d];
+        let mut lse = vec![0f32; s.b * s.h * s.t];
+        forward_with(&mut out, &mut lse, qkv, s, w, make);
+        let mut dqkv = vec![f32::NAN; qkv.len()];
+        backward_with(&mut dqkv, dout, qkv, &out, &lse, s, w, make);
+        (out, lse, dqkv)
+    }
+
+    #[test]
+    fn packed_bf16_tiles_equal_the_bf16_matmul_bit_for_bit() {
+        if !crate::bf16::has_hardware() {
+            println!("no AVX512-BF16 here: the packed engine is never used on this host");
+            return;
+        }
+        let wide = [
+            (2, 300, 4, 2, 64, 0),
+            (1, 129, 2, 1, 32, 70),
+            (1, 64, 1, 1, 48, 0),
+        ];
+        for (i, &(b, t, h, g, d, w)) in CASES.iter().chain(&wide).enumerate() {
+            let s = shape(b, t, h, g, d);
+            let qkv = rand(b * t * (h + 2 * g) * d, 50 + i as u64);
+            let dout = rand(b * t * h * d, 60 + i as u64);
+            let generic = both_with(&qkv, &dout, s, w, &|| {
+                Box::new(Generic::new(Precision::Bf16))
+            });
+            let packed = both_with(&qkv, &dout, s, w, &|| {
+                Box::new(crate::flash_bf16::Packed::default())
+            });
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&packed.0), bits(&generic.0), "case {i} out");
+            assert_eq!(bits(&packed.1), bits(&generic.1), "case {i} lse");
+            assert_eq!(bits(&packed.2), bits(&generic.2), "case {i} dqkv");
+        }
+    }
+
+    #[test]
+    fn bf16_attention_is_close_to_f32() {
+        // bf16 operands (8 significant bits): errors of a few 1e-3 relative to the values
+        for (i, &(b, t, h, g, d, w)) in CASES.iter().enumerate() {
+            let s = shape(b, t, h, g, d);
+            let qkv = rand(b * t * (h + 2 * g) * d, 70 + i as u64);
+            let dout = rand(b * t * h * d, 80 + i as u64);
+            let run = |pr: Precision| {
+                let mut out = vec![0f32; b * t * h * d];
+                let mut lse = vec![0f32; b * h * t];
+                flash_forward(&mut out, &mut lse, &qkv, s, w, pr);
+                let mut dqkv = vec![f32::NAN; qkv.len()];
+                flash_backward(&mut dqkv, &dout, &qkv, &out, &lse, s, w, pr);
+                (out, dqkv)
+            };
+            let (f, b16) = (run(Precision::F32), run(Precision::Bf16));
+            let worst = |x: &[f32], y: &[f32]| {
+                let scale = y.iter().fold(0f32, |m, v| m.max(v.abs()));
+                x.iter().zip(y).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale
+            };
+            assert!(
+                worst(&b16.0, &f.0) < 2e-2,
+                "case {i} out {}",
+                worst(&b16.0, &f.0)
+            );
+            assert!(
+                worst(&b16.1, &f.1) < 3e-2,
+                "case {i} dqkv {}",
+                worst(&b16.1, &f.1)
+            );
+            assert!(b16.0 != f.0, "case {i}: bf16 changed nothing");
+        }
+    }
+
     #[test]
     fn the_same_bits_for_any_thread_count() {
         let s = shape(2, 150, 4, 2, 8);
@@ -475,14 +723,32 @@ mod tests {
                 .num_threads(n)
                 .build()
                 .unwrap();
-            pool.install(|| (fwd(&qkv, s, 33), bwd(&qkv, &dout, s, 33)))
+            pool.install(|| {
+                let f32s = (fwd(&qkv, s, 33), bwd(&qkv, &dout, s, 33));
+                let bf16 = [Precision::Bf16].map(|pr| {
+                    let mut out = vec![0f32; s.b * s.t * s.h * s.d];
+                    let mut lse = vec![0f32; s.b * s.h * s.t];
+                    flash_forward(&mut out, &mut lse, &qkv, s, 33, pr);
+                    let mut dq = vec![0f32; qkv.len()];
+                    flash_backward(&mut dq, &dout, &qkv, &out, &lse, s, 33, pr);
+                    (out, lse, dq)
+                });
+                (f32s, bf16)
+            })
         };
-        let one = run(1);
+        let ((one, one_bf16), bits) = (run(1), |v: &[f32]| {
+            v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        });
         for n in [2, 3, 4] {
-            let x = run(n);
+            let (x, x_bf16) = run(n);
             assert!(
                 x.0 .0 == one.0 .0 && x.0 .1 == one.0 .1 && x.1 == one.1,
                 "{n} threads"
+            );
+            let (a, b) = (&x_bf16[0], &one_bf16[0]);
+            assert!(
+                bits(&a.0) == bits(&b.0) && bits(&a.1) == bits(&b.1) && bits(&a.2) == bits(&b.2),
+                "{n} threads, bf16"
             );
         }
     }
@@ -523,8 +789,8 @@ mod timing {
                 best[0] = best[0].min(t0.elapsed().as_secs_f64());
                 let t0 = std::time::Instant::now();
                 let mut lse = vec![0f32; s.b * 4 * t];
-                flash_forward(&mut out, &mut lse, &qkv, s, 0);
-                flash_backward(&mut dq, &dout, &qkv, &out, &lse, s, 0);
+                flash_forward(&mut out, &mut lse, &qkv, s, 0, Precision::F32);
+                flash_backward(&mut dq, &dout, &qkv, &out, &lse, s, 0, Precision::F32);
                 best[1] = best[1].min(t0.elapsed().as_secs_f64());
             }
             println!(
@@ -534,5 +800,59 @@ mod timing {
                 best[0] / best[1]
             );
         }
+    }
+
+    /// `RAYON_NUM_THREADS=2 cargo test --release -p kernels flash_precisions -- --ignored
+    /// --nocapture`: forward and backward (ms, best of 10) at small-moe's attention shape
+    /// (16 x 128 tokens, 4 heads of 64) and the shakespeare preset's (8 x 256, 5 heads of 32),
+    /// f32 (gemm), bf16 through the general matmul, bf16 with packed operands.
+    #[test]
+    #[ignore]
+    fn flash_precisions() {
+        for (b, t, h, d) in [(16, 128, 4, 64), (8, 256, 5, 32)] {
+            let s = AttnShape { b, t, h, g: h, d };
+            let n = b * t;
+            let qkv: Vec<f32> = (0..n * 3 * h * d)
+                .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+                .collect();
+            let dout = qkv[..n * h * d].to_vec();
+            measure("f32", &qkv, &dout, s, &|| {
+                Box::new(Generic::new(Precision::F32))
+            });
+            measure("bf16 general", &qkv, &dout, s, &|| {
+                Box::new(Generic::new(Precision::Bf16))
+            });
+            measure("bf16 packed", &qkv, &dout, s, &|| {
+                engine(Precision::Bf16, d)
+            });
+        }
+    }
+
+    fn measure<'a>(
+        name: &str,
+        qkv: &'a [f32],
+        dout: &'a [f32],
+        s: AttnShape,
+        make: &(dyn Fn() -> Box<dyn Tiles<'a> + 'a> + Sync),
+    ) {
+        let mut best = [f64::MAX; 2];
+        let mut out = vec![0f32; dout.len()];
+        let mut lse = vec![0f32; s.b * s.h * s.t];
+        let mut dq = vec![0f32; qkv.len()];
+        for _ in 0..10 {
+            let t0 = std::time::Instant::now();
+            forward_with(&mut out, &mut lse, qkv, s, 0, make);
+            let t1 = std::time::Instant::now();
+            backward_with(&mut dq, dout, qkv, &out, &lse, s, 0, make);
+            best[0] = best[0].min((t1 - t0).as_secs_f64());
+            best[1] = best[1].min(t1.elapsed().as_secs_f64());
+        }
+        println!(
+            "T {} d {}: {name:13} forward {:.2} ms, backward {:.2} ms",
+            s.t,
+            s.d,
+            best[0] * 1e3,
+            best[1] * 1e3
+        );
     }
 }

@@ -25,6 +25,8 @@ pub mod dispatch;
 pub mod dropout;
 pub mod embedding;
 pub mod flash;
+#[cfg(target_arch = "x86_64")]
+mod flash_bf16;
 pub mod loss;
 pub mod matmul;
 pub mod muon;

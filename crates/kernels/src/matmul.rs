@@ -231,6 +231,31 @@ impl Precision {
         }
     }
 
+    /// [`matmul_raw`] in this precision.
+    ///
+    /// # Safety
+    /// As [`matmul_raw`].
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn matmul_raw(
+        self,
+        out: *mut f32,
+        out_rs: usize,
+        a: View,
+        b: View,
+        m: usize,
+        n: usize,
+        k: usize,
+        accumulate: bool,
+    ) {
+        // SAFETY: the caller's guarantees are the callees'.
+        unsafe {
+            match self {
+                Precision::F32 => matmul_raw(out, out_rs, a, b, m, n, k, accumulate),
+                Precision::Bf16 => crate::bf16::matmul_raw(out, out_rs, a, b, m, n, k, accumulate),
+            }
+        }
+    }
+
     /// [`linear_forward`] in this precision.
     pub fn linear_forward(
         self,

@@ -582,7 +582,14 @@ pub(crate) fn attention_forward(
     rope_apply(&mut a.qkv, s.r, 0, s.h + s.g, s.t, rope, false);
     prof.lap("rope");
     if s.flash {
-        kernels::flash::flash_forward(&mut a.o, &mut a.att, &a.qkv, s.attn(), w.window);
+        kernels::flash::flash_forward(
+            &mut a.o,
+            &mut a.att,
+            &a.qkv,
+            s.attn(),
+            w.window,
+            s.precision,
+        );
     } else {
         assert_eq!(w.window, 0, "sliding windows need the tiled kernel");
         attn_k::attention_forward(&mut a.o, &mut a.att, &a.qkv, s.attn());
@@ -639,6 +646,7 @@ pub(crate) fn attention_backward(
             &a.att,
             s.attn(),
             w.window,
+            s.precision,
         );
     } else {
         attn_k::attention_backward(
