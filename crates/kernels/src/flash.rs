@@ -267,7 +267,10 @@ pub(crate) fn forward_with<'a>(
     let out_ptr = SendPtr(out.as_mut_ptr());
     lse.par_chunks_mut(hpg * t)
         .enumerate()
-        .for_each(|(task, lse_g)| forward_task(task, lse_g, qkv, s, window, &mut *make(), out_ptr));
+        // one engine per rayon job, its buffers reused by the tasks the job runs
+        .for_each_init(make, |e, (task, lse_g)| {
+            forward_task(task, lse_g, qkv, s, window, &mut **e, out_ptr)
+        });
 }
 
 simd! {
@@ -374,9 +377,9 @@ pub(crate) fn backward_with<'a>(
 ) {
     let g = s.g;
     let dptr = SendPtr(dqkv.as_mut_ptr());
-    (0..s.b * g)
-        .into_par_iter()
-        .for_each(|task| backward_task(task, dptr, dout, qkv, out, lse, s, window, &mut *make()));
+    (0..s.b * g).into_par_iter().for_each_init(make, |e, task| {
+        backward_task(task, dptr, dout, qkv, out, lse, s, window, &mut **e)
+    });
 }
 
 simd! {

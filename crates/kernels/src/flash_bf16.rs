@@ -13,24 +13,30 @@ use crate::bf16::{KCP, MR, NR};
 use crate::flash::Tiles;
 use crate::matmul::View;
 
-/// A B operand (K, N) rounded and packed whole: NR-column panels of `[K block][pair][column]`.
+/// A B operand (K, N) rounded and packed whole: NR-column panels of `[K block][pair][column]`,
+/// blocks of `bk` pairs (KCP, or all of K's pairs when fewer).
 #[derive(Default)]
 struct PackedB {
     buf: Vec<u32>,
     kblocks: usize,
+    bk: usize,
 }
 
 impl PackedB {
     fn pack(&mut self, b: &View, k: usize, n: usize) {
         let kp = k.div_ceil(2);
-        self.kblocks = kp.div_ceil(KCP).max(1);
+        self.bk = KCP.min(kp).max(1);
+        self.kblocks = kp.div_ceil(self.bk).max(1);
         let npan = n.div_ceil(NR);
-        self.buf.resize(npan * self.kblocks * KCP * NR, 0);
+        let block = self.bk * NR;
+        if self.buf.len() < npan * self.kblocks * block {
+            self.buf.resize(npan * self.kblocks * block, 0);
+        }
         for pj in 0..npan {
             for kb in 0..self.kblocks {
-                let pc = kb * KCP;
-                let kcp = KCP.min(kp - pc);
-                let dst = &mut self.buf[(pj * self.kblocks + kb) * KCP * NR..][..KCP * NR];
+                let pc = kb * self.bk;
+                let kcp = self.bk.min(kp - pc);
+                let dst = &mut self.buf[(pj * self.kblocks + kb) * block..][..block];
                 // SAFETY: a Packed engine exists only on AVX512-BF16 hardware; `b` covers
                 // (k, n) (the caller's views).
                 unsafe { pack_b(dst, b, pc, kcp, pj * NR, NR.min(n - pj * NR), k) };
@@ -38,10 +44,11 @@ impl PackedB {
         }
     }
 
-    /// Panel `pj` from pair `p0` on (the pairs read after it stay in p0's K block).
-    fn at(&self, pj: usize, p0: usize) -> &[u32] {
-        let (kb, off) = (p0 / KCP, p0 % KCP);
-        &self.buf[((pj * self.kblocks + kb) * KCP + off) * NR..]
+    /// Panel `pj` from pair `p0` on; the `pairs` read from there must stay in p0's block.
+    fn at(&self, pj: usize, p0: usize, pairs: usize) -> &[u32] {
+        let (kb, off) = (p0 / self.bk, p0 % self.bk);
+        assert!(off + pairs <= self.bk, "a product crosses a packed K block");
+        &self.buf[((pj * self.kblocks + kb) * self.bk + off) * NR..]
     }
 }
 
@@ -59,7 +66,9 @@ impl PackedA {
         assert!(self.kcp <= KCP, "tile products need K <= {}", 2 * KCP);
         self.by_rows = a_by_rows(a);
         let npan = m.div_ceil(MR);
-        self.buf.resize(npan * MR * KCP, 0);
+        if self.buf.len() < npan * MR * KCP {
+            self.buf.resize(npan * MR * KCP, 0);
+        }
         for (pi, dst) in self.buf.chunks_mut(MR * KCP).take(npan).enumerate() {
             let rows = MR.min(m - pi * MR);
             // SAFETY: as in PackedB::pack.
@@ -95,7 +104,7 @@ unsafe fn product(
                 let c = out.add(pi * MR * ldc + pj * NR);
                 tile(
                     ap,
-                    b.at(pj0 + pj, p0),
+                    b.at(pj0 + pj, p0, a.kcp),
                     a.kcp,
                     c,
                     ldc,
@@ -197,10 +206,10 @@ impl<'a> Tiles<'a> for Packed<'a> {
         c1: usize,
         keys: bool,
     ) {
-        assert!(c0.is_multiple_of(2) && (c0 / 2) % KCP + (c1 - c0).div_ceil(2) <= KCP);
+        assert!(c0.is_multiple_of(2), "key tiles start on a pair");
         self.tmp.pack(&a, self.nr, c1 - c0);
         let b = if keys { self.k.get() } else { self.v.get() };
-        // SAFETY: as above; pairs c0/2.. of K / V lie in one block (asserted).
+        // SAFETY: as above; pairs c0/2.. of K / V lie in one block (`at` asserts it).
         unsafe { product(out, ldc, &self.tmp, self.nr, b, 0, c0 / 2, self.d, true) }
     }
 
