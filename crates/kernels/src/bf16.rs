@@ -187,13 +187,8 @@ pub fn matmul(
     accumulate: bool,
 ) {
     let (av, bv) = crate::matmul::views(out.len(), a, ta, b, tb, m, n, k);
-    if m == 0 || n == 0 {
-        return;
-    }
-    crate::matmul::check_operands(&av, &bv, m, n, k);
-    let serial = rayon::current_num_threads() <= 1 || in_worker();
-    // SAFETY: `out` is a unique borrow of (m, n) (checked by `views`); a, b are bounded.
-    unsafe { run(out.as_mut_ptr(), n, av, bv, m, n, k, accumulate, serial) };
+    // SAFETY: `out` is a unique borrow of (m, n) (checked by `views`).
+    unsafe { matmul_raw(out.as_mut_ptr(), n, av, bv, m, n, k, accumulate) };
 }
 
 /// [`crate::matmul::matmul_raw`] in bf16: strided operands, a raw destination, parallel only

@@ -162,7 +162,8 @@ fn rows_from<'a>(v: View<'a>, r: usize) -> View<'a> {
     }
 }
 
-fn transposed(v: View) -> View {
+/// `v` read as its transpose.
+pub(crate) fn transposed(v: View) -> View {
     View {
         data: v.data,
         rs: v.cs,
@@ -283,68 +284,68 @@ simd! {
         let rl = (h + 2 * g) * d;
         let od = h * d;
         let scale = 1.0 / (d as f32).sqrt();
-            let (bi, gi) = (task / g, task % g);
-            let rows = &qkv[bi * t * rl..(bi + 1) * t * rl];
-            let (kc, vc) = ((h + gi) * d, (h + g + gi) * d);
-            let col = move |c: usize| View {
-                data: &rows[c..],
-                rs: rl,
-                cs: 1,
-            };
-            e.task(col(kc), col(vc), t, d);
-            let mut sb = vec![0f32; BR * BC];
-            let mut acc = vec![0f32; BR * d];
-            let (mut m, mut l) = ([0f32; BR], [0f32; BR]);
-            for j in 0..hpg {
-                let hi = gi * hpg + j;
-                for (r0, r1) in tiles(t, BR) {
-                    let nr = r1 - r0;
-                    m[..nr].fill(f32::NEG_INFINITY);
-                    l[..nr].fill(0.0);
-                    acc[..nr * d].fill(0.0);
-                    e.query(rows_from(col(hi * d), r0), None, nr);
-                    for (c0, c1) in key_tiles(r0, r1, window) {
-                        let nc = c1 - c0;
-                        // SAFETY: sb is this task's scratch, BR x BC at stride BC.
-                        unsafe { e.scores(sb.as_mut_ptr(), BC, c0, c1, false) };
-                        for i in 0..nr {
-                            let (lo, hi_) = visible_in(r0 + i, window, c0, c1);
-                            let row = &mut sb[i * BC..i * BC + nc];
-                            if lo >= hi_ {
-                                row.fill(0.0);
-                                continue;
-                            }
-                            let (mn, sum, alpha) = online_row(row, lo, hi_, scale, m[i]);
-                            m[i] = mn;
-                            l[i] = l[i] * alpha + sum;
-                            for x in &mut acc[i * d..(i + 1) * d] {
-                                *x *= alpha;
-                            }
-                        }
-                        let p = View {
-                            data: &sb,
-                            rs: BC,
-                            cs: 1,
-                        };
-                        // SAFETY: acc is this task's scratch, BR x D.
-                        unsafe { e.times_kv(acc.as_mut_ptr(), d, p, c0, c1, false) };
-                    }
+        let (bi, gi) = (task / g, task % g);
+        let rows = &qkv[bi * t * rl..(bi + 1) * t * rl];
+        let (kc, vc) = ((h + gi) * d, (h + g + gi) * d);
+        let col = move |c: usize| View {
+            data: &rows[c..],
+            rs: rl,
+            cs: 1,
+        };
+        e.task(col(kc), col(vc), t, d);
+        let mut sb = vec![0f32; BR * BC];
+        let mut acc = vec![0f32; BR * d];
+        let (mut m, mut l) = ([0f32; BR], [0f32; BR]);
+        for j in 0..hpg {
+            let hi = gi * hpg + j;
+            for (r0, r1) in tiles(t, BR) {
+                let nr = r1 - r0;
+                m[..nr].fill(f32::NEG_INFINITY);
+                l[..nr].fill(0.0);
+                acc[..nr * d].fill(0.0);
+                e.query(rows_from(col(hi * d), r0), None, nr);
+                for (c0, c1) in key_tiles(r0, r1, window) {
+                    let nc = c1 - c0;
+                    // SAFETY: sb is this task's scratch, BR x BC at stride BC.
+                    unsafe { e.scores(sb.as_mut_ptr(), BC, c0, c1, false) };
                     for i in 0..nr {
-                        let inv = 1.0 / l[i];
-                        // SAFETY: row r0 + i of batch bi, head hi's columns: this task's only.
-                        let o = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                out_ptr.get().add((bi * t + r0 + i) * od + hi * d),
-                                d,
-                            )
-                        };
-                        for (o, a) in o.iter_mut().zip(&acc[i * d..(i + 1) * d]) {
-                            *o = a * inv;
+                        let (lo, hi_) = visible_in(r0 + i, window, c0, c1);
+                        let row = &mut sb[i * BC..i * BC + nc];
+                        if lo >= hi_ {
+                            row.fill(0.0);
+                            continue;
                         }
-                        lse_g[j * t + r0 + i] = m[i] + l[i].ln();
+                        let (mn, sum, alpha) = online_row(row, lo, hi_, scale, m[i]);
+                        m[i] = mn;
+                        l[i] = l[i] * alpha + sum;
+                        for x in &mut acc[i * d..(i + 1) * d] {
+                            *x *= alpha;
+                        }
                     }
+                    let p = View {
+                        data: &sb,
+                        rs: BC,
+                        cs: 1,
+                    };
+                    // SAFETY: acc is this task's scratch, BR x D.
+                    unsafe { e.times_kv(acc.as_mut_ptr(), d, p, c0, c1, false) };
+                }
+                for i in 0..nr {
+                    let inv = 1.0 / l[i];
+                    // SAFETY: row r0 + i of batch bi, head hi's columns: this task's only.
+                    let o = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            out_ptr.get().add((bi * t + r0 + i) * od + hi * d),
+                            d,
+                        )
+                    };
+                    for (o, a) in o.iter_mut().zip(&acc[i * d..(i + 1) * d]) {
+                        *o = a * inv;
+                    }
+                    lse_g[j * t + r0 + i] = m[i] + l[i].ln();
                 }
             }
+        }
     }
 }
 
@@ -654,6 +655,17 @@ mod tests {
         (out, lse, dqkv)
     }
 
+    /// [`both_with`] through the engine training uses for `pr`.
+    fn both(
+        qkv: &[f32],
+        dout: &[f32],
+        s: AttnShape,
+        w: usize,
+        pr: Precision,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        both_with(qkv, dout, s, w, &|| engine(pr, s.d))
+    }
+
     #[test]
     fn packed_bf16_tiles_equal_the_bf16_matmul_bit_for_bit() {
         if !crate::bf16::has_hardware() {
@@ -689,15 +701,10 @@ mod tests {
             let s = shape(b, t, h, g, d);
             let qkv = rand(b * t * (h + 2 * g) * d, 70 + i as u64);
             let dout = rand(b * t * h * d, 80 + i as u64);
-            let run = |pr: Precision| {
-                let mut out = vec![0f32; b * t * h * d];
-                let mut lse = vec![0f32; b * h * t];
-                flash_forward(&mut out, &mut lse, &qkv, s, w, pr);
-                let mut dqkv = vec![f32::NAN; qkv.len()];
-                flash_backward(&mut dqkv, &dout, &qkv, &out, &lse, s, w, pr);
-                (out, dqkv)
-            };
-            let (f, b16) = (run(Precision::F32), run(Precision::Bf16));
+            let (f, b16) = (
+                both(&qkv, &dout, s, w, Precision::F32),
+                both(&qkv, &dout, s, w, Precision::Bf16),
+            );
             let worst = |x: &[f32], y: &[f32]| {
                 let scale = y.iter().fold(0f32, |m, v| m.max(v.abs()));
                 x.iter().zip(y).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale
@@ -708,9 +715,9 @@ mod tests {
                 worst(&b16.0, &f.0)
             );
             assert!(
-                worst(&b16.1, &f.1) < 3e-2,
+                worst(&b16.2, &f.2) < 3e-2,
                 "case {i} dqkv {}",
-                worst(&b16.1, &f.1)
+                worst(&b16.2, &f.2)
             );
             assert!(b16.0 != f.0, "case {i}: bf16 changed nothing");
         }
@@ -728,15 +735,7 @@ mod tests {
                 .unwrap();
             pool.install(|| {
                 let f32s = (fwd(&qkv, s, 33), bwd(&qkv, &dout, s, 33));
-                let bf16 = [Precision::Bf16].map(|pr| {
-                    let mut out = vec![0f32; s.b * s.t * s.h * s.d];
-                    let mut lse = vec![0f32; s.b * s.h * s.t];
-                    flash_forward(&mut out, &mut lse, &qkv, s, 33, pr);
-                    let mut dq = vec![0f32; qkv.len()];
-                    flash_backward(&mut dq, &dout, &qkv, &out, &lse, s, 33, pr);
-                    (out, lse, dq)
-                });
-                (f32s, bf16)
+                (f32s, both(&qkv, &dout, s, 33, Precision::Bf16))
             })
         };
         let ((one, one_bf16), bits) = (run(1), |v: &[f32]| {
@@ -748,7 +747,7 @@ mod tests {
                 x.0 .0 == one.0 .0 && x.0 .1 == one.0 .1 && x.1 == one.1,
                 "{n} threads"
             );
-            let (a, b) = (&x_bf16[0], &one_bf16[0]);
+            let (a, b) = (&x_bf16, &one_bf16);
             assert!(
                 bits(&a.0) == bits(&b.0) && bits(&a.1) == bits(&b.1) && bits(&a.2) == bits(&b.2),
                 "{n} threads, bf16"

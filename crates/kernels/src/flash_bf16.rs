@@ -10,7 +10,7 @@
 
 use crate::bf16::fast::{a_by_rows, pack_a, pack_b, tile};
 use crate::bf16::{KCP, MR, NR};
-use crate::flash::Tiles;
+use crate::flash::{transposed, Tiles};
 use crate::matmul::View;
 
 /// A B operand (K, N) rounded and packed whole: NR-column panels of `[K block][pair][column]`,
@@ -157,14 +157,6 @@ pub(crate) struct Packed<'a> {
     tmp: PackedA,
     nr: usize,
     d: usize,
-}
-
-fn transposed(v: View) -> View {
-    View {
-        data: v.data,
-        rs: v.cs,
-        cs: v.rs,
-    }
 }
 
 impl<'a> Tiles<'a> for Packed<'a> {

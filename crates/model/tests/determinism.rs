@@ -104,12 +104,15 @@ fn same_hash_any_thread_count_mid_moe_bf16() {
 /// query tiles, skipped key tiles, grouped heads.
 #[test]
 fn same_hash_any_thread_count_long_sequences() {
+    check("long", &long());
+}
+
+/// MID at T = 320 (>= FLASH_MIN_T), 2 sequences a step.
+fn long() -> String {
     const { assert!(320 >= model::FLASH_MIN_T) };
-    let text = MID
-        .replace("max_seq_len = 64", "max_seq_len = 320")
+    MID.replace("max_seq_len = 64", "max_seq_len = 320")
         .replace("seq_len = 64", "seq_len = 320")
-        .replace("batch_size = 8", "batch_size = 2");
-    check("long", &text);
+        .replace("batch_size = 8", "batch_size = 2")
 }
 
 /// The tiled kernel with bf16 products (packed operands on AVX512-BF16 hardware, the bf16
@@ -117,10 +120,7 @@ fn same_hash_any_thread_count_long_sequences() {
 /// apart on average over 20 steps, no step 2% apart).
 #[test]
 fn same_hash_any_thread_count_long_sequences_bf16() {
-    let long = MID
-        .replace("max_seq_len = 64", "max_seq_len = 320")
-        .replace("seq_len = 64", "seq_len = 320")
-        .replace("batch_size = 8", "batch_size = 2");
+    let long = long();
     let text = long.replace("[train]", "[train]\nprecision = \"bf16\"");
     check("long-bf16", &text);
     let (hb, lb) = run(&Config::from_toml(&text).unwrap(), 2, 20);
