@@ -528,14 +528,16 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
     let start_tokens = state.tokens_seen;
     let mut outcome = Outcome::Finished;
     // refits from the steps' own time (evaluations and checkpoints left out: `Costs` counts
-    // them), each over the window of steps since the last; a rollback ends them (the fit
-    // standing then is final)
+    // them), each over all steps timed since the first window began: a window of 50 steps
+    // alone (~9 s) missed the rest of a run's speed by 7% either way on a drifting host, a
+    // budget overrun or a waste of the same size; a rollback ends them (the fit standing
+    // then is final)
     let mut refit = match (spec.opts.refit, spec.resume) {
         (Some(f), false) => refit_window(&tc).map(|w| (f, w)),
         _ => None,
     };
     let mut refits = 0u32;
-    let mut timed = 0.0f64;
+    let (mut timed, mut timed_steps) = (0.0f64, 0u64);
     while state.step < tc.steps {
         let step_start = Instant::now();
         if spec.opts.stop_at.is_some_and(|n| state.step >= n) {
@@ -676,10 +678,10 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
         if let Some((fit, (from, at))) = refit {
             if state.step > from {
                 timed += step_start.elapsed().as_secs_f64();
+                timed_steps += 1;
             }
             if state.step == at {
-                let per = timed / (at - from) as f64;
-                timed = 0.0;
+                let per = timed / timed_steps as f64;
                 let mut tb = fit(state.step, per);
                 tc.steps = tb.steps.max(tc.warmup_steps + 1);
                 // the steps run so far used rates that must not change
@@ -709,7 +711,7 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
                     let what = if last && wsd { " (final fit)" } else { "" };
                     rep.message(&format!(
                         "time budget: {per:.3} s per step over steps {}-{at} of this run, {:.1} s spent: {} steps{what}",
-                        from + 1,
+                        at - timed_steps + 1,
                         tb.spent_seconds,
                         tc.steps
                     ));
