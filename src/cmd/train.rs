@@ -108,11 +108,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("--time-budget: {e}"))?;
         let (budget, costs) = fit_budget(&mut cfg, &a.data, seconds)?;
         let tc = cfg.train.clone();
-        let refit = move |done: u64, step: f64| {
+        let refit = move |done: u64, step: f64, checkpoint: Option<f64>| {
             use train::budget::{fit_steps, record};
-            let costs = costs.with_step(step);
+            let mut costs = costs.with_step(step);
+            if let Some(c) = checkpoint {
+                costs.checkpoint = c;
+            }
             let spent = started();
-            let steps = done + fit_steps(&tc, &costs, seconds - spent);
+            let steps = done + fit_steps(&tc, &costs, seconds - spent, seconds);
             record(seconds, spent, &costs, steps)
         };
         train_budgeted(cfg, Source::Dir(a.data), &a.out, init, budget, &refit)?;
@@ -182,7 +185,7 @@ fn fit_budget(
     let params = model::Layout::new(&cfg.model).n_params();
     let costs = Costs::estimate(tc, step, val_batches, params);
     let spent = started();
-    let steps = fit_steps(tc, &costs, seconds - spent);
+    let steps = fit_steps(tc, &costs, seconds - spent, seconds);
     if steps <= tc.warmup_steps {
         anyhow::bail!(
             "--time-budget {}: at {step:.3} s per step only {steps} steps fit, not more than train.warmup_steps = {}; give a longer budget",

@@ -119,8 +119,9 @@ pub struct RunOptions<'a> {
     pub refit: Option<&'a Refit>,
 }
 
-/// See [`RunOptions::refit`]: (steps done, seconds per step) -> the new choice.
-pub type Refit = dyn Fn(u64, f64) -> crate::manifest::TimeBudget;
+/// See [`RunOptions::refit`]: (steps done, seconds per step, seconds per checkpoint as
+/// measured so far, if any was written) -> the new choice.
+pub type Refit = dyn Fn(u64, f64, Option<f64>) -> crate::manifest::TimeBudget;
 
 /// The steps [`RunOptions::refit`] first times (`from`..`at`: the second half of the
 /// warm-up) and the step after which it first refits; None when no such window exists.
@@ -538,6 +539,9 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
     };
     let mut refits = 0u32;
     let (mut timed, mut timed_steps) = (0.0f64, 0u64);
+    // what the budget's estimates stand for, measured: checkpoints (their count, seconds)
+    // and the evaluations' seconds
+    let (mut ckpts, mut ckpt_secs, mut eval_secs) = (0u32, 0.0f64, 0.0f64);
     while state.step < tc.steps {
         let step_start = Instant::now();
         if spec.opts.stop_at.is_some_and(|n| state.step >= n) {
@@ -682,7 +686,11 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
             }
             if state.step == at {
                 let per = timed / timed_steps as f64;
-                let mut tb = fit(state.step, per);
+                let mut tb = fit(
+                    state.step,
+                    per,
+                    (ckpts > 0).then(|| ckpt_secs / ckpts as f64),
+                );
                 tc.steps = tb.steps.max(tc.warmup_steps + 1);
                 // the steps run so far used rates that must not change
                 while schedule::steps_fixed_from(&tc) < state.step {
@@ -756,12 +764,14 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
         let last = state.step == tc.steps;
         let periodic = tc.eval_every > 0 && state.step.is_multiple_of(tc.eval_every);
         if (periodic || last) && ds.val.targets() > 0 && writer {
+            let t0 = Instant::now();
             let e = evaluate(&mut model, &ds.val, if last { 0 } else { tc.eval_batches });
             let r = EvalReport {
                 step: state.step,
                 val_loss: e.loss,
                 val_tokens: e.tokens,
             };
+            eval_secs += t0.elapsed().as_secs_f64();
             append_metrics(&metrics, &r)?;
             rep.eval(&r);
         }
@@ -769,6 +779,7 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
             || last
             || stop
         {
+            let t0 = Instant::now();
             state.weights_hash = io::weights_hash(&model.layout, &model.params);
             if writer {
                 let dir = checkpoint::save(run, &model, Some(&opt), &state, tc.keep_checkpoints)?;
@@ -778,12 +789,21 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
                 }
                 rep.checkpoint(state.step, &dir);
             }
+            ckpts += 1;
+            ckpt_secs += t0.elapsed().as_secs_f64();
             snapshot = snap(&model, &opt, &state);
         }
         if stop && !last {
             outcome = Outcome::Stopped;
             break;
         }
+    }
+    if refits > 0 && outcome == Outcome::Finished {
+        // what the last fit estimated, as it went
+        rep.message(&format!(
+            "time budget: evaluations took {eval_secs:.1} s, {ckpts} checkpoints {:.2} s each",
+            ckpt_secs / ckpts.max(1) as f64
+        ));
     }
     Ok(outcome)
 }
