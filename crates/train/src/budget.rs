@@ -148,8 +148,8 @@ impl Costs {
 
 /// Share of the whole budget kept in reserve at every fit for what the estimates miss
 /// (loading the data, host noise). Of the whole budget, not of the time left: the steps
-/// after the last fit (a "wsd" run's decay, 30% of it) ran up to 10% off the speed measured
-/// before them on a drifting host, and 3% of what was left then did not cover that.
+/// after the last fit (a "wsd" run's decay, 30% of it) ran about 12% slower than the steps
+/// before it in one 10-minute run on a drifting host, and 3% of what was left then did not cover that.
 pub const MARGIN: f64 = 0.03;
 
 /// The most steps whose run fits in the `left` seconds of a `budget` (less [`MARGIN`] of
