@@ -123,27 +123,37 @@ fn main() {
         std::process::exit(2);
     }
     let res = match cli.cmd {
-        Cmd::Bench(b) => cmd::bench::run(b),
-        Cmd::Demo(d) => cmd::demo::run(d),
+        Cmd::Bench(b) => pooled(|| cmd::bench::run(b)),
+        Cmd::Demo(d) => pooled(|| cmd::demo::run(d)),
         Cmd::Prepare(a) => cmd::prepare::run(a),
-        Cmd::Train(a) => cmd::train::run(a),
+        Cmd::Train(a) => pooled(|| cmd::train::run(a)),
         Cmd::Sample(a) => cmd::sample::run(a),
         Cmd::Eval(a) => cmd::eval::run(a),
         Cmd::Chat(a) => cmd::chat::run(a),
         Cmd::Serve(a) => cmd::serve::run(a),
         Cmd::Keys(c) => cmd::keys::run(c),
-        Cmd::Distill(c) => cmd::distill::run(c),
+        Cmd::Distill(c) => pooled(|| cmd::distill::run(c)),
         Cmd::Hash(a) => cmd::hash::run(a),
         Cmd::Import(a) => cmd::import::run(a),
         Cmd::Upcycle(a) => cmd::upcycle::run(a),
         Cmd::Export(a) => cmd::export::run(a),
-        Cmd::Verify(a) => cmd::verify::run(a),
+        Cmd::Verify(a) => pooled(|| cmd::verify::run(a)),
         Cmd::Report(a) => cmd::report::run(a),
     };
     if let Err(e) = res {
         eprintln!("error: {}", clip_error(&format!("{e:#}")));
         std::process::exit(1);
     }
+}
+
+/// Runs a training-bound command as the root of a rayon pool of the usual size
+/// ([`kernels::par::on_pool`]: 2-3% faster training, the same bits). MPI processes stay on
+/// the main thread, the one that initialised MPI.
+fn pooled(f: impl FnOnce() -> anyhow::Result<()> + Send) -> anyhow::Result<()> {
+    if comm::launched_size().is_some_and(|n| n > 1) {
+        return f();
+    }
+    kernels::par::on_pool(rayon::current_num_threads(), f)?
 }
 
 /// The error as one line of at most ~1,000 characters. Errors quote short excerpts of what

@@ -236,10 +236,7 @@ fn train_replicas(
                 let (cfg, init) = (cfg.clone(), init.clone());
                 s.spawn(move || -> Result<Outcome> {
                     let rank = train::dist::Comm::rank(&comm);
-                    let pool = rayon::ThreadPoolBuilder::new()
-                        .num_threads(threads)
-                        .build()?;
-                    let r = pool.install(|| {
+                    let r = kernels::par::on_pool(threads, || {
                         train_in_group(
                             cfg,
                             Source::Dir(data.to_path_buf()),
@@ -248,7 +245,9 @@ fn train_replicas(
                             init,
                             &comm,
                         )
-                    });
+                    })
+                    .map_err(anyhow::Error::from)
+                    .and_then(|r| r);
                     if let Err(e) = &r {
                         // the other replicas would wait for this one forever
                         eprintln!("error (replica {rank} of {n}): {e:#}");

