@@ -440,9 +440,11 @@ impl Model {
         self.training && self.cfg.dropout > 0.0
     }
 
-    /// Zeroes the gradient buffer.
+    /// Zeroes the gradient buffer (in parallel: one thread writing 44 MB took 3-4 ms of a
+    /// small-moe step).
     pub fn zero_grad(&mut self) {
-        self.grads.fill(0.0);
+        use rayon::prelude::*;
+        self.grads.par_chunks_mut(1 << 16).for_each(|c| c.fill(0.0));
     }
 
     /// Returns and resets the per-block expert loads counted since the last call.
