@@ -55,7 +55,7 @@ crate::simd! {
 }
 
 /// True where nested parallelism would only add overhead, so kernels run their inner matmuls
-/// single-threaded: inside a [`task`], or on a rayon worker other than the root of an
+/// single-threaded: while a [`Task`] guard lives, or on a rayon worker other than the root of an
 /// [`on_pool`] computation. A call this misses still gives the same bits (every kernel's
 /// result is independent of how its work is split), only more scheduling.
 pub fn in_worker() -> bool {
