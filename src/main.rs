@@ -147,7 +147,7 @@ fn main() {
 }
 
 /// Runs a training-bound command as the root of a rayon pool of the usual size
-/// ([`kernels::par::on_pool`]: 2-3% faster training, the same bits). MPI processes stay on
+/// ([`kernels::par::on_pool`]: up to ~5% faster training, the same bits). MPI processes stay on
 /// the main thread, the one that initialised MPI.
 fn pooled(f: impl FnOnce() -> anyhow::Result<()> + Send) -> anyhow::Result<()> {
     if comm::launched_size().is_some_and(|n| n > 1) {
