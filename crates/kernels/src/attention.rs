@@ -881,6 +881,28 @@ pub fn decode_attention(
         let (lo, len) = visible(i);
         len - lo > DECODE_CHUNK
     };
+    // one short row (a decode step) inside a team: its heads on both threads
+    if n == 1 && !long(0) && h > 1 {
+        let (lo, len) = visible(0);
+        let (kc, vc) = kv(0);
+        let segs = ring_segments(lo, len, tmax);
+        let (optr, sptr) = (SendPtr(out.as_mut_ptr()), SendPtr(scores.as_mut_ptr()));
+        let head = |hi: usize| {
+            let gi = hi / hpg;
+            let q = &qkv[hi * d..(hi + 1) * d];
+            // SAFETY: head hi writes only its d outputs and its tmax scores.
+            let (sc, o) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(sptr.get().add(hi * tmax), len - lo),
+                    std::slice::from_raw_parts_mut(optr.get().add(hi * d), d),
+                )
+            };
+            attend(q, kc, vc, gd, gi * d, segs, scale, sc, o, true);
+        };
+        if crate::par::team_for_each(h, &head) {
+            return;
+        }
+    }
     out[..n * h * d]
         .par_chunks_mut(h * d)
         .zip(scores[..n * h * tmax].par_chunks_mut(h * tmax))

@@ -734,7 +734,8 @@ pub fn linear_rows(
     };
     // NOTE: parallel also inside a rayon worker (the serving engine decodes on one): a
     // decode step has no outer parallel loop to leave the other cores to.
-    if n * o * i < 1 << 16 {
+    if tasks > 1 && n * o * i >= 1 << 12 && crate::par::team_for_each(tasks, &run) {
+    } else if n * o * i < 1 << 16 {
         (0..tasks).for_each(run);
     } else {
         (0..tasks).into_par_iter().for_each(run);
