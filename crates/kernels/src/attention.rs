@@ -887,19 +887,23 @@ pub fn decode_attention(
         let (kc, vc) = kv(0);
         let segs = ring_segments(lo, len, tmax);
         let (optr, sptr) = (SendPtr(out.as_mut_ptr()), SendPtr(scores.as_mut_ptr()));
-        let head = |hi: usize| {
-            let gi = hi / hpg;
-            let q = &qkv[hi * d..(hi + 1) * d];
-            // SAFETY: head hi writes only its d outputs and its tmax scores.
-            let (sc, o) = unsafe {
-                (
-                    std::slice::from_raw_parts_mut(sptr.get().add(hi * tmax), len - lo),
-                    std::slice::from_raw_parts_mut(optr.get().add(hi * d), d),
-                )
-            };
-            attend(q, kc, vc, gd, gi * d, segs, scale, sc, o, true);
+        // two tasks of consecutive heads (a claim costs a transfer between the cores)
+        let half = h.div_ceil(2);
+        let heads = |t: usize| {
+            for hi in t * half..((t + 1) * half).min(h) {
+                let gi = hi / hpg;
+                let q = &qkv[hi * d..(hi + 1) * d];
+                // SAFETY: head hi writes only its d outputs and its tmax scores.
+                let (sc, o) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(sptr.get().add(hi * tmax), len - lo),
+                        std::slice::from_raw_parts_mut(optr.get().add(hi * d), d),
+                    )
+                };
+                attend(q, kc, vc, gd, gi * d, segs, scale, sc, o, true);
+            }
         };
-        if crate::par::team_for_each(h, &head) {
+        if crate::par::team_for_each(2, &heads) {
             return;
         }
     }

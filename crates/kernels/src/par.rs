@@ -138,6 +138,11 @@ pub fn with_team<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     r
 }
 
+/// True inside [`with_team`]'s `f` on its thread.
+pub fn in_team() -> bool {
+    TEAM.with(|t| !t.get().is_null())
+}
+
 /// Runs `run(0..tasks)` on the calling thread and the helper of its [`with_team`], returning
 /// when all are done; false (nothing run) when the calling thread has no team.
 pub fn team_for_each(tasks: usize, run: &(dyn Fn(usize) + Sync)) -> bool {

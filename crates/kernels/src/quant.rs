@@ -700,7 +700,13 @@ pub fn qlinear_rows_on(
     let rb = w.row_bytes();
     let ptr = crate::par::SendPtr(out.as_mut_ptr());
     let threads = rayon::current_num_threads().max(1);
-    let per = o.div_ceil(threads * 4).max(QCOLS_PER_TASK);
+    // in a team, two halves (as linear_rows)
+    let team = n * o * w.cols >= 1 << 12 && crate::par::in_team();
+    let per = if team {
+        o.div_ceil(2).max(QCOLS_PER_TASK)
+    } else {
+        o.div_ceil(threads * 4).max(QCOLS_PER_TASK)
+    };
     let tasks = o.div_ceil(per);
     let run = |t: usize| {
         let (c0, c1) = (t * per, ((t + 1) * per).min(o));
@@ -725,7 +731,7 @@ pub fn qlinear_rows_on(
     };
     // NOTE: parallel also inside a rayon worker (the serving engine decodes on one): a
     // decode step has no outer parallel loop to leave the other cores to.
-    if tasks > 1 && n * o * w.cols >= 1 << 12 && crate::par::team_for_each(tasks, &run) {
+    if team && tasks > 1 && crate::par::team_for_each(tasks, &run) {
     } else if tasks <= 1 || n * o * w.cols < 1 << 17 {
         (0..tasks).for_each(run);
     } else {
