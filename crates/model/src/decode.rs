@@ -69,6 +69,56 @@ pub struct BatchDecoder {
     r_idx: Vec<u32>,
     r_w: Vec<f32>,
     logits: Vec<f32>,
+    team: TeamChoice,
+}
+
+/// Whether a single-row forward runs faster with a spinning helper thread or alone, as
+/// measured on this host now. It depends on how fast the two cores hand a cache line to each
+/// other, which on our VMs changes by the hour: with a core-to-core round trip of ~100 ns the
+/// team decoded the student's shape 45% faster than one thread, with ~350 ns 20% slower.
+/// Both ways give the same bits, so the choice is speed only. Consecutive forwards cost
+/// nearly the same, so each pair of consecutive forwards done the two ways is a sample of
+/// the log of their time ratio; a moving average of the samples picks the way. The first
+/// forwards alternate, then every `EXPLORE`th forward goes the other way.
+#[derive(Clone, Copy, Debug, Default)]
+struct TeamChoice {
+    /// Moving average of ln(team time / alone time).
+    log_ratio: f64,
+    samples: u64,
+    /// The previous forward, when it was a single-row one: (with the team, seconds).
+    last: Option<(bool, f64)>,
+    forwards: u64,
+}
+
+impl TeamChoice {
+    const EXPLORE: u64 = 64;
+
+    fn pick(&mut self) -> bool {
+        self.forwards += 1;
+        let best = self.log_ratio < 0.0;
+        if self.forwards <= 16 {
+            self.forwards.is_multiple_of(2)
+        } else if self.forwards.is_multiple_of(Self::EXPLORE) {
+            !best
+        } else {
+            best
+        }
+    }
+
+    fn record(&mut self, team: bool, secs: f64) {
+        if let Some((prev_team, prev)) = self.last {
+            if prev_team != team && prev > 0.0 && secs > 0.0 {
+                let sample = (secs / prev).ln() * if team { 1.0 } else { -1.0 };
+                self.log_ratio = if self.samples == 0 {
+                    sample
+                } else {
+                    0.8 * self.log_ratio + 0.2 * sample
+                };
+                self.samples += 1;
+            }
+        }
+        self.last = Some((team, secs));
+    }
 }
 
 impl BatchDecoder {
@@ -121,6 +171,7 @@ impl BatchDecoder {
             r_idx: vec![0; mr * k],
             r_w: vec![0.0; mr * k],
             logits: vec![0.0; mr * cfg.vocab_size],
+            team: TeamChoice::default(),
             cfg: cfg.clone(),
             layout,
             quant: None,
@@ -199,18 +250,32 @@ impl BatchDecoder {
     pub fn forward(&mut self, params: &[f32], inputs: &[(usize, &[u32])], all: bool) -> &[f32] {
         // one row (a single stream's decode step) of a small model: every loop of the step
         // is small, so a spinning helper takes half of each matmul's columns and of the
-        // attention heads (kernels::par::with_team). More rows keep rayon (prefill's
+        // attention heads (kernels::par::with_team), when that measures faster (TeamChoice). More rows keep rayon (prefill's
         // elementwise loops run in parallel there), and so do larger models (SmolLM2-135M
         // Q4_1 decoded 3-6% slower with the team, the teacher preset 8% faster).
         let rows: usize = inputs.iter().map(|(_, t)| t.len()).sum();
-        if rows == 1 && self.cfg.active_matmul_params() <= TEAM_MAX_PARAMS {
-            kernels::par::with_team(|| self.forward_rows(params, inputs, all))
+        let len = if rows == 1
+            && self.cfg.active_matmul_params() <= TEAM_MAX_PARAMS
+            && rayon::current_num_threads() > 1
+        {
+            let team = self.team.pick();
+            let t = std::time::Instant::now();
+            let len = if team {
+                kernels::par::with_team(|| self.forward_rows(params, inputs, all))
+            } else {
+                self.forward_rows(params, inputs, all)
+            };
+            self.team.record(team, t.elapsed().as_secs_f64());
+            len
         } else {
+            self.team.last = None;
             self.forward_rows(params, inputs, all)
-        }
+        };
+        &self.logits[..len]
     }
 
-    fn forward_rows(&mut self, params: &[f32], inputs: &[(usize, &[u32])], all: bool) -> &[f32] {
+    /// [`BatchDecoder::forward`]'s work; returns the length of its logits.
+    fn forward_rows(&mut self, params: &[f32], inputs: &[(usize, &[u32])], all: bool) -> usize {
         let cfg = &self.cfg;
         assert!(
             inputs.len() <= self.slots,
@@ -408,7 +473,7 @@ impl BatchDecoder {
         for &(s, toks) in inputs {
             self.pos[s] += toks.len();
         }
-        &self.logits[..nl * v]
+        nl * v
     }
 }
 
