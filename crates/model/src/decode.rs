@@ -606,3 +606,45 @@ impl Decoder {
         self.inner.forward(params, &[(0, &tokens[last..])], false)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::TeamChoice;
+
+    /// Drives the choice with forward times where one way costs `ratio` times the other
+    /// (plus a drift along the sequence, as attention grows): after the first forwards it
+    /// runs the faster way except for one forward in `EXPLORE`, and it follows a change of
+    /// host within a few explorations.
+    #[test]
+    fn team_choice_follows_the_faster_way() {
+        let mut c = TeamChoice::default();
+        let run = |c: &mut TeamChoice, team_cost: f64, n: u64| {
+            let mut team_runs = 0;
+            for i in 0..n {
+                let team = c.pick();
+                team_runs += team as u64;
+                let base = 50e-6 * (1.0 + (i % 256) as f64 / 256.0);
+                c.record(team, if team { base * team_cost } else { base });
+            }
+            team_runs
+        };
+        run(&mut c, 0.7, 64);
+        assert!(c.log_ratio < 0.0);
+        let n = 1024;
+        let team = run(&mut c, 0.7, n);
+        assert_eq!(
+            team,
+            n - n / TeamChoice::EXPLORE,
+            "team faster: all but explorations"
+        );
+        // the host changes: the team now costs 1.25x; after a few explorations it is dropped
+        run(&mut c, 1.25, 8 * TeamChoice::EXPLORE);
+        assert!(c.log_ratio > 0.0);
+        let team = run(&mut c, 1.25, n);
+        assert_eq!(
+            team,
+            n / TeamChoice::EXPLORE,
+            "alone faster: only explorations"
+        );
+    }
+}
