@@ -127,7 +127,7 @@ fn main() {
         Cmd::Demo(d) => pooled(|| cmd::demo::run(d)),
         Cmd::Prepare(a) => cmd::prepare::run(a),
         Cmd::Train(a) => pooled(|| cmd::train::run(a)),
-        Cmd::Sample(a) => cmd::sample::run(a),
+        Cmd::Sample(a) => pooled(|| cmd::sample::run(a)),
         Cmd::Eval(a) => cmd::eval::run(a),
         Cmd::Chat(a) => cmd::chat::run(a),
         Cmd::Serve(a) => cmd::serve::run(a),

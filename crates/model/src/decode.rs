@@ -76,49 +76,68 @@ pub struct BatchDecoder {
 /// measured on this host now. It depends on how fast the two cores hand a cache line to each
 /// other, which on our VMs changes by the hour: with a core-to-core round trip of ~100 ns the
 /// team decoded the student's shape 45% faster than one thread, with ~350 ns 20% slower.
-/// Both ways give the same bits, so the choice is speed only. Consecutive forwards cost
-/// nearly the same, so each pair of consecutive forwards done the two ways is a sample of
-/// the log of their time ratio; a moving average of the samples picks the way. The first
-/// forwards alternate, then every `EXPLORE`th forward goes the other way.
-#[derive(Clone, Copy, Debug, Default)]
+/// Both ways give the same bits, so the choice is speed only. It compares medians of
+/// [`TeamChoice::BURST`] consecutive forwards each way (single forwards jitter by more than
+/// the difference; consecutive ones cost nearly the same): a burst alone, then a trial burst
+/// with the team, then every [`TeamChoice::EVERY`] forwards a trial burst the other way
+/// against the burst just before it.
+#[derive(Clone, Debug, Default)]
 struct TeamChoice {
-    /// Moving average of ln(team time / alone time).
-    log_ratio: f64,
-    samples: u64,
-    /// The previous forward, when it was a single-row one: (with the team, seconds).
-    last: Option<(bool, f64)>,
-    forwards: u64,
+    /// The way forwards go outside trials.
+    team: bool,
+    /// Seconds of the latest BURST forwards that way.
+    current: Vec<f64>,
+    /// Seconds of the trial burst the other way, while one runs.
+    trial: Vec<f64>,
+    in_trial: bool,
+    /// Whether the first trial has been decided.
+    decided: bool,
+    /// Forwards the current way since the last trial.
+    run: usize,
 }
 
 impl TeamChoice {
-    const EXPLORE: u64 = 64;
+    const BURST: usize = 8;
+    const EVERY: usize = 256;
 
+    /// The way of the next forward.
     fn pick(&mut self) -> bool {
-        self.forwards += 1;
-        let best = self.log_ratio < 0.0;
-        if self.forwards <= 16 {
-            self.forwards.is_multiple_of(2)
-        } else if self.forwards.is_multiple_of(Self::EXPLORE) {
-            !best
-        } else {
-            best
+        if !self.in_trial
+            && self.current.len() == Self::BURST
+            && (!self.decided || self.run >= Self::EVERY)
+        {
+            self.in_trial = true;
+            self.trial.clear();
         }
+        self.team ^ self.in_trial
     }
 
     fn record(&mut self, team: bool, secs: f64) {
-        if let Some((prev_team, prev)) = self.last {
-            if prev_team != team && prev > 0.0 && secs > 0.0 {
-                let sample = (secs / prev).ln() * if team { 1.0 } else { -1.0 };
-                self.log_ratio = if self.samples == 0 {
-                    sample
-                } else {
-                    0.8 * self.log_ratio + 0.2 * sample
-                };
-                self.samples += 1;
+        if self.in_trial && team != self.team {
+            self.trial.push(secs);
+            if self.trial.len() == Self::BURST {
+                if median(&self.trial) < median(&self.current) {
+                    self.team = team;
+                    std::mem::swap(&mut self.current, &mut self.trial);
+                }
+                self.in_trial = false;
+                self.decided = true;
+                self.run = 0;
             }
+        } else if team == self.team {
+            if self.current.len() == Self::BURST {
+                self.current.remove(0);
+            }
+            self.current.push(secs);
+            self.run += 1;
         }
-        self.last = Some((team, secs));
     }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 impl BatchDecoder {
@@ -268,7 +287,6 @@ impl BatchDecoder {
             self.team.record(team, t.elapsed().as_secs_f64());
             len
         } else {
-            self.team.last = None;
             self.forward_rows(params, inputs, all)
         };
         &self.logits[..len]
@@ -611,40 +629,36 @@ impl Decoder {
 mod tests {
     use super::TeamChoice;
 
-    /// Drives the choice with forward times where one way costs `ratio` times the other
-    /// (plus a drift along the sequence, as attention grows): after the first forwards it
-    /// runs the faster way except for one forward in `EXPLORE`, and it follows a change of
-    /// host within a few explorations.
+    /// Drives the choice with forward times where the team costs `ratio` times one thread
+    /// (plus jitter and a drift along the sequence, as attention grows): after its first
+    /// trial it runs the faster way except for trial bursts, and it follows a change of host
+    /// at the next trial.
     #[test]
     fn team_choice_follows_the_faster_way() {
         let mut c = TeamChoice::default();
-        let run = |c: &mut TeamChoice, team_cost: f64, n: u64| {
+        let mut i = 0u64;
+        let mut run = |c: &mut TeamChoice, team_cost: f64, n: usize| {
             let mut team_runs = 0;
-            for i in 0..n {
+            for _ in 0..n {
                 let team = c.pick();
-                team_runs += team as u64;
-                let base = 50e-6 * (1.0 + (i % 256) as f64 / 256.0);
+                team_runs += team as usize;
+                i += 1;
+                let jitter = if i.is_multiple_of(13) { 3.0 } else { 1.0 };
+                let base = 50e-6 * (1.0 + (i % 256) as f64 / 256.0) * jitter;
                 c.record(team, if team { base * team_cost } else { base });
             }
             team_runs
         };
-        run(&mut c, 0.7, 64);
-        assert!(c.log_ratio < 0.0);
-        let n = 1024;
+        let (b, e) = (TeamChoice::BURST, TeamChoice::EVERY);
+        run(&mut c, 0.7, 2 * b);
+        assert!(c.team && c.decided);
+        let n = 4 * (e + b);
         let team = run(&mut c, 0.7, n);
-        assert_eq!(
-            team,
-            n - n / TeamChoice::EXPLORE,
-            "team faster: all but explorations"
-        );
-        // the host changes: the team now costs 1.25x; after a few explorations it is dropped
-        run(&mut c, 1.25, 8 * TeamChoice::EXPLORE);
-        assert!(c.log_ratio > 0.0);
+        assert_eq!(team, n - 4 * b, "team faster: all but the trial bursts");
+        // the host changes: the team now costs 1.25x; the next trial drops it
+        run(&mut c, 1.25, e + b);
+        assert!(!c.team);
         let team = run(&mut c, 1.25, n);
-        assert_eq!(
-            team,
-            n / TeamChoice::EXPLORE,
-            "alone faster: only explorations"
-        );
+        assert_eq!(team, 4 * b, "alone faster: only the trial bursts");
     }
 }
