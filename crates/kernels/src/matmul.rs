@@ -717,12 +717,15 @@ pub fn linear_rows(
     assert_eq!(x.len(), n * i, "linear_rows x len");
     assert_eq!(w.len(), o * i, "linear_rows w len");
     let ptr = crate::par::SendPtr(out.as_mut_ptr());
-    // in a team (one helper thread, see par::with_team) two halves (each claim of a task
+    // in a team (one helper thread, see par::with_team) two tasks (each claim of a task
     // costs a cache-line transfer between the cores: 32-column tasks decoded the student 9%
     // slower, 16-column ones 20%); otherwise rayon's tasks
     let team = n * o * i >= 1 << 12 && crate::par::in_team();
     let per = if team {
-        o.div_ceil(32) * 16
+        // the calling thread's task first and a little larger (17/32 of the columns, up to
+        // whole 16-column blocks): the helper starts a hand-off later. Against equal halves,
+        // 1-5% faster student decoding in each of 8 alternating rounds.
+        (o * 17).div_ceil(32 * 16) * 16
     } else {
         ROWS_COLS_PER_TASK
     };
