@@ -195,14 +195,17 @@ impl Team {
             .store(&run as *const Job as *mut (), Ordering::Release);
         self.state
             .store(epoch << 32 | tasks as u64, Ordering::Release);
-        // a panicking task must not unwind past `run` while the helper may still be in one
+        // a panicking task must not unwind past `run` while the helper may still be in one;
+        // inside a task this thread is not in the team (a loop in a task runs on its own)
         let mut failed = None;
+        let me = TEAM.with(|t| t.replace(std::ptr::null()));
         while let Some(i) = self.claim() {
             if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(i))) {
                 failed.get_or_insert(e);
             }
             self.done.fetch_add(1, Ordering::Release);
         }
+        TEAM.with(|t| t.set(me));
         while self.done.load(Ordering::Acquire) < tasks {
             std::hint::spin_loop();
         }

@@ -414,6 +414,38 @@ impl BatchDecoder {
                         m.bias,
                         &ds.route(),
                     );
+                    let j = self.r_idx[0] as usize;
+                    let (wgu, wd) = (
+                        &m.w_gu[j * 2 * f * c..(j + 1) * 2 * f * c],
+                        &m.w_down[j * c * f..(j + 1) * c * f],
+                    );
+                    if let (Some((sg, sd)), None, 1, 1) = (m.shared, m.shared_gate, n, k) {
+                        if kernels::par::in_team() && [sg, sd, wgu, wd].iter().all(|w| mm.is_f32(w))
+                        {
+                            // one decode row, one routed expert beside the shared one: their
+                            // products in pairs, one per thread (half the team hand-offs)
+                            let fs = ds.fs;
+                            let (gus, gur) = self.gu.split_at_mut(2 * fs);
+                            let (a_s, a_r) = self.a.split_at_mut(fs);
+                            let y = &mut self.y[..c];
+                            y.fill(0.0);
+                            products_in_pairs(&mut [
+                                (&mut gus[..], &hb[..], sg, false),
+                                (&mut gur[..2 * f], &hb[..], wgu, false),
+                            ]);
+                            swiglu_forward(a_s, gus, fs);
+                            swiglu_forward(&mut a_r[..f], &gur[..2 * f], f);
+                            products_in_pairs(&mut [
+                                (&mut x[..], &a_s[..], sd, true),
+                                (&mut y[..], &a_r[..f], wd, true),
+                            ]);
+                            let w = self.r_w[0];
+                            for (xx, yy) in x.iter_mut().zip(y.iter()) {
+                                *xx += w * yy;
+                            }
+                            continue;
+                        }
+                    }
                     match (m.shared, m.shared_gate) {
                         (Some((sg, sd)), None) => {
                             mm.swiglu(x, hb, sg, sd, ds.fs, &mut self.gu, &mut self.a);
@@ -495,6 +527,30 @@ impl BatchDecoder {
     }
 }
 
+/// One row's `out [+]= x @ w^T`: (out, x, w, accumulate).
+type Product<'a> = (&'a mut [f32], &'a [f32], &'a [f32], bool);
+
+/// `out [+]= x @ w^T` for each `(out, x, w, accumulate)` (one row each), the products as the
+/// tasks of one team loop: each runs whole on one thread, with the same bits as alone.
+fn products_in_pairs(products: &mut [Product]) {
+    struct Raw(*mut f32, usize);
+    // SAFETY: each task writes only its own product's output.
+    unsafe impl Sync for Raw {}
+    let outs: Vec<Raw> = products
+        .iter_mut()
+        .map(|(o, ..)| Raw(o.as_mut_ptr(), o.len()))
+        .collect();
+    let run = |t: usize| {
+        let (_, x, w, acc) = &products[t];
+        // SAFETY: product t's output, written by this task alone (see above).
+        let out = unsafe { std::slice::from_raw_parts_mut(outs[t].0, outs[t].1) };
+        linear_rows(out, x, w, 1, x.len(), out.len(), *acc);
+    };
+    if !kernels::par::team_for_each(products.len(), &run) {
+        (0..products.len()).for_each(run);
+    }
+}
+
 /// Single-stream decode steps of models with at most this many active matmul weights per
 /// token run with a spinning helper thread (see `BatchDecoder::forward`).
 const TEAM_MAX_PARAMS: usize = 1 << 23;
@@ -526,6 +582,11 @@ impl Mm<'_> {
             }
             None => linear_rows(out, x, w, n, i, o, accumulate),
         }
+    }
+
+    /// True when `w` is multiplied in f32 (no quantized copy).
+    fn is_f32(&self, w: &[f32]) -> bool {
+        self.quant.and_then(|q| q.find(self.params, w)).is_none()
     }
 
     /// `x (M,C) += SwiGLU(h (M,C))` through `w_gu (2F,C)` and `w_down (C,F)`.

@@ -447,3 +447,43 @@ fn half_precision_kv_cache_is_deterministic_and_near_f32() {
         assert!(worst < tol, "{kv:?}: logits off by {worst}");
     }
 }
+
+/// The student's shape (one routed expert beside a shared one): single-row steps in a team
+/// run the two experts' products as a pair, one per thread. Stepwise logits on 2 threads
+/// (the pairs, once the decoder has tried the team) equal one thread's and the batched
+/// forward's (the general path), bit for bit.
+#[test]
+fn paired_expert_products_keep_the_bits() {
+    let cfg = Config::from_toml(include_str!("../../../configs/student.toml"))
+        .unwrap()
+        .model;
+    assert_eq!((cfg.top_k, cfg.n_shared_experts), (1, 1));
+    let params = Model::new(&cfg, 1, 1, 7).params;
+    let toks: Vec<u32> = (0..60)
+        .map(|i| ((i * 31 + 7) % cfg.vocab_size) as u32)
+        .collect();
+    let run = |threads: usize, batched: bool| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut d = Decoder::new(&cfg);
+            if batched {
+                d.logits_all(&params, &toks)
+            } else {
+                toks.iter()
+                    .flat_map(|&t| d.step(&params, t).to_vec())
+                    .collect::<Vec<f32>>()
+            }
+        })
+    };
+    let want = run(1, true);
+    assert_eq!(run(1, false), want, "one thread, stepwise");
+    assert_eq!(
+        run(2, false),
+        want,
+        "two threads, stepwise (paired products)"
+    );
+    assert_eq!(run(2, true), want, "two threads, batched");
+}
