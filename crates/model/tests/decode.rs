@@ -6,6 +6,15 @@ use model::decode::{Decoder, KvType};
 use model::{io, Config, Layout, Model};
 use std::path::PathBuf;
 
+/// `f` on a pool of `threads` threads.
+fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+        .install(f)
+}
+
 fn check(cfg: &Config, params: Vec<f32>, name: &str) {
     let t = cfg.model.max_seq_len;
     let v = cfg.model.vocab_size;
@@ -211,11 +220,7 @@ fn long_and_windowed_caches_equal_full_recompute() {
         let m = Model::new(&cfg.model, 1, 1, 5);
         check(&cfg, m.params.clone(), name);
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
+            on_threads(threads, || {
                 let mut dec = Decoder::new(&cfg.model);
                 let mut last = vec![];
                 for i in 0..cfg.model.max_seq_len {
@@ -355,11 +360,7 @@ fn quantized_decode_is_deterministic_and_near_f32() {
         assert!(q.names().any(|(n, _)| n == "lm_head.weight"));
         assert!(q.names().any(|(n, _)| n.ends_with("experts.w_down")));
         let run = |threads: usize, batched: bool| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
+            on_threads(threads, || {
                 let mut d = Decoder::new(&cfg);
                 d.set_quant(Some(q.clone()));
                 if batched {
@@ -410,11 +411,7 @@ fn half_precision_kv_cache_is_deterministic_and_near_f32() {
     let v = cfg.vocab_size;
     let toks: Vec<u32> = (0..chunk + 30).map(|i| ((i * 41 + 3) % v) as u32).collect();
     let run = |kv: KvType, threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
+        on_threads(threads, || {
             let mut d = Decoder::new(&cfg);
             d.set_kv_type(kv);
             let bytes = d.cache_bytes();
@@ -463,11 +460,7 @@ fn paired_expert_products_keep_the_bits() {
         .map(|i| ((i * 31 + 7) % cfg.vocab_size) as u32)
         .collect();
     let run = |threads: usize, batched: bool| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
+        on_threads(threads, || {
             let mut d = Decoder::new(&cfg);
             if batched {
                 d.logits_all(&params, &toks)
