@@ -743,8 +743,11 @@ pub fn linear_rows(
     };
     // NOTE: parallel also inside a rayon worker (the serving engine decodes on one): a
     // decode step has no outer parallel loop to leave the other cores to.
-    if team && tasks > 1 && crate::par::team_for_each(tasks, &run) {
-    } else if n * o * i < 1 << 16 {
+    let teamed = team && tasks > 1 && crate::par::team_for_each(tasks, &run);
+    if teamed {
+        return;
+    }
+    if n * o * i < 1 << 16 {
         (0..tasks).for_each(run);
     } else {
         (0..tasks).into_par_iter().for_each(run);

@@ -14,7 +14,7 @@
 //! the sequence so far, and a slot's logits do not depend on which other slots share its
 //! steps (`tests/decode.rs`).
 
-use crate::block::{add_bias, qk_norm_forward, Dims, FfnWKind, QkActs};
+use crate::block::{add_bias, qk_norm_forward, Dims, FfnWKind, MoeW, QkActs};
 use crate::config::ModelConfig;
 use crate::params::Layout;
 use crate::quant::QuantWeights;
@@ -414,37 +414,19 @@ impl BatchDecoder {
                         m.bias,
                         &ds.route(),
                     );
-                    let j = self.r_idx[0] as usize;
-                    let (wgu, wd) = (
-                        &m.w_gu[j * 2 * f * c..(j + 1) * 2 * f * c],
-                        &m.w_down[j * c * f..(j + 1) * c * f],
-                    );
-                    if let (Some((sg, sd)), None, 1, 1) = (m.shared, m.shared_gate, n, k) {
-                        if kernels::par::in_team() && [sg, sd, wgu, wd].iter().all(|w| mm.is_f32(w))
-                        {
-                            // one decode row, one routed expert beside the shared one: their
-                            // products in pairs, one per thread (half the team hand-offs)
-                            let fs = ds.fs;
-                            let (gus, gur) = self.gu.split_at_mut(2 * fs);
-                            let (a_s, a_r) = self.a.split_at_mut(fs);
-                            let y = &mut self.y[..c];
-                            y.fill(0.0);
-                            products_in_pairs(&mut [
-                                (&mut gus[..], &hb[..], sg, false),
-                                (&mut gur[..2 * f], &hb[..], wgu, false),
-                            ]);
-                            swiglu_forward(a_s, gus, fs);
-                            swiglu_forward(&mut a_r[..f], &gur[..2 * f], f);
-                            products_in_pairs(&mut [
-                                (&mut x[..], &a_s[..], sd, true),
-                                (&mut y[..], &a_r[..f], wd, true),
-                            ]);
-                            let w = self.r_w[0];
-                            for (xx, yy) in x.iter_mut().zip(y.iter()) {
-                                *xx += w * yy;
-                            }
-                            continue;
-                        }
+                    if n == 1
+                        && kernels::par::in_team()
+                        && experts_one_row(
+                            x,
+                            hb,
+                            m,
+                            ds,
+                            (&self.r_idx[..k], &self.r_w[..k]),
+                            (&mut self.gu, &mut self.a, &mut self.y),
+                            |w| mm.is_f32(w),
+                        )
+                    {
+                        continue;
                     }
                     match (m.shared, m.shared_gate) {
                         (Some((sg, sd)), None) => {
@@ -527,12 +509,100 @@ impl BatchDecoder {
     }
 }
 
+/// The MoE FFN of one decode row in a team: the shared expert (ungated) and the row's routed
+/// experts are independent, so their gate/up products run as the tasks of one team loop,
+/// then their down products (half or less of the hand-offs of a loop per product). The
+/// sums are the general path's: the shared output added to `x` first, then each routed
+/// output, in expert order, times its weight. False (nothing done) for a gated shared expert,
+/// a quantized matrix or a single expert.
+#[allow(clippy::too_many_arguments)]
+fn experts_one_row(
+    x: &mut [f32],
+    h: &[f32],
+    m: &MoeW,
+    ds: &Dims,
+    (idx, wts): (&[u32], &[f32]),
+    (gu, a, y): (&mut [f32], &mut [f32], &mut [f32]),
+    is_f32: impl Fn(&[f32]) -> bool,
+) -> bool {
+    let (c, f) = (ds.c, ds.fe);
+    let mut routed: Vec<(usize, f32)> = idx
+        .iter()
+        .map(|&j| j as usize)
+        .zip(wts.iter().copied())
+        .collect();
+    routed.sort_by_key(|r| r.0);
+    // (gate/up, down, hidden width) of the shared expert, then of the routed ones
+    let mats: Vec<(&[f32], &[f32], usize)> = m
+        .shared
+        .map(|(sg, sd)| (sg, sd, ds.fs))
+        .into_iter()
+        .chain(routed.iter().map(|&(j, _)| {
+            (
+                &m.w_gu[j * 2 * f * c..(j + 1) * 2 * f * c],
+                &m.w_down[j * c * f..(j + 1) * c * f],
+                f,
+            )
+        }))
+        .collect();
+    let need: usize = mats.iter().map(|t| 2 * t.2).sum();
+    if m.shared_gate.is_some()
+        || mats.len() < 2
+        || need > gu.len()
+        || routed.len() * c > y.len()
+        || !mats.iter().all(|&(g, d, _)| is_f32(g) && is_f32(d))
+    {
+        return false;
+    }
+    let (mut gus, mut acts) = (vec![], vec![]);
+    let (mut gu, mut a) = (gu, a);
+    for &(_, _, fi) in &mats {
+        let (g, rest) = gu.split_at_mut(2 * fi);
+        gus.push(g);
+        gu = rest;
+        let (ai, rest) = a.split_at_mut(fi);
+        acts.push(ai);
+        a = rest;
+    }
+    let mut ups: Vec<Product> = gus
+        .iter_mut()
+        .zip(&mats)
+        .map(|(g, &(wg, _, _))| (&mut g[..], h, wg, false))
+        .collect();
+    products_as_tasks(&mut ups);
+    for ((ai, g), &(_, _, fi)) in acts.iter_mut().zip(&gus).zip(&mats) {
+        swiglu_forward(ai, g, fi);
+    }
+    let y = &mut y[..routed.len() * c];
+    y.fill(0.0);
+    let shared = m.shared.is_some() as usize;
+    let mut outs: Vec<&mut [f32]> = Vec::with_capacity(mats.len());
+    if shared == 1 {
+        outs.push(&mut x[..]);
+    }
+    outs.extend(y.chunks_mut(c));
+    let mut downs: Vec<Product> = outs
+        .into_iter()
+        .zip(&acts)
+        .zip(&mats)
+        .map(|((o, ai), &(_, wd, _))| (o, &ai[..], wd, true))
+        .collect();
+    products_as_tasks(&mut downs);
+    drop(downs);
+    for (yr, &(_, w)) in y.chunks(c).zip(&routed) {
+        for (xx, yy) in x.iter_mut().zip(yr) {
+            *xx += w * yy;
+        }
+    }
+    true
+}
+
 /// One row's `out [+]= x @ w^T`: (out, x, w, accumulate).
 type Product<'a> = (&'a mut [f32], &'a [f32], &'a [f32], bool);
 
 /// `out [+]= x @ w^T` for each `(out, x, w, accumulate)` (one row each), the products as the
 /// tasks of one team loop: each runs whole on one thread, with the same bits as alone.
-fn products_in_pairs(products: &mut [Product]) {
+fn products_as_tasks(products: &mut [Product]) {
     struct Raw(*mut f32, usize);
     // SAFETY: each task writes only its own product's output.
     unsafe impl Sync for Raw {}

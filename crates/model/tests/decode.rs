@@ -446,11 +446,12 @@ fn half_precision_kv_cache_is_deterministic_and_near_f32() {
 }
 
 /// The student's shape (one routed expert beside a shared one): single-row steps in a team
-/// run the two experts' products as a pair, one per thread. Stepwise logits on 2 threads
+/// run the experts' products as the tasks of one loop (`experts_one_row`; the tiny config's
+/// two routed experts go the same way in the other tests). Stepwise logits on 2 threads
 /// (the pairs, once the decoder has tried the team) equal one thread's and the batched
 /// forward's (the general path), bit for bit.
 #[test]
-fn paired_expert_products_keep_the_bits() {
+fn expert_products_as_team_tasks_keep_the_bits() {
     let cfg = Config::from_toml(include_str!("../../../configs/student.toml"))
         .unwrap()
         .model;
@@ -476,7 +477,7 @@ fn paired_expert_products_keep_the_bits() {
     assert_eq!(
         run(2, false),
         want,
-        "two threads, stepwise (paired products)"
+        "two threads, stepwise (experts as team tasks)"
     );
     assert_eq!(run(2, true), want, "two threads, batched");
 }
