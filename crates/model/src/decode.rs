@@ -510,11 +510,13 @@ impl BatchDecoder {
 }
 
 /// The MoE FFN of one decode row in a team: the shared expert (ungated) and the row's routed
-/// experts are independent, so their gate/up products run as the tasks of one team loop,
-/// then their down products (half or less of the hand-offs of a loop per product). The
-/// sums are the general path's: the shared output added to `x` first, then each routed
-/// output, in expert order, times its weight. False (nothing done) for a gated shared expert,
-/// a quantized matrix or a single expert.
+/// experts are independent, so each expert's gate/up product, SwiGLU and down product run
+/// as one task of a single team loop (one hand-off for a layer's experts, the SwiGLUs in
+/// parallel; against a loop for the gate/up products and one for the down products,
+/// student decoding +0.4 to +28%, median +5.6%, in 6 alternating rounds). The sums are the
+/// general path's: the shared output added to `x` first, then each routed output, in expert
+/// order, times its weight. False (nothing done) for a gated shared expert, a quantized
+/// matrix or a single expert.
 #[allow(clippy::too_many_arguments)]
 fn experts_one_row(
     x: &mut [f32],
@@ -554,41 +556,43 @@ fn experts_one_row(
     {
         return false;
     }
-    let (mut gus, mut acts) = (vec![], vec![]);
-    let (mut gu, mut a) = (gu, a);
-    for &(_, _, fi) in &mats {
-        let (g, rest) = gu.split_at_mut(2 * fi);
-        gus.push(g);
-        gu = rest;
-        let (ai, rest) = a.split_at_mut(fi);
-        acts.push(ai);
-        a = rest;
-    }
-    let mut ups: Vec<Product> = gus
-        .iter_mut()
-        .zip(&mats)
-        .map(|(g, &(wg, _, _))| (&mut g[..], h, wg, false))
-        .collect();
-    products_as_tasks(&mut ups);
-    for ((ai, g), &(_, _, fi)) in acts.iter_mut().zip(&gus).zip(&mats) {
-        swiglu_forward(ai, g, fi);
-    }
     let y = &mut y[..routed.len() * c];
     y.fill(0.0);
-    let shared = m.shared.is_some() as usize;
-    let mut outs: Vec<&mut [f32]> = Vec::with_capacity(mats.len());
-    if shared == 1 {
-        outs.push(&mut x[..]);
+    // expert t's scratch (gate/up, activation) and output: the shared expert adds into x,
+    // each routed one writes its own row of y
+    let mut parts: Vec<Raw> = Vec::with_capacity(3 * mats.len());
+    let (mut gu, mut a) = (gu, a);
+    let mut outs = y.chunks_mut(c);
+    for (t, &(_, _, fi)) in mats.iter().enumerate() {
+        let (g, rest) = gu.split_at_mut(2 * fi);
+        gu = rest;
+        let (ai, rest) = a.split_at_mut(fi);
+        a = rest;
+        let o: &mut [f32] = if t == 0 && m.shared.is_some() {
+            &mut x[..]
+        } else {
+            outs.next().expect("a row of y per routed expert")
+        };
+        parts.extend([Raw::of(g), Raw::of(ai), Raw::of(o)]);
     }
-    outs.extend(y.chunks_mut(c));
-    let mut downs: Vec<Product> = outs
-        .into_iter()
-        .zip(&acts)
-        .zip(&mats)
-        .map(|((o, ai), &(_, wd, _))| (o, &ai[..], wd, true))
-        .collect();
-    products_as_tasks(&mut downs);
-    drop(downs);
+    let run = |t: usize| {
+        let (wg, wd, fi) = mats[t];
+        // SAFETY: task t alone uses its three disjoint slices (made above from disjoint
+        // borrows that outlive the loop).
+        let (g, ai, o) = unsafe {
+            (
+                parts[3 * t].get(),
+                parts[3 * t + 1].get(),
+                parts[3 * t + 2].get(),
+            )
+        };
+        linear_rows(g, h, wg, 1, c, 2 * fi, false);
+        swiglu_forward(ai, g, fi);
+        linear_rows(o, ai, wd, 1, fi, c, true);
+    };
+    if !kernels::par::team_for_each(mats.len(), &run) {
+        (0..mats.len()).for_each(run);
+    }
     for (yr, &(_, w)) in y.chunks(c).zip(&routed) {
         for (xx, yy) in x.iter_mut().zip(yr) {
             *xx += w * yy;
@@ -597,27 +601,21 @@ fn experts_one_row(
     true
 }
 
-/// One row's `out [+]= x @ w^T`: (out, x, w, accumulate).
-type Product<'a> = (&'a mut [f32], &'a [f32], &'a [f32], bool);
+/// A mutable slice handed to one task of a team loop.
+struct Raw(*mut f32, usize);
 
-/// `out [+]= x @ w^T` for each `(out, x, w, accumulate)` (one row each), the products as the
-/// tasks of one team loop: each runs whole on one thread, with the same bits as alone.
-fn products_as_tasks(products: &mut [Product]) {
-    struct Raw(*mut f32, usize);
-    // SAFETY: each task writes only its own product's output.
-    unsafe impl Sync for Raw {}
-    let outs: Vec<Raw> = products
-        .iter_mut()
-        .map(|(o, ..)| Raw(o.as_mut_ptr(), o.len()))
-        .collect();
-    let run = |t: usize| {
-        let (_, x, w, acc) = &products[t];
-        // SAFETY: product t's output, written by this task alone (see above).
-        let out = unsafe { std::slice::from_raw_parts_mut(outs[t].0, outs[t].1) };
-        linear_rows(out, x, w, 1, x.len(), out.len(), *acc);
-    };
-    if !kernels::par::team_for_each(products.len(), &run) {
-        (0..products.len()).for_each(run);
+// SAFETY: each task dereferences only the slices it owns (see the loops that make them).
+unsafe impl Sync for Raw {}
+
+impl Raw {
+    fn of(s: &mut [f32]) -> Raw {
+        Raw(s.as_mut_ptr(), s.len())
+    }
+
+    /// SAFETY: the caller is the only user of the slice while the result lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn get(&self) -> &mut [f32] {
+        unsafe { std::slice::from_raw_parts_mut(self.0, self.1) }
     }
 }
 
