@@ -961,30 +961,32 @@ pub fn decode_attention(
         jobs.entry((run, gi, c)).or_default().push(t);
     }
     let ptr = SendPtr(partial.as_mut_ptr());
-    jobs.into_values()
-        .collect::<Vec<_>>()
-        .par_iter()
-        .for_each(|ts| {
-            let mut sc = [0.0f32; DECODE_CHUNK];
-            for &t in ts {
-                let (i, gi, _) = tasks[t];
-                let (kc, vc) = kv(i);
-                // SAFETY: every task index belongs to one job, so its part of `partial`
-                // is written by this thread alone.
-                let pt = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(t * part), part) };
-                let (c0, c1) = bounds(t);
-                let segs = ring_segments(c0, c1, tmax);
-                let sc = &mut sc[..c1 - c0];
-                for (hj, pt) in pt.chunks_mut(d + 2).enumerate() {
-                    let hi = gi * hpg + hj;
-                    let q = &qkv[i * r + hi * d..i * r + (hi + 1) * d];
-                    let (ms, acc) = pt.split_at_mut(2);
-                    let (mx, total) = attend(q, kc, vc, gd, gi * d, segs, scale, sc, acc, false);
-                    ms[0] = mx;
-                    ms[1] = total;
-                }
+    let jobs: Vec<Vec<usize>> = jobs.into_values().collect();
+    let job = |j: usize| {
+        let mut sc = [0.0f32; DECODE_CHUNK];
+        for &t in &jobs[j] {
+            let (i, gi, _) = tasks[t];
+            let (kc, vc) = kv(i);
+            // SAFETY: every task index belongs to one job, so its part of `partial`
+            // is written by this thread alone.
+            let pt = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(t * part), part) };
+            let (c0, c1) = bounds(t);
+            let segs = ring_segments(c0, c1, tmax);
+            let sc = &mut sc[..c1 - c0];
+            for (hj, pt) in pt.chunks_mut(d + 2).enumerate() {
+                let hi = gi * hpg + hj;
+                let q = &qkv[i * r + hi * d..i * r + (hi + 1) * d];
+                let (ms, acc) = pt.split_at_mut(2);
+                let (mx, total) = attend(q, kc, vc, gd, gi * d, segs, scale, sc, acc, false);
+                ms[0] = mx;
+                ms[1] = total;
             }
-        });
+        }
+    };
+    // inside a team (a single-row decode step) on its two threads, else rayon's
+    if !crate::par::team_for_each(jobs.len(), &job) {
+        (0..jobs.len()).into_par_iter().for_each(job);
+    }
     // merge each long row's chunks in order
     let mut t = 0;
     for i in (0..n).filter(|&i| long(i)) {

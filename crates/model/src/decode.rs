@@ -267,16 +267,13 @@ impl BatchDecoder {
     /// order). The bits equal feeding the tokens one step at a time.
     /// Panics when a slot's cache would overflow (check [`BatchDecoder::remaining`]).
     pub fn forward(&mut self, params: &[f32], inputs: &[(usize, &[u32])], all: bool) -> &[f32] {
-        // one row (a single stream's decode step) of a small model: every loop of the step
-        // is small, so a spinning helper takes half of each matmul's columns and of the
-        // attention heads (kernels::par::with_team), when that measures faster (TeamChoice). More rows keep rayon (prefill's
-        // elementwise loops run in parallel there), and so do larger models (SmolLM2-135M
-        // Q4_1 decoded 3-6% slower with the team, the teacher preset 8% faster).
+        // one row (a single stream's decode step): a spinning helper takes half of each
+        // matmul's columns and of the attention's heads or cache chunks
+        // (kernels::par::with_team), when that measures faster (TeamChoice): a step's ~100-200
+        // loops then hand off in ~100 ns each instead of waking a sleeping rayon worker. More
+        // rows keep rayon (prefill's elementwise loops run in parallel there).
         let rows: usize = inputs.iter().map(|(_, t)| t.len()).sum();
-        let len = if rows == 1
-            && self.cfg.active_matmul_params() <= TEAM_MAX_PARAMS
-            && rayon::current_num_threads() > 1
-        {
+        let len = if rows == 1 && rayon::current_num_threads() > 1 {
             let team = self.team.pick();
             let t = std::time::Instant::now();
             let len = if team {
@@ -618,10 +615,6 @@ impl Raw {
         unsafe { std::slice::from_raw_parts_mut(self.0, self.1) }
     }
 }
-
-/// Single-stream decode steps of models with at most this many active matmul weights per
-/// token run with a spinning helper thread (see `BatchDecoder::forward`).
-const TEAM_MAX_PARAMS: usize = 1 << 23;
 
 /// The decoder's matmuls: by a matrix's quantized copy when there is one, else f32.
 struct Mm<'a> {
