@@ -5,7 +5,7 @@ bytes are valid blocks; the float16 scale fields are set to finite random values
 
 Tensors: `<TYPE>.bytes` (uint8, 4 blocks or 64 elements for F16/BF16) and `<TYPE>.values`
 (float32); `quantize.<TYPE>.input` (float32, 8 blocks) and `quantize.<TYPE>.bytes` (what
-gguf-py's quantize makes of them) for Q8_0, Q4_0 and Q4_1.
+gguf-py's quantize makes of them) for Q8_0, Q4_0, Q4_1 and Q5_0.
 
 Usage (a venv with numpy, safetensors and gguf; written with gguf 0.x as recorded in the
 file's metadata):
@@ -52,12 +52,12 @@ def main():
     bf = (x.view(np.uint32) >> 16).astype(np.uint16)
     tensors["BF16.bytes"] = np.frombuffer(bf.tobytes(), dtype=np.uint8).copy()
     tensors["BF16.values"] = dequantize(np.frombuffer(bf.tobytes(), dtype=np.uint8), T.BF16).astype(np.float32).reshape(-1)
-    # quantization: gguf-py's bytes for the same values (Q8_0, Q4_0, Q4_1), ties included
+    # quantization: gguf-py's bytes for the same values (Q8_0, Q4_0, Q4_1, Q5_0), ties included
     from gguf.quants import quantize
     q_in = rng.standard_normal((8, 32)).astype(np.float32)
     q_in[1] = np.round(q_in[1] * 4) / 4  # exact halves for the rounding rules
     q_in[2, :] = 0.0  # an all-zero block
-    for t in (T.Q8_0, T.Q4_0, T.Q4_1):
+    for t in (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0):
         tensors[f"quantize.{t.name}.input"] = q_in.reshape(-1).copy()
         tensors[f"quantize.{t.name}.bytes"] = quantize(q_in, t).reshape(-1).copy()
     os.makedirs(OUT, exist_ok=True)

@@ -52,7 +52,7 @@ pub fn source_quant(run: &Path, ckpt: &Path) -> std::collections::BTreeMap<Strin
 }
 
 /// `--quant`: the matrices inference multiplies by. `auto`: the source's quantized types
-/// (`source`, by tensor name; none: f32); `f32`; or one of q8_0, q4_0, q4_1 for every matrix.
+/// (`source`, by tensor name; none: f32); `f32`; or one of q8_0, q5_0, q4_1, q4_0 for every matrix.
 pub fn quant_weights(
     cfg: &model::ModelConfig,
     params: &[f32],
@@ -69,7 +69,7 @@ pub fn quant_weights(
         })),
         t => match QType::parse(t) {
             Some(ty) => Some(QuantWeights::uniform(cfg, params, ty)),
-            None => bail!("--quant {t}: expected auto, f32, q8_0, q4_0 or q4_1"),
+            None => bail!("--quant {t}: expected auto, f32, q8_0, q5_0, q4_1 or q4_0"),
         },
     };
     Ok(q.map(Arc::new))

@@ -578,9 +578,16 @@ fn smollm2_runs_on_its_quantized_weights() {
     // repeated text: low perplexity, and the 4-bit weights within 10% of their f32 forward
     assert!(q < 20.0 && f < 20.0, "quantized {q}, f32 {f}");
     assert!((q / f - 1.0).abs() < 0.1, "quantized {q} vs f32 {f}");
+    // every matrix quantized in memory to Q5_0 (a kernel of its own; its accuracy is the
+    // kernel tests' and the tiny model's logits test's), the head included: 1.96 here.
+    // (Exported with `--quant q5_0`, embedding included, llama.cpp's llama-perplexity gives
+    // 1.92 on this text and moelab 1.91: 5-bit blocks of this Q4_1 model's weights cost
+    // more than the Q8_0 head the file keeps.)
+    let q5 = ppl("q5_0");
+    assert!(q5 < 2.5, "q5_0 {q5} vs f32 {f}");
     let e = err(&["sample", "--run", s(&run), "--quant", "q5_k"]);
     assert!(
-        e.contains("--quant q5_k: expected auto, f32, q8_0, q4_0 or q4_1"),
+        e.contains("--quant q5_k: expected auto, f32, q8_0, q5_0, q4_1 or q4_0"),
         "{e}"
     );
 }

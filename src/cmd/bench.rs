@@ -69,7 +69,7 @@ pub struct DecodeBench {
     #[arg(long, default_value_t = 1)]
     reps: usize,
     /// Weights to multiply by: auto (a GGUF file's, or an imported run's, quantized types;
-    /// otherwise f32), f32, q8_0, q4_0 or q4_1.
+    /// otherwise f32), f32, q8_0, q5_0, q4_1 or q4_0.
     #[arg(long, default_value = "auto")]
     quant: String,
     /// Element type of the KV cache: f32, or f16 / bf16 (half the memory; keys and values

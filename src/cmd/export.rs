@@ -26,7 +26,7 @@ pub struct ExportArgs {
     /// Weight dtype: f32, f16 or bf16 (gguf: f32 or f16).
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// gguf: quantize the matrices to q8_0, q4_0 or q4_1 (norms stay f32; matrices whose
+    /// gguf: quantize the matrices to q8_0, q5_0, q4_1 or q4_0 (norms stay f32; matrices whose
     /// rows are not whole 32-value blocks are f16).
     #[arg(long)]
     quant: Option<String>,
@@ -56,7 +56,8 @@ pub fn run(a: ExportArgs) -> Result<()> {
                 Some("q8_0") => quant::Q8_0,
                 Some("q4_0") => quant::Q4_0,
                 Some("q4_1") => quant::Q4_1,
-                Some(q) => bail!("--quant {q}: expected q8_0, q4_0 or q4_1"),
+                Some("q5_0") => quant::Q5_0,
+                Some(q) => bail!("--quant {q}: expected q8_0, q5_0, q4_1 or q4_0"),
             };
             if a.out.exists() {
                 bail!("{}: already exists; choose a new --out", a.out.display());

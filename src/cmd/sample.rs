@@ -18,7 +18,7 @@ pub struct SampleArgs {
     #[arg(long)]
     run: PathBuf,
     /// Matrices to multiply by: auto (an imported GGUF model's own quantized types, else
-    /// f32), f32, or q8_0 / q4_0 / q4_1 for every matrix (quantized in memory at load).
+    /// f32), f32, or q8_0 / q5_0 / q4_1 / q4_0 for every matrix (quantized in memory at load).
     #[arg(long, default_value = "auto")]
     quant: String,
     /// Element type of the KV cache: f32, or f16 / bf16 (half the memory; keys and values

@@ -306,7 +306,7 @@ fn quantized_exports_import_back_as_their_dequantized_weights() {
     let cfg = config(true, 0, tok.vocab_size());
     let params = model::Model::new(&cfg, 1, 1, 7).params;
     let layout = model::Layout::new(&cfg);
-    for q in [quant::Q8_0, quant::Q4_0, quant::Q4_1] {
+    for q in [quant::Q8_0, quant::Q4_0, quant::Q4_1, quant::Q5_0] {
         let file = std::env::temp_dir().join(format!("moelab-q-{q}-{}.gguf", std::process::id()));
         let bytes = interop::gguf::write::export(&cfg, &params, &tok, None, q, &file).unwrap();
         std::fs::write(&file, &bytes).unwrap();
@@ -329,6 +329,8 @@ fn quantized_exports_import_back_as_their_dequantized_weights() {
                     let tol = match q {
                         quant::Q8_0 => amax / 127.0 * 0.5,
                         quant::Q4_0 => amax / 8.0,
+                        // the same grid with 32 levels: [-16d, 15d], d = amax/16
+                        quant::Q5_0 => amax / 16.0,
                         _ => 2.0 * amax / 15.0 * 0.5,
                     } + amax * 2e-3;
                     for (x, y) in xs.iter().zip(ys) {

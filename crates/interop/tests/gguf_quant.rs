@@ -59,6 +59,7 @@ fn quantization_matches_gguf_py_byte_for_byte() {
         ("Q8_0", quant::Q8_0),
         ("Q4_0", quant::Q4_0),
         ("Q4_1", quant::Q4_1),
+        ("Q5_0", quant::Q5_0),
     ] {
         let x: Vec<f32> = st
             .tensor(&format!("quantize.{name}.input"))
@@ -78,10 +79,10 @@ fn quantization_matches_gguf_py_byte_for_byte() {
         let back = quant::dequantize(t, &got, x.len()).unwrap();
         for (b, (xs, ys)) in x.chunks(32).zip(back.chunks(32)).enumerate() {
             let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let step = if name == "Q8_0" {
-                amax / 127.0
-            } else {
-                2.0 * amax / 15.0
+            let step = match name {
+                "Q8_0" => amax / 127.0,
+                "Q5_0" => 2.0 * amax / 31.0,
+                _ => 2.0 * amax / 15.0,
             };
             for (a, c) in xs.iter().zip(ys) {
                 assert!(
@@ -90,6 +91,21 @@ fn quantization_matches_gguf_py_byte_for_byte() {
                 );
             }
         }
+    }
+    // the kernels' own block decoding (what the quantized matmuls multiply) of gguf-py's
+    // random blocks is the reference dequantization, value for value
+    for (name, t) in [
+        ("Q8_0", quant::Q8_0),
+        ("Q4_0", quant::Q4_0),
+        ("Q4_1", quant::Q4_1),
+        ("Q5_0", quant::Q5_0),
+    ] {
+        let raw = st.tensor(&format!("{name}.bytes")).unwrap().data().to_vec();
+        let ty = kernels::quant::QType::from_ggml(t).unwrap();
+        let want = quant::dequantize(t, &raw, raw.len() / ty.block_bytes() * 32).unwrap();
+        let mut got = vec![0f32; want.len()];
+        kernels::quant::dequantize_row(ty, &raw, &mut got);
+        assert_eq!(got, want, "{name}: kernels' blocks");
     }
     assert!(quant::quantize(quant::Q4_K, &[0.0; 256]).is_err());
     assert!(quant::quantize(quant::Q8_0, &[0.0; 31]).is_err());

@@ -1,5 +1,6 @@
-//! Quantized weights for inference: ggml's Q8_0, Q4_0 and Q4_1 blocks (32 weights with an
-//! f16 scale, and an f16 minimum for Q4_1), kept quantized in memory, times activations
+//! Quantized weights for inference: ggml's Q8_0, Q4_0, Q4_1 and Q5_0 blocks (32 weights
+//! with an f16 scale, and an f16 minimum for Q4_1; Q5_0 keeps each weight's fifth bit in a
+//! 32-bit word beside its nibbles), kept quantized in memory, times activations
 //! quantized per 32-value block to int8 (an f32 scale each), as llama.cpp's CPU backend
 //! does. A block's products are summed in integers (exact); the per-block scaling and the
 //! sum over blocks are float, in a fixed order of 8 lanes:
@@ -28,20 +29,22 @@ pub enum QType {
     Q8_0,
     Q4_0,
     Q4_1,
+    Q5_0,
 }
 
 impl QType {
-    pub const ALL: [QType; 3] = [QType::Q8_0, QType::Q4_0, QType::Q4_1];
+    pub const ALL: [QType; 4] = [QType::Q8_0, QType::Q4_0, QType::Q4_1, QType::Q5_0];
 
     pub fn name(self) -> &'static str {
         match self {
             QType::Q8_0 => "q8_0",
             QType::Q4_0 => "q4_0",
             QType::Q4_1 => "q4_1",
+            QType::Q5_0 => "q5_0",
         }
     }
 
-    /// `q8_0`, `q4_0` or `q4_1` (any case).
+    /// `q8_0`, `q4_0`, `q4_1` or `q5_0` (any case).
     pub fn parse(s: &str) -> Option<QType> {
         QType::ALL
             .into_iter()
@@ -54,6 +57,7 @@ impl QType {
             QType::Q8_0 => 34,
             QType::Q4_0 => 18,
             QType::Q4_1 => 20,
+            QType::Q5_0 => 22,
         }
     }
 
@@ -63,6 +67,7 @@ impl QType {
             QType::Q8_0 => 8,
             QType::Q4_0 => 2,
             QType::Q4_1 => 3,
+            QType::Q5_0 => 6,
         }
     }
 
@@ -112,6 +117,27 @@ pub fn quantize_row(ty: QType, x: &[f32], out: &mut Vec<u8>) {
                     out.push(q(b[j]) | (q(b[j + QK / 2]) << 4));
                 }
             }
+            QType::Q5_0 => {
+                // as Q4_0 with 32 levels: the fifth bit of value j is bit j of `qh`
+                let mut max = 0f32;
+                for &v in b {
+                    if v.abs() > max.abs() {
+                        max = v;
+                    }
+                }
+                let d = max / -16.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(f16_bytes(d));
+                let q: Vec<u8> = b
+                    .iter()
+                    .map(|&v| ((v * id + 16.5) as i32).clamp(0, 31) as u8)
+                    .collect();
+                let qh = (0..QK).fold(0u32, |h, j| h | (((q[j] >> 4) as u32) << j));
+                out.extend(qh.to_le_bytes());
+                for j in 0..QK / 2 {
+                    out.push((q[j] & 0xF) | ((q[j + QK / 2] & 0xF) << 4));
+                }
+            }
             QType::Q4_1 => {
                 let min = b.iter().fold(f32::INFINITY, |m, &v| m.min(v));
                 let max = b.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
@@ -156,6 +182,13 @@ fn block_ints(ty: QType, blk: &[u8]) -> ([i32; QK], f32, f32) {
                 *v = nib(4, i);
             }
             (q, f16_at(blk, 0), f16_at(blk, 2))
+        }
+        QType::Q5_0 => {
+            let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+            for (i, v) in q.iter_mut().enumerate() {
+                *v = (nib(6, i) | (((qh >> i) & 1) << 4) as i32) - 16;
+            }
+            (q, f16_at(blk, 0), 0.0)
         }
     }
 }
@@ -495,10 +528,12 @@ macro_rules! quant_tiles {
             use std::arch::x86_64::*;
             const Q8_0: u8 = 0;
             const Q4_1: u8 = 2;
+            const Q5_0: u8 = 3;
             let nb = x.cols / QK;
             let bb = match T {
                 Q8_0 => 34,
                 Q4_1 => 20,
+                Q5_0 => 22,
                 _ => 18,
             };
             debug_assert!(w.len() >= (C - 1) * rb + nb * bb);
@@ -524,14 +559,26 @@ macro_rules! quant_tiles {
                     let qw = match T {
                         Q8_0 => _mm256_loadu_si256(p.add(2) as *const __m256i),
                         _ => {
-                            let off = if T == Q4_1 { 4 } else { 2 };
+                            let off = match T {
+                                Q4_1 => 4,
+                                Q5_0 => 6,
+                                _ => 2,
+                            };
                             let t = _mm_loadu_si128(p.add(off) as *const __m128i);
                             let both = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
                             let nib = _mm256_and_si256(both, mask);
-                            if T == Q4_1 {
-                                nib
-                            } else {
-                                _mm256_sub_epi8(nib, _mm256_set1_epi8(8))
+                            match T {
+                                Q4_1 => nib,
+                                // (nibble | fifth bit << 4) - 16: 0xF0 or'ed in where the
+                                // bit is clear gives the same byte
+                                Q5_0 => _mm256_or_si256(
+                                    nib,
+                                    _mm256_andnot_si256(
+                                        bytes_from_bits((p.add(2) as *const u32).read_unaligned()),
+                                        _mm256_set1_epi8(0xF0u8 as i8),
+                                    ),
+                                ),
+                                _ => _mm256_sub_epi8(nib, _mm256_set1_epi8(8)),
                             }
                         }
                     };
@@ -631,6 +678,7 @@ macro_rules! quant_tiles {
                 QType::Q8_0 => $dot::<0, C, R>(ws, rb, x, rows),
                 QType::Q4_0 => $dot::<1, C, R>(ws, rb, x, rows),
                 QType::Q4_1 => $dot::<2, C, R>(ws, rb, x, rows),
+                QType::Q5_0 => $dot::<3, C, R>(ws, rb, x, rows),
             };
             for (ci, vc) in v.iter().enumerate() {
                 for (ri, &val) in vc.iter().enumerate() {
@@ -639,6 +687,27 @@ macro_rules! quant_tiles {
             }
         }
     };
+}
+
+/// 32 bits as 32 bytes, 0xFF where bit i of `x` is set (byte i), else 0 (ggml's
+/// `bytes_from_bits_32`).
+///
+/// # Safety
+/// AVX2 must be present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn bytes_from_bits(x: u32) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let shuf = _mm256_set_epi64x(
+        0x0303030303030303,
+        0x0202020202020202,
+        0x0101010101010101,
+        0,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x as i32), shuf);
+    let bit = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+    _mm256_cmpeq_epi8(_mm256_or_si256(bytes, bit), _mm256_set1_epi64x(-1))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -701,6 +770,7 @@ unsafe fn tile4_512(
         QType::Q8_0 => dot4_512::<0>(ws, rb, x, r),
         QType::Q4_0 => dot4_512::<1>(ws, rb, x, r),
         QType::Q4_1 => dot4_512::<2>(ws, rb, x, r),
+        QType::Q5_0 => dot4_512::<3>(ws, rb, x, r),
     };
     for (ci, &val) in v.iter().enumerate() {
         put(r, c + ci, val);
@@ -719,10 +789,12 @@ unsafe fn dot4_512<const T: u8>(w: &[u8], rb: usize, x: &QActs, r: usize) -> [f3
     use std::arch::x86_64::*;
     const Q8_0: u8 = 0;
     const Q4_1: u8 = 2;
+    const Q5_0: u8 = 3;
     let nb = x.cols / QK;
     let bb = match T {
         Q8_0 => 34,
         Q4_1 => 20,
+        Q5_0 => 22,
         _ => 18,
     };
     debug_assert!(w.len() >= 3 * rb + nb * bb);
@@ -792,7 +864,11 @@ unsafe fn dot4_512<const T: u8>(w: &[u8], rb: usize, x: &QActs, r: usize) -> [f3
             };
             (two(0), two(2))
         } else {
-            let off = if T == Q4_1 { 4 } else { 2 };
+            let off = match T {
+                Q4_1 => 4,
+                Q5_0 => 6,
+                _ => 2,
+            };
             let l = |c: usize| _mm_loadu_si128(p[c].add(off) as *const __m128i);
             let v = _mm512_inserti32x4::<3>(
                 _mm512_inserti32x4::<2>(
@@ -807,11 +883,22 @@ unsafe fn dot4_512<const T: u8>(w: &[u8], rb: usize, x: &QActs, r: usize) -> [f3
                 _mm512_permutex2var_epi64(lo, ab, hi),
                 _mm512_permutex2var_epi64(lo, cd, hi),
             );
-            if T == Q4_1 {
-                (x_ab, x_cd)
-            } else {
-                let eight = _mm512_set1_epi8(8);
-                (_mm512_sub_epi8(x_ab, eight), _mm512_sub_epi8(x_cd, eight))
+            match T {
+                Q4_1 => (x_ab, x_cd),
+                Q5_0 => {
+                    // 0xF0 or'ed into the bytes whose fifth bit is clear: (q | b << 4) - 16
+                    let qh = |c: usize| (p[c].add(2) as *const u32).read_unaligned() as u64;
+                    let f0 = _mm512_set1_epi8(0xF0u8 as i8);
+                    let clear = |a: usize| !(qh(a) | (qh(a + 1) << 32));
+                    (
+                        _mm512_or_si512(x_ab, _mm512_maskz_mov_epi8(clear(0), f0)),
+                        _mm512_or_si512(x_cd, _mm512_maskz_mov_epi8(clear(2), f0)),
+                    )
+                }
+                _ => {
+                    let eight = _mm512_set1_epi8(8);
+                    (_mm512_sub_epi8(x_ab, eight), _mm512_sub_epi8(x_cd, eight))
+                }
             }
         };
         let isum = |wv: __m512i| {
@@ -967,6 +1054,7 @@ mod tests {
                 QType::Q8_0 => 0.02,
                 QType::Q4_0 => 0.55,
                 QType::Q4_1 => 0.3,
+                QType::Q5_0 => 0.3,
             };
             assert!(err < tol, "{ty:?}: worst error {err}");
         }

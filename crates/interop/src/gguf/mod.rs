@@ -100,14 +100,16 @@ fn meta_f64(f: &GgufFile, key: &str, default: f64) -> f64 {
 }
 
 /// The quantized type each moelab matrix takes to run as the file holds it: a fused matrix
-/// (q/k/v, gate/up) takes the most precise of its parts' types; Q8_0, Q4_0 and Q4_1 are
-/// kept, other quantized types run as Q8_0 (at least as precise), float tensors stay f32.
+/// (q/k/v, gate/up) takes the most precise of its parts' types; Q8_0, Q5_0, Q4_1 and Q4_0
+/// are kept, other quantized types (the K-quants) run as Q8_0 (at least as precise), float
+/// tensors stay f32.
 fn matrix_types(f: &GgufFile, layout: &Layout) -> BTreeMap<String, String> {
     use kernels::quant::QType;
-    // precision rank: f32 (None) above Q8_0 above Q4_1 above Q4_0
+    // precision rank: f32 (None) above Q8_0 above Q5_0 above Q4_1 above Q4_0
     let rank = |q: Option<QType>| match q {
-        None => 3,
-        Some(QType::Q8_0) => 2,
+        None => 4,
+        Some(QType::Q8_0) => 3,
+        Some(QType::Q5_0) => 2,
         Some(QType::Q4_1) => 1,
         Some(QType::Q4_0) => 0,
     };

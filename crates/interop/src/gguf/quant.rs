@@ -228,7 +228,7 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 pub fn quantize(t: u32, x: &[f32]) -> Result<Vec<u8>, String> {
     let ty = kernels::quant::QType::from_ggml(t).ok_or_else(|| {
         format!(
-            "moelab quantizes to Q8_0, Q4_0 and Q4_1, not {}",
+            "moelab quantizes to Q8_0, Q4_0, Q4_1 and Q5_0, not {}",
             type_name(t)
         )
     })?;

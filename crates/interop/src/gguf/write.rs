@@ -137,7 +137,7 @@ fn pre_name(tok_json: &Json) -> Option<&'static str> {
 }
 
 /// GGUF bytes of `cfg` / `params` with tokenizer `tok` and chat format `chat` (None:
-/// moelab's, written as Jinja), matrices as `mat_type` (F32, F16, Q8_0, Q4_0 or Q4_1;
+/// moelab's, written as Jinja), matrices as `mat_type` (F32, F16, Q8_0, Q5_0, Q4_1 or Q4_0;
 /// a quantized type applies to matrices whose rows are whole 32-value blocks, the others
 /// are F16), norms in F32.
 pub fn export(
@@ -154,6 +154,7 @@ pub fn export(
         quant::Q8_0,
         quant::Q4_0,
         quant::Q4_1,
+        quant::Q5_0,
     ]
     .contains(&mat_type)
     {
@@ -245,12 +246,14 @@ pub fn export(
         ),
         (
             "general.file_type".into(),
-            // llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q4_0, MOSTLY_Q4_1, MOSTLY_Q8_0
+            // llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q4_0, MOSTLY_Q4_1, MOSTLY_Q5_0,
+            // MOSTLY_Q8_0
             Meta::U32(match mat_type {
                 quant::F32 => 0,
                 quant::F16 => 1,
                 quant::Q4_0 => 2,
                 quant::Q4_1 => 3,
+                quant::Q5_0 => 8,
                 _ => 7,
             }),
         ),
