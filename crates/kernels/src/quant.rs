@@ -507,7 +507,7 @@ impl QPath {
 /// the i32 sums of four adjacent byte products per lane (AVX2: `maddubs` then `madd`, no
 /// saturation at these magnitudes; AVX512-VNNI: one `dpbusd`), the same integers either way.
 macro_rules! quant_tiles {
-    ($dot:ident, $tiles:ident, $tile:ident, $feat:literal, $isum:ident, $tile4:expr) => {
+    ($dot:ident, $tiles:ident, $tile:ident, $feat:literal, $isum:ident, $tile4:expr, $tile44:expr) => {
         /// The AVX2 dots of `C` weight rows (`w`, consecutive rows of `rb` bytes) with `R`
         /// activation rows at once: a weight block is unpacked once for the R rows, an activation
         /// block loaded once for the C weight rows, and the C x R accumulator chains are independent.
@@ -611,9 +611,10 @@ macro_rules! quant_tiles {
         }
 
         /// Output columns c0..c1 for all `n` rows in tiles of 4 weight rows x 1 activation row
-        /// (decoding: independent chains) or 2 x 4 (prefill: each block unpacked once for 4 rows),
-        /// edges one by one. One AVX2 function, so the tiles inline into it whatever the codegen
-        /// partition (a build once lost 13% of prefill speed to a different inlining).
+        /// (decoding: independent chains) or 4 x 4 (prefill: each block unpacked once for 4
+        /// rows; on AVX2 two 2 x 4 tiles), then 2 x 4, edges one by one. The tiles inline into
+        /// these functions whatever the codegen partition (a build once lost 13% of prefill
+        /// speed to a different inlining).
         ///
         /// # Safety
         /// AVX2, FMA and F16C must be present; columns c0..c1 are rows row0+c0.. of `w`.
@@ -628,15 +629,47 @@ macro_rules! quant_tiles {
             n: usize,
             put: &impl Fn(usize, usize, f32),
         ) {
-            let mut c = c0;
-            if n < 4 {
+            // the decode loop in a function of its own: inlined beside prefill's 4 x 4 tiles
+            // it decoded ~3% slower
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = $feat)]
+            #[inline(never)]
+            unsafe fn decode(
+                w: QView,
+                row0: usize,
+                x: &QActs,
+                c0: usize,
+                c1: usize,
+                n: usize,
+                put: &impl Fn(usize, usize, f32),
+            ) -> usize {
+                let mut c = c0;
                 while c + 4 <= c1 {
                     for r in 0..n {
                         $tile4(w, row0, x, c, r, put);
                     }
                     c += 4;
                 }
+                c
+            }
+            let mut c = c0;
+            if n < 4 {
+                c = decode(w, row0, x, c0, c1, n, put);
             } else {
+                while c + 4 <= c1 {
+                    let mut r = 0;
+                    while r + 4 <= n {
+                        $tile44(w, row0, x, c, r, put);
+                        r += 4;
+                    }
+                    // (not $tile4: a second call site kept it from being inlined into the
+                    // decode loop above, 5% slower decoding)
+                    for r in r..n {
+                        $tile::<2, 1>(w, row0, x, c, r, put);
+                        $tile::<2, 1>(w, row0, x, c + 2, r, put);
+                    }
+                    c += 4;
+                }
                 while c + 2 <= c1 {
                     let mut r = 0;
                     while r + 4 <= n {
@@ -731,7 +764,8 @@ quant_tiles!(
     tile_avx2,
     "avx2,fma,f16c",
     isum_avx2,
-    tile_avx2::<4, 1>
+    tile_avx2::<4, 1>,
+    tile44_avx2
 );
 quant_tiles!(
     dot_vnni,
@@ -739,24 +773,26 @@ quant_tiles!(
     tile_vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl",
     isum_vnni,
-    tile4_512
+    tile4_512::<1>,
+    tile4_512::<4>
 );
 
-/// [`tile_vnni`]`::<4, 1>` (a decode step's tile: 4 weight rows, one activation row) in
-/// 512-bit registers: the 4 rows' scales converted by one instruction, their nibbles
-/// unpacked together, two rows per byte dot product (row A in lanes 0-7, row B in 8-15, the
-/// activation block in both halves). Every lane does [`dot_ref`]'s operations in its order
-/// (`d = dw * dx` rounded, one fused multiply-add per block, `m * s` products summed apart),
-/// so the bits equal the other paths'; a third as many instructions per block as the AVX2
-/// tile, which spent them on scalar scale conversions.
+/// [`tile_vnni`]`::<4, R>` in 512-bit registers: 4 weight rows times R activation rows (1:
+/// a decode step's tile; 4: prefill's). The 4 weight rows' scales are converted by one
+/// instruction and multiplied by an activation row's scale in one more, their nibbles
+/// unpacked together, and two weight rows share each byte dot product (row A in lanes 0-7,
+/// row B in 8-15, the activation block in both halves). Every lane does [`dot_ref`]'s
+/// operations in its order (`d = dw * dx` rounded, one fused multiply-add per block, `m * s`
+/// products summed apart), so the bits equal the other paths'; a third as many instructions
+/// per block as the AVX2 tile, which spent them on scalar scale conversions.
 ///
 /// # Safety
 /// AVX2, FMA, F16C, AVX-512 F/BW/VL and VNNI must be present; columns c..c+4 are rows
-/// row0+c.. of `w`; `r` is below `x.rows()`.
+/// row0+c.. of `w`; rows r..r+R are below `x.rows()`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
 #[inline]
-unsafe fn tile4_512(
+unsafe fn tile4_512<const R: usize>(
     w: QView,
     row0: usize,
     x: &QActs,
@@ -766,26 +802,34 @@ unsafe fn tile4_512(
 ) {
     let rb = w.row_bytes();
     let ws = &w.data[(row0 + c) * rb..(row0 + c + 4) * rb];
+    let rows: [usize; R] = std::array::from_fn(|i| r + i);
     let v = match w.ty {
-        QType::Q8_0 => dot4_512::<0>(ws, rb, x, r),
-        QType::Q4_0 => dot4_512::<1>(ws, rb, x, r),
-        QType::Q4_1 => dot4_512::<2>(ws, rb, x, r),
-        QType::Q5_0 => dot4_512::<3>(ws, rb, x, r),
+        QType::Q8_0 => dot4_512::<0, R>(ws, rb, x, rows),
+        QType::Q4_0 => dot4_512::<1, R>(ws, rb, x, rows),
+        QType::Q4_1 => dot4_512::<2, R>(ws, rb, x, rows),
+        QType::Q5_0 => dot4_512::<3, R>(ws, rb, x, rows),
     };
-    for (ci, &val) in v.iter().enumerate() {
-        put(r, c + ci, val);
+    for (ci, vc) in v.iter().enumerate() {
+        for (ri, &val) in vc.iter().enumerate() {
+            put(r + ri, c + ci, val);
+        }
     }
 }
 
 /// The dots of 4 weight rows (`w`, stride `rb`, blocks of type `T` as in [`dot_avx2`]) with
-/// activation row `r`, for [`tile4_512`].
+/// activation rows `rows`, for [`tile4_512`]: out[c][i] is weight row c with `rows[i]`.
 ///
 /// # Safety
 /// As [`tile4_512`]; `w` holds 4 rows of `x.cols / QK` blocks at stride `rb`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
 #[inline]
-unsafe fn dot4_512<const T: u8>(w: &[u8], rb: usize, x: &QActs, r: usize) -> [f32; 4] {
+unsafe fn dot4_512<const T: u8, const R: usize>(
+    w: &[u8],
+    rb: usize,
+    x: &QActs,
+    rows: [usize; R],
+) -> [[f32; R]; 4] {
     use std::arch::x86_64::*;
     const Q8_0: u8 = 0;
     const Q4_1: u8 = 2;
@@ -820,22 +864,17 @@ unsafe fn dot4_512<const T: u8>(w: &[u8], rb: usize, x: &QActs, r: usize) -> [f3
             _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3),
         )
     };
-    let (mut acc_ab, mut acc_cd) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-    // Q4_1: lane 2c + 1 sums row c's m * s (the even lanes are unused)
-    let mut summs = _mm256_setzero_ps();
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    // Q4_1: lane 2c + 1 of summs[i] sums weight row c's m * s (the even lanes are unused)
+    let mut summs = [_mm256_setzero_ps(); R];
     let rd = |p: *const u8| (p as *const u16).read_unaligned() as i32;
     for b in 0..nb {
         let p = [0, 1, 2, 3].map(|c| wp.add(c * rb + b * bb));
-        let xb = r * nb + b;
-        let qx = _mm512_broadcast_i64x4(_mm256_loadu_si256(xq.add(xb * QK) as *const __m256i));
-        // d (and m) of the 4 rows as f32, times the activation block's d (and s)
-        let scales = if T == Q4_1 {
+        // d (and m) of the 4 weight rows as f32
+        let (dm8, d4) = if T == Q4_1 {
             let dm = |c: usize| (p[c] as *const i32).read_unaligned();
             let h = _mm_setr_epi32(dm(0), dm(1), dm(2), dm(3));
-            let xds = _mm256_unpacklo_ps(_mm256_set1_ps(*xd.add(xb)), _mm256_set1_ps(*xs.add(xb)));
-            let prods = _mm256_mul_ps(_mm256_cvtph_ps(h), xds);
-            summs = _mm256_add_ps(summs, prods);
-            _mm512_castps256_ps512(prods)
+            (_mm256_cvtph_ps(h), _mm_setzero_ps())
         } else {
             let h = _mm_setr_epi16(
                 rd(p[0]) as i16,
@@ -847,13 +886,8 @@ unsafe fn dot4_512<const T: u8>(w: &[u8], rb: usize, x: &QActs, r: usize) -> [f3
                 0,
                 0,
             );
-            let prods = _mm_mul_ps(_mm_cvtph_ps(h), _mm_set1_ps(*xd.add(xb)));
-            _mm512_castps128_ps512(prods)
+            (_mm256_setzero_ps(), _mm_cvtph_ps(h))
         };
-        let (d_ab, d_cd) = (
-            _mm512_permutexvar_ps(sab, scales),
-            _mm512_permutexvar_ps(scd, scales),
-        );
         // the weights of rows (A, B) and (C, D) as bytes
         let (w_ab, w_cd) = if T == Q8_0 {
             let two = |c: usize| {
@@ -901,32 +935,74 @@ unsafe fn dot4_512<const T: u8>(w: &[u8], rb: usize, x: &QActs, r: usize) -> [f3
                 }
             }
         };
-        let isum = |wv: __m512i| {
-            if T == Q4_1 {
-                _mm512_dpbusd_epi32(zero, wv, qx)
+        // signed weights: |w| times x with w's sign (as the AVX2 path's sign_epi8 pair;
+        // where w is 0 the product is 0 either way)
+        let (a_ab, a_cd) = (_mm512_abs_epi8(w_ab), _mm512_abs_epi8(w_cd));
+        let (n_ab, n_cd) = (_mm512_movepi8_mask(w_ab), _mm512_movepi8_mask(w_cd));
+        for i in 0..R {
+            let xb = rows[i] * nb + b;
+            let qx = _mm512_broadcast_i64x4(_mm256_loadu_si256(xq.add(xb * QK) as *const __m256i));
+            // the 4 weight rows' d times this activation block's d (Q4_1: and m times s)
+            let scales = if T == Q4_1 {
+                let xds =
+                    _mm256_unpacklo_ps(_mm256_set1_ps(*xd.add(xb)), _mm256_set1_ps(*xs.add(xb)));
+                let prods = _mm256_mul_ps(dm8, xds);
+                summs[i] = _mm256_add_ps(summs[i], prods);
+                _mm512_castps256_ps512(prods)
             } else {
-                // |w| times x with w's sign (as the AVX2 path's sign_epi8 pair; where w is 0
-                // the product is 0 either way)
-                let neg = _mm512_movepi8_mask(wv);
-                _mm512_dpbusd_epi32(
-                    zero,
-                    _mm512_abs_epi8(wv),
-                    _mm512_mask_sub_epi8(qx, neg, zero, qx),
+                _mm512_castps128_ps512(_mm_mul_ps(d4, _mm_set1_ps(*xd.add(xb))))
+            };
+            let (d_ab, d_cd) = (
+                _mm512_permutexvar_ps(sab, scales),
+                _mm512_permutexvar_ps(scd, scales),
+            );
+            let (s_ab, s_cd) = if T == Q4_1 {
+                (
+                    _mm512_dpbusd_epi32(zero, w_ab, qx),
+                    _mm512_dpbusd_epi32(zero, w_cd, qx),
                 )
-            }
-        };
-        acc_ab = _mm512_fmadd_ps(d_ab, _mm512_cvtepi32_ps(isum(w_ab)), acc_ab);
-        acc_cd = _mm512_fmadd_ps(d_cd, _mm512_cvtepi32_ps(isum(w_cd)), acc_cd);
+            } else {
+                (
+                    _mm512_dpbusd_epi32(zero, a_ab, _mm512_mask_sub_epi8(qx, n_ab, zero, qx)),
+                    _mm512_dpbusd_epi32(zero, a_cd, _mm512_mask_sub_epi8(qx, n_cd, zero, qx)),
+                )
+            };
+            acc[i][0] = _mm512_fmadd_ps(d_ab, _mm512_cvtepi32_ps(s_ab), acc[i][0]);
+            acc[i][1] = _mm512_fmadd_ps(d_cd, _mm512_cvtepi32_ps(s_cd), acc[i][1]);
+        }
     }
-    let mut a = [0f32; 32];
-    _mm512_storeu_ps(a.as_mut_ptr(), acc_ab);
-    _mm512_storeu_ps(a.as_mut_ptr().add(16), acc_cd);
-    let mut sm = [0f32; 8];
-    _mm256_storeu_ps(sm.as_mut_ptr(), summs);
-    std::array::from_fn(|c| {
-        let lanes: [f32; 8] = a[8 * c..8 * c + 8].try_into().expect("8 lanes");
-        hsum8(lanes) + if T == Q4_1 { sm[2 * c + 1] } else { 0.0 }
-    })
+    let mut out = [[0f32; R]; 4];
+    for i in 0..R {
+        let mut a = [0f32; 32];
+        _mm512_storeu_ps(a.as_mut_ptr(), acc[i][0]);
+        _mm512_storeu_ps(a.as_mut_ptr().add(16), acc[i][1]);
+        let mut sm = [0f32; 8];
+        _mm256_storeu_ps(sm.as_mut_ptr(), summs[i]);
+        for (c, o) in out.iter_mut().enumerate() {
+            let lanes: [f32; 8] = a[8 * c..8 * c + 8].try_into().expect("8 lanes");
+            o[i] = hsum8(lanes) + if T == Q4_1 { sm[2 * c + 1] } else { 0.0 };
+        }
+    }
+    out
+}
+
+/// Prefill's AVX2 tile for 4 weight rows: two 2 x 4 tiles.
+///
+/// # Safety
+/// As [`tile_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn tile44_avx2(
+    w: QView,
+    row0: usize,
+    x: &QActs,
+    c: usize,
+    r: usize,
+    put: &impl Fn(usize, usize, f32),
+) {
+    tile_avx2::<2, 4>(w, row0, x, c, r, put);
+    tile_avx2::<2, 4>(w, row0, x, c + 2, r, put);
 }
 
 /// Output columns per parallel task of [`qlinear_rows`] (at least).
@@ -1098,23 +1174,27 @@ mod tests {
                     );
                 }
             }
-            // decode-sized calls (1-3 rows: the 4-weight-row tiles, 512-bit on VNNI hosts)
-            // on every path, against the reference
-            for nd in 1..=3 {
+            // every tile shape on every path against the reference: 1-3 rows (decode: 4 x 1
+            // tiles), 4-7 rows (4 x 4 tiles and leftover rows), 37 columns (4-column tiles
+            // and one left) and 35 from row 1 (4-column tiles, a 2-column one, one left)
+            for nd in 1..=n {
                 let mut few = QActs::new();
                 few.quantize(&x[..nd * i], i);
-                for path in QPath::available() {
-                    let mut p = vec![0.0; nd * o];
-                    qlinear_rows_on(path, &mut p, &few, m.view(), 0, o, false);
-                    for r in 0..nd {
-                        for c in 0..o {
-                            let rb = m.row_bytes();
-                            let want = dot_ref(ty, &m.bytes()[c * rb..(c + 1) * rb], &few, r);
-                            assert_eq!(
-                                p[r * o + c].to_bits(),
-                                want.to_bits(),
-                                "{ty:?} {path:?} {nd} rows ({r},{c})"
-                            );
+                for (row0, oo) in [(0, o), (1, o - 2)] {
+                    for path in QPath::available() {
+                        let mut p = vec![0.0; nd * oo];
+                        qlinear_rows_on(path, &mut p, &few, m.view(), row0, oo, false);
+                        for r in 0..nd {
+                            for c in 0..oo {
+                                let rb = m.row_bytes();
+                                let wr = &m.bytes()[(row0 + c) * rb..(row0 + c + 1) * rb];
+                                let want = dot_ref(ty, wr, &few, r);
+                                assert_eq!(
+                                    p[r * oo + c].to_bits(),
+                                    want.to_bits(),
+                                    "{ty:?} {path:?} {nd} rows ({r},{c}) from row {row0}"
+                                );
+                            }
                         }
                     }
                 }
