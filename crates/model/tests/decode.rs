@@ -337,9 +337,10 @@ fn prefill_equals_token_by_token_with(kv: KvType) {
     }
 }
 
-/// Quantized decoding (Q8_0, Q4_0, Q4_1 matrices): the same bits for 1, 2 and 4 threads,
-/// for a prompt fed in one forward or token by token, and alone or batched with another
-/// sequence; the logits stay near the f32 decoder's.
+/// Quantized decoding (every type): the same bits for 1, 2 and 4 threads, for a prompt fed
+/// in one forward or token by token (single-row steps run their experts as team tasks once
+/// the decoder tries the team), and alone or batched with another sequence; the logits stay
+/// near the f32 decoder's.
 #[test]
 fn quantized_decode_is_deterministic_and_near_f32() {
     use kernels::quant::QType;
