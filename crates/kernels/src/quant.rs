@@ -102,15 +102,7 @@ pub fn quantize_row(ty: QType, x: &[f32], out: &mut Vec<u8>) {
                 out.extend(b.iter().map(|v| (v * id).round() as i8 as u8));
             }
             QType::Q4_0 => {
-                // the value of largest magnitude (the first of equals), with its sign
-                let mut max = 0f32;
-                for &v in b {
-                    if v.abs() > max.abs() {
-                        max = v;
-                    }
-                }
-                let d = max / -8.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let (d, id) = signed_scale(b, 8.0);
                 out.extend(f16_bytes(d));
                 let q = |v: f32| ((v * id + 8.5) as i32).clamp(0, 15) as u8;
                 for j in 0..QK / 2 {
@@ -119,14 +111,7 @@ pub fn quantize_row(ty: QType, x: &[f32], out: &mut Vec<u8>) {
             }
             QType::Q5_0 => {
                 // as Q4_0 with 32 levels: the fifth bit of value j is bit j of `qh`
-                let mut max = 0f32;
-                for &v in b {
-                    if v.abs() > max.abs() {
-                        max = v;
-                    }
-                }
-                let d = max / -16.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let (d, id) = signed_scale(b, 16.0);
                 out.extend(f16_bytes(d));
                 let q: Vec<u8> = b
                     .iter()
@@ -152,6 +137,19 @@ pub fn quantize_row(ty: QType, x: &[f32], out: &mut Vec<u8>) {
             }
         }
     }
+}
+
+/// Q4_0's and Q5_0's scale of a block, `max / -half` with `max` its value of largest
+/// magnitude (the first of equals) with its sign, and the scale's inverse (0 when all are 0).
+fn signed_scale(b: &[f32], half: f32) -> (f32, f32) {
+    let mut max = 0f32;
+    for &v in b {
+        if v.abs() > max.abs() {
+            max = v;
+        }
+    }
+    let d = max / -half;
+    (d, if d != 0.0 { 1.0 / d } else { 0.0 })
 }
 
 /// The integer values of a block and its scale (and Q4_1's minimum): `x_i = d * q_i (+ m)`.
@@ -503,6 +501,21 @@ impl QPath {
     }
 }
 
+// The SIMD kernels' const type parameter (a QType as a u8; Q4_0 is 1).
+const Q8_0: u8 = 0;
+const Q4_1: u8 = 2;
+const Q5_0: u8 = 3;
+
+/// Bytes of a block of kernel type `t`.
+const fn kernel_block_bytes(t: u8) -> usize {
+    match t {
+        Q8_0 => 34,
+        Q4_1 => 20,
+        Q5_0 => 22,
+        _ => 18,
+    }
+}
+
 /// The tile kernels for one instruction set: `$isum!(u8 weights, i8 activations, ones)` is
 /// the i32 sums of four adjacent byte products per lane (AVX2: `maddubs` then `madd`, no
 /// saturation at these magnitudes; AVX512-VNNI: one `dpbusd`), the same integers either way.
@@ -526,16 +539,8 @@ macro_rules! quant_tiles {
             rows: [usize; R],
         ) -> [[f32; R]; C] {
             use std::arch::x86_64::*;
-            const Q8_0: u8 = 0;
-            const Q4_1: u8 = 2;
-            const Q5_0: u8 = 3;
             let nb = x.cols / QK;
-            let bb = match T {
-                Q8_0 => 34,
-                Q4_1 => 20,
-                Q5_0 => 22,
-                _ => 18,
-            };
+            let bb = kernel_block_bytes(T);
             debug_assert!(w.len() >= (C - 1) * rb + nb * bb);
             let h = |p: *const u8| -> f32 {
                 let bits = (p as *const u16).read_unaligned();
@@ -713,13 +718,24 @@ macro_rules! quant_tiles {
                 QType::Q4_1 => $dot::<2, C, R>(ws, rb, x, rows),
                 QType::Q5_0 => $dot::<3, C, R>(ws, rb, x, rows),
             };
-            for (ci, vc) in v.iter().enumerate() {
-                for (ri, &val) in vc.iter().enumerate() {
-                    put(r + ri, c + ci, val);
-                }
-            }
+            store(&v, r, c, put);
         }
     };
+}
+
+/// A tile's outputs, `v[ci][ri]` at (row r + ri, column c + ci).
+#[inline(always)]
+fn store<const C: usize, const R: usize>(
+    v: &[[f32; R]; C],
+    r: usize,
+    c: usize,
+    put: &impl Fn(usize, usize, f32),
+) {
+    for (ci, vc) in v.iter().enumerate() {
+        for (ri, &val) in vc.iter().enumerate() {
+            put(r + ri, c + ci, val);
+        }
+    }
 }
 
 /// 32 bits as 32 bytes, 0xFF where bit i of `x` is set (byte i), else 0 (ggml's
@@ -809,11 +825,7 @@ unsafe fn tile4_512<const R: usize>(
         QType::Q4_1 => dot4_512::<2, R>(ws, rb, x, rows),
         QType::Q5_0 => dot4_512::<3, R>(ws, rb, x, rows),
     };
-    for (ci, vc) in v.iter().enumerate() {
-        for (ri, &val) in vc.iter().enumerate() {
-            put(r + ri, c + ci, val);
-        }
-    }
+    store(&v, r, c, put);
 }
 
 /// The dots of 4 weight rows (`w`, stride `rb`, blocks of type `T` as in [`dot_avx2`]) with
@@ -831,16 +843,8 @@ unsafe fn dot4_512<const T: u8, const R: usize>(
     rows: [usize; R],
 ) -> [[f32; R]; 4] {
     use std::arch::x86_64::*;
-    const Q8_0: u8 = 0;
-    const Q4_1: u8 = 2;
-    const Q5_0: u8 = 3;
     let nb = x.cols / QK;
-    let bb = match T {
-        Q8_0 => 34,
-        Q4_1 => 20,
-        Q5_0 => 22,
-        _ => 18,
-    };
+    let bb = kernel_block_bytes(T);
     debug_assert!(w.len() >= 3 * rb + nb * bb);
     let wp = w.as_ptr();
     let (xq, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
