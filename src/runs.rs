@@ -20,7 +20,7 @@ pub fn load_reasoner(path: &Path, quant: &str) -> Result<Reasoner> {
     let run = load_run(path)?;
     let tok = run_tokenizer(path, &run.checkpoint)?;
     let chat = Arc::new(run_chat_format(path, &run.checkpoint, tok.clone())?);
-    let source = source_quant(path, &run.checkpoint);
+    let source = source_quant(path, &run.checkpoint)?;
     let quant = quant_weights(&run.cfg.model, &run.params, &source, quant)?;
     Ok(Reasoner {
         cfg: run.cfg.model,
@@ -40,36 +40,40 @@ pub fn run_chat_format(path: &Path, ckpt: &Path, tok: Tokenizer) -> Result<ChatF
     ChatFormat::load(run_dir, Arc::new(tok)).map_err(anyhow::Error::msg)
 }
 
-/// The quantized types an imported run's source held its matrices in (`import.json`;
-/// empty for other runs).
-pub fn source_quant(run: &Path, ckpt: &Path) -> std::collections::BTreeMap<String, String> {
-    run_tokenizer_path(run, ckpt)
-        .ok()
-        .and_then(|p| std::fs::read(p.with_file_name(interop::run::IMPORT_FILE)).ok())
-        .and_then(|b| serde_json::from_slice::<interop::run::Source>(&b).ok())
-        .map(|s| s.quant)
-        .unwrap_or_default()
+/// The quantized types an imported run's source held its matrices in, with its K-quant
+/// matrices' bytes (`import.json`, `quant.safetensors`; empty for other runs).
+pub fn source_quant(run: &Path, ckpt: &Path) -> Result<interop::run::SourceQuant> {
+    match run_tokenizer_path(run, ckpt) {
+        Ok(p) => Ok(interop::run::SourceQuant::read(
+            p.parent().unwrap_or(Path::new(".")),
+        )?),
+        Err(_) => Ok(Default::default()),
+    }
 }
 
 /// `--quant`: the matrices inference multiplies by. `auto`: the source's quantized types
-/// (`source`, by tensor name; none: f32); `f32`; or one of q8_0, q5_0, q4_1, q4_0 for every matrix.
+/// (`source`, by tensor name, K-quants on the file's bytes; none: f32); `f32`; or one of
+/// q8_0, q5_0, q4_1, q4_0 for every matrix.
 pub fn quant_weights(
     cfg: &model::ModelConfig,
     params: &[f32],
-    source: &std::collections::BTreeMap<String, String>,
+    source: &interop::run::SourceQuant,
     flag: &str,
 ) -> Result<Option<Arc<model::quant::QuantWeights>>> {
     use kernels::quant::QType;
     use model::quant::QuantWeights;
     let q = match flag {
         "f32" => None,
-        "auto" if source.is_empty() => None,
-        "auto" => Some(QuantWeights::new(cfg, params, |n| {
-            source.get(n).and_then(|t| QType::parse(t))
-        })),
-        t => match QType::parse(t) {
+        "auto" if source.types.is_empty() => None,
+        "auto" => Some(QuantWeights::with_bytes(
+            cfg,
+            params,
+            |n| source.types.get(n).and_then(|t| QType::parse(t)),
+            &source.bytes,
+        )),
+        t => match QType::parse(t).filter(|q| q.quantizable()) {
             Some(ty) => Some(QuantWeights::uniform(cfg, params, ty)),
-            None => bail!("--quant {t}: expected auto, f32, q8_0, q5_0, q4_1 or q4_0"),
+            None => bail!("--quant {t}: expected auto, f32, q8_0, q5_0, q4_1 or q4_0 (q4_k and q6_k run only where an imported GGUF file has them: --quant auto)"),
         },
     };
     Ok(q.map(Arc::new))

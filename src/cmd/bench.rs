@@ -68,7 +68,8 @@ pub struct DecodeBench {
     /// Timed repetitions of each test (the median is reported).
     #[arg(long, default_value_t = 1)]
     reps: usize,
-    /// Weights to multiply by: auto (a GGUF file's, or an imported run's, quantized types;
+    /// Weights to multiply by: auto (a GGUF file's, or an imported run's, quantized types,
+    /// Q4_K/Q6_K included;
     /// otherwise f32), f32, q8_0, q5_0, q4_1 or q4_0.
     #[arg(long, default_value = "auto")]
     quant: String,
@@ -344,23 +345,23 @@ fn reduce(a: ReduceBench) -> Result<()> {
 /// A model's config, fp32 parameters and source quantization (see
 /// [`crate::runs::quant_weights`]) from a run or checkpoint dir, a Hugging Face model dir or
 /// a GGUF file, with a context of at least `context` tokens.
-type Loaded = (
-    model::ModelConfig,
-    Vec<f32>,
-    std::collections::BTreeMap<String, String>,
-);
+type Loaded = (model::ModelConfig, Vec<f32>, interop::run::SourceQuant);
 
 fn load_model(path: &std::path::Path, context: usize) -> Result<Loaded> {
     let is_hf = path.join("config.json").exists() && !path.join("config.toml").exists();
     let (mut cfg, params, quant) = if is_hf {
         let imp = interop::hf::import_dir(path, Some(context))?;
-        (imp.config, imp.params, imp.source.quant)
+        (imp.config, imp.params, Default::default())
     } else if crate::runs::is_gguf(path) {
         let imp = interop::gguf::import_file(path, Some(context))?;
-        (imp.config, imp.params, imp.source.quant)
+        let q = interop::run::SourceQuant {
+            types: imp.source.quant,
+            bytes: imp.quant_bytes,
+        };
+        (imp.config, imp.params, q)
     } else {
         let lr = train::load_run(path)?;
-        let quant = crate::runs::source_quant(path, &lr.checkpoint);
+        let quant = crate::runs::source_quant(path, &lr.checkpoint)?;
         (lr.cfg.model, lr.params, quant)
     };
     if cfg.max_seq_len < context {

@@ -33,7 +33,7 @@ pub struct EvalArgs {
     #[arg(long)]
     text: Option<PathBuf>,
     /// --task perplexity: matrices to multiply by: auto (an imported GGUF model's own
-    /// quantized types, else f32), f32, q8_0, q5_0, q4_1 or q4_0.
+    /// quantized types, Q4_K/Q6_K included; else f32), f32, q8_0, q5_0, q4_1 or q4_0.
     #[arg(long, default_value = "auto")]
     quant: String,
     /// --task perplexity: element type of the KV cache: f32, or f16 / bf16 (half the memory; keys and values

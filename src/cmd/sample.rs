@@ -17,7 +17,7 @@ pub struct SampleArgs {
     /// Run dir (its latest checkpoint) or a checkpoint dir.
     #[arg(long)]
     run: PathBuf,
-    /// Matrices to multiply by: auto (an imported GGUF model's own quantized types, else
+    /// Matrices to multiply by: auto (an imported GGUF model's own quantized types, Q4_K/Q6_K included; else
     /// f32), f32, or q8_0 / q5_0 / q4_1 / q4_0 for every matrix (quantized in memory at load).
     #[arg(long, default_value = "auto")]
     quant: String,
@@ -52,7 +52,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let stops = chat.stop_tokens();
     let mut prompt = chat.prefix().to_vec();
     prompt.extend(tok.encode(&a.prompt));
-    let source = crate::runs::source_quant(&a.run, &lr.checkpoint);
+    let source = crate::runs::source_quant(&a.run, &lr.checkpoint)?;
     let quant = crate::runs::quant_weights(&lr.cfg.model, &lr.params, &source, &a.quant)?;
     let mut dec = Decoder::new(&lr.cfg.model);
     dec.set_quant(quant);

@@ -17,7 +17,7 @@ pub struct ServeArgs {
     /// Run dir (its latest checkpoint) or a checkpoint dir.
     #[arg(long)]
     run: PathBuf,
-    /// Matrices to multiply by: auto (an imported GGUF model's own quantized types, else
+    /// Matrices to multiply by: auto (an imported GGUF model's own quantized types, Q4_K/Q6_K included; else
     /// f32), f32, or q8_0 / q5_0 / q4_1 / q4_0 for every matrix (quantized in memory at load).
     #[arg(long, default_value = "auto")]
     quant: String,

@@ -63,6 +63,7 @@ pub fn run(a: UpcycleArgs) -> Result<()> {
             code_version: train::manifest::code_version(),
             quant: Default::default(),
         },
+        quant_bytes: Default::default(),
     };
     interop::run::write_run(&a.out, &imp)?;
     println!(

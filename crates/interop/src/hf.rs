@@ -109,6 +109,7 @@ pub fn import_dir(dir: &Path, context: Option<usize>) -> Result<Imported> {
             code_version: train::manifest::code_version(),
             quant: Default::default(),
         },
+        quant_bytes: Default::default(),
     })
 }
 

@@ -14,6 +14,41 @@ use std::path::Path;
 /// File in an imported run dir recording the source.
 pub const IMPORT_FILE: &str = "import.json";
 
+/// File in an imported run dir holding the source file's bytes of its K-quant matrices
+/// ([`Imported::quant_bytes`]; one U8 tensor per matrix, by moelab tensor name).
+pub const QUANT_FILE: &str = "quant.safetensors";
+
+/// How an imported run's source held its matrices: types by moelab tensor name (`import.json`'s
+/// `quant`) and the K-quant matrices' bytes ([`QUANT_FILE`]).
+#[derive(Clone, Debug, Default)]
+pub struct SourceQuant {
+    pub types: BTreeMap<String, String>,
+    pub bytes: BTreeMap<String, Vec<u8>>,
+}
+
+impl SourceQuant {
+    /// What the run dir `dir` records (empty for a run that was not imported, or one
+    /// imported before its K-quant bytes were kept: those matrices run as Q8_0).
+    pub fn read(dir: &Path) -> Result<SourceQuant> {
+        let Ok(b) = std::fs::read(dir.join(IMPORT_FILE)) else {
+            return Ok(SourceQuant::default());
+        };
+        let types = serde_json::from_slice::<Source>(&b)
+            .map(|s| s.quant)
+            .unwrap_or_default();
+        let path = dir.join(QUANT_FILE);
+        let mut bytes = BTreeMap::new();
+        if let Ok(b) = std::fs::read(&path) {
+            let st = safetensors::SafeTensors::deserialize(&b)
+                .map_err(|e| ferr(&path, format!("unreadable ({e}); import the model again")))?;
+            for (name, t) in st.tensors() {
+                bytes.insert(name, t.data().to_vec());
+            }
+        }
+        Ok(SourceQuant { types, bytes })
+    }
+}
+
 /// Where imported weights came from.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Source {
@@ -43,6 +78,9 @@ pub struct Imported {
     /// The chat format (None: moelab's own, for a model moelab trained).
     pub chat: Option<ChatSpec>,
     pub source: Source,
+    /// The file's bytes of the matrices that run as K-quants (`source.quant`'s q4_k / q6_k),
+    /// by moelab tensor name, rows in moelab's order.
+    pub quant_bytes: BTreeMap<String, Vec<u8>>,
 }
 
 /// Writes `imp` as a run dir at `out`, which must not exist.
@@ -92,6 +130,20 @@ fn write_into(dir: &Path, imp: &Imported) -> Result<()> {
     }
     let src = serde_json::to_string_pretty(&imp.source).expect("serialises");
     put(IMPORT_FILE, src.as_bytes()).map_err(map_data)?;
+    if !imp.quant_bytes.is_empty() {
+        let views: Vec<(String, safetensors::tensor::TensorView)> = imp
+            .quant_bytes
+            .iter()
+            .map(|(n, b)| {
+                let t =
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![b.len()], b)
+                        .expect("U8 view of its own length");
+                (n.clone(), t)
+            })
+            .collect();
+        let bytes = safetensors::serialize(views, &None).expect("U8 tensors serialise");
+        put(QUANT_FILE, &bytes).map_err(map_data)?;
+    }
     let layout = model::Layout::new(&imp.config);
     assert_eq!(
         layout.total,

@@ -396,3 +396,166 @@ fn llama3_rope_parameters_from_gguf_divisors() {
     );
     assert_eq!(llama3_from_divisors(&[1.0, 0.5], 4, 10_000.0, 64), None);
 }
+
+/// A GGUF file's K-quant matrices (Q4_K, Q6_K) run on the file's own blocks: an import keeps
+/// their bytes (moelab cannot make them from the f32 weights), in moelab's row order (q/k
+/// rows un-permuted, gate and up fused per expert), and writes them beside the run; a fused
+/// matrix whose parts mix a K-quant with another type runs as Q8_0. Decoding on the K-quant
+/// kernels stays near the f32 forward of the same (dequantized) weights, with the same bits
+/// on 1 and 3 threads.
+#[test]
+fn k_quant_files_run_on_their_own_blocks() {
+    use interop::gguf::{quant, write};
+    use kernels::quant::QType;
+    use rand::{Rng, SeedableRng};
+    let tok = tokenizer();
+    let mut cfg = config(true, 0, tok.vocab_size());
+    // K-quant rows are whole 256-value super-blocks
+    cfg.d_model = 256;
+    cfg.expert_hidden = 256;
+    cfg.n_experts = 4;
+    cfg.init_std = 0.02;
+    let params = model::Model::new(&cfg, 1, 1, 3).params;
+    let file = std::env::temp_dir().join(format!("moelab-kq-{}.gguf", std::process::id()));
+    let (meta, mut ts) = write::export_parts(&cfg, &params, &tok, None, quant::F32, &file).unwrap();
+    // random blocks whose values are centred and of the init's size (Q4_K: minimums of
+    // 7.5 steps of each sub-block's scale)
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+    let mut blocks = |ty: QType, n: usize| -> Vec<u8> {
+        let bb = ty.block_bytes();
+        let mut v: Vec<u8> = (0..n * bb).map(|_| rng.gen()).collect();
+        for b in v.chunks_exact_mut(bb) {
+            let f16 = |x: f32| half::f16::from_f32(x).to_le_bytes();
+            if ty == QType::Q4_K {
+                let d = rng.gen_range(1e-4f32..2e-4);
+                b[0..2].copy_from_slice(&f16(d));
+                b[2..4].copy_from_slice(&f16(4.0 * d));
+                let sc: Vec<u8> = (0..8).map(|_| rng.gen_range(8..=33)).collect();
+                let m: Vec<u8> = sc
+                    .iter()
+                    .map(|&s| (s as f32 * 1.875).round() as u8)
+                    .collect();
+                // ggml's packing of 8 6-bit scales and minimums into 12 bytes
+                for j in 0..4 {
+                    b[4 + j] = sc[j] | ((sc[j + 4] >> 4) << 6);
+                    b[8 + j] = m[j] | ((m[j + 4] >> 4) << 6);
+                    b[12 + j] = (sc[j + 4] & 0xF) | ((m[j + 4] & 0xF) << 4);
+                }
+            } else {
+                b[208..210].copy_from_slice(&f16(rng.gen_range(1e-5f32..2e-5)));
+            }
+        }
+        v
+    };
+    let pick = |name: &str| -> Option<QType> {
+        let part = name.split('.').nth(2).unwrap_or(name);
+        match (name, part) {
+            ("output.weight", _) => Some(QType::Q6_K),
+            // layer 0's q/k/v all Q4_K; layer 1's v Q6_K beside Q4_K q/k (runs as Q8_0)
+            (n, "attn_v") if n.starts_with("blk.1.") => Some(QType::Q6_K),
+            (_, "attn_q" | "attn_k" | "attn_v" | "ffn_gate_exps" | "ffn_up_exps") => {
+                Some(QType::Q4_K)
+            }
+            (_, "ffn_down_exps" | "attn_output") => Some(QType::Q6_K),
+            _ => None,
+        }
+    };
+    for t in ts.iter_mut() {
+        if let Some(ty) = pick(&t.name) {
+            assert_eq!(t.dims[0] % 256, 0, "{}", t.name);
+            let n: u64 = t.dims.iter().product();
+            t.ggml_type = ty.ggml_type();
+            t.data = blocks(ty, n as usize / 256);
+        }
+    }
+    std::fs::write(&file, write::encode(&meta, &ts)).unwrap();
+    let imp = interop::gguf::import_file(&file, None).unwrap();
+    std::fs::remove_file(&file).unwrap();
+    let types = &imp.source.quant;
+    let want = [
+        ("layers.0.attn.wqkv.weight", "q4_k"),
+        ("layers.1.attn.wqkv.weight", "q8_0"),
+        ("layers.0.attn.wo.weight", "q6_k"),
+        ("layers.1.moe.experts.w_gate_up", "q4_k"),
+        ("layers.1.moe.experts.w_down", "q6_k"),
+        ("lm_head.weight", "q6_k"),
+    ];
+    for (n, t) in want {
+        assert_eq!(types.get(n).map(|s| s.as_str()), Some(t), "{n}: {types:?}");
+        assert_eq!(imp.quant_bytes.contains_key(n), t != "q8_0", "{n}");
+    }
+    // the kept bytes are the file's blocks (they dequantize to the imported weights exactly)
+    let q = model::quant::QuantWeights::with_bytes(
+        &imp.config,
+        &imp.params,
+        |n| types.get(n).and_then(|t| QType::parse(t)),
+        &imp.quant_bytes,
+    );
+    let summary = q.summary();
+    let count = |t: &str| summary.iter().find(|e| e.0 == t).map_or(0, |e| e.1);
+    // q/k/v of layer 0, wo of both layers, gate/up and down of both layers, the head
+    assert_eq!(
+        (count("q4_k"), count("q6_k"), count("q8_0")),
+        (3, 5, 1),
+        "{summary:?}"
+    );
+    let v = imp.config.vocab_size;
+    let prompt: Vec<u32> = (0..12).map(|i| ((i * 29 + 7) % v) as u32).collect();
+    let mut f32_dec = model::decode::Decoder::new(&imp.config);
+    let want = f32_dec.feed(&imp.params, &prompt).to_vec();
+    let q = std::sync::Arc::new(q);
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut d = model::decode::Decoder::new(&imp.config);
+            d.set_quant(Some(q.clone()));
+            let mut l = d.feed(&imp.params, &prompt[..8]).to_vec();
+            for &t in &prompt[8..] {
+                l = d.step(&imp.params, t).to_vec();
+            }
+            l
+        })
+    };
+    let got = run(1);
+    assert_eq!(got, run(3), "thread count");
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    println!("K-quant decoding: worst logit error {worst} of the largest {scale}");
+    assert!(
+        worst < 0.02 * scale,
+        "K-quant logits off by {worst} of {scale}"
+    );
+    // a run dir keeps the bytes; weights that are not the file's (changed) run as Q8_0
+    let dir = std::env::temp_dir().join(format!("moelab-kq-run-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    interop::run::write_run(&dir, &imp).unwrap();
+    let sq = interop::run::SourceQuant::read(&dir).unwrap();
+    assert_eq!(sq.bytes, imp.quant_bytes);
+    assert_eq!(&sq.types, types);
+    let mut changed = imp.params.clone();
+    let head = model::Layout::new(&imp.config).lm_head;
+    changed[head] += 1.0;
+    let q2 = model::quant::QuantWeights::with_bytes(
+        &imp.config,
+        &changed,
+        |n| sq.types.get(n).and_then(|t| QType::parse(t)),
+        &sq.bytes,
+    );
+    let s2 = q2.summary();
+    let c2 = |t: &str| s2.iter().find(|e| e.0 == t).map_or(0, |e| e.1);
+    assert_eq!((c2("q4_k"), c2("q6_k"), c2("q8_0")), (3, 4, 2), "{s2:?}");
+    // a damaged bytes file is an error that says what to do
+    std::fs::write(dir.join(interop::run::QUANT_FILE), b"not safetensors").unwrap();
+    let e = interop::run::SourceQuant::read(&dir)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("import the model again"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

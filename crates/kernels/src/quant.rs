@@ -25,15 +25,23 @@ pub const QK: usize = 32;
 
 /// A quantized weight format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[allow(non_camel_case_types)] // ggml's names
 pub enum QType {
     Q8_0,
     Q4_0,
     Q4_1,
     Q5_0,
+    /// ggml's K-quants (256-value super-blocks, [`kquant`]): kept as a GGUF file
+    /// holds them; moelab has no quantizer for them.
+    Q4_K,
+    Q6_K,
 }
 
 impl QType {
+    /// The types [`quantize_row`] makes (the K-quants come only from files).
     pub const ALL: [QType; 4] = [QType::Q8_0, QType::Q4_0, QType::Q4_1, QType::Q5_0];
+    /// The K-quants.
+    pub const K: [QType; 2] = [QType::Q4_K, QType::Q6_K];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -41,24 +49,47 @@ impl QType {
             QType::Q4_0 => "q4_0",
             QType::Q4_1 => "q4_1",
             QType::Q5_0 => "q5_0",
+            QType::Q4_K => "q4_k",
+            QType::Q6_K => "q6_k",
         }
     }
 
-    /// `q8_0`, `q4_0`, `q4_1` or `q5_0` (any case).
+    /// `q8_0`, `q4_0`, `q4_1`, `q5_0`, `q4_k` or `q6_k` (any case).
     pub fn parse(s: &str) -> Option<QType> {
         QType::ALL
             .into_iter()
+            .chain(QType::K)
             .find(|t| t.name().eq_ignore_ascii_case(s))
     }
 
-    /// Bytes of one block of [`QK`] values.
+    /// Whether moelab can quantize to it ([`QType::ALL`]).
+    pub fn quantizable(self) -> bool {
+        QType::ALL.contains(&self)
+    }
+
+    /// Values per block: [`QK`], or a K-quant's 256.
+    pub fn block_values(self) -> usize {
+        match self {
+            QType::Q4_K | QType::Q6_K => kquant::QK_K,
+            _ => QK,
+        }
+    }
+
+    /// Bytes of one block of [`QType::block_values`] values.
     pub fn block_bytes(self) -> usize {
         match self {
             QType::Q8_0 => 34,
             QType::Q4_0 => 18,
             QType::Q4_1 => 20,
             QType::Q5_0 => 22,
+            QType::Q4_K => 144,
+            QType::Q6_K => 210,
         }
+    }
+
+    /// Bytes of a row of `cols` values (a whole number of blocks).
+    pub fn row_bytes(self, cols: usize) -> usize {
+        cols / self.block_values() * self.block_bytes()
     }
 
     /// ggml's type id (as in GGUF tensor infos).
@@ -68,11 +99,16 @@ impl QType {
             QType::Q4_0 => 2,
             QType::Q4_1 => 3,
             QType::Q5_0 => 6,
+            QType::Q4_K => 12,
+            QType::Q6_K => 14,
         }
     }
 
     pub fn from_ggml(t: u32) -> Option<QType> {
-        QType::ALL.into_iter().find(|q| q.ggml_type() == t)
+        QType::ALL
+            .into_iter()
+            .chain(QType::K)
+            .find(|q| q.ggml_type() == t)
     }
 }
 
@@ -80,13 +116,18 @@ fn f16_bytes(v: f32) -> [u8; 2] {
     f16::from_f32(v).to_le_bytes()
 }
 
-fn f16_at(b: &[u8], at: usize) -> f32 {
+pub(crate) fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
 /// Appends the blocks of `x` (a whole number of [`QK`]-value blocks) quantized as ggml's
 /// reference `quantize_row_*_ref` does.
 pub fn quantize_row(ty: QType, x: &[f32], out: &mut Vec<u8>) {
+    assert!(
+        ty.quantizable(),
+        "moelab has no quantizer for {}",
+        ty.name()
+    );
     assert!(
         x.len().is_multiple_of(QK),
         "{} values is not a whole number of 32-value blocks",
@@ -135,6 +176,7 @@ pub fn quantize_row(ty: QType, x: &[f32], out: &mut Vec<u8>) {
                     out.push(q(b[j]) | (q(b[j + QK / 2]) << 4));
                 }
             }
+            QType::Q4_K | QType::Q6_K => unreachable!("checked above"),
         }
     }
 }
@@ -188,13 +230,22 @@ fn block_ints(ty: QType, blk: &[u8]) -> ([i32; QK], f32, f32) {
             }
             (q, f16_at(blk, 0), 0.0)
         }
+        QType::Q4_K | QType::Q6_K => unreachable!("K-quants are kquant's"),
     }
 }
 
-/// Dequantizes whole blocks of `bytes` into `out` (QK values per block).
+/// Dequantizes whole blocks of `bytes` into `out` ([`QType::block_values`] values per
+/// block).
 pub fn dequantize_row(ty: QType, bytes: &[u8], out: &mut [f32]) {
     let bb = ty.block_bytes();
-    assert_eq!(bytes.len() / bb * QK, out.len(), "dequantize_row sizes");
+    assert_eq!(
+        bytes.len() / bb * ty.block_values(),
+        out.len(),
+        "dequantize_row sizes"
+    );
+    if !ty.quantizable() {
+        return kquant::dequantize_row(ty, bytes, out);
+    }
     for (blk, o) in bytes.chunks_exact(bb).zip(out.chunks_exact_mut(QK)) {
         let (q, d, m) = block_ints(ty, blk);
         for (o, q) in o.iter_mut().zip(q) {
@@ -228,12 +279,29 @@ impl QMatrix {
 
     /// Bytes of a (rows, cols) matrix of type `ty`.
     pub fn size(ty: QType, rows: usize, cols: usize) -> usize {
-        rows * (cols / QK) * ty.block_bytes()
+        rows * ty.row_bytes(cols)
+    }
+
+    /// A matrix of the blocks `data` (a GGUF tensor's bytes, e.g. a K-quant's, which moelab
+    /// cannot make itself).
+    pub fn from_bytes(ty: QType, rows: usize, cols: usize, data: Vec<u8>) -> QMatrix {
+        assert!(
+            cols.is_multiple_of(ty.block_values()),
+            "{cols} columns is not a whole number of {}-value blocks",
+            ty.block_values()
+        );
+        assert_eq!(data.len(), QMatrix::size(ty, rows, cols), "QMatrix bytes");
+        QMatrix {
+            ty,
+            rows,
+            cols,
+            data,
+        }
     }
 
     /// Bytes of one row.
     pub fn row_bytes(&self) -> usize {
-        self.cols / QK * self.ty.block_bytes()
+        self.ty.row_bytes(self.cols)
     }
 
     /// The matrix as the kernels take it.
@@ -260,6 +328,11 @@ impl QMatrix {
 
 /// Quantizes `w (rows, cols)` into `out` ([`QMatrix::size`] bytes), rows in parallel.
 pub fn quantize_into(ty: QType, w: &[f32], rows: usize, cols: usize, out: &mut [u8]) {
+    assert!(
+        ty.quantizable(),
+        "moelab has no quantizer for {}",
+        ty.name()
+    );
     assert_eq!(w.len(), rows * cols, "quantize_into sizes");
     assert!(
         cols.is_multiple_of(QK),
@@ -286,8 +359,8 @@ pub struct QView<'a> {
 }
 
 impl QView<'_> {
-    fn row_bytes(&self) -> usize {
-        self.cols / QK * self.ty.block_bytes()
+    pub(crate) fn row_bytes(&self) -> usize {
+        self.ty.row_bytes(self.cols)
     }
 }
 
@@ -366,10 +439,10 @@ impl Drop for WeightBuf {
 /// `d * sum(q)` of every block.
 #[derive(Clone, Debug, Default)]
 pub struct QActs {
-    q: Vec<i8>,
-    d: Vec<f32>,
-    s: Vec<f32>,
-    cols: usize,
+    pub(crate) q: Vec<i8>,
+    pub(crate) d: Vec<f32>,
+    pub(crate) s: Vec<f32>,
+    pub(crate) cols: usize,
 }
 
 impl QActs {
@@ -421,7 +494,7 @@ crate::simd! {
 }
 
 /// The fixed final sum of the 8 lane accumulators (ggml's `hsum_float_8`).
-fn hsum8(a: [f32; 8]) -> f32 {
+pub(crate) fn hsum8(a: [f32; 8]) -> f32 {
     let b = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
     (b[0] + b[2]) + (b[1] + b[3])
 }
@@ -429,6 +502,9 @@ fn hsum8(a: [f32; 8]) -> f32 {
 /// Portable reference of the dot of quantized weight row `w` (`cols / QK` blocks) with row
 /// `r` of `x`, in the order the module doc states.
 pub fn dot_ref(ty: QType, w: &[u8], x: &QActs, r: usize) -> f32 {
+    if !ty.quantizable() {
+        return kquant::dot_ref(ty, w, x, r);
+    }
     let nb = x.cols / QK;
     let bb = ty.block_bytes();
     assert_eq!(w.len(), nb * bb, "dot_ref: weight row of {} bytes", w.len());
@@ -451,7 +527,7 @@ pub fn dot_ref(ty: QType, w: &[u8], x: &QActs, r: usize) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
+pub(crate) fn has_avx2() -> bool {
     std::arch::is_x86_feature_detected!("avx2")
         && std::arch::is_x86_feature_detected!("fma")
         && std::arch::is_x86_feature_detected!("f16c")
@@ -717,6 +793,7 @@ macro_rules! quant_tiles {
                 QType::Q4_0 => $dot::<1, C, R>(ws, rb, x, rows),
                 QType::Q4_1 => $dot::<2, C, R>(ws, rb, x, rows),
                 QType::Q5_0 => $dot::<3, C, R>(ws, rb, x, rows),
+                QType::Q4_K | QType::Q6_K => unreachable!("K-quants run kquant's tiles"),
             };
             store(&v, r, c, put);
         }
@@ -774,6 +851,9 @@ macro_rules! isum_vnni {
     }};
 }
 
+// after the isum macros, which its tiles use
+pub mod kquant;
+
 quant_tiles!(
     dot_avx2,
     tiles_avx2,
@@ -824,6 +904,7 @@ unsafe fn tile4_512<const R: usize>(
         QType::Q4_0 => dot4_512::<1, R>(ws, rb, x, rows),
         QType::Q4_1 => dot4_512::<2, R>(ws, rb, x, rows),
         QType::Q5_0 => dot4_512::<3, R>(ws, rb, x, rows),
+        QType::Q4_K | QType::Q6_K => unreachable!("K-quants run kquant's tiles"),
     };
     store(&v, r, c, put);
 }
@@ -1046,7 +1127,14 @@ pub fn qlinear_rows_on(
         w.rows
     );
     assert_eq!(out.len(), n * o, "qlinear_rows out len");
+    assert!(
+        w.cols.is_multiple_of(w.ty.block_values()),
+        "qlinear_rows: {} columns of {}",
+        w.cols,
+        w.ty.name()
+    );
     let rb = w.row_bytes();
+    let k = !w.ty.quantizable();
     let ptr = crate::par::SendPtr(out.as_mut_ptr());
     let threads = rayon::current_num_threads().max(1);
     // in a team, two halves (as linear_rows)
@@ -1067,6 +1155,8 @@ pub fn qlinear_rows_on(
         #[cfg(target_arch = "x86_64")]
         match path {
             // SAFETY: the features were checked (QPath::available); c0..c1 are this task's.
+            QPath::Vnni if k => return unsafe { kquant::tiles_vnni(w, row0, x, c0, c1, n, &put) },
+            QPath::Avx2 if k => return unsafe { kquant::tiles_avx2(w, row0, x, c0, c1, n, &put) },
             QPath::Vnni => return unsafe { tiles_vnni(w, row0, x, c0, c1, n, &put) },
             QPath::Avx2 => return unsafe { tiles_avx2(w, row0, x, c0, c1, n, &put) },
             QPath::Portable => {}
@@ -1135,6 +1225,7 @@ mod tests {
                 QType::Q4_0 => 0.55,
                 QType::Q4_1 => 0.3,
                 QType::Q5_0 => 0.3,
+                QType::Q4_K | QType::Q6_K => unreachable!("not in ALL"),
             };
             assert!(err < tol, "{ty:?}: worst error {err}");
         }

@@ -18,6 +18,19 @@ struct Entry {
     start: usize,
 }
 
+/// Whether `bytes` are blocks of K-quant `ty` that dequantize to exactly `w` (`cols`
+/// columns).
+fn file_blocks(ty: QType, bytes: Option<&Vec<u8>>, w: &[f32], cols: usize) -> bool {
+    let Some(b) = bytes else { return false };
+    if !cols.is_multiple_of(ty.block_values()) || b.len() != QMatrix::size(ty, w.len() / cols, cols)
+    {
+        return false;
+    }
+    let mut back = vec![0f32; w.len()];
+    kernels::quant::dequantize_row(ty, b, &mut back);
+    back.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits())
+}
+
 /// Quantized matrices by their offset in the parameter buffer they were made from, all in
 /// one [`WeightBuf`] (huge pages: decoding streams every byte of it per token).
 pub struct QuantWeights {
@@ -28,11 +41,25 @@ pub struct QuantWeights {
 
 impl QuantWeights {
     /// Quantizes each matrix the decoder multiplies by to `pick(tensor name)` (None: keeps
-    /// it f32). A matrix whose rows are not whole blocks of 32 stays f32.
+    /// it f32). A matrix whose rows are not whole blocks of 32 stays f32; a K-quant, which
+    /// moelab cannot make, runs as Q8_0 (see [`QuantWeights::with_bytes`]).
     pub fn new(
         cfg: &ModelConfig,
         params: &[f32],
         pick: impl Fn(&str) -> Option<QType>,
+    ) -> QuantWeights {
+        QuantWeights::with_bytes(cfg, params, pick, &BTreeMap::new())
+    }
+
+    /// As [`QuantWeights::new`], a matrix picked as a K-quant taking its blocks from
+    /// `bytes` (by tensor name: a GGUF file's bytes, as an import keeps them) when they are
+    /// that matrix's weights (they dequantize to exactly `params`' values); otherwise it
+    /// runs as Q8_0.
+    pub fn with_bytes(
+        cfg: &ModelConfig,
+        params: &[f32],
+        pick: impl Fn(&str) -> Option<QType>,
+        bytes: &BTreeMap<String, Vec<u8>>,
     ) -> QuantWeights {
         let lay = Layout::new(cfg);
         assert_eq!(
@@ -64,8 +91,12 @@ impl QuantWeights {
             if !multiplied || t.shape.len() < 2 || cols == 0 || !cols.is_multiple_of(QK) {
                 continue;
             }
-            if let Some(ty) = pick(name) {
+            if let Some(mut ty) = pick(name) {
                 let rows = t.len / cols;
+                let w = &params[t.offset..t.offset + t.len];
+                if !ty.quantizable() && !file_blocks(ty, bytes.get(name), w, cols) {
+                    ty = QType::Q8_0;
+                }
                 mats.insert(
                     t.offset,
                     Entry {
@@ -83,7 +114,11 @@ impl QuantWeights {
         for (&off, e) in &mats {
             let len = QMatrix::size(e.ty, e.rows, e.cols);
             let w = &params[off..off + e.rows * e.cols];
-            quantize_into(e.ty, w, e.rows, e.cols, &mut buf[e.start..e.start + len]);
+            let out = &mut buf[e.start..e.start + len];
+            match bytes.get(&e.name) {
+                Some(b) if !e.ty.quantizable() => out.copy_from_slice(b),
+                _ => quantize_into(e.ty, w, e.rows, e.cols, out),
+            }
         }
         QuantWeights {
             mats,

@@ -55,6 +55,7 @@ pub fn import_file(path: &Path, context: Option<usize>) -> Result<Imported> {
     config.validate().map_err(|e| ferr(path, e.to_string()))?;
     let layout = Layout::new(&config);
     let params = load_weights(&f, &hf, arch, &layout)?;
+    let (quant, quant_bytes) = matrix_types(&f, &layout, &params);
     let tokenizer_json = tok
         .to_json()
         .map_err(|e| ferr(path, e.to_string()))?
@@ -81,8 +82,9 @@ pub fn import_file(path: &Path, context: Option<usize>) -> Result<Imported> {
                 .to_string(),
             sha256: BTreeMap::from([(name, f.sha256())]),
             code_version: train::manifest::code_version(),
-            quant: matrix_types(&f, &layout),
+            quant,
         },
+        quant_bytes,
     })
 }
 
@@ -99,17 +101,26 @@ fn meta_f64(f: &GgufFile, key: &str, default: f64) -> f64 {
     f.get(key).and_then(Value::as_f64).unwrap_or(default)
 }
 
-/// The quantized type each moelab matrix takes to run as the file holds it: a fused matrix
-/// (q/k/v, gate/up) takes the most precise of its parts' types; Q8_0, Q5_0, Q4_1 and Q4_0
-/// are kept, other quantized types (the K-quants) run as Q8_0 (at least as precise), float
-/// tensors stay f32.
-fn matrix_types(f: &GgufFile, layout: &Layout) -> BTreeMap<String, String> {
+/// The quantized type each moelab matrix takes to run as the file holds it, with the file's
+/// bytes of the matrices that run as K-quants: a fused matrix (q/k/v, gate/up) takes the
+/// most precise of its parts' types; Q8_0, Q5_0, Q4_1 and Q4_0 are kept (moelab's quantizers
+/// give back the file's bytes from the f32 weights); a K-quant (Q4_K, Q6_K) is kept as the
+/// file's bytes when all of a matrix's parts have it, and runs as Q8_0 (at least as precise)
+/// beside other types; float tensors stay f32.
+fn matrix_types(
+    f: &GgufFile,
+    layout: &Layout,
+    params: &[f32],
+) -> (BTreeMap<String, String>, BTreeMap<String, Vec<u8>>) {
     use kernels::quant::QType;
-    // precision rank: f32 (None) above Q8_0 above Q5_0 above Q4_1 above Q4_0
+    // precision rank: f32 (None) above Q8_0 above Q6_K above Q5_0 above Q4_K above Q4_1
+    // above Q4_0
     let rank = |q: Option<QType>| match q {
-        None => 4,
-        Some(QType::Q8_0) => 3,
-        Some(QType::Q5_0) => 2,
+        None => 6,
+        Some(QType::Q8_0) => 5,
+        Some(QType::Q6_K) => 4,
+        Some(QType::Q5_0) => 3,
+        Some(QType::Q4_K) => 2,
         Some(QType::Q4_1) => 1,
         Some(QType::Q4_0) => 0,
     };
@@ -121,6 +132,7 @@ fn matrix_types(f: &GgufFile, layout: &Layout) -> BTreeMap<String, String> {
         })
     };
     let mut out = BTreeMap::new();
+    let mut raw = BTreeMap::new();
     for t in &layout.tensors {
         let head = t.offset == layout.lm_head;
         let name = if head {
@@ -156,12 +168,77 @@ fn matrix_types(f: &GgufFile, layout: &Layout) -> BTreeMap<String, String> {
             };
             g.iter().map(|p| format!("blk.{l}.{p}.weight")).collect()
         };
-        let types: Option<Vec<Option<QType>>> = parts.iter().map(|p| of(p)).collect();
-        if let Some(Some(q)) = types.and_then(|ts| ts.into_iter().max_by_key(|&q| rank(q))) {
+        let Some(types) = parts.iter().map(|p| of(p)).collect::<Option<Vec<_>>>() else {
+            continue;
+        };
+        let k = match types[0] {
+            Some(q) if !q.quantizable() && types.iter().all(|&t| t == types[0]) => Some(q),
+            _ => None,
+        };
+        let kept = k.and_then(|q| {
+            let w = &params[t.offset..t.offset + t.len];
+            let bytes = file_rows(f, &parts, q, w, *t.shape.last().unwrap_or(&1))?;
+            raw.insert(name.to_string(), bytes);
+            Some(q)
+        });
+        let ty = kept.or_else(|| {
+            // K-quants beside other types, or whose rows were not found, run as Q8_0
+            let as_q = |q: Option<QType>| q.map(|q| if q.quantizable() { q } else { QType::Q8_0 });
+            types
+                .into_iter()
+                .map(as_q)
+                .max_by_key(|&q| rank(q))
+                .flatten()
+        });
+        if let Some(q) = ty {
             out.insert(name.to_string(), q.name().to_string());
         }
     }
-    out
+    (out, raw)
+}
+
+/// The file's bytes of the rows of moelab matrix `w` (`cols` columns), which came from the
+/// tensors `parts`, all of K-quant type `ty`: each row is found among the parts' rows by its
+/// dequantized values (whatever permutation, fusing or expert order the import applied), so
+/// the kernels run on exactly the file's blocks. None if a row is not found.
+fn file_rows(
+    f: &GgufFile,
+    parts: &[String],
+    ty: kernels::quant::QType,
+    w: &[f32],
+    cols: usize,
+) -> Option<Vec<u8>> {
+    use std::collections::HashMap;
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let key = |r: &[f32]| {
+        let mut h = DefaultHasher::new();
+        r.iter().for_each(|v| v.to_bits().hash(&mut h));
+        h.finish()
+    };
+    let rb = ty.row_bytes(cols);
+    let mut index: HashMap<u64, Vec<(usize, usize)>> = HashMap::new();
+    let mut deq = vec![];
+    for (pi, p) in parts.iter().enumerate() {
+        let info = f.tensor(p)?;
+        if info.dims.first().copied() != Some(cols as u64) {
+            return None;
+        }
+        let v = f.f32(p).ok()??;
+        for (r, row) in v.chunks_exact(cols).enumerate() {
+            index.entry(key(row)).or_default().push((pi, r));
+        }
+        deq.push(v);
+    }
+    let mut out = Vec::with_capacity(w.len() / cols * rb);
+    for row in w.chunks_exact(cols) {
+        let &(pi, r) = index
+            .get(&key(row))?
+            .iter()
+            .find(|&&(pi, r)| deq[pi][r * cols..(r + 1) * cols] == *row)?;
+        let data = f.data(f.tensor(&parts[pi])?);
+        out.extend_from_slice(&data[r * rb..(r + 1) * rb]);
+    }
+    Some(out)
 }
 
 /// A GGUF file's RoPE scaling as a Hugging Face `rope_scaling` object: linear and YaRN

@@ -121,117 +121,27 @@ pub fn dequantize(t: u32, bytes: &[u8], n: usize) -> Result<Vec<f32>, String> {
                 *o = bf16::from_le_bytes([c[0], c[1]]).to_f32();
             }
         }
-        Q4_0 => {
-            for (y, b) in y.chunks_exact_mut(QK).zip(bytes.chunks_exact(18)) {
-                let d = h(&b[0..2]);
-                let qs = &b[2..18];
-                for j in 0..16 {
-                    y[j] = ((qs[j] & 0x0F) as i32 - 8) as f32 * d;
-                    y[j + 16] = ((qs[j] >> 4) as i32 - 8) as f32 * d;
-                }
-            }
+        // the block formats are the kernels' (inference runs on the same decoding)
+        _ => {
+            let ty = kernels::quant::QType::from_ggml(t).expect("byte_size refused it");
+            kernels::quant::dequantize_row(ty, bytes, &mut y);
         }
-        Q4_1 => {
-            for (y, b) in y.chunks_exact_mut(QK).zip(bytes.chunks_exact(20)) {
-                let (d, m) = (h(&b[0..2]), h(&b[2..4]));
-                let qs = &b[4..20];
-                for j in 0..16 {
-                    y[j] = (qs[j] & 0x0F) as f32 * d + m;
-                    y[j + 16] = (qs[j] >> 4) as f32 * d + m;
-                }
-            }
-        }
-        Q5_0 => {
-            for (y, b) in y.chunks_exact_mut(QK).zip(bytes.chunks_exact(22)) {
-                let d = h(&b[0..2]);
-                let qh = u32::from_le_bytes(b[2..6].try_into().unwrap());
-                let qs = &b[6..22];
-                for j in 0..16 {
-                    let h0 = (((qh >> j) << 4) & 0x10) as u8;
-                    let h1 = ((qh >> (j + 12)) & 0x10) as u8;
-                    y[j] = (((qs[j] & 0x0F) | h0) as i32 - 16) as f32 * d;
-                    y[j + 16] = (((qs[j] >> 4) | h1) as i32 - 16) as f32 * d;
-                }
-            }
-        }
-        Q8_0 => {
-            for (y, b) in y.chunks_exact_mut(QK).zip(bytes.chunks_exact(34)) {
-                let d = h(&b[0..2]);
-                for j in 0..QK {
-                    y[j] = (b[2 + j] as i8) as f32 * d;
-                }
-            }
-        }
-        Q4_K => {
-            for (y, b) in y.chunks_exact_mut(QK_K).zip(bytes.chunks_exact(144)) {
-                let (d, dmin) = (h(&b[0..2]), h(&b[2..4]));
-                let scales = &b[4..16];
-                let mut q = &b[16..144];
-                let mut out = y.iter_mut();
-                for is in (0..8).step_by(2) {
-                    let (sc1, m1) = scale_min_k4(is, scales);
-                    let (sc2, m2) = scale_min_k4(is + 1, scales);
-                    let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
-                    let (d2, m2) = (d * sc2 as f32, dmin * m2 as f32);
-                    for &x in &q[..32] {
-                        *out.next().unwrap() = d1 * (x & 0xF) as f32 - m1;
-                    }
-                    for &x in &q[..32] {
-                        *out.next().unwrap() = d2 * (x >> 4) as f32 - m2;
-                    }
-                    q = &q[32..];
-                }
-            }
-        }
-        Q6_K => {
-            for (y, b) in y.chunks_exact_mut(QK_K).zip(bytes.chunks_exact(210)) {
-                let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
-                let d = h(&b[208..210]);
-                for n in 0..2 {
-                    let (ql, qh, sc) = (&ql[64 * n..], &qh[32 * n..], &sc[8 * n..]);
-                    let y = &mut y[128 * n..];
-                    for l in 0..32 {
-                        let is = l / 16;
-                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
-                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-                        let s = |k: usize| d * (sc[is + k] as i8) as f32;
-                        y[l] = s(0) * q1 as f32;
-                        y[l + 32] = s(2) * q2 as f32;
-                        y[l + 64] = s(4) * q3 as f32;
-                        y[l + 96] = s(6) * q4 as f32;
-                    }
-                }
-            }
-        }
-        _ => unreachable!("byte_size refused it"),
     }
     Ok(y)
-}
-
-/// The 6-bit scale and min of sub-block `j` of a Q4_K block (ggml's `get_scale_min_k4`).
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        (
-            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
-    }
 }
 
 /// Quantizes `x` (a whole number of 32-element blocks) to Q8_0, Q4_0 or Q4_1 as ggml's
 /// reference `quantize_row_*_ref` does (gguf-py's too: `tests/gguf_quant.rs` checks the
 /// bytes); the block codecs are `kernels::quant`'s, which inference runs on.
 pub fn quantize(t: u32, x: &[f32]) -> Result<Vec<u8>, String> {
-    let ty = kernels::quant::QType::from_ggml(t).ok_or_else(|| {
-        format!(
-            "moelab quantizes to Q8_0, Q4_0, Q4_1 and Q5_0, not {}",
-            type_name(t)
-        )
-    })?;
+    let ty = kernels::quant::QType::from_ggml(t)
+        .filter(|q| q.quantizable())
+        .ok_or_else(|| {
+            format!(
+                "moelab quantizes to Q8_0, Q4_0, Q4_1 and Q5_0, not {}",
+                type_name(t)
+            )
+        })?;
     if !x.len().is_multiple_of(QK) {
         return Err(format!(
             "{} values is not a whole number of 32-value blocks",

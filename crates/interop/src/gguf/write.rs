@@ -148,6 +148,23 @@ pub fn export(
     mat_type: u32,
     what: &Path,
 ) -> Result<Vec<u8>> {
+    let (meta, ts) = export_parts(cfg, params, tok, chat, mat_type, what)?;
+    Ok(encode(&meta, &ts))
+}
+
+/// A GGUF file before encoding: its metadata and tensors.
+pub type Parts = (Vec<(String, Meta)>, Vec<Tensor>);
+
+/// The metadata and tensors [`export`] encodes (tests give some tensors other types, e.g.
+/// K-quant blocks moelab cannot make itself).
+pub fn export_parts(
+    cfg: &ModelConfig,
+    params: &[f32],
+    tok: &Tokenizer,
+    chat: Option<&ChatSpec>,
+    mat_type: u32,
+    what: &Path,
+) -> Result<Parts> {
     if ![
         quant::F32,
         quant::F16,
@@ -551,7 +568,7 @@ pub fn export(
         };
         ts.push(mat("output.weight".into(), vec![cm, v], get(name)));
     }
-    Ok(encode(&meta, &ts))
+    Ok((meta, ts))
 }
 
 /// The llama.cpp architecture a model is written as.
