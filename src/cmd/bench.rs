@@ -143,6 +143,16 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                     64.0 * g
                 );
             }
+            let bf16 = (0..3)
+                .filter_map(|_| kernels::peak::bf16_gflops())
+                .fold(f64::NAN, f64::max);
+            if bf16.is_finite() {
+                println!(
+                    "measured bf16 dot peak  {bf16:.1} GFLOP/s per core ({:.2}x the fp32 FMA: bf16 training {} here)",
+                    bf16 / per_core,
+                    if kernels::peak::bf16_pays() { "pays" } else { "does not pay" }
+                );
+            }
             Ok(())
         }
     }

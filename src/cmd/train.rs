@@ -99,6 +99,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
             "warning: precision = \"bf16\" on a CPU without AVX512-BF16 computes every bf16 product with the exact scalar definition, many times slower than fp32; set precision = \"fp32\" in [train] for speed (the weights will differ)"
         );
     }
+    else if cfg.train.precision == model::config::TrainPrecision::Bf16
+        && !kernels::peak::bf16_pays()
+    {
+        eprintln!(
+            "warning: precision = \"bf16\": this CPU's AVX512-BF16 dot products run no faster than its fp32 FMAs ({:.0} vs {:.0} GFLOP/s on one core), so bf16 trains slower than fp32 here (packing operands costs extra); set precision = \"fp32\" in [train] for speed (the weights will differ)",
+            kernels::peak::bf16_gflops().unwrap_or(0.0),
+            kernels::peak::fma_gflops().unwrap_or(0.0),
+        );
+    }
     let group = crate::comm::world()?;
     if let Some(text) = &a.time_budget {
         if group.is_some() {
