@@ -1203,6 +1203,34 @@ mod tests {
             .collect()
     }
 
+    /// Every path this CPU runs equals [`dot_ref`] bit for bit, for the first 1..=n rows of
+    /// `x` and each (first weight row, columns) range.
+    pub(super) fn check_paths(m: &QMatrix, x: &[f32], n: usize, ranges: &[(usize, usize)]) {
+        let (i, rb) = (m.cols, m.row_bytes());
+        for nd in 1..=n {
+            let mut few = QActs::new();
+            few.quantize(&x[..nd * i], i);
+            for &(row0, oo) in ranges {
+                for path in QPath::available() {
+                    let mut p = vec![0.0; nd * oo];
+                    qlinear_rows_on(path, &mut p, &few, m.view(), row0, oo, false);
+                    for r in 0..nd {
+                        for c in 0..oo {
+                            let wr = &m.bytes()[(row0 + c) * rb..(row0 + c + 1) * rb];
+                            let want = dot_ref(m.ty, wr, &few, r);
+                            assert_eq!(
+                                p[r * oo + c].to_bits(),
+                                want.to_bits(),
+                                "{:?} {path:?} {nd} rows ({r},{c}) from row {row0}",
+                                m.ty
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Dequantize then quantize gives back the same blocks: a GGUF file's weights survive
     /// moelab's f32 import and re-quantization unchanged.
     #[test]
@@ -1272,28 +1300,7 @@ mod tests {
             // every tile shape on every path against the reference: 1-3 rows (decode: 4 x 1
             // tiles), 4-7 rows (4 x 4 tiles and leftover rows), 37 columns (4-column tiles
             // and one left) and 35 from row 1 (4-column tiles, a 2-column one, one left)
-            for nd in 1..=n {
-                let mut few = QActs::new();
-                few.quantize(&x[..nd * i], i);
-                for (row0, oo) in [(0, o), (1, o - 2)] {
-                    for path in QPath::available() {
-                        let mut p = vec![0.0; nd * oo];
-                        qlinear_rows_on(path, &mut p, &few, m.view(), row0, oo, false);
-                        for r in 0..nd {
-                            for c in 0..oo {
-                                let rb = m.row_bytes();
-                                let wr = &m.bytes()[(row0 + c) * rb..(row0 + c + 1) * rb];
-                                let want = dot_ref(ty, wr, &few, r);
-                                assert_eq!(
-                                    p[r * oo + c].to_bits(),
-                                    want.to_bits(),
-                                    "{ty:?} {path:?} {nd} rows ({r},{c}) from row {row0}"
-                                );
-                            }
-                        }
-                    }
-                }
-            }
+            check_paths(&m, &x, n, &[(0, o), (1, o - 2)]);
             // one row alone, a row range of the matrix, and accumulation
             let mut one = QActs::new();
             one.quantize(&x[2 * i..3 * i], i);

@@ -310,7 +310,7 @@ k_tiles!(
 
 #[cfg(test)]
 mod tests {
-    use super::super::{qlinear_rows, qlinear_rows_on, QMatrix, QPath};
+    use super::super::{qlinear_rows, QMatrix};
     use super::*;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
@@ -353,47 +353,31 @@ mod tests {
             .collect();
         for ty in QType::K {
             let m = QMatrix::from_bytes(ty, o, i, random_blocks(ty, o * i / QK_K, 9));
+            super::super::tests::check_paths(&m, &x, n, &[(0, o), (2, o - 3)]);
             let wd = m.dequantize();
             let rb = m.row_bytes();
-            for nd in 1..=n {
-                let mut acts = QActs::new();
-                acts.quantize(&x[..nd * i], i);
-                for (row0, oo) in [(0, o), (2, o - 3)] {
-                    for path in QPath::available() {
-                        let mut p = vec![0.0; nd * oo];
-                        qlinear_rows_on(path, &mut p, &acts, m.view(), row0, oo, false);
-                        for r in 0..nd {
-                            for c in 0..oo {
-                                let wr = &m.bytes()[(row0 + c) * rb..(row0 + c + 1) * rb];
-                                let want = dot_ref(ty, wr, &acts, r);
-                                assert_eq!(
-                                    p[r * oo + c].to_bits(),
-                                    want.to_bits(),
-                                    "{ty:?} {path:?} {nd} rows ({r},{c}) from row {row0}"
-                                );
-                                let wrow = &wd[(row0 + c) * i..(row0 + c + 1) * i];
-                                let xr = &x[r * i..(r + 1) * i];
-                                let exact: f64 = wrow
-                                    .iter()
-                                    .zip(xr)
-                                    .map(|(a, b)| *a as f64 * *b as f64)
-                                    .sum();
-                                let scale: f64 = wrow
-                                    .iter()
-                                    .zip(xr)
-                                    .map(|(a, b)| (*a as f64 * *b as f64).abs())
-                                    .sum();
-                                assert!(
-                                    (want as f64 - exact).abs() <= 0.02 * scale + 1e-6,
-                                    "{ty:?} ({r},{c}): {want} vs {exact}"
-                                );
-                            }
-                        }
-                    }
-                }
-            }
             let mut acts = QActs::new();
             acts.quantize(&x, i);
+            for r in 0..n {
+                for c in 0..o {
+                    let want = dot_ref(ty, &m.bytes()[c * rb..(c + 1) * rb], &acts, r);
+                    let (wrow, xr) = (&wd[c * i..(c + 1) * i], &x[r * i..(r + 1) * i]);
+                    let exact: f64 = wrow
+                        .iter()
+                        .zip(xr)
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum();
+                    let scale: f64 = wrow
+                        .iter()
+                        .zip(xr)
+                        .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                        .sum();
+                    assert!(
+                        (want as f64 - exact).abs() <= 0.02 * scale + 1e-6,
+                        "{ty:?} ({r},{c}): {want} vs {exact}"
+                    );
+                }
+            }
             let mut got = vec![0.0; n * o];
             qlinear_rows(&mut got, &acts, m.view(), 0, o, false);
             let pool = rayon::ThreadPoolBuilder::new()
