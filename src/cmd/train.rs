@@ -98,8 +98,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         eprintln!(
             "warning: precision = \"bf16\" on a CPU without AVX512-BF16 computes every bf16 product with the exact scalar definition, many times slower than fp32; set precision = \"fp32\" in [train] for speed (the weights will differ)"
         );
-    }
-    else if cfg.train.precision == model::config::TrainPrecision::Bf16
+    } else if cfg.train.precision == model::config::TrainPrecision::Bf16
         && !kernels::peak::bf16_pays()
     {
         eprintln!(
