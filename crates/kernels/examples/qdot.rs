@@ -1,5 +1,6 @@
 //! Single-thread throughput of the quantized matmul kernel for one activation row (decoding)
-//! and for 64 rows (prefill), in a cache-resident and a memory-resident weight matrix:
+//! and for 64 rows (prefill), in a cache-resident and a memory-resident weight matrix, for
+//! every type (the K-quants on random blocks, which moelab cannot make from f32 weights):
 //! `cargo run --release -p kernels --example qdot`.
 
 use kernels::quant::{qlinear_rows, QActs, QMatrix, QType};
@@ -15,10 +16,26 @@ fn main() {
         .build()
         .unwrap();
     pool.install(|| {
-        for ty in QType::ALL {
-            for (rows, cols) in [(1536, 576), (49152, 576)] {
-                let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 500.0).collect();
-                let m = QMatrix::quantize(ty, &w, rows, cols);
+        for ty in QType::ALL.into_iter().chain(QType::K) {
+            // whole 256-value super-blocks for the K-quants
+            for (rows, cols) in [(1536, 768), (49152, 768)] {
+                let m = if ty.quantizable() {
+                    let w: Vec<f32> = (0..rows * cols)
+                        .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 500.0)
+                        .collect();
+                    QMatrix::quantize(ty, &w, rows, cols)
+                } else {
+                    let n = QMatrix::size(ty, rows, cols);
+                    let mut b: Vec<u8> = (0..n).map(|i| (i * 2654435761usize >> 13) as u8).collect();
+                    // finite f16 scales (d, and Q4_K's dmin) of 2^-10
+                    let at: &[usize] = if ty == QType::Q4_K { &[0, 2] } else { &[208] };
+                    for blk in b.chunks_exact_mut(ty.block_bytes()) {
+                        for &a in at {
+                            blk[a..a + 2].copy_from_slice(&0x1400u16.to_le_bytes());
+                        }
+                    }
+                    QMatrix::from_bytes(ty, rows, cols, b)
+                };
                 for n in [1, 64] {
                     let x: Vec<f32> = (0..n * cols).map(|i| ((i * 31 % 97) as f32 - 48.0) / 48.0).collect();
                     let mut a = QActs::new();
