@@ -26,7 +26,7 @@ fn main() {
                     QMatrix::quantize(ty, &w, rows, cols)
                 } else {
                     let n = QMatrix::size(ty, rows, cols);
-                    let mut b: Vec<u8> = (0..n).map(|i| (i * 2654435761usize >> 13) as u8).collect();
+                    let mut b: Vec<u8> = (0..n).map(|i| ((i * 2654435761usize) >> 13) as u8).collect();
                     // finite f16 scales (d, and Q4_K's dmin) of 2^-10
                     let at: &[usize] = if ty == QType::Q4_K { &[0, 2] } else { &[208] };
                     for blk in b.chunks_exact_mut(ty.block_bytes()) {
