@@ -591,3 +591,98 @@ fn smollm2_runs_on_its_quantized_weights() {
         "{e}"
     );
 }
+
+/// K-quants through the CLI: a GGUF file whose matrices are Q4_K and Q6_K imports with their
+/// bytes kept beside the run (`quant.safetensors`), and `bench decode` and `sample` run on
+/// them by default; `--quant q4_k` on a run is refused (moelab cannot make K-quants).
+#[test]
+fn a_k_quant_gguf_runs_on_its_own_blocks() {
+    use interop::gguf::write;
+    use rand::{Rng, SeedableRng};
+    let d = tmpdir("open-weights", "k-quant");
+    let text = "the quick brown fox jumps over the lazy dog. ".repeat(20);
+    let tok = tokenizer::Tokenizer::train_with([text.as_str()].into_iter(), 300, true).unwrap();
+    let cfg = model::Config::from_toml(&format!(
+        "[model]\nvocab_size = {}\nd_model = 256\nn_layers = 1\nn_heads = 4\nn_kv_heads = 2\nmax_seq_len = 64\nffn_hidden = 256\nn_experts = 0\ntie_embeddings = false\ninit_std = 0.02\n[train]\nseq_len = 32\n",
+        tok.vocab_size()
+    ))
+    .unwrap()
+    .model;
+    let params = model::Model::new(&cfg, 1, 1, 5).params;
+    let f = d.join("k.gguf");
+    let (meta, mut ts) =
+        write::export_parts(&cfg, &params, &tok, None, interop::gguf::quant::F32, &f).unwrap();
+    // Q4_K / Q6_K blocks of random bytes with small scales (f16 2^-12 and 2^-16)
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    for t in ts.iter_mut() {
+        let q6 = t.name.ends_with("ffn_down.weight") || t.name == "output.weight";
+        if !(q6
+            || [
+                "attn_q",
+                "attn_k",
+                "attn_v",
+                "attn_output",
+                "ffn_gate",
+                "ffn_up",
+            ]
+            .iter()
+            .any(|p| t.name.ends_with(&format!("{p}.weight"))))
+        {
+            continue;
+        }
+        let n = t.dims.iter().product::<u64>() as usize / 256;
+        let (ty, bb, at): (u32, usize, &[usize]) = if q6 {
+            (14, 210, &[208])
+        } else {
+            (12, 144, &[0, 2])
+        };
+        let mut b: Vec<u8> = (0..n * bb).map(|_| rng.gen()).collect();
+        for blk in b.chunks_exact_mut(bb) {
+            for &a in at {
+                let h: u16 = if q6 { 0x0400 } else { 0x0c00 };
+                blk[a..a + 2].copy_from_slice(&h.to_le_bytes());
+            }
+        }
+        t.ggml_type = ty;
+        t.data = b;
+    }
+    std::fs::write(&f, write::encode(&meta, &ts)).unwrap();
+    let run = d.join("run");
+    ok(&["import", s(&f), "--out", s(&run)]);
+    assert!(run.join("quant.safetensors").exists());
+    let out = ok(&[
+        "bench",
+        "decode",
+        "--run",
+        s(&run),
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "4",
+    ]);
+    // q/k/v (fused) and gate/up (fused) Q4_K, wo Q4_K, down and the head Q6_K
+    assert!(
+        out.contains("q6_k x 2 + q4_k x 3") || out.contains("q4_k x 3 + q6_k x 2"),
+        "{out}"
+    );
+    let out = ok(&[
+        "sample",
+        "--run",
+        s(&run),
+        "--prompt",
+        "the quick",
+        "--max-tokens",
+        "4",
+    ]);
+    assert!(!out.trim().is_empty());
+    let e = err(&[
+        "sample",
+        "--run",
+        s(&run),
+        "--prompt",
+        "the",
+        "--quant",
+        "q4_k",
+    ]);
+    assert!(e.contains("--quant auto"), "{e}");
+}
