@@ -527,7 +527,7 @@ pub fn dot_ref(ty: QType, w: &[u8], x: &QActs, r: usize) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) fn has_avx2() -> bool {
+fn has_avx2() -> bool {
     std::arch::is_x86_feature_detected!("avx2")
         && std::arch::is_x86_feature_detected!("fma")
         && std::arch::is_x86_feature_detected!("f16c")

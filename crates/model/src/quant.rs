@@ -19,16 +19,20 @@ struct Entry {
 }
 
 /// Whether `bytes` are blocks of K-quant `ty` that dequantize to exactly `w` (`cols`
-/// columns).
+/// columns), checked row by row.
 fn file_blocks(ty: QType, bytes: Option<&Vec<u8>>, w: &[f32], cols: usize) -> bool {
     let Some(b) = bytes else { return false };
     if !cols.is_multiple_of(ty.block_values()) || b.len() != QMatrix::size(ty, w.len() / cols, cols)
     {
         return false;
     }
-    let mut back = vec![0f32; w.len()];
-    kernels::quant::dequantize_row(ty, b, &mut back);
-    back.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits())
+    let mut row = vec![0f32; cols];
+    b.chunks_exact(ty.row_bytes(cols))
+        .zip(w.chunks_exact(cols))
+        .all(|(b, w)| {
+            kernels::quant::dequantize_row(ty, b, &mut row);
+            row.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits())
+        })
 }
 
 /// Quantized matrices by their offset in the parameter buffer they were made from, all in

@@ -200,7 +200,8 @@ fn matrix_types(
 /// The file's bytes of the rows of moelab matrix `w` (`cols` columns), which came from the
 /// tensors `parts`, all of K-quant type `ty`: each row is found among the parts' rows by its
 /// dequantized values (whatever permutation, fusing or expert order the import applied), so
-/// the kernels run on exactly the file's blocks. None if a row is not found.
+/// the kernels run on exactly the file's blocks. Rows are dequantized one at a time from the
+/// file's bytes (no f32 copy of the parts is kept). None if a row is not found.
 fn file_rows(
     f: &GgufFile,
     parts: &[String],
@@ -216,27 +217,29 @@ fn file_rows(
         h.finish()
     };
     let rb = ty.row_bytes(cols);
-    let mut index: HashMap<u64, Vec<(usize, usize)>> = HashMap::new();
-    let mut deq = vec![];
-    for (pi, p) in parts.iter().enumerate() {
+    let mut data = vec![];
+    for p in parts {
         let info = f.tensor(p)?;
-        if info.dims.first().copied() != Some(cols as u64) {
+        if info.ggml_type != ty.ggml_type() || info.dims.first().copied() != Some(cols as u64) {
             return None;
         }
-        let v = f.f32(p).ok()??;
-        for (r, row) in v.chunks_exact(cols).enumerate() {
-            index.entry(key(row)).or_default().push((pi, r));
+        data.push(f.data(info));
+    }
+    let mut row = vec![0f32; cols];
+    let mut index: HashMap<u64, Vec<(usize, usize)>> = HashMap::new();
+    for (pi, d) in data.iter().enumerate() {
+        for (r, b) in d.chunks_exact(rb).enumerate() {
+            kernels::quant::dequantize_row(ty, b, &mut row);
+            index.entry(key(&row)).or_default().push((pi, r));
         }
-        deq.push(v);
     }
     let mut out = Vec::with_capacity(w.len() / cols * rb);
-    for row in w.chunks_exact(cols) {
-        let &(pi, r) = index
-            .get(&key(row))?
-            .iter()
-            .find(|&&(pi, r)| deq[pi][r * cols..(r + 1) * cols] == *row)?;
-        let data = f.data(f.tensor(&parts[pi])?);
-        out.extend_from_slice(&data[r * rb..(r + 1) * rb]);
+    for want in w.chunks_exact(cols) {
+        let &(pi, r) = index.get(&key(want))?.iter().find(|&&(pi, r)| {
+            kernels::quant::dequantize_row(ty, &data[pi][r * rb..(r + 1) * rb], &mut row);
+            row.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits())
+        })?;
+        out.extend_from_slice(&data[pi][r * rb..(r + 1) * rb]);
     }
     Some(out)
 }
