@@ -237,7 +237,9 @@ fn file_rows(
     for want in w.chunks_exact(cols) {
         let &(pi, r) = index.get(&key(want))?.iter().find(|&&(pi, r)| {
             kernels::quant::dequantize_row(ty, &data[pi][r * rb..(r + 1) * rb], &mut row);
-            row.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits())
+            row.iter()
+                .zip(want)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
         })?;
         out.extend_from_slice(&data[pi][r * rb..(r + 1) * rb]);
     }
