@@ -549,8 +549,10 @@ fn values_portable<T: KvElem>(
 }
 
 /// The AVX2 weighted sum of values: each element summed over the entries in order (as
-/// [`values_portable`]), 64 columns at a time in eight registers that stay in registers
-/// across the entries (`$load` widens 8 elements at a pointer).
+/// [`values_portable`]), up to 64 columns at a time in registers that stay in registers
+/// across the entries (`$load` widens 8 elements at a pointer). Every 8-column block of a
+/// pass has its own register, so a pass has up to eight independent add chains: at head
+/// width 32 one chain per block (a pass per block) left the step latency-bound.
 macro_rules! values_avx2 {
     ($t:ty, $values:ident, $load:ident) => {
         /// # Safety
@@ -565,19 +567,19 @@ macro_rules! values_avx2 {
             w: &[f32],
             acc: &mut [f32],
         ) {
-            use std::arch::x86_64::*;
-            let d = acc.len();
-            let full = d / 8 * 8;
-            let n: usize = segs.iter().map(|&(a, b)| b - a).sum();
-            assert!(w.len() >= n);
-            for &(a, b) in &segs {
-                assert!(b == a || (b - 1) * gd + off + d <= vc.len());
-            }
-            let base = vc.as_ptr().add(off);
-            let ap = acc.as_mut_ptr();
-            let mut cb = 0;
-            while cb + 64 <= full {
-                let mut r = [_mm256_setzero_ps(); 8];
+            /// Columns `cb..cb + 8 NB` of the sum.
+            #[inline]
+            #[target_feature(enable = "avx2,f16c")]
+            unsafe fn pass<const NB: usize>(
+                base: *const $t,
+                gd: usize,
+                cb: usize,
+                segs: [(usize, usize); 2],
+                w: &[f32],
+                ap: *mut f32,
+            ) {
+                use std::arch::x86_64::*;
+                let mut r = [_mm256_setzero_ps(); NB];
                 let mut j = 0;
                 for &(a, b) in &segs {
                     for e in a..b {
@@ -592,20 +594,37 @@ macro_rules! values_avx2 {
                 for (k, r) in r.iter().enumerate() {
                     _mm256_storeu_ps(ap.add(cb + 8 * k), *r);
                 }
-                cb += 64;
             }
-            while cb + 8 <= full {
-                let mut r = _mm256_setzero_ps();
-                let mut j = 0;
-                for &(a, b) in &segs {
-                    for e in a..b {
-                        let wv = _mm256_set1_ps(*w.get_unchecked(j));
-                        r = _mm256_add_ps(r, _mm256_mul_ps(wv, $load!(base.add(e * gd + cb))));
-                        j += 1;
+            let d = acc.len();
+            let full = d / 8 * 8;
+            let n: usize = segs.iter().map(|&(a, b)| b - a).sum();
+            assert!(w.len() >= n);
+            for &(a, b) in &segs {
+                assert!(b == a || (b - 1) * gd + off + d <= vc.len());
+            }
+            let base = vc.as_ptr().add(off);
+            let ap = acc.as_mut_ptr();
+            let mut cb = 0;
+            while cb < full {
+                let nb = (full - cb) / 8;
+                cb += 8 * match nb {
+                    8.. => {
+                        pass::<8>(base, gd, cb, segs, w, ap);
+                        8
                     }
-                }
-                _mm256_storeu_ps(ap.add(cb), r);
-                cb += 8;
+                    4..=7 => {
+                        pass::<4>(base, gd, cb, segs, w, ap);
+                        4
+                    }
+                    2 | 3 => {
+                        pass::<2>(base, gd, cb, segs, w, ap);
+                        2
+                    }
+                    _ => {
+                        pass::<1>(base, gd, cb, segs, w, ap);
+                        1
+                    }
+                };
             }
             for t in full..d {
                 let mut x = 0f32;
@@ -1026,7 +1045,7 @@ mod tests {
     fn half_kernels_equal_portable() {
         fn check<T: KvElem + std::fmt::Debug>(conv: impl Fn(f32) -> T) {
             let mut rng = ChaCha8Rng::seed_from_u64(9);
-            for d in [8, 13, 64, 100, 128, 200] {
+            for d in [8, 13, 16, 32, 48, 64, 100, 128, 200] {
                 let (gd, off, n) = (3 * d, d, 40);
                 let q: Vec<f32> = (0..d).map(|_| rng.gen_range(-2.0..2.0)).collect();
                 let c: Vec<T> = (0..n * gd)
