@@ -237,6 +237,22 @@ fn long_and_windowed_caches_equal_full_recompute() {
         last[0], last[1],
         "the window changes the last position's logits"
     );
+    // RoPE scaling: the training forward (tiled kernel at this length) and the decoder, whose
+    // scaled logits the transformers fixtures check (interop's import_hf), agree
+    let scaled = long.replace(
+        "n_kv_heads = 2",
+        "n_kv_heads = 2\nrope_scaling = { type = \"yarn\", factor = 4.0, original_max_seq_len = 128 }",
+    );
+    let cfg = Config::from_toml(&scaled).unwrap();
+    assert!(cfg.model.rope_scaling.is_some(), "the TOML sets YaRN");
+    let m = Model::new(&cfg.model, 1, 1, 5);
+    check(&cfg, m.params.clone(), "tiny, 2.1 chunks, YaRN x4 from 128");
+    let mut dec = Decoder::new(&cfg.model);
+    let mut yarn = vec![];
+    for i in 0..cfg.model.max_seq_len {
+        yarn = dec.step(&m.params, (i * 13 % 500) as u32).to_vec();
+    }
+    assert_ne!(yarn, last[0], "YaRN changes the last position's logits");
 }
 
 /// Prefill: a prompt fed as batched forwards (`Decoder::feed`, `BatchDecoder::forward`) gives

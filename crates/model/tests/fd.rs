@@ -209,3 +209,31 @@ fn sliding_window_in_some_blocks() {
     );
     check("sliding window", &cfg);
 }
+
+/// RoPE scaling in training (issue 15): YaRN with its attention factor on cos and sin, linear
+/// interpolation and Llama 3's blend, at T = 12 past an original length of 4.
+#[test]
+fn rope_scaling() {
+    for (name, scaling) in [
+        (
+            "yarn",
+            r#"{ type = "yarn", factor = 4.0, original_max_seq_len = 4 }"#,
+        ),
+        ("linear", r#"{ type = "linear", factor = 3.0 }"#),
+        (
+            "llama3",
+            r#"{ type = "llama3", factor = 8.0, low_freq_factor = 1.0, high_freq_factor = 4.0, original_max_seq_len = 4 }"#,
+        ),
+    ] {
+        let cfg = HEAD_DIM.replace(
+            "head_dim = 12\n",
+            &format!("head_dim = 12\nrope_scaling = {scaling}\n"),
+        );
+        assert!(Config::from_toml(&cfg)
+            .unwrap()
+            .model
+            .rope_scaling
+            .is_some());
+        check(&format!("rope_scaling {name}"), &cfg);
+    }
+}

@@ -45,6 +45,24 @@ fn tiled_attention_equals_stored_probabilities() {
     check("mid, T = 200", &long, 200);
     let qwen = "[model]\nvocab_size = 300\nd_model = 48\nn_layers = 2\nn_heads = 6\nn_kv_heads = 2\nhead_dim = 12\nqk_norm = \"head\"\nqkv_bias = true\nmax_seq_len = 160\nffn_hidden = 64\n[train]\nseq_len = 160\n";
     check("q/k norm, biases, head_dim 12, T = 150", qwen, 150);
+    // RoPE scaling past the original length: YaRN (its attention factor scales cos and sin,
+    // so both backward passes carry it), linear and Llama 3
+    for scaling in [
+        r#"{ type = "yarn", factor = 4.0, original_max_seq_len = 50 }"#,
+        r#"{ type = "linear", factor = 2.0 }"#,
+        r#"{ type = "llama3", factor = 8.0, low_freq_factor = 1.0, high_freq_factor = 4.0, original_max_seq_len = 50 }"#,
+    ] {
+        let text = long.replace(
+            "n_kv_heads = 2",
+            &format!("n_kv_heads = 2\nrope_scaling = {scaling}"),
+        );
+        assert!(Config::from_toml(&text)
+            .unwrap()
+            .model
+            .rope_scaling
+            .is_some());
+        check(&format!("mid, T = 200, rope_scaling {scaling}"), &text, 200);
+    }
 }
 
 #[test]
