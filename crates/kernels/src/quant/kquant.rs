@@ -123,9 +123,9 @@ pub fn dot_ref(ty: QType, w: &[u8], x: &QActs, r: usize) -> f32 {
 const Q4K: u8 = 0;
 const Q6K: u8 = 1;
 
-/// The SIMD tiles for one instruction set (`$isum` as in `quant_tiles!`).
-macro_rules! k_tiles {
-    ($dot:ident, $tiles:ident, $feat:literal, $isum:ident) => {
+/// The 256-bit dot for one instruction set (`$isum` as in `quant_tiles!`).
+macro_rules! k_dot {
+    ($dot:ident, $feat:literal, $isum:ident) => {
         /// The dots of one K-quant weight row `w` with activation rows `rows` (a weight
         /// super-block unpacked once for all of them), [`dot_ref`]'s operations in its order.
         ///
@@ -256,7 +256,12 @@ macro_rules! k_tiles {
             }
             out
         }
+    };
+}
 
+/// The tiles for one instruction set, on its dot (`$dot::<T, R>` as [`dot512`]).
+macro_rules! k_tiles {
+    ($dot:ident, $tiles:ident, $feat:literal) => {
         /// Output columns c0..c1 for all `n` rows: each weight row with 4 activation rows at
         /// a time, then the rest one by one.
         ///
@@ -300,13 +305,179 @@ macro_rules! k_tiles {
     };
 }
 
-k_tiles!(dot_avx2, tiles_avx2, "avx2,fma,f16c", isum_avx2);
+k_dot!(dot_avx2, "avx2,fma,f16c", isum_avx2);
+k_tiles!(dot_avx2, tiles_avx2, "avx2,fma,f16c");
 k_tiles!(
-    dot_vnni,
+    dot512,
     tiles_vnni,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl",
-    isum_vnni
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl"
 );
+
+/// The dots of one K-quant weight row with activation rows `rows` on AVX-512 VNNI: two
+/// 32-value activation blocks per 512-bit register, the even block in lanes 0-7 and the odd
+/// one in lanes 8-15, so [`dot_ref`]'s two accumulators (even and odd blocks) are the two
+/// halves of one register and every lane sees its operations in its order. Against the
+/// 256-bit tile: one integer dot, scale permute, conversion and fused multiply-add per 64
+/// values and row instead of two of each.
+///
+/// # Safety
+/// AVX-512F/BW/VL/VNNI, AVX2, FMA and F16C must be present; `w` is a whole row for
+/// `x.cols`; every row in `rows` is below `x.rows()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
+#[inline]
+unsafe fn dot512<const T: u8, const R: usize>(w: &[u8], x: &QActs, rows: [usize; R]) -> [f32; R] {
+    use std::arch::x86_64::*;
+    let nb = x.cols / QK;
+    let bb = if T == Q4K { 144 } else { 210 };
+    debug_assert!(w.len() >= x.cols / QK_K * bb);
+    let wp = w.as_ptr();
+    let (xq, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
+    let h = |p: *const u8| -> f32 {
+        let bits = (p as *const u16).read_unaligned();
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    };
+    let zero = _mm512_setzero_si512();
+    // lanes 0-7 take element a of an 8-lane vector, lanes 8-15 element b
+    let halves = |a: i32, b: i32| _mm512_setr_epi32(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b);
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut mins = [_mm256_setzero_ps(); R];
+    for s in 0..x.cols / QK_K {
+        let p = wp.add(s * bb);
+        let xb0: [usize; R] = std::array::from_fn(|i| rows[i] * nb + 8 * s);
+        if T == Q4K {
+            // the scales and minimums as in the 256-bit tile
+            let (k1, k2, k3) = (0x3f3f3f3fu32, 0x0f0f0f0fu32, 0x03030303u32);
+            let mut u = [0u32; 4];
+            std::ptr::copy_nonoverlapping(p.add(4), u.as_mut_ptr() as *mut u8, 12);
+            u[3] = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
+            let aux = u[1] & k1;
+            u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
+            u[2] = aux;
+            u[0] &= k1;
+            let v = _mm_loadu_si128(u.as_ptr() as *const __m128i);
+            let sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+            let mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(v)));
+            let dsc = _mm256_mul_ps(_mm256_set1_ps(h(p)), sc);
+            let dmn = _mm256_mul_ps(_mm256_set1_ps(h(p.add(2))), mn);
+            let mut dd = [_mm512_setzero_ps(); R];
+            for i in 0..R {
+                dd[i] = _mm512_castps256_ps512(_mm256_mul_ps(dsc, _mm256_loadu_ps(xd.add(xb0[i]))));
+                mins[i] = _mm256_fmadd_ps(dmn, _mm256_loadu_ps(xs.add(xb0[i])), mins[i]);
+            }
+            // the low nibbles of 32 bytes are block 2c, the high nibbles block 2c + 1
+            let nibble = _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4);
+            let mask = _mm512_set1_epi8(0xF);
+            for c in 0..4 {
+                let raw = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                    p.add(16 + 32 * c) as *const __m256i
+                ));
+                let wv = _mm512_and_si512(_mm512_srlv_epi64(raw, nibble), mask);
+                let idx = halves(2 * c as i32, 2 * c as i32 + 1);
+                for i in 0..R {
+                    let a = _mm512_loadu_si512(xq.add((xb0[i] + 2 * c) * QK) as *const _);
+                    let isum = _mm512_dpbusd_epi32(zero, wv, a);
+                    let d = _mm512_permutexvar_ps(idx, dd[i]);
+                    acc[i] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(isum), acc[i]);
+                }
+            }
+        } else {
+            let d = _mm256_set1_ps(h(p.add(208)));
+            let scv = _mm_loadu_si128(p.add(192) as *const __m128i);
+            let dsc = [
+                _mm512_castps256_ps512(_mm256_mul_ps(
+                    d,
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(scv)),
+                )),
+                _mm512_castps256_ps512(_mm256_mul_ps(
+                    d,
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(scv))),
+                )),
+            ];
+            // each row's 8 activation block scales of this super-block
+            let xd8: [__m512; R] =
+                std::array::from_fn(|i| _mm512_castps256_ps512(_mm256_loadu_ps(xd.add(xb0[i]))));
+            let mask = _mm256_set1_epi8(0xF);
+            let m30 = _mm256_set1_epi8(0x30);
+            let m32 = _mm512_set1_epi8(32);
+            let ld = |p: *const u8| _mm256_loadu_si256(p as *const __m256i);
+            for n in 0..2 {
+                let (ql0, ql1) = (ld(p.add(64 * n)), ld(p.add(64 * n + 32)));
+                let qh = ld(p.add(128 + 32 * n));
+                let q = [
+                    _mm256_or_si256(
+                        _mm256_and_si256(ql0, mask),
+                        _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m30),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(ql1, mask),
+                        _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m30),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), mask),
+                        _mm256_and_si256(qh, m30),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), mask),
+                        _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m30),
+                    ),
+                ];
+                for tp in 0..2 {
+                    // activation blocks g (even) and g + 1 of this super-block
+                    let g = 4 * n + 2 * tp;
+                    let wv = _mm512_sub_epi8(
+                        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q[2 * tp]), q[2 * tp + 1]),
+                        m32,
+                    );
+                    let aw = _mm512_abs_epi8(wv);
+                    let neg = _mm512_movepi8_mask(wv);
+                    // 16-value sub-blocks: lanes 4j..4j + 3 take scale 4 tp + j of this half
+                    let e = 4 * tp as i32;
+                    let idx = _mm512_setr_epi32(
+                        e,
+                        e,
+                        e,
+                        e,
+                        e + 1,
+                        e + 1,
+                        e + 1,
+                        e + 1,
+                        e + 2,
+                        e + 2,
+                        e + 2,
+                        e + 2,
+                        e + 3,
+                        e + 3,
+                        e + 3,
+                        e + 3,
+                    );
+                    let ls = _mm512_permutexvar_ps(idx, dsc[n]);
+                    let pick = halves(g as i32, g as i32 + 1);
+                    for i in 0..R {
+                        let a = _mm512_loadu_si512(xq.add((xb0[i] + g) * QK) as *const _);
+                        // a times the sign of w (w = 0 gives |w| = 0 either way)
+                        let sa = _mm512_mask_sub_epi8(a, neg, zero, a);
+                        let isum = _mm512_dpbusd_epi32(zero, aw, sa);
+                        let dd = _mm512_mul_ps(ls, _mm512_permutexvar_ps(pick, xd8[i]));
+                        acc[i] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(isum), acc[i]);
+                    }
+                }
+            }
+        }
+    }
+    let mut out = [0f32; R];
+    for i in 0..R {
+        let (mut a, mut m) = ([0f32; 8], [0f32; 8]);
+        let sum = _mm256_add_ps(
+            _mm512_castps512_ps256(acc[i]),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc[i]))),
+        );
+        _mm256_storeu_ps(a.as_mut_ptr(), sum);
+        _mm256_storeu_ps(m.as_mut_ptr(), mins[i]);
+        out[i] = hsum8(a) - hsum8(m);
+    }
+    out
+}
 
 #[cfg(test)]
 mod tests {
