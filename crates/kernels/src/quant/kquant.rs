@@ -401,7 +401,7 @@ unsafe fn dot512<const T: u8, const R: usize>(w: &[u8], x: &QActs, rows: [usize;
             let m30 = _mm256_set1_epi8(0x30);
             let m32 = _mm512_set1_epi8(32);
             let ld = |p: *const u8| _mm256_loadu_si256(p as *const __m256i);
-            for n in 0..2 {
+            for (n, &dsc) in dsc.iter().enumerate() {
                 let (ql0, ql1) = (ld(p.add(64 * n)), ld(p.add(64 * n + 32)));
                 let qh = ld(p.add(128 + 32 * n));
                 let q = [
@@ -451,7 +451,7 @@ unsafe fn dot512<const T: u8, const R: usize>(w: &[u8], x: &QActs, rows: [usize;
                         e + 3,
                         e + 3,
                     );
-                    let ls = _mm512_permutexvar_ps(idx, dsc[n]);
+                    let ls = _mm512_permutexvar_ps(idx, dsc);
                     let pick = halves(g as i32, g as i32 + 1);
                     for i in 0..R {
                         let a = _mm512_loadu_si512(xq.add((xb0[i] + g) * QK) as *const _);
