@@ -466,16 +466,72 @@ unsafe fn dot512<const T: u8, const R: usize>(w: &[u8], x: &QActs, rows: [usize;
         }
     }
     let mut out = [0f32; R];
+    // acc0 + acc1 of a row
+    let sum = |a: __m512| {
+        _mm256_add_ps(
+            _mm512_castps512_ps256(a),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a))),
+        )
+    };
+    if R == 4 {
+        let r = finish4(
+            [acc[0], acc[1], acc[2], acc[3]],
+            [mins[0], mins[1], mins[2], mins[3]],
+        );
+        out.copy_from_slice(&r[..R]);
+        return out;
+    }
     for i in 0..R {
         let (mut a, mut m) = ([0f32; 8], [0f32; 8]);
-        let sum = _mm256_add_ps(
-            _mm512_castps512_ps256(acc[i]),
-            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc[i]))),
-        );
-        _mm256_storeu_ps(a.as_mut_ptr(), sum);
+        _mm256_storeu_ps(a.as_mut_ptr(), sum(acc[i]));
         _mm256_storeu_ps(m.as_mut_ptr(), mins[i]);
         out[i] = hsum8(a) - hsum8(m);
     }
+    out
+}
+
+/// [`dot512`]'s results for 4 rows: `hsum8(acc0 + acc1) - hsum8(mins)` of each, the eight
+/// hsum8 at once (a separate function: inlined, it made the one-row dots slower).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avx512f")]
+#[inline(never)]
+unsafe fn finish4(
+    acc: [std::arch::x86_64::__m512; 4],
+    mins: [std::arch::x86_64::__m256; 4],
+) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let mut out = [0f32; 4];
+    let sum = |a: __m512| {
+        _mm256_add_ps(
+            _mm512_castps512_ps256(a),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a))),
+        )
+    };
+    let sums = [sum(acc[0]), sum(acc[1]), sum(acc[2]), sum(acc[3])];
+    // the eight hsum8 of 4 rows' sums and minimums at once, each in hsum8's order
+    // (lane j + lane j + 4, then (0 + 2) + (1 + 3)): lanes 0-3 the sums, 4-7 the minimums
+    let half = |a, b| {
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(a, b),
+            _mm256_permute2f128_ps::<0x31>(a, b),
+        )
+    };
+    let (x, y) = (half(sums[0], mins[0]), half(sums[1], mins[1]));
+    let (z, w) = (half(sums[2], mins[2]), half(sums[3], mins[3]));
+    let pairs = |a, b| {
+        let (a, b) = (_mm256_castps_pd(a), _mm256_castps_pd(b));
+        _mm256_add_ps(
+            _mm256_castpd_ps(_mm256_unpacklo_pd(a, b)),
+            _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)),
+        )
+    };
+    let (xy, zw) = (pairs(x, y), pairs(z, w));
+    let h = _mm256_add_ps(
+        _mm256_shuffle_ps::<0b10_00_10_00>(xy, zw),
+        _mm256_shuffle_ps::<0b11_01_11_01>(xy, zw),
+    );
+    let d = _mm_sub_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+    _mm_storeu_ps(out.as_mut_ptr(), d);
     out
 }
 
