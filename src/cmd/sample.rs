@@ -77,23 +77,20 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let mut logits = dec.feed(&lr.params, &prompt).to_vec();
     let mut out = std::io::stdout().lock();
     write!(out, "{}", a.prompt)?;
-    let mut generated: Vec<u32> = vec![];
-    let mut printed = 0;
+    // each token's text as soon as it completes a character
+    let mut text = tokenizer::TextStream::new();
     for _ in 0..a.max_tokens {
         let next = sampler.sample(&logits);
         if stops.contains(&next) || dec.remaining() == 0 {
             break;
         }
-        generated.push(next);
-        // print whatever decodes to complete characters so far
-        let text = tok.decode(&generated);
-        if !text.ends_with('\u{FFFD}') && text.len() > printed {
-            write!(out, "{}", &text[printed..])?;
+        let piece = text.push(&tok, next);
+        if !piece.is_empty() {
+            write!(out, "{piece}")?;
             out.flush()?;
-            printed = text.len();
         }
         logits = dec.step(&lr.params, next).to_vec();
     }
-    writeln!(out)?;
+    writeln!(out, "{}", text.finish(&tok))?;
     Ok(())
 }

@@ -251,41 +251,27 @@ enum Part {
 
 /// Incremental text of one segment (reasoning or answer).
 ///
-/// NOTE: each token is decoded once, on its own (with the few before it that end
-/// mid-character), never the whole reply again: decoding everything per token cost
-/// quadratic time in the reply's length on the server's async workers (issue 11).
-/// Byte-level BPE decodes a concatenation of ids to the concatenation of their texts
-/// whenever the split falls on a character boundary, so the text is the same.
+/// NOTE: each token's text comes from a [`tokenizer::TextStream`] (a short window of recent
+/// ids decoded), never the whole reply again: decoding everything per token cost quadratic
+/// time in the reply's length on the server's async workers (issue 11), and decoding each
+/// id alone drops the spaces a SentencePiece decoder strips from a leading token.
 #[derive(Default)]
 struct Segment {
-    /// Decoded text: complete UTF-8 up to the ids in `pending`.
+    /// Decoded text: complete UTF-8 up to the ids the stream holds back.
     text: String,
-    /// Ids whose bytes end mid-character, waiting for the rest of it.
-    pending: Vec<u32>,
+    stream: tokenizer::TextStream,
     /// Bytes of `text` already emitted.
     emitted: usize,
 }
 
-/// A UTF-8 character is at most 4 bytes and every token at least one: ids still incomplete
-/// after this many are invalid text, decoded as it is (with replacement characters).
-const MAX_PENDING: usize = 4;
-
 impl Segment {
     fn push(&mut self, tok: &Tokenizer, id: u32) {
-        self.pending.push(id);
-        let t = tok.decode(&self.pending);
-        if !t.ends_with('\u{FFFD}') || self.pending.len() >= MAX_PENDING {
-            self.text += &t;
-            self.pending.clear();
-        }
+        self.text += &self.stream.push(tok, id);
     }
 
-    /// Decodes what is pending as it is (the segment has ended).
+    /// Decodes what is held back as it is (the segment has ended).
     fn flush(&mut self, tok: &Tokenizer) {
-        if !self.pending.is_empty() {
-            self.text += &tok.decode(&self.pending);
-            self.pending.clear();
-        }
+        self.text += &self.stream.finish(tok);
     }
 }
 

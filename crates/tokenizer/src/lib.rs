@@ -362,3 +362,57 @@ fn byte_level_inverse() -> &'static std::collections::HashMap<char, u8> {
         m
     })
 }
+
+/// Text of generated ids as they come, one id at a time, equal to decoding them all at once
+/// (as text-generation-inference streams): each id's text is the decoding of a short window
+/// of recent ids beyond the decoding of the window without it. Decoders that depend on
+/// what precedes a token (SentencePiece's leading-space strip) see the ids before it, bytes
+/// of a character split across ids wait for the rest, and the cost per id does not grow
+/// with the text (decoding everything per token is quadratic in its length).
+#[derive(Clone, Debug, Default)]
+pub struct TextStream {
+    ids: Vec<u32>,
+    /// Start of the window: the ids before it are emitted and no longer decoded.
+    prefix: usize,
+    /// Ids before this one are emitted; those from it on wait.
+    read: usize,
+}
+
+/// A UTF-8 character is at most 4 bytes and every token at least one: ids still incomplete
+/// after this many are invalid text, emitted as they decode (with replacement characters).
+const MAX_WAITING: usize = 4;
+
+impl TextStream {
+    pub fn new() -> TextStream {
+        TextStream::default()
+    }
+
+    /// The new text after `id` (empty while it ends mid-character).
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> String {
+        self.ids.push(id);
+        let seen = tok.decode(&self.ids[self.prefix..self.read]);
+        let all = tok.decode(&self.ids[self.prefix..]);
+        let complete = !all.ends_with('\u{FFFD}') || self.ids.len() - self.read >= MAX_WAITING;
+        match all.get(seen.len()..) {
+            Some(new) if complete && all.starts_with(&seen) => {
+                let new = new.to_string();
+                // the emitted ids stay as context for the next window, the ones before go
+                self.ids.drain(..self.prefix);
+                self.read -= self.prefix;
+                self.prefix = self.read;
+                self.read = self.ids.len();
+                new
+            }
+            _ => String::new(),
+        }
+    }
+
+    /// What is still waiting, decoded as it is (the text has ended).
+    pub fn finish(&mut self, tok: &Tokenizer) -> String {
+        let seen = tok.decode(&self.ids[self.prefix..self.read]);
+        let all = tok.decode(&self.ids[self.prefix..]);
+        let rest = all.get(seen.len()..).unwrap_or("").to_string();
+        *self = TextStream::default();
+        rest
+    }
+}

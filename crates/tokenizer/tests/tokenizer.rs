@@ -134,3 +134,42 @@ proptest! {
         prop_assert_eq!(t.decode(&ids), s);
     }
 }
+
+/// Streaming a text id by id gives exactly its full decoding: byte-level BPE with characters
+/// split across ids, and a SentencePiece-style decoder whose leading-space strip makes a
+/// token's text depend on the ids before it (decoded one id at a time, "▁Hello" "▁world"
+/// would lose the space between them).
+#[test]
+fn text_stream_equals_the_full_decoding() {
+    let tok = Tokenizer::train(corpus().iter(), 400).unwrap();
+    for text in ["plain words here", "日本 🙂 éü mixed", "🙂🙂🙂"] {
+        let ids = tok.encode(text);
+        let mut s = tokenizer::TextStream::new();
+        let mut got = String::new();
+        for &id in &ids {
+            let piece = s.push(&tok, id);
+            assert!(!piece.contains('\u{FFFD}'), "{text:?}: a split character");
+            got += &piece;
+        }
+        got += &s.finish(&tok);
+        assert_eq!(got, tok.decode(&ids), "{text:?}");
+    }
+    let spm = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
+        "normalizer":null,"pre_tokenizer":null,"post_processor":null,
+        "decoder":{"type":"Sequence","decoders":[
+            {"type":"Replace","pattern":{"String":"▁"},"content":" "},
+            {"type":"Fuse"},
+            {"type":"Strip","content":" ","start":1,"stop":0}]},
+        "model":{"type":"WordLevel","vocab":{"▁Hello":0,"▁world":1,"!":2,"<unk>":3},"unk_token":"<unk>"}}"#;
+    let tok = Tokenizer::from_bytes(std::path::Path::new("spm.json"), spm.as_bytes()).unwrap();
+    let ids = [0, 1, 2, 1];
+    assert_eq!(tok.decode(&ids), "Hello world! world");
+    let one_by_one: String = ids.iter().map(|&i| tok.decode(&[i])).collect();
+    assert_eq!(
+        one_by_one, "Helloworld!world",
+        "the decoder strips each lone token"
+    );
+    let mut s = tokenizer::TextStream::new();
+    let got: String = ids.iter().map(|&i| s.push(&tok, i)).collect();
+    assert_eq!(got + &s.finish(&tok), "Hello world! world");
+}
