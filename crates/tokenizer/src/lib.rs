@@ -390,12 +390,20 @@ impl TextStream {
     /// The new text after `id` (empty while it ends mid-character).
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> String {
         self.ids.push(id);
-        let seen = tok.decode(&self.ids[self.prefix..self.read]);
+        let waiting = self.ids.len() - self.read;
         let all = tok.decode(&self.ids[self.prefix..]);
-        let complete = !all.ends_with('\u{FFFD}') || self.ids.len() - self.read >= MAX_WAITING;
-        match all.get(seen.len()..) {
-            Some(new) if complete && all.starts_with(&seen) => {
-                let new = new.to_string();
+        let split = all.ends_with('\u{FFFD}');
+        if split && waiting < MAX_WAITING {
+            return String::new();
+        }
+        match self.beyond_seen(tok, &all) {
+            // invalid bytes, emitted as they decode; what follows decodes afresh (bytes that
+            // complete a character later would not match what was emitted)
+            Some(new) if split => {
+                *self = TextStream::default();
+                new
+            }
+            Some(new) if !new.is_empty() || waiting >= MAX_WAITING => {
                 // the emitted ids stay as context for the next window, the ones before go
                 self.ids.drain(..self.prefix);
                 self.read -= self.prefix;
@@ -403,15 +411,29 @@ impl TextStream {
                 self.read = self.ids.len();
                 new
             }
-            _ => String::new(),
+            // nothing new yet (ids that decode to nothing alone, say)
+            Some(_) => String::new(),
+            // the decoder rewrote text already emitted: the waiting ids' own text, then afresh
+            None => {
+                let new = tok.decode(&self.ids[self.read..]);
+                *self = TextStream::default();
+                new
+            }
         }
+    }
+
+    /// `all` (the window's text) beyond the text of the ids already emitted, if it extends it.
+    fn beyond_seen(&self, tok: &Tokenizer, all: &str) -> Option<String> {
+        let seen = tok.decode(&self.ids[self.prefix..self.read]);
+        all.strip_prefix(seen.as_str()).map(str::to_string)
     }
 
     /// What is still waiting, decoded as it is (the text has ended).
     pub fn finish(&mut self, tok: &Tokenizer) -> String {
-        let seen = tok.decode(&self.ids[self.prefix..self.read]);
         let all = tok.decode(&self.ids[self.prefix..]);
-        let rest = all.get(seen.len()..).unwrap_or("").to_string();
+        let rest = self
+            .beyond_seen(tok, &all)
+            .unwrap_or_else(|| tok.decode(&self.ids[self.read..]));
         *self = TextStream::default();
         rest
     }

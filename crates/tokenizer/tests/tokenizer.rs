@@ -161,6 +161,29 @@ fn text_stream_equals_the_full_decoding() {
             {"type":"Fuse"},
             {"type":"Strip","content":" ","start":1,"stop":0}]},
         "model":{"type":"WordLevel","vocab":{"▁Hello":0,"▁world":1,"!":2,"<unk>":3},"unk_token":"<unk>"}}"#;
+    // invalid bytes (an undertrained model's output): emitted as they decode after 4 ids,
+    // and the stream goes on afresh, nothing after them held back or lost
+    let byte = |b: u8| {
+        (0..tok.vocab_size() as u32)
+            .find(|&i| tok.token_bytes(i) == [b])
+            .expect("a byte-level vocabulary has every byte")
+    };
+    let mut ids: Vec<u32> = [0x80, 0x80, 0x80, 0xF0, 0x9F, 0x99, 0x82]
+        .iter()
+        .map(|&b| byte(b))
+        .collect();
+    let tail = tok.encode("after them");
+    ids.extend(&tail);
+    let mut s = tokenizer::TextStream::new();
+    let mut got = String::new();
+    for (i, &id) in ids.iter().enumerate() {
+        got += &s.push(&tok, id);
+        if i == 3 {
+            assert_eq!(got, "\u{FFFD}".repeat(4), "forced out after 4 ids");
+        }
+    }
+    assert!(got.ends_with("after them"), "{got:?}");
+    assert_eq!(s.finish(&tok), "");
     let tok = Tokenizer::from_bytes(std::path::Path::new("spm.json"), spm.as_bytes()).unwrap();
     let ids = [0, 1, 2, 1];
     assert_eq!(tok.decode(&ids), "Hello world! world");
