@@ -678,28 +678,7 @@ macro_rules! scores_avx2 {
                         }
                         i += 8;
                     }
-                    // [T_t | T_t+4] with T = low half + high half: lanes (0+4, 1+5, 2+6, 3+7)
-                    let half = |a, b| {
-                        _mm256_add_ps(
-                            _mm256_permute2f128_ps(a, b, 0x20),
-                            _mm256_permute2f128_ps(a, b, 0x31),
-                        )
-                    };
-                    let (x, y) = (half(r[0], r[4]), half(r[1], r[5]));
-                    let (z, w) = (half(r[2], r[6]), half(r[3], r[7]));
-                    // (0+4)+(2+6) and (1+5)+(3+7) per key
-                    let pairs = |a, b| {
-                        let (a, b) = (_mm256_castps_pd(a), _mm256_castps_pd(b));
-                        _mm256_add_ps(
-                            _mm256_castpd_ps(_mm256_unpacklo_pd(a, b)),
-                            _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)),
-                        )
-                    };
-                    let (xy, zw) = (pairs(x, y), pairs(z, w));
-                    let h = _mm256_add_ps(
-                        _mm256_shuffle_ps(xy, zw, 0b10_00_10_00),
-                        _mm256_shuffle_ps(xy, zw, 0b11_01_11_01),
-                    );
+                    let h = crate::vmath::hsum8_x8(r);
                     assert!(j + 8 <= sc.len());
                     _mm256_storeu_ps(
                         sc.as_mut_ptr().add(j),

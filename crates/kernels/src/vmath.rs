@@ -129,6 +129,41 @@ macro_rules! simd {
     };
 }
 
+/// Eight `hsum8`s at once: lane t of the result is the sum of `r[t]`'s 8 lanes in hsum8's
+/// order (lane j + lane j + 4, then (0 + 2) + (1 + 3)), so a transposed reduction gives each
+/// vector's bits exactly.
+///
+/// # Safety
+/// AVX must be present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+#[inline]
+pub(crate) unsafe fn hsum8_x8(r: [std::arch::x86_64::__m256; 8]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // [T_t | T_t+4] with T = low half + high half: lanes (0+4, 1+5, 2+6, 3+7)
+    let half = |a, b| {
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(a, b),
+            _mm256_permute2f128_ps::<0x31>(a, b),
+        )
+    };
+    let (x, y) = (half(r[0], r[4]), half(r[1], r[5]));
+    let (z, w) = (half(r[2], r[6]), half(r[3], r[7]));
+    // (0+4)+(2+6) and (1+5)+(3+7) per vector
+    let pairs = |a, b| {
+        let (a, b) = (_mm256_castps_pd(a), _mm256_castps_pd(b));
+        _mm256_add_ps(
+            _mm256_castpd_ps(_mm256_unpacklo_pd(a, b)),
+            _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)),
+        )
+    };
+    let (xy, zw) = (pairs(x, y), pairs(z, w));
+    _mm256_add_ps(
+        _mm256_shuffle_ps::<0b10_00_10_00>(xy, zw),
+        _mm256_shuffle_ps::<0b11_01_11_01>(xy, zw),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -123,6 +123,102 @@ pub fn dot_ref(ty: QType, w: &[u8], x: &QActs, r: usize) -> f32 {
 const Q4K: u8 = 0;
 const Q6K: u8 = 1;
 
+/// The f16 at `p` (a super-block's scale or minimum scale).
+///
+/// # Safety
+/// F16C must be present; `p` points to 2 readable bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn f16_scale(p: *const u8) -> f32 {
+    use std::arch::x86_64::*;
+    let bits = (p as *const u16).read_unaligned();
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// A Q4_K super-block's 8 sub-block scales and minimums as `(d * sc_j, dmin * m_j)` (ggml's
+/// unpacking of the 12 bytes of 6-bit values: bytes 0-7 of `u` the scales, 8-15 the
+/// minimums).
+///
+/// # Safety
+/// AVX2 and F16C must be present; `p` points to a whole Q4_K block.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn q4k_scales(p: *const u8) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+    use std::arch::x86_64::*;
+    let (k1, k2, k3) = (0x3f3f3f3fu32, 0x0f0f0f0fu32, 0x03030303u32);
+    let mut u = [0u32; 4];
+    std::ptr::copy_nonoverlapping(p.add(4), u.as_mut_ptr() as *mut u8, 12);
+    u[3] = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
+    let aux = u[1] & k1;
+    u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
+    u[2] = aux;
+    u[0] &= k1;
+    let v = _mm_loadu_si128(u.as_ptr() as *const __m128i);
+    let sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+    let mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(v)));
+    (
+        _mm256_mul_ps(_mm256_set1_ps(f16_scale(p)), sc),
+        _mm256_mul_ps(_mm256_set1_ps(f16_scale(p.add(2))), mn),
+    )
+}
+
+/// A Q6_K super-block's 16 sub-block scales `d * sc_k`, 8 per half.
+///
+/// # Safety
+/// AVX2 and F16C must be present; `p` points to a whole Q6_K block.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn q6k_scales(p: *const u8) -> [std::arch::x86_64::__m256; 2] {
+    use std::arch::x86_64::*;
+    let d = _mm256_set1_ps(f16_scale(p.add(208)));
+    let scv = _mm_loadu_si128(p.add(192) as *const __m128i);
+    [
+        _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(scv))),
+        _mm256_mul_ps(
+            d,
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(scv))),
+        ),
+    ]
+}
+
+/// The 6-bit values (0..63) of half `n` of a Q6_K super-block: four runs of 32, the
+/// activation blocks 4n..4n + 3.
+///
+/// # Safety
+/// AVX2 must be present; `p` points to a whole Q6_K block.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn q6k_quads(p: *const u8, n: usize) -> [std::arch::x86_64::__m256i; 4] {
+    use std::arch::x86_64::*;
+    let ld = |p: *const u8| _mm256_loadu_si256(p as *const __m256i);
+    let mask = _mm256_set1_epi8(0xF);
+    let m30 = _mm256_set1_epi8(0x30);
+    let (ql0, ql1) = (ld(p.add(64 * n)), ld(p.add(64 * n + 32)));
+    let qh = ld(p.add(128 + 32 * n));
+    [
+        _mm256_or_si256(
+            _mm256_and_si256(ql0, mask),
+            _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m30),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(ql1, mask),
+            _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m30),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), mask),
+            _mm256_and_si256(qh, m30),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), mask),
+            _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m30),
+        ),
+    ]
+}
+
 /// The 256-bit dot for one instruction set (`$isum` as in `quant_tiles!`).
 macro_rules! k_dot {
     ($dot:ident, $feat:literal, $isum:ident) => {
@@ -148,10 +244,6 @@ macro_rules! k_dot {
             let (xq, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
             let mask = _mm256_set1_epi8(0xF);
             let ones = _mm256_set1_epi16(1);
-            let h = |p: *const u8| -> f32 {
-                let bits = (p as *const u16).read_unaligned();
-                _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-            };
             let ld = |p: *const u8| _mm256_loadu_si256(p as *const __m256i);
             let lane = |i: i32| _mm256_set1_epi32(i);
             let mut acc = [[_mm256_setzero_ps(); 2]; R];
@@ -160,21 +252,7 @@ macro_rules! k_dot {
                 let p = wp.add(s * bb);
                 let xb0: [usize; R] = std::array::from_fn(|i| rows[i] * nb + 8 * s);
                 if T == Q4K {
-                    // ggml's unpacking of the 12 bytes of 6-bit scales and minimums: bytes
-                    // 0-7 of u the scales, 8-15 the minimums
-                    let (k1, k2, k3) = (0x3f3f3f3fu32, 0x0f0f0f0fu32, 0x03030303u32);
-                    let mut u = [0u32; 4];
-                    std::ptr::copy_nonoverlapping(p.add(4), u.as_mut_ptr() as *mut u8, 12);
-                    u[3] = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
-                    let aux = u[1] & k1;
-                    u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
-                    u[2] = aux;
-                    u[0] &= k1;
-                    let v = _mm_loadu_si128(u.as_ptr() as *const __m128i);
-                    let sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
-                    let mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(v)));
-                    let dsc = _mm256_mul_ps(_mm256_set1_ps(h(p)), sc);
-                    let dmn = _mm256_mul_ps(_mm256_set1_ps(h(p.add(2))), mn);
+                    let (dsc, dmn) = q4k_scales(p);
                     let mut dd = [_mm256_setzero_ps(); R];
                     for i in 0..R {
                         dd[i] = _mm256_mul_ps(dsc, _mm256_loadu_ps(xd.add(xb0[i])));
@@ -195,38 +273,10 @@ macro_rules! k_dot {
                         }
                     }
                 } else {
-                    let d = _mm256_set1_ps(h(p.add(208)));
-                    let scv = _mm_loadu_si128(p.add(192) as *const __m128i);
-                    let dsc = [
-                        _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(scv))),
-                        _mm256_mul_ps(
-                            d,
-                            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(scv))),
-                        ),
-                    ];
-                    let m30 = _mm256_set1_epi8(0x30);
+                    let dsc = q6k_scales(p);
                     let m32 = _mm256_set1_epi8(32);
                     for n in 0..2 {
-                        let (ql0, ql1) = (ld(p.add(64 * n)), ld(p.add(64 * n + 32)));
-                        let qh = ld(p.add(128 + 32 * n));
-                        let q = [
-                            _mm256_or_si256(
-                                _mm256_and_si256(ql0, mask),
-                                _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m30),
-                            ),
-                            _mm256_or_si256(
-                                _mm256_and_si256(ql1, mask),
-                                _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m30),
-                            ),
-                            _mm256_or_si256(
-                                _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), mask),
-                                _mm256_and_si256(qh, m30),
-                            ),
-                            _mm256_or_si256(
-                                _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), mask),
-                                _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m30),
-                            ),
-                        ];
+                        let q = q6k_quads(p, n);
                         for (t, &qt) in q.iter().enumerate() {
                             let g = 4 * n + t;
                             let wv = _mm256_sub_epi8(qt, m32);
@@ -333,10 +383,6 @@ unsafe fn dot512<const T: u8, const R: usize>(w: &[u8], x: &QActs, rows: [usize;
     debug_assert!(w.len() >= x.cols / QK_K * bb);
     let wp = w.as_ptr();
     let (xq, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
-    let h = |p: *const u8| -> f32 {
-        let bits = (p as *const u16).read_unaligned();
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-    };
     let zero = _mm512_setzero_si512();
     // lanes 0-7 take element a of an 8-lane vector, lanes 8-15 element b
     let halves = |a: i32, b: i32| _mm512_setr_epi32(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b);
@@ -346,20 +392,7 @@ unsafe fn dot512<const T: u8, const R: usize>(w: &[u8], x: &QActs, rows: [usize;
         let p = wp.add(s * bb);
         let xb0: [usize; R] = std::array::from_fn(|i| rows[i] * nb + 8 * s);
         if T == Q4K {
-            // the scales and minimums as in the 256-bit tile
-            let (k1, k2, k3) = (0x3f3f3f3fu32, 0x0f0f0f0fu32, 0x03030303u32);
-            let mut u = [0u32; 4];
-            std::ptr::copy_nonoverlapping(p.add(4), u.as_mut_ptr() as *mut u8, 12);
-            u[3] = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
-            let aux = u[1] & k1;
-            u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
-            u[2] = aux;
-            u[0] &= k1;
-            let v = _mm_loadu_si128(u.as_ptr() as *const __m128i);
-            let sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
-            let mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(v)));
-            let dsc = _mm256_mul_ps(_mm256_set1_ps(h(p)), sc);
-            let dmn = _mm256_mul_ps(_mm256_set1_ps(h(p.add(2))), mn);
+            let (dsc, dmn) = q4k_scales(p);
             let mut dd = [_mm512_setzero_ps(); R];
             for i in 0..R {
                 dd[i] = _mm512_castps256_ps512(_mm256_mul_ps(dsc, _mm256_loadu_ps(xd.add(xb0[i]))));
@@ -382,46 +415,13 @@ unsafe fn dot512<const T: u8, const R: usize>(w: &[u8], x: &QActs, rows: [usize;
                 }
             }
         } else {
-            let d = _mm256_set1_ps(h(p.add(208)));
-            let scv = _mm_loadu_si128(p.add(192) as *const __m128i);
-            let dsc = [
-                _mm512_castps256_ps512(_mm256_mul_ps(
-                    d,
-                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(scv)),
-                )),
-                _mm512_castps256_ps512(_mm256_mul_ps(
-                    d,
-                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(scv))),
-                )),
-            ];
+            let dsc = q6k_scales(p).map(|v| _mm512_castps256_ps512(v));
             // each row's 8 activation block scales of this super-block
             let xd8: [__m512; R] =
                 std::array::from_fn(|i| _mm512_castps256_ps512(_mm256_loadu_ps(xd.add(xb0[i]))));
-            let mask = _mm256_set1_epi8(0xF);
-            let m30 = _mm256_set1_epi8(0x30);
             let m32 = _mm512_set1_epi8(32);
-            let ld = |p: *const u8| _mm256_loadu_si256(p as *const __m256i);
             for (n, &dsc) in dsc.iter().enumerate() {
-                let (ql0, ql1) = (ld(p.add(64 * n)), ld(p.add(64 * n + 32)));
-                let qh = ld(p.add(128 + 32 * n));
-                let q = [
-                    _mm256_or_si256(
-                        _mm256_and_si256(ql0, mask),
-                        _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m30),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(ql1, mask),
-                        _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m30),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), mask),
-                        _mm256_and_si256(qh, m30),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), mask),
-                        _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m30),
-                    ),
-                ];
+                let q = q6k_quads(p, n);
                 for tp in 0..2 {
                     // activation blocks g (even) and g + 1 of this super-block
                     let g = 4 * n + 2 * tp;
@@ -508,28 +508,10 @@ unsafe fn finish4(
         )
     };
     let sums = [sum(acc[0]), sum(acc[1]), sum(acc[2]), sum(acc[3])];
-    // the eight hsum8 of 4 rows' sums and minimums at once, each in hsum8's order
-    // (lane j + lane j + 4, then (0 + 2) + (1 + 3)): lanes 0-3 the sums, 4-7 the minimums
-    let half = |a, b| {
-        _mm256_add_ps(
-            _mm256_permute2f128_ps::<0x20>(a, b),
-            _mm256_permute2f128_ps::<0x31>(a, b),
-        )
-    };
-    let (x, y) = (half(sums[0], mins[0]), half(sums[1], mins[1]));
-    let (z, w) = (half(sums[2], mins[2]), half(sums[3], mins[3]));
-    let pairs = |a, b| {
-        let (a, b) = (_mm256_castps_pd(a), _mm256_castps_pd(b));
-        _mm256_add_ps(
-            _mm256_castpd_ps(_mm256_unpacklo_pd(a, b)),
-            _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)),
-        )
-    };
-    let (xy, zw) = (pairs(x, y), pairs(z, w));
-    let h = _mm256_add_ps(
-        _mm256_shuffle_ps::<0b10_00_10_00>(xy, zw),
-        _mm256_shuffle_ps::<0b11_01_11_01>(xy, zw),
-    );
+    // lanes 0-3 the sums' hsum8, 4-7 the minimums'
+    let h = crate::vmath::hsum8_x8([
+        sums[0], sums[1], sums[2], sums[3], mins[0], mins[1], mins[2], mins[3],
+    ]);
     let d = _mm_sub_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
     _mm_storeu_ps(out.as_mut_ptr(), d);
     out
