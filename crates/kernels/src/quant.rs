@@ -461,6 +461,12 @@ impl QActs {
         self.q.resize(x.len(), 0);
         self.d.resize(nb, 0.0);
         self.s.resize(nb, 0.0);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F is present; the buffers were sized for x above.
+            unsafe { quantize_acts_512(x, &mut self.q, &mut self.d, &mut self.s) };
+            return;
+        }
         quantize_acts(x, &mut self.q, &mut self.d, &mut self.s);
     }
 
@@ -490,6 +496,44 @@ crate::simd! {
             *d = dd;
             *s = dd * sum as f32;
         }
+    }
+}
+
+/// [`quantize_acts`] in AVX-512 registers, the same values: the block's maximum is exact in
+/// any order, `d` and `1 / d` are computed as there, and each value is multiplied, rounded to
+/// the nearest even integer and narrowed as there (its autovectorized form spent ~6 cycles
+/// per value, 6-9% of a prefill).
+///
+/// # Safety
+/// AVX-512F must be present; `q` holds `x.len()` values, `ds` and `ss` one per block.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_acts_512(x: &[f32], q: &mut [i8], ds: &mut [f32], ss: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let nb = x.len() / QK;
+    assert!(q.len() >= nb * QK && ds.len() >= nb && ss.len() >= nb);
+    let (xp, qp) = (x.as_ptr(), q.as_mut_ptr());
+    for b in 0..nb {
+        let v0 = _mm512_loadu_ps(xp.add(b * QK));
+        let v1 = _mm512_loadu_ps(xp.add(b * QK + 16));
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        let dd = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let idv = _mm512_set1_ps(id);
+        let round = |v| {
+            _mm512_cvtps_epi32(_mm512_roundscale_ps::<
+                { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+            >(_mm512_mul_ps(v, idv)))
+        };
+        let (i0, i1) = (round(v0), round(v1));
+        _mm_storeu_si128(qp.add(b * QK) as *mut __m128i, _mm512_cvtepi32_epi8(i0));
+        _mm_storeu_si128(
+            qp.add(b * QK + 16) as *mut __m128i,
+            _mm512_cvtepi32_epi8(i1),
+        );
+        let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+        ds[b] = dd;
+        ss[b] = dd * sum as f32;
     }
 }
 
@@ -1229,6 +1273,40 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The AVX-512 activation quantizer gives the portable one's values: random blocks of
+    /// mixed magnitudes, an all-zero block, exact halves (ties) and the block maximum.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn activation_quantizers_agree() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        let mut x: Vec<f32> = (0..64 * QK)
+            .map(|i| rng.gen_range(-1.0f32..1.0) * [1e-3, 1.0, 30.0][i / QK % 3])
+            .collect();
+        x[QK..2 * QK].fill(0.0);
+        // block 2: maximum 127, so x * 127 / 127 = x and halves are ties
+        for (j, v) in x[2 * QK..3 * QK].iter_mut().enumerate() {
+            *v = if j == 0 { 127.0 } else { j as f32 - 15.5 };
+        }
+        let (mut q0, mut d0, mut s0) = (vec![0i8; x.len()], vec![0f32; 64], vec![0f32; 64]);
+        let (mut q1, mut d1, mut s1) = (q0.clone(), d0.clone(), s0.clone());
+        quantize_acts(&x, &mut q0, &mut d0, &mut s0);
+        // SAFETY: AVX-512F checked above; buffers sized for x.
+        unsafe { quantize_acts_512(&x, &mut q1, &mut d1, &mut s1) };
+        assert_eq!(q0, q1);
+        assert_eq!(
+            d0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            d1.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            s0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            s1.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        assert_eq!(&q0[2 * QK..2 * QK + 4], &[127, -14, -14, -12]);
     }
 
     /// Dequantize then quantize gives back the same blocks: a GGUF file's weights survive
