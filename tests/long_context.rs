@@ -170,6 +170,15 @@ fn passkey_prepare_train_extend_and_evaluate() {
         &["eval", "--run", r, "--task", "passkey", "--split", "train"],
         "dev or test",
     );
+    // options of the decoding paths are refused where nothing would use them
+    fails(
+        &["eval", "--run", r, "--task", "passkey", "--kv-cache", "f16"],
+        "--kv-cache applies to --task perplexity",
+    );
+    fails(
+        &["eval", "--run", r, "--task", "passkey", "--quant", "q8_0"],
+        "--quant applies to --task perplexity",
+    );
     fails(
         &[
             "prepare",

@@ -32,7 +32,7 @@ pub struct EvalArgs {
     /// --task perplexity: the text file.
     #[arg(long)]
     text: Option<PathBuf>,
-    /// --task perplexity: matrices to multiply by: auto (an imported GGUF model's own
+    /// --task perplexity and the reasoning tasks: matrices to multiply by: auto (an imported GGUF model's own
     /// quantized types, Q4_K/Q6_K included; else f32), f32, q8_0, q5_0, q4_1 or q4_0.
     #[arg(long, default_value = "auto")]
     quant: String,
@@ -83,6 +83,14 @@ pub struct EvalArgs {
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
+    // the options of the decoding paths, refused where nothing would use them
+    let perplexity = a.task.as_deref() == Some("perplexity");
+    if !perplexity && a.kv_cache != model::decode::KvType::F32 {
+        bail!("--kv-cache applies to --task perplexity (passkey and --data score with the training forward; the reasoning tasks decode with an f32 cache)");
+    }
+    if a.quant != "auto" && (a.task.is_none() || a.task.as_deref() == Some("passkey")) {
+        bail!("--quant applies to --task perplexity and the reasoning tasks (passkey and --data score with the training forward, in f32)");
+    }
     if a.task.as_deref() == Some("passkey") {
         return eval_passkey(&a);
     }
@@ -91,7 +99,17 @@ pub fn run(a: EvalArgs) -> Result<()> {
     }
     if let Some(t) = &a.task {
         let n = a.n.unwrap_or(400) as usize;
-        return eval_task(&a.run, t, n, a.seed, a.difficulty, a.split, a.batch, a.show);
+        return eval_task(
+            &a.run,
+            t,
+            &a.quant,
+            n,
+            a.seed,
+            a.difficulty,
+            a.split,
+            a.batch,
+            a.show,
+        );
     }
     let data = a.data.expect("clap requires --data without --task");
     let lr = load_run(&a.run)?;
@@ -131,8 +149,6 @@ pub fn run(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// `moelab eval --run RUN --task NAMES [--split dev|test]`.
-#[allow(clippy::too_many_arguments)]
 /// Perplexity of a text as llama.cpp's `llama-perplexity` computes it: the text's tokens in
 /// chunks of `--context` (the last partial chunk dropped; a one-token start prefix, such as
 /// moelab's <|end|> or an imported model's BOS, replaces each chunk's first token), every
@@ -225,9 +241,12 @@ fn eval_perplexity(a: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// `moelab eval --run RUN --task NAMES [--split dev|test] [--quant ...]`.
+#[allow(clippy::too_many_arguments)]
 fn eval_task(
     run: &Path,
     task_spec: &str,
+    quant: &str,
     n: usize,
     seed: u64,
     difficulty: Option<u32>,
@@ -242,7 +261,7 @@ fn eval_task(
     if n == 0 {
         bail!("--n must be at least 1");
     }
-    let r = load_reasoner(run, "auto")?;
+    let r = load_reasoner(run, quant)?;
     let (bar, mut tick) = task_bar("eval", n);
     let e =
         infer::tasks::evaluate_tasks(&r, &task_list, n, seed, difficulty, split, slots, &mut tick);

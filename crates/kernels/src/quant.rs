@@ -1309,6 +1309,33 @@ mod tests {
         assert_eq!(&q0[2 * QK..2 * QK + 4], &[127, -14, -14, -12]);
     }
 
+    /// Every SIMD path equals the reference on arbitrary block bytes, not only the ones
+    /// moelab's quantizers make: a GGUF file may hold any (Q8_0 bytes of -128, Q4_1
+    /// minimums of either sign, any Q5_0 high bits), with f16 scales of moderate size.
+    #[test]
+    fn dots_equal_reference_on_random_blocks() {
+        let (n, i, o) = (6, 4 * QK, 11);
+        let mut rng = ChaCha8Rng::seed_from_u64(33);
+        let x: Vec<f32> = (0..n * i).map(|_| rng.gen_range(-2.0f32..2.0)).collect();
+        for ty in QType::ALL {
+            let bb = ty.block_bytes();
+            let mut bytes: Vec<u8> = (0..o * i / QK * bb).map(|_| rng.gen()).collect();
+            for b in bytes.chunks_exact_mut(bb) {
+                let d = half::f16::from_f32(rng.gen_range(1e-3f32..0.05));
+                b[..2].copy_from_slice(&d.to_le_bytes());
+                if ty == QType::Q4_1 {
+                    let m = half::f16::from_f32(rng.gen_range(-0.1f32..0.1));
+                    b[2..4].copy_from_slice(&m.to_le_bytes());
+                }
+            }
+            if ty == QType::Q8_0 {
+                bytes[2] = 0x80; // -128
+            }
+            let m = QMatrix::from_bytes(ty, o, i, bytes);
+            check_paths(&m, &x, n, &[(0, o), (3, o - 5)]);
+        }
+    }
+
     /// Dequantize then quantize gives back the same blocks: a GGUF file's weights survive
     /// moelab's f32 import and re-quantization unchanged.
     #[test]

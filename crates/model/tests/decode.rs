@@ -394,6 +394,8 @@ fn quantized_decode_is_deterministic_and_near_f32() {
         let one = run(1, true);
         assert_eq!(one, run(2, true), "{ty:?}: 2 threads");
         assert_eq!(one, run(4, false), "{ty:?}: 4 threads, token by token");
+        // two threads token by token: single-row steps with the team's helper thread
+        assert_eq!(one, run(2, false), "{ty:?}: 2 threads, token by token");
         // beside another sequence in a batch
         let mut b = model::decode::BatchDecoder::new(&cfg, 2);
         b.set_quant(Some(q.clone()));
