@@ -229,3 +229,46 @@ fn logprobs_are_the_model_distribution_and_its_top_n() {
     assert_eq!(infer::TokenLogprobs::of(&logits, 2, 0).top, vec![]);
     assert_eq!(infer::TokenLogprobs::of(&logits, 2, 99).top.len(), 5);
 }
+
+/// Prompts longer than a step's prefill budget (`PREFILL_CHUNK` rows shared by the prompts
+/// of a step) go in over several steps, interleaved with other streams' decode steps and
+/// with each other; every request still gets exactly the tokens it gets alone.
+#[test]
+fn long_prompts_split_across_steps_equal_one_at_a_time() {
+    let chunk = model::decode::PREFILL_CHUNK;
+    let text = include_str!("../../../configs/tiny.toml").replace(
+        "max_seq_len = 64 ",
+        &format!("max_seq_len = {} ", 3 * chunk + 40),
+    );
+    let cfg = Config::from_toml(&text).unwrap();
+    let params = Model::new(&cfg.model, 1, 1, 4).params;
+    let v = cfg.model.vocab_size as u32;
+    let mut reqs = requests(v);
+    // two prompts of 2.3 and 1.6 chunks among the short ones, one of them sampled
+    for (at, len) in [(2, 2 * chunk + chunk / 3), (5, chunk + 2 * chunk / 3)] {
+        reqs[at].prompt = (0..len as u32).map(|j| (j * 13 + at as u32) % v).collect();
+        reqs[at].max_tokens = 9;
+    }
+    let alone: Vec<_> = reqs
+        .iter()
+        .map(|r| {
+            generate(
+                &cfg.model,
+                &params,
+                None,
+                std::slice::from_ref(r),
+                1,
+                &[],
+                &mut |_, _| {},
+            )
+        })
+        .map(|mut g| g.remove(0))
+        .collect();
+    for slots in [2, 4, 8] {
+        let batched = generate(&cfg.model, &params, None, &reqs, slots, &[], &mut |_, _| {});
+        for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
+            assert_eq!(a.tokens, b.tokens, "request {i} differs with {slots} slots");
+            assert_eq!(b.tokens.len(), reqs[i].max_tokens, "request {i}");
+        }
+    }
+}
