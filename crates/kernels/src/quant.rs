@@ -466,6 +466,10 @@ impl QActs {
             // SAFETY: AVX-512F is present; the buffers were sized for x above.
             unsafe { quantize_acts_512(x, &mut self.q, &mut self.d, &mut self.s) };
             return;
+        } else if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is present; the buffers were sized for x above.
+            unsafe { quantize_acts_256(x, &mut self.q, &mut self.d, &mut self.s) };
+            return;
         }
         quantize_acts(x, &mut self.q, &mut self.d, &mut self.s);
     }
@@ -532,6 +536,52 @@ unsafe fn quantize_acts_512(x: &[f32], q: &mut [i8], ds: &mut [f32], ss: &mut [f
             _mm512_cvtepi32_epi8(i1),
         );
         let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+        ds[b] = dd;
+        ss[b] = dd * sum as f32;
+    }
+}
+
+/// [`quantize_acts_512`] on AVX2 (hosts without AVX-512), the same values.
+///
+/// # Safety
+/// AVX2 must be present; `q` holds `x.len()` values, `ds` and `ss` one per block.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_acts_256(x: &[f32], q: &mut [i8], ds: &mut [f32], ss: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let nb = x.len() / QK;
+    assert!(q.len() >= nb * QK && ds.len() >= nb && ss.len() >= nb);
+    let (xp, qp) = (x.as_ptr(), q.as_mut_ptr());
+    let sign = _mm256_set1_ps(-0.0);
+    for b in 0..nb {
+        let v: [__m256; 4] = std::array::from_fn(|k| _mm256_loadu_ps(xp.add(b * QK + 8 * k)));
+        let a = |v| _mm256_andnot_ps(sign, v);
+        let m = _mm256_max_ps(
+            _mm256_max_ps(a(v[0]), a(v[1])),
+            _mm256_max_ps(a(v[2]), a(v[3])),
+        );
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let dd = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let idv = _mm256_set1_ps(id);
+        let i: [__m256i; 4] = std::array::from_fn(|k| {
+            _mm256_cvtps_epi32(_mm256_round_ps::<
+                { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+            >(_mm256_mul_ps(v[k], idv)))
+        });
+        // i32 -> i16 -> i8 (in range: no saturation), then the lanes back in order
+        let w = _mm256_packs_epi16(
+            _mm256_packs_epi32(i[0], i[1]),
+            _mm256_packs_epi32(i[2], i[3]),
+        );
+        let w = _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(qp.add(b * QK) as *mut __m256i, w);
+        let t = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+        let t = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256::<1>(t));
+        let t = _mm_add_epi32(t, _mm_shuffle_epi32::<0b01_00_11_10>(t));
+        let sum = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32::<0b10_11_00_01>(t)));
         ds[b] = dd;
         ss[b] = dd * sum as f32;
     }
@@ -1275,14 +1325,12 @@ mod tests {
         }
     }
 
-    /// The AVX-512 activation quantizer gives the portable one's values: random blocks of
-    /// mixed magnitudes, an all-zero block, exact halves (ties) and the block maximum.
+    /// The AVX-512 and AVX2 activation quantizers give the portable one's values: random
+    /// blocks of mixed magnitudes, an all-zero block, exact halves (ties) and the block
+    /// maximum.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn activation_quantizers_agree() {
-        if !std::arch::is_x86_feature_detected!("avx512f") {
-            return;
-        }
         let mut rng = ChaCha8Rng::seed_from_u64(21);
         let mut x: Vec<f32> = (0..64 * QK)
             .map(|i| rng.gen_range(-1.0f32..1.0) * [1e-3, 1.0, 30.0][i / QK % 3])
@@ -1293,20 +1341,25 @@ mod tests {
             *v = if j == 0 { 127.0 } else { j as f32 - 15.5 };
         }
         let (mut q0, mut d0, mut s0) = (vec![0i8; x.len()], vec![0f32; 64], vec![0f32; 64]);
-        let (mut q1, mut d1, mut s1) = (q0.clone(), d0.clone(), s0.clone());
         quantize_acts(&x, &mut q0, &mut d0, &mut s0);
-        // SAFETY: AVX-512F checked above; buffers sized for x.
-        unsafe { quantize_acts_512(&x, &mut q1, &mut d1, &mut s1) };
-        assert_eq!(q0, q1);
-        assert_eq!(
-            d0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            d1.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-        );
-        assert_eq!(
-            s0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            s1.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-        );
         assert_eq!(&q0[2 * QK..2 * QK + 4], &[127, -14, -14, -12]);
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        type Quantizer = unsafe fn(&[f32], &mut [i8], &mut [f32], &mut [f32]);
+        let mut paths: Vec<(&str, Quantizer)> = vec![];
+        if std::arch::is_x86_feature_detected!("avx2") {
+            paths.push(("AVX2", quantize_acts_256));
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            paths.push(("AVX-512", quantize_acts_512));
+        }
+        for (name, f) in paths {
+            let (mut q1, mut d1, mut s1) = (vec![0i8; x.len()], vec![0f32; 64], vec![0f32; 64]);
+            // SAFETY: the path's features were detected; buffers sized for x.
+            unsafe { f(&x, &mut q1, &mut d1, &mut s1) };
+            assert_eq!(q0, q1, "{name}");
+            assert_eq!(bits(&d0), bits(&d1), "{name}");
+            assert_eq!(bits(&s0), bits(&s1), "{name}");
+        }
     }
 
     /// Every SIMD path equals the reference on arbitrary block bytes, not only the ones
