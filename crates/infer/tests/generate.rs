@@ -21,18 +21,13 @@ fn requests(v: u32) -> Vec<Request> {
         .collect()
 }
 
-#[test]
-fn batched_generation_equals_one_at_a_time() {
-    let cfg = Config::from_toml(include_str!("../../../configs/tiny.toml")).unwrap();
-    let params = Model::new(&cfg.model, 1, 1, 9).params;
-    let v = cfg.model.vocab_size as u32;
-    let reqs = requests(v);
-    let alone: Vec<_> = reqs
-        .iter()
+/// Each request generated on its own (one slot, nothing beside it).
+fn each_alone(cfg: &model::ModelConfig, params: &[f32], reqs: &[Request]) -> Vec<infer::Generated> {
+    reqs.iter()
         .map(|r| {
             generate(
-                &cfg.model,
-                &params,
+                cfg,
+                params,
                 None,
                 std::slice::from_ref(r),
                 1,
@@ -41,7 +36,16 @@ fn batched_generation_equals_one_at_a_time() {
             )
         })
         .map(|mut g| g.remove(0))
-        .collect();
+        .collect()
+}
+
+#[test]
+fn batched_generation_equals_one_at_a_time() {
+    let cfg = Config::from_toml(include_str!("../../../configs/tiny.toml")).unwrap();
+    let params = Model::new(&cfg.model, 1, 1, 9).params;
+    let v = cfg.model.vocab_size as u32;
+    let reqs = requests(v);
+    let alone = each_alone(&cfg.model, &params, &reqs);
     for slots in [2, 3, 8] {
         let mut done = vec![];
         let batched = generate(&cfg.model, &params, None, &reqs, slots, &[], &mut |i, _| {
@@ -249,21 +253,7 @@ fn long_prompts_split_across_steps_equal_one_at_a_time() {
         reqs[at].prompt = (0..len as u32).map(|j| (j * 13 + at as u32) % v).collect();
         reqs[at].max_tokens = 9;
     }
-    let alone: Vec<_> = reqs
-        .iter()
-        .map(|r| {
-            generate(
-                &cfg.model,
-                &params,
-                None,
-                std::slice::from_ref(r),
-                1,
-                &[],
-                &mut |_, _| {},
-            )
-        })
-        .map(|mut g| g.remove(0))
-        .collect();
+    let alone = each_alone(&cfg.model, &params, &reqs);
     for slots in [2, 4, 8] {
         let batched = generate(&cfg.model, &params, None, &reqs, slots, &[], &mut |_, _| {});
         for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
