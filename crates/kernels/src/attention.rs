@@ -1018,6 +1018,32 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
+    /// `dot8`'s lanes in an AVX register equal its array form (CPUs without AVX) bit for
+    /// bit, lengths from one lane chunk to many.
+    #[test]
+    fn dot8_lanes_equal_in_registers_and_arrays() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        for len in [8, 16, 32, 40, 128, 200] {
+            let a: Vec<f32> = (0..len).map(|_| rng.gen_range(-2.0..2.0)).collect();
+            let b: Vec<f32> = (0..len).map(|_| rng.gen_range(-2.0..2.0)).collect();
+            let mut lanes = [0f32; 8];
+            dot8_lanes(&mut lanes, &a, &b);
+            // the order the docs state, written out
+            let mut want = [0f32; 8];
+            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                want[i % 8] += x * y;
+            }
+            assert_eq!(lanes.map(f32::to_bits), want.map(f32::to_bits), "len {len}");
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx") {
+                let mut reg = [0f32; 8];
+                // SAFETY: AVX is present; equal lengths, multiples of 8.
+                unsafe { dot8_avx(&mut reg, &a, &b) };
+                assert_eq!(reg.map(f32::to_bits), want.map(f32::to_bits), "len {len}");
+            }
+        }
+    }
+
     /// The dispatched (AVX2 where present) 16-bit score and value loops equal the portable
     /// ones bit for bit, for head dims with and without a tail past the last 8 lanes.
     #[test]

@@ -41,3 +41,46 @@ pub mod vmath;
 
 /// Target id that contributes nothing to the loss (masked position).
 pub const IGNORE_INDEX: u32 = u32::MAX;
+
+#[cfg(test)]
+mod cpu_tests {
+    /// The CPU features the dispatching kernels see, printed. `MOELAB_EXPECT_CPU` (set by
+    /// `scripts/test-cpus.sh`, which runs kernel tests on emulated CPUs) lists features that
+    /// must be present (`avx2`) or absent (`-avx512f`), comma-separated: an emulator that
+    /// showed other features than asked for would fail the run instead of testing other paths
+    /// than the ones it claims to.
+    #[test]
+    fn cpu_features_are_as_expected() {
+        #[cfg(target_arch = "x86_64")]
+        let features: Vec<(&str, bool)> = {
+            use std::arch::is_x86_feature_detected as has;
+            vec![
+                ("avx", has!("avx")),
+                ("avx2", has!("avx2")),
+                ("fma", has!("fma")),
+                ("f16c", has!("f16c")),
+                ("avx512f", has!("avx512f")),
+                ("avx512vnni", has!("avx512vnni")),
+                ("avx512bf16", has!("avx512bf16")),
+            ]
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let features: Vec<(&str, bool)> = Vec::new();
+        println!(
+            "cpu: {:?}, quantized path {:?}",
+            features,
+            crate::quant::QPath::best()
+        );
+        let Ok(expect) = std::env::var("MOELAB_EXPECT_CPU") else {
+            return;
+        };
+        for want in expect.split(',').filter(|w| !w.is_empty()) {
+            let (name, present) = match want.strip_prefix('-') {
+                Some(n) => (n, false),
+                None => (want, true),
+            };
+            let seen = features.iter().find(|f| f.0 == name).map(|f| f.1);
+            assert_eq!(seen, Some(present), "feature {name}: {features:?}");
+        }
+    }
+}

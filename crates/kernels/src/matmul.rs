@@ -348,13 +348,29 @@ mod tests {
 /// Output columns per parallel task in [`linear_rows`].
 const ROWS_COLS_PER_TASK: usize = 32;
 
+/// True where [`rows_block`] may use AVX registers.
+fn has_avx() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 simd! {
     /// `out[r][c] (+)= dot(x[r], w[c])` for all rows r and columns c in `c0..c1`, in 4 x 4
     /// register blocks. Each dot product keeps LANES partial sums combined as
     /// [`crate::vmath::dot`] does, so a value does not depend on the blocking or on n.
     ///
+    /// The kernel of CPUs without AVX-512 (those run [`rows512::rows_block`]); `avx` (the CPU
+    /// has AVX) selects the register form of the one-row blocks, which tests also run with
+    /// `avx` false.
+    ///
     /// SAFETY (caller): `out` points to an (n, o) buffer of which this call writes only
-    /// columns c0..c1.
+    /// columns c0..c1; AVX is present when `avx`.
     #[allow(clippy::too_many_arguments)]
     unsafe fn rows_block(
         out: *mut f32,
@@ -366,11 +382,10 @@ simd! {
         c0: usize,
         c1: usize,
         accumulate: bool,
+        avx: bool,
     ) {
         use crate::vmath::{combine, LANES};
         let full = k / LANES * LANES;
-        let avx512 = std::arch::is_x86_feature_detected!("avx512f");
-        let avx = std::arch::is_x86_feature_detected!("avx");
         let finish = |acc: [f32; LANES], xr: &[f32], wc: &[f32]| -> f32 {
             let mut tail = [0.0f32; LANES];
             for j in full..k {
@@ -392,11 +407,7 @@ simd! {
                         acc[ri * 4 + ci] = [0.0; LANES];
                     }
                 }
-                if rn == 4 && cn == 4 && avx512 {
-                    // SAFETY: AVX-512F is present (checked), indices are in bounds
-                    // (4 rows from r, 4 columns from c, `full` <= k).
-                    unsafe { block4x4_avx512(&mut acc, x, w, r, c, k, full) };
-                } else if rn == 4 && cn == 4 {
+                if rn == 4 && cn == 4 {
                     let mut p = 0;
                     while p < full {
                         for ri in 0..4 {
@@ -415,8 +426,8 @@ simd! {
                     // fewer than 4 rows (decoding): each row against 4 columns with the
                     // 4 x 16 accumulators in registers (independent add chains)
                     for ri in 0..rn {
-                        // SAFETY: AVX is present (checked), row r + ri and columns c..c+4
-                        // hold `full` <= k elements.
+                        // SAFETY: AVX is present (the caller's contract), row r + ri and
+                        // columns c..c+4 hold `full` <= k elements.
                         unsafe { block1x4_avx(&mut acc, ri, x, w, r + ri, c, k, full) };
                     }
                 } else {
@@ -447,41 +458,6 @@ simd! {
             }
             r += 4;
         }
-    }
-}
-
-/// The 4 x 4 block of [`rows_block`] with the 16 accumulators in AVX-512 registers (LLVM
-/// spills the array form). Multiply then add, never fused, as the portable code computes.
-#[target_feature(enable = "avx512f")]
-unsafe fn block4x4_avx512(
-    acc: &mut [[f32; crate::vmath::LANES]; 16],
-    x: &[f32],
-    w: &[f32],
-    r: usize,
-    c: usize,
-    k: usize,
-    full: usize,
-) {
-    use std::arch::x86_64::*;
-    let mut a = [_mm512_setzero_ps(); 16];
-    let (xp, wp) = (x.as_ptr(), w.as_ptr());
-    let mut p = 0;
-    while p < full {
-        let x0 = _mm512_loadu_ps(xp.add(r * k + p));
-        let x1 = _mm512_loadu_ps(xp.add((r + 1) * k + p));
-        let x2 = _mm512_loadu_ps(xp.add((r + 2) * k + p));
-        let x3 = _mm512_loadu_ps(xp.add((r + 3) * k + p));
-        for ci in 0..4 {
-            let wc = _mm512_loadu_ps(wp.add((c + ci) * k + p));
-            a[ci] = _mm512_add_ps(a[ci], _mm512_mul_ps(x0, wc));
-            a[4 + ci] = _mm512_add_ps(a[4 + ci], _mm512_mul_ps(x1, wc));
-            a[8 + ci] = _mm512_add_ps(a[8 + ci], _mm512_mul_ps(x2, wc));
-            a[12 + ci] = _mm512_add_ps(a[12 + ci], _mm512_mul_ps(x3, wc));
-        }
-        p += 16;
-    }
-    for (dst, v) in acc.iter_mut().zip(a) {
-        _mm512_storeu_ps(dst.as_mut_ptr(), v);
     }
 }
 
@@ -738,8 +714,8 @@ pub fn linear_rows(
             unsafe { rows512::rows_block(ptr.get(), x, w, n, i, o, c0, c1, accumulate) };
             return;
         }
-        // SAFETY: tasks own disjoint column ranges of `out`.
-        unsafe { rows_block(ptr.get(), x, w, n, i, o, c0, c1, accumulate) }
+        // SAFETY: tasks own disjoint column ranges of `out`; AVX is checked.
+        unsafe { rows_block(ptr.get(), x, w, n, i, o, c0, c1, accumulate, has_avx()) }
     };
     // NOTE: parallel also inside a rayon worker (the serving engine decodes on one): a
     // decode step has no outer parallel loop to leave the other cores to.
@@ -760,9 +736,15 @@ mod rows_tests {
 
     /// Every output is `vmath::dot` of its row and column exactly (the order the docs state),
     /// whichever kernel runs: row blocks and leftover rows, K with and without a partial
-    /// last chunk, column counts that leave partial blocks, accumulate on and off.
+    /// last chunk, column counts that leave partial blocks, accumulate on and off. Besides
+    /// `linear_rows` (AVX-512 on our hosts), the kernel of CPUs without AVX-512 is called
+    /// directly, with and without AVX, over whole ranges and over a column range (a task's).
     #[test]
     fn linear_rows_equals_the_fixed_order_dot() {
+        let mut paths: Vec<&str> = vec!["linear_rows", "rows_block", "rows_block, no AVX"];
+        if !has_avx() {
+            paths.retain(|p| *p != "rows_block");
+        }
         for &(n, i, o) in &[
             (1, 128, 384),
             (1, 37, 45),
@@ -780,9 +762,20 @@ mod rows_tests {
                 .map(|v| ((v * 104729 % 997) as f32 - 498.0) * 1e-3)
                 .collect();
             let init: Vec<f32> = (0..n * o).map(|v| (v % 17) as f32 * 0.25 - 2.0).collect();
-            for accumulate in [false, true] {
+            for (path, accumulate) in paths.iter().flat_map(|p| [(p, false), (p, true)]) {
                 let mut got = init.clone();
-                linear_rows(&mut got, &x, &w, n, i, o, accumulate);
+                // rows_block over two column ranges, the first ending mid-block
+                let cut = (o / 3).max(1);
+                match *path {
+                    "linear_rows" => linear_rows(&mut got, &x, &w, n, i, o, accumulate),
+                    // SAFETY: the ranges are disjoint and cover 0..o; AVX only where present.
+                    _ => unsafe {
+                        let avx = *path == "rows_block";
+                        let p = got.as_mut_ptr();
+                        rows_block(p, &x, &w, n, i, o, 0, cut, accumulate, avx);
+                        rows_block(p, &x, &w, n, i, o, cut, o, accumulate, avx);
+                    },
+                }
                 for r in 0..n {
                     for c in 0..o {
                         let d = crate::vmath::dot(&x[r * i..(r + 1) * i], &w[c * i..(c + 1) * i]);
@@ -790,7 +783,7 @@ mod rows_tests {
                         assert_eq!(
                             got[r * o + c].to_bits(),
                             want.to_bits(),
-                            "n={n} i={i} o={o} r={r} c={c} accumulate={accumulate}"
+                            "{path}: n={n} i={i} o={o} r={r} c={c} accumulate={accumulate}"
                         );
                     }
                 }

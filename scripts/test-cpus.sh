@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The kernels' code paths for CPUs other than this one. Every kernel picks its code at run
+# time (AVX-512, AVX2, portable), so on an AVX-512 host the test suite only runs the
+# AVX-512 paths: the multiversioned `simd!` functions' AVX2 and portable copies (norms,
+# SwiGLU, softmax, flash attention rows, AdamW, Muon, loss) and the matmuls' other kernels
+# would ship untested. This runs kernel and model tests, already built by the main suite,
+# under QEMU's user-mode emulation of a Haswell (AVX2, FMA, F16C, no AVX-512) and of a
+# Nehalem (no AVX: the portable code), each run first asserting the features it sees.
+# Emulation is slow (AVX2 code about 100x), so the Haswell set is the kernel unit tests and
+# the model's finite differences and small equivalences; the Nehalem set adds gradient
+# checks, decoding, the PyTorch golden fixtures and Muon.
+#
+# Usage: scripts/test-cpus.sh [LOG]   (appends the test output to LOG; needs qemu-user)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+log=${1:-/dev/null}
+if [ "$(uname -m)" != x86_64 ]; then
+  echo "== emulated CPUs: skipped (not an x86_64 host)"
+  exit 0
+fi
+command -v qemu-x86_64 >/dev/null || { echo "error: qemu-x86_64 missing (apt-get install qemu-user)"; exit 1; }
+# the test executables of the main suite's build (same features: nothing is rebuilt)
+mapfile -t exes < <(cargo test --workspace --all-targets --all-features --locked --no-run \
+  --message-format=json 2>/dev/null | grep -o '"executable":"[^"]*"' | cut -d'"' -f4)
+exe() {
+  local e
+  for e in "${exes[@]}"; do
+    case "$e" in */deps/"$1"-*) echo "$e"; return ;; esac
+  done
+  echo "error: no test executable for $1" >&2
+  exit 1
+}
+run() {
+  local cpu=$1 expect=$2
+  shift 2
+  echo "== tests on an emulated $cpu ($expect)"
+  local t
+  for t in "$@"; do
+    local bin
+    bin=$(exe "$t")
+    # qemu warns about host-only CPUID bits it does not model: noise, not failures
+    set +e
+    MOELAB_EXPECT_CPU=$expect qemu-x86_64 -cpu "$cpu" "$bin" -q 2> >(grep -v '^qemu-x86_64: warning' >&2) |
+      tee -a "$log" | grep -E '^test result|FAILED|panicked' | sed "s|^|  $t: |"
+    local status=${PIPESTATUS[0]}
+    set -e
+    [ "$status" = 0 ] || { echo "error: $t failed on an emulated $cpu"; exit 1; }
+  done
+}
+# the CPU check first: kernels' unit tests include cpu_features_are_as_expected
+run Haswell-v4 "avx2,fma,f16c,-avx512f" kernels model fd dropout hf_golden moe_dense_equivalence
+run Nehalem-v2 "-avx,-avx2,-fma,-avx512f" kernels model fd dropout hf_golden moe_dense_equivalence \
+  gradcheck decode golden muon
