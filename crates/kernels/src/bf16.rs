@@ -745,24 +745,77 @@ mod tests {
         }
     }
 
-    /// The path of CPUs without AVX512-BF16 gives the definition's bits too.
+    /// The path of CPUs without AVX512-BF16 gives the definition's bits too, and so does the
+    /// dispatched entry (`matmul_raw`, the AVX512-BF16 kernel where present), in every layout,
+    /// with operands that are column ranges of wider matrices (as attention's per-head views)
+    /// and into rows wider than N (left untouched past N). The expected values come from
+    /// contiguous row-major copies, so a view read wrongly cannot agree with itself.
     #[test]
     fn fallback_equals_the_reference() {
-        for &(m, n, k) in &[(5, 7, 0), (9, 33, 41), (20, 3, 64)] {
-            let a = random(m * k, 21);
-            let b = random(k * n, 22);
-            for accumulate in [false, true] {
-                let (av, bv) = (View::new(&a, m, true), View::new(&b, n, false));
-                let c0 = random(m * n, 23);
-                let mut want = c0.clone();
-                matmul_reference(&mut want, n, av, bv, m, n, k, accumulate);
-                for serial in [true, false] {
-                    let mut got = c0.clone();
-                    // SAFETY: `got` is (m, n); a and b are (m, k) and (k, n).
-                    unsafe {
-                        reference_rows(got.as_mut_ptr(), n, av, bv, m, n, k, accumulate, serial)
-                    };
-                    assert_eq!(got, want, "m={m} n={n} k={k} acc={accumulate}");
+        for &(m, n, k) in &[(5, 7, 0), (9, 33, 41), (20, 3, 64), (4, 17, 1)] {
+            let pad = 3;
+            let a = random((m + pad) * (k + pad), 21);
+            let b = random((k + pad) * (n + pad), 22);
+            let layouts = [(false, false), (true, false), (false, true), (true, true)];
+            for ((ta, tb), strided) in layouts.into_iter().flat_map(|l| [(l, false), (l, true)]) {
+                // element (i, p) of a (rows, cols) operand at i * rs + p * cs
+                fn view(data: &[f32], rows: usize, cols: usize, t: bool, pad: usize) -> View<'_> {
+                    let data = &data[pad..];
+                    if t {
+                        View {
+                            data,
+                            rs: 1,
+                            cs: rows + pad,
+                        }
+                    } else {
+                        View {
+                            data,
+                            rs: cols + pad,
+                            cs: 1,
+                        }
+                    }
+                }
+                let pad_of = if strided { pad } else { 0 };
+                let (av, bv) = (view(&a, m, k, ta, pad_of), view(&b, k, n, tb, pad_of));
+                let dense = |v: &View, rows: usize, cols: usize| -> Vec<f32> {
+                    (0..rows * cols)
+                        .map(|q| v.data[q / cols * v.rs + q % cols * v.cs])
+                        .collect()
+                };
+                let (ac, bc) = (dense(&av, m, k), dense(&bv, k, n));
+                let out_rs = n + 2;
+                let c0 = random(m * out_rs, 23);
+                for accumulate in [false, true] {
+                    let mut want = c0.clone();
+                    let (acv, bcv) = (View::new(&ac, k, false), View::new(&bc, n, false));
+                    matmul_reference(&mut want, out_rs, acv, bcv, m, n, k, accumulate);
+                    let what = format!("m={m} n={n} k={k} ta={ta} tb={tb} strided={strided}");
+                    for path in ["fallback serial", "fallback parallel", "dispatched"] {
+                        let mut got = c0.clone();
+                        let p = got.as_mut_ptr();
+                        // SAFETY: `got` holds m rows of out_rs >= n; a and b cover the views.
+                        unsafe {
+                            match path {
+                                "dispatched" => matmul_raw(p, out_rs, av, bv, m, n, k, accumulate),
+                                _ => reference_rows(
+                                    p,
+                                    out_rs,
+                                    av,
+                                    bv,
+                                    m,
+                                    n,
+                                    k,
+                                    accumulate,
+                                    path == "fallback serial",
+                                ),
+                            }
+                        }
+                        let same = got
+                            .iter()
+                            .zip(&want)
+                            .all(|(x, y)| x.to_bits() == y.to_bits());
+                        assert!(same, "{path}: {what} acc={accumulate}");
+                    }
                 }
             }
         }
