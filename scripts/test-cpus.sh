@@ -4,8 +4,9 @@
 # AVX-512 paths: the multiversioned `simd!` functions' AVX2 and portable copies (norms,
 # SwiGLU, softmax, flash attention rows, AdamW, Muon, loss) and the matmuls' other kernels
 # would ship untested. This runs kernel and model tests, already built by the main suite,
-# under QEMU's user-mode emulation of a Haswell (AVX2, FMA, F16C, no AVX-512) and of a
-# Nehalem (no AVX: the portable code), each run first asserting the features it sees.
+# under QEMU's user-mode emulation of a Haswell (AVX2, FMA, F16C, no AVX-512), of a Sandy
+# Bridge (AVX only; the kernel unit tests) and of a Nehalem (no AVX: the portable code);
+# each CPU's runs start with a test asserting the features it shows.
 # Emulation is slow (AVX2 code about 100x), so the Haswell set is the kernel unit tests and
 # the model's finite differences and small equivalences; the Nehalem set adds gradient
 # checks, decoding, the PyTorch golden fixtures and Muon.
@@ -19,9 +20,16 @@ if [ "$(uname -m)" != x86_64 ]; then
   exit 0
 fi
 command -v qemu-x86_64 >/dev/null || { echo "error: qemu-x86_64 missing (apt-get install qemu-user)"; exit 1; }
-# the test executables of the main suite's build (same features: nothing is rebuilt)
-mapfile -t exes < <(cargo test --workspace --all-targets --all-features --locked --no-run \
-  --message-format=json 2>/dev/null | grep -o '"executable":"[^"]*"' | cut -d'"' -f4)
+# QEMU emulates AVX, AVX2, FMA and F16C from 7.2 on; older ones would fail the CPU check
+qv=$(qemu-x86_64 --version | grep -oE '[0-9]+\.[0-9]+' | head -1)
+if [ "$(printf '%s\n7.2\n' "$qv" | sort -V | head -1)" != 7.2 ]; then
+  echo "error: QEMU $qv emulates no AVX2; the emulated-CPU tests need QEMU 7.2 or newer"
+  exit 1
+fi
+# the test executables of the main suite's build (same features: nothing is rebuilt; a
+# build error stops here with cargo's message)
+json=$(cargo test --workspace --all-targets --all-features --locked --no-run -q --message-format=json)
+mapfile -t exes < <(grep -o '"executable":"[^"]*"' <<<"$json" | cut -d'"' -f4)
 exe() {
   local e
   for e in "${exes[@]}"; do
@@ -47,7 +55,10 @@ run() {
     [ "$status" = 0 ] || { echo "error: $t failed on an emulated $cpu"; exit 1; }
   done
 }
-# the CPU check first: kernels' unit tests include cpu_features_are_as_expected
-run Haswell-v4 "avx2,fma,f16c,-avx512f" kernels model fd dropout hf_golden moe_dense_equivalence
+# each CPU's runs start with the kernels' unit tests, among them cpu_features_are_as_expected
+# (the features the emulated CPU shows); a Sandy Bridge (AVX without AVX2) runs only those
+run Haswell-v4 "avx2,fma,f16c,-avx512f,-avx512bw,-avx512vnni,-avx512bf16" \
+  kernels model fd dropout hf_golden moe_dense_equivalence
+run SandyBridge-v2 "avx,-avx2,-fma,-avx512f" kernels
 run Nehalem-v2 "-avx,-avx2,-fma,-avx512f" kernels model fd dropout hf_golden moe_dense_equivalence \
   gradcheck decode golden muon

@@ -306,7 +306,7 @@ fn dot8_lanes(acc: &mut [f32; 8], a: &[f32], b: &[f32]) {
     }
 }
 
-/// [`dot8_lanes`] in one AVX register.
+/// [`dot8_lanes`] in one AVX register (adding into `acc`, as it does).
 ///
 /// # Safety
 /// AVX must be present; `a` and `b` have the same length, a multiple of 8.
@@ -314,7 +314,7 @@ fn dot8_lanes(acc: &mut [f32; 8], a: &[f32], b: &[f32]) {
 #[target_feature(enable = "avx")]
 unsafe fn dot8_avx(acc: &mut [f32; 8], a: &[f32], b: &[f32]) {
     use std::arch::x86_64::*;
-    let mut v = _mm256_setzero_ps();
+    let mut v = _mm256_loadu_ps(acc.as_ptr());
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
     let mut i = 0;
     while i + 8 <= a.len() {
@@ -1019,24 +1019,25 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     /// `dot8`'s lanes in an AVX register equal its array form (CPUs without AVX) bit for
-    /// bit, lengths from one lane chunk to many.
+    /// bit, lengths from one lane chunk to many, both adding into the lanes they are given.
     #[test]
     fn dot8_lanes_equal_in_registers_and_arrays() {
         let mut rng = ChaCha8Rng::seed_from_u64(4);
         for len in [8, 16, 32, 40, 128, 200] {
             let a: Vec<f32> = (0..len).map(|_| rng.gen_range(-2.0..2.0)).collect();
             let b: Vec<f32> = (0..len).map(|_| rng.gen_range(-2.0..2.0)).collect();
-            let mut lanes = [0f32; 8];
+            let start: [f32; 8] = std::array::from_fn(|_| rng.gen_range(-1.0..1.0));
+            let mut lanes = start;
             dot8_lanes(&mut lanes, &a, &b);
             // the order the docs state, written out
-            let mut want = [0f32; 8];
+            let mut want = start;
             for (i, (x, y)) in a.iter().zip(&b).enumerate() {
                 want[i % 8] += x * y;
             }
             assert_eq!(lanes.map(f32::to_bits), want.map(f32::to_bits), "len {len}");
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx") {
-                let mut reg = [0f32; 8];
+                let mut reg = start;
                 // SAFETY: AVX is present; equal lengths, multiples of 8.
                 unsafe { dot8_avx(&mut reg, &a, &b) };
                 assert_eq!(reg.map(f32::to_bits), want.map(f32::to_bits), "len {len}");

@@ -758,21 +758,19 @@ mod tests {
             let b = random((k + pad) * (n + pad), 22);
             let layouts = [(false, false), (true, false), (false, true), (true, true)];
             for ((ta, tb), strided) in layouts.into_iter().flat_map(|l| [(l, false), (l, true)]) {
-                // element (i, p) of a (rows, cols) operand at i * rs + p * cs
+                // element (i, p) of a (rows, cols) operand at i * rs + p * cs, the slice
+                // ending at its last element (a read past it would panic)
                 fn view(data: &[f32], rows: usize, cols: usize, t: bool, pad: usize) -> View<'_> {
-                    let data = &data[pad..];
-                    if t {
-                        View {
-                            data,
-                            rs: 1,
-                            cs: rows + pad,
-                        }
+                    let (rs, cs) = if t { (1, rows + pad) } else { (cols + pad, 1) };
+                    let end = if rows * cols == 0 {
+                        0
                     } else {
-                        View {
-                            data,
-                            rs: cols + pad,
-                            cs: 1,
-                        }
+                        (rows - 1) * rs + (cols - 1) * cs + 1
+                    };
+                    View {
+                        data: &data[pad..pad + end],
+                        rs,
+                        cs,
                     }
                 }
                 let pad_of = if strided { pad } else { 0 };

@@ -60,6 +60,7 @@ mod cpu_tests {
                 ("fma", has!("fma")),
                 ("f16c", has!("f16c")),
                 ("avx512f", has!("avx512f")),
+                ("avx512bw", has!("avx512bw")),
                 ("avx512vnni", has!("avx512vnni")),
                 ("avx512bf16", has!("avx512bf16")),
             ]
