@@ -381,9 +381,13 @@ impl BatchDecoder {
             for (i, &(s, pos, _)) in trows.iter().enumerate() {
                 let row = &mut qkv[i * r..(i + 1) * r];
                 rope_apply_at(row, 0, h + g, pos, &self.rope);
-                let at = (s * tmax + pos % tmax) * gd;
-                self.k[l].write(at, &row[h * d..h * d + gd]);
-                self.v[l].write(at, &row[h * d + gd..h * d + 2 * gd]);
+                // head-major (see KvShape): each key/value head's entries contiguous
+                for gi in 0..g {
+                    let at = ((s * g + gi) * tmax + pos % tmax) * d;
+                    let kr = (h + gi) * d;
+                    self.k[l].write(at, &row[kr..kr + d]);
+                    self.v[l].write(at, &row[kr + gd..kr + gd + d]);
+                }
             }
             decode_attention(
                 &mut self.o,
