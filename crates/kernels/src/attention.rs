@@ -414,6 +414,64 @@ impl KvBuf {
     }
 }
 
+impl KvBuf {
+    /// Disjoint mutable views of the elements between consecutive `cuts` (increasing
+    /// offsets; the elements before the first and after the last are left out): one per
+    /// thread writing its own key/value heads.
+    pub fn split_mut(&mut self, cuts: &[usize]) -> Vec<KvMut<'_>> {
+        fn split<'a, T>(mut b: &'a mut [T], cuts: &[usize]) -> Vec<&'a mut [T]> {
+            assert!(
+                cuts.windows(2).all(|w| w[0] <= w[1]),
+                "cuts {cuts:?} not increasing"
+            );
+            let mut out = vec![];
+            let mut at = 0;
+            for (i, &c) in cuts.iter().enumerate() {
+                let (a, rest) = std::mem::take(&mut b).split_at_mut(c - at);
+                if i > 0 {
+                    out.push(a);
+                }
+                b = rest;
+                at = c;
+            }
+            out
+        }
+        match self {
+            KvBuf::F32(b) => split(b, cuts).into_iter().map(KvMut::F32).collect(),
+            KvBuf::F16(b) => split(b, cuts).into_iter().map(KvMut::F16).collect(),
+            KvBuf::Bf16(b) => split(b, cuts).into_iter().map(KvMut::Bf16).collect(),
+        }
+    }
+}
+
+/// A mutable range of a KV cache (see [`KvBuf::split_mut`]).
+#[derive(Debug)]
+pub enum KvMut<'a> {
+    F32(&'a mut [f32]),
+    F16(&'a mut [f16]),
+    Bf16(&'a mut [bf16]),
+}
+
+impl KvMut<'_> {
+    /// Stores `src` at element `at` of the range, as [`KvBuf::write`].
+    pub fn write(&mut self, at: usize, src: &[f32]) {
+        let r = at..at + src.len();
+        match self {
+            KvMut::F32(b) => b[r].copy_from_slice(src),
+            KvMut::F16(b) => b[r].convert_from_f32_slice(src),
+            KvMut::Bf16(b) => b[r].convert_from_f32_slice(src),
+        }
+    }
+
+    pub fn view(&self) -> KvRef<'_> {
+        match self {
+            KvMut::F32(b) => KvRef::F32(b),
+            KvMut::F16(b) => KvRef::F16(b),
+            KvMut::Bf16(b) => KvRef::Bf16(b),
+        }
+    }
+}
+
 /// A borrowed KV cache in its element type.
 #[derive(Clone, Copy, Debug)]
 pub enum KvRef<'a> {
@@ -1075,6 +1133,33 @@ mod tests {
         check(f16::from_f32);
         check(bf16::from_f32);
         check(|x| x);
+    }
+
+    /// `split_mut` hands out the ranges between consecutive cuts, in every element type:
+    /// writes through them land at the cut's offset, and nothing outside them is touched.
+    #[test]
+    fn kv_split_mut_views_the_ranges_between_cuts() {
+        for t in [KvType::F32, KvType::F16, KvType::Bf16] {
+            let mut b = KvBuf::zeros(t, 20);
+            {
+                let mut parts = b.split_mut(&[3, 8, 8, 15]);
+                assert_eq!(parts.len(), 3);
+                parts[0].write(1, &[1.0, 2.0]);
+                parts[2].write(6, &[3.0]);
+                assert!(matches!(
+                    parts[1].view(),
+                    KvRef::F32(&[]) | KvRef::F16(&[]) | KvRef::Bf16(&[])
+                ));
+            }
+            let got: Vec<f32> = match b.view() {
+                KvRef::F32(x) => x.to_vec(),
+                KvRef::F16(x) => x.iter().map(|v| v.to_f32()).collect(),
+                KvRef::Bf16(x) => x.iter().map(|v| v.to_f32()).collect(),
+            };
+            let mut want = vec![0.0; 20];
+            (want[4], want[5], want[14]) = (1.0, 2.0, 3.0);
+            assert_eq!(got, want, "{t:?}");
+        }
     }
 
     /// A 16-bit cache gives exactly the bits of an f32 cache holding its rounded values:

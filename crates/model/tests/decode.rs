@@ -194,7 +194,8 @@ fn batched_decode_equals_per_sequence() {
 /// Long caches: past `kernels::attention::DECODE_CHUNK` positions a step splits the cache
 /// into chunks merged by log-sum-exp (flash-decoding), and a sliding window keeps a ring
 /// buffer of its entries; both still give the full forward's logits at every position, and
-/// the same bits on 1 and 2 threads.
+/// the same bits on 1 and 2 threads, and with every step in a team (its attention and
+/// experts as team tasks, the flash-decoding chunks inside a task past the chunk).
 #[test]
 fn long_and_windowed_caches_equal_full_recompute() {
     let chunk = kernels::attention::DECODE_CHUNK;
@@ -219,9 +220,10 @@ fn long_and_windowed_caches_equal_full_recompute() {
         let cfg = Config::from_toml(&text).unwrap();
         let m = Model::new(&cfg.model, 1, 1, 5);
         check(&cfg, m.params.clone(), name);
-        let run = |threads: usize| {
+        let run = |threads: usize, team: Option<bool>| {
             on_threads(threads, || {
                 let mut dec = Decoder::new(&cfg.model);
+                dec.force_team(team);
                 let mut last = vec![];
                 for i in 0..cfg.model.max_seq_len {
                     last = dec.step(&m.params, (i * 13 % 500) as u32).to_vec();
@@ -229,8 +231,13 @@ fn long_and_windowed_caches_equal_full_recompute() {
                 last
             })
         };
-        let one = run(1);
-        assert_eq!(one, run(2), "[{name}] thread count changed the bits");
+        let one = run(1, None);
+        assert_eq!(one, run(2, None), "[{name}] thread count changed the bits");
+        assert_eq!(
+            one,
+            run(2, Some(true)),
+            "[{name}] team steps changed the bits"
+        );
         last.push(one);
     }
     assert_ne!(
@@ -380,6 +387,8 @@ fn quantized_decode_is_deterministic_and_near_f32() {
             on_threads(threads, || {
                 let mut d = Decoder::new(&cfg);
                 d.set_quant(Some(q.clone()));
+                // two threads: every single-row step in a team
+                d.force_team((threads == 2).then_some(true));
                 if batched {
                     d.feed(&params, &toks).to_vec()
                 } else {
@@ -394,7 +403,7 @@ fn quantized_decode_is_deterministic_and_near_f32() {
         let one = run(1, true);
         assert_eq!(one, run(2, true), "{ty:?}: 2 threads");
         assert_eq!(one, run(4, false), "{ty:?}: 4 threads, token by token");
-        // two threads token by token: single-row steps with the team's helper thread
+        // two threads token by token: every step with the team's helper thread
         assert_eq!(one, run(2, false), "{ty:?}: 2 threads, token by token");
         // beside another sequence in a batch
         let mut b = model::decode::BatchDecoder::new(&cfg, 2);
@@ -465,11 +474,13 @@ fn half_precision_kv_cache_is_deterministic_and_near_f32() {
     }
 }
 
-/// The student's shape (one routed expert beside a shared one): single-row steps in a team
-/// run the experts' products as the tasks of one loop (`experts_one_row`; the tiny config's
-/// two routed experts go the same way in the other tests). Stepwise logits on 2 threads
-/// (the pairs, once the decoder has tried the team) equal one thread's and the batched
-/// forward's (the general path), bit for bit.
+/// The student's shape (one routed expert beside a shared one, four key/value heads):
+/// single-row steps in a team run the experts' products as the tasks of one loop
+/// (`experts_one_row`; the tiny config's two routed experts go the same way in the other
+/// tests) and the attention as two tasks of two heads each (`attention_one_row`; the tiny
+/// config's two key/value heads of two query heads each in the other tests). Stepwise
+/// logits on 2 threads, every step in a team, equal one thread's and the batched forward's
+/// (the general path), bit for bit.
 #[test]
 fn expert_products_as_team_tasks_keep_the_bits() {
     let cfg = Config::from_toml(include_str!("../../../configs/student.toml"))
@@ -483,6 +494,7 @@ fn expert_products_as_team_tasks_keep_the_bits() {
     let run = |threads: usize, batched: bool| {
         on_threads(threads, || {
             let mut d = Decoder::new(&cfg);
+            d.force_team((threads == 2).then_some(true));
             if batched {
                 d.logits_all(&params, &toks)
             } else {
