@@ -81,8 +81,12 @@ pub struct BatchDecoder {
 /// Both ways give the same bits, so the choice is speed only. It compares medians of
 /// [`TeamChoice::BURST`] consecutive forwards each way (single forwards jitter by more than
 /// the difference; consecutive ones cost nearly the same): a burst alone, then a trial burst
-/// with the team, then every [`TeamChoice::EVERY`] forwards a trial burst the other way
-/// against the burst just before it.
+/// with the team, then trial bursts the other way against the burst just before them:
+/// [`TeamChoice::EVERY`] forwards after the first decision or a switch, and twice as many
+/// after each trial that keeps the way, up to [`TeamChoice::EVERY_MAX`]. A trial runs BURST
+/// forwards the slower way: one every 256 forwards cost the student's decode ~1% (12,830
+/// against 12,980 tokens/s in 25 alternating rounds), and one every 2,048 kept a wrong first
+/// decision (a noisy trial burst) for a whole 1,280-token benchmark.
 #[derive(Clone, Debug, Default)]
 struct TeamChoice {
     /// The way forwards go outside trials.
@@ -96,15 +100,18 @@ struct TeamChoice {
     decided: bool,
     /// Forwards the current way since the last trial.
     run: usize,
+    /// Forwards between trials now.
+    gap: usize,
+    /// Trials so far.
+    trials: usize,
     /// Every forward this way (tests, benchmarks), no trials.
     forced: Option<bool>,
 }
 
 impl TeamChoice {
     const BURST: usize = 8;
-    /// (A trial runs BURST forwards the slower way: every 256 forwards that cost the
-    /// student's decode ~1%, 12,830 against 12,980 tokens/s in 25 alternating rounds.)
-    const EVERY: usize = 2048;
+    const EVERY: usize = 256;
+    const EVERY_MAX: usize = 4096;
 
     /// The way of the next forward.
     fn pick(&mut self) -> bool {
@@ -113,8 +120,9 @@ impl TeamChoice {
         }
         if !self.in_trial
             && self.current.len() == Self::BURST
-            && (!self.decided || self.run >= Self::EVERY)
+            && (!self.decided || self.run >= self.gap)
         {
+            self.trials += 1;
             self.in_trial = true;
             self.trial.clear();
         }
@@ -128,10 +136,16 @@ impl TeamChoice {
         if self.in_trial && team != self.team {
             self.trial.push(secs);
             if self.trial.len() == Self::BURST {
-                if median(&self.trial) < median(&self.current) {
+                let switch = median(&self.trial) < median(&self.current);
+                if switch {
                     self.team = team;
                     std::mem::swap(&mut self.current, &mut self.trial);
                 }
+                self.gap = if switch || !self.decided {
+                    Self::EVERY
+                } else {
+                    (2 * self.gap).min(Self::EVERY_MAX)
+                };
                 self.in_trial = false;
                 self.decided = true;
                 self.run = 0;
@@ -921,13 +935,17 @@ mod tests {
 
     /// Drives the choice with forward times where the team costs `ratio` times one thread
     /// (plus jitter and a drift along the sequence, as attention grows): after its first
-    /// trial it runs the faster way except for trial bursts, and it follows a change of host
-    /// at the next trial.
+    /// trial it runs the faster way except for trial bursts, which grow rarer while the way
+    /// holds, and a wrong switch now and then (a trial burst just after the drift's reset
+    /// looks cheap), undone EVERY forwards later; it follows a change of host at the next
+    /// trial; and a wrong first decision (a trial burst slowed by the host) is undone EVERY
+    /// forwards later.
     #[test]
     fn team_choice_follows_the_faster_way() {
-        let mut c = TeamChoice::default();
+        let (b, e, emax) = (TeamChoice::BURST, TeamChoice::EVERY, TeamChoice::EVERY_MAX);
         let mut i = 0u64;
-        let mut run = |c: &mut TeamChoice, team_cost: f64, n: usize| {
+        // forwards of which team ones cost `team_cost`, the first `slow` team ones 3x more
+        let mut run = |c: &mut TeamChoice, team_cost: f64, n: usize, mut slow: usize| {
             let mut team_runs = 0;
             for _ in 0..n {
                 let team = c.pick();
@@ -935,20 +953,39 @@ mod tests {
                 i += 1;
                 let jitter = if i.is_multiple_of(13) { 3.0 } else { 1.0 };
                 let base = 50e-6 * (1.0 + (i % 256) as f64 / 256.0) * jitter;
-                c.record(team, if team { base * team_cost } else { base });
+                let noise = if team && slow > 0 {
+                    slow -= 1;
+                    3.0
+                } else {
+                    1.0
+                };
+                c.record(team, if team { base * team_cost * noise } else { base });
             }
             team_runs
         };
-        let (b, e) = (TeamChoice::BURST, TeamChoice::EVERY);
-        run(&mut c, 0.7, 2 * b);
+        let mut c = TeamChoice::default();
+        run(&mut c, 0.7, 2 * b, 0);
         assert!(c.team && c.decided);
-        let n = 4 * (e + b);
-        let team = run(&mut c, 0.7, n);
-        assert_eq!(team, n - 4 * b, "team faster: all but the trial bursts");
+        let (n, t0) = (20 * emax, c.trials);
+        let team = run(&mut c, 0.7, n, 0);
+        let trials = c.trials - t0;
+        assert!(team >= n - n / 50, "team faster: {team} of {n} forwards");
+        assert!(trials <= 40, "{trials} trials in {n} forwards");
         // the host changes: the team now costs 1.25x; the next trial drops it
-        run(&mut c, 1.25, e + b);
+        run(&mut c, 1.25, emax + b, 0);
         assert!(!c.team);
-        let team = run(&mut c, 1.25, n);
-        assert_eq!(team, 4 * b, "alone faster: only the trial bursts");
+        let t0 = c.trials;
+        let team = run(&mut c, 1.25, n, 0);
+        assert!(
+            team <= n / 50,
+            "alone faster: {team} of {n} forwards with the team"
+        );
+        assert!(c.trials - t0 <= 40, "{} trials", c.trials - t0);
+        // a slowed first trial burst decides wrongly; the next trial, EVERY later, fixes it
+        let mut c = TeamChoice::default();
+        run(&mut c, 0.7, 2 * b, b);
+        assert!(!c.team && c.decided, "the slowed trial kept one thread");
+        run(&mut c, 0.7, e + b, 0);
+        assert!(c.team, "the next trial takes the team");
     }
 }
