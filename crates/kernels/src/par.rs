@@ -120,12 +120,23 @@ pub fn on_pool<R: Send>(
 /// this only around work made of such small loops. If the pool has no free thread to run the
 /// helper, `f` does every task itself. Which thread runs a task never changes a result (the
 /// callers' tasks write disjoint outputs in a fixed order each).
-pub fn with_team<R>(f: impl FnOnce() -> R) -> R {
+pub fn with_team<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_num_threads() < 2 || TEAM.with(|t| !t.get().is_null()) {
         return f();
     }
+    if rayon::current_thread_index().is_none() {
+        // a thread outside the pool: run `f` on one of its workers (blocking here), so that
+        // rayon loops inside `f`'s tasks wait as workers do (by running jobs), not asleep
+        // while the pool's workers spin as helpers
+        return rayon::scope(|_| with_team(f));
+    }
     // SAFETY: this thread's team lives as long as the thread
     let team = unsafe { &*MY_TEAM.with(Arc::as_ptr) };
+    // inside a task of this thread's own team loop (`Team::run` clears TEAM while it runs
+    // them): a nested call would reuse the team in the middle of its loop
+    if !team.life.0.calls.load(Ordering::Relaxed).is_multiple_of(2) {
+        return f();
+    }
     team.enter();
     TEAM.with(|t| t.set(team));
     // leave the team even if `f` panics
@@ -179,7 +190,8 @@ struct Team {
     job: AtomicPtr<()>,
     done: AtomicUsize,
     panicked: AtomicBool,
-    /// Calls of `with_team` on the owner's thread, and whether a helper is spawned and has
+    /// Calls of `with_team` on the owner's thread (which alone changes it), and whether a
+    /// helper is spawned and has
     /// not decided to leave: on a cache line of their own, away from the loops' words.
     life: Line<Life>,
 }
@@ -445,6 +457,40 @@ mod tests {
             team.life.0.helper.store(true, Ordering::SeqCst);
             team.help();
             assert!(!helper(), "the owner's thread does not stay as the helper");
+        });
+    }
+
+    /// A call from a thread outside any pool runs `f` on a worker of the global pool (where a
+    /// rayon loop inside a task waits by running jobs); a call inside a task of the thread's
+    /// own team loop runs alone, and both loops still run each task once.
+    #[test]
+    fn team_calls_from_outside_the_pool_and_from_its_own_tasks() {
+        let outside = std::thread::spawn(|| {
+            with_team(|| (rayon::current_thread_index(), rayon::current_num_threads()))
+        })
+        .join()
+        .unwrap();
+        if outside.1 >= 2 {
+            assert!(outside.0.is_some(), "f ran outside the pool");
+        }
+        pool(2).install(|| {
+            let outer: Vec<AtomicUsize> = (0..64).map(|_| AtomicUsize::new(0)).collect();
+            let inner: Vec<AtomicUsize> = (0..64 * 8).map(|_| AtomicUsize::new(0)).collect();
+            with_team(|| {
+                team_for_each(64, &|i| {
+                    outer[i].fetch_add(1, Ordering::Relaxed);
+                    with_team(|| {
+                        let run = |j: usize| {
+                            inner[i * 8 + j].fetch_add(1, Ordering::Relaxed);
+                        };
+                        if !team_for_each(8, &run) {
+                            (0..8).for_each(run);
+                        }
+                    });
+                });
+            });
+            assert!(outer.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+            assert!(inner.iter().all(|h| h.load(Ordering::Relaxed) == 1));
         });
     }
 
