@@ -388,11 +388,15 @@ impl KvBuf {
 
     /// Stores `src` at element `at` (rounded to nearest-even in a 16-bit cache).
     pub fn write(&mut self, at: usize, src: &[f32]) {
-        let r = at..at + src.len();
+        self.whole_mut().write(at, src);
+    }
+
+    /// All of it, mutable.
+    pub fn whole_mut(&mut self) -> KvMut<'_> {
         match self {
-            KvBuf::F32(b) => b[r].copy_from_slice(src),
-            KvBuf::F16(b) => b[r].convert_from_f32_slice(src),
-            KvBuf::Bf16(b) => b[r].convert_from_f32_slice(src),
+            KvBuf::F32(b) => KvMut::F32(b),
+            KvBuf::F16(b) => KvMut::F16(b),
+            KvBuf::Bf16(b) => KvMut::Bf16(b),
         }
     }
 
@@ -453,7 +457,8 @@ pub enum KvMut<'a> {
 }
 
 impl KvMut<'_> {
-    /// Stores `src` at element `at` of the range, as [`KvBuf::write`].
+    /// Stores `src` at element `at` of the range (rounded to nearest-even in a 16-bit
+    /// cache).
     pub fn write(&mut self, at: usize, src: &[f32]) {
         let r = at..at + src.len();
         match self {
