@@ -7,16 +7,10 @@
 //! (`team`: inside `par::with_team`, as the decoder runs; else one thread).
 use std::time::Instant;
 
+mod common;
+
 fn main() {
-    let team = std::env::args().nth(1).as_deref() == Some("team");
-    let pool = rayon::ThreadPoolBuilder::new().build().expect("pool");
-    pool.install(|| {
-        if team {
-            kernels::par::with_team(run)
-        } else {
-            run()
-        }
-    });
+    common::on_pool_maybe_team(run);
 }
 
 fn run() {

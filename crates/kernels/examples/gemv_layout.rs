@@ -6,46 +6,23 @@
 use std::arch::x86_64::*;
 use std::time::Instant;
 
+mod common;
+
 fn main() {
-    let team = std::env::args().nth(1).as_deref() == Some("team");
-    let pool = rayon::ThreadPoolBuilder::new().build().expect("pool");
-    pool.install(|| {
-        if team {
-            kernels::par::with_team(run)
-        } else {
-            run()
-        }
-    });
+    common::on_pool_maybe_team(run);
 }
 
-/// out[c] = sum over lanes, w interleaved: block b of 16 rows stored as [k/16][16 rows][16].
+/// `out[c0..c1]`, 16 outputs at a time, each the lanes of its dot summed. `INTER`: w
+/// interleaved, block b of 16 rows stored as [k/16][16 rows][16]; else the (O, K) rows.
 #[target_feature(enable = "avx512f")]
-unsafe fn inter(out: *mut f32, x: &[f32], w: &[f32], k: usize, c0: usize, c1: usize) {
-    let xp = x.as_ptr();
-    let mut c = c0;
-    while c < c1 {
-        let base = w.as_ptr().add(c * k);
-        let mut a = [_mm512_setzero_ps(); 16];
-        let mut p = 0;
-        while p < k {
-            let xv = _mm512_loadu_ps(xp.add(p));
-            let blk = base.add(p * 16);
-            for (j, a) in a.iter_mut().enumerate() {
-                *a = _mm512_add_ps(*a, _mm512_mul_ps(xv, _mm512_loadu_ps(blk.add(j * 16))));
-            }
-            p += 16;
-        }
-        let mut s = [0f32; 16];
-        for j in 0..16 {
-            s[j] = _mm512_reduce_add_ps(a[j]);
-        }
-        std::ptr::copy_nonoverlapping(s.as_ptr(), out.add(c), 16);
-        c += 16;
-    }
-}
-
-#[target_feature(enable = "avx512f")]
-unsafe fn rows(out: *mut f32, x: &[f32], w: &[f32], k: usize, c0: usize, c1: usize) {
+unsafe fn gemv<const INTER: bool>(
+    out: *mut f32,
+    x: &[f32],
+    w: &[f32],
+    k: usize,
+    c0: usize,
+    c1: usize,
+) {
     let xp = x.as_ptr();
     let mut c = c0;
     while c < c1 {
@@ -55,7 +32,8 @@ unsafe fn rows(out: *mut f32, x: &[f32], w: &[f32], k: usize, c0: usize, c1: usi
         while p < k {
             let xv = _mm512_loadu_ps(xp.add(p));
             for (j, a) in a.iter_mut().enumerate() {
-                *a = _mm512_add_ps(*a, _mm512_mul_ps(xv, _mm512_loadu_ps(base.add(j * k + p))));
+                let at = if INTER { p * 16 + j * 16 } else { j * k + p };
+                *a = _mm512_add_ps(*a, _mm512_mul_ps(xv, _mm512_loadu_ps(base.add(at))));
             }
             p += 16;
         }
@@ -93,8 +71,8 @@ fn run() {
         let bytes = (calls * k * o * 4) as f64;
         let mut line = format!("{mib:5.2} MiB:");
         for (name, f) in [
-            ("rows", rows as unsafe fn(_, _, _, _, _, _)),
-            ("inter", inter),
+            ("rows", gemv::<false> as unsafe fn(_, _, _, _, _, _)),
+            ("inter", gemv::<true>),
         ] {
             let mut best = f64::MAX;
             for _ in 0..5 {

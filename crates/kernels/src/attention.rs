@@ -418,37 +418,8 @@ impl KvBuf {
     }
 }
 
-impl KvBuf {
-    /// Disjoint mutable views of the elements between consecutive `cuts` (increasing
-    /// offsets; the elements before the first and after the last are left out): one per
-    /// thread writing its own key/value heads.
-    pub fn split_mut(&mut self, cuts: &[usize]) -> Vec<KvMut<'_>> {
-        fn split<'a, T>(mut b: &'a mut [T], cuts: &[usize]) -> Vec<&'a mut [T]> {
-            assert!(
-                cuts.windows(2).all(|w| w[0] <= w[1]),
-                "cuts {cuts:?} not increasing"
-            );
-            let mut out = vec![];
-            let mut at = 0;
-            for (i, &c) in cuts.iter().enumerate() {
-                let (a, rest) = std::mem::take(&mut b).split_at_mut(c - at);
-                if i > 0 {
-                    out.push(a);
-                }
-                b = rest;
-                at = c;
-            }
-            out
-        }
-        match self {
-            KvBuf::F32(b) => split(b, cuts).into_iter().map(KvMut::F32).collect(),
-            KvBuf::F16(b) => split(b, cuts).into_iter().map(KvMut::F16).collect(),
-            KvBuf::Bf16(b) => split(b, cuts).into_iter().map(KvMut::Bf16).collect(),
-        }
-    }
-}
-
-/// A mutable range of a KV cache (see [`KvBuf::split_mut`]).
+/// A mutable range of a KV cache ([`KvBuf::whole_mut`], cut with [`KvMut::split_at`]): one
+/// per thread writing its own key/value heads.
 #[derive(Debug)]
 pub enum KvMut<'a> {
     F32(&'a mut [f32]),
@@ -456,7 +427,25 @@ pub enum KvMut<'a> {
     Bf16(&'a mut [bf16]),
 }
 
-impl KvMut<'_> {
+impl<'a> KvMut<'a> {
+    /// The elements before `mid` and those from it on, as `<[T]>::split_at_mut`.
+    pub fn split_at(self, mid: usize) -> (KvMut<'a>, KvMut<'a>) {
+        match self {
+            KvMut::F32(b) => {
+                let (x, y) = b.split_at_mut(mid);
+                (KvMut::F32(x), KvMut::F32(y))
+            }
+            KvMut::F16(b) => {
+                let (x, y) = b.split_at_mut(mid);
+                (KvMut::F16(x), KvMut::F16(y))
+            }
+            KvMut::Bf16(b) => {
+                let (x, y) = b.split_at_mut(mid);
+                (KvMut::Bf16(x), KvMut::Bf16(y))
+            }
+        }
+    }
+
     /// Stores `src` at element `at` of the range (rounded to nearest-even in a 16-bit
     /// cache).
     pub fn write(&mut self, at: usize, src: &[f32]) {
@@ -1140,19 +1129,21 @@ mod tests {
         check(|x| x);
     }
 
-    /// `split_mut` hands out the ranges between consecutive cuts, in every element type:
-    /// writes through them land at the cut's offset, and nothing outside them is touched.
+    /// `KvMut::split_at` cuts a cache into disjoint ranges, in every element type: writes
+    /// through them land at the cut's offset, and nothing outside them is touched.
     #[test]
-    fn kv_split_mut_views_the_ranges_between_cuts() {
+    fn kv_split_at_views_disjoint_ranges() {
         for t in [KvType::F32, KvType::F16, KvType::Bf16] {
             let mut b = KvBuf::zeros(t, 20);
             {
-                let mut parts = b.split_mut(&[3, 8, 8, 15]);
-                assert_eq!(parts.len(), 3);
-                parts[0].write(1, &[1.0, 2.0]);
-                parts[2].write(6, &[3.0]);
+                let (_, rest) = b.whole_mut().split_at(3);
+                let (mut p0, rest) = rest.split_at(5);
+                let (p1, rest) = rest.split_at(0);
+                let (mut p2, _) = rest.split_at(7);
+                p0.write(1, &[1.0, 2.0]);
+                p2.write(6, &[3.0]);
                 assert!(matches!(
-                    parts[1].view(),
+                    p1.view(),
                     KvRef::F32(&[]) | KvRef::F16(&[]) | KvRef::Bf16(&[])
                 ));
             }

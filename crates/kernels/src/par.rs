@@ -191,8 +191,8 @@ struct Team {
     done: AtomicUsize,
     panicked: AtomicBool,
     /// Calls of `with_team` on the owner's thread (which alone changes it), and whether a
-    /// helper is spawned and has
-    /// not decided to leave: on a cache line of their own, away from the loops' words.
+    /// helper is spawned and has not decided to leave: on a cache line of their own, away
+    /// from the loops' words.
     life: Line<Life>,
 }
 

@@ -19,7 +19,7 @@ use crate::config::ModelConfig;
 use crate::params::Layout;
 use crate::quant::QuantWeights;
 pub use kernels::attention::KvType;
-use kernels::attention::{decode_attention, KvBuf, KvShape};
+use kernels::attention::{decode_attention, KvBuf, KvMut, KvShape};
 use kernels::matmul::linear_rows;
 use kernels::quant::{qlinear_rows, QActs};
 use kernels::rmsnorm::rmsnorm_forward;
@@ -96,11 +96,9 @@ struct TeamChoice {
     /// Seconds of the trial burst the other way, while one runs.
     trial: Vec<f64>,
     in_trial: bool,
-    /// Whether the first trial has been decided.
-    decided: bool,
     /// Forwards the current way since the last trial.
     run: usize,
-    /// Forwards between trials now.
+    /// Forwards between trials now; 0 until the first trial has been decided.
     gap: usize,
     /// Trials so far.
     trials: usize,
@@ -113,6 +111,11 @@ impl TeamChoice {
     const EVERY: usize = 256;
     const EVERY_MAX: usize = 4096;
 
+    /// Whether the first trial has been decided.
+    fn decided(&self) -> bool {
+        self.gap > 0
+    }
+
     /// The way of the next forward.
     fn pick(&mut self) -> bool {
         if let Some(team) = self.forced {
@@ -120,7 +123,7 @@ impl TeamChoice {
         }
         if !self.in_trial
             && self.current.len() == Self::BURST
-            && (!self.decided || self.run >= self.gap)
+            && (!self.decided() || self.run >= self.gap)
         {
             self.trials += 1;
             self.in_trial = true;
@@ -141,13 +144,12 @@ impl TeamChoice {
                     self.team = team;
                     std::mem::swap(&mut self.current, &mut self.trial);
                 }
-                self.gap = if switch || !self.decided {
+                self.gap = if switch || !self.decided() {
                     Self::EVERY
                 } else {
                     (2 * self.gap).min(Self::EVERY_MAX)
                 };
                 self.in_trial = false;
-                self.decided = true;
                 self.run = 0;
             }
         } else if team == self.team {
@@ -590,19 +592,24 @@ fn attention_one_row(
         return false;
     }
     let (c, hpg) = (h_in.len(), h / g);
+    debug_assert_eq!((h + 2 * g) * d * c, w.wqkv.len());
     // key/value heads gs[t]..gs[t + 1] for task t, the caller's (the first) the larger half
     let gs = [0, g.div_ceil(2), g];
     // each task's cache entries: its heads' runs of the slot (head-major, see KvShape)
-    let cuts: Vec<usize> = gs.iter().map(|&gi| (slot * g + gi) * tmax * d).collect();
-    let mut ks = kc.split_mut(&cuts);
-    let mut vs = vc.split_mut(&cuts);
+    let cuts = gs.map(|gi| (slot * g + gi) * tmax * d);
+    fn parts(b: &mut KvBuf, [c0, c1, c2]: [usize; 3]) -> [KvMut<'_>; 2] {
+        let (_, rest) = b.whole_mut().split_at(c0);
+        let (p0, rest) = rest.split_at(c1 - c0);
+        let (p1, _) = rest.split_at(c2 - c1);
+        [p0, p1]
+    }
+    let (mut ks, mut vs) = (parts(kc, cuts), parts(vc, cuts));
     if task_acts.len() < 2 {
         task_acts.resize_with(2, QActs::new);
     }
     let (kr, vr) = (Raw::of(&mut ks[..]), Raw::of(&mut vs[..]));
     let (qkv, o, sc) = (Raw::of(qkv), Raw::of(o), Raw::of(scores));
     let acts = Raw::of(&mut task_acts[..2]);
-    let rq = (h + 2 * g) * d;
     let run = |t: usize| {
         let (g0, g1) = (gs[t], gs[t + 1]);
         let (h0, h1) = (g0 * hpg, g1 * hpg);
@@ -621,7 +628,6 @@ fn attention_one_row(
                 sc.range_mut(h0 * tmax..h1 * tmax),
             )
         };
-        debug_assert!(rq * c == w.wqkv.len());
         let mut mm = Mm {
             params,
             quant,
@@ -965,7 +971,7 @@ mod tests {
         };
         let mut c = TeamChoice::default();
         run(&mut c, 0.7, 2 * b, 0);
-        assert!(c.team && c.decided);
+        assert!(c.team && c.decided());
         let (n, t0) = (20 * emax, c.trials);
         let team = run(&mut c, 0.7, n, 0);
         let trials = c.trials - t0;
@@ -984,7 +990,7 @@ mod tests {
         // a slowed first trial burst decides wrongly; the next trial, EVERY later, fixes it
         let mut c = TeamChoice::default();
         run(&mut c, 0.7, 2 * b, b);
-        assert!(!c.team && c.decided, "the slowed trial kept one thread");
+        assert!(!c.team && c.decided(), "the slowed trial kept one thread");
         run(&mut c, 0.7, e + b, 0);
         assert!(c.team, "the next trial takes the team");
     }
