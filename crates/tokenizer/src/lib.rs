@@ -73,8 +73,20 @@ pub struct Tokenizer {
     control: Vec<u32>,
     /// Ids of every added token (special or not), sorted.
     added: Vec<u32>,
+    /// Ids of the added tokens no text encodes to, sorted: the special ones and the
+    /// unmarked markup ones (see [`Tokenizer::wrap`]). Only a template emits them.
+    templated: Vec<u32>,
     /// Whether the chat format's special tokens are ids 0..6 (a tokenizer moelab trained).
     moelab: bool,
+}
+
+/// Whether an added token's string is markup a chat format would use as a marker: `<...>` or
+/// `[...]`, at least 3 characters, without whitespace (`<think>`, `</tool_call>`, `<|im_end|>`,
+/// `[INST]`; not a run of spaces or a word).
+fn is_markup(s: &str) -> bool {
+    let enclosed =
+        (s.starts_with('<') && s.ends_with('>')) || (s.starts_with('[') && s.ends_with(']'));
+    enclosed && s.chars().count() >= 3 && !s.chars().any(char::is_whitespace)
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -141,8 +153,30 @@ impl Tokenizer {
     /// (`encode_special_tokens`; the flag is not part of `tokenizer.json`, so it is set on
     /// every construction). Only a chat template pushes control ids, by [`Tokenizer::special`];
     /// text from users, clients, corpora and traces can never forge a turn.
+    ///
+    /// Hugging Face's encoder also matches added tokens that are not marked special. Qwen3,
+    /// QwQ and the DeepSeek-R1 distills ship `<think>`, `</think>` and `<tool_call>` that way
+    /// (and a GGUF's user-defined tokens come in that way), so a client's `</think>` would
+    /// become the model's reasoning marker. Such markup tokens (a `<...>` or `[...]` string
+    /// without whitespace, see [`is_markup`]) are encoded as ordinary text too, and emitted
+    /// only from a template's own text ([`Tokenizer::control_tokens`]). Other unmarked added
+    /// tokens (runs of spaces, words) keep being matched, as the model was trained.
     fn wrap(mut inner: HfTokenizer) -> Tokenizer {
         inner.set_encode_special_tokens(true);
+        let markup: Vec<AddedToken> = inner
+            .get_added_tokens_decoder()
+            .values()
+            .filter(|t| !t.special && is_markup(&t.content))
+            .map(|t| AddedToken {
+                special: true,
+                ..t.clone()
+            })
+            .collect();
+        if !markup.is_empty() {
+            // (their ids stay: each content is already in the vocabulary; this only puts it
+            // in the set of strings `encode_special_tokens` leaves as text)
+            inner.add_special_tokens(&markup);
+        }
         let decoder = inner.get_added_tokens_decoder();
         let mut control: Vec<u32> = decoder
             .iter()
@@ -152,6 +186,13 @@ impl Tokenizer {
         control.sort_unstable();
         let mut added: Vec<u32> = decoder.keys().copied().collect();
         added.sort_unstable();
+        let mut templated: Vec<u32> = markup
+            .iter()
+            .filter_map(|t| inner.token_to_id(&t.content))
+            .chain(control.iter().copied())
+            .collect();
+        templated.sort_unstable();
+        templated.dedup();
         let moelab = SPECIAL_TOKENS
             .iter()
             .enumerate()
@@ -160,6 +201,7 @@ impl Tokenizer {
             inner,
             control,
             added,
+            templated,
             moelab,
         }
     }
@@ -290,11 +332,12 @@ impl Tokenizer {
         self.control.binary_search(&id).is_ok()
     }
 
-    /// The special (control) added tokens' strings with their ids, longest string first:
-    /// what a chat template may emit as control tokens.
+    /// The strings of the added tokens no text encodes to (the special ones and unmarked
+    /// markup such as Qwen3's `<think>`) with their ids, longest string first: what a chat
+    /// template may emit as control tokens.
     pub fn control_tokens(&self) -> Vec<(String, u32)> {
         let mut v: Vec<(String, u32)> = self
-            .control
+            .templated
             .iter()
             .filter_map(|&id| self.inner.id_to_token(id).map(|s| (s, id)))
             .collect();
