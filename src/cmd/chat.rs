@@ -168,11 +168,11 @@ fn stream_reply(
     show_reasoning: bool,
     tty: bool,
 ) -> Result<String> {
+    let mut parser = chat.parser(&seq.prompt, vec![]);
     let (tx, rx) = std::sync::mpsc::channel();
     if let Err(e) = engine.submit(seq, Box::new(move |ev| tx.send(ev).is_ok())) {
         bail!("{e}");
     }
-    let mut parser = chat.parser(vec![]);
     let mut p = Printer {
         show_reasoning,
         style: if tty {

@@ -160,16 +160,26 @@ impl ChatFormat {
         &self.prefix
     }
 
-    /// A streaming parser for a chat reply (reasoning split off when the format has markers).
-    pub fn parser(&self, stops: Vec<String>) -> ReplyParser {
-        ReplyParser::with_markers(self.tok.clone(), self.think, stops)
+    /// A streaming parser for the reply to `prompt` (reasoning split off when the format has
+    /// markers). A prompt that ends inside an open reasoning block (DeepSeek-R1's and QwQ's
+    /// templates end the generation prompt with `<think>\n`) starts the reply in its
+    /// reasoning: the model then writes only the closing marker.
+    pub fn parser(&self, prompt: &[u32], stops: Vec<String>) -> ReplyParser {
+        let mut p = ReplyParser::with_markers(self.tok.clone(), self.think, stops);
+        if let Some((open, close)) = self.think {
+            let last = prompt.iter().rev().find(|&&t| t == open || t == close);
+            if last == Some(&open) {
+                p.part = Part::Reasoning;
+            }
+        }
+        p
     }
 
     /// A streaming parser for a raw completion (everything is the answer).
     pub fn plain_parser(&self, stops: Vec<String>) -> ReplyParser {
         ReplyParser {
             part: Part::Content,
-            ..self.parser(stops)
+            ..self.parser(&[], stops)
         }
     }
 }

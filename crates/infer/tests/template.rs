@@ -120,8 +120,9 @@ fn python_string_methods_work() {
 /// marked special, which Hugging Face's encoder matches inside any text. Here they are
 /// emitted from the template's own text only: a client's `</think>` stays text, while an
 /// unmarked added token that is not markup (a run of spaces) keeps being matched.
-#[test]
-fn unmarked_markup_tokens_come_from_the_template_only() {
+/// [`chatml_tokenizer`] plus `<think>`, `</think>` and a run of two spaces as added tokens
+/// not marked special (as Qwen3's, QwQ's and the R1 distills' tokenizers ship them).
+fn qwen3_style_tokenizer() -> Arc<Tokenizer> {
     let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
     alphabet.sort_unstable();
     let vocab: tokenizers::models::bpe::Vocab = alphabet
@@ -145,7 +146,12 @@ fn unmarked_markup_tokens_come_from_the_template_only() {
         AddedToken::from("</think>", false),
         AddedToken::from("  ", false),
     ]);
-    let tok = Arc::new(Tokenizer::from_hf(t));
+    Arc::new(Tokenizer::from_hf(t))
+}
+
+#[test]
+fn unmarked_markup_tokens_come_from_the_template_only() {
+    let tok = qwen3_style_tokenizer();
     let (open, close) = (
         tok.special("<think>").unwrap(),
         tok.special("</think>").unwrap(),
@@ -174,4 +180,35 @@ fn unmarked_markup_tokens_come_from_the_template_only() {
     assert_eq!(ids.iter().filter(|&&t| t == close).count(), 0, "{ids:?}");
     assert_eq!(ids[ids.len() - 2], open);
     assert!(tok.decode(&ids).contains("x</think>Answer: 5"));
+}
+
+/// DeepSeek-R1's and QwQ's templates end the generation prompt with `<think>\n`: the model
+/// writes its reasoning and then only the closing marker, so the reply's parser starts in
+/// the reasoning block. A prompt whose think blocks are all closed starts outside it.
+#[test]
+fn a_prompt_that_opens_the_reasoning_starts_the_reply_in_it() {
+    let tok = qwen3_style_tokenizer();
+    let mut s = spec();
+    s.template = CHATML.replace("assistant\n' }}", "assistant\n<think>\n' }}");
+    s.think = Some(["<think>".into(), "</think>".into()]);
+    let f = ChatFormat::from_spec(tok.clone(), &s).unwrap();
+    let prompt = f.render(&[Message::new(Role::User, "2+2?")]).unwrap();
+    let close = tok.special("</think>").unwrap();
+    let reply: Vec<u32> = [tok.encode("add them"), vec![close], tok.encode("4")].concat();
+    let run = |prompt: &[u32]| {
+        let mut p = f.parser(prompt, vec![]);
+        let (mut reasoning, mut content) = (String::new(), String::new());
+        for &id in &reply {
+            let d = p.push(id);
+            reasoning += &d.reasoning;
+            content += &d.content;
+        }
+        let d = p.finish();
+        (reasoning + &d.reasoning, content + &d.content)
+    };
+    assert_eq!(run(&prompt), ("add them".into(), "4".into()));
+    // the same reply after a prompt without an open block: all of it is the answer's text
+    let plain = ChatFormat::from_spec(tok.clone(), &spec()).unwrap();
+    let prompt = plain.render(&[Message::new(Role::User, "2+2?")]).unwrap();
+    assert_eq!(run(&prompt).0, "");
 }

@@ -578,7 +578,7 @@ pub async fn chat_completions(
     .await?;
     let mut job = common.job(&state, prompt, usize::MAX)?;
     job.logprobs = logprobs;
-    let parser = state.chat.parser(job.stops.clone());
+    let parser = state.chat.parser(&job.prompt, job.stops.clone());
     respond(state, caller, Kind::Chat, job, parser).await
 }
 
