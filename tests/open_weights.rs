@@ -443,6 +443,17 @@ fn smollm2_from_its_gguf_fine_tunes_a_few_steps() {
 /// A copy of `bytes` with the ggml type of tensor `name` (its header entry) set to `ty`, or
 /// its name replaced by `rename` (same length).
 fn patch_gguf(bytes: &[u8], name: &str, ty: Option<u32>, rename: Option<&str>) -> Vec<u8> {
+    patch_gguf_dims(bytes, name, ty, rename, None)
+}
+
+/// [`patch_gguf`], also setting the tensor's dims to `dims` (as many as it has).
+fn patch_gguf_dims(
+    bytes: &[u8],
+    name: &str,
+    ty: Option<u32>,
+    rename: Option<&str>,
+    dims: Option<&[u64]>,
+) -> Vec<u8> {
     let mut b = bytes.to_vec();
     let mut key = (name.len() as u64).to_le_bytes().to_vec();
     key.extend(name.as_bytes());
@@ -455,10 +466,17 @@ fn patch_gguf(bytes: &[u8], name: &str, ty: Option<u32>, rename: Option<&str>) -
         assert_eq!(r.len(), name.len());
         b[at + 8..end].copy_from_slice(r.as_bytes());
     }
+    let nd = u32::from_le_bytes(b[end..end + 4].try_into().unwrap()) as usize;
     if let Some(t) = ty {
-        let dims = u32::from_le_bytes(b[end..end + 4].try_into().unwrap()) as usize;
-        let p = end + 4 + 8 * dims;
+        let p = end + 4 + 8 * nd;
         b[p..p + 4].copy_from_slice(&t.to_le_bytes());
+    }
+    if let Some(d) = dims {
+        assert_eq!(d.len(), nd);
+        for (i, v) in d.iter().enumerate() {
+            let p = end + 4 + 8 * i;
+            b[p..p + 8].copy_from_slice(&v.to_le_bytes());
+        }
     }
     b
 }
@@ -470,8 +488,25 @@ fn bad_gguf_files_are_refused_in_one_line_and_nothing_is_written() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/export-gguf/dense.gguf"),
     )
     .unwrap();
-    let cases: [(&str, Vec<u8>, &str); 4] = [
+    let cases: [(&str, Vec<u8>, &str); 7] = [
         ("truncated", good[..good.len() / 2].to_vec(), "truncated"),
+        // corrupt dimensions (these panicked: a division by zero undoing the q rows' RoPE
+        // order, K-quant rows of no whole block)
+        (
+            "zero-dim",
+            patch_gguf_dims(&good, "blk.0.attn_q.weight", None, None, Some(&[32, 0])),
+            "zero dimension",
+        ),
+        (
+            "short-q",
+            patch_gguf_dims(&good, "blk.0.attn_q.weight", None, None, Some(&[16, 1])),
+            "q_proj",
+        ),
+        (
+            "k-quant-rows",
+            patch_gguf(&good, "blk.0.ffn_gate.weight", Some(12), None),
+            "not whole 256-element",
+        ),
         ("header-only", good[..40].to_vec(), "truncated"),
         (
             "unknown-type",

@@ -137,7 +137,10 @@ impl<'a> Reader<'a> {
                         format!("truncated GGUF: {what} claims {n} elements"),
                     ));
                 }
-                let mut v = Vec::with_capacity(n as usize);
+                // (reserved for at most what the rest of the file could hold at 8 bytes an
+                // element: a corrupt count cannot ask for a huge allocation up front)
+                let room = (self.b.len() - self.at) / 8;
+                let mut v = Vec::with_capacity((n as usize).min(room));
                 for _ in 0..n {
                     v.push(self.value(ety, what, depth + 1)?);
                 }
@@ -224,7 +227,7 @@ impl GgufFile {
             data_at,
         };
         for t in &f.tensors {
-            let size = super::quant::byte_size(t.ggml_type, t.n_elements(), &t.name)
+            let size = super::quant::tensor_bytes(t.ggml_type, &t.dims, &t.name)
                 .map_err(|m| ferr(path, m))?;
             let end = (f.data_at as u64)
                 .checked_add(t.offset)

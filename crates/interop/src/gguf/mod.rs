@@ -630,6 +630,17 @@ fn load_weights(
             ) else {
                 return Ok(None);
             };
+            if g.len() != u.len() || !g.len().is_multiple_of(c.n_experts) {
+                return Err(ferr(
+                    &f.path,
+                    format!(
+                        "blk.{l}.ffn_gate_exps ({} values) and ffn_up_exps ({}) do not split into {} experts alike",
+                        g.len(),
+                        u.len(),
+                        c.n_experts
+                    ),
+                ));
+            }
             let per = g.len() / c.n_experts;
             let mut v = Vec::with_capacity(2 * g.len());
             for e in 0..c.n_experts {
@@ -651,7 +662,9 @@ fn load_weights(
         } else {
             0
         };
-        Ok(Some(if heads > 0 && arch.pairs_adjacent() {
+        // (a tensor not of whole heads is left as it is, for the shape check to name)
+        let whole = heads > 0 && !w.is_empty() && w.len().is_multiple_of(heads * c.head_dim());
+        Ok(Some(if whole && arch.pairs_adjacent() {
             unpermute(&w, heads, w.len() / (heads * c.head_dim()))
         } else {
             w

@@ -91,6 +91,30 @@ pub fn byte_size(t: u32, n: u64, name: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("tensor {name}: size overflows"))
 }
 
+/// The byte size of a tensor of type `t` and ggml dims `dims` (`dims[0]` the row length),
+/// checking what ggml requires of them: no zero dimension, rows of whole blocks, and an
+/// element count that fits.
+pub fn tensor_bytes(t: u32, dims: &[u64], name: &str) -> Result<u64, String> {
+    if dims.contains(&0) {
+        return Err(format!("tensor {name} has a zero dimension ({dims:?})"));
+    }
+    let n = dims
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d))
+        .filter(|&n| n <= isize::MAX as u64 / 4)
+        .ok_or_else(|| format!("tensor {name}: dimensions {dims:?} are too large"))?;
+    let size = byte_size(t, n, name)?;
+    let be = block(t).map_or(1, |b| b.0) as u64;
+    if !dims.first().is_some_and(|d| d.is_multiple_of(be)) {
+        return Err(format!(
+            "tensor {name}: rows of {} elements are not whole {be}-element {} blocks",
+            dims.first().copied().unwrap_or(0),
+            type_name(t)
+        ));
+    }
+    Ok(size)
+}
+
 fn h(b: &[u8]) -> f32 {
     f16::from_le_bytes([b[0], b[1]]).to_f32()
 }
