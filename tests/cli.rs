@@ -143,4 +143,19 @@ fn bad_config_is_one_line_error_naming_field() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("presets: tiny, small-dense, small-moe"));
     let out = moelab().args(["bench", "train"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "usage errors exit with 2");
+    // a zero context length (divided by once) is refused before the run is read
+    let out = moelab()
+        .args([
+            "eval",
+            "--run",
+            "no-run",
+            "--task",
+            "passkey",
+            "--context",
+            "0,128",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--context"));
 }

@@ -452,6 +452,25 @@ fn serve_reports_bad_setups() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // server-wide defaults a request could not give are refused at start, naming the flag
+    for (flag, v) in [
+        ("--temperature", "3"),
+        ("--max-tokens-cap", "0"),
+        ("--slots", "0"),
+    ] {
+        let out = moelab(&[
+            "serve",
+            "--run",
+            trained_run().to_str().unwrap(),
+            "--keys-db",
+            d.join("k3.db").to_str().unwrap(),
+            flag,
+            v,
+        ]);
+        assert!(!out.status.success(), "{flag} {v}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(flag), "{flag} {v}: {err}");
+    }
     std::fs::write(d.join("junk.db"), b"this is not a database").unwrap();
     let out = moelab(&["keys", "list", "--db", d.join("junk.db").to_str().unwrap()]);
     assert!(!out.status.success());

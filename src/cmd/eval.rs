@@ -302,6 +302,9 @@ fn eval_passkey(a: &EvalArgs) -> Result<()> {
     if n == 0 || a.context.is_empty() || a.depths.is_empty() {
         bail!("--n, --context and --depths need at least one value each");
     }
+    if a.context.contains(&0) {
+        bail!("--context: every length must be at least 1 token");
+    }
     if let Some(d) = a.depths.iter().find(|d| !(0.0..=100.0).contains(*d)) {
         bail!("--depths {d}: depths are percentages, 0 to 100");
     }

@@ -92,6 +92,14 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if a.max_connections == 0 {
         bail!("--max-connections must be at least 1");
     }
+    if a.max_tokens_cap == 0 {
+        bail!("--max-tokens-cap must be at least 1");
+    }
+    // (the requests' own limit: a default outside it failed every request that did not set
+    // one, with an error about a field the client never sent)
+    if !(0.0..=2.0).contains(&a.temperature) {
+        bail!("--temperature {} must be between 0 and 2", a.temperature);
+    }
     let header_timeout = seconds("--header-timeout", a.header_timeout)?;
     let body_timeout = seconds("--body-timeout", a.body_timeout)?;
     let cfg = r.cfg.clone();

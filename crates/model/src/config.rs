@@ -643,7 +643,7 @@ impl Config {
             }
         }
         if !positive(t.eps) {
-            return Err(cfg_err("train.eps", "must be > 0"));
+            return Err(cfg_err("train.eps", "must be a finite number > 0"));
         }
         if !(t.muon_lr.is_finite() && t.muon_lr > 0.0) {
             return Err(cfg_err(
@@ -691,21 +691,23 @@ impl Config {
                 } else {
                     "train.weight_decay"
                 },
-                "must be >= 0",
+                "must be a finite number >= 0",
             ));
         }
         Ok(())
     }
 }
 
-/// True for x > 0 (false for NaN).
+/// True for finite x > 0 (false for NaN and infinity: `init_std = inf` is valid TOML, and a
+/// config.json's 1e39 rounds to an infinite f32; either would panic deep in the run or
+/// train to NaN).
 fn positive(x: f32) -> bool {
-    x > 0.0
+    x.is_finite() && x > 0.0
 }
 
-/// True for x >= 0 (false for NaN).
+/// True for finite x >= 0 (false for NaN and infinity).
 fn non_negative(x: f32) -> bool {
-    x >= 0.0
+    x.is_finite() && x >= 0.0
 }
 
 /// At most `max` characters of `s`, with "..." where it was cut.
@@ -854,10 +856,10 @@ impl ModelConfig {
             r.validate()?;
         }
         if !positive(self.rope_theta) {
-            return Err(cfg_err("model.rope_theta", "must be > 0"));
+            return Err(cfg_err("model.rope_theta", "must be a finite number > 0"));
         }
         if !positive(self.norm_eps) {
-            return Err(cfg_err("model.norm_eps", "must be > 0"));
+            return Err(cfg_err("model.norm_eps", "must be a finite number > 0"));
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(cfg_err(
@@ -866,7 +868,7 @@ impl ModelConfig {
             ));
         }
         if !positive(self.init_std) {
-            return Err(cfg_err("model.init_std", "must be > 0"));
+            return Err(cfg_err("model.init_std", "must be a finite number > 0"));
         }
         if self.moe_every == 0 {
             return Err(cfg_err("model.moe_every", "must be at least 1"));
@@ -967,13 +969,19 @@ impl ModelConfig {
                 ));
             }
             if !non_negative(self.aux_loss_coef) {
-                return Err(cfg_err("model.aux_loss_coef", "must be >= 0"));
+                return Err(cfg_err(
+                    "model.aux_loss_coef",
+                    "must be a finite number >= 0",
+                ));
             }
             if !non_negative(self.z_loss_coef) {
-                return Err(cfg_err("model.z_loss_coef", "must be >= 0"));
+                return Err(cfg_err("model.z_loss_coef", "must be a finite number >= 0"));
             }
             if !non_negative(self.bias_update_rate) {
-                return Err(cfg_err("model.bias_update_rate", "must be >= 0"));
+                return Err(cfg_err(
+                    "model.bias_update_rate",
+                    "must be a finite number >= 0",
+                ));
             }
         }
         Ok(())

@@ -358,3 +358,33 @@ fn sliding_windows_validate_and_round_trip_through_hugging_face_configs() {
         .unwrap_err();
     assert!(e.to_string().contains("block 2 does not exist"), "{e}");
 }
+
+/// Infinite values are valid TOML (`inf`) and a config.json's 1e39 rounds to an infinite f32:
+/// refused as the field's error, not a panic once the run dir exists (`init_std`) or a run
+/// that trains to NaN (the others).
+#[test]
+fn infinite_floats() {
+    for (section, field) in [
+        ("[model]", "init_std"),
+        ("[model]", "norm_eps"),
+        ("[model]", "rope_theta"),
+        ("[train]", "eps"),
+        ("[train]", "weight_decay"),
+        ("[train]", "grad_clip"),
+    ] {
+        let name = format!("{}.{field}", &section[1..section.len() - 1]);
+        for v in ["inf", "-inf", "nan"] {
+            refused(
+                |t| {
+                    let kept: Vec<&str> = t
+                        .lines()
+                        .filter(|l| l.split('=').next().map(str::trim) != Some(field))
+                        .collect();
+                    kept.join("\n")
+                        .replace(section, &format!("{section}\n{field} = {v}"))
+                },
+                &name,
+            );
+        }
+    }
+}
