@@ -170,6 +170,25 @@ impl<K: Copy> Batch<K> {
         Ok(())
     }
 
+    /// Drops the sequence `key` (its slot frees; nothing more is reported for it). False
+    /// when no active sequence has that key.
+    pub fn cancel(&mut self, key: K) -> bool
+    where
+        K: PartialEq,
+    {
+        match self
+            .active
+            .iter()
+            .position(|a| a.as_ref().is_some_and(|a| a.key == key))
+        {
+            Some(s) => {
+                self.active[s] = None;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// One decode step over every active sequence: a sequence still reading its prompt is
     /// fed its next chunk (the prompts share [`PREFILL_CHUNK`] extra rows per step, in slot
     /// order), the others their next token. `on(key, event)` receives each generated token

@@ -6,7 +6,7 @@
 //!
 //! What it is not: HTTP, tokenization or the chat template (see `chat.rs`).
 
-use crate::batch::{Batch, Event, Seq};
+use crate::batch::{Batch, Event, Finish, Seq};
 use model::quant::QuantWeights;
 use model::ModelConfig;
 use std::collections::{HashMap, VecDeque};
@@ -17,6 +17,12 @@ use std::thread::JoinHandle;
 /// Receives a request's events on the engine thread: every token, then one `Done`.
 /// Returning `false` from a token cancels the request. Keep it cheap (it runs between steps).
 pub type Sink = Box<dyn FnMut(Event) -> bool + Send>;
+
+/// Whether a request's client is still there (e.g. its channel's receiver is open). Checked
+/// between steps while the request waits in the queue or reads its prompt, when no token
+/// goes to its sink: a client that left gives up its place in the queue at once and stops
+/// its prefill, instead of holding both until its first token. Keep it cheap.
+pub type Alive = Box<dyn Fn() -> bool + Send>;
 
 #[derive(Clone, Copy, Debug)]
 pub struct EngineConfig {
@@ -73,6 +79,7 @@ pub struct Stats {
 struct Job {
     seq: Seq,
     sink: Sink,
+    alive: Option<Alive>,
 }
 
 pub struct Engine {
@@ -131,6 +138,16 @@ impl Engine {
 
     /// Queues a sequence; its events go to `sink` on the engine thread.
     pub fn submit(&self, seq: Seq, sink: Sink) -> Result<(), SubmitError> {
+        self.submit_watched(seq, sink, None)
+    }
+
+    /// [`Engine::submit`], cancelling the request as soon as `alive` says its client left.
+    pub fn submit_watched(
+        &self,
+        seq: Seq,
+        sink: Sink,
+        alive: Option<Alive>,
+    ) -> Result<(), SubmitError> {
         let context = self.cfg.max_seq_len;
         if seq.prompt.is_empty() {
             return Err(SubmitError::Empty);
@@ -150,7 +167,7 @@ impl Engine {
             self.shared.queued.fetch_sub(1, Relaxed);
             return Err(SubmitError::QueueFull(waiting));
         }
-        tx.send(Job { seq, sink }).map_err(|_| {
+        tx.send(Job { seq, sink, alive }).map_err(|_| {
             self.shared.queued.fetch_sub(1, Relaxed);
             SubmitError::Stopped
         })
@@ -194,6 +211,7 @@ fn run(
     batch.set_quant(quant);
     batch.set_kv_type(ec.kv);
     let mut sinks: HashMap<u64, Sink> = HashMap::new();
+    let mut alives: HashMap<u64, Alive> = HashMap::new();
     let mut pending: VecDeque<Job> = VecDeque::new();
     let mut next_id = 0u64;
     loop {
@@ -207,6 +225,27 @@ fn run(
         while let Ok(j) = rx.try_recv() {
             pending.push_back(j);
         }
+        // clients that left: out of the queue, and out of the batch while reading the prompt
+        let queued = pending.len();
+        pending.retain_mut(|j| {
+            let here = j.alive.as_ref().is_none_or(|a| a());
+            if !here {
+                (j.sink)(Event::Done(Finish::Cancelled));
+            }
+            here
+        });
+        shared.queued.fetch_sub(queued - pending.len(), Relaxed);
+        alives.retain(|id, a| {
+            if a() {
+                return true;
+            }
+            if batch.cancel(*id) {
+                if let Some(mut sink) = sinks.remove(id) {
+                    sink(Event::Done(Finish::Cancelled));
+                }
+            }
+            false
+        });
         while !batch.is_full() {
             let Some(mut job) = pending.pop_front() else {
                 break;
@@ -217,6 +256,9 @@ fn run(
             match batch.admit(id, job.seq) {
                 Ok(()) => {
                     sinks.insert(id, job.sink);
+                    if let Some(a) = job.alive {
+                        alives.insert(id, a);
+                    }
                 }
                 Err(f) => {
                     (job.sink)(Event::Done(f));
@@ -236,6 +278,7 @@ fn run(
             generated += token as u64;
             if done {
                 sinks.remove(&id);
+                alives.remove(&id);
             }
             keep
         });

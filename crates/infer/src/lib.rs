@@ -14,6 +14,6 @@ pub mod tasks;
 pub mod template;
 
 pub use batch::{Event, Finish, Seq, TokenLogprobs};
-pub use engine::{Engine, EngineConfig, Sink, Stats, SubmitError};
+pub use engine::{Alive, Engine, EngineConfig, Sink, Stats, SubmitError};
 pub use generate::{generate, Generated, Request};
 pub use sampling::{Sampler, SamplingParams};

@@ -262,3 +262,92 @@ fn long_prompts_split_across_steps_equal_one_at_a_time() {
         }
     }
 }
+
+/// A request whose client left (its `alive` check false) gives up its place in the queue at
+/// the engine's next step, without a token, and a running one whose sink never hears of the
+/// client (still reading its prompt) is dropped from the batch at the next step too.
+#[test]
+fn requests_whose_clients_left_leave_the_queue_and_the_batch() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let cfg = Config::from_toml(include_str!("../../../configs/tiny.toml")).unwrap();
+    let params = Model::new(&cfg.model, 1, 1, 9).params;
+    let reqs = requests(cfg.model.vocab_size as u32);
+    let engine = Engine::start(
+        &cfg.model,
+        params,
+        EngineConfig {
+            slots: 1,
+            max_queue: 4,
+            ..Default::default()
+        },
+    );
+    let seq = |max_tokens| Seq {
+        prompt: reqs[1].prompt.clone(),
+        params: reqs[1].params,
+        max_tokens,
+        stop: vec![],
+        logprobs: None,
+    };
+    // the only slot's request lets one token through per message on `gate`
+    let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+    let gate = std::sync::Mutex::new(gate_rx);
+    engine
+        .submit(
+            seq(6),
+            Box::new(move |_| {
+                let _ = gate.lock().unwrap().recv();
+                true
+            }),
+        )
+        .unwrap();
+    while engine.stats().active == 0 {
+        std::thread::yield_now();
+    }
+    let here = Arc::new(AtomicBool::new(true));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = here.clone();
+    engine
+        .submit_watched(
+            seq(4),
+            Box::new(move |ev| tx.send(ev).is_ok()),
+            Some(Box::new(move || h.load(Ordering::Relaxed))),
+        )
+        .unwrap();
+    assert_eq!(engine.stats().queued, 1);
+    here.store(false, Ordering::Relaxed);
+    gate_tx.send(()).unwrap(); // one step of the running request
+    let ev = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("an event for the queued request");
+    assert!(matches!(ev, Event::Done(Finish::Cancelled)), "{ev:?}");
+    let t = std::time::Instant::now();
+    while engine.stats().queued != 0 {
+        assert!(t.elapsed().as_secs() < 20, "the queue place was not freed");
+        std::thread::yield_now();
+    }
+    assert_eq!(engine.stats().active, 1, "the running request goes on");
+    drop(gate_tx);
+    while engine.stats().active != 0 {
+        std::thread::yield_now();
+    }
+    // admitted at once (the slot is free), then its client gone: at most the token of the
+    // step that admitted it
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    engine
+        .submit_watched(
+            seq(40),
+            Box::new(move |ev| tx.send(ev).is_ok()),
+            Some(Box::new(move || c.fetch_add(1, Ordering::Relaxed) == 0)),
+        )
+        .unwrap();
+    let (toks, finish) = collect(rx);
+    assert_eq!(finish, Finish::Cancelled);
+    assert!(
+        toks.len() <= 2,
+        "{} tokens after the client left",
+        toks.len()
+    );
+}

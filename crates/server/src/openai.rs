@@ -343,6 +343,10 @@ fn submit(
     job: &Job,
 ) -> Result<UnboundedReceiver<Event>, ApiError> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    // a client that disconnects drops the receiver: its request leaves the queue, or stops
+    // its prefill, at the engine's next step
+    let watch = tx.clone();
+    let alive: infer::Alive = Box::new(move || !watch.is_closed());
     let prompt_tokens = job.prompt.len();
     let (ledger, metrics, key_id) = (state.ledger(), state.metrics.clone(), caller.key_id);
     let start = Instant::now();
@@ -384,20 +388,23 @@ fn submit(
         stop: state.chat.stop_tokens(),
         logprobs: job.logprobs,
     };
-    state.engine.submit(seq, sink).map_err(|e| match e {
-        infer::SubmitError::QueueFull(_) => ApiError::rate_limited(
-            format!("the server is busy ({e}); retry shortly"),
-            "queue_full",
-        ),
-        infer::SubmitError::TooLong { .. } | infer::SubmitError::Empty => {
-            ApiError::invalid(e.to_string()).code("context_length_exceeded")
-        }
-        infer::SubmitError::Stopped => ApiError::new(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            "the server is shutting down",
-        ),
-    })?;
+    state
+        .engine
+        .submit_watched(seq, sink, Some(alive))
+        .map_err(|e| match e {
+            infer::SubmitError::QueueFull(_) => ApiError::rate_limited(
+                format!("the server is busy ({e}); retry shortly"),
+                "queue_full",
+            ),
+            infer::SubmitError::TooLong { .. } | infer::SubmitError::Empty => {
+                ApiError::invalid(e.to_string()).code("context_length_exceeded")
+            }
+            infer::SubmitError::Stopped => ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "the server is shutting down",
+            ),
+        })?;
     Ok(rx)
 }
 
