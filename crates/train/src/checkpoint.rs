@@ -200,10 +200,32 @@ pub fn check(dir: &Path) -> Result<State> {
     Ok(st)
 }
 
+/// Removes the temp dirs of interrupted checkpoint writes (`.tmp-step-N-PID`) other than this
+/// process's own. Only for the holder of the run's lock ([`crate::lock::RunLock`]): no other
+/// process writes checkpoints then.
+///
+/// NOTE: readers (`sample`, `eval`, `serve`, `export`) used to remove the temp dirs whose PID
+/// was not alive. A PID says nothing across PID namespaces or hosts (a login node looking at
+/// a cluster job's run dir, the host looking into a container's): they removed a live
+/// trainer's checkpoint mid-write and stopped its run. They only skip temp dirs now.
+pub fn remove_stale_temp(run: &Path) {
+    let root = run.join("checkpoints");
+    let Ok(rd) = std::fs::read_dir(&root) else {
+        return;
+    };
+    let own = format!("-{}", std::process::id());
+    for e in rd.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with(".tmp-") && !n.ends_with(&own) {
+            let _ = std::fs::remove_dir_all(root.join(n));
+        }
+    }
+}
+
 /// The newest checkpoint of a run that passes [`check`]: the one `latest` names, or, when
 /// that one is damaged (a truncated or corrupted file), the newest older one that is intact.
-/// Also returns a note on each damaged checkpoint passed over. Leftover temp dirs of
-/// interrupted writes are removed.
+/// Also returns a note on each damaged checkpoint passed over. Temp dirs of checkpoint writes
+/// (finished or not) are skipped, never removed here (see [`remove_stale_temp`]).
 pub fn latest_good(run: &Path) -> Result<Option<(PathBuf, Vec<String>)>> {
     let root = run.join("checkpoints");
     let mut names: Vec<String> = match std::fs::read_dir(&root) {
@@ -212,14 +234,6 @@ pub fn latest_good(run: &Path) -> Result<Option<(PathBuf, Vec<String>)>> {
             .collect(),
         Err(_) => return Ok(None),
     };
-    // NOTE: only temp dirs of dead writers (`.tmp-step-N-PID`): `sample`, `eval` or `serve`
-    // may look at a run that is still training, mid-way through writing a checkpoint
-    for n in names.iter().filter(|n| n.starts_with(".tmp-")) {
-        let pid = n.rsplit('-').next().and_then(|p| p.parse::<i32>().ok());
-        if pid.is_none_or(|p| !crate::lock::pid_alive(p)) {
-            let _ = std::fs::remove_dir_all(root.join(n));
-        }
-    }
     names.retain(|n| n.starts_with("step-"));
     names.sort();
     names.reverse();
@@ -296,4 +310,34 @@ pub fn describe_section_diff<T: serde::Serialize>(
         }
     }
     format!("{section} sections differ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Readers skip temp dirs of checkpoint writes and never remove them (a PID that is not
+    /// alive here may be a live trainer in another PID namespace or on another host); the
+    /// lock holder removes every one but its own.
+    #[test]
+    fn only_the_lock_holder_removes_temp_dirs() {
+        let run = std::env::temp_dir().join(format!("moelab-ckpt-temp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&run);
+        let root = run.join("checkpoints");
+        let other = root.join(".tmp-step-0000002-999999999");
+        let own = root.join(format!(".tmp-step-0000003-{}", std::process::id()));
+        for d in [&other, &own] {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(d.join("state.json"), b"{}").unwrap();
+        }
+        assert!(latest_good(&run).unwrap().is_none());
+        assert!(
+            other.exists() && own.exists(),
+            "a reader removed a temp dir"
+        );
+        remove_stale_temp(&run);
+        assert!(!other.exists(), "a dead writer's temp dir is left");
+        assert!(own.exists(), "this process's own write was removed");
+        let _ = std::fs::remove_dir_all(&run);
+    }
 }

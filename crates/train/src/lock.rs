@@ -97,10 +97,3 @@ pub fn check_free(run: &Path) -> Result<()> {
     }
     Err(in_use(run, &read_pid(&mut f)))
 }
-
-/// Whether process `pid` exists (on this machine).
-pub(crate) fn pid_alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only asks whether the process exists.
-    let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}

@@ -438,6 +438,7 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
         if writer {
             std::fs::create_dir_all(&spec.run_dir).map_err(io_err(&spec.run_dir))?;
             _lock = Some(crate::lock::RunLock::acquire(&spec.run_dir)?);
+            checkpoint::remove_stale_temp(&spec.run_dir);
             // again under the lock: another process may have started since the first check
             let plan = check_run_dir(spec, &ds, &rec, false)?;
             write_run_dir(spec, &ds.tokenizer_json, plan)?;
