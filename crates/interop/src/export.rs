@@ -151,8 +151,21 @@ pub fn write_hf(
     let _ = std::fs::remove_dir_all(&tmp);
     let res = (|| -> Result<()> {
         std::fs::create_dir_all(&tmp).map_err(|e| ferr(&tmp, e.to_string()))?;
+        // each file synced, then the dir and (after the rename) its parent: a finished export
+        // does not come back after a power loss with an empty model.safetensors
         let put = |f: &str, b: &[u8]| {
-            std::fs::write(tmp.join(f), b).map_err(|e| ferr(tmp.join(f), e.to_string()))
+            let p = tmp.join(f);
+            std::fs::File::create(&p)
+                .and_then(|mut w| {
+                    use std::io::Write;
+                    w.write_all(b).and_then(|()| w.sync_all())
+                })
+                .map_err(|e| ferr(&p, e.to_string()))
+        };
+        let sync_dir = |d: &std::path::Path| {
+            std::fs::File::open(d)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| ferr(d, e.to_string()))
         };
         put(
             "config.json",
@@ -172,7 +185,10 @@ pub fn write_hf(
             "generation_config.json",
             serde_json::to_string_pretty(&gen).expect("json").as_bytes(),
         )?;
-        std::fs::rename(&tmp, out).map_err(|e| ferr(out, format!("cannot move into place ({e})")))
+        sync_dir(&tmp)?;
+        std::fs::rename(&tmp, out)
+            .map_err(|e| ferr(out, format!("cannot move into place ({e})")))?;
+        sync_dir(&parent)
     })();
     if res.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);

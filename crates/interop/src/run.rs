@@ -103,8 +103,14 @@ pub fn write_run(out: &Path, imp: &Imported) -> Result<()> {
     std::fs::create_dir_all(&parent).map_err(|e| ferr(&parent, e.to_string()))?;
     let tmp = parent.join(format!(".{name}.import-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
+    // the run dir's files are written through checkpoints and write_atomic (each synced); the
+    // moved dir's entry is synced in its parent
     let res = write_into(&tmp, imp).and_then(|_| {
-        std::fs::rename(&tmp, out).map_err(|e| ferr(out, format!("cannot move into place ({e})")))
+        std::fs::rename(&tmp, out)
+            .map_err(|e| ferr(out, format!("cannot move into place ({e})")))?;
+        std::fs::File::open(&parent)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| ferr(&parent, e.to_string()))
     });
     if res.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);

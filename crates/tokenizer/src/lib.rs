@@ -282,7 +282,16 @@ impl Tokenizer {
             path: path.into(),
             msg: e.to_string(),
         };
-        std::fs::write(&tmp, json).map_err(ferr)?;
+        // synced before the rename: the data dir's meta.json (synced) vouches for this file's
+        // hash, so after a power loss it must not come back empty
+        let written = std::fs::File::create(&tmp).and_then(|mut f| {
+            use std::io::Write;
+            f.write_all(json.as_bytes()).and_then(|()| f.sync_all())
+        });
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(ferr(e));
+        }
         std::fs::rename(&tmp, path).map_err(ferr)
     }
 
