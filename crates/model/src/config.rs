@@ -812,6 +812,51 @@ impl ModelConfig {
                 return Err(cfg_err(name, "must be at least 1"));
             }
         }
+        // NOTE: bounds far past any real model, so that a corrupt or mistyped size (a GGUF's
+        // block_count with a flipped bit, d_model = 1000000000) is this error and not an
+        // allocation that aborts the process, or a layout of billions of tensors, after the
+        // run dir exists
+        let bounded = [
+            ("model.vocab_size", self.vocab_size, 1 << 24),
+            ("model.d_model", self.d_model, 1 << 16),
+            ("model.n_layers", self.n_layers, 1 << 12),
+            ("model.n_heads", self.n_heads, 1 << 12),
+            ("model.n_kv_heads", self.n_kv_heads, 1 << 12),
+            ("model.head_dim", self.head_dim.unwrap_or(0), 1 << 12),
+            ("model.max_seq_len", self.max_seq_len, 1 << 24),
+            ("model.ffn_hidden", self.ffn_hidden, 1 << 20),
+            ("model.expert_hidden", self.expert_hidden, 1 << 20),
+        ];
+        for (name, v, max) in bounded {
+            if v > max {
+                return Err(cfg_err(
+                    name,
+                    format!("{v} is more than moelab supports ({max})"),
+                ));
+            }
+        }
+        // the matrices' sizes (embedding and head, attention, the widest FFN), bounded by what
+        // a process can hold
+        let (v, c, l) = (
+            self.vocab_size as u128,
+            self.d_model as u128,
+            self.n_layers as u128,
+        );
+        let hd = self.head_dim.unwrap_or(self.d_model / self.n_heads.max(1)) as u128;
+        let attn = c * hd * (2 * self.n_heads as u128 + 2 * self.n_kv_heads as u128);
+        let ffn = 3
+            * c
+            * (self.ffn_hidden as u128).max(
+                (self.n_experts as u128 + self.n_shared_experts as u128)
+                    * self.expert_hidden as u128,
+            );
+        let total = 2 * v * c + l * (attn + ffn);
+        if total > 1 << 38 {
+            return Err(cfg_err(
+                "model",
+                format!("about {total} parameters: more than moelab can hold in memory (2^38)"),
+            ));
+        }
         match self.head_dim {
             Some(d) if d < 2 || !d.is_multiple_of(2) => {
                 return Err(cfg_err(

@@ -388,3 +388,17 @@ fn infinite_floats() {
         }
     }
 }
+
+/// Sizes past any real model (a mistyped width, a GGUF's corrupt block count) are refused
+/// naming the field, not an allocation that aborts once the run dir exists.
+#[test]
+fn sizes_beyond_any_model() {
+    refused(set("d_model", "1000000000"), "model.d_model");
+    refused(set("n_layers", "2147483648"), "model.n_layers");
+    refused(set("vocab_size", "4294967000"), "model.vocab_size");
+    // each size allowed, together too large
+    refused(
+        |t| set("n_layers", "4096")(&set("d_model", "65536")(t)),
+        "parameters",
+    );
+}
