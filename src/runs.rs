@@ -18,7 +18,7 @@ use train::trainer::Init;
 /// generate; `quant` as [`quant_weights`]' flag (`auto`: an imported file's own types).
 pub fn load_reasoner(path: &Path, quant: &str) -> Result<Reasoner> {
     let run = load_run(path)?;
-    let tok = run_tokenizer(path, &run.checkpoint)?;
+    let tok = run_tokenizer(path, &run.checkpoint, run.cfg.model.vocab_size)?;
     let chat = Arc::new(run_chat_format(path, &run.checkpoint, tok.clone())?);
     let source = source_quant(path, &run.checkpoint)?;
     let quant = quant_weights(&run.cfg.model, &run.params, &source, quant)?;
@@ -136,7 +136,7 @@ pub fn load_init(path: &Path) -> Result<InitSource> {
         (imp.config, imp.params, tok, imp.source.sha256, imp.chat)
     } else {
         let run = load_run(path)?;
-        let tok = run_tokenizer(path, &run.checkpoint)?;
+        let tok = run_tokenizer(path, &run.checkpoint, run.cfg.model.vocab_size)?;
         let dir = run_tokenizer_path(path, &run.checkpoint)?;
         let import = dir.with_file_name(interop::run::IMPORT_FILE);
         let sha = std::fs::read(&import)
@@ -224,8 +224,20 @@ pub fn check_data_tokenizer(data: &Path, tok: &Tokenizer) -> Result<()> {
     Ok(())
 }
 
-pub fn run_tokenizer(run: &Path, ckpt: &Path) -> Result<Tokenizer> {
-    Ok(Tokenizer::from_file(&run_tokenizer_path(run, ckpt)?)?)
+/// The tokenizer of a run (checkpoint `ckpt`) whose model has `vocab` embedding rows.
+pub fn run_tokenizer(run: &Path, ckpt: &Path, vocab: usize) -> Result<Tokenizer> {
+    let path = run_tokenizer_path(run, ckpt)?;
+    let tok = Tokenizer::from_file(&path)?;
+    // a token id past the embedding would stop generation mid-reply with an assertion
+    if tok.vocab_size() > vocab {
+        bail!(
+            "{}: the tokenizer has {} tokens but the model's vocabulary is {}",
+            path.display(),
+            tok.vocab_size(),
+            vocab
+        );
+    }
+    Ok(tok)
 }
 
 /// The tokenizer.json of a run dir, or of the run a checkpoint dir belongs to.

@@ -174,6 +174,42 @@ fn issue_11_eval_refuses_data_with_another_tokenizer() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// A run whose tokenizer.json has more tokens than the model's embedding (a swapped file) is
+/// refused when loaded, not stopped by an assertion mid-reply when a token past the
+/// embedding comes up.
+#[test]
+fn a_run_with_a_tokenizer_larger_than_its_model_is_refused() {
+    let d = tmpdir("integrity", "bigtok");
+    let data = prepared_corpus(&d, 5);
+    let cfg = tiny_config(&d, |c| c.replace("steps = 40", "steps = 2"));
+    let run = d.join("run");
+    ok(&train_args(&cfg, &data, &run, &[]));
+    let tok = run.join("tokenizer.json");
+    let mut j: serde_json::Value = serde_json::from_slice(&std::fs::read(&tok).unwrap()).unwrap();
+    let added = j["added_tokens"].as_array_mut().unwrap();
+    for i in 0..600 {
+        added.push(serde_json::json!({
+            "id": 512 + i, "content": format!("<extra_{i}>"), "single_word": false,
+            "lstrip": false, "rstrip": false, "normalized": false, "special": true
+        }));
+    }
+    std::fs::write(&tok, serde_json::to_vec(&j).unwrap()).unwrap();
+    refused(
+        &moelab(&[
+            "sample",
+            "--run",
+            s(&run),
+            "--prompt",
+            "to be",
+            "--max-tokens",
+            "4",
+        ]),
+        1,
+        &["the tokenizer has", "vocabulary is 512"],
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
 #[test]
 fn issue_11_prepare_killed_before_the_end_leaves_the_old_data_dir() {
     let d = tmpdir("integrity", "prepare");

@@ -45,7 +45,7 @@ pub struct SampleArgs {
 
 pub fn run(a: SampleArgs) -> Result<()> {
     let lr = load_run(&a.run)?;
-    let tok = run_tokenizer(&a.run, &lr.checkpoint)?;
+    let tok = run_tokenizer(&a.run, &lr.checkpoint, lr.cfg.model.vocab_size)?;
     // the format's document start and ends: moelab's <|end|> (documents are separated by
     // it in training data, so it also marks a start), an imported model's BOS and EOS
     let chat = run_chat_format(&a.run, &lr.checkpoint, tok.clone())?;

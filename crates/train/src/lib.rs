@@ -87,6 +87,11 @@ pub fn load_run(path: &std::path::Path) -> Result<LoadedRun> {
         },
     };
     cfg.model = state.model.clone();
+    // (a format-1 state.json has no checksum: its model is checked like a config's)
+    cfg.model.validate().map_err(|e| Error::Checkpoint {
+        path: ckpt.clone(),
+        msg: format!("state.json: {e}"),
+    })?;
     let layout = model::Layout::new(&cfg.model);
     let weights = ckpt.join("model.safetensors");
     if let Some(want) = state.files.get("model.safetensors") {
