@@ -80,6 +80,11 @@ pub struct Tokenizer {
     moelab: bool,
 }
 
+/// Text every tokenizer moelab loads must encode: ASCII, control characters, accents, CJK,
+/// an emoji, a private-use and the last code point.
+const ENCODE_PROBE: &str =
+    "The quick brown fox, 42!\t\n\u{0}\u{7f} é ß ǅ 日本語 🙂 \u{e000} \u{10ffff}";
+
 /// Whether an added token's string is markup a chat format would use as a marker: `<...>` or
 /// `[...]`, at least 3 characters, without whitespace (`<think>`, `</tool_call>`, `<|im_end|>`,
 /// `[INST]`; not a run of spaces or a word).
@@ -234,6 +239,15 @@ impl Tokenizer {
                 short(&e)
             ))
         })?;
+        // NOTE: `encode` takes any text (a client's, a corpus's). A tokenizer that cannot
+        // (an unknown token named but not in its vocabulary, a word-level model without
+        // one) is refused here, not found out by the first unusual character of a chat.
+        if let Err(e) = inner.encode_fast(ENCODE_PROBE, false) {
+            return Err(ferr(format!(
+                "cannot encode arbitrary text ({}); moelab needs a tokenizer that encodes any UTF-8",
+                short(&e)
+            )));
+        }
         Ok(Tokenizer::wrap(inner))
     }
 

@@ -196,3 +196,23 @@ fn text_stream_equals_the_full_decoding() {
     let got: String = ids.iter().map(|&i| s.push(&tok, i)).collect();
     assert_eq!(got + &s.finish(&tok), "Hello world! world");
 }
+
+/// A tokenizer.json that cannot encode every text (its unknown token is not in its
+/// vocabulary) is refused when loaded, not found out by a chat's first unusual character
+/// (`encode` would panic there); the same file with its unknown token present loads.
+#[test]
+fn a_tokenizer_that_cannot_encode_any_text_is_refused() {
+    let json = |unk: &str| {
+        format!(
+            r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":{{"type":"Whitespace"}},"post_processor":null,"decoder":null,"model":{{"type":"WordLevel","vocab":{{"hello":0,"[UNK]":1}},"unk_token":"{unk}"}}}}"#
+        )
+    };
+    let p = std::path::Path::new("tokenizer.json");
+    let e = Tokenizer::from_bytes(p, json("[MISSING]").as_bytes())
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("cannot encode arbitrary text"), "{e}");
+    let t = Tokenizer::from_bytes(p, json("[UNK]").as_bytes()).unwrap();
+    assert_eq!(t.encode("hello world"), vec![0, 1]);
+}
