@@ -209,8 +209,7 @@ fn a_tokenizer_that_cannot_encode_any_text_is_refused() {
     };
     let p = std::path::Path::new("tokenizer.json");
     let e = Tokenizer::from_bytes(p, json("[MISSING]").as_bytes())
-        .err()
-        .expect("refused")
+        .expect_err("refused")
         .to_string();
     assert!(e.contains("cannot encode arbitrary text"), "{e}");
     let t = Tokenizer::from_bytes(p, json("[UNK]").as_bytes()).unwrap();
