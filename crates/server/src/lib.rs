@@ -377,8 +377,10 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
 
 async fn model(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    // (axum's own rejection of a path that is not UTF-8, `/v1/models/%FF`, is plain text)
+    let Path(id) = id.map_err(|e| ApiError::invalid(format!("the model id: {e}")))?;
     if id != state.cfg.model_name {
         return Err(ApiError::not_found(format!(
             "the model {id:?} does not exist; this server serves {:?}",

@@ -576,6 +576,17 @@ pub async fn chat_completions(
             (false, None) => None,
         };
         let messages = to_messages(req.messages)?;
+        // NOTE: every message renders to at least one token; 60,000 empty ones fit in a 1 MiB
+        // body and cost seconds of template rendering and encoding before the context check
+        if messages.len() >= fits.context {
+            return Err(ApiError::invalid(format!(
+                "{} messages: more than this model's context of {} tokens can hold",
+                messages.len(),
+                fits.context
+            ))
+            .code("context_length_exceeded")
+            .param("messages"));
+        }
         fits.check(messages.iter().map(|m| m.content.len()).sum(), "messages")?;
         let prompt = chat
             .render(&messages)

@@ -222,6 +222,12 @@ async fn models_health_metrics_and_the_web_page() {
         StatusCode::NOT_FOUND,
         "does not exist",
     );
+    // a model id that is not UTF-8 gets the API's JSON error, not axum's plain text
+    assert_error(
+        &get("/v1/models/%FF").await,
+        StatusCode::BAD_REQUEST,
+        "the model id",
+    );
     assert_eq!(get("/health").await.1["status"], "ok");
     let (s, page) = get("/").await;
     assert_eq!(s, StatusCode::OK);
@@ -681,4 +687,12 @@ async fn issue_11_a_prompt_that_cannot_fit_is_refused_before_it_is_encoded() {
         assert_eq!(r.1["error"]["code"], "context_length_exceeded");
         eprintln!("{path}: refused in {:?}", t.elapsed());
     }
+    // many tiny messages (each renders to at least one token) are refused by their count,
+    // before the template renders them
+    let many: Vec<Value> = (0..60_000)
+        .map(|_| json!({"role": "user", "content": ""}))
+        .collect();
+    let r = post(&f.app, "/v1/chat/completions", json!({"messages": many})).await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "60000 messages");
+    assert_eq!(r.1["error"]["code"], "context_length_exceeded");
 }
