@@ -53,7 +53,8 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Shard> {
     }
     let vocab_size = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
     let n = u64::from_le_bytes(bytes[16..24].try_into().unwrap()) as usize;
-    if bytes.len() != HEADER + 4 * n {
+    // (checked: a corrupt count of 2^62 wrapped to a size of zero tokens and was accepted)
+    if n.checked_mul(4).and_then(|b| b.checked_add(HEADER)) != Some(bytes.len()) {
         return Err(bad(format!(
             "header says {n} tokens but the file holds {} bytes of tokens (truncated?)",
             bytes.len() - HEADER
@@ -69,4 +70,30 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Shard> {
         )));
     }
     Ok(Shard { vocab_size, tokens })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A header whose token count is corrupt is refused, including counts whose byte size
+    /// wraps around (2^62 tokens of 4 bytes: a size of zero, accepted before as an empty
+    /// shard).
+    #[test]
+    fn corrupt_token_counts_are_refused() {
+        let mut b = MAGIC.to_vec();
+        b.extend(VERSION.to_le_bytes());
+        b.extend(64u32.to_le_bytes());
+        b.extend(2u64.to_le_bytes());
+        b.extend([0u8; 8]);
+        b.extend([1u8, 0, 0, 0, 2, 0, 0, 0]);
+        let p = Path::new("train.bin");
+        assert_eq!(parse(p, &b).unwrap().tokens, vec![1, 2]);
+        for n in [3u64, 1 << 62, u64::MAX] {
+            let mut c = b.clone();
+            c[16..24].copy_from_slice(&n.to_le_bytes());
+            let e = parse(p, &c).err().expect("refused").to_string();
+            assert!(e.contains("header says"), "{n}: {e}");
+        }
+    }
 }

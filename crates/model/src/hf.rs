@@ -279,7 +279,8 @@ pub fn config_from_hf(v: &Value) -> Result<HfModel> {
         usize_of(v, "num_attention_heads")?,
     );
     let head_dim = match field(v, "head_dim") {
-        Some(_) => Some(usize_of(v, "head_dim")?).filter(|&d| heads == 0 || d * heads != c),
+        Some(_) => Some(usize_of(v, "head_dim")?)
+            .filter(|&d| heads == 0 || d.checked_mul(heads) != Some(c)),
         None => None,
     };
     let inter = usize_of(v, "intermediate_size")?;

@@ -519,7 +519,7 @@ fn hf_config(f: &GgufFile, arch: write::Arch, vocab: usize) -> Result<serde_json
                     .and_then(Value::as_bool)
                     .unwrap_or(false));
                 c["shared_expert_intermediate_size"] =
-                    json!(meta_u64(f, &k("expert_shared_count"))? * ff);
+                    json!(meta_u64(f, &k("expert_shared_count"))?.saturating_mul(ff));
             }
             Arch::Qwen3Moe => c["norm_topk_prob"] = json!(true),
             Arch::Llama => {}
