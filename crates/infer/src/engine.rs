@@ -65,6 +65,8 @@ struct Shared {
     /// Sum over steps of the batch size (mean batch size = batched_rows / steps).
     batched_rows: AtomicU64,
     generated: AtomicU64,
+    /// Set by [`Engine::abort`]: the loop cancels every request and ends.
+    abort: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -184,6 +186,14 @@ impl Engine {
         }
     }
 
+    /// Stops taking requests and ends every queued and running one at the next step (each
+    /// reported `Done(Cancelled)`), then joins the worker: a shutdown whose grace period is
+    /// over.
+    pub fn abort(&self) {
+        self.shared.abort.store(true, Relaxed);
+        self.shutdown();
+    }
+
     /// Stops taking requests, lets the queued and running ones finish, joins the worker.
     pub fn shutdown(&self) {
         self.tx.lock().expect("engine lock").take();
@@ -224,6 +234,17 @@ fn run(
         }
         while let Ok(j) = rx.try_recv() {
             pending.push_back(j);
+        }
+        if shared.abort.load(Relaxed) {
+            shared.queued.fetch_sub(pending.len(), Relaxed);
+            for mut j in pending.drain(..) {
+                (j.sink)(Event::Done(Finish::Cancelled));
+            }
+            for (id, mut sink) in sinks.drain() {
+                batch.cancel(id);
+                sink(Event::Done(Finish::Cancelled));
+            }
+            break;
         }
         // clients that left: out of the queue, and out of the batch while reading the prompt
         let queued = pending.len();

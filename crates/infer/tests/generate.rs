@@ -351,3 +351,48 @@ fn requests_whose_clients_left_leave_the_queue_and_the_batch() {
         toks.len()
     );
 }
+
+/// `abort` ends every running and queued request at the next step, each reported
+/// cancelled, and returns: the server's shutdown once its grace period is over.
+#[test]
+fn abort_ends_running_and_queued_requests() {
+    let cfg = Config::from_toml(include_str!("../../../configs/tiny.toml")).unwrap();
+    let params = Model::new(&cfg.model, 1, 1, 9).params;
+    let reqs = requests(cfg.model.vocab_size as u32);
+    let engine = Engine::start(
+        &cfg.model,
+        params,
+        EngineConfig {
+            slots: 1,
+            max_queue: 4,
+            ..Default::default()
+        },
+    );
+    let seq = Seq {
+        prompt: reqs[0].prompt.clone(),
+        params: reqs[0].params,
+        max_tokens: 1_000_000,
+        stop: vec![],
+        logprobs: None,
+    };
+    // a running request slowed to one token per millisecond, and one queued behind it
+    let (tx, running) = std::sync::mpsc::channel();
+    engine
+        .submit(
+            seq.clone(),
+            Box::new(move |ev| {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                tx.send(ev).is_ok()
+            }),
+        )
+        .unwrap();
+    let queued = submit(&engine, seq, usize::MAX).unwrap();
+    while engine.stats().active == 0 {
+        std::thread::yield_now();
+    }
+    engine.abort();
+    let (toks, f) = collect(running);
+    assert_eq!(f, Finish::Cancelled);
+    assert!(toks.len() < 1_000, "{} tokens", toks.len());
+    assert_eq!(collect(queued), (vec![], Finish::Cancelled));
+}

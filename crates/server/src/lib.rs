@@ -129,9 +129,14 @@ impl AppState {
         })
     }
 
-    /// Lets running requests finish, then commits the last ledger records.
-    pub fn shutdown(&self) {
-        self.engine.shutdown();
+    /// Lets running requests finish (with `abort`: ends them at the engine's next step), then
+    /// commits the last ledger records.
+    pub fn shutdown(&self, abort: bool) {
+        if abort {
+            self.engine.abort();
+        } else {
+            self.engine.shutdown();
+        }
         // the engine has dropped every request's sender; with ours gone the writer drains
         // its queue and ends
         self.ledger.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -210,12 +215,18 @@ pub async fn serve(
             std::future::pending::<()>().await;
         }
     };
-    tokio::select! {
-        _ = server => {},
-        _ = expired => eprintln!("shutdown deadline of {deadline:?} passed; closing the remaining connections"),
-    }
+    // NOTE: past the deadline the requests still running are ended (their clients get the
+    // end of their stream): only dropping the accept loop left the engine to finish every
+    // queued and running generation before the process could exit
+    let abort = tokio::select! {
+        _ = server => false,
+        _ = expired => {
+            eprintln!("shutdown deadline of {deadline:?} passed; ending the remaining requests");
+            true
+        }
+    };
     let s = state.clone();
-    let _ = tokio::task::spawn_blocking(move || s.shutdown()).await;
+    let _ = tokio::task::spawn_blocking(move || s.shutdown(abort)).await;
     Ok(())
 }
 

@@ -351,7 +351,7 @@ async fn keys_gate_the_api_and_usage_is_metered_per_key() {
     let health = send(&f.app, "GET", "/health", Body::empty(), None).await;
     assert_eq!(health.0, StatusCode::OK);
     // the ledger is written by a background thread: shut down to flush it, then read it
-    f.state.shutdown();
+    f.state.shutdown(false);
     let u = KeyStore::open(&f.db).unwrap().usage().unwrap();
     let row = |n: &str| {
         u.iter()
@@ -450,7 +450,7 @@ async fn a_client_that_goes_away_cancels_its_generation() {
     let first = body.frame().await.unwrap().unwrap();
     assert!(first.is_data());
     drop(body); // the client hangs up
-    f.state.shutdown(); // waits for the engine, then flushes the ledger
+    f.state.shutdown(false); // waits for the engine, then flushes the ledger
     let conn = rusqlite::Connection::open(&f.db).unwrap();
     let (finish, tokens): (String, i64) = conn
         .query_row(
@@ -565,7 +565,7 @@ async fn issue_11_a_locked_database_neither_stalls_key_checks_nor_loses_usage() 
     lock.execute_batch("ROLLBACK").unwrap();
     // every record is committed once the lock is gone (shutdown flushes the queue)
     let state = f.state.clone();
-    tokio::task::spawn_blocking(move || state.shutdown())
+    tokio::task::spawn_blocking(move || state.shutdown(false))
         .await
         .unwrap();
     let u = KeyStore::open(&f.db).unwrap().usage().unwrap();
