@@ -1001,27 +1001,36 @@ fn logprobs_and_token_id_prompts_are_checked() {
         assert_eq!(status, 400, "{body}: {resp}");
         assert!(resp.contains(needle), "{body}: {resp}");
     }
-    // a streamed chat with logprobs: every content token's entry arrives, in order
+    // a streamed chat with logprobs: an entry for every token of the answer, in order (their
+    // texts join up to the content), none for the reasoning or its markers
     let (status, resp) = srv.request(
         "POST",
         "/v1/chat/completions",
-        r#"{"messages": [{"role": "user", "content": "What is 2 + 3?"}], "max_tokens": 12, "temperature": 0, "logprobs": true, "top_logprobs": 2, "stream": true}"#,
+        r#"{"messages": [{"role": "user", "content": "What is 2 + 3?"}], "max_tokens": 300, "temperature": 0, "logprobs": true, "top_logprobs": 2, "stream": true}"#,
         None,
     );
     assert_eq!(status, 200, "{resp}");
-    let mut n = 0;
+    let (mut n, mut texts, mut content, mut reasoning) = (0, String::new(), String::new(), 0);
     for line in resp.lines().filter_map(|l| l.strip_prefix("data: ")) {
         if line == "[DONE]" {
             continue;
         }
         let v = json(line);
+        let delta = &v["choices"][0]["delta"];
+        content += delta["content"].as_str().unwrap_or("");
+        reasoning += delta["reasoning_content"].as_str().map_or(0, str::len);
         if let Some(c) = v["choices"][0]["logprobs"]["content"].as_array() {
             for e in c {
                 assert_eq!(e["top_logprobs"].as_array().unwrap().len(), 2, "{e}");
                 assert!(e["logprob"].as_f64().unwrap() <= 0.0, "{e}");
+                texts += e["token"].as_str().unwrap();
                 n += 1;
             }
         }
     }
-    assert!(n > 0, "no logprobs in the stream: {resp}");
+    assert!(n > 0 && reasoning > 0, "no answer or no reasoning: {resp}");
+    assert_eq!(
+        texts, content,
+        "the entries' tokens are not the answer's text"
+    );
 }

@@ -325,6 +325,14 @@ impl ReplyParser {
         }
     }
 
+    /// Whether token `id`, just pushed, was text of the answer (not a reasoning token, a
+    /// reasoning marker or a control token): what a chat reply's log-probabilities cover.
+    pub fn was_answer(&self, id: u32) -> bool {
+        self.part == Part::Content
+            && !self.tok.is_control(id)
+            && self.think.is_none_or(|(a, b)| id != a && id != b)
+    }
+
     /// Tokens of the think block so far, its markers included.
     pub fn reasoning_tokens(&self) -> usize {
         self.reasoning_tokens

@@ -417,6 +417,8 @@ struct Reader {
     finish: Option<&'static str>,
     /// Log-probabilities of text tokens not yet returned with a chunk.
     logprobs: Vec<TokenLogprobs>,
+    /// The log-probability of the token reported next (kept when that token is answer text).
+    pending: Option<TokenLogprobs>,
 }
 
 impl Reader {
@@ -428,6 +430,7 @@ impl Reader {
             completion_tokens: 0,
             finish: None,
             logprobs: vec![],
+            pending: None,
         }
     }
 
@@ -478,14 +481,20 @@ impl Reader {
             let ev = self.rx.recv().await;
             match ev {
                 Some(Event::Logprobs(lp)) => {
-                    // control tokens (the stop token, reasoning markers) are not text
-                    if !self.tok.is_control(lp.id) && !self.parser.stopped() {
-                        self.logprobs.push(*lp);
+                    if !self.parser.stopped() {
+                        self.pending = Some(*lp);
                     }
                 }
                 Some(Event::Token(t)) => {
                     self.completion_tokens += 1;
                     let d = self.parser.push(t);
+                    // only answer text has log-probabilities (the entries' texts join up to
+                    // the content): not control tokens, reasoning markers or reasoning
+                    if let Some(lp) = self.pending.take() {
+                        if lp.id == t && self.parser.was_answer(t) {
+                            self.logprobs.push(lp);
+                        }
+                    }
                     if self.parser.stopped() {
                         // dropping the receiver cancels the request at the next step
                         self.rx.close();
