@@ -14,6 +14,8 @@ pub struct ApiError {
     pub kind: &'static str,
     pub code: Option<&'static str>,
     pub param: Option<&'static str>,
+    /// Seconds a 429's `Retry-After` asks the client to wait (1 when not set).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -24,7 +26,14 @@ impl ApiError {
             kind,
             code: None,
             param: None,
+            retry_after: None,
         }
+    }
+
+    /// Sets a 429's `Retry-After` (OpenAI's SDKs wait what it says before retrying).
+    pub fn retry_after(mut self, seconds: u64) -> ApiError {
+        self.retry_after = Some(seconds.max(1));
+        self
     }
 
     pub fn code(mut self, code: &'static str) -> ApiError {
@@ -79,8 +88,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = (self.status, Json(self.body())).into_response();
         if self.status == StatusCode::TOO_MANY_REQUESTS {
+            let secs = self.retry_after.unwrap_or(1);
             r.headers_mut()
-                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+                .insert("retry-after", axum::http::HeaderValue::from(secs));
         }
         // the rest of that request's body may still be on the wire: do not reuse the connection
         if self.status == StatusCode::REQUEST_TIMEOUT {

@@ -372,7 +372,8 @@ fn check_rate(state: &AppState, caller: &Caller, rpm: u32) -> Result<(), ApiErro
                     .map_or("this server".to_string(), |n| format!("key {n:?}"))
             ),
             "rate_limit_exceeded",
-        ));
+        )
+        .retry_after(wait));
     }
     window.push_back(now);
     Ok(())

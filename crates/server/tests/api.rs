@@ -400,6 +400,22 @@ async fn rate_limits_and_a_full_queue_answer_429() {
     let r = as_key(&carol).await;
     assert_error(&r, StatusCode::TOO_MANY_REQUESTS, "3 requests per minute");
     assert_eq!(r.1["error"]["code"], "rate_limit_exceeded");
+    // Retry-After says when the window frees a place (about a minute here), not 1 s
+    let req = Request::builder()
+        .method("POST")
+        .uri(p)
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {carol}"))
+        .body(Body::from(chat("hi", json!({"max_tokens": 2})).to_string()))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let after: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((30..=60).contains(&after), "Retry-After {after}");
     // dave has the server's default (2), counted apart from carol
     for _ in 0..2 {
         assert_eq!(as_key(&dave).await.0, StatusCode::OK);
