@@ -21,7 +21,7 @@ use infer::chat::{Delta, Message, ReplyParser, Role};
 use infer::{Event, Finish, SamplingParams, Seq, TokenLogprobs};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tokenizer::Tokenizer;
@@ -341,8 +341,12 @@ fn submit(
     caller: &Caller,
     kind: Kind,
     job: &Job,
-) -> Result<UnboundedReceiver<Event>, ApiError> {
+) -> Result<(UnboundedReceiver<Event>, Arc<AtomicBool>), ApiError> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    // set by the reader when a stop string ends the reply: the engine then sees the closed
+    // channel as a cancel, but the ledger records what the client was told ("stop")
+    let stopped = Arc::new(AtomicBool::new(false));
+    let by_stop = stopped.clone();
     // a client that disconnects drops the receiver: its request leaves the queue, or stops
     // its prefill, at the engine's next step
     let watch = tx.clone();
@@ -373,6 +377,7 @@ fn submit(
                         finish: match f {
                             Finish::Stop => "stop",
                             Finish::Length => "length",
+                            Finish::Cancelled if by_stop.load(Ordering::Relaxed) => "stop",
                             Finish::Cancelled => "cancelled",
                         },
                     })
@@ -405,12 +410,14 @@ fn submit(
                 "the server is shutting down",
             ),
         })?;
-    Ok(rx)
+    Ok((rx, stopped))
 }
 
 /// A running generation read through the reply parser.
 struct Reader {
     rx: UnboundedReceiver<Event>,
+    /// Set when a stop string ends the reply (see [`submit`]).
+    stopped: Arc<AtomicBool>,
     parser: ReplyParser,
     tok: Arc<Tokenizer>,
     completion_tokens: usize,
@@ -422,9 +429,15 @@ struct Reader {
 }
 
 impl Reader {
-    fn new(rx: UnboundedReceiver<Event>, parser: ReplyParser, tok: Arc<Tokenizer>) -> Reader {
+    fn new(
+        rx: UnboundedReceiver<Event>,
+        stopped: Arc<AtomicBool>,
+        parser: ReplyParser,
+        tok: Arc<Tokenizer>,
+    ) -> Reader {
         Reader {
             rx,
+            stopped,
             parser,
             tok,
             completion_tokens: 0,
@@ -497,6 +510,7 @@ impl Reader {
                     }
                     if self.parser.stopped() {
                         // dropping the receiver cancels the request at the next step
+                        self.stopped.store(true, Ordering::Relaxed);
                         self.rx.close();
                         self.finish = Some("stop");
                     }
@@ -673,8 +687,8 @@ async fn respond(
     job: Job,
     parser: ReplyParser,
 ) -> Result<Response, ApiError> {
-    let rx = submit(&state, &caller, kind, &job)?;
-    let reader = Reader::new(rx, parser, state.tok.clone());
+    let (rx, stopped) = submit(&state, &caller, kind, &job)?;
+    let reader = Reader::new(rx, stopped, parser, state.tok.clone());
     let id = match kind {
         Kind::Chat => format!("chatcmpl-{:x}{:08x}", now(), next_id()),
         Kind::Completion => format!("cmpl-{:x}{:08x}", now(), next_id()),

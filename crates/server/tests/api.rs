@@ -712,3 +712,41 @@ async fn issue_11_a_prompt_that_cannot_fit_is_refused_before_it_is_encoded() {
     assert_error(&r, StatusCode::BAD_REQUEST, "60000 messages");
     assert_eq!(r.1["error"]["code"], "context_length_exceeded");
 }
+
+/// A reply a stop string ends is "stop" to the client and in the usage ledger (the engine
+/// sees the reader hang up as a cancel).
+#[tokio::test]
+async fn a_stop_string_finish_is_recorded_as_stop() {
+    let f = default_fixture("stop-ledger");
+    let req = chat("12 + 34", json!({"max_tokens": 40, "temperature": 0}));
+    let (s, whole) = post(&f.app, "/v1/chat/completions", req.clone()).await;
+    assert_eq!(s, StatusCode::OK);
+    let msg = &whole["choices"][0]["message"];
+    let text = format!(
+        "{}{}",
+        msg["reasoning_content"].as_str().unwrap_or(""),
+        msg["content"].as_str().unwrap_or("")
+    );
+    // a stop string the greedy reply reaches: a piece of its answer's text
+    let content = msg["content"].as_str().unwrap_or("");
+    let stop: String = content.chars().skip(2).take(2).collect();
+    assert!(
+        stop.chars().count() == 2,
+        "a reply too short for the test: {text:?}"
+    );
+    let mut with_stop = req;
+    with_stop["stop"] = json!([stop]);
+    let (s, r) = post(&f.app, "/v1/chat/completions", with_stop).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
+    f.state.shutdown(false);
+    let conn = rusqlite::Connection::open(&f.db).unwrap();
+    let finish: String = conn
+        .query_row(
+            "SELECT finish FROM usage ORDER BY id DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(finish, "stop");
+}
