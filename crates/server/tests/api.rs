@@ -717,7 +717,14 @@ async fn issue_11_a_prompt_that_cannot_fit_is_refused_before_it_is_encoded() {
 /// sees the reader hang up as a cancel).
 #[tokio::test]
 async fn a_stop_string_finish_is_recorded_as_stop() {
-    let f = default_fixture("stop-ledger");
+    let f = fixture(
+        "stop-ledger",
+        EngineConfig::default(),
+        ServerConfig {
+            max_tokens_cap: 900,
+            ..Default::default()
+        },
+    );
     let req = chat("12 + 34", json!({"max_tokens": 40, "temperature": 0}));
     let (s, whole) = post(&f.app, "/v1/chat/completions", req.clone()).await;
     assert_eq!(s, StatusCode::OK);
@@ -734,8 +741,11 @@ async fn a_stop_string_finish_is_recorded_as_stop() {
         stop.chars().count() == 2,
         "a reply too short for the test: {text:?}"
     );
+    // (the engine still generating when the reader meets the stop string: a reply the
+    // engine ends first, by its length, is recorded as the engine ended it)
     let mut with_stop = req;
     with_stop["stop"] = json!([stop]);
+    with_stop["max_tokens"] = json!(900);
     let (s, r) = post(&f.app, "/v1/chat/completions", with_stop).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
