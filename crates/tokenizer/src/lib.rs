@@ -78,6 +78,9 @@ pub struct Tokenizer {
     templated: Vec<u32>,
     /// Whether the chat format's special tokens are ids 0..6 (a tokenizer moelab trained).
     moelab: bool,
+    /// Whether the vocabulary spells tokens SentencePiece's way (`▁` for a space, `<0x0A>`
+    /// for a byte; Llama 2, Mistral, Gemma) instead of GPT-2's byte-level characters.
+    sentencepiece: bool,
 }
 
 /// Text every tokenizer moelab loads must encode: ASCII, control characters, accents, CJK,
@@ -202,12 +205,14 @@ impl Tokenizer {
             .iter()
             .enumerate()
             .all(|(i, s)| inner.token_to_id(s) == Some(i as u32));
+        let sentencepiece = spells_sentencepiece(inner.get_decoder());
         Tokenizer {
             inner,
             control,
             added,
             templated,
             moelab,
+            sentencepiece,
         }
     }
 
@@ -396,6 +401,18 @@ impl Tokenizer {
         let Some(s) = self.inner.id_to_token(id) else {
             return vec![];
         };
+        if self.sentencepiece {
+            // a byte-fallback token is its byte; otherwise the piece's UTF-8 with `▁` a space
+            let hex = s
+                .strip_prefix("<0x")
+                .and_then(|h| h.strip_suffix('>'))
+                .filter(|h| h.len() == 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            return match hex {
+                Some(b) => vec![b],
+                None => s.replace('\u{2581}', " ").into_bytes(),
+            };
+        }
         let map = byte_level_inverse();
         let bytes: Option<Vec<u8>> = s.chars().map(|c| map.get(&c).copied()).collect();
         bytes.unwrap_or_else(|| self.decode(&[id]).into_bytes())
@@ -404,6 +421,19 @@ impl Tokenizer {
     /// The token string of `id` as the vocabulary spells it (byte-level symbols undecoded).
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
+    }
+}
+
+/// Whether a decoder undoes SentencePiece's spelling (a metaspace or byte-fallback step).
+fn spells_sentencepiece(d: Option<&tokenizers::DecoderWrapper>) -> bool {
+    use tokenizers::DecoderWrapper as D;
+    match d {
+        Some(D::Metaspace(_) | D::ByteFallback(_)) => true,
+        Some(D::Sequence(s)) => s
+            .get_decoders()
+            .iter()
+            .any(|d| spells_sentencepiece(Some(d))),
+        _ => false,
     }
 }
 

@@ -215,3 +215,41 @@ fn a_tokenizer_that_cannot_encode_any_text_is_refused() {
     let t = Tokenizer::from_bytes(p, json("[UNK]").as_bytes()).unwrap();
     assert_eq!(t.encode("hello world"), vec![0, 1]);
 }
+
+/// A SentencePiece-style vocabulary (Llama 2, Mistral: `▁` for a space, `<0x0A>` for a
+/// byte) spells a token's bytes its own way, not through GPT-2's byte-level table: logprobs'
+/// `bytes` and `token` fields are the text the token stands for.
+#[test]
+fn sentencepiece_tokens_have_their_own_bytes() {
+    let mut vocab = serde_json::Map::new();
+    for b in 0..=255u32 {
+        vocab.insert(format!("<0x{b:02X}>"), b.into());
+    }
+    for (i, p) in ["\u{2581}the", "\u{e9}", "\u{2581}", "t", "h", "e"]
+        .iter()
+        .enumerate()
+    {
+        vocab.insert(p.to_string(), (256 + i as u32).into());
+    }
+    let json = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u{2581}"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}]},
+        "pre_tokenizer": null, "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null,
+            "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "vocab": vocab, "merges": []}
+    });
+    let t =
+        Tokenizer::from_bytes(std::path::Path::new("t.json"), json.to_string().as_bytes()).unwrap();
+    assert_eq!(t.token_bytes(0x0A), b"\n");
+    assert_eq!(t.token_bytes(256), b" the");
+    assert_eq!(t.token_bytes(257), "\u{e9}".as_bytes());
+    assert_eq!(t.token_bytes(258), b" ");
+}
