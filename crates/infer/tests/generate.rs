@@ -263,13 +263,8 @@ fn long_prompts_split_across_steps_equal_one_at_a_time() {
     }
 }
 
-/// A request whose client left (its `alive` check false) gives up its place in the queue at
-/// the engine's next step, without a token, and a running one whose sink never hears of the
-/// client (still reading its prompt) is dropped from the batch at the next step too.
-#[test]
-fn requests_whose_clients_left_leave_the_queue_and_the_batch() {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Arc;
+/// The tiny model's engine with one slot and room for 4 waiting requests, and [`requests`].
+fn one_slot_engine() -> (Engine, Vec<Request>) {
     let cfg = Config::from_toml(include_str!("../../../configs/tiny.toml")).unwrap();
     let params = Model::new(&cfg.model, 1, 1, 9).params;
     let reqs = requests(cfg.model.vocab_size as u32);
@@ -282,6 +277,17 @@ fn requests_whose_clients_left_leave_the_queue_and_the_batch() {
             ..Default::default()
         },
     );
+    (engine, reqs)
+}
+
+/// A request whose client left (its `alive` check false) gives up its place in the queue at
+/// the engine's next step, without a token, and a running one whose sink never hears of the
+/// client (still reading its prompt) is dropped from the batch at the next step too.
+#[test]
+fn requests_whose_clients_left_leave_the_queue_and_the_batch() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let (engine, reqs) = one_slot_engine();
     let seq = |max_tokens| Seq {
         prompt: reqs[1].prompt.clone(),
         params: reqs[1].params,
@@ -356,18 +362,7 @@ fn requests_whose_clients_left_leave_the_queue_and_the_batch() {
 /// cancelled, and returns: the server's shutdown once its grace period is over.
 #[test]
 fn abort_ends_running_and_queued_requests() {
-    let cfg = Config::from_toml(include_str!("../../../configs/tiny.toml")).unwrap();
-    let params = Model::new(&cfg.model, 1, 1, 9).params;
-    let reqs = requests(cfg.model.vocab_size as u32);
-    let engine = Engine::start(
-        &cfg.model,
-        params,
-        EngineConfig {
-            slots: 1,
-            max_queue: 4,
-            ..Default::default()
-        },
-    );
+    let (engine, reqs) = one_slot_engine();
     let seq = Seq {
         prompt: reqs[0].prompt.clone(),
         params: reqs[0].params,

@@ -12,6 +12,11 @@ const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['r
 
 /// A byte-level BPE without merges (one token per byte) and ChatML's control tokens.
 fn chatml_tokenizer() -> Arc<Tokenizer> {
+    Arc::new(Tokenizer::from_hf(chatml_hf()))
+}
+
+/// [`chatml_tokenizer`]'s Hugging Face tokenizer.
+fn chatml_hf() -> tokenizers::Tokenizer {
     let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
     alphabet.sort_unstable();
     let vocab: tokenizers::models::bpe::Vocab = alphabet
@@ -30,7 +35,7 @@ fn chatml_tokenizer() -> Arc<Tokenizer> {
         AddedToken::from("<|im_start|>", true),
         AddedToken::from("<|im_end|>", true),
     ]);
-    Arc::new(Tokenizer::from_hf(t))
+    t
 }
 
 fn spec() -> ChatSpec {
@@ -123,24 +128,7 @@ fn python_string_methods_work() {
 /// [`chatml_tokenizer`] plus `<think>`, `</think>` and a run of two spaces as added tokens
 /// not marked special (as Qwen3's, QwQ's and the R1 distills' tokenizers ship them).
 fn qwen3_style_tokenizer() -> Arc<Tokenizer> {
-    let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
-    alphabet.sort_unstable();
-    let vocab: tokenizers::models::bpe::Vocab = alphabet
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.to_string(), i as u32))
-        .collect();
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, vec![])
-        .build()
-        .unwrap();
-    let mut t = tokenizers::Tokenizer::new(bpe);
-    t.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
-    t.with_decoder(Some(ByteLevel::default()));
-    t.add_special_tokens(&[
-        AddedToken::from("<|im_start|>", true),
-        AddedToken::from("<|im_end|>", true),
-    ]);
+    let mut t = chatml_hf();
     t.add_tokens(&[
         AddedToken::from("<think>", false),
         AddedToken::from("</think>", false),
