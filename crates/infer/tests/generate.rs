@@ -174,18 +174,7 @@ fn engine_requests_from_many_threads_equal_generation_alone() {
 
 #[test]
 fn engine_queue_is_bounded() {
-    let cfg = Config::from_toml(include_str!("../../../configs/tiny.toml")).unwrap();
-    let params = Model::new(&cfg.model, 1, 1, 9).params;
-    let reqs = requests(cfg.model.vocab_size as u32);
-    let engine = Engine::start(
-        &cfg.model,
-        params,
-        EngineConfig {
-            slots: 1,
-            max_queue: 2,
-            ..Default::default()
-        },
-    );
+    let (engine, reqs) = one_slot_engine(2);
     // a slow first request holds the only slot while the queue fills
     let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
     let gate = std::sync::Mutex::new(gate_rx);
@@ -263,8 +252,9 @@ fn long_prompts_split_across_steps_equal_one_at_a_time() {
     }
 }
 
-/// The tiny model's engine with one slot and room for 4 waiting requests, and [`requests`].
-fn one_slot_engine() -> (Engine, Vec<Request>) {
+/// The tiny model's engine with one slot and room for `max_queue` waiting requests, and
+/// [`requests`].
+fn one_slot_engine(max_queue: usize) -> (Engine, Vec<Request>) {
     let cfg = Config::from_toml(include_str!("../../../configs/tiny.toml")).unwrap();
     let params = Model::new(&cfg.model, 1, 1, 9).params;
     let reqs = requests(cfg.model.vocab_size as u32);
@@ -273,7 +263,7 @@ fn one_slot_engine() -> (Engine, Vec<Request>) {
         params,
         EngineConfig {
             slots: 1,
-            max_queue: 4,
+            max_queue,
             ..Default::default()
         },
     );
@@ -287,7 +277,7 @@ fn one_slot_engine() -> (Engine, Vec<Request>) {
 fn requests_whose_clients_left_leave_the_queue_and_the_batch() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
-    let (engine, reqs) = one_slot_engine();
+    let (engine, reqs) = one_slot_engine(4);
     let seq = |max_tokens| Seq {
         prompt: reqs[1].prompt.clone(),
         params: reqs[1].params,
@@ -362,7 +352,7 @@ fn requests_whose_clients_left_leave_the_queue_and_the_batch() {
 /// cancelled, and returns: the server's shutdown once its grace period is over.
 #[test]
 fn abort_ends_running_and_queued_requests() {
-    let (engine, reqs) = one_slot_engine();
+    let (engine, reqs) = one_slot_engine(4);
     let seq = Seq {
         prompt: reqs[0].prompt.clone(),
         params: reqs[0].params,
