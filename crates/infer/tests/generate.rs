@@ -176,8 +176,6 @@ fn engine_requests_from_many_threads_equal_generation_alone() {
 fn engine_queue_is_bounded() {
     let (engine, reqs) = one_slot_engine(2);
     // a slow first request holds the only slot while the queue fills
-    let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
-    let gate = std::sync::Mutex::new(gate_rx);
     let seq = Seq {
         prompt: reqs[0].prompt.clone(),
         params: reqs[0].params,
@@ -185,19 +183,7 @@ fn engine_queue_is_bounded() {
         stop: vec![],
         logprobs: None,
     };
-    engine
-        .submit(
-            seq.clone(),
-            Box::new(move |_| {
-                let _ = gate.lock().unwrap().recv();
-                true
-            }),
-        )
-        .unwrap();
-    // wait until the first request is running (left the queue)
-    while engine.stats().active == 0 {
-        std::thread::yield_now();
-    }
+    let gate_tx = submit_gated(&engine, seq.clone());
     let a = submit(&engine, seq.clone(), usize::MAX).unwrap();
     let b = submit(&engine, seq.clone(), usize::MAX).unwrap();
     assert_eq!(
@@ -252,6 +238,26 @@ fn long_prompts_split_across_steps_equal_one_at_a_time() {
     }
 }
 
+/// Submits `seq` with a sink that lets one token through per message on the returned gate
+/// (all of them once it is dropped); returns once the request runs (left the queue).
+fn submit_gated(engine: &Engine, seq: Seq) -> std::sync::mpsc::Sender<()> {
+    let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+    let gate = std::sync::Mutex::new(gate_rx);
+    engine
+        .submit(
+            seq,
+            Box::new(move |_| {
+                let _ = gate.lock().unwrap().recv();
+                true
+            }),
+        )
+        .unwrap();
+    while engine.stats().active == 0 {
+        std::thread::yield_now();
+    }
+    gate_tx
+}
+
 /// The tiny model's engine with one slot and room for `max_queue` waiting requests, and
 /// [`requests`].
 fn one_slot_engine(max_queue: usize) -> (Engine, Vec<Request>) {
@@ -285,21 +291,8 @@ fn requests_whose_clients_left_leave_the_queue_and_the_batch() {
         stop: vec![],
         logprobs: None,
     };
-    // the only slot's request lets one token through per message on `gate`
-    let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
-    let gate = std::sync::Mutex::new(gate_rx);
-    engine
-        .submit(
-            seq(6),
-            Box::new(move |_| {
-                let _ = gate.lock().unwrap().recv();
-                true
-            }),
-        )
-        .unwrap();
-    while engine.stats().active == 0 {
-        std::thread::yield_now();
-    }
+    // the only slot's request lets one token through per message on its gate
+    let gate_tx = submit_gated(&engine, seq(6));
     let here = Arc::new(AtomicBool::new(true));
     let (tx, rx) = std::sync::mpsc::channel();
     let h = here.clone();
