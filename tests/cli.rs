@@ -158,4 +158,40 @@ fn bad_config_is_one_line_error_naming_field() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--context"));
+    // counts of zero (NaN in the demo's table) or past what memory holds
+    for (args, flag) in [
+        (
+            &["demo", "--prompts", "0", "--out", "no-demo"][..],
+            "--prompts",
+        ),
+        (
+            &["demo", "--eval-n", "0", "--out", "no-demo"][..],
+            "--eval-n",
+        ),
+        (
+            &[
+                "distill",
+                "generate",
+                "--teacher",
+                "no-run",
+                "--n",
+                "100000",
+                "--k",
+                "1000",
+                "--out",
+                "x.jsonl",
+            ][..],
+            "--k 1000",
+        ),
+        (
+            &["eval", "--run", "no-run", "--task", "add", "--n", "0"][..],
+            "--n 0",
+        ),
+    ] {
+        let out = moelab().args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(flag), "{args:?}: {err}");
+    }
+    assert!(!std::path::Path::new("no-demo").exists());
 }

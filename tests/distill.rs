@@ -147,6 +147,19 @@ fn distillation_pipeline_end_to_end() {
         "{{\"prompt\":{:?},\"reasoning\":{:?},\"answer\":{:?},\"verified\":true}}\n",
         held_out.prompt, held_out.reasoning, held_out.answer
     ));
+    // and a train-split trace marked verified whose answer is wrong (a hand-edited file):
+    // checked again, and dropped
+    let wrong = &data::tasks::generate_mix(
+        &[data::tasks::Task::Expr],
+        1,
+        7,
+        None,
+        data::tasks::Split::Train,
+    )[0];
+    t.push_str(&format!(
+        "{{\"prompt\":{:?},\"reasoning\":{:?},\"answer\":\"{}1\",\"verified\":true}}\n",
+        wrong.prompt, wrong.reasoning, wrong.answer
+    ));
     std::fs::write(&traces, t).unwrap();
 
     let student = d.join("student");
@@ -168,6 +181,10 @@ fn distillation_pipeline_end_to_end() {
     );
     assert!(
         err.contains("skipped 1 trace(s) of held-out problems"),
+        "{err}"
+    );
+    assert!(
+        err.contains("skipped 1 trace(s) marked verified whose answer is wrong"),
         "{err}"
     );
     assert!(student.join("latest").exists());

@@ -107,6 +107,16 @@ pub fn run(a: DemoArgs) -> Result<()> {
         _ => TrainPrecision::Fp32,
     };
     let task_list = tasks::parse_list(&a.task).map_err(anyhow::Error::msg)?;
+    // (zero made the table's percentages NaN and said the teacher "solved nothing")
+    for (flag, v, max) in [
+        ("--n", a.n, 10_000_000),
+        ("--prompts", a.prompts, 1_000_000),
+        ("--eval-n", a.eval_n, 1_000_000),
+    ] {
+        if !(1..=max).contains(&v) {
+            bail!("{flag} {v} must be between 1 and {max}");
+        }
+    }
     let out = &a.out;
     if out.exists() {
         if !out.join("demo.txt").exists() {

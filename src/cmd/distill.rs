@@ -146,9 +146,24 @@ pub fn read_traces(path: &Path) -> Result<(Vec<Example>, Vec<Example>, String)> 
             path.display()
         );
     }
+    // NOTE: a suite problem's answer is checked again here: the `verified` flag is the
+    // file's word (it defaults to true when missing), and a merged or hand-edited traces file
+    // could otherwise teach a wrong answer
+    let wrong =
+        |e: &Example| tasks::solve(&e.prompt).is_some() && !tasks::verify(&e.prompt, &e.answer);
+    let n_wrong = all
+        .iter()
+        .filter(|e| e.verified && !held_out(e) && wrong(e))
+        .count();
+    if n_wrong > 0 {
+        eprintln!(
+            "warning: {}: skipped {n_wrong} trace(s) marked verified whose answer is wrong",
+            path.display()
+        );
+    }
     let verified: Vec<Example> = all
         .into_iter()
-        .filter(|e| e.verified && !held_out(e))
+        .filter(|e| e.verified && !held_out(e) && !wrong(e))
         .collect();
     if verified.is_empty() {
         bail!(
@@ -286,6 +301,9 @@ pub fn train(a: TrainArgs) -> Result<train::trainer::Outcome> {
 
 /// `moelab distill generate`.
 #[allow(clippy::too_many_arguments)]
+/// Attempts (`--n` times `--k`) one `distill generate` makes at most.
+const MAX_ATTEMPTS: usize = 10_000_000;
+
 fn generate_cmd(
     teacher: &Path,
     task_spec: &str,
@@ -300,6 +318,12 @@ fn generate_cmd(
     let task_list = tasks::parse_list(task_spec).map_err(anyhow::Error::msg)?;
     if k == 0 || n == 0 {
         bail!("--n and --k must be at least 1");
+    }
+    // (every attempt is held in memory until the file is written)
+    if n.checked_mul(k).is_none_or(|nk| nk > MAX_ATTEMPTS) {
+        bail!(
+            "--n {n} times --k {k} is more than {MAX_ATTEMPTS} attempts; generate in several files"
+        );
     }
     let r = load_reasoner(teacher, "auto")?;
     // NOTE: traces are training data, so they come from the train split only.

@@ -99,6 +99,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
     }
     if let Some(t) = &a.task {
         let n = a.n.unwrap_or(400) as usize;
+        if !(1..=1_000_000).contains(&n) {
+            bail!("--n {n}: problems per task must be between 1 and 1000000");
+        }
         return eval_task(
             &a.run,
             t,
