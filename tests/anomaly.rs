@@ -111,6 +111,53 @@ fn a_non_finite_loss_is_skipped_and_logged() {
     );
 }
 
+/// A run resumed after a skipped update ends with the uninterrupted run's weights. Found by a
+/// review: a skipped step advances the step count but not the optimizer's own (AdamW's bias
+/// correction), and resuming set the optimizer's count to the step count.
+#[test]
+fn a_run_resumed_after_a_skipped_step_equals_the_uninterrupted_one() {
+    let (d, data, cfg) = setup("resume-skip", "");
+    let run = d.join("run");
+    let o = train(&cfg, &data, &run, Some("nan@7"));
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(events(&run).len(), 1);
+    let want = hash(&run);
+    // as if the process had died right after its oldest kept checkpoint (after step 7)
+    let resumed = d.join("resumed");
+    common::copy_tree(&run, &resumed);
+    let ckpts = resumed.join("checkpoints");
+    let mut names: Vec<String> = std::fs::read_dir(&ckpts)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    names.sort();
+    let from = names[0].clone();
+    assert!(
+        from.as_str() > "step-0000007" && names.len() > 1,
+        "{names:?}"
+    );
+    for n in &names[1..] {
+        std::fs::remove_dir_all(ckpts.join(n)).unwrap();
+    }
+    std::fs::write(resumed.join("latest"), &from).unwrap();
+    let o = moelab(
+        &[
+            "train",
+            "--config",
+            s(&cfg),
+            "--data",
+            s(&data),
+            "--out",
+            s(&resumed),
+            "--resume",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(hash(&resumed), want, "resumed from {from}");
+}
+
 /// Regression (issue 11): the NaN test made only the logged loss NaN, so the non-finite
 /// gradient path never ran. Here one gradient element of step 7's first micro-batch is NaN
 /// after backward (the loss stays finite); it must reach the check through the gradient fold,

@@ -168,6 +168,7 @@ fn write_into(dir: &Path, imp: &Imported) -> Result<()> {
         model: imp.config.clone(),
         loss_ema: None,
         skip_steps: vec![],
+        opt_step: None,
         checksum: String::new(),
     };
     // weights only: an import is never resumed, `train --init` starts fresh moments

@@ -38,6 +38,12 @@ pub struct State {
     /// Steps whose update is skipped on replay (anomalies that were rolled back).
     #[serde(default)]
     pub skip_steps: Vec<u64>,
+    /// The optimizer's own update count (AdamW's bias correction) when it is behind `step`:
+    /// a skipped update (a non-finite or spiking step) advances `step` and not the
+    /// optimizer. None: equal to `step`. NOTE: resuming set it to `step`, so a run resumed
+    /// after a skip diverged from the uninterrupted run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opt_step: Option<u64>,
     /// sha256 of this JSON with `checksum` empty.
     #[serde(default)]
     pub checksum: String,
@@ -118,6 +124,7 @@ fn write_files(tmp: &Path, model: &Model, opt: Option<&Optimizer>, state: &State
     }
     fault::point("enospc-state", step, tmp)?;
     let mut st = state.clone();
+    st.opt_step = opt.map(|o| o.step).filter(|&s| s != state.step);
     for f in files {
         let p = tmp.join(f);
         // NOTE: a failed fsync is never retried (after one, the kernel may have dropped the
@@ -283,7 +290,7 @@ pub fn load(dir: &Path, model: &mut Model, opt: &mut Optimizer) -> Result<State>
     )?;
     opt.v = mv.pop().expect("two buffers");
     opt.m = mv.pop().expect("two buffers");
-    opt.step = st.step;
+    opt.step = st.opt_step.unwrap_or(st.step);
     Ok(st)
 }
 

@@ -461,6 +461,7 @@ pub fn run(spec: &RunSpec, rep: &mut dyn Reporter) -> Result<Outcome> {
         model: cfg.model.clone(),
         loss_ema: None,
         skip_steps: vec![],
+        opt_step: None,
         checksum: String::new(),
     };
     if let (Some(init), false) = (&spec.init, spec.resume) {
