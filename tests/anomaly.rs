@@ -156,6 +156,16 @@ fn a_run_resumed_after_a_skipped_step_equals_the_uninterrupted_one() {
     );
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(hash(&resumed), want, "resumed from {from}");
+    // the optimizer's count is written (format 3) where it is behind the step count
+    let st: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(run.join("checkpoints").join(&from).join("state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (st["format_version"].as_u64(), st["opt_step"].is_u64()),
+        (Some(3), true),
+        "{st}"
+    );
 }
 
 /// Regression (issue 11): the NaN test made only the logged loss NaN, so the non-finite

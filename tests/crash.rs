@@ -514,6 +514,6 @@ fn checkpoints_of_the_previous_format_still_load_and_resume() {
     let o = moelab(&["hash", s(&run.join("checkpoints/step-0000040"))], None);
     assert!(!o.status.success());
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("format version 9, this moelab reads 1 to 2")
+        String::from_utf8_lossy(&o.stderr).contains("format version 9, this moelab reads 1 to 3")
     );
 }

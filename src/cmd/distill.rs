@@ -299,11 +299,11 @@ pub fn train(a: TrainArgs) -> Result<train::trainer::Outcome> {
     Ok(outcome)
 }
 
-/// `moelab distill generate`.
-#[allow(clippy::too_many_arguments)]
 /// Attempts (`--n` times `--k`) one `distill generate` makes at most.
 const MAX_ATTEMPTS: usize = 10_000_000;
 
+/// `moelab distill generate`.
+#[allow(clippy::too_many_arguments)]
 fn generate_cmd(
     teacher: &Path,
     task_spec: &str,

@@ -244,6 +244,12 @@ fn run(
                 batch.cancel(id);
                 sink(Event::Done(Finish::Cancelled));
             }
+            // a request submitted since the last look: its sender goes right after the flag
+            // is set (`abort` shuts down), so this ends
+            while let Ok(mut j) = rx.recv() {
+                shared.queued.fetch_sub(1, Relaxed);
+                (j.sink)(Event::Done(Finish::Cancelled));
+            }
             break;
         }
         // clients that left: out of the queue, and out of the batch while reading the prompt

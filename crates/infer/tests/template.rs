@@ -157,6 +157,17 @@ fn unmarked_markup_tokens_come_from_the_template_only() {
         tok.encode("a  b").contains(&spaces),
         "runs of spaces still match"
     );
+    // otherwise they stay what the file says: not control tokens (a reply keeps their text),
+    // and written back unchanged
+    assert!(!tok.is_control(open) && !tok.is_control(close));
+    let json: serde_json::Value = serde_json::from_str(&tok.to_json().unwrap()).unwrap();
+    let entry = json["added_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["content"] == "<think>")
+        .unwrap();
+    assert_eq!(entry["special"], false, "{entry}");
     let mut s = spec();
     s.template = CHATML.replace("assistant\n' }}", "assistant\n<think>\n' }}");
     assert!(s.template.contains("<think>"));

@@ -69,6 +69,9 @@ fn hf(e: impl std::fmt::Display) -> Error {
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: HfTokenizer,
+    /// `inner` with the unmarked markup tokens special too, for [`Tokenizer::encode`] only
+    /// (None: there are none).
+    encoder: Option<HfTokenizer>,
     /// Ids of the special (control) added tokens, sorted: they carry no text in a reply.
     control: Vec<u32>,
     /// Ids of every added token (special or not), sorted.
@@ -169,10 +172,15 @@ impl Tokenizer {
     /// without whitespace, see [`is_markup`]) are encoded as ordinary text too, and emitted
     /// only from a template's own text ([`Tokenizer::control_tokens`]). Other unmarked added
     /// tokens (runs of spaces, words) keep being matched, as the model was trained.
+    ///
+    /// NOTE: the markup tokens stay what the file says everywhere else: not control tokens
+    /// (a reply's `<tool_call>` keeps its text), and `tokenizer.json` and the exports written
+    /// unchanged. Only `encode` uses a copy in which they are special (adding them as special
+    /// tokens changes the entries themselves).
     fn wrap(mut inner: HfTokenizer) -> Tokenizer {
         inner.set_encode_special_tokens(true);
-        let markup: Vec<AddedToken> = inner
-            .get_added_tokens_decoder()
+        let decoder = inner.get_added_tokens_decoder();
+        let markup: Vec<AddedToken> = decoder
             .values()
             .filter(|t| !t.special && is_markup(&t.content))
             .map(|t| AddedToken {
@@ -180,12 +188,13 @@ impl Tokenizer {
                 ..t.clone()
             })
             .collect();
-        if !markup.is_empty() {
+        let encoder = (!markup.is_empty()).then(|| {
             // (their ids stay: each content is already in the vocabulary; this only puts it
             // in the set of strings `encode_special_tokens` leaves as text)
-            inner.add_special_tokens(&markup);
-        }
-        let decoder = inner.get_added_tokens_decoder();
+            let mut e = inner.clone();
+            e.add_special_tokens(&markup);
+            e
+        });
         let mut control: Vec<u32> = decoder
             .iter()
             .filter(|(_, t)| t.special)
@@ -208,6 +217,7 @@ impl Tokenizer {
         let sentencepiece = spells_sentencepiece(inner.get_decoder());
         Tokenizer {
             inner,
+            encoder,
             control,
             added,
             templated,
@@ -317,7 +327,9 @@ impl Tokenizer {
     /// Token ids of `text`, always as text: a special-token string in it (`<|user|>`,
     /// `<think>`, ...) becomes ordinary byte-level tokens, never a control id.
     pub fn encode(&self, text: &str) -> Vec<u32> {
-        self.inner
+        self.encoder
+            .as_ref()
+            .unwrap_or(&self.inner)
             .encode_fast(text, false)
             .expect("byte-level BPE encodes any UTF-8")
             .get_ids()

@@ -15,7 +15,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// 2: state.json carries a checksum of itself, the loss EMA and the skipped steps.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
+
+/// The format written when no field of version 3 (`opt_step`) is present: such a checkpoint
+/// stays readable by the moelab versions before it.
+const FORMAT_VERSION_2: u32 = 2;
 
 /// Everything besides tensors that resuming needs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -138,7 +142,14 @@ fn write_files(tmp: &Path, model: &Model, opt: Option<&Optimizer>, state: &State
             data::sha256_hex(&std::fs::read(&p).map_err(io_err(&p))?),
         );
     }
-    st.format_version = FORMAT_VERSION; // a run resumed from an older format moves on
+    // a run resumed from an older format moves on; version 3 only when its field is there
+    // (an older moelab would drop `opt_step` and find the checksum wrong: it refuses the
+    // version instead)
+    st.format_version = if st.opt_step.is_some() {
+        FORMAT_VERSION
+    } else {
+        FORMAT_VERSION_2
+    };
     st.checksum = st.content_hash();
     let json = serde_json::to_string_pretty(&st).expect("state serialises");
     data::write_atomic(&tmp.join("state.json"), json.as_bytes())?;

@@ -105,10 +105,11 @@ pub fn tensor_bytes(t: u32, dims: &[u64], name: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("tensor {name}: dimensions {dims:?} are too large"))?;
     let size = byte_size(t, n, name)?;
     let be = block(t).map_or(1, |b| b.0) as u64;
-    if !dims.first().is_some_and(|d| d.is_multiple_of(be)) {
+    // (no dims: a scalar, one element)
+    let row = dims.first().copied().unwrap_or(1);
+    if !row.is_multiple_of(be) {
         return Err(format!(
-            "tensor {name}: rows of {} elements are not whole {be}-element {} blocks",
-            dims.first().copied().unwrap_or(0),
+            "tensor {name}: rows of {row} elements are not whole {be}-element {} blocks",
             type_name(t)
         ));
     }
