@@ -42,6 +42,13 @@ pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) ->
     move |source| Error::Io { path, source }
 }
 
+/// Syncs a directory's entries (after a rename into it or a file created in it).
+pub fn sync_dir(dir: &std::path::Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(dir))
+}
+
 /// Writes `data` to `path` atomically: a temp file in the same directory, fsync, rename. On
 /// failure (a short write on a full disk, a failed fsync) `path` is untouched and the temp
 /// file is removed, so a full disk is not left fuller.

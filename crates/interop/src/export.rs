@@ -5,6 +5,7 @@
 //! the chat template: the run's own, or moelab's format written as Jinja) and
 //! generation_config.json. Written into a temp dir renamed into place.
 
+use crate::run::map_data;
 use crate::{ferr, Result};
 use infer::chat::ChatSpec;
 use model::hf::to_hf;
@@ -153,20 +154,7 @@ pub fn write_hf(
         std::fs::create_dir_all(&tmp).map_err(|e| ferr(&tmp, e.to_string()))?;
         // each file synced, then the dir and (after the rename) its parent: a finished export
         // does not come back after a power loss with an empty model.safetensors
-        let put = |f: &str, b: &[u8]| {
-            let p = tmp.join(f);
-            std::fs::File::create(&p)
-                .and_then(|mut w| {
-                    use std::io::Write;
-                    w.write_all(b).and_then(|()| w.sync_all())
-                })
-                .map_err(|e| ferr(&p, e.to_string()))
-        };
-        let sync_dir = |d: &std::path::Path| {
-            std::fs::File::open(d)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| ferr(d, e.to_string()))
-        };
+        let put = |f: &str, b: &[u8]| data::write_atomic(&tmp.join(f), b).map_err(map_data);
         put(
             "config.json",
             serde_json::to_string_pretty(&config)
@@ -185,10 +173,10 @@ pub fn write_hf(
             "generation_config.json",
             serde_json::to_string_pretty(&gen).expect("json").as_bytes(),
         )?;
-        sync_dir(&tmp)?;
+        data::sync_dir(&tmp).map_err(map_data)?;
         std::fs::rename(&tmp, out)
             .map_err(|e| ferr(out, format!("cannot move into place ({e})")))?;
-        sync_dir(&parent)
+        data::sync_dir(&parent).map_err(map_data)
     })();
     if res.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);

@@ -108,9 +108,7 @@ pub fn write_run(out: &Path, imp: &Imported) -> Result<()> {
     let res = write_into(&tmp, imp).and_then(|_| {
         std::fs::rename(&tmp, out)
             .map_err(|e| ferr(out, format!("cannot move into place ({e})")))?;
-        std::fs::File::open(&parent)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| ferr(&parent, e.to_string()))
+        data::sync_dir(&parent).map_err(map_data)
     });
     if res.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -176,6 +174,6 @@ fn write_into(dir: &Path, imp: &Imported) -> Result<()> {
     Ok(())
 }
 
-fn map_data(e: data::Error) -> crate::Error {
+pub(crate) fn map_data(e: data::Error) -> crate::Error {
     crate::Error::Train(train::Error::Data(e))
 }

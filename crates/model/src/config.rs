@@ -842,7 +842,7 @@ impl ModelConfig {
             self.d_model as u128,
             self.n_layers as u128,
         );
-        let hd = self.head_dim.unwrap_or(self.d_model / self.n_heads.max(1)) as u128;
+        let hd = self.head_dim() as u128;
         let attn = c * hd * (2 * self.n_heads as u128 + 2 * self.n_kv_heads as u128);
         let ffn = 3
             * c

@@ -70,9 +70,7 @@ fn ckpt_name(step: u64) -> String {
 }
 
 fn fsync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(io_err(dir))
+    Ok(data::sync_dir(dir)?)
 }
 
 /// Writes a checkpoint for `state.step` and points `latest` at it; keeps the newest `keep`.
