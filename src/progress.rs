@@ -133,6 +133,18 @@ fn train_with(
 ) -> Result<Outcome> {
     let quiet = comm.is_some_and(|c| c.rank() > 0);
     static STOP: AtomicBool = AtomicBool::new(false);
+    // whether a training is running: between trainings (the demo's generation and
+    // evaluation stages) a signal ends the process at once, as it would without the handler
+    static TRAINING: AtomicBool = AtomicBool::new(false);
+    struct Training;
+    impl Drop for Training {
+        fn drop(&mut self) {
+            TRAINING.store(false, Ordering::SeqCst);
+        }
+    }
+    TRAINING.store(true, Ordering::SeqCst);
+    STOP.store(false, Ordering::SeqCst);
+    let _training = Training;
     static HANDLER: std::sync::Once = std::sync::Once::new();
     HANDLER.call_once(|| {
         // NOTE: with ctrlc's `termination` feature this catches SIGINT, SIGTERM and SIGHUP:
@@ -141,8 +153,8 @@ fn train_with(
         // (`nohup moelab train ...`) stays ignored: logging out must not stop the run.
         let hup_ignored = signal_ignored(libc::SIGHUP);
         let _ = ctrlc::set_handler(|| {
-            if STOP.swap(true, Ordering::SeqCst) {
-                // a second signal: the user insists
+            if !TRAINING.load(Ordering::SeqCst) || STOP.swap(true, Ordering::SeqCst) {
+                // no training to checkpoint, or a second signal: the user insists
                 std::process::exit(130);
             }
         });

@@ -8,6 +8,10 @@ mod common;
 use common::{moelab as run, s};
 use std::path::PathBuf;
 
+fn args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
 fn tmpdir(name: &str) -> PathBuf {
     common::tmpdir("distill", name)
 }
@@ -125,6 +129,57 @@ fn distillation_pipeline_end_to_end() {
             "{line}"
         );
     }
+    // a crash loses nothing: killed twice (abort, half a line left behind), the same
+    // command continues from OUT.partial and writes the uninterrupted run's file
+    let gen = |out: &std::path::Path, seed: &str| -> Vec<String> {
+        [
+            "distill",
+            "generate",
+            "--teacher",
+            s(&teacher),
+            "--task",
+            "expr",
+            "--n",
+            "32",
+            "--k",
+            "2",
+            "--temperature",
+            "0.7",
+            "--seed",
+            seed,
+            "--out",
+            s(out),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let again = d.join("again.jsonl");
+    let partial = d.join("again.jsonl.partial");
+    let a2 = gen(&again, "2");
+    for fault in ["generate@20", "generate@15"] {
+        let o = common::moelab_with(&args(&a2), "2", Some(fault));
+        assert!(!o.status.success(), "{}", common::text(&o));
+        assert!(!again.exists() && partial.exists());
+    }
+    let (out, _) = ok(&args(&a2));
+    assert!(
+        out.contains("continuing, 35 of 64 attempts already made"),
+        "{out}"
+    );
+    assert_eq!(std::fs::read_to_string(&again).unwrap(), text);
+    assert!(!partial.exists());
+    // an existing file is not overwritten without --force
+    fails(&args(&a2), "exists; pass --force");
+    let mut forced = a2.clone();
+    forced.push("--force".into());
+    ok(&args(&forced));
+    assert_eq!(std::fs::read_to_string(&again).unwrap(), text);
+    // a partial file of other arguments is refused, not mixed in
+    let other = d.join("other.jsonl");
+    let o = common::moelab_with(&args(&gen(&other, "3")), "2", Some("generate@5"));
+    assert!(!o.status.success());
+    fails(&args(&gen(&other, "4")), "with other arguments");
+
     // plus ground-truth traces (so the student has data whatever the tiny teacher got right)
     // and one malformed line, which is skipped and counted
     let gt = std::fs::read_to_string(demo.join("data-reasoning/train.jsonl")).unwrap();
@@ -188,6 +243,21 @@ fn distillation_pipeline_end_to_end() {
         "{err}"
     );
     assert!(student.join("latest").exists());
+    // these traces come from the teacher and from the ground truth: whose vocabulary is
+    // the student's must be said, not taken from the first line
+    fails(
+        &[
+            "distill",
+            "train",
+            "--config",
+            STUDENT,
+            "--traces",
+            s(&traces),
+            "--out",
+            s(&d.join("s-which")),
+        ],
+        "several teachers; pass --tokenizer",
+    );
 
     // logit distillation: the KD loss is logged and positive
     let kd = d.join("student-kd");
@@ -398,4 +468,66 @@ fn distill_train_init_starts_from_a_run() {
         ],
         "another shape",
     );
+}
+
+/// Ctrl-C between the demo's trainings (here while the teacher writes traces) ends it at
+/// once; the handler that checkpoints a training must not swallow it (it did: the demo went
+/// on generating, and stopped only at the next training).
+#[test]
+fn ctrl_c_outside_a_training_ends_the_demo() {
+    use std::io::BufRead;
+    let d = tmpdir("demo-ctrl-c");
+    let mut child = common::bin()
+        .args([
+            "demo",
+            "--out",
+            s(&d.join("demo")),
+            "--task",
+            "add",
+            "--teacher-config",
+            TEACHER,
+            "--student-config",
+            STUDENT,
+            "--teacher-steps",
+            "5",
+            "--student-steps",
+            "5",
+            "--n",
+            "500",
+            "--prompts",
+            "100000",
+            "--eval-n",
+            "8",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        seen += &line;
+        seen.push('\n');
+        if line.starts_with("[3/6]") {
+            break;
+        }
+    }
+    assert!(seen.contains("[3/6]"), "{seen}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let sent = std::time::Instant::now();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if sent.elapsed().as_secs() > 20 {
+            child.kill().ok();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let st = status.expect("still generating 20 s after Ctrl-C");
+    assert_eq!(st.code(), Some(130), "{st:?}");
 }

@@ -329,6 +329,24 @@ fn bad_input_gives_one_line_errors_and_damages_nothing() {
         ],
         "looks binary",
     );
+    // the same text twice (one file given twice, or a copy) would be in train and val
+    std::fs::create_dir_all(d.join("twice")).unwrap();
+    std::fs::write(d.join("twice/a.txt"), "to be or not to be\n".repeat(50)).unwrap();
+    std::fs::write(d.join("twice/b.txt"), "to be or not to be\n".repeat(50)).unwrap();
+    for extra in [d.join("twice"), d.join("twice/a.txt")] {
+        fails(
+            &[
+                "prepare",
+                "--corpus",
+                &s(&d.join("twice/a.txt")),
+                "--corpus",
+                &s(&extra),
+                "--out",
+                &s(&out),
+            ],
+            "has the same contents as",
+        );
+    }
     std::fs::write(d.join("latin1.txt"), b"caf\xe9 au lait\n").unwrap();
     fails(
         &[

@@ -270,7 +270,13 @@ pub fn run(a: DemoArgs) -> Result<()> {
         bar.finish_and_clear();
         rows.push((name.to_string(), r, e));
     }
-    println!("{}", comparison_table(&rows, &task_list));
+    print!("{}", comparison_table(&rows, &task_list));
+    println!(
+        "({} problems per model, drawn from the {} split's distribution: {} distinct)\n",
+        a.eval_n,
+        a.eval_split.name(),
+        rows[0].2.score.distinct(|_| true)
+    );
     let (_, s, _) = &rows[1];
     let shown = if task_list.contains(&Task::Mul) {
         Task::Mul

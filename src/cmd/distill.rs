@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use data::chat::{self, Example};
 use data::tasks::{self, Split};
-use infer::tasks::{attempt, render_example, Score};
+use infer::tasks::{attempt_some, render_example, Score};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use train::trainer::{Source, TeacherSpec};
@@ -53,9 +53,13 @@ pub struct GenerateArgs {
     /// Sequences decoded together.
     #[arg(long, default_value_t = 64)]
     batch: usize,
-    /// traces.jsonl to write.
+    /// traces.jsonl to write (whole, at the end; attempts are kept in OUT.partial as they
+    /// finish, and the same command continues from there after a crash or Ctrl-C).
     #[arg(long)]
     out: PathBuf,
+    /// Overwrite --out if it exists.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -109,14 +113,15 @@ pub fn run(cmd: DistillCmd) -> Result<()> {
             a.difficulty,
             &a.out,
             a.batch,
+            a.force,
         ),
         DistillCmd::Train(a) => train(a).map(|_| ()),
     }
 }
 
-/// Verified traces of a traces file, split into train and validation (every 20th), with a
+/// Verified traces of a traces file, split into train and validation (1 problem in 20), with a
 /// warning that counts malformed lines.
-pub fn read_traces(path: &Path) -> Result<(Vec<Example>, Vec<Example>, String)> {
+pub fn read_traces(path: &Path) -> Result<(Vec<Example>, Vec<Example>, Option<String>)> {
     if !path.exists() {
         bail!(
             "{}: no such traces file; write one with `moelab distill generate`",
@@ -132,7 +137,13 @@ pub fn read_traces(path: &Path) -> Result<(Vec<Example>, Vec<Example>, String)> 
         );
     }
     let total = all.len();
-    let teacher = all.first().map(|e| e.teacher.clone()).unwrap_or_default();
+    let teachers: std::collections::BTreeSet<&str> =
+        all.iter().map(|e| e.teacher.as_str()).collect();
+    // the traces' teacher is the default tokenizer; several (merged files) must be chosen
+    let teacher = match teachers.len() {
+        0 | 1 => all.first().map(|e| e.teacher.clone()),
+        _ => None,
+    };
     // NOTE: a trace of a dev or test problem would leak the held-out sets into training, so
     // traces of suite problems outside the train split are dropped (with a warning);
     // prompts outside the suite (a user's own data) are kept.
@@ -181,9 +192,12 @@ pub fn read_traces(path: &Path) -> Result<(Vec<Example>, Vec<Example>, String)> 
             format!(", {} malformed lines skipped", bad.len())
         }
     );
+    // NOTE: validation is about 1 problem in 20, chosen by a hash of the problem (not of
+    // the line), so the k candidates of one prompt, or a commuted twin, never sit on both
+    // sides
     let (mut train, mut val) = (vec![], vec![]);
-    for (i, e) in verified.into_iter().enumerate() {
-        if total >= 40 && i % 20 == 19 {
+    for e in verified {
+        if total >= 40 && is_validation(&e.prompt) {
             val.push(e);
         } else {
             train.push(e);
@@ -192,13 +206,27 @@ pub fn read_traces(path: &Path) -> Result<(Vec<Example>, Vec<Example>, String)> 
     Ok((train, val, teacher))
 }
 
+/// Whether a trace of `prompt` is in distillation's validation set (sha256 of the
+/// problem's key, salted so it is not the split's hash, mod 20 = 0).
+fn is_validation(prompt: &str) -> bool {
+    let key = format!("distill-val:{}", tasks::problem_key(prompt));
+    let h = data::sha256_hex(key.as_bytes());
+    u64::from_str_radix(&h[..8], 16).expect("hex") % 20 == 0
+}
+
 pub fn train(a: TrainArgs) -> Result<train::trainer::Outcome> {
     let cfg = resolve_config(&a.config, a.steps, a.seed)?;
     let (train, val, trace_teacher) = read_traces(&a.traces)?;
     let tokenizer = match (&a.tokenizer, &a.teacher) {
         (Some(t), _) => crate::runs::tokenizer_path(t),
         (None, Some(t)) => t.join("tokenizer.json"),
-        (None, None) => Path::new(&trace_teacher).join("tokenizer.json"),
+        (None, None) => match trace_teacher {
+            Some(t) => Path::new(&t).join("tokenizer.json"),
+            None => bail!(
+                "{}: its traces come from several teachers; pass --tokenizer (or --teacher) to choose the vocabulary",
+                a.traces.display()
+            ),
+        },
     };
     if !tokenizer.exists() {
         bail!(
@@ -314,6 +342,7 @@ fn generate_cmd(
     difficulty: Option<u32>,
     out: &Path,
     slots: usize,
+    force: bool,
 ) -> Result<()> {
     let task_list = tasks::parse_list(task_spec).map_err(anyhow::Error::msg)?;
     if k == 0 || n == 0 {
@@ -325,27 +354,96 @@ fn generate_cmd(
             "--n {n} times --k {k} is more than {MAX_ATTEMPTS} attempts; generate in several files"
         );
     }
+    if out.exists() && !force {
+        bail!(
+            "{} exists; pass --force to overwrite it (or choose another --out)",
+            out.display()
+        );
+    }
     let r = load_reasoner(teacher, "auto")?;
     // NOTE: traces are training data, so they come from the train split only.
     let prompts: Vec<String> = tasks::generate_mix(&task_list, n, seed, difficulty, Split::Train)
         .into_iter()
         .map(|p| p.prompt)
         .collect();
-    let (bar, mut tick) = task_bar("generate", prompts.len() * k);
-    let (attempts, tps) = attempt(&r, &prompts, k, temperature, seed, slots, &mut tick);
-    bar.finish_and_clear();
-    let mut score = Score::default();
-    let examples: Vec<Example> = attempts
-        .iter()
-        .map(|a| {
-            score.add(&a.prompt, a.verified, a.reasoning_tokens);
-            a.to_example(teacher)
-        })
-        .collect();
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    // Every finished attempt is appended to OUT.partial as it ends, so a crash or Ctrl-C
+    // loses nothing: the same command continues from it (each attempt is what a full run
+    // makes, so the file is too), and OUT itself is written whole at the end.
+    let header = serde_json::json!({
+        "moelab_partial_traces": 1,
+        "teacher": teacher.display().to_string(),
+        "checkpoint": r.checkpoint.display().to_string(),
+        "step": r.step,
+        "tasks": task_list.iter().map(|t| t.name()).collect::<Vec<_>>(),
+        "n": n, "k": k, "temperature": temperature, "seed": seed, "difficulty": difficulty,
+    });
+    let partial = PathBuf::from(format!("{}.partial", out.display()));
+    let mut done = read_partial(&partial, &header, n * k)?;
+    if !done.is_empty() {
+        println!(
+            "{}: continuing, {} of {} attempts already made",
+            partial.display(),
+            done.len(),
+            n * k
+        );
+    }
+    // rewritten whole first: a line cut short by a crash must not end up mid-file
+    let mut text = serde_json::to_string(&header)? + "\n";
+    for (i, (e, rt)) in &done {
+        text += &partial_line(*i, e, *rt);
+    }
+    data::write_atomic(&partial, text.as_bytes())?;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&partial)
+        .with_context(|| format!("opening {}", partial.display()))?;
+    let todo: Vec<usize> = (0..n * k).filter(|i| !done.contains_key(i)).collect();
+    let (bar, mut tick) = task_bar("generate", n * k);
+    bar.set_position(done.len() as u64);
+    let (before, mut finished, mut tokens) = (done.len(), 0, 0);
+    let mut failed = None;
+    let tps = attempt_some(
+        &r,
+        &prompts,
+        k,
+        temperature,
+        seed,
+        slots,
+        &todo,
+        &mut |i, a, g| {
+            let e = a.to_example(teacher);
+            if failed.is_none() {
+                use std::io::Write;
+                let line = partial_line(i, &e, a.reasoning_tokens);
+                failed = file.write_all(line.as_bytes()).err();
+            }
+            done.insert(i, (e, a.reasoning_tokens));
+            (finished, tokens) = (finished + 1, tokens + g);
+            crash_test_fault(&mut file, finished);
+            tick(before + finished, tokens);
+        },
+    );
+    bar.finish_and_clear();
+    if let Some(e) = failed {
+        eprintln!(
+            "warning: {}: {e}; the attempts are kept in memory and written to {}",
+            partial.display(),
+            out.display()
+        );
+    }
+    let mut score = Score::default();
+    let examples: Vec<Example> = done
+        .into_values()
+        .map(|(e, rt)| {
+            score.add(&e.prompt, e.verified, rt);
+            e
+        })
+        .collect();
     chat::write_jsonl(out, &examples)?;
+    std::fs::remove_file(&partial).ok();
     let kept = examples.iter().filter(|e| e.verified).count();
     println!(
         "{}: {} traces ({n} prompts x {k}), {kept} verified ({:.1}%), {:.0} tokens/s\n",
@@ -357,4 +455,57 @@ fn generate_cmd(
     println!("acceptance by task and difficulty:");
     print!("{}", score.table().replacen("accuracy", "accepted", 1));
     Ok(())
+}
+
+/// One line of a partial traces file: attempt index, reasoning tokens, the trace.
+fn partial_line(i: usize, e: &Example, reasoning_tokens: usize) -> String {
+    let v = serde_json::json!({"i": i, "reasoning_tokens": reasoning_tokens, "trace": e});
+    v.to_string() + "\n"
+}
+
+/// The attempts an interrupted `distill generate` left in `path` (none when it does not
+/// exist). A file begun with other arguments is refused; a last line cut short is dropped.
+fn read_partial(
+    path: &Path,
+    header: &serde_json::Value,
+    total: usize,
+) -> Result<std::collections::BTreeMap<usize, (Example, usize)>> {
+    let mut done = std::collections::BTreeMap::new();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(done),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let mut lines = text.lines();
+    let first: Option<serde_json::Value> = lines.next().and_then(|l| serde_json::from_str(l).ok());
+    if first.as_ref() != Some(header) {
+        bail!(
+            "{} holds the attempts of a `distill generate` with other arguments (or another teacher checkpoint); rerun that command to finish it, or delete the file",
+            path.display()
+        );
+    }
+    let parse = |l: &str| -> Option<(usize, usize, Example)> {
+        let mut v: serde_json::Value = serde_json::from_str(l).ok()?;
+        let i = usize::try_from(v["i"].as_u64()?).ok()?;
+        let rt = usize::try_from(v["reasoning_tokens"].as_u64()?).ok()?;
+        Some((i, rt, serde_json::from_value(v["trace"].take()).ok()?))
+    };
+    // a line that does not parse (the last line of a killed run) is made again
+    for (i, rt, e) in lines.filter_map(parse) {
+        if i < total {
+            done.insert(i, (e, rt));
+        }
+    }
+    Ok(done)
+}
+
+/// For the crash tests: `MOELAB_FAULT=generate@N` dies (abort, like `kill -9`) after the Nth
+/// attempt of this process, leaving half a line behind.
+fn crash_test_fault(file: &mut std::fs::File, finished: usize) {
+    if std::env::var("MOELAB_FAULT").is_ok_and(|w| w == format!("generate@{finished}")) {
+        use std::io::Write;
+        let _ = file.write_all(b"{\"i\": 1, \"reasoning_tok");
+        eprintln!("MOELAB_FAULT: dying at generate@{finished}");
+        std::process::abort();
+    }
 }

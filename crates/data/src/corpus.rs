@@ -71,7 +71,22 @@ pub fn read(paths: &[PathBuf]) -> Result<Vec<Source>> {
             files.push(p.clone());
         }
     }
-    files.iter().map(|f| read_file(f)).collect()
+    let sources: Vec<Source> = files.iter().map(|f| read_file(f)).collect::<Result<_>>()?;
+    // NOTE: a text given twice (the same file, or a copy) could land in train and in
+    // validation, which would then not be held out
+    let mut seen = std::collections::HashMap::new();
+    for s in sources.iter().filter(|s| s.bytes > 0) {
+        if let Some(first) = seen.insert(s.sha256.as_str(), &s.path) {
+            return Err(Error::Input {
+                path: s.path.clone(),
+                msg: format!(
+                    "has the same contents as {} (given twice, or a copy); pass each text once, or validation would repeat training text",
+                    first.display()
+                ),
+            });
+        }
+    }
+    Ok(sources)
 }
 
 fn read_file(path: &Path) -> Result<Source> {

@@ -49,22 +49,29 @@ impl Split {
         Split::ALL.into_iter().find(|x| x.name() == s)
     }
 
-    /// The split of `prompt`: the first 8 bytes of sha256(canonical form) as a
-    /// little-endian integer, mod 100: 0-79 train, 80-89 dev, 90-99 test. The canonical form
-    /// identifies the problem up to what does not change its answer: the operands of `+` and
-    /// `*` in either order, a sort list in any order (so `12 + 7` and `7 + 12`, or
-    /// `Sort 3 9 5.` and `Sort 9 5 3.`, are in one split); text outside the suite hashes as
-    /// given, trimmed.
+    /// The split of `prompt`: the first 8 bytes of sha256([`problem_key`]) as a
+    /// little-endian integer, mod 100: 0-79 train, 80-89 dev, 90-99 test.
     pub fn of(prompt: &str) -> Split {
-        let canonical = Spec::parse(prompt).map(|s| s.split_key());
-        let text = canonical.as_deref().unwrap_or(prompt.trim());
-        let h = Sha256::digest(text.as_bytes());
+        let h = Sha256::digest(problem_key(prompt).as_bytes());
         let x = u64::from_le_bytes(h[..8].try_into().expect("8 bytes")) % 100;
         match x {
             0..=79 => Split::Train,
             80..=89 => Split::Dev,
             _ => Split::Test,
         }
+    }
+}
+
+/// The problem `prompt` poses, up to what does not change its answer: the operands of `+`
+/// and `*` in any order and grouping, at any depth of an expression, and a sort list in any
+/// order. So `12 + 7` and `7 + 12`, `Evaluate (2+3)*4.` and `Evaluate 4*(3+2).`,
+/// `Evaluate (1+2)+3.` and `Evaluate 1+(3+2).`, or `Sort 3 9 5.` and `Sort 9 5 3.` are one
+/// problem (one split, one distinct problem in an evaluation's count). Text outside the suite
+/// is its own key, trimmed.
+pub fn problem_key(prompt: &str) -> String {
+    match Spec::parse(prompt) {
+        Some(s) => s.split_key(),
+        None => prompt.trim().to_string(),
     }
 }
 
@@ -239,26 +246,25 @@ pub fn solve(prompt: &str) -> Option<(Task, u32, String, String)> {
     Some((spec.task(), spec.difficulty(), r, a))
 }
 
-/// Whether `answer` is a correct final answer to `prompt` (whitespace-insensitive; for
-/// `sort`, numbers separated by spaces or commas). False for prompts outside the suite.
+/// Whether `answer` is a correct final answer to `prompt`: the number written the way the
+/// solution writes it (no sign, no leading zeros: `389`, not `0389`, `+389` or `389.0`), up
+/// to surrounding whitespace; for `sort`, such numbers separated by spaces or commas. False
+/// for prompts outside the suite.
 pub fn verify(prompt: &str, answer: &str) -> bool {
     let Some(spec) = Spec::parse(prompt) else {
         return false;
     };
     let want = spec.solve().1;
     match spec {
-        Spec::Sort(_) => parse_ints(answer).is_some_and(|v| v == parse_ints(&want).unwrap()),
-        _ => answer.trim().parse::<i64>().ok() == want.parse::<i64>().ok(),
+        Spec::Sort(_) => {
+            let got: Vec<&str> = answer
+                .split(|c: char| c == ',' || c.is_whitespace())
+                .filter(|x| !x.is_empty())
+                .collect();
+            got.iter().copied().eq(want.split(' '))
+        }
+        _ => answer.trim() == want,
     }
-}
-
-fn parse_ints(s: &str) -> Option<Vec<i64>> {
-    let v: Option<Vec<i64>> = s
-        .split(|c: char| c == ',' || c.is_whitespace())
-        .filter(|x| !x.is_empty())
-        .map(|x| x.parse().ok())
-        .collect();
-    v.filter(|v| !v.is_empty())
 }
 
 fn rand_digits(rng: &mut impl Rng, d: u32) -> u64 {
@@ -330,7 +336,8 @@ impl Spec {
                 v.sort_unstable();
                 format!("sort {}", join(&v))
             }
-            Spec::Sub { .. } | Spec::Expr(_) => self.prompt(),
+            Spec::Expr(e) => format!("expr {}", e.key()),
+            Spec::Sub { .. } => self.prompt(),
         }
     }
 
@@ -599,6 +606,32 @@ impl Expr {
         false
     }
 
+    /// A form equal for every rearrangement of `+` and `*` operands (commuted or regrouped):
+    /// a chain of one of them is its sorted operand keys, `(+ 2 3 4)`; `-` keeps its order.
+    fn key(&self) -> String {
+        match self {
+            Expr::Num(n) => n.to_string(),
+            Expr::Op(l, '-', r) => format!("(- {} {})", l.key(), r.key()),
+            Expr::Op(_, op, _) => {
+                let mut keys = vec![];
+                self.chain(*op, &mut keys);
+                keys.sort_unstable();
+                format!("({op} {})", keys.join(" "))
+            }
+        }
+    }
+
+    /// Keys of the operands of the maximal `op` chain rooted here.
+    fn chain(&self, op: char, keys: &mut Vec<String>) {
+        match self {
+            Expr::Op(l, o, r) if *o == op => {
+                l.chain(op, keys);
+                r.chain(op, keys);
+            }
+            e => keys.push(e.key()),
+        }
+    }
+
     fn render(&self, top: bool) -> String {
         match self {
             Expr::Num(n) => n.to_string(),
@@ -746,6 +779,81 @@ mod tests {
             assert_eq!(s, Split::of(&format!("Sort {}.", join(&v))));
         }
         assert!(seen.iter().all(|&n| n > 0), "{seen:?}");
+    }
+
+    /// Every rearrangement of an expression's `+` and `*` operands (commuted or regrouped,
+    /// at any depth) is one problem, so a test expression's twin is never in training (it
+    /// was: 10 of the 12 single `A+B` or `A*B` test prompts of 2,000 draws had their swapped
+    /// twin in the train split). `-` keeps its order, and different values stay apart.
+    #[test]
+    fn expression_rearrangements_share_a_split() {
+        let same = [
+            ["Evaluate 3+4.", "Evaluate 4+3."],
+            ["Evaluate (2+3)*4.", "Evaluate 4*(3+2)."],
+            ["Evaluate (1+2)+3.", "Evaluate 1+(3+2)."],
+            ["Evaluate (2*3)*(1*4).", "Evaluate 4*(1*(3*2))."],
+            ["Evaluate (9-(2+3))*2.", "Evaluate 2*(9-(3+2))."],
+        ];
+        for [a, b] in same {
+            assert_eq!(problem_key(a), problem_key(b), "{a} {b}");
+            assert_eq!(Split::of(a), Split::of(b), "{a} {b}");
+        }
+        let apart = [
+            ["Evaluate 9-4.", "Evaluate 4-9."],
+            ["Evaluate (2+3)*4.", "Evaluate 2+(3*4)."],
+            ["Evaluate (2*3)+4.", "Evaluate (2+3)*4."],
+            ["Evaluate 3+4.", "What is 3 + 4?"],
+        ];
+        for [a, b] in apart {
+            assert_ne!(problem_key(a), problem_key(b), "{a} {b}");
+        }
+        // over generated problems: a random commuting of every + and * keeps the split
+        fn commute(e: &Expr, rng: &mut ChaCha8Rng) -> Expr {
+            match e {
+                Expr::Num(n) => Expr::Num(*n),
+                Expr::Op(l, op, r) => {
+                    let (l, r) = (commute(l, rng), commute(r, rng));
+                    if *op != '-' && rng.gen_bool(0.5) {
+                        Expr::Op(Box::new(r), *op, Box::new(l))
+                    } else {
+                        Expr::Op(Box::new(l), *op, Box::new(r))
+                    }
+                }
+            }
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let (mut moved, mut n) = (0, 0);
+        for p in generate_mix(&[Task::Expr], 600, 9, None, Split::Test) {
+            let Some(Spec::Expr(e)) = Spec::parse(&p.prompt) else {
+                panic!("{p:?}")
+            };
+            let twin = format!("Evaluate {}.", commute(&e, &mut rng).render(true));
+            assert_eq!(Split::of(&twin), Split::Test, "{} / {twin}", p.prompt);
+            moved += (twin != p.prompt) as usize;
+            n += 1;
+        }
+        assert!(
+            moved > n / 3,
+            "{moved} of {n} twins differ from their prompt"
+        );
+    }
+
+    /// The verifier takes the answer as the solution writes it: a number with a sign,
+    /// leading zeros or a decimal point is a different answer.
+    #[test]
+    fn verifier_wants_canonical_numbers() {
+        assert!(verify("What is 4721 + 389?", "5110"));
+        assert!(verify("What is 4721 + 389?", " 5110\n"));
+        for bad in ["05110", "+5110", "5110.0", "5 110", "5110 5110"] {
+            assert!(!verify("What is 4721 + 389?", bad), "{bad}");
+        }
+        assert!(verify("What is 7 - 7?", "0"));
+        assert!(!verify("What is 7 - 7?", "-0"));
+        assert!(!verify("What is 7 - 7?", "00"));
+        assert!(verify("Sort 53 7 91 20.", "7 20 53 91"));
+        assert!(verify("Sort 53 7 91 20.", "7, 20, 53, 91"));
+        assert!(!verify("Sort 53 7 91 20.", "07 20 53 91"));
+        assert!(!verify("Sort 53 7 91 20.", "7 20 53 91 91"));
     }
 
     /// The split shares are about 80/10/10 over a large space (3-digit additions).

@@ -8,7 +8,7 @@ use crate::{generate, Request, SamplingParams};
 use data::chat::{self, Example};
 use data::tasks::{self, Split, Task};
 use model::ModelConfig;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -79,24 +79,63 @@ pub fn attempt(
     slots: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> (Vec<Attempt>, f64) {
+    let todo: Vec<usize> = (0..prompts.len() * k).collect();
+    let mut out: Vec<Option<Attempt>> = (0..todo.len()).map(|_| None).collect();
+    let (mut produced, mut done) = (0usize, 0usize);
+    let tps = attempt_some(
+        r,
+        prompts,
+        k,
+        temperature,
+        seed,
+        slots,
+        &todo,
+        &mut |i, a, g| {
+            out[i] = Some(a);
+            produced += g;
+            done += 1;
+            progress(done, produced);
+        },
+    );
+    (
+        out.into_iter().map(|a| a.expect("every attempt")).collect(),
+        tps,
+    )
+}
+
+/// The attempts `todo` of [`attempt`]'s list (index = prompt * k + candidate; each the same
+/// as in a full run, since a request's tokens do not depend on its batch), handed to
+/// `on_attempt(index, attempt, generated tokens)` as they finish. Returns the decode
+/// throughput.
+#[allow(clippy::too_many_arguments)]
+pub fn attempt_some(
+    r: &Reasoner,
+    prompts: &[String],
+    k: usize,
+    temperature: f32,
+    seed: u64,
+    slots: usize,
+    todo: &[usize],
+    on_attempt: &mut dyn FnMut(usize, Attempt, usize),
+) -> f64 {
     let max_seq = r.cfg.max_seq_len;
     let fmt = &r.chat;
-    let mut reqs = vec![];
-    for p in prompts {
-        let ids = task_prompt(fmt, p);
-        for c in 0..k {
-            reqs.push(Request {
+    let reqs: Vec<Request> = todo
+        .iter()
+        .map(|&i| {
+            let ids = task_prompt(fmt, &prompts[i / k]);
+            Request {
                 max_tokens: max_seq.saturating_sub(ids.len()),
-                prompt: ids.clone(),
+                prompt: ids,
                 params: SamplingParams {
                     temperature,
                     top_k: 0,
                     top_p: 1.0,
-                    seed: seed.wrapping_add(c as u64),
+                    seed: seed.wrapping_add((i % k) as u64),
                 },
-            });
-        }
-    }
+            }
+        })
+        .collect();
     // moelab's format ends a reply at <|end|> only (what its published numbers used); an
     // imported template at any of its stop tokens
     let stops = if fmt.is_moelab() {
@@ -105,37 +144,30 @@ pub fn attempt(
         fmt.stop_tokens()
     };
     let start = Instant::now();
-    let (mut produced, mut done) = (0usize, 0usize);
-    let out = generate(
+    let mut produced = 0usize;
+    generate(
         &r.cfg,
         &r.params,
         r.quant.as_ref(),
         &reqs,
         slots,
         &stops,
-        &mut |_, g| {
+        &mut |j, g| {
             produced += g.tokens.len();
-            done += 1;
-            progress(done, produced);
-        },
-    );
-    let secs = start.elapsed().as_secs_f64();
-    let attempts = out
-        .iter()
-        .enumerate()
-        .map(|(i, g)| {
+            let i = todo[j];
             let prompt = prompts[i / k].clone();
             let reply = split_reply(&r.tok, fmt.think_ids(), &stops, &g.tokens);
-            Attempt {
+            let a = Attempt {
                 verified: reply.finished && tasks::verify(&prompt, &reply.answer),
                 prompt,
                 reasoning: reply.reasoning.trim().to_string(),
                 answer: reply.answer.trim().to_string(),
                 reasoning_tokens: reply.reasoning_tokens,
-            }
-        })
-        .collect();
-    (attempts, produced as f64 / secs.max(1e-9))
+            };
+            on_attempt(i, a, g.tokens.len());
+        },
+    );
+    produced as f64 / start.elapsed().as_secs_f64().max(1e-9)
 }
 
 /// The tokens of a task prompt as a user turn in `fmt`, up to where the reply starts.
@@ -217,10 +249,14 @@ pub fn split_reply(
     }
 }
 
-/// Accuracy by (task, difficulty).
+/// Accuracy by (task, difficulty). Problems are drawn independently from a split's
+/// distribution, so a small space repeats problems (the test split holds about 20 depth-1
+/// expressions): `n` counts attempts (the Wilson interval is over them), `distinct` the
+/// problems among them ([`tasks::problem_key`]).
 #[derive(Default, Clone)]
 pub struct Score {
     pub cells: BTreeMap<(Task, u32), (usize, usize, usize)>, // correct, total, reasoning tokens
+    problems: BTreeMap<(Task, u32), BTreeSet<String>>,
 }
 
 impl Score {
@@ -230,7 +266,20 @@ impl Score {
             c.0 += correct as usize;
             c.1 += 1;
             c.2 += reasoning_tokens;
+            self.problems
+                .entry((t, d))
+                .or_default()
+                .insert(tasks::problem_key(prompt));
         }
+    }
+
+    /// Distinct problems over tasks matching `f`.
+    pub fn distinct<F: Fn(Task) -> bool>(&self, f: F) -> usize {
+        self.problems
+            .iter()
+            .filter(|((t, _), _)| f(*t))
+            .map(|(_, p)| p.len())
+            .sum()
     }
 
     fn sum<F: Fn(Task) -> bool>(&self, f: F) -> (usize, usize, usize) {
@@ -263,31 +312,37 @@ impl Score {
     }
 
     /// The breakdown table (task, difficulty, accuracy with its 95% Wilson interval, n,
-    /// mean reasoning tokens).
+    /// distinct problems, mean reasoning tokens).
     pub fn table(&self) -> String {
-        let row = |task: &str, d: &str, (c, n, rt): (usize, usize, usize)| {
+        let row = |task: &str, d: &str, (c, n, rt): (usize, usize, usize), distinct: usize| {
             let (lo, hi) = wilson(c, n);
             format!(
-                "{:<6} {:>10} {:>8.1}% {:>15} {:>6} {:>16.1}\n",
+                "{:<6} {:>10} {:>8.1}% {:>15} {:>6} {:>8} {:>16.1}\n",
                 task,
                 d,
                 100.0 * c as f64 / n as f64,
                 format!("{:.1}-{:.1}%", 100.0 * lo, 100.0 * hi),
                 n,
+                distinct,
                 rt as f64 / n as f64
             )
         };
         let mut s = format!(
-            "{:<6} {:>10} {:>9} {:>15} {:>6} {:>16}\n",
-            "task", "difficulty", "accuracy", "95% interval", "n", "reasoning tokens"
+            "{:<6} {:>10} {:>9} {:>15} {:>6} {:>8} {:>16}\n",
+            "task", "difficulty", "accuracy", "95% interval", "n", "distinct", "reasoning tokens"
         );
         for t in self.tasks() {
             for ((_, d), c) in self.cells.iter().filter(|(k, _)| k.0 == t) {
-                s += &row(t.name(), &d.to_string(), *c);
+                s += &row(t.name(), &d.to_string(), *c, self.problems[&(t, *d)].len());
             }
-            s += &row(t.name(), "all", self.sum(|x| x == t));
+            s += &row(
+                t.name(),
+                "all",
+                self.sum(|x| x == t),
+                self.distinct(|x| x == t),
+            );
         }
-        s += &row("all", "", self.sum(|_| true));
+        s += &row("all", "", self.sum(|_| true), self.distinct(|_| true));
         s
     }
 }
@@ -431,6 +486,31 @@ mod tests {
         let r = split_reply(t, Some((open, close)), &[stop], &ids);
         assert_eq!((r.reasoning.as_str(), r.answer.as_str()), ("2 plus 3", "5"));
         assert_eq!((r.finished, r.reasoning_tokens), (false, n));
+    }
+
+    /// `n` counts attempts; `distinct` counts problems, a commuted twin being the same one.
+    #[test]
+    fn score_counts_attempts_and_distinct_problems() {
+        let mut s = super::Score::default();
+        for (p, ok) in [
+            ("What is 34 + 5?", true),
+            ("What is 5 + 34?", false),
+            ("What is 34 + 5?", true),
+            ("What is 43 + 5?", true),
+            ("Evaluate 2*(3+4).", true),
+            ("Evaluate (4+3)*2.", true),
+            ("not a problem", true),
+        ] {
+            s.add(p, ok, 10);
+        }
+        assert_eq!(s.counts(|_| true), (5, 6));
+        assert_eq!(s.distinct(|_| true), 3);
+        assert_eq!(s.distinct(|t| t == data::tasks::Task::Add), 2);
+        let t = s.table();
+        let all = t.lines().last().unwrap();
+        let cols: Vec<&str> = all.split_whitespace().collect();
+        assert_eq!(cols[..5], ["all", "83.3%", "43.6-97.0%", "6", "3"], "{t}");
+        assert!(t.lines().next().unwrap().contains(" n distinct "), "{t}");
     }
 
     #[test]
