@@ -78,7 +78,7 @@ done
     echo "|---|---|---|---|---|---|---|---|"
     for r in teacher student student-answers student-kd; do
         acc() { awk -v t="$1" '$1 == t && $2 == "all" { print $3 }' "$OUT/eval-$r.txt"; }
-        all=$(awk '$1 == "all" { print $2 " (" $3 ", n " $4 ")" }' "$OUT/eval-$r.txt")
+        all=$(awk '$1 == "all" { print $2 " (" $3 ", n " $4 ", " $5 " distinct)" }' "$OUT/eval-$r.txt")
         multi=$(awk '($1 == "add" || $1 == "mul" || $1 == "expr") && $2 == "all" { s += $3; n++ } END { printf "%.1f%%", s / n }' "$OUT/eval-$r.txt")
         echo "| $r | $(awk '/active matmul params/ { print $NF }' "$OUT/eval-$r.txt") | $(acc add) | $(acc mul) | $(acc expr) | $(acc sort) | $all | $multi |"
     done
