@@ -111,6 +111,15 @@ pub fn train_in_group(
     train_with(cfg, source, None, out, resume, init, Some(comm), None)
 }
 
+/// Set by Ctrl-C or SIGTERM during a training (it then checkpoints and stops).
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Whether the last training was asked to stop, even if the signal came too late to
+/// stop it (during its last step or checkpoint): the demo ends then.
+pub fn interrupted() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
 /// Whether `sig` is set to be ignored (as `nohup` sets SIGHUP).
 fn signal_ignored(sig: libc::c_int) -> bool {
     // SAFETY: sigaction with a null new action only reads the current disposition.
@@ -132,7 +141,6 @@ fn train_with(
     budget: Option<(train::manifest::TimeBudget, &train::trainer::Refit)>,
 ) -> Result<Outcome> {
     let quiet = comm.is_some_and(|c| c.rank() > 0);
-    static STOP: AtomicBool = AtomicBool::new(false);
     // whether a training is running: between trainings (the demo's generation and
     // evaluation stages) a signal ends the process at once, as it would without the handler
     static TRAINING: AtomicBool = AtomicBool::new(false);

@@ -131,7 +131,7 @@ fn distillation_pipeline_end_to_end() {
     }
     // a crash loses nothing: killed twice (abort, half a line left behind), the same
     // command continues from OUT.partial and writes the uninterrupted run's file
-    let gen = |out: &std::path::Path, seed: &str| -> Vec<String> {
+    let gen_t = |out: &std::path::Path, seed: &str, temperature: &str| -> Vec<String> {
         [
             "distill",
             "generate",
@@ -144,7 +144,7 @@ fn distillation_pipeline_end_to_end() {
             "--k",
             "2",
             "--temperature",
-            "0.7",
+            temperature,
             "--seed",
             seed,
             "--out",
@@ -153,6 +153,7 @@ fn distillation_pipeline_end_to_end() {
         .map(String::from)
         .to_vec()
     };
+    let gen = |out: &std::path::Path, seed: &str| gen_t(out, seed, "0.7");
     let again = d.join("again.jsonl");
     let partial = d.join("again.jsonl.partial");
     let a2 = gen(&again, "2");
@@ -179,6 +180,17 @@ fn distillation_pipeline_end_to_end() {
     let o = common::moelab_with(&args(&gen(&other, "3")), "2", Some("generate@5"));
     assert!(!o.status.success());
     fails(&args(&gen(&other, "4")), "with other arguments");
+    // --force starts afresh; a temperature that does not survive a float round trip
+    // (0.91 read back is not the f32 written) still continues
+    let mut forced = gen_t(&other, "4", "0.91");
+    forced.push("--force".into());
+    let o = common::moelab_with(&args(&forced), "2", Some("generate@5"));
+    assert!(!o.status.success());
+    let (out, _) = ok(&args(&gen_t(&other, "4", "0.91")));
+    assert!(
+        out.contains("continuing, 5 of 64 attempts already made"),
+        "{out}"
+    );
 
     // plus ground-truth traces (so the student has data whatever the tiny teacher got right)
     // and one malformed line, which is skipped and counted

@@ -91,7 +91,8 @@ fn train(
 ) -> Result<()> {
     let mut cfg = resolve_config(config, Some(steps), Some(seed))?;
     cfg.train.precision = precision;
-    if train_with_progress(cfg, source, None, out, false, None)? == Outcome::Stopped {
+    let outcome = train_with_progress(cfg, source, None, out, false, None)?;
+    if outcome == Outcome::Stopped || crate::progress::interrupted() {
         bail!("demo interrupted");
     }
     Ok(())

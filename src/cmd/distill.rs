@@ -57,7 +57,7 @@ pub struct GenerateArgs {
     /// finish, and the same command continues from there after a crash or Ctrl-C).
     #[arg(long)]
     out: PathBuf,
-    /// Overwrite --out if it exists.
+    /// Overwrite --out if it exists (and drop an earlier run's OUT.partial).
     #[arg(long)]
     force: bool,
 }
@@ -202,6 +202,10 @@ pub fn read_traces(path: &Path) -> Result<(Vec<Example>, Vec<Example>, Option<St
         } else {
             train.push(e);
         }
+    }
+    if train.is_empty() {
+        // a few problems, all of them drawn for validation: train on them
+        (train, val) = (val, vec![]);
     }
     Ok((train, val, teacher))
 }
@@ -381,7 +385,11 @@ fn generate_cmd(
         "n": n, "k": k, "temperature": temperature, "seed": seed, "difficulty": difficulty,
     });
     let partial = PathBuf::from(format!("{}.partial", out.display()));
-    let mut done = read_partial(&partial, &header, n * k)?;
+    if force {
+        // a fresh start: whatever an earlier generate left goes
+        std::fs::remove_file(&partial).ok();
+    }
+    let mut done = read_partial(&partial, &header, &prompts, k)?;
     if !done.is_empty() {
         println!(
             "{}: continuing, {} of {} attempts already made",
@@ -468,7 +476,8 @@ fn partial_line(i: usize, e: &Example, reasoning_tokens: usize) -> String {
 fn read_partial(
     path: &Path,
     header: &serde_json::Value,
-    total: usize,
+    prompts: &[String],
+    k: usize,
 ) -> Result<std::collections::BTreeMap<usize, (Example, usize)>> {
     let mut done = std::collections::BTreeMap::new();
     let text = match std::fs::read_to_string(path) {
@@ -477,10 +486,10 @@ fn read_partial(
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
     let mut lines = text.lines();
-    let first: Option<serde_json::Value> = lines.next().and_then(|l| serde_json::from_str(l).ok());
-    if first.as_ref() != Some(header) {
+    // compared as text: a float read back need not equal the one written
+    if lines.next() != Some(serde_json::to_string(header)?.as_str()) {
         bail!(
-            "{} holds the attempts of a `distill generate` with other arguments (or another teacher checkpoint); rerun that command to finish it, or delete the file",
+            "{} holds the attempts of a `distill generate` with other arguments (or another teacher checkpoint); rerun that command to finish it, or pass --force to start afresh",
             path.display()
         );
     }
@@ -491,8 +500,9 @@ fn read_partial(
         Some((i, rt, serde_json::from_value(v["trace"].take()).ok()?))
     };
     // a line that does not parse (the last line of a killed run) is made again
+    // and one of another problem (a file of another version's problem mix) is made again
     for (i, rt, e) in lines.filter_map(parse) {
-        if i < total {
+        if prompts.get(i / k) == Some(&e.prompt) {
             done.insert(i, (e, rt));
         }
     }

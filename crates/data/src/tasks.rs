@@ -799,12 +799,13 @@ mod tests {
             assert_eq!(Split::of(a), Split::of(b), "{a} {b}");
         }
         let apart = [
-            ["Evaluate 9-4.", "Evaluate 4-9."],
+            ["Evaluate 4-(2+2).", "Evaluate (2+2)-4."],
             ["Evaluate (2+3)*4.", "Evaluate 2+(3*4)."],
             ["Evaluate (2*3)+4.", "Evaluate (2+3)*4."],
             ["Evaluate 3+4.", "What is 3 + 4?"],
         ];
         for [a, b] in apart {
+            assert!(solve(a).is_some() && solve(b).is_some(), "{a} {b}");
             assert_ne!(problem_key(a), problem_key(b), "{a} {b}");
         }
         // over generated problems: a random commuting of every + and * keeps the split

@@ -275,11 +275,14 @@ impl Score {
 
     /// Distinct problems over tasks matching `f`.
     pub fn distinct<F: Fn(Task) -> bool>(&self, f: F) -> usize {
-        self.problems
+        // a union: one problem can be at two difficulties (`34 * 5` is 1, `5 * 34` is 3)
+        let all: BTreeSet<&String> = self
+            .problems
             .iter()
             .filter(|((t, _), _)| f(*t))
-            .map(|(_, p)| p.len())
-            .sum()
+            .flat_map(|(_, p)| p)
+            .collect();
+        all.len()
     }
 
     fn sum<F: Fn(Task) -> bool>(&self, f: F) -> (usize, usize, usize) {
@@ -499,17 +502,21 @@ mod tests {
             ("What is 43 + 5?", true),
             ("Evaluate 2*(3+4).", true),
             ("Evaluate (4+3)*2.", true),
+            // one problem at two difficulties (1 and 3): counted once
+            ("What is 34 * 5?", true),
+            ("What is 5 * 34?", true),
             ("not a problem", true),
         ] {
             s.add(p, ok, 10);
         }
-        assert_eq!(s.counts(|_| true), (5, 6));
-        assert_eq!(s.distinct(|_| true), 3);
+        assert_eq!(s.counts(|_| true), (7, 8));
+        assert_eq!(s.distinct(|_| true), 4);
         assert_eq!(s.distinct(|t| t == data::tasks::Task::Add), 2);
+        assert_eq!(s.distinct(|t| t == data::tasks::Task::Mul), 1);
         let t = s.table();
         let all = t.lines().last().unwrap();
         let cols: Vec<&str> = all.split_whitespace().collect();
-        assert_eq!(cols[..5], ["all", "83.3%", "43.6-97.0%", "6", "3"], "{t}");
+        assert_eq!(cols[..5], ["all", "87.5%", "52.9-97.8%", "8", "4"], "{t}");
         assert!(t.lines().next().unwrap().contains(" n distinct "), "{t}");
     }
 

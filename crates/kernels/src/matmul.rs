@@ -137,30 +137,88 @@ pub unsafe fn matmul_raw(
         return;
     }
     check_operands(&a, &b, m, n, k);
-    // SAFETY: the asserts above bound every index gemm reads; the caller guarantees `out`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out,
-            1,
-            out_rs as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism(),
-        );
+    // NOTE: the same bits on every CPU with FMA (a replay of a run on another host gives its
+    // weights). gemm sums small outputs (m*n <= 256) and matrix-vector products of this
+    // layout in vectors of the CPU's width: those are fixed-order dot products here. And it
+    // blocks k by a size it derives from the L1 cache (512 on the AVX-512 hosts this was
+    // measured on; 1024 on an AVX2 CPU with a 12-way L1): k is cut into those 512-blocks
+    // here, so gemm sees one block and sums in the same groups everywhere.
+    if a.cs == 1 && b.rs == 1 && (m * n <= 256 || m == 1 || n == 1) {
+        // SAFETY: as for gemm below; rows of a and columns of b are contiguous (cs, rs 1).
+        unsafe { dots_nt(out, out_rs, &a, &b, m, n, k, accumulate) };
+        return;
     }
+    // (up to 64 x 64 outputs gemm's blocks are a fixed 512; its matrix-vector kernels add
+    // into the output step by step, so blocks of k do not change their bits)
+    let kc = if k <= GEMM_KC || m.max(n) <= 64 {
+        k
+    } else {
+        k.div_ceil(k.div_ceil(GEMM_KC))
+    };
+    for k0 in (0..k).step_by(kc) {
+        let kb = kc.min(k - k0);
+        // SAFETY: the asserts above bound every index gemm reads (a block reads a subset);
+        // the caller guarantees `out`.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                kb,
+                out,
+                1,
+                out_rs as isize,
+                accumulate || k0 > 0,
+                a.data.as_ptr().add(k0 * a.cs),
+                a.cs as isize,
+                a.rs as isize,
+                b.data.as_ptr().add(k0 * b.rs),
+                b.cs as isize,
+                b.rs as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism(),
+            );
+        }
+    }
+}
+
+/// The k-block gemm 0.19 uses on the AVX-512 hosts (its `kernel_params` with a 32 or 48
+/// KiB, 8- or 12-way L1; at least 512 on any CPU).
+const GEMM_KC: usize = 512;
+
+/// `out[i][j] (+)= dot(a row i, b column j)` for a row-major `a` and column-major `b`
+/// ([`crate::vmath::dot`]'s fixed order: the same bits on every CPU).
+///
+/// # Safety
+/// As [`matmul_raw`]; `a.cs == 1`, `b.rs == 1` and the operands checked.
+#[allow(clippy::too_many_arguments)]
+unsafe fn dots_nt(
+    out: *mut f32,
+    out_rs: usize,
+    a: &View,
+    b: &View,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+) {
+    simd! {
+        unsafe fn go(out: *mut f32, out_rs: usize, a: &View, b: &View, m: usize, n: usize, k: usize, accumulate: bool) {
+            for i in 0..m {
+                let x = &a.data[i * a.rs..][..k];
+                for j in 0..n {
+                    let v = crate::vmath::dot(x, &b.data[j * b.cs..][..k]);
+                    // SAFETY: i < m, j < n: in the caller's range
+                    let o = unsafe { &mut *out.add(i * out_rs + j) };
+                    *o = if accumulate { *o + v } else { v };
+                }
+            }
+        }
+    }
+    unsafe { go(out, out_rs, a, b, m, n, k, accumulate) }
 }
 
 /// Asserts that strided operands cover (m, k) and (k, n) (none of m, n, k zero: nothing is
@@ -341,6 +399,128 @@ mod tests {
                 worst < 2e-4,
                 "accumulate ta={ta} tb={tb} worst abs diff {worst}"
             );
+        }
+    }
+
+    /// Shapes where gemm's summation order depends on the CPU: small outputs and
+    /// matrix-vector products (vector width), k past one block (L1 geometry). (m, n, k, a
+    /// transposed, b transposed).
+    const CPU_SHAPES: [(usize, usize, usize, bool, bool); 12] = [
+        (16, 16, 40, false, true), // attention scores at T = 16
+        (64, 4, 96, false, true),  // a router: 64 tokens, 4 experts
+        (3, 70, 33, false, true),  // an expert given 3 tokens
+        (1, 300, 64, false, true), // an expert given 1 token
+        (200, 1, 64, false, true), // a one-output gate
+        (100, 90, 1000, false, false),
+        (100, 90, 1000, true, false),
+        (40, 30, 1300, true, false), // dW of a small matrix over many tokens
+        (130, 70, 2100, false, true),
+        (5, 7, 3, false, false),
+        (40, 30, 1026, true, false), // k = 2 past the blocks of 512
+        (1, 100, 1500, false, false),
+    ];
+
+    fn cpu_shapes_output(accumulate: bool) -> Vec<Vec<f32>> {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        CPU_SHAPES
+            .iter()
+            .map(|&(m, n, k, ta, tb)| {
+                let a: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
+                let b: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
+                let mut c: Vec<f32> = (0..m * n).map(|_| rnd()).collect();
+                matmul(&mut c, &a, ta, &b, tb, m, n, k, accumulate);
+                c
+            })
+            .collect()
+    }
+
+    /// The bits of every shape above are one fixed value on any CPU with FMA: the test runs
+    /// natively and under emulated AVX2 (scripts/test-cpus.sh), against the same digest. Before
+    /// the fixed-order dots and k-blocks, an emulated Haswell gave other bits (and a run at
+    /// seq_len 16 another weights hash).
+    #[test]
+    fn matmul_bits_are_the_same_on_every_cpu_with_fma() {
+        let mut h = 0xcbf2_9ce4_8422_2325u64; // FNV-1a over the output bits
+        for c in cpu_shapes_output(false)
+            .iter()
+            .chain(&cpu_shapes_output(true))
+        {
+            for v in c {
+                for byte in v.to_bits().to_le_bytes() {
+                    h = (h ^ byte as u64).wrapping_mul(0x100_0000_01b3);
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        let fma = std::arch::is_x86_feature_detected!("fma");
+        #[cfg(not(target_arch = "x86_64"))]
+        let fma = true;
+        if fma {
+            assert_eq!(
+                h, 12_934_025_342_182_325_547,
+                "matmul bits differ from the other CPUs'"
+            );
+        }
+    }
+
+    /// The k-blocks reproduce gemm's own blocking where it blocks by 512 (the AVX-512 hosts
+    /// the published hashes come from): same bits as one gemm call over all of k.
+    #[test]
+    fn k_blocks_keep_gemms_bits_on_avx512_hosts() {
+        #[cfg(target_arch = "x86_64")]
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        for (i, &(m, n, k, ta, tb)) in CPU_SHAPES.iter().enumerate().filter(|(_, s)| s.2 > GEMM_KC)
+        {
+            let a: Vec<f32> = (0..m * k)
+                .map(|x| ((x * 7919 % 1000) as f32 - 500.0) / 300.0)
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|x| ((x * 104_729 % 997) as f32 - 498.0) / 250.0)
+                .collect();
+            let mut ours = vec![0.0; m * n];
+            matmul(&mut ours, &a, ta, &b, tb, m, n, k, false);
+            let (av, bv) = (
+                View::new(&a, if ta { m } else { k }, ta),
+                View::new(&b, if tb { k } else { n }, tb),
+            );
+            let mut theirs = vec![0.0; m * n];
+            // SAFETY: operands and output sized for (m, n, k) as matmul checks them
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    theirs.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    av.data.as_ptr(),
+                    av.cs as isize,
+                    av.rs as isize,
+                    bv.data.as_ptr(),
+                    bv.cs as isize,
+                    bv.rs as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            let same = ours
+                .iter()
+                .zip(&theirs)
+                .all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "shape {i} ({m}, {n}, {k}) differs from one gemm call");
         }
     }
 }
