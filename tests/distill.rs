@@ -95,42 +95,6 @@ fn distillation_pipeline_end_to_end() {
     let teacher = demo.join("teacher");
 
     // generate: k candidates per prompt, each line a trace whose flag the verifier confirms
-    let traces = d.join("traces.jsonl");
-    let (out, _) = ok(&[
-        "distill",
-        "generate",
-        "--teacher",
-        s(&teacher),
-        "--task",
-        "expr",
-        "--n",
-        "32",
-        "--k",
-        "2",
-        "--temperature",
-        "0.7",
-        "--out",
-        s(&traces),
-    ]);
-    assert!(out.contains("acceptance by task and difficulty"), "{out}");
-    let text = std::fs::read_to_string(&traces).unwrap();
-    assert_eq!(text.lines().count(), 64);
-    for line in text.lines() {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        let (p, a) = (v["prompt"].as_str().unwrap(), v["answer"].as_str().unwrap());
-        assert!(v["reasoning"].is_string() && v["teacher"].as_str().unwrap().ends_with("teacher"));
-        if v["verified"].as_bool().unwrap() {
-            assert!(data::tasks::verify(p, a), "{line}");
-        }
-        // issue 11: traces are training data, drawn from the train split only
-        assert_eq!(
-            data::tasks::Split::of(p),
-            data::tasks::Split::Train,
-            "{line}"
-        );
-    }
-    // a crash loses nothing: killed twice (abort, half a line left behind), the same
-    // command continues from OUT.partial and writes the uninterrupted run's file
     let gen_t = |out: &std::path::Path, seed: &str, temperature: &str| -> Vec<String> {
         [
             "distill",
@@ -153,6 +117,27 @@ fn distillation_pipeline_end_to_end() {
         .map(String::from)
         .to_vec()
     };
+    let traces = d.join("traces.jsonl");
+    let (out, _) = ok(&args(&gen_t(&traces, "2", "0.7")));
+    assert!(out.contains("acceptance by task and difficulty"), "{out}");
+    let text = std::fs::read_to_string(&traces).unwrap();
+    assert_eq!(text.lines().count(), 64);
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let (p, a) = (v["prompt"].as_str().unwrap(), v["answer"].as_str().unwrap());
+        assert!(v["reasoning"].is_string() && v["teacher"].as_str().unwrap().ends_with("teacher"));
+        if v["verified"].as_bool().unwrap() {
+            assert!(data::tasks::verify(p, a), "{line}");
+        }
+        // issue 11: traces are training data, drawn from the train split only
+        assert_eq!(
+            data::tasks::Split::of(p),
+            data::tasks::Split::Train,
+            "{line}"
+        );
+    }
+    // a crash loses nothing: killed twice (abort, half a line left behind), the same
+    // command continues from OUT.partial and writes the uninterrupted run's file
     let gen = |out: &std::path::Path, seed: &str| gen_t(out, seed, "0.7");
     let again = d.join("again.jsonl");
     let partial = d.join("again.jsonl.partial");
