@@ -215,7 +215,9 @@ pub fn read_traces(path: &Path) -> Result<(Vec<Example>, Vec<Example>, Option<St
 fn is_validation(prompt: &str) -> bool {
     let key = format!("distill-val:{}", tasks::problem_key(prompt));
     let h = data::sha256_hex(key.as_bytes());
-    u64::from_str_radix(&h[..8], 16).expect("hex") % 20 == 0
+    u64::from_str_radix(&h[..8], 16)
+        .expect("hex")
+        .is_multiple_of(20)
 }
 
 pub fn train(a: TrainArgs) -> Result<train::trainer::Outcome> {
