@@ -250,7 +250,7 @@ pub fn split_reply(
 }
 
 /// Accuracy by (task, difficulty). Problems are drawn independently from a split's
-/// distribution, so a small space repeats problems (the test split holds about 20 depth-1
+/// distribution, so a small space repeats problems (the test split holds 16 depth-1
 /// expressions): `n` counts attempts (the Wilson interval is over them), `distinct` the
 /// problems among them ([`tasks::problem_key`]).
 #[derive(Default, Clone)]
