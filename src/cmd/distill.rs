@@ -501,8 +501,8 @@ fn read_partial(
         let rt = usize::try_from(v["reasoning_tokens"].as_u64()?).ok()?;
         Some((i, rt, serde_json::from_value(v["trace"].take()).ok()?))
     };
-    // a line that does not parse (the last line of a killed run) is made again
-    // and one of another problem (a file of another version's problem mix) is made again
+    // made again: a line that does not parse (the last line of a killed run) and one of
+    // another problem (a file of another version's problem mix)
     for (i, rt, e) in lines.filter_map(parse) {
         if prompts.get(i / k) == Some(&e.prompt) {
             done.insert(i, (e, rt));

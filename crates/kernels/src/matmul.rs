@@ -139,10 +139,11 @@ pub unsafe fn matmul_raw(
     check_operands(&a, &b, m, n, k);
     // NOTE: the same bits on every CPU with FMA (a replay of a run on another host gives its
     // weights). gemm sums small outputs (m*n <= 256) and matrix-vector products of this
-    // layout in vectors of the CPU's width: those are fixed-order dot products here. And it
-    // blocks k by a size it derives from the L1 cache (512 on the AVX-512 hosts this was
-    // measured on; 1024 on an AVX2 CPU with a 12-way L1): k is cut into those 512-blocks
-    // here, so gemm sees one block and sums in the same groups everywhere.
+    // layout in vectors of the CPU's width: those are fixed-order dot products here. And for
+    // outputs wider than 64 it blocks k by a size it derives from the L1 cache (512 on the
+    // AVX-512 hosts this was measured on; 1024 on an AVX2 CPU with a 12-way L1): k is cut
+    // here into the equal blocks of at most 512 it makes on those hosts, so gemm sees one
+    // block and sums in the same groups everywhere.
     if a.cs == 1 && b.rs == 1 && (m * n <= 256 || m == 1 || n == 1) {
         // SAFETY: as for gemm below; rows of a and columns of b are contiguous (cs, rs 1).
         unsafe { dots_nt(out, out_rs, &a, &b, m, n, k, accumulate) };
@@ -189,36 +190,32 @@ pub unsafe fn matmul_raw(
 /// KiB, 8- or 12-way L1; at least 512 on any CPU).
 const GEMM_KC: usize = 512;
 
-/// `out[i][j] (+)= dot(a row i, b column j)` for a row-major `a` and column-major `b`
-/// ([`crate::vmath::dot`]'s fixed order: the same bits on every CPU).
-///
-/// # Safety
-/// As [`matmul_raw`]; `a.cs == 1`, `b.rs == 1` and the operands checked.
-#[allow(clippy::too_many_arguments)]
-unsafe fn dots_nt(
-    out: *mut f32,
-    out_rs: usize,
-    a: &View,
-    b: &View,
-    m: usize,
-    n: usize,
-    k: usize,
-    accumulate: bool,
-) {
-    simd! {
-        unsafe fn go(out: *mut f32, out_rs: usize, a: &View, b: &View, m: usize, n: usize, k: usize, accumulate: bool) {
-            for i in 0..m {
-                let x = &a.data[i * a.rs..][..k];
-                for j in 0..n {
-                    let v = crate::vmath::dot(x, &b.data[j * b.cs..][..k]);
-                    // SAFETY: i < m, j < n: in the caller's range
-                    let o = unsafe { &mut *out.add(i * out_rs + j) };
-                    *o = if accumulate { *o + v } else { v };
-                }
+simd! {
+    /// `out[i][j] (+)= dot(a row i, b column j)` for a row-major `a` and column-major `b`
+    /// ([`crate::vmath::dot`]'s fixed order: the same bits on every CPU).
+    ///
+    /// SAFETY (caller): as [`matmul_raw`]; `a.cs == 1`, `b.rs == 1` and the operands checked.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn dots_nt(
+        out: *mut f32,
+        out_rs: usize,
+        a: &View,
+        b: &View,
+        m: usize,
+        n: usize,
+        k: usize,
+        accumulate: bool,
+    ) {
+        for i in 0..m {
+            let x = &a.data[i * a.rs..][..k];
+            for j in 0..n {
+                let v = crate::vmath::dot(x, &b.data[j * b.cs..][..k]);
+                // SAFETY: i < m, j < n: in the caller's range
+                let o = unsafe { &mut *out.add(i * out_rs + j) };
+                *o = if accumulate { *o + v } else { v };
             }
         }
     }
-    unsafe { go(out, out_rs, a, b, m, n, k, accumulate) }
 }
 
 /// Asserts that strided operands cover (m, k) and (k, n) (none of m, n, k zero: nothing is
