@@ -189,6 +189,9 @@ pub fn app(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// How long requests ended by the shutdown deadline get to write their last event.
+const CUT_GRACE: Duration = Duration::from_secs(1);
+
 /// Serves `app` on `listener` until `shutdown` resolves; then stops accepting connections,
 /// lets in-flight requests finish for up to `deadline`, and stops the engine. Connections are
 /// bounded and timed out as `state.cfg` says (see conn.rs).
@@ -218,8 +221,9 @@ pub async fn serve(
     // NOTE: past the deadline the requests still running are ended (their clients get the
     // end of their stream): only dropping the accept loop left the engine to finish every
     // queued and running generation before the process could exit
+    tokio::pin!(server);
     let abort = tokio::select! {
-        _ = server => false,
+        _ = &mut server => false,
         _ = expired => {
             eprintln!("shutdown deadline of {deadline:?} passed; ending the remaining requests");
             true
@@ -227,6 +231,10 @@ pub async fn serve(
     };
     let s = state.clone();
     let _ = tokio::task::spawn_blocking(move || s.shutdown(abort)).await;
+    if abort {
+        // the requests just ended get a moment to send their clients the error that says so
+        let _ = tokio::time::timeout(CUT_GRACE, server).await;
+    }
     Ok(())
 }
 
@@ -362,7 +370,7 @@ fn check_rate(state: &AppState, caller: &Caller, rpm: u32) -> Result<(), ApiErro
         window.pop_front();
     }
     if window.len() >= rpm as usize {
-        let wait = 60 - now.duration_since(window[0]).as_secs();
+        let wait = wait_for_room(window, rpm as usize, now);
         return Err(ApiError::rate_limited(
             format!(
                 "rate limit of {rpm} requests per minute reached for {}; retry in {wait} s",
@@ -377,6 +385,14 @@ fn check_rate(state: &AppState, caller: &Caller, rpm: u32) -> Result<(), ApiErro
     }
     window.push_back(now);
     Ok(())
+}
+
+/// Whole seconds until `window` (the request times of the last minute, oldest first, at least
+/// `rpm` of them) holds fewer than `rpm`: when its `len - rpm`-th entry is a minute old. (Not
+/// the oldest's: a key whose limit was lowered has more than `rpm` in its window.)
+fn wait_for_room(window: &VecDeque<Instant>, rpm: usize, now: Instant) -> u64 {
+    let t = window[window.len() - rpm];
+    60u64.saturating_sub(now.duration_since(t).as_secs()).max(1)
 }
 
 fn model_object(state: &AppState) -> serde_json::Value {
@@ -435,4 +451,25 @@ async fn method_not_allowed(req: Request) -> ApiError {
             req.uri().path()
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_waits_for_the_entry_that_makes_room() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        // requests 50, 40, 30, 20 and 10 s ago
+        let window: VecDeque<Instant> = [5, 15, 25, 35, 45].into_iter().map(at).collect();
+        let now = at(55);
+        // at the limit of 5: room when the oldest expires
+        assert_eq!(wait_for_room(&window, 5, now), 10);
+        // the limit lowered to 2: room once three more have expired (the one 20 s old)
+        assert_eq!(wait_for_room(&window, 2, now), 40);
+        assert_eq!(wait_for_room(&window, 1, now), 50);
+        // never 0 (a client would retry at once)
+        assert_eq!(wait_for_room(&window, 5, at(65)), 1);
+    }
 }

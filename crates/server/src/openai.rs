@@ -333,6 +333,16 @@ fn finish_reason(f: Finish) -> &'static str {
     }
 }
 
+/// What a client whose reply was cut by the server's shutdown gets instead of a finish reason.
+fn cut_error() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        "the server shut down before the reply was finished; retry",
+    )
+    .code("server_shutdown")
+}
+
 /// Queues `job` on the engine; its events arrive on the returned channel. The ledger and
 /// token metrics are written from the engine's side when the request ends, whether the
 /// client is still there or not.
@@ -401,16 +411,65 @@ fn submit(
                 format!("the server is busy ({e}); retry shortly"),
                 "queue_full",
             ),
-            infer::SubmitError::TooLong { .. } | infer::SubmitError::Empty => {
+            infer::SubmitError::TooLong { .. } => {
                 ApiError::invalid(e.to_string()).code("context_length_exceeded")
             }
+            infer::SubmitError::Empty => ApiError::invalid(e.to_string()).param("prompt"),
             infer::SubmitError::Stopped => ApiError::new(
                 axum::http::StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
                 "the server is shutting down",
-            ),
+            )
+            .code("server_shutdown"),
         })?;
     Ok((rx, stopped))
+}
+
+/// The legacy completions' `text_offset`: where each token starts in the reply text, in
+/// characters (as OpenAI's Python-string offsets count). A character split across tokens
+/// (bytes of one UTF-8 sequence) is counted once, at the token that starts it; the tokens
+/// holding its other bytes start at the same offset.
+#[derive(Default)]
+struct TextOffset {
+    chars: usize,
+    /// Bytes of a character not yet complete.
+    tail: Vec<u8>,
+}
+
+impl TextOffset {
+    /// The offset of a token with these bytes; then counts them.
+    fn push(&mut self, bytes: &[u8]) -> usize {
+        let at = self.chars;
+        self.tail.extend_from_slice(bytes);
+        loop {
+            match std::str::from_utf8(&self.tail) {
+                Ok(s) => {
+                    self.chars += s.chars().count();
+                    self.tail.clear();
+                    break;
+                }
+                Err(e) => {
+                    let valid = e.valid_up_to();
+                    // the first `valid` bytes are UTF-8 (the error says so)
+                    self.chars +=
+                        std::str::from_utf8(&self.tail[..valid]).map_or(0, |s| s.chars().count());
+                    match e.error_len() {
+                        // bytes no character can start with: one U+FFFD in the text
+                        Some(n) => {
+                            self.chars += 1;
+                            self.tail.drain(..valid + n);
+                        }
+                        // a character that the next token completes
+                        None => {
+                            self.tail.drain(..valid);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        at
+    }
 }
 
 /// A running generation read through the reply parser.
@@ -422,6 +481,8 @@ struct Reader {
     tok: Arc<Tokenizer>,
     completion_tokens: usize,
     finish: Option<&'static str>,
+    /// Set when the engine ended the request before it finished (a shutdown's deadline).
+    cut: bool,
     /// Log-probabilities of text tokens not yet returned with a chunk.
     logprobs: Vec<TokenLogprobs>,
     /// The log-probability of the token reported next (kept when that token is answer text).
@@ -442,6 +503,7 @@ impl Reader {
             tok,
             completion_tokens: 0,
             finish: None,
+            cut: false,
             logprobs: vec![],
             pending: None,
         }
@@ -449,7 +511,7 @@ impl Reader {
 
     /// The log-probabilities gathered since the last call, in `kind`'s shape (null when the
     /// request asked for none).
-    fn take_logprobs(&mut self, kind: Kind, asked: bool, offset: &mut usize) -> Value {
+    fn take_logprobs(&mut self, kind: Kind, asked: bool, offset: &mut TextOffset) -> Value {
         if !asked {
             return Value::Null;
         }
@@ -471,11 +533,10 @@ impl Reader {
                 json!({ "content": content })
             }
             Kind::Completion => {
-                let mut offsets = vec![];
-                for e in &entries {
-                    offsets.push(*offset);
-                    *offset += text(e.id).len();
-                }
+                let offsets: Vec<usize> = entries
+                    .iter()
+                    .map(|e| offset.push(&tok.token_bytes(e.id)))
+                    .collect();
                 json!({
                     "tokens": entries.iter().map(|e| text(e.id)).collect::<Vec<_>>(),
                     "token_logprobs": entries.iter().map(|e| e.logprob).collect::<Vec<_>>(),
@@ -518,8 +579,13 @@ impl Reader {
                         return Some(d);
                     }
                 }
+                // a cancel the reader did not ask for (it asks by closing the channel, after
+                // a stop string): the server shut down before the reply was finished
+                Some(Event::Done(Finish::Cancelled)) | None => {
+                    self.cut = true;
+                    self.finish = Some("stop");
+                }
                 Some(Event::Done(f)) => self.finish = Some(finish_reason(f)),
-                None => self.finish = Some("stop"),
             }
         }
         let d = self.parser.finish();
@@ -655,6 +721,12 @@ pub async fn completions(
         // is text, whatever markers it spells
         let mut prompt = chat.prefix().to_vec();
         prompt.extend(chat.tok.encode(&text));
+        if prompt.is_empty() {
+            return Err(ApiError::invalid(
+                "prompt is empty: this model's prompts start with no special token, so a completion needs at least one character of text",
+            )
+            .param("prompt"));
+        }
         Ok((req.common, prompt, logprobs))
     })
     .await?;
@@ -704,7 +776,7 @@ async fn respond(
     if job.stream {
         Ok(stream_response(head, reader, job.include_usage).into_response())
     } else {
-        Ok(Json(whole_response(head, reader).await).into_response())
+        Ok(Json(whole_response(head, reader).await?).into_response())
     }
 }
 
@@ -719,16 +791,19 @@ struct Head {
     logprobs: bool,
 }
 
-async fn whole_response(h: Head, mut r: Reader) -> Value {
+async fn whole_response(h: Head, mut r: Reader) -> Result<Value, ApiError> {
     let (mut reasoning, mut content) = (String::new(), String::new());
     while let Some(d) = r.next().await {
         reasoning += &d.reasoning;
         content += &d.content;
     }
-    let logprobs = r.take_logprobs(h.kind, h.logprobs, &mut 0);
+    if r.cut {
+        return Err(cut_error());
+    }
+    let logprobs = r.take_logprobs(h.kind, h.logprobs, &mut TextOffset::default());
     let finish = r.finish.unwrap_or("stop");
     let usage = r.usage(h.prompt_tokens);
-    match h.kind {
+    Ok(match h.kind {
         Kind::Chat => json!({
             "id": h.id, "object": "chat.completion", "created": h.created, "model": h.model,
             "choices": [{
@@ -744,7 +819,7 @@ async fn whole_response(h: Head, mut r: Reader) -> Value {
             "choices": [{"index": 0, "text": content, "logprobs": logprobs, "finish_reason": finish}],
             "usage": usage,
         }),
-    }
+    })
 }
 
 impl Head {
@@ -788,8 +863,8 @@ fn stream_response(
     include_usage: bool,
 ) -> Sse<impl Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
     let data = |v: Value| SseEvent::default().data(v.to_string());
-    // bytes of completion text before the next chunk's tokens (legacy `text_offset`)
-    let offset = 0usize;
+    // the completion text before the next chunk's tokens (legacy `text_offset`)
+    let offset = TextOffset::default();
     let events = stream::unfold(
         (h, r, Phase::Start, offset),
         move |(h, mut r, phase, mut offset)| async move {
@@ -817,6 +892,9 @@ fn stream_response(
                         let lp = r.take_logprobs(h.kind, h.logprobs, &mut offset);
                         (data(h.chunk(Value::Object(delta), lp, None)), Phase::Body)
                     }
+                    // no finish reason for a reply the shutdown cut: an error event (the
+                    // OpenAI SDKs raise it) and the end of the stream, without [DONE]
+                    None if r.cut => (data(cut_error().body()), Phase::End),
                     None => {
                         let next = if include_usage {
                             Phase::Usage
@@ -835,4 +913,32 @@ fn stream_response(
         },
     );
     Sse::new(events).keep_alive(KeepAlive::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TextOffset;
+
+    #[test]
+    fn text_offsets_count_characters_split_across_tokens_once() {
+        let mut o = TextOffset::default();
+        // "a", then "é" (C3 A9) in two tokens, "b", "€" (E2 82 AC) over two, a lone FF, "c"
+        let tokens: [&[u8]; 8] = [
+            b"a",
+            &[0xC3],
+            &[0xA9, b'b'],
+            &[0xE2, 0x82],
+            &[0xAC],
+            &[0xFF],
+            b"cd",
+            b"e",
+        ];
+        let offsets: Vec<usize> = tokens.iter().map(|t| o.push(t)).collect();
+        assert_eq!(offsets, [0, 1, 1, 3, 3, 4, 5, 7]);
+        // the reply's text as a client decodes it: each offset is a character boundary
+        let text = String::from_utf8_lossy(&tokens.concat()).into_owned();
+        assert_eq!(text.chars().count(), 8);
+        assert_eq!(text.chars().nth(3), Some('€'));
+        assert_eq!(text.chars().nth(7), Some('e'));
+    }
 }

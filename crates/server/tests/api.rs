@@ -24,6 +24,16 @@ struct Fixture {
 }
 
 fn fixture(name: &str, engine: EngineConfig, cfg: ServerConfig) -> Fixture {
+    fixture_chat(name, engine, cfg, None)
+}
+
+/// A fixture whose model chats in `spec`'s format (an imported model's), or moelab's.
+fn fixture_chat(
+    name: &str,
+    engine: EngineConfig,
+    cfg: ServerConfig,
+    spec: Option<infer::chat::ChatSpec>,
+) -> Fixture {
     let text = "What is 12 + 34? Let me think: 2 + 4 = 6, 1 + 3 = 4. The answer is 46.";
     let tok = Tokenizer::train([text; 8].into_iter(), 300).unwrap();
     let mut mc = model::Config::from_toml(include_str!("../../../configs/tiny.toml")).unwrap();
@@ -35,7 +45,11 @@ fn fixture(name: &str, engine: EngineConfig, cfg: ServerConfig) -> Fixture {
         let _ = std::fs::remove_file(format!("{}{ext}", db.display()));
     }
     let keys = KeyStore::open(&db).unwrap();
-    let chat = infer::chat::ChatFormat::moelab(std::sync::Arc::new(tok)).unwrap();
+    let tok = std::sync::Arc::new(tok);
+    let chat = match spec {
+        None => infer::chat::ChatFormat::moelab(tok).unwrap(),
+        Some(spec) => infer::chat::ChatFormat::from_spec(tok, &spec).unwrap(),
+    };
     let state = AppState::new(Engine::start(&mc.model, params, engine), chat, keys, cfg);
     Fixture {
         app: app(state.clone()),
@@ -759,4 +773,102 @@ async fn a_stop_string_finish_is_recorded_as_stop() {
         )
         .unwrap();
     assert_eq!(finish, "stop");
+}
+
+/// An imported model whose completion prompts start with no special token (SmolLM2's GGUF
+/// adds no BOS): an empty prompt is nothing to continue, and the error says that, not that
+/// the context is exceeded.
+#[tokio::test]
+async fn an_empty_completion_prompt_is_refused_as_empty() {
+    let spec = infer::chat::ChatSpec {
+        template: "{% for m in messages %}{{ m.content }}{% endfor %}".into(),
+        bos_token: String::new(),
+        eos_token: "<|end|>".into(),
+        stop: vec!["<|end|>".into()],
+        think: None,
+        prefix: vec![],
+    };
+    let f = fixture_chat(
+        "empty-prompt",
+        EngineConfig::default(),
+        ServerConfig {
+            model_name: "tiny".into(),
+            max_tokens_cap: 8,
+            ..Default::default()
+        },
+        Some(spec),
+    );
+    let r = post(
+        &f.app,
+        "/v1/completions",
+        json!({"prompt": "", "max_tokens": 2}),
+    )
+    .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "prompt is empty");
+    assert_eq!(r.1["error"]["param"], "prompt", "{}", r.1);
+    assert!(r.1["error"]["code"].is_null(), "{}", r.1);
+    // one character is a prompt, and the server still serves
+    let r = post(
+        &f.app,
+        "/v1/completions",
+        json!({"prompt": "W", "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(r.0, StatusCode::OK, "{}", r.1);
+    f.state.shutdown(false);
+}
+
+/// A shutdown past its deadline ends the requests still running or queued: their clients
+/// hear that the reply was cut (a 503, or an error event ending the stream without [DONE]),
+/// not a finish reason that passes the partial reply off as whole.
+#[tokio::test]
+async fn a_reply_cut_by_the_shutdown_is_an_error_not_a_stop() {
+    let f = fixture(
+        "cut",
+        EngineConfig {
+            slots: 1,
+            max_queue: 4,
+            ..Default::default()
+        },
+        ServerConfig {
+            max_tokens_cap: 900,
+            ..Default::default()
+        },
+    );
+    // as in a_client_that_goes_away_cancels_its_generation: greedy decoding of this prompt
+    // runs to the length limit, so the first reply is still running at the shutdown
+    let req = chat("12 + 34", json!({"max_tokens": 900, "temperature": 0}));
+    let mut streamed = req.clone();
+    streamed["stream"] = json!(true);
+    let http = Request::post("/v1/chat/completions")
+        .body(Body::from(streamed.to_string()))
+        .unwrap();
+    let resp = f.app.clone().oneshot(http).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    assert!(body.frame().await.unwrap().unwrap().is_data());
+    // the second waits in the queue behind it (one slot)
+    let app = f.app.clone();
+    let whole = tokio::spawn(async move { post(&app, "/v1/chat/completions", req).await });
+    // (the stream's first chunk comes before the engine takes its request)
+    while (f.state.engine.stats().active, f.state.engine.stats().queued) != (1, 1) {
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let state = f.state.clone();
+    tokio::task::spawn_blocking(move || state.shutdown(true))
+        .await
+        .unwrap();
+    let rest = body.collect().await.unwrap().to_bytes();
+    let events = sse_data(&Value::String(String::from_utf8(rest.to_vec()).unwrap()));
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "server_shutdown", "{events:?}");
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.contains("finish_reason\":\"") || e == "[DONE]"),
+        "a cut stream reported a finish: {events:?}"
+    );
+    let r = whole.await.unwrap();
+    assert_error(&r, StatusCode::SERVICE_UNAVAILABLE, "shut down");
+    assert_eq!(r.1["error"]["code"], "server_shutdown");
 }
