@@ -9,7 +9,8 @@
 # each CPU's runs start with a test asserting the features it shows.
 # Emulation is slow (AVX2 code about 100x), so the Haswell set is the kernel unit tests and
 # the model's finite differences and small equivalences; the Nehalem set adds gradient
-# checks, decoding, the PyTorch golden fixtures and Muon.
+# checks, decoding, the PyTorch golden fixtures and Muon; the matmul digest also runs with a
+# 12-way L1d laid over sysfs (gemm blocks k by it).
 #
 # Usage: scripts/test-cpus.sh [LOG]   (appends the test output to LOG; needs qemu-user)
 set -euo pipefail
@@ -62,3 +63,15 @@ run Haswell-v4 "avx2,fma,f16c,-avx512f,-avx512bw,-avx512vnni,-avx512bf16" \
 run SandyBridge-v2 "avx,-avx2,-fma,-avx512f" kernels
 run Nehalem-v2 "-avx,-avx2,-fma,-avx512f" kernels model fd dropout hf_golden moe_dense_equivalence \
   gradcheck decode golden muon
+# gemm sizes its k-blocks by the L1d it reads from sysfs (under qemu-user: the host's), not
+# CPUID: an AVX2 CPU with a 12-way L1d (Ice Lake, Alder Lake) gets 1,024 where the AVX-512
+# hosts get 512. `-L` lays a sysfs of such a CPU over the host's, so the matmul digest meets
+# that case on any host (matmul_raw's k-blocks keep gemm from seeing it).
+echo "== the matmul digest on an emulated Haswell with a 12-way L1d (tests/fixtures/sysfs-l1d-12way)"
+set +e
+qemu-x86_64 -L tests/fixtures/sysfs-l1d-12way -cpu Haswell-v4 "$(exe kernels)" -q --exact \
+  matmul::tests::matmul_bits_are_the_same_on_every_cpu_with_fma 2> >(grep -v '^qemu-x86_64: warning' >&2) |
+  tee -a "$log" | grep -E '^test result|FAILED|panicked' | sed "s|^|  kernels: |"
+status=${PIPESTATUS[0]}
+set -e
+[ "$status" = 0 ] || { echo "error: the matmul digest differs with a 12-way L1d"; exit 1; }
