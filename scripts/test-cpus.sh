@@ -64,7 +64,7 @@ run SandyBridge-v2 "avx,-avx2,-fma,-avx512f" kernels
 run Nehalem-v2 "-avx,-avx2,-fma,-avx512f" kernels model fd dropout hf_golden moe_dense_equivalence \
   gradcheck decode golden muon
 # gemm sizes its k-blocks by the L1d it reads from sysfs (under qemu-user: the host's), not
-# CPUID: an AVX2 CPU with a 12-way L1d (Ice Lake, Alder Lake) gets 1,024 where the AVX-512
+# CPUID: an AVX2 CPU with a 12-way L1d (Alder and Raptor Lake P-cores) gets 1,024 where the AVX-512
 # hosts get 512. `-L` lays a sysfs of such a CPU over the host's, so the matmul digest meets
 # that case on any host (matmul_raw's k-blocks keep gemm from seeing it).
 echo "== the matmul digest on an emulated Haswell with a 12-way L1d (tests/fixtures/sysfs-l1d-12way)"

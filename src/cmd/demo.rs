@@ -73,7 +73,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "auto", value_parser = ["auto", "fp32", "bf16"])]
     precision: String,
     /// Optimizer of the three training stages: muon (Muon for the hidden matrices, AdamW
-    /// for the rest) or adamw (`train.optimizer`). Muon's students reach a higher accuracy
+    /// for the rest) or adamw (`train.optimizer`, set whatever the config files say). Muon's students reach a higher accuracy
     /// in the demo's steps (README: "The demo").
     #[arg(long, default_value = "muon", value_parser = ["muon", "adamw"])]
     optimizer: String,

@@ -451,12 +451,13 @@ async fn rate_limits_and_a_full_queue_answer_429() {
     assert_eq!(r.1["error"]["code"], "queue_full");
 }
 
-#[tokio::test]
-async fn a_client_that_goes_away_cancels_its_generation() {
+/// A fixture of `slots` slots and a chat request whose greedy reply runs to its 900-token limit
+/// (no stop token: the precondition is checked where it matters).
+fn long_reply(name: &str, slots: usize) -> (Fixture, Value) {
     let f = fixture(
-        "cancel",
+        name,
         EngineConfig {
-            slots: 2,
+            slots,
             max_queue: 4,
             ..Default::default()
         },
@@ -465,20 +466,34 @@ async fn a_client_that_goes_away_cancels_its_generation() {
             ..Default::default()
         },
     );
-    // precondition: greedy decoding of this prompt runs to the length limit (no stop token)
-    let req = chat("12 + 34", json!({"max_tokens": 900, "temperature": 0}));
-    let (s, whole) = post(&f.app, "/v1/chat/completions", req.clone()).await;
-    assert_eq!(s, StatusCode::OK);
-    assert_eq!(whole["choices"][0]["finish_reason"], "length", "{whole}");
-    let mut streamed = req;
+    (
+        f,
+        chat("12 + 34", json!({"max_tokens": 900, "temperature": 0})),
+    )
+}
+
+/// Sends `req` streamed; returns its body once the first chunk has arrived.
+async fn open_stream(app: &Router, req: &Value) -> Body {
+    let mut streamed = req.clone();
     streamed["stream"] = json!(true);
     let http = Request::post("/v1/chat/completions")
         .body(Body::from(streamed.to_string()))
         .unwrap();
-    let resp = f.app.clone().oneshot(http).await.unwrap();
+    let resp = app.clone().oneshot(http).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
     let mut body = resp.into_body();
-    let first = body.frame().await.unwrap().unwrap();
-    assert!(first.is_data());
+    assert!(body.frame().await.unwrap().unwrap().is_data());
+    body
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_its_generation() {
+    let (f, req) = long_reply("cancel", 2);
+    // precondition: greedy decoding of this prompt runs to the length limit (no stop token)
+    let (s, whole) = post(&f.app, "/v1/chat/completions", req.clone()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(whole["choices"][0]["finish_reason"], "length", "{whole}");
+    let body = open_stream(&f.app, &req).await;
     drop(body); // the client hangs up
     f.state.shutdown(false); // waits for the engine, then flushes the ledger
     let conn = rusqlite::Connection::open(&f.db).unwrap();
@@ -823,30 +838,10 @@ async fn an_empty_completion_prompt_is_refused_as_empty() {
 /// not a finish reason that passes the partial reply off as whole.
 #[tokio::test]
 async fn a_reply_cut_by_the_shutdown_is_an_error_not_a_stop() {
-    let f = fixture(
-        "cut",
-        EngineConfig {
-            slots: 1,
-            max_queue: 4,
-            ..Default::default()
-        },
-        ServerConfig {
-            max_tokens_cap: 900,
-            ..Default::default()
-        },
-    );
-    // as in a_client_that_goes_away_cancels_its_generation: greedy decoding of this prompt
-    // runs to the length limit, so the first reply is still running at the shutdown
-    let req = chat("12 + 34", json!({"max_tokens": 900, "temperature": 0}));
-    let mut streamed = req.clone();
-    streamed["stream"] = json!(true);
-    let http = Request::post("/v1/chat/completions")
-        .body(Body::from(streamed.to_string()))
-        .unwrap();
-    let resp = f.app.clone().oneshot(http).await.unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let mut body = resp.into_body();
-    assert!(body.frame().await.unwrap().unwrap().is_data());
+    // the reply runs to 900 tokens (a_client_that_goes_away_cancels_its_generation checks
+    // it), so it is still running at the shutdown
+    let (f, req) = long_reply("cut", 1);
+    let body = open_stream(&f.app, &req).await;
     // the second waits in the queue behind it (one slot)
     let app = f.app.clone();
     let whole = tokio::spawn(async move { post(&app, "/v1/chat/completions", req).await });
