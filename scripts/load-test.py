@@ -87,6 +87,9 @@ async def one(client, url, prompt, stats, headers):
                     done = True
                     continue
                 chunk = json.loads(data)
+                if chunk.get("error"):
+                    # the server ended the reply (its shutdown): a cut stream, not a crash
+                    break
                 if chunk.get("usage"):
                     usage = chunk["usage"]
                 elif first is None and chunk["choices"] and (

@@ -326,6 +326,9 @@ impl Kind {
     }
 }
 
+/// The finish reason of a reply that ended by itself. (`Cancelled` reaches a reader only when
+/// the server ends it, which [`Reader::next`] reports as a cut instead; a cancel the reader
+/// asks for, after a stop string, ends its reading first.)
 fn finish_reason(f: Finish) -> &'static str {
     match f {
         Finish::Stop | Finish::Cancelled => "stop",
@@ -333,14 +336,32 @@ fn finish_reason(f: Finish) -> &'static str {
     }
 }
 
-/// What a client whose reply was cut by the server's shutdown gets instead of a finish reason.
-fn cut_error() -> ApiError {
-    ApiError::new(
-        axum::http::StatusCode::SERVICE_UNAVAILABLE,
-        "server_error",
-        "the server shut down before the reply was finished; retry",
-    )
-    .code("server_shutdown")
+/// Why a reply ended before it was finished.
+#[derive(Clone, Copy)]
+enum Cut {
+    /// The server's shutdown deadline passed.
+    Shutdown,
+    /// The engine dropped the request without reporting an end.
+    Lost,
+}
+
+impl Cut {
+    /// What the client gets instead of a finish reason.
+    fn error(self) -> ApiError {
+        match self {
+            Cut::Shutdown => ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "the server shut down before the reply was finished; retry",
+            )
+            .code("server_shutdown"),
+            Cut::Lost => ApiError::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "the generation ended before the reply was finished; see the server log",
+            ),
+        }
+    }
 }
 
 /// Queues `job` on the engine; its events arrive on the returned channel. The ledger and
@@ -414,7 +435,10 @@ fn submit(
             infer::SubmitError::TooLong { .. } => {
                 ApiError::invalid(e.to_string()).code("context_length_exceeded")
             }
-            infer::SubmitError::Empty => ApiError::invalid(e.to_string()).param("prompt"),
+            infer::SubmitError::Empty => ApiError::invalid(e.to_string()).param(match kind {
+                Kind::Chat => "messages",
+                Kind::Completion => "prompt",
+            }),
             infer::SubmitError::Stopped => ApiError::new(
                 axum::http::StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
@@ -423,53 +447,6 @@ fn submit(
             .code("server_shutdown"),
         })?;
     Ok((rx, stopped))
-}
-
-/// The legacy completions' `text_offset`: where each token starts in the reply text, in
-/// characters (as OpenAI's Python-string offsets count). A character split across tokens
-/// (bytes of one UTF-8 sequence) is counted once, at the token that starts it; the tokens
-/// holding its other bytes start at the same offset.
-#[derive(Default)]
-struct TextOffset {
-    chars: usize,
-    /// Bytes of a character not yet complete.
-    tail: Vec<u8>,
-}
-
-impl TextOffset {
-    /// The offset of a token with these bytes; then counts them.
-    fn push(&mut self, bytes: &[u8]) -> usize {
-        let at = self.chars;
-        self.tail.extend_from_slice(bytes);
-        loop {
-            match std::str::from_utf8(&self.tail) {
-                Ok(s) => {
-                    self.chars += s.chars().count();
-                    self.tail.clear();
-                    break;
-                }
-                Err(e) => {
-                    let valid = e.valid_up_to();
-                    // the first `valid` bytes are UTF-8 (the error says so)
-                    self.chars +=
-                        std::str::from_utf8(&self.tail[..valid]).map_or(0, |s| s.chars().count());
-                    match e.error_len() {
-                        // bytes no character can start with: one U+FFFD in the text
-                        Some(n) => {
-                            self.chars += 1;
-                            self.tail.drain(..valid + n);
-                        }
-                        // a character that the next token completes
-                        None => {
-                            self.tail.drain(..valid);
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-        at
-    }
 }
 
 /// A running generation read through the reply parser.
@@ -482,9 +459,13 @@ struct Reader {
     completion_tokens: usize,
     finish: Option<&'static str>,
     /// Set when the engine ended the request before it finished (a shutdown's deadline).
-    cut: bool,
-    /// Log-probabilities of text tokens not yet returned with a chunk.
-    logprobs: Vec<TokenLogprobs>,
+    cut: Option<Cut>,
+    /// Log-probabilities of text tokens not yet returned with a chunk, each with where the
+    /// token starts in the reply text (legacy `text_offset`).
+    logprobs: Vec<(TokenLogprobs, usize)>,
+    /// Characters of reply text let out so far. `text_offset`s come from the text as the parser
+    /// decodes it, so they index into the `text` the client gets.
+    text_chars: usize,
     /// The log-probability of the token reported next (kept when that token is answer text).
     pending: Option<TokenLogprobs>,
 }
@@ -503,7 +484,8 @@ impl Reader {
             tok,
             completion_tokens: 0,
             finish: None,
-            cut: false,
+            cut: None,
+            text_chars: 0,
             logprobs: vec![],
             pending: None,
         }
@@ -511,11 +493,12 @@ impl Reader {
 
     /// The log-probabilities gathered since the last call, in `kind`'s shape (null when the
     /// request asked for none).
-    fn take_logprobs(&mut self, kind: Kind, asked: bool, offset: &mut TextOffset) -> Value {
+    fn take_logprobs(&mut self, kind: Kind, asked: bool) -> Value {
         if !asked {
             return Value::Null;
         }
-        let entries = std::mem::take(&mut self.logprobs);
+        let (entries, offsets): (Vec<TokenLogprobs>, Vec<usize>) =
+            std::mem::take(&mut self.logprobs).into_iter().unzip();
         let tok = &self.tok;
         let text = |id: u32| String::from_utf8_lossy(&tok.token_bytes(id)).into_owned();
         match kind {
@@ -533,10 +516,6 @@ impl Reader {
                 json!({ "content": content })
             }
             Kind::Completion => {
-                let offsets: Vec<usize> = entries
-                    .iter()
-                    .map(|e| offset.push(&tok.token_bytes(e.id)))
-                    .collect();
                 json!({
                     "tokens": entries.iter().map(|e| text(e.id)).collect::<Vec<_>>(),
                     "token_logprobs": entries.iter().map(|e| e.logprob).collect::<Vec<_>>(),
@@ -561,12 +540,20 @@ impl Reader {
                 }
                 Some(Event::Token(t)) => {
                     self.completion_tokens += 1;
+                    let before = self.text_chars;
                     let d = self.parser.push(t);
+                    self.text_chars += d.content.chars().count();
                     // only answer text has log-probabilities (the entries' texts join up to
                     // the content): not control tokens, reasoning markers or reasoning
                     if let Some(lp) = self.pending.take() {
                         if lp.id == t && self.parser.was_answer(t) {
-                            self.logprobs.push(lp);
+                            // a token that is whole characters ends the text it let out (after
+                            // a U+FFFD for bytes before it that it showed invalid); one with
+                            // part of a character starts where that character will be
+                            let own = std::str::from_utf8(&self.tok.token_bytes(t))
+                                .map_or(0, |s| s.chars().count());
+                            let at = before.max(self.text_chars.saturating_sub(own));
+                            self.logprobs.push((lp, at));
                         }
                     }
                     if self.parser.stopped() {
@@ -581,8 +568,13 @@ impl Reader {
                 }
                 // a cancel the reader did not ask for (it asks by closing the channel, after
                 // a stop string): the server shut down before the reply was finished
-                Some(Event::Done(Finish::Cancelled)) | None => {
-                    self.cut = true;
+                Some(Event::Done(Finish::Cancelled)) => {
+                    self.cut = Some(Cut::Shutdown);
+                    self.finish = Some("stop");
+                }
+                // the engine dropped the request without a word (its thread died)
+                None => {
+                    self.cut = Some(Cut::Lost);
                     self.finish = Some("stop");
                 }
                 Some(Event::Done(f)) => self.finish = Some(finish_reason(f)),
@@ -797,10 +789,10 @@ async fn whole_response(h: Head, mut r: Reader) -> Result<Value, ApiError> {
         reasoning += &d.reasoning;
         content += &d.content;
     }
-    if r.cut {
-        return Err(cut_error());
+    if let Some(cut) = r.cut {
+        return Err(cut.error());
     }
-    let logprobs = r.take_logprobs(h.kind, h.logprobs, &mut TextOffset::default());
+    let logprobs = r.take_logprobs(h.kind, h.logprobs);
     let finish = r.finish.unwrap_or("stop");
     let usage = r.usage(h.prompt_tokens);
     Ok(match h.kind {
@@ -863,82 +855,49 @@ fn stream_response(
     include_usage: bool,
 ) -> Sse<impl Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
     let data = |v: Value| SseEvent::default().data(v.to_string());
-    // the completion text before the next chunk's tokens (legacy `text_offset`)
-    let offset = TextOffset::default();
-    let events = stream::unfold(
-        (h, r, Phase::Start, offset),
-        move |(h, mut r, phase, mut offset)| async move {
-            let (ev, phase) = match phase {
-                Phase::Start => {
-                    let first = match h.kind {
-                        Kind::Chat => h.chunk(
-                            json!({"role": "assistant", "content": ""}),
-                            Value::Null,
-                            None,
-                        ),
-                        Kind::Completion => h.chunk(json!({"content": ""}), Value::Null, None),
-                    };
-                    (data(first), Phase::Body)
+    let events = stream::unfold((h, r, Phase::Start), move |(h, mut r, phase)| async move {
+        let (ev, phase) = match phase {
+            Phase::Start => {
+                let first = match h.kind {
+                    Kind::Chat => h.chunk(
+                        json!({"role": "assistant", "content": ""}),
+                        Value::Null,
+                        None,
+                    ),
+                    Kind::Completion => h.chunk(json!({"content": ""}), Value::Null, None),
+                };
+                (data(first), Phase::Body)
+            }
+            Phase::Body => match (r.next().await, r.cut) {
+                (Some(d), _) => {
+                    let mut delta = serde_json::Map::new();
+                    if !d.reasoning.is_empty() {
+                        delta.insert("reasoning_content".into(), json!(d.reasoning));
+                    }
+                    if !d.content.is_empty() {
+                        delta.insert("content".into(), json!(d.content));
+                    }
+                    let lp = r.take_logprobs(h.kind, h.logprobs);
+                    (data(h.chunk(Value::Object(delta), lp, None)), Phase::Body)
                 }
-                Phase::Body => match r.next().await {
-                    Some(d) => {
-                        let mut delta = serde_json::Map::new();
-                        if !d.reasoning.is_empty() {
-                            delta.insert("reasoning_content".into(), json!(d.reasoning));
-                        }
-                        if !d.content.is_empty() {
-                            delta.insert("content".into(), json!(d.content));
-                        }
-                        let lp = r.take_logprobs(h.kind, h.logprobs, &mut offset);
-                        (data(h.chunk(Value::Object(delta), lp, None)), Phase::Body)
-                    }
-                    // no finish reason for a reply the shutdown cut: an error event (the
-                    // OpenAI SDKs raise it) and the end of the stream, without [DONE]
-                    None if r.cut => (data(cut_error().body()), Phase::End),
-                    None => {
-                        let next = if include_usage {
-                            Phase::Usage
-                        } else {
-                            Phase::Done
-                        };
-                        let lp = r.take_logprobs(h.kind, h.logprobs, &mut offset);
-                        (data(h.chunk(json!({}), lp, r.finish)), next)
-                    }
-                },
-                Phase::Usage => (data(h.usage_chunk(r.usage(h.prompt_tokens))), Phase::Done),
-                Phase::Done => (SseEvent::default().data("[DONE]"), Phase::End),
-                Phase::End => return None,
-            };
-            Some((Ok(ev), (h, r, phase, offset)))
-        },
-    );
+                // no finish reason for a reply the shutdown cut: an error event (the
+                // OpenAI SDKs raise it) and the end of the stream, without [DONE]
+                (None, Some(cut)) => (data(cut.error().body()), Phase::End),
+                (None, None) => {
+                    let next = if include_usage {
+                        Phase::Usage
+                    } else {
+                        Phase::Done
+                    };
+                    let lp = r.take_logprobs(h.kind, h.logprobs);
+                    (data(h.chunk(json!({}), lp, r.finish)), next)
+                }
+            },
+            Phase::Usage => (data(h.usage_chunk(r.usage(h.prompt_tokens))), Phase::Done),
+            Phase::Done => (SseEvent::default().data("[DONE]"), Phase::End),
+            Phase::End => return None,
+        };
+        Some((Ok(ev), (h, r, phase)))
+    });
     Sse::new(events).keep_alive(KeepAlive::default())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::TextOffset;
-
-    #[test]
-    fn text_offsets_count_characters_split_across_tokens_once() {
-        let mut o = TextOffset::default();
-        // "a", then "é" (C3 A9) in two tokens, "b", "€" (E2 82 AC) over two, a lone FF, "c"
-        let tokens: [&[u8]; 8] = [
-            b"a",
-            &[0xC3],
-            &[0xA9, b'b'],
-            &[0xE2, 0x82],
-            &[0xAC],
-            &[0xFF],
-            b"cd",
-            b"e",
-        ];
-        let offsets: Vec<usize> = tokens.iter().map(|t| o.push(t)).collect();
-        assert_eq!(offsets, [0, 1, 1, 3, 3, 4, 5, 7]);
-        // the reply's text as a client decodes it: each offset is a character boundary
-        let text = String::from_utf8_lossy(&tokens.concat()).into_owned();
-        assert_eq!(text.chars().count(), 8);
-        assert_eq!(text.chars().nth(3), Some('€'));
-        assert_eq!(text.chars().nth(7), Some('e'));
-    }
 }

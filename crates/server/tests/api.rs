@@ -846,7 +846,12 @@ async fn a_reply_cut_by_the_shutdown_is_an_error_not_a_stop() {
     let app = f.app.clone();
     let whole = tokio::spawn(async move { post(&app, "/v1/chat/completions", req).await });
     // (the stream's first chunk comes before the engine takes its request)
+    let t = std::time::Instant::now();
     while (f.state.engine.stats().active, f.state.engine.stats().queued) != (1, 1) {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "the second request never waited behind the first"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
     let state = f.state.clone();
@@ -866,4 +871,62 @@ async fn a_reply_cut_by_the_shutdown_is_an_error_not_a_stop() {
     let r = whole.await.unwrap();
     assert_error(&r, StatusCode::SERVICE_UNAVAILABLE, "shut down");
     assert_eq!(r.1["error"]["code"], "server_shutdown");
+}
+
+/// The legacy completions' `text_offset` indexes into the returned `text`, in characters:
+/// each token whose bytes are whole characters is found at its offset. A random model over a
+/// byte-level vocabulary writes bytes that are parts of characters or invalid, so the text
+/// has U+FFFD in it and characters split over tokens.
+#[tokio::test]
+async fn completion_text_offsets_index_into_the_text() {
+    let f = default_fixture("offsets");
+    let mut partial = 0;
+    for seed in 0..6 {
+        for stream in [false, true] {
+            let req = json!({"prompt": "What is", "max_tokens": 40, "temperature": 1.0,
+                             "seed": seed, "logprobs": 1, "stream": stream});
+            let (s, body) = post(&f.app, "/v1/completions", req).await;
+            assert_eq!(s, StatusCode::OK, "{body}");
+            let choices: Vec<Value> = if stream {
+                sse_data(&body)
+                    .iter()
+                    .filter(|d| *d != "[DONE]")
+                    .map(|d| serde_json::from_str::<Value>(d).unwrap()["choices"][0].clone())
+                    .filter(|c| !c.is_null())
+                    .collect()
+            } else {
+                vec![body["choices"][0].clone()]
+            };
+            let (mut text, mut tokens, mut offsets) = (String::new(), vec![], vec![]);
+            for c in &choices {
+                text += c["text"].as_str().unwrap_or("");
+                if let Some(lp) = c["logprobs"].as_object() {
+                    tokens.extend(lp["tokens"].as_array().unwrap().iter().cloned());
+                    offsets.extend(lp["text_offset"].as_array().unwrap().iter().cloned());
+                }
+            }
+            assert_eq!(tokens.len(), offsets.len());
+            let chars: Vec<char> = text.chars().collect();
+            let mut prev = 0;
+            for (t, o) in tokens.iter().zip(&offsets) {
+                let (t, o) = (t.as_str().unwrap(), o.as_u64().unwrap() as usize);
+                assert!(
+                    prev <= o && o <= chars.len(),
+                    "offset {o} after {prev} in {text:?}"
+                );
+                prev = o;
+                if t.contains('\u{FFFD}') {
+                    partial += 1;
+                } else {
+                    let at: String = chars[o..].iter().collect();
+                    assert!(
+                        at.starts_with(t),
+                        "token {t:?} not at {o} of {text:?} (offsets {offsets:?})"
+                    );
+                }
+            }
+        }
+    }
+    // the case the offsets are for: tokens that are not whole characters
+    assert!(partial > 0, "no token held part of a character");
 }
