@@ -169,9 +169,14 @@ fn next_id() -> u64 {
 }
 
 impl Common {
-    /// Checks the fields and builds the job for `prompt`; `default_max` applies when the
-    /// request gives no `max_tokens`.
-    fn job(self, state: &AppState, prompt: Vec<u32>, default_max: usize) -> Result<Job, ApiError> {
+    /// Checks the fields and builds the job for `prompt` (the request's field `param`);
+    /// `default_max` applies when the request gives no `max_tokens`.
+    fn job(
+        self,
+        state: &AppState,
+        (prompt, param): (Vec<u32>, &'static str),
+        default_max: usize,
+    ) -> Result<Job, ApiError> {
         let context = state.engine.config().max_seq_len;
         if prompt.len() >= context {
             return Err(ApiError::invalid(format!(
@@ -179,7 +184,7 @@ impl Common {
                 prompt.len()
             ))
             .code("context_length_exceeded")
-            .param("messages"));
+            .param(param));
         }
         let left = context - prompt.len();
         let max = match self.max_completion_tokens.or(self.max_tokens) {
@@ -675,7 +680,7 @@ pub async fn chat_completions(
         Ok((req.common, prompt, logprobs))
     })
     .await?;
-    let mut job = common.job(&state, prompt, usize::MAX)?;
+    let mut job = common.job(&state, (prompt, "messages"), usize::MAX)?;
     job.logprobs = logprobs;
     let parser = state.chat.parser(&job.prompt, job.stops.clone());
     respond(state, caller, Kind::Chat, job, parser).await
@@ -723,7 +728,7 @@ pub async fn completions(
     })
     .await?;
     // OpenAI's default for completions
-    let mut job = common.job(&state, prompt, 16)?;
+    let mut job = common.job(&state, (prompt, "prompt"), 16)?;
     job.logprobs = logprobs;
     let parser = state.chat.plain_parser(job.stops.clone());
     respond(state, caller, Kind::Completion, job, parser).await

@@ -315,6 +315,12 @@ async fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
     let r = post(&f.app, p, chat(&long, json!({}))).await;
     assert_error(&r, bad, "maximum context length is 1024 tokens");
     assert_eq!(r.1["error"]["code"], "context_length_exceeded");
+    assert_eq!(r.1["error"]["param"], "messages");
+    // the same on /v1/completions names its own field
+    let req = json!({"prompt": long, "max_tokens": 2});
+    let r = post(&f.app, "/v1/completions", req).await;
+    assert_error(&r, bad, "maximum context length is 1024 tokens");
+    assert_eq!(r.1["error"]["param"], "prompt");
     // an oversized body (limit 64 KiB)
     let huge = "x".repeat(100 * 1024);
     assert_error(
