@@ -463,7 +463,7 @@ struct Reader {
     tok: Arc<Tokenizer>,
     completion_tokens: usize,
     finish: Option<&'static str>,
-    /// Set when the engine ended the request before it finished (a shutdown's deadline).
+    /// Set when the request ended before it finished, and why.
     cut: Option<Cut>,
     /// Log-probabilities of text tokens not yet returned with a chunk, each with where the
     /// token starts in the reply text (legacy `text_offset`).
