@@ -222,12 +222,12 @@ fn the_openai_python_package_works_unchanged() {
     assert_eq!(r["errors"]["auth"], 401);
 }
 
-#[test]
-fn the_web_page_shows_reasoning_and_answer_in_headless_chromium() {
-    let d = tmpdir("web");
-    let srv = Server::start(&d.join("keys.db"), &[]);
+/// What the web page shows after asking QUESTION in headless Chromium (tests/web_chat.py with
+/// `extra` arguments).
+fn web_chat(srv: &Server, extra: &[&str]) -> serde_json::Value {
     let out = Command::new(python())
         .args(["tests/web_chat.py", &srv.url("/"), QUESTION])
+        .args(extra)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
@@ -237,7 +237,14 @@ fn the_web_page_shows_reasoning_and_answer_in_headless_chromium() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let page = json(&String::from_utf8_lossy(&out.stdout));
+    json(&String::from_utf8_lossy(&out.stdout))
+}
+
+#[test]
+fn the_web_page_shows_reasoning_and_answer_in_headless_chromium() {
+    let d = tmpdir("web");
+    let srv = Server::start(&d.join("keys.db"), &[]);
+    let page = web_chat(&srv, &[]);
     // what the page shows is what the API answers for the same question
     let (status, body) = srv.request("POST", "/v1/chat/completions", &chat_body(200, false), None);
     assert_eq!(status, 200, "{body}");
@@ -254,6 +261,28 @@ fn the_web_page_shows_reasoning_and_answer_in_headless_chromium() {
         page["reasoning_folded"], true,
         "the block folds once the answer starts"
     );
+    assert_eq!(page["history"], 2, "question and answer: {page}");
+}
+
+/// A reply the server cut (its shutdown's error event, or a stream that ends without [DONE])
+/// is shown as an error with what had arrived, not as an answer, and is not sent back as
+/// history with the next question.
+#[test]
+fn the_web_page_shows_a_cut_reply_as_an_error() {
+    let d = tmpdir("web-cut");
+    let srv = Server::start(&d.join("keys.db"), &[]);
+    for (cut, says) in [
+        ("error", "the server shut down before the reply was finished; retry"),
+        ("eof", "the connection ended before the reply was finished"),
+    ] {
+        let page = web_chat(&srv, &["--cut", cut]);
+        assert_eq!(page["done"], "error", "{cut}: {page}");
+        assert_eq!(page["error"], says, "{cut}: {page}");
+        assert_eq!(page["reasoning"], "1+1: carry 0", "{cut}: {page}");
+        assert_eq!(page["answer"], "", "{cut}: {page}");
+        assert_eq!(page["history"], 0, "{cut}: {page}");
+        assert_eq!(page["button"], "Send", "{cut}: {page}");
+    }
 }
 
 #[test]

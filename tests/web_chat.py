@@ -2,9 +2,14 @@
 page, types a question into the box, presses Enter, waits for the streamed reply and prints
 what the page shows (reasoning block and answer) as JSON for tests/serve.rs to check.
 
-usage: python tests/web_chat.py PAGE_URL QUESTION [SCREENSHOT.png]
+usage: python tests/web_chat.py PAGE_URL QUESTION [SCREENSHOT.png] [--cut error|eof]
 (CHROMIUM names the browser binary; default `chromium`.)
+
+--cut answers the page's chat request itself (DevTools' Fetch domain) with a stream the
+server cut: two reasoning chunks, then the error event the server sends when its shutdown
+ends a reply (`error`) or nothing more (`eof`, a dropped connection); neither has [DONE].
 """
+import argparse
 import base64
 import json
 import os
@@ -17,8 +22,22 @@ import urllib.request
 
 import websocket
 
-url, question = sys.argv[1], sys.argv[2]
-screenshot = sys.argv[3] if len(sys.argv) > 3 else None
+ap = argparse.ArgumentParser()
+ap.add_argument("url")
+ap.add_argument("question")
+ap.add_argument("screenshot", nargs="?")
+ap.add_argument("--cut", choices=["error", "eof"])
+args = ap.parse_args()
+url, question, screenshot = args.url, args.question, args.screenshot
+
+# what crates/server/src/openai.rs streams for a chat reply the shutdown cut
+CUT_CHUNKS = [
+    {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]},
+    {"choices": [{"index": 0, "delta": {"reasoning_content": "1+1: carry"}, "finish_reason": None}]},
+    {"choices": [{"index": 0, "delta": {"reasoning_content": " 0"}, "finish_reason": None}]},
+]
+CUT_ERROR = {"error": {"message": "the server shut down before the reply was finished; retry",
+                       "type": "server_error", "param": None, "code": "server_shutdown"}}
 profile = tempfile.mkdtemp(prefix="moelab-chromium-")
 browser = subprocess.Popen(
     [os.environ.get("CHROMIUM", "chromium"), "--headless=new", "--no-sandbox", "--disable-gpu",
@@ -41,6 +60,7 @@ try:
     page = next(t for t in targets if t["type"] == "page")
     ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=30, suppress_origin=True)
     next_id = 0
+    events = []  # DevTools events that arrived while waiting for a reply
 
     def cdp(method, **params):
         global next_id
@@ -48,7 +68,9 @@ try:
         ws.send(json.dumps({"id": next_id, "method": method, "params": params}))
         while True:
             msg = json.loads(ws.recv())
-            if msg.get("id") == next_id:
+            if "method" in msg:
+                events.append(msg)
+            elif msg.get("id") == next_id:
                 if "error" in msg:
                     sys.exit(f"{method}: {msg['error']}")
                 return msg.get("result", {})
@@ -74,10 +96,25 @@ try:
     wait_for("document.readyState === 'complete' && !!document.getElementById('model') && "
              "document.getElementById('model').textContent !== 'connecting…'",
              "the page to load and list the model")
+    if args.cut:
+        cdp("Fetch.enable", patterns=[{"urlPattern": "*/v1/chat/completions"}])
     js("document.getElementById('input').focus()")
     cdp("Input.insertText", text=question)
     for kind in ("keyDown", "keyUp"):
         cdp("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13)
+    if args.cut:
+        end = time.time() + 30
+        while not any(e["method"] == "Fetch.requestPaused" for e in events):
+            if time.time() > end:
+                sys.exit("the page sent no chat request within 30 s")
+            events.append(json.loads(ws.recv()))
+        paused = next(e for e in events if e["method"] == "Fetch.requestPaused")
+        body = "".join(f"data: {json.dumps(c)}\n\n" for c in CUT_CHUNKS)
+        if args.cut == "error":
+            body += f"data: {json.dumps(CUT_ERROR)}\n\n"
+        cdp("Fetch.fulfillRequest", requestId=paused["params"]["requestId"], responseCode=200,
+            responseHeaders=[{"name": "content-type", "value": "text/event-stream"}],
+            body=base64.b64encode(body.encode()).decode())
     wait_for("document.querySelector('.msg.assistant[data-done]') !== null", "the reply")
     shown = js("""(() => {
       const m = document.querySelector('.msg.assistant');
@@ -87,7 +124,8 @@ try:
               reasoning: d.querySelector('pre').textContent, reasoning_visible: !d.hidden,
               reasoning_folded: !d.open, summary: d.querySelector('summary').textContent,
               answer: m.querySelector('.answer').textContent,
-              error: (m.querySelector('.error') || {}).textContent || null};
+              error: (m.querySelector('.error') || {}).textContent || null,
+              history: history.length, button: document.getElementById('send').textContent};
     })()""")
     if screenshot:
         js("document.querySelectorAll('details.reasoning').forEach(d => d.open = true)")
