@@ -272,7 +272,10 @@ fn the_web_page_shows_a_cut_reply_as_an_error() {
     let d = tmpdir("web-cut");
     let srv = Server::start(&d.join("keys.db"), &[]);
     for (cut, says) in [
-        ("error", "the server shut down before the reply was finished; retry"),
+        (
+            "error",
+            "the server shut down before the reply was finished; retry",
+        ),
         ("eof", "the connection ended before the reply was finished"),
     ] {
         let page = web_chat(&srv, &["--cut", cut]);
