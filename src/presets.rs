@@ -20,14 +20,19 @@ pub const PRESETS: &[(&str, &str)] = &[
     ),
 ];
 
-/// Loads `spec` as a TOML file if it exists, else as a preset name.
+/// Loads `spec` as a TOML file if it is a file, else as a preset name. A directory is never a
+/// config: a run written with `--out teacher` does not hide the `teacher` preset.
 pub fn load_config(spec: &str) -> Result<Config> {
     let path = Path::new(spec);
-    if path.exists() {
+    if path.is_file() {
         return Config::from_file(path).with_context(|| format!("loading config {spec}"));
     }
     match PRESETS.iter().find(|(n, _)| *n == spec) {
         Some((_, text)) => Ok(Config::from_toml(text)?),
+        None if path.is_dir() => anyhow::bail!(
+            "{spec:?} is a directory, not a config file (a run's config is {})",
+            path.join("config.toml").display()
+        ),
         None => {
             let names: Vec<_> = PRESETS.iter().map(|(n, _)| *n).collect();
             anyhow::bail!(

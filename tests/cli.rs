@@ -82,6 +82,35 @@ fn bench_reports_throughput_and_mfu() {
     assert!(v["loss"].as_f64().unwrap().is_finite());
 }
 
+/// A run directory named like a preset (`--out teacher`) does not hide the preset; a directory
+/// that names no preset is refused, pointing at the config file a run keeps.
+#[test]
+fn a_directory_is_not_a_config() {
+    let d = tmpdir("dircfg");
+    std::fs::create_dir_all(d.join("tiny")).unwrap();
+    std::fs::create_dir_all(d.join("myrun")).unwrap();
+    let run = |config: &str| {
+        moelab()
+            .args([
+                "bench", "train", "--config", config, "--steps", "2", "--warmup", "0",
+            ])
+            .current_dir(&d)
+            .output()
+            .unwrap()
+    };
+    let out = run("tiny");
+    assert!(out.status.success(), "{}", common::text(&out));
+    let out = run("myrun");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "\"myrun\" is a directory, not a config file (a run's config is myrun/config.toml)"
+        ),
+        "{err}"
+    );
+}
+
 #[test]
 fn bad_config_is_one_line_error_naming_field() {
     let d = tmpdir("badcfg");
