@@ -23,7 +23,7 @@ pub enum BenchCmd {
     /// Measure this CPU's fp32 FMA peak per core (what MFU is also quoted against).
     #[command(after_help = "Example:\n  moelab bench peak")]
     Peak,
-    /// Time full training steps (forward, backward, AdamW) on random tokens.
+    /// Time full training steps (forward, backward, the config's optimizer) on random tokens.
     #[command(
         after_help = "Examples:\n  moelab bench train --config small-moe\n  RAYON_NUM_THREADS=2 moelab bench train --config configs/small-dense.toml --steps 20 --json"
     )]
@@ -280,7 +280,11 @@ fn train(a: TrainBench) -> Result<()> {
         );
         if a.profile {
             let mut rows = model.prof.totals.clone();
-            rows.push(("optimizer: clip + AdamW", to));
+            let opt = match cfg.train.optimizer {
+                model::config::OptimizerKind::Adamw => "optimizer: clip + AdamW",
+                model::config::OptimizerKind::Muon => "optimizer: clip + Muon (AdamW for the rest)",
+            };
+            rows.push((opt, to));
             rows.sort_by(|x, y| y.1.total_cmp(&x.1));
             println!("\nwhere the time goes ({} steps, wall clock):", a.steps);
             for (name, t) in rows {
