@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The distillation recipe behind the numbers in README.md and BENCHMARKS.md (about an hour on
 # a 2-core machine: the teacher 28.5 minutes idle, the later stages 28.5 beside builds). Every
-# stage is one moelab command; rerunning skips finished stages.
+# stage is one moelab command; rerunning skips finished stages. The presets train with Muon
+# since the twenty-fourth session: an OUT_DIR of an earlier (AdamW) run keeps its finished
+# stages, and its unfinished ones refuse to resume under the changed preset; start a new one.
 #
 #   scripts/distill-recipe.sh [OUT_DIR]        (default: runs/distill)
 #

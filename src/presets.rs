@@ -20,19 +20,25 @@ pub const PRESETS: &[(&str, &str)] = &[
     ),
 ];
 
-/// Loads `spec` as a TOML file if it is a file, else as a preset name. A directory is never a
-/// config: a run written with `--out teacher` does not hide the `teacher` preset.
+/// Loads `spec` as a TOML file if it exists and is no directory (a pipe such as `<(...)` will
+/// do), else as a preset name. A directory is never a config: a run written with `--out
+/// teacher` does not hide the `teacher` preset.
 pub fn load_config(spec: &str) -> Result<Config> {
     let path = Path::new(spec);
-    if path.is_file() {
+    if path.exists() && !path.is_dir() {
         return Config::from_file(path).with_context(|| format!("loading config {spec}"));
     }
     match PRESETS.iter().find(|(n, _)| *n == spec) {
         Some((_, text)) => Ok(Config::from_toml(text)?),
-        None if path.is_dir() => anyhow::bail!(
-            "{spec:?} is a directory, not a config file (a run's config is {})",
-            path.join("config.toml").display()
-        ),
+        None if path.is_dir() => {
+            let run = path.join("config.toml");
+            let hint = if run.is_file() {
+                format!(" (this run keeps its config in {})", run.display())
+            } else {
+                String::new()
+            };
+            anyhow::bail!("{spec:?} is a directory, not a config file{hint}")
+        }
         None => {
             let names: Vec<_> = PRESETS.iter().map(|(n, _)| *n).collect();
             anyhow::bail!(

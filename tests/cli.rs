@@ -83,12 +83,14 @@ fn bench_reports_throughput_and_mfu() {
 }
 
 /// A run directory named like a preset (`--out teacher`) does not hide the preset; a directory
-/// that names no preset is refused, pointing at the config file a run keeps.
+/// that names no preset is refused, pointing at the config file of a run; a pipe still works.
 #[test]
 fn a_directory_is_not_a_config() {
     let d = tmpdir("dircfg");
-    std::fs::create_dir_all(d.join("tiny")).unwrap();
-    std::fs::create_dir_all(d.join("myrun")).unwrap();
+    for dir in ["tiny", "myrun", "empty"] {
+        std::fs::create_dir_all(d.join(dir)).unwrap();
+    }
+    std::fs::write(d.join("myrun/config.toml"), "").unwrap();
     let run = |config: &str| {
         moelab()
             .args([
@@ -100,15 +102,30 @@ fn a_directory_is_not_a_config() {
     };
     let out = run("tiny");
     assert!(out.status.success(), "{}", common::text(&out));
-    let out = run("myrun");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains(
-            "\"myrun\" is a directory, not a config file (a run's config is myrun/config.toml)"
+    for (dir, says) in [
+        (
+            "myrun",
+            "\"myrun\" is a directory, not a config file (this run keeps its config in myrun/config.toml)\n",
         ),
-        "{err}"
-    );
+        ("empty", "\"empty\" is a directory, not a config file\n"),
+    ] {
+        let out = run(dir);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{err}");
+    }
+    // a config read from a pipe (`--config <(...)`) is a file that exists and is no directory
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "{} bench train --config <(cat {}) --steps 2 --warmup 0",
+            env!("CARGO_BIN_EXE_moelab"),
+            concat!(env!("CARGO_MANIFEST_DIR"), "/configs/tiny.toml")
+        ))
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::text(&out));
 }
 
 #[test]

@@ -5,9 +5,11 @@ what the page shows (reasoning block and answer) as JSON for tests/serve.rs to c
 usage: python tests/web_chat.py PAGE_URL QUESTION [SCREENSHOT.png] [--cut error|eof]
 (CHROMIUM names the browser binary; default `chromium`.)
 
---cut answers the page's chat request itself (DevTools' Fetch domain) with a stream the
-server cut: two reasoning chunks, then the error event the server sends when its shutdown
-ends a reply (`error`) or nothing more (`eof`, a dropped connection); neither has [DONE].
+--cut answers the page's chat request itself (DevTools' Fetch domain) with a cut stream: two
+reasoning chunks, then the error event the server sends when its shutdown ends a reply
+(`error`), or nothing more (`eof`: a body that ends cleanly without [DONE]; a connection
+that breaks mid-body makes the browser's reader throw, another error path); neither has
+[DONE].
 """
 import argparse
 import base64
@@ -30,7 +32,8 @@ ap.add_argument("--cut", choices=["error", "eof"])
 args = ap.parse_args()
 url, question, screenshot = args.url, args.question, args.screenshot
 
-# what crates/server/src/openai.rs streams for a chat reply the shutdown cut
+# shaped like what crates/server/src/openai.rs streams for a chat reply its shutdown cut (the
+# fields the page reads; the message is the one the page must show)
 CUT_CHUNKS = [
     {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]},
     {"choices": [{"index": 0, "delta": {"reasoning_content": "1+1: carry"}, "finish_reason": None}]},
@@ -104,10 +107,17 @@ try:
         cdp("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13)
     if args.cut:
         end = time.time() + 30
+        ws.settimeout(1)
         while not any(e["method"] == "Fetch.requestPaused" for e in events):
             if time.time() > end:
                 sys.exit("the page sent no chat request within 30 s")
-            events.append(json.loads(ws.recv()))
+            try:
+                msg = json.loads(ws.recv())
+            except websocket.WebSocketTimeoutException:
+                continue
+            if "method" in msg:
+                events.append(msg)
+        ws.settimeout(30)
         paused = next(e for e in events if e["method"] == "Fetch.requestPaused")
         body = "".join(f"data: {json.dumps(c)}\n\n" for c in CUT_CHUNKS)
         if args.cut == "error":

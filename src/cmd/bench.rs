@@ -238,7 +238,7 @@ fn train(a: TrainBench) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "config": a.config, "precision": cfg.train.precision, "threads": threads, "batch": b, "seq_len": t, "steps": a.steps,
+                "config": a.config, "precision": cfg.train.precision, "optimizer": cfg.train.optimizer, "threads": threads, "batch": b, "seq_len": t, "steps": a.steps,
                 "tokens_per_s": tok_s, "gflops": gflops, "mfu": mfu, "peak_gflops": peak,
                 "mfu_measured_peak": gflops / measured_peak, "measured_peak_gflops": measured_peak,
                 "peak_rss_mib": mem, "loss": loss, "forward_s": tf, "backward_s": tb, "optimizer_s": to,
@@ -248,9 +248,10 @@ fn train(a: TrainBench) -> Result<()> {
         );
     } else {
         println!(
-            "config {}  precision {:?}  threads {threads}  B={b} T={t}  params {:.2}M  active/token {:.2}M",
+            "config {}  precision {:?}  optimizer {:?}  threads {threads}  B={b} T={t}  params {:.2}M  active/token {:.2}M",
             a.config,
             cfg.train.precision,
+            cfg.train.optimizer,
             model.layout.n_params() as f64 / 1e6,
             cfg.model.active_matmul_params() as f64 / 1e6
         );

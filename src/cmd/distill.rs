@@ -64,7 +64,7 @@ pub struct GenerateArgs {
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// Student config file or preset (student, tiny-student, ...).
+    /// Student config file or preset (e.g. student).
     #[arg(long)]
     config: String,
     /// traces.jsonl from `moelab distill generate`; only verified traces are used.
