@@ -248,10 +248,10 @@ fn train(a: TrainBench) -> Result<()> {
         );
     } else {
         println!(
-            "config {}  precision {:?}  optimizer {:?}  threads {threads}  B={b} T={t}  params {:.2}M  active/token {:.2}M",
+            "config {}  precision {:?}  optimizer {}  threads {threads}  B={b} T={t}  params {:.2}M  active/token {:.2}M",
             a.config,
             cfg.train.precision,
-            cfg.train.optimizer,
+            cfg.train.optimizer.name(),
             model.layout.n_params() as f64 / 1e6,
             cfg.model.active_matmul_params() as f64 / 1e6
         );

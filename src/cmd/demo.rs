@@ -148,10 +148,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
             TrainPrecision::Bf16 => "bf16",
             TrainPrecision::Fp32 => "fp32",
         },
-        match optimizer {
-            OptimizerKind::Muon => "Muon",
-            OptimizerKind::Adamw => "AdamW",
-        }
+        optimizer.name()
     );
 
     let names: Vec<&str> = task_list.iter().map(|t| t.name()).collect();

@@ -249,6 +249,14 @@ impl OptimizerKind {
     fn is_adamw(&self) -> bool {
         *self == OptimizerKind::Adamw
     }
+
+    /// The optimizer's name as people write it ("AdamW", "Muon").
+    pub fn name(self) -> &'static str {
+        match self {
+            OptimizerKind::Adamw => "AdamW",
+            OptimizerKind::Muon => "Muon",
+        }
+    }
 }
 
 /// `train.schedule`.
